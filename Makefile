@@ -1,0 +1,38 @@
+# `make demo` and `make test` each set everything up on a fresh clone, then run.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MRMAE  := $(VENV)/bin/mrmae
+STAMP  := $(VENV)/.installed
+DEMO   := demo
+
+.PHONY: install test demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch first, pinned: these wheels lie on the build machine's disk.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q tests
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(MRMAE) make-demo-shards $(DEMO)/shards --num-images 48 --shard-size 16 --seed 0
+	$(MRMAE) extract-features --shards "$(DEMO)/shards/demo-{000000..000002}.tar" \
+	    --out $(DEMO)/cache --teacher clip:ViT-S-16 --views 2 --dtype int8 --batch-size 16 --seed 0
+	$(MRMAE) cache info $(DEMO)/cache
+	$(MRMAE) cache verify $(DEMO)/cache --recompute 4
+
+bench: $(STAMP)
+	$(PY) benchmarks/extract_throughput.py
+
+clean:
+	rm -rf $(DEMO) build *.egg-info

@@ -1,0 +1,57 @@
+"""Mapper: raw sample -> its K views rendered at the teacher's input size (uint8).
+
+Runs in DataLoader workers; which worker handles a sample never matters, because each
+view depends only on (seed, key, view index) and the image bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mrmae.extract.reader import RawSample
+from mrmae.shared.views import ImageDecodeError, ViewConfig, decode_image, render_view_uint8, sample_views
+
+
+@dataclass
+class RenderedSample:
+    key: str
+    error: str | None  # why the sample is skipped, or None
+    pixels: torch.Tensor  # uint8 [K, 3, S, S] (empty when skipped)
+    crops: np.ndarray  # int32 [K, 4] top, left, height, width
+    flips: np.ndarray  # bool [K]
+
+
+def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int) -> RenderedSample:
+    """Decode one sample and render its `cfg.per_image` views (uint8, not normalised)."""
+    empty = RenderedSample(sample.key, None, torch.empty(0, dtype=torch.uint8),
+                           np.zeros((0, 4), np.int32), np.zeros(0, bool))
+    if sample.image is None:
+        empty.error = "no image member (.jpg/.jpeg/.png/.webp)"
+        return empty
+    try:
+        image = decode_image(sample.image)
+    except ImageDecodeError as e:
+        empty.error = f"undecodable image: {e}"
+        return empty
+    views = sample_views(sample.key, image.shape[1], image.shape[2], cfg)
+    pixels = torch.stack([render_view_uint8(image, v, input_size) for v in views])
+    crops = np.array([v.box for v in views], dtype=np.int32)
+    flips = np.array([v.flip for v in views], dtype=bool)
+    return RenderedSample(sample.key, None, pixels, crops, flips)
+
+
+class RenderDataset(Dataset):
+    """Map-style over one shard's samples, so a DataLoader keeps tar order at any worker count."""
+
+    def __init__(self, samples: list[RawSample], cfg: ViewConfig, input_size: int):
+        self.samples, self.cfg, self.input_size = samples, cfg, input_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> RenderedSample:
+        return render_sample(self.samples[i], self.cfg, self.input_size)

@@ -1,0 +1,68 @@
+"""Reader: WebDataset tar shards -> raw samples of one shard, in tar order.
+
+Streams: URL -> tar members {fname, data} -> samples {__key__, jpg, cls} -> RawSample.
+Uses webdataset's tar iterators, so `pipe:` commands and local paths work as in any
+webdataset pipeline. Nothing is decoded here (and nothing is ever unpickled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import webdataset as wds
+from webdataset import tariterators
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardReadError(OSError):
+    """A shard that cannot be opened or read to its end."""
+
+
+@dataclass
+class RawSample:
+    key: str
+    image: bytes | None  # None: the sample has no image member
+    label: int | None
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """A webdataset-style URL list ('a-{000..009}.tar::b.tar') -> list of shard URLs."""
+    items = urls if isinstance(urls, list) else [urls]
+    out: list[str] = []
+    for item in items:
+        out.extend(wds.shardlists.expand_urls(item))
+    return out
+
+
+def _parse_label(data: bytes | None) -> int | None:
+    if data is None:
+        return None
+    try:
+        return int(data.decode().strip())
+    except ValueError:
+        return None
+
+
+def read_shard(url: str) -> list[RawSample]:
+    """All samples of one shard, in tar order. Raises ShardReadError naming the shard."""
+    def reraise(exn: Exception) -> bool:
+        raise exn
+
+    stages = [
+        tariterators.url_opener,         # {url} -> {url, stream}
+        tariterators.tar_file_expander,  # -> {fname, data, __url__}
+        tariterators.group_by_keys,      # -> {__key__, ext: bytes, ...}
+    ]
+    stream = iter([{"url": url}])
+    for stage in stages:
+        stream = stage(stream, handler=reraise)
+    samples: list[RawSample] = []
+    try:
+        for s in stream:
+            image = next((s[e] for e in IMAGE_EXTS if e in s), None)
+            samples.append(RawSample(str(s["__key__"]), image, _parse_label(s.get("cls"))))
+    except Exception as e:
+        msg = str(e).split(" @ ")[0]
+        raise ShardReadError(f"{url}: cannot read shard ({type(e).__name__}: {msg})") from e
+    return samples

@@ -1,0 +1,179 @@
+"""Runner: drive reader -> mapper -> teacher -> writer, one input shard at a time.
+
+The shard is the unit of work and of resumption: a shard whose group the manifest marks
+complete is skipped; any other is rewritten whole. Stream shapes through one shard:
+
+    RawSample (bytes)              reader, main process
+    RenderedSample (K uint8 views) mapper, DataLoader workers, tar order kept
+    [B, 3, S, S] float             teacher batches of exactly `batch_size` views
+    rows [B, L, C] ...             ShardWriter, buffered to whole chunks
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mrmae import __version__
+from mrmae.extract.mapper import RenderDataset, RenderedSample
+from mrmae.extract.reader import expand_urls, read_shard
+from mrmae.shared import cache_format as cf
+from mrmae.shared.teachers import Teacher, build_teacher
+from mrmae.shared.views import ViewConfig, normalize
+
+log = logging.getLogger("mrmae.extract")
+
+
+class SkippedSampleError(ValueError):
+    """Raised under `strict` for a sample that would otherwise be skipped."""
+
+
+@dataclass
+class ExtractConfig:
+    shards: list[str]
+    out: str
+    teacher: str
+    views: ViewConfig = field(default_factory=ViewConfig)
+    dtype: str = "int8"
+    batch_size: int = 64
+    device: str = "cpu"
+    workers: int = 0
+    layers: tuple[int, ...] = ()
+    strict: bool = False
+    progress: bool = True
+
+
+def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
+    teacher_entry = {**teacher.describe(), "layers": list(cfg.layers)}
+    storage = {"backend": "zarr", "dtype": cfg.dtype,
+               "quantisation": "per-token absmax int8, value = int8 x scale" if cfg.dtype == "int8" else None,
+               "codec": cf.codec_description(cfg.dtype), "rows_per_chunk": cf.ROWS_PER_CHUNK}
+    return cf.new_manifest(teacher_entry, cfg.views.to_json(), storage, __version__)
+
+
+def check_compatible(out: str, wanted: dict) -> None:
+    """Refuse (CacheError, one line) to add to a cache made with another configuration."""
+    try:
+        existing = cf.read_manifest(out)
+    except cf.CacheError:
+        return
+    diff = cf.config_mismatch(existing, wanted)
+    if diff:
+        raise cf.CacheError(f"{out}: refusing to add to a cache made with another configuration ({diff})")
+
+
+class _Batcher:
+    """Collects rendered views into teacher batches of exactly `size` views, in order."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: list[tuple[str, int, np.ndarray, bool, torch.Tensor]] = []
+
+    def add(self, s: RenderedSample) -> None:
+        for v in range(len(s.pixels)):
+            self.items.append((s.key, v, s.crops[v], bool(s.flips[v]), s.pixels[v]))
+
+    def take(self, final: bool = False):
+        while len(self.items) >= self.size or (final and self.items):
+            batch, self.items = self.items[: self.size], self.items[self.size:]
+            yield batch
+
+
+def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None) -> dict:
+    """Extract one shard into its group; returns its manifest entry."""
+    t0 = time.time()
+    samples = read_shard(url)
+    n_views = cfg.views.per_image
+    writer = cf.ShardWriter(cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2, cfg.dtype, cfg.layers)
+    skipped: list[dict] = []
+    seen: set[str] = set()
+    unique = []
+    for s in samples:  # a repeated key would make rows ambiguous: keep the first
+        if s.key in seen:
+            skipped.append({"key": s.key, "reason": "duplicate key in shard"})
+        else:
+            seen.add(s.key)
+            unique.append(s)
+    loader = DataLoader(RenderDataset(unique, cfg.views, teacher.input_size), batch_size=None,
+                        num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
+    batcher = _Batcher(cfg.batch_size)
+    try:
+        for rendered in loader:
+            if rendered.error:
+                if cfg.strict:
+                    raise SkippedSampleError(f"{url}: key {rendered.key}: {rendered.error}")
+                warnings.warn(f"skipping {url} key {rendered.key}: {rendered.error}", stacklevel=1)
+                skipped.append({"key": rendered.key, "reason": rendered.error})
+                continue
+            batcher.add(rendered)
+            for batch in batcher.take():
+                _run_batch(batch, teacher, cfg, writer, bar)
+        for batch in batcher.take(final=True):
+            _run_batch(batch, teacher, cfg, writer, bar)
+        kept = len(unique) - sum(1 for s in skipped if s["reason"] != "duplicate key in shard")
+        writer.close({"source": url, "num_samples": kept})
+    except BaseException:
+        writer.abort()
+        raise
+    return {"source": url, "group": f"shards/{writer.name}", "num_samples": kept,
+            "num_views": writer.rows, "skipped": skipped, "status": "complete",
+            "seconds": round(time.time() - t0, 2)}
+
+
+def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter, bar: tqdm | None) -> None:
+    keys, views, crops, flips, pixels = zip(*batch)
+    x = torch.stack(pixels).to(cfg.device, non_blocking=True)
+    x = normalize(x, teacher.mean, teacher.std) if x.device.type == "cpu" else _normalize_on(x, teacher)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        out = teacher(x, layers=cfg.layers)
+    np_ = lambda t: t.float().cpu().numpy()  # noqa: E731
+    writer.append(list(keys), np.array(views), np.stack(crops), np.array(flips), np_(out.features),
+                  np_(out.attention), np_(out.cls), {i: np_(t) for i, t in out.layers.items()})
+    if bar is not None:
+        bar.update(len(batch))
+
+
+def _normalize_on(x: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+    mean = torch.tensor(teacher.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+def run_extraction(cfg: ExtractConfig) -> dict:
+    """Extract every shard not yet complete in `cfg.out`; returns a summary dict."""
+    urls = expand_urls(cfg.shards)
+    teacher = build_teacher(cfg.teacher).to(cfg.device)
+    wanted = wanted_manifest(teacher, cfg)
+    check_compatible(cfg.out, wanted)
+    cf.init_cache(cfg.out, wanted)
+    manifest = cf.read_manifest(cfg.out)
+    todo = [u for u in urls if not _is_complete(cfg.out, manifest, u)]
+    summary = {"shards": len(urls), "skipped_complete": len(urls) - len(todo), "extracted": 0, "views": 0,
+               "samples_skipped": 0}
+    bar = tqdm(total=None, unit="view", desc="extract", disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        for url in todo:
+            entry = extract_shard(url, teacher, cfg, bar)
+            cf.record_shard(cfg.out, entry)
+            summary["extracted"] += 1
+            summary["views"] += entry["num_views"]
+            summary["samples_skipped"] += len(entry["skipped"])
+    finally:
+        bar.close()
+    summary["seconds"] = round(time.time() - t0, 2)
+    return summary
+
+
+def _is_complete(root: str, manifest: dict, url: str) -> bool:
+    from pathlib import Path
+
+    entry = cf.shard_entry(manifest, url)
+    return bool(entry and entry.get("status") == "complete" and (Path(root) / entry["group"]).is_dir())

@@ -1,0 +1,91 @@
+"""`mrmae cache info` and `mrmae cache verify`: what a cache holds, and whether it replays.
+
+verify re-renders N random cached views from their source images with the shared render
+function, reruns the teacher, and compares with what the cache stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mrmae.extract.mapper import RawSample
+from mrmae.extract.reader import read_shard
+from mrmae.shared import cache_format as cf
+from mrmae.shared.teachers import build_teacher
+from mrmae.shared.views import View, decode_image, render_view
+
+# Token-cosine floors the replay must meet (see BENCHMARKS.md for the measured values).
+TOLERANCE = {"int8": 0.999, "float16": 0.99999}
+ATTENTION_TOLERANCE = 1e-2  # max absolute error of a [CLS]->patch attention weight
+
+
+def cache_info(root: str) -> dict:
+    cache = cf.FeatureCache(root)
+    m = cache.manifest
+    done = cache.complete_shards
+    views = sum(s["num_views"] for s in done)
+    stored, logical = cache.stored_bytes(), cache.logical_bytes()
+    return {
+        "cache": str(root), "teacher": m["teacher"]["spec"], "weights_sha256": m["teacher"]["weights_sha256"][:16],
+        "input_size": m["teacher"]["input_size"], "grid": m["teacher"]["grid"], "dim": m["teacher"]["dim"],
+        "views_per_image": m["views"]["per_image"], "seed": m["views"]["seed"],
+        "dtype": m["storage"]["dtype"], "codec": m["storage"]["codec"],
+        "shards_complete": len(done), "shards_total": len(m["shards"]),
+        "samples": sum(s["num_samples"] for s in done), "samples_skipped": sum(len(s["skipped"]) for s in done),
+        "views": views, "bytes": stored, "bytes_per_view": round(stored / views) if views else 0,
+        "compression_ratio": round(logical / stored, 3) if stored else 0.0,
+    }
+
+
+@dataclass
+class VerifyReport:
+    checked: int
+    worst_cosine: float
+    mean_cosine: float
+    worst_attention_error: float
+    tolerance: float
+    ok: bool
+
+
+def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu") -> VerifyReport:
+    """Re-render `recompute` random views from source, rerun the teacher, compare."""
+    cache = cf.FeatureCache(root)
+    m = cache.manifest
+    teacher_spec = m["teacher"]["spec"]
+    teacher = build_teacher(teacher_spec).to(device)
+    if teacher.fingerprint != m["teacher"]["weights_sha256"]:
+        raise cf.CacheError(f"{root}: teacher {teacher_spec} now has other weights than when the cache was made")
+    # Pick (shard, row) pairs uniformly over all stored views.
+    shards = [cache.shard(s["source"]) for s in cache.complete_shards]
+    sizes = np.array([len(g) for g in shards])
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(sizes.sum(), size=min(recompute, int(sizes.sum())), replace=False)
+    offsets = np.cumsum(sizes) - sizes
+    cosines, att_err = [], []
+    by_shard: dict[int, list[int]] = {}
+    for p in sorted(picks):
+        s = int(np.searchsorted(offsets, p, side="right") - 1)
+        by_shard.setdefault(s, []).append(int(p - offsets[s]))
+    layers = tuple(m["teacher"].get("layers", []))
+    for s, rows in by_shard.items():
+        group = shards[s]
+        images: dict[str, RawSample] = {r.key: r for r in read_shard(group.entry["source"])}
+        for row in rows:
+            rec = group.read(slice(row, row + 1))
+            key, crop, flip = str(rec["keys"][0]), rec["crop"][0], bool(rec["flip"][0])
+            if key not in images or images[key].image is None:
+                raise cf.CacheError(f"{group.entry['source']}: key {key} is in the cache but not in the shard")
+            view = View(*(int(c) for c in crop), flip=flip)
+            x = render_view(decode_image(images[key].image), view, teacher.input_size, teacher.mean, teacher.std)
+            out = teacher(x[None].to(device), layers=layers)
+            live, stored = out.features[0].float().cpu(), torch.from_numpy(rec["features"][0])
+            cosines.append(torch.nn.functional.cosine_similarity(live, stored, dim=-1).min().item())
+            att_err.append((out.attention[0].float().cpu() - torch.from_numpy(rec["attention"][0])).abs().max().item())
+    tol = TOLERANCE[m["storage"]["dtype"]]
+    worst = min(cosines) if cosines else float("nan")
+    worst_att = max(att_err) if att_err else float("nan")
+    ok = bool(cosines) and worst >= tol and worst_att <= ATTENTION_TOLERANCE
+    return VerifyReport(len(cosines), worst, float(np.mean(cosines)) if cosines else float("nan"), worst_att, tol, ok)

@@ -1,0 +1,157 @@
+"""View geometry and rendering: the one definition both stages replay.
+
+A *view* is a RandomResizedCrop box in source-image pixels plus a horizontal-flip bit.
+It is drawn from a generator seeded by (global seed, sample key, view index) alone, so
+the same image gets the same views on any rank, worker, batch size or order. Extraction
+renders the view for the teacher; pretraining renders it again, from the same source
+bytes and with the same function, for the student.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+# Refuse images whose pixel count would exhaust memory when decoded (PIL's own bomb
+# guard only warns below 2x its limit). 1e8 px is ~300 MB of RGB, far above ImageNet.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """How views are drawn and rendered; recorded as the manifest's `views` entry."""
+
+    per_image: int = 2
+    seed: int = 0
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    interpolation: str = "bicubic"
+    output_size: int = 224
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ViewConfig":
+        return cls(**{**d, "scale": tuple(d["scale"]), "ratio": tuple(d["ratio"])})
+
+
+@dataclass(frozen=True)
+class View:
+    """A crop box in source pixels (top, left, height, width) and a flip bit."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.top, self.left, self.height, self.width)
+
+
+def view_rng(seed: int, key: str, view_index: int) -> np.random.Generator:
+    """A generator that depends on (seed, key, view index) and nothing else.
+
+    sha256 rather than Python's `hash`, which is salted per process.
+    """
+    digest = hashlib.sha256(f"{seed}\x00{key}\x00{view_index}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def sample_view(height: int, width: int, rng: np.random.Generator, cfg: ViewConfig) -> View:
+    """Draw a RandomResizedCrop box and flip for an image of `height` x `width` pixels.
+
+    Same distribution as torchvision's RandomResizedCrop: ten tries of an area fraction
+    uniform in `scale` and a log-uniform aspect ratio in `ratio`; if none fits, a centre
+    crop clamped to the ratio range. The flip is drawn last, always, so the number of
+    draws before it never depends on the image size.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    box = None
+    for _ in range(10):
+        target = area * rng.uniform(cfg.scale[0], cfg.scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            box = (top, left, h, w)
+            break
+    if box is None:
+        in_ratio = width / height
+        if in_ratio < cfg.ratio[0]:
+            w, h = width, int(round(width / cfg.ratio[0]))
+        elif in_ratio > cfg.ratio[1]:
+            h, w = height, int(round(height * cfg.ratio[1]))
+        else:
+            w, h = width, height
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = bool(rng.uniform() < cfg.flip_p)
+    return View(*box, flip=flip)
+
+
+def sample_views(key: str, height: int, width: int, cfg: ViewConfig) -> list[View]:
+    """The `cfg.per_image` views of one sample, in view-index order."""
+    return [sample_view(height, width, view_rng(cfg.seed, key, v), cfg) for v in range(cfg.per_image)]
+
+
+class ImageDecodeError(ValueError):
+    """The bytes under an image key are not a decodable image (or too large to decode)."""
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """JPEG/PNG/... bytes -> uint8 tensor [3, H, W] (RGB; grayscale and CMYK converted).
+
+    Decoded fully (`load`) so truncated files fail here, not later in a worker.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ImageDecodeError(f"image of {im.width}x{im.height} px exceeds {MAX_IMAGE_PIXELS} px")
+            im.load()
+            rgb = im.convert("RGB")
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+    arr = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def render_view_uint8(image: torch.Tensor, view: View, output_size: int) -> torch.Tensor:
+    """uint8 [3, H, W] source -> uint8 [3, S, S] view: crop, bicubic antialiased resize, flip."""
+    out = TF.resized_crop(
+        image, view.top, view.left, view.height, view.width, [output_size, output_size],
+        interpolation=InterpolationMode.BICUBIC, antialias=True,
+    )
+    return TF.horizontal_flip(out) if view.flip else out
+
+
+def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [..., 3, S, S] -> float32 normalised with the consumer's mean/std (in 0-1 units)."""
+    x = pixels.float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return (x - m) / s
+
+
+def render_view(
+    image: torch.Tensor, view: View, output_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """The render both stages use: uint8 source -> normalised float32 [3, S, S]."""
+    return normalize(render_view_uint8(image, view, output_size), mean, std)

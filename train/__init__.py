@@ -1,0 +1,1 @@
+"""Stage 2: the MR-MAE student, trained from the feature cache (not built yet)."""
