@@ -149,7 +149,7 @@ def config_mismatch(existing: dict, wanted: dict) -> str | None:
     """
     for section in ("teacher", "views", "storage"):
         a, b = existing.get(section, {}), wanted.get(section, {})
-        for key in sorted(set(a) | set(b)):
+        for key in list(b) + [k for k in a if k not in b]:  # in the order fields are declared
             if section == "teacher" and key in ("spec", "weights"):
                 continue
             if a.get(key) != b.get(key):
@@ -185,7 +185,10 @@ class ShardWriter:
         self.name = group_name(source)
         self.final = self.root / "shards" / self.name
         self.tmp = self.root / "shards" / f".tmp-{self.name}-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        # One process owns a shard at a time, so any other temp group of this shard is
+        # what a killed writer left behind.
+        for stale in self.final.parent.glob(f".tmp-{self.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         self.group = zarr.open_group(str(self.tmp), mode="w")
         n, L, C, r = max(max_rows, 1), grid_len, dim, ROWS_PER_CHUNK
         small = dict(compressors=[ZstdCodec(level=3)])

@@ -195,9 +195,9 @@ class TimmTeacher(Teacher):
             _random_init_warning(spec)
             kwargs["pretrained"] = False
         elif spec.weights_is_file:
-            if not os.path.isfile(spec.weights):
-                raise TeacherError(f"teacher weights file not found: {spec.weights}")
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=spec.weights))
+            # Built empty, then loaded strictly by us: timm's own pretrained path only warns
+            # about keys that do not fit, which would give silently random targets.
+            kwargs["pretrained"] = False
         else:
             name, kwargs["pretrained"] = f"{base}.{spec.weights}", True
         with torch.random.fork_rng(devices=[]):
@@ -206,6 +206,8 @@ class TimmTeacher(Teacher):
                 model = timm.create_model(name, **kwargs)
             except (RuntimeError, KeyError) as e:
                 raise TeacherError(f"teacher weights {spec.weights!r} do not fit {spec.arch}: {_first_line(e)}") from e
+        if spec.weights_is_file:
+            _load_timm_file(model, spec)
         if not hasattr(model, "blocks") or not hasattr(model.blocks[-1].attn, "qkv"):
             raise TeacherError(f"teacher {spec}: only timm VisionTransformer-style models are supported")
         self.spec, self.patch_size = spec, patch
@@ -237,6 +239,30 @@ class TimmTeacher(Teacher):
         attention = _cls_attention(q, k, attn_mod.scale, p)
         extra = {i: inter[i - 1] for i in layers}
         return TeacherOutput(final[:, p:], attention, final[:, 0], extra)
+
+
+def _load_timm_file(model: nn.Module, spec: TeacherSpec) -> None:
+    """Strictly load a local .safetensors (or .pth/.bin, weights_only) file into a timm model."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    path = spec.weights
+    try:
+        if path.endswith(".safetensors"):
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+        # timm's per-family filter converts original checkpoints (e.g. DINO's) and resizes
+        # position embeddings to the student grid.
+        family = importlib.import_module(type(model).__module__)
+        if hasattr(family, "checkpoint_filter_fn"):
+            state = family.checkpoint_filter_fn(state, model)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        model.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise TeacherError(f"teacher weights {path} do not fit {spec.arch}: {_first_line(e)}") from e
 
 
 def _capture_input(store: dict[str, torch.Tensor]):

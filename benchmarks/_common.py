@@ -1,0 +1,80 @@
+"""Helpers shared by the benchmark scripts: machine facts, demo views, tables, JSON output."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from mrmae.demo import write_demo_shards
+from mrmae.extract.mapper import render_sample
+from mrmae.extract.reader import read_shard
+from mrmae.shared.views import ViewConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RANDOM_WEIGHTS_NOTE = ("teachers have RANDOM weights (no model hub here): fine for throughput and "
+                       "codec speed; compressibility and int8 error of trained-teacher activations may differ")
+
+
+def machine_facts() -> dict:
+    import numcodecs
+    import zarr
+
+    return {
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "processor": _cpu_model(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def make_shards(out_dir: str | Path, num_images: int, shard_size: int) -> list[Path]:
+    return write_demo_shards(out_dir, num_images=num_images, shard_size=shard_size, seed=0)
+
+
+def render_views(shards: list[Path], views: ViewConfig, input_size: int) -> torch.Tensor:
+    """Every view of every sample, rendered by the extraction mapper: uint8 [N, 3, S, S]."""
+    pixels = [render_sample(s, views, input_size).pixels for url in shards for s in read_shard(str(url))]
+    return torch.cat(pixels)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
+    return str(x)
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path

@@ -1,0 +1,31 @@
+"""Shared fixtures: real demo tars and a small real teacher (random weights, fixed seed)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from mrmae.demo import write_demo_shards
+
+# Small real architectures: timm's ViT-Tiny for speed, open_clip's ViT-S-16 where CLIP matters.
+DINO_TINY = "dino:vit_tiny_patch16_224"
+CLIP_SMALL = "clip:ViT-S-16"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_teacher_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> list[Path]:
+    """Three tars of 6 images each (18 samples)."""
+    return write_demo_shards(tmp_path_factory.mktemp("shards"), num_images=18, shard_size=6, seed=0)
+
+
+def url_list(paths: list[Path]) -> str:
+    return "::".join(str(p) for p in paths)

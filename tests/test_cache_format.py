@@ -1,0 +1,87 @@
+"""The cache format module: int8 error bound, writer/reader round trip, atomic groups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from mrmae.shared import cache_format as cf
+
+
+def test_int8_error_bound_on_activation_like_tokens():
+    rng = np.random.default_rng(0)
+    # heavy-tailed tokens with a few large channels, as in ViT activations
+    x = rng.standard_t(4, size=(64, 196, 384)).astype(np.float32)
+    x[..., :3] *= 5
+    q, scale = cf.quantize_int8(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float16 and scale.shape == (64, 196)
+    y = cf.dequantize(q, scale)
+    err = np.abs(y - x)
+    assert np.all(err <= scale.astype(np.float32)[..., None] / 2 + 1e-6)
+    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+    assert cos.min() >= 0.999
+    rel = np.linalg.norm(y - x, axis=-1) / np.linalg.norm(x, axis=-1)
+    assert rel.max() <= 0.05
+    # an all-zero token stays zero (no division by zero)
+    q0, s0 = cf.quantize_int8(np.zeros((1, 8), np.float32))
+    assert not q0.any() and not s0.any()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+@pytest.mark.parametrize("rows", [5, 16, 37])
+def test_writer_reader_round_trip_across_chunk_boundaries(tmp_path, dtype, rows):
+    rng = np.random.default_rng(rows)
+    L, C = 196, 24
+    feats = rng.normal(size=(rows, L, C)).astype(np.float32)
+    extra = rng.normal(size=(rows, L, C)).astype(np.float32)
+    att = rng.random((rows, L)).astype(np.float32)
+    cls = rng.normal(size=(rows, C)).astype(np.float32)
+    keys = [f"k{i // 2}" for i in range(rows)]
+    view = np.arange(rows) % 2
+    crop = rng.integers(0, 500, size=(rows, 4))
+    flip = rng.random(rows) < 0.5
+    w = cf.ShardWriter(tmp_path, "/data/train-000.tar", rows + 7, C, L, dtype, layers=(3,))
+    for a in range(0, rows, 3):  # uneven appends
+        b = min(rows, a + 3)
+        w.append(keys[a:b], view[a:b], crop[a:b], flip[a:b], feats[a:b], att[a:b], cls[a:b], {3: extra[a:b]})
+    path = w.close({"source": "/data/train-000.tar"})
+    assert path.name == cf.group_name("/data/train-000.tar") and not list(tmp_path.glob("shards/.tmp-*"))
+    g = cf.ShardGroup(path, {"source": "/data/train-000.tar"})
+    assert len(g) == rows and list(g.keys) == keys
+    block = g.read(slice(0, rows))
+    tol = 0.05 if dtype == "int8" else 5e-3
+    np.testing.assert_allclose(block["features"], feats, atol=tol * np.abs(feats).max())
+    np.testing.assert_allclose(g.read(slice(0, rows), layer="layer3")["features"], extra, atol=tol * np.abs(extra).max())
+    np.testing.assert_array_equal(block["crop"], crop)
+    np.testing.assert_array_equal(block["flip"], flip)
+    t = g.get(keys[-1], int(view[-1]))
+    assert t.crop == tuple(crop[-1]) and t.flip == bool(flip[-1])
+    np.testing.assert_allclose(t.attention, att[-1], atol=1e-3)
+    raw = zarr.open_group(str(path), mode="r")  # plain zarr reads it
+    assert raw["features"].dtype == np.dtype(dtype) and raw.attrs["status"] == "complete"
+
+
+def test_aborted_writer_leaves_nothing(tmp_path):
+    w = cf.ShardWriter(tmp_path, "a.tar", 4, 8, 196, "int8")
+    w.append(["x"], np.zeros(1), np.zeros((1, 4)), np.zeros(1), np.ones((1, 196, 8)), np.ones((1, 196)), np.ones((1, 8)))
+    w.abort()
+    assert not list((tmp_path / "shards").iterdir())
+
+
+def test_config_mismatch_names_the_field_and_ignores_weight_paths():
+    m = cf.new_manifest({"arch": "ViT-B-16", "weights_sha256": "ab", "spec": "clip:ViT-B-16@/a"},
+                        {"per_image": 2}, {"dtype": "int8"}, "0")
+    same = cf.new_manifest({"arch": "ViT-B-16", "weights_sha256": "ab", "spec": "clip:ViT-B-16@/moved"},
+                           {"per_image": 2}, {"dtype": "int8"}, "0")
+    assert cf.config_mismatch(m, same) is None
+    other = cf.new_manifest({"arch": "ViT-B-16", "weights_sha256": "cd"}, {"per_image": 2}, {"dtype": "int8"}, "0")
+    assert "teacher.weights_sha256" in cf.config_mismatch(m, other)
+    assert "storage.dtype" in cf.config_mismatch(m, {**m, "storage": {"dtype": "float16"}})
+
+
+def test_group_names_are_safe_and_distinct():
+    a = cf.group_name("pipe:curl -s https://x/train-{0001}.tar")
+    b = cf.group_name("/other/dir/train-0001.tar")
+    assert a != b and "/" not in a and " " not in a
+    assert cf.group_name("/data/../../etc/passwd.tar").startswith("passwd-")

@@ -1,0 +1,171 @@
+"""Extraction end to end on real tars, real Zarr stores and real teachers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+from conftest import CLIP_SMALL, DINO_TINY, url_list
+from PIL import Image
+
+from mrmae.cli import cli
+from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.verify import cache_info, verify_cache
+from mrmae.shared import cache_format as cf
+from mrmae.shared.views import ViewConfig
+
+
+def extract(shards, out, teacher=DINO_TINY, **kw) -> dict:
+    views = ViewConfig(per_image=kw.pop("views", 2), seed=kw.pop("seed", 0))
+    return run_extraction(ExtractConfig(shards=shards, out=str(out), teacher=teacher, views=views,
+                                        progress=False, **kw))
+
+
+def all_rows(root) -> dict[str, dict[str, np.ndarray]]:
+    cache = cf.FeatureCache(root)
+    return {s["source"]: cache.shard(s["source"]).read(slice(None)) for s in cache.complete_shards}
+
+
+def test_views_and_targets_do_not_depend_on_batch_size_or_workers(demo_shards, tmp_path):
+    urls = url_list(demo_shards)
+    extract(urls, tmp_path / "a", batch_size=3, workers=0)
+    extract(urls, tmp_path / "b", batch_size=8, workers=2)
+    a, b = all_rows(tmp_path / "a"), all_rows(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) == 3
+    for src in a:
+        for col in ("keys", "view", "crop", "flip"):
+            np.testing.assert_array_equal(a[src][col], b[src][col])
+        assert list(a[src]["view"]) == [0, 1] * 6  # tar order, views 0..K-1 per sample
+        # float reductions may differ in the last bits between batch shapes; int8 codes
+        # then differ by at most one step
+        np.testing.assert_allclose(a[src]["features"], b[src]["features"], atol=0.02, rtol=0.02)
+        np.testing.assert_allclose(a[src]["attention"], b[src]["attention"], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,floor", [("int8", 0.999), ("float16", 0.99999)])
+def test_stored_views_replay_through_the_teacher(demo_shards, tmp_path, dtype, floor):
+    extract(str(demo_shards[0]), tmp_path / "c", teacher=CLIP_SMALL, dtype=dtype, batch_size=4)
+    report = verify_cache(str(tmp_path / "c"), recompute=5, seed=1)
+    assert report.checked == 5 and report.ok
+    assert report.worst_cosine >= floor and report.tolerance == floor
+    info = cache_info(str(tmp_path / "c"))
+    assert info["views"] == 12 and info["shards_complete"] == 1 and info["bytes_per_view"] > 0
+
+
+def test_verify_detects_a_cache_that_does_not_replay(demo_shards, tmp_path):
+    out = tmp_path / "c"
+    extract(str(demo_shards[0]), out, teacher=DINO_TINY)
+    group = cf.FeatureCache(out).shard(str(demo_shards[0])).group
+    import zarr
+
+    crop = zarr.open_array(str(out / cf.FeatureCache(out).complete_shards[0]["group"] / "crop"), mode="r+")
+    boxes = crop[:]
+    boxes[:, 0] = 0  # move every crop to the top: stored targets no longer match the view
+    boxes[:, 2] = np.maximum(boxes[:, 2] // 2, 16)
+    crop[:] = boxes
+    assert group is not None
+    report = verify_cache(str(out), recompute=6)
+    assert not report.ok and report.worst_cosine < 0.99
+
+
+def test_resume_skips_complete_shards_and_equals_an_uninterrupted_run(demo_shards, tmp_path):
+    urls = url_list(demo_shards)
+    extract(urls, tmp_path / "full")
+    out = tmp_path / "resumed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "mrmae", "extract-features", "--shards", urls, "--out", str(out),
+           "--teacher", DINO_TINY, "--views", "2", "--batch-size", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill as soon as the first shard is recorded complete
+        m = out / "manifest.json"
+        if m.exists() and json.loads(m.read_text())["shards"]:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [s["source"] for s in cf.read_manifest(out)["shards"]]
+    assert 1 <= len(done) < 3, "the kill should land mid-run"
+    first_group = out / cf.read_manifest(out)["shards"][0]["group"]
+    stamp = (first_group / "zarr.json").stat().st_mtime_ns
+    summary = extract(urls, out)
+    assert summary["skipped_complete"] == len(done) and summary["extracted"] == 3 - len(done)
+    assert (first_group / "zarr.json").stat().st_mtime_ns == stamp  # not rewritten
+    assert not list((out / "shards").glob(".tmp-*"))  # the killed writer's temp group is gone
+    full, resumed = all_rows(tmp_path / "full"), all_rows(out)
+    assert full.keys() == resumed.keys()
+    for src in full:
+        for col in full[src]:
+            np.testing.assert_array_equal(full[src][col], resumed[src][col])
+
+
+def test_refuses_to_add_with_another_configuration(demo_shards, tmp_path):
+    out = tmp_path / "c"
+    extract(str(demo_shards[0]), out)
+    runner = CliRunner()
+    base = ["extract-features", "--shards", str(demo_shards[1]), "--out", str(out), "--no-progress"]
+    for extra, field in ([["--teacher", DINO_TINY, "--views", "3"], "views.per_image"],
+                         [["--teacher", DINO_TINY, "--dtype", "float16"], "storage.dtype"],
+                         [["--teacher", "dino:vit_small_patch16_224"], "teacher."],
+                         [["--teacher", DINO_TINY, "--seed", "1"], "views.seed"]):
+        r = runner.invoke(cli, base + extra)
+        assert r.exit_code == 1, r.output
+        lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
+        assert len(lines) == 1 and "refusing to add" in lines[0] and field in lines[0] and str(out) in lines[0]
+    assert [s["source"] for s in cf.read_manifest(out)["shards"]] == [str(demo_shards[0])]
+
+
+def _bad_shard(path: Path) -> Path:
+    good = io.BytesIO()
+    Image.new("RGB", (300, 240), (30, 140, 200)).save(good, format="JPEG")
+    corrupt = bytearray(good.getvalue())
+    corrupt[200:600] = b"\x00" * 400
+    png = io.BytesIO()
+    Image.new("L", (260, 210), 90).save(png, format="PNG")
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (250, 220), (0, 50, 90, 10)).save(cmyk, format="JPEG")
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "ok_0", "jpg": good.getvalue(), "cls": b"1"})
+        sink.write({"__key__": "corrupt_1", "jpg": bytes(corrupt[: len(corrupt) // 3]), "cls": b"1"})
+        sink.write({"__key__": "text_2", "jpg": b"<html>not an image</html>", "cls": b"1"})
+        sink.write({"__key__": "noimage_3", "cls": b"1"})
+        sink.write({"__key__": "png_4", "jpg": png.getvalue(), "cls": b"2"})  # PNG bytes under .jpg
+        sink.write({"__key__": "cmyk_5", "jpg": cmyk.getvalue(), "cls": b"3"})
+    return path
+
+
+def test_corrupt_images_are_counted_named_and_recorded_never_stored(tmp_path):
+    shard = _bad_shard(tmp_path / "bad.tar")
+    with pytest.warns(UserWarning, match=r"bad.tar key corrupt_1"):
+        extract(str(shard), tmp_path / "c")
+    entry = cf.read_manifest(tmp_path / "c")["shards"][0]
+    assert sorted(s["key"] for s in entry["skipped"]) == ["corrupt_1", "noimage_3", "text_2"]
+    assert entry["num_samples"] == 3 and entry["num_views"] == 6
+    rows = all_rows(tmp_path / "c")[str(shard)]
+    assert sorted(set(rows["keys"])) == ["cmyk_5", "ok_0", "png_4"]  # converted, not skipped
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(shard), "--out", str(tmp_path / "s"),
+                                 "--teacher", DINO_TINY, "--strict", "--no-progress"])
+    assert r.exit_code == 1 and "key corrupt_1" in r.output and "bad.tar" in r.output
+    assert cf.read_manifest(tmp_path / "s")["shards"] == []  # nothing half-written looks complete
+    assert not list((tmp_path / "s" / "shards").iterdir())
+
+
+def test_missing_and_truncated_shards_are_one_clear_line(tmp_path, demo_shards):
+    runner = CliRunner()
+    trunc = tmp_path / "trunc.tar"
+    trunc.write_bytes(demo_shards[0].read_bytes()[:30000])
+    for shard, words in ((tmp_path / "missing.tar", "No such file"), (trunc, "cannot read shard")):
+        r = runner.invoke(cli, ["extract-features", "--shards", str(shard), "--out", str(tmp_path / "c"),
+                                "--teacher", DINO_TINY, "--no-progress"])
+        err = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
+        assert r.exit_code == 1 and len(err) == 1 and str(shard) in err[0] and words in err[0], r.output
