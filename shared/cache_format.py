@@ -158,7 +158,27 @@ def config_mismatch(existing: dict, wanted: dict) -> str | None:
 
 
 def shard_entry(manifest: dict, source: str) -> dict | None:
+    """The manifest entry of exactly this source URL, or None."""
     return next((s for s in manifest["shards"] if s["source"] == source), None)
+
+
+def shard_basename(source: str) -> str:
+    return source.rstrip("/").split("/")[-1]
+
+
+def find_shard(manifest: dict, source: str) -> dict | None:
+    """The entry for `source`: the same URL, else the one entry with the same file name.
+
+    Training often names the shards differently from extraction (a relative path, another
+    mount, a `pipe:` command): the tar's file name is what identifies it.
+    """
+    entry = shard_entry(manifest, source)
+    if entry is not None:
+        return entry
+    same = [s for s in manifest["shards"] if shard_basename(s["source"]) == shard_basename(source)]
+    if len(same) > 1:
+        raise CacheError(f"shard {source}: {len(same)} cached shards share its file name; name it as at extraction")
+    return same[0] if same else None
 
 
 def record_shard(root: str | os.PathLike, entry: dict) -> None:
@@ -286,6 +306,8 @@ class ShardGroup:
             raise CacheError(f"{path}: unreadable shard group ({type(e).__name__}: {e})") from e
         self.quantized = "features_scale" in self.group
         self._row: dict[tuple[str, int], int] = {(k, int(v)): i for i, (k, v) in enumerate(zip(self.keys, self.views))}
+        self._block: tuple[int, str, np.ndarray] | None = None  # (first row, layer, features)
+        self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -306,6 +328,26 @@ class ShardGroup:
             "attention": g["attention"][rows].astype(np.float32), "cls": g["cls"][rows].astype(np.float32),
         }
 
+    def geometry(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(crop [N,4], flip [N], attention [N,L] float32) of every row, read once."""
+        if self._geometry is None:
+            g = self.group
+            self._geometry = (g["crop"][:], g["flip"][:], g["attention"][:].astype(np.float32))
+        return self._geometry
+
+    def features_row(self, i: int, layer: str = "features") -> np.ndarray:
+        """Features of one row [L, C] float32, decoding each chunk once in a sequential pass.
+
+        A training worker walks a shard's rows in tar order, so it keeps the last decoded
+        chunk-aligned block instead of decompressing a whole chunk per row.
+        """
+        start = i - i % ROWS_PER_CHUNK
+        if self._block is None or self._block[:2] != (start, layer):
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            scale = self.group[f"{layer}_scale"][rows] if self.quantized else None
+            self._block = (start, layer, dequantize(self.group[layer][rows], scale))
+        return self._block[2][i - start]
+
     def get(self, key: str, view: int) -> ViewTargets:
         i = self.row(key, view)
         block = self.read(slice(i, i + 1))
@@ -325,7 +367,7 @@ class FeatureCache:
         return [s for s in self.manifest["shards"] if s.get("status") == "complete"]
 
     def shard(self, source: str) -> ShardGroup:
-        entry = shard_entry(self.manifest, source)
+        entry = find_shard(self.manifest, source)
         if entry is None or entry.get("status") != "complete":
             raise CacheError(f"{self.root}: shard {source} is not in the cache (or not complete)")
         return ShardGroup(self.root / entry["group"], entry)

@@ -1,0 +1,87 @@
+"""Student data: cached and live modes show the same views; mismatches stop with one line."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+from conftest import DINO_TINY, url_list
+
+from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.shared import cache_format as cf
+from mrmae.shared.views import ViewConfig
+from mrmae.train.data import DataConfig, StudentStream, check_cache_fits, pick_view
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "c"
+    run_extraction(ExtractConfig(shards=url_list(demo_shards), out=str(out), teacher=DINO_TINY,
+                                 views=ViewConfig(per_image=3, seed=7), batch_size=8, progress=False))
+    return cf.FeatureCache(out)
+
+
+def test_pick_view_is_a_function_of_seed_epoch_key():
+    assert pick_view(0, 3, "k", 4) == pick_view(0, 3, "k", 4)
+    assert Counter(pick_view(0, e, "k", 4) for e in range(400)).keys() == {0, 1, 2, 3}
+    assert [pick_view(0, e, "k", 4) for e in range(20)] != [pick_view(1, e, "k", 4) for e in range(20)]
+
+
+def _epoch(shards, cache, epoch, workers=0, **kw):
+    ds = StudentStream(DataConfig(shards=shards, batch_size=4, seed=7, shuffle_buffer=8, **kw), cache)
+    ds.set_epoch(epoch)
+    return list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+
+
+def test_cached_and_live_modes_render_the_same_views(demo_shards, tiny_cache):
+    urls = url_list(demo_shards)
+    cached = _epoch(urls, tiny_cache, epoch=2)
+    live = _epoch(urls, None, epoch=2, views_per_image=3, teacher_size=224)
+    assert [b["keys"] for b in cached] == [b["keys"] for b in live]
+    for c, lv in zip(cached, live):
+        assert torch.equal(c["crop"], lv["crop"]) and torch.equal(c["flip"], lv["flip"])
+        assert torch.equal(c["pixels"], lv["pixels"])
+        assert c["targets"].shape[1:] == (196, 192) and "targets" not in lv and "teacher_pixels" in lv
+    keys = [k for b in cached for k in b["keys"]]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 18  # each sample once per epoch
+    # the stored targets are those of the shown view
+    group = tiny_cache.shard(str(demo_shards[0]))
+    b = cached[0]
+    i = next(j for j, k in enumerate(b["keys"]) if k in set(group.keys))
+    row = group.row(b["keys"][i], pick_view(7, 2, b["keys"][i], 3))
+    assert torch.allclose(b["targets"][i], torch.from_numpy(group.read(slice(row, row + 1))["features"][0]))
+
+
+def test_epochs_differ_and_worker_count_keeps_the_samples(demo_shards, tiny_cache):
+    urls = url_list(demo_shards)
+    e0, e1 = _epoch(urls, tiny_cache, 0), _epoch(urls, tiny_cache, 1)
+    assert [b["keys"] for b in e0] != [b["keys"] for b in e1]
+    two = _epoch(urls, tiny_cache, 0, workers=2)
+    assert sorted(k for b in two for k in b["keys"]) == sorted(k for b in e0 for k in b["keys"])
+    again = _epoch(urls, tiny_cache, 0, workers=2)
+    assert [b["keys"] for b in two] == [b["keys"] for b in again]  # deterministic for a worker count
+
+
+def test_mismatched_cache_is_refused_naming_shard_and_key(demo_shards, tiny_cache, tmp_path):
+    with pytest.raises(cf.CacheError, match="does not match the student's 16x16"):
+        check_cache_fits(tiny_cache, [str(demo_shards[0])], 16, 192)
+    with pytest.raises(cf.CacheError, match="teacher width 192 does not match the mimic head's 768"):
+        check_cache_fits(tiny_cache, [str(demo_shards[0])], 14, 768)
+    other = tmp_path / "other-000.tar"
+    shutil.copy(demo_shards[0], other)
+    with pytest.raises(cf.CacheError, match="other-000.tar is not in the cache"):
+        check_cache_fits(tiny_cache, [str(other)], 14, 192)
+    # a shard that gained a sample since extraction, under the same file name
+    changed = tmp_path / demo_shards[0].name
+    with tarfile.open(demo_shards[0]) as src, tarfile.open(changed, "w") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        intruder = tarfile.TarInfo("intruder_9.jpg")
+        intruder.size = 2
+        dst.addfile(intruder, io.BytesIO(b"\xff\xd8"))
+    with pytest.raises(cf.CacheError, match=rf"{changed.name}: key intruder_9 has no rows"):
+        _epoch(str(changed), tiny_cache, 0)

@@ -1,0 +1,178 @@
+"""Student data: source shards, one view per sample per epoch, joined with cached targets.
+
+Pipeline (webdataset stages; stream shape after each):
+
+    epoch_shards        shard URLs in an order drawn from (seed, epoch)
+    split_by_node       this rank's shards
+    split_by_worker     this DataLoader worker's shards
+    join_views          {key, image bytes, view, [targets, attention]}   tar order
+    shuffle             same, sample order mixed in a buffer seeded by (seed, epoch, rank, worker)
+    render              {key, pixels [3,S,S] float, [teacher_pixels], [targets [L,C]], [attention [L]]}
+    batched             dict of stacked tensors, B samples
+
+Which of the K views a sample shows in an epoch depends on (seed, epoch, key) alone. In
+cached mode the view's crop and flip come from the cache; in live and plain modes they
+are drawn with the same function extraction used, so the same seed gives the same views
+with or without a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset import tariterators
+
+from mrmae.extract.reader import IMAGE_EXTS, expand_urls
+from mrmae.shared import cache_format as cf
+from mrmae.shared.views import View, ViewConfig, decode_image, render_view, sample_views
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    shards: list[str]
+    batch_size: int
+    seed: int = 0
+    img_size: int = 224
+    views_per_image: int = 2  # K: read from the cache's manifest in cached mode
+    view_seed: int | None = None  # live/plain view geometry seed (default: seed); cached: the cache's
+    shuffle_buffer: int = 1000
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    teacher_size: int = 0  # > 0: also render the view for a live teacher at this size
+    teacher_mean: tuple[float, float, float] = IMAGENET_MEAN
+    teacher_std: tuple[float, float, float] = IMAGENET_STD
+
+
+def pick_view(seed: int, epoch: int, key: str, k: int) -> int:
+    """The view of `key` shown in `epoch`: a function of (seed, epoch, key) only."""
+    digest = hashlib.sha256(f"{seed}\x00{epoch}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % k
+
+
+def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """Shard-level shuffle: the same order on every rank and worker for one epoch."""
+    order = list(urls)
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    """One tar's samples {__key__, ext: bytes}, in tar order, errors naming the shard."""
+    def reraise(exn: Exception) -> bool:
+        raise exn
+
+    stream = iter([{"url": url}])
+    for stage in (tariterators.url_opener, tariterators.tar_file_expander, tariterators.group_by_keys):
+        stream = stage(stream, handler=reraise)
+    yield from stream
+
+
+class ViewJoiner:
+    """Joins each source sample with its view for the epoch (and cached targets, if any)."""
+
+    def __init__(self, cfg: DataConfig, cache: cf.FeatureCache | None):
+        self.cfg, self.cache = cfg, cache
+        seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
+        self.view_cfg = ViewConfig(per_image=cfg.views_per_image, seed=seed)
+        if cache is not None:
+            self.view_cfg = ViewConfig.from_json(cache.manifest["views"])
+
+    def __call__(self, urls: Iterator[str], epoch: int) -> Iterator[dict]:
+        for url in urls:
+            group = self.cache.shard(url) if self.cache is not None else None
+            skipped = {s["key"] for s in group.entry.get("skipped", [])} if group else set()
+            for s in _tar_samples(url):
+                key = str(s["__key__"])
+                image = next((s[e] for e in IMAGE_EXTS if e in s), None)
+                v = pick_view(self.cfg.seed, epoch, key, self.view_cfg.per_image)
+                out = {"key": key, "image": image, "view_index": v, "url": url}
+                if group is not None:
+                    if key in skipped:
+                        continue  # recorded at extraction as undecodable: no targets exist
+                    try:
+                        row = group.row(key, v)
+                    except cf.CacheError:
+                        raise cf.CacheError(f"{url}: key {key} has no rows in the cache {self.cache.root} "
+                                            "(shard changed since extraction?)") from None
+                    crop, flip, attention = group.geometry()
+                    out["view"] = View(*(int(c) for c in crop[row]), flip=bool(flip[row]))
+                    out["attention"] = attention[row]
+                    out["targets"] = group.features_row(row)
+                elif image is None:
+                    continue
+                yield out
+
+
+def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
+    """Decode and render one joined sample for the student (and a live teacher)."""
+    image = decode_image(sample["image"])
+    view = sample.get("view") or sample_views(sample["key"], image.shape[1], image.shape[2],
+                                               view_cfg)[sample["view_index"]]
+    out = {"key": sample["key"], "pixels": render_view(image, view, cfg.img_size, cfg.mean, cfg.std),
+           "crop": torch.tensor(view.box), "flip": torch.tensor(view.flip)}
+    if cfg.teacher_size:
+        out["teacher_pixels"] = render_view(image, view, cfg.teacher_size, cfg.teacher_mean, cfg.teacher_std)
+    if "targets" in sample:
+        out["targets"] = torch.from_numpy(np.ascontiguousarray(sample["targets"]))
+        out["attention"] = torch.from_numpy(np.ascontiguousarray(sample["attention"]))
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {"keys": [s["key"] for s in samples]}
+    for k in samples[0]:
+        if k != "key" and not k.startswith("__"):  # webdataset's map adds __key__
+            out[k] = torch.stack([s[k] for s in samples])
+    return out
+
+
+class StudentStream(torch.utils.data.IterableDataset):
+    """An epoch of batches; call `set_epoch` before iterating (views and order depend on it)."""
+
+    def __init__(self, cfg: DataConfig, cache: cf.FeatureCache | None):
+        super().__init__()
+        self.cfg, self.cache = cfg, cache
+        self.urls = expand_urls(cfg.shards)
+        self.joiner = ViewJoiner(cfg, cache)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg, epoch = self.cfg, self.epoch
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        stages = [
+            lambda _: iter(epoch_shards(self.urls, cfg.seed, epoch)),
+            wds.split_by_node,
+            wds.split_by_worker,
+            lambda urls: self.joiner(urls, epoch),
+            wds.filters.pipelinefilter(wds.filters._shuffle)(
+                cfg.shuffle_buffer, min(cfg.shuffle_buffer, 100), rng=random.Random(f"{cfg.seed}:{epoch}:{rank}:{worker}")),
+            wds.filters.pipelinefilter(wds.filters._map)(lambda s: render_sample(s, cfg, self.joiner.view_cfg)),
+            wds.filters.pipelinefilter(wds.filters._batched)(cfg.batch_size, collation_fn=collate, partial=True),
+        ]
+        stream: Iterator = iter([None])
+        for stage in stages:
+            stream = stage(stream)
+        yield from stream
+
+
+def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher_dim: int) -> None:
+    """Refuse, in one line, a cache that lacks a shard or does not fit the student."""
+    m = cache.manifest
+    if list(m["teacher"]["grid"]) != [grid, grid]:
+        raise cf.CacheError(f"{cache.root}: teacher grid {m['teacher']['grid']} does not match the student's {grid}x{grid}")
+    if teacher_dim and m["teacher"]["dim"] != teacher_dim:
+        raise cf.CacheError(f"{cache.root}: teacher width {m['teacher']['dim']} does not match the mimic head's {teacher_dim}")
+    for url in urls:
+        cache.shard(url)  # raises, naming the shard, if it is missing or incomplete
