@@ -20,10 +20,12 @@ class _OneLineErrors(click.Group):
         from mrmae.extract.runner import SkippedSampleError
         from mrmae.shared.cache_format import CacheError
         from mrmae.shared.teachers import TeacherError
+        from mrmae.train.engine import NonFiniteLossError
 
         try:
             return super().invoke(ctx)
-        except (CacheError, TeacherError, ShardReadError, SkippedSampleError, FileNotFoundError) as e:
+        except (CacheError, TeacherError, ShardReadError, SkippedSampleError, FileNotFoundError,
+                NonFiniteLossError) as e:
             click.echo(f"mrmae: error: {e}", err=True)
             sys.exit(1)
 
@@ -81,6 +83,73 @@ def extract_features(shards, out, teacher, num_views, dtype, batch_size, seed, d
     s = run_extraction(cfg)
     click.echo(f"{s['extracted']} shards extracted, {s['skipped_complete']} already complete, "
                f"{s['views']} views, {s['samples_skipped']} samples skipped, {s['seconds']} s -> {out}")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+@cli.command("pretrain")
+@click.option("--shards", required=True, help="Source tars (the ones the cache was extracted from).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--feature-cache", type=click.Path(exists=True, file_okay=False), help="Train from this cache.")
+@click.option("--teacher", help="Live teacher spec instead of a cache (clip:... / dino:...).")
+@click.option("--model", default="mrmae_vit_base_patch16", show_default=True, help="See `mrmae models`.")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, help="Per process and micro-batch.")
+@click.option("--accum-steps", default=1, show_default=True, help="Gradient accumulation.")
+@click.option("--blr", default=1.5e-4, show_default=True, help="lr = blr x effective batch / 256.")
+@click.option("--lr", type=float, default=None, help="Absolute lr (overrides --blr).")
+@click.option("--min-lr", default=0.0, show_default=True)
+@click.option("--warmup-epochs", default=0.0, show_default=True)
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--mask", type=click.Choice(["random", "focused"]), default="random", show_default=True)
+@click.option("--mask-ratio", default=0.75, show_default=True)
+@click.option("--focus-temperature", default=1.0, show_default=True, help="Focused masking: attention ** (1/T).")
+@click.option("--focus-uniform-mix", default=0.0, show_default=True, help="Focused masking: share of uniform weight.")
+@click.option("--recon-weight", default=0.5, show_default=True)
+@click.option("--mimic-weight", default=0.5, show_default=True)
+@click.option("--target-norm", type=click.Choice(["none", "layernorm", "l2"]), default="none", show_default=True)
+@click.option("--fuse-layers", default="", help="Encoder blocks whose visible tokens are summed, e.g. 4,8,12.")
+@click.option("--decoder-dim", default=512, show_default=True)
+@click.option("--decoder-depth", default=8, show_default=True)
+@click.option("--views", "views_per_image", default=2, show_default=True, help="Live/plain modes: views per image.")
+@click.option("--workers", default=4, show_default=True)
+@click.option("--shuffle-buffer", default=1000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
+@click.option("--save-every-steps", default=0, show_default=True, help="0: at each epoch's end only.")
+@click.option("--no-progress", is_flag=True)
+def pretrain(shards, out, feature_cache, teacher, model, epochs, batch_size, accum_steps, blr, lr, min_lr,
+             warmup_epochs, weight_decay, mask, mask_ratio, focus_temperature, focus_uniform_mix, recon_weight,
+             mimic_weight, target_norm, fuse_layers, decoder_dim, decoder_depth, views_per_image, workers,
+             shuffle_buffer, seed, resume, save_every_steps, no_progress) -> None:
+    """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
+    from mrmae.train.engine import StepOptions
+    from mrmae.train.pretrain import PretrainConfig, run_pretrain
+
+    opts = StepOptions(mask=mask, mask_ratio=mask_ratio, focus_temperature=focus_temperature,
+                       focus_uniform_mix=focus_uniform_mix, recon_weight=recon_weight, mimic_weight=mimic_weight,
+                       target_norm=target_norm, seed=seed)
+    cfg = PretrainConfig(
+        shards=shards, out=out, model=model, feature_cache=feature_cache, teacher=teacher, epochs=epochs,
+        batch_size=batch_size, accum_steps=accum_steps, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+        weight_decay=weight_decay, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+        fuse_layers=_ints(fuse_layers), views_per_image=views_per_image, workers=workers,
+        shuffle_buffer=shuffle_buffer, seed=seed, resume=resume, save_every_steps=save_every_steps,
+        progress=not no_progress, step_options=opts,
+    )
+    r = run_pretrain(cfg)
+    click.echo(f"{r['steps']} steps; checkpoint: {r['checkpoint']}; metrics: {r['metrics']}")
+
+
+@cli.command("models")
+def models() -> None:
+    """List the student architectures and their parameter counts."""
+    from mrmae.train.models import describe_models
+
+    for row in describe_models():
+        click.echo(row)
 
 
 @cli.group()

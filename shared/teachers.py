@@ -188,7 +188,8 @@ class TimmTeacher(Teacher):
         base = spec.arch.split(".")[0]
         if base not in timm.list_models():
             raise TeacherError(f"unknown timm architecture {spec.arch!r} in teacher spec {spec}")
-        patch = timm.create_model(base, pretrained=False, num_classes=0).patch_embed.patch_size[0]
+        with torch.device("meta"):  # only to read the patch size; draws no random numbers
+            patch = timm.create_model(base, pretrained=False, num_classes=0).patch_embed.patch_size[0]
         kwargs: dict = dict(num_classes=0, img_size=STUDENT_GRID * patch)
         name = spec.arch
         if spec.weights is None:

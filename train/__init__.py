@@ -1,1 +1,1 @@
-"""Stage 2: the MR-MAE student, trained from the feature cache (not built yet)."""
+"""Stage 2: the MR-MAE student (masking.py, models.py), trained from the feature cache or a live teacher."""

@@ -1,0 +1,127 @@
+"""Pretraining end to end: cached, live and plain modes, ablations from one cache, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import DINO_TINY, url_list
+
+from mrmae.cli import cli, main
+from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.shared.views import ViewConfig
+
+TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "64",
+        "--batch-size", "6", "--workers", "0", "--no-progress", "--seed", "3", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def cache(demo_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "c"
+    run_extraction(ExtractConfig(shards=url_list(demo_shards), out=str(out), teacher=DINO_TINY,
+                                 views=ViewConfig(per_image=2, seed=3), batch_size=12, progress=False))
+    return out
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def pretrain(args: list[str]) -> None:
+    r = CliRunner().invoke(cli, ["pretrain", *args])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+
+
+def test_cached_and_live_modes_give_the_same_losses(demo_shards, cache, tmp_path):
+    shards = url_list(demo_shards)
+    pretrain(["--shards", shards, "--feature-cache", str(cache), "--out", str(tmp_path / "cached"), *TINY])
+    pretrain(["--shards", shards, "--teacher", DINO_TINY, "--out", str(tmp_path / "live"), *TINY])
+    c, lv = metrics(tmp_path / "cached"), metrics(tmp_path / "live")
+    assert len(c) == len(lv) == 3  # 18 samples / batch 6
+    # same views, masks and initial weights: the first reconstruction loss is identical
+    assert c[0]["loss_recon"] == pytest.approx(lv[0]["loss_recon"], rel=1e-6)
+    for a, b in zip(c, lv):  # int8 targets vs the live teacher's float ones
+        assert a["loss_mimic"] == pytest.approx(b["loss_mimic"], rel=2e-3)
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3)
+    cfg = json.loads((tmp_path / "cached" / "config.json").read_text())
+    assert cfg["cache_fingerprint"] and cfg["teacher_weights_sha256"] and cfg["feature_cache"] == str(cache)
+    for key in ("epoch", "step", "loss", "loss_recon", "loss_mimic", "lr", "images_per_s"):
+        assert key in c[0]
+
+
+def test_plain_mae_and_three_ablations_from_one_cache(demo_shards, cache, tmp_path):
+    shards = url_list(demo_shards)
+    before = sorted(p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file())
+    runs = {
+        "focused": ["--mask", "focused", "--focus-temperature", "0.5"],
+        "fusion": ["--fuse-layers", "4,8,12", "--target-norm", "layernorm"],
+        "l2": ["--target-norm", "l2", "--mimic-weight", "1.0", "--recon-weight", "0.0"],
+    }
+    results = {}
+    for name, extra in runs.items():
+        pretrain(["--shards", shards, "--feature-cache", str(cache), "--out", str(tmp_path / name), *TINY, *extra])
+        results[name] = metrics(tmp_path / name)
+    assert sorted(p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()) == before  # no re-extraction
+    assert results["l2"][0]["loss"] == pytest.approx(results["l2"][0]["loss_mimic"])  # recon weight 0
+    firsts = {name: r[0]["loss_mimic"] for name, r in results.items()}
+    assert len(set(firsts.values())) == 3  # each option changed what was trained
+    main_argv = ["pretrain", "--shards", shards, "--out", str(tmp_path / "plain"), *TINY]
+    with pytest.raises(SystemExit) as e:
+        main(main_argv)
+    assert e.value.code == 0
+    plain = metrics(tmp_path / "plain")
+    assert all(m["loss_mimic"] == 0 and m["loss"] == m["loss_recon"] for m in plain)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_losses(demo_shards, cache, tmp_path):
+    shards = url_list(demo_shards)
+    args = ["--shards", shards, "--feature-cache", str(cache), *TINY, "--batch-size", "4", "--epochs", "2",
+            "--save-every-steps", "2"]
+    pretrain([*args, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "mrmae", "pretrain", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:  # kill once a mid-epoch checkpoint exists and training went on
+        if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 4 <= len(metrics(out)) < 10, "the kill should land mid-run"
+    pretrain([*args, "--out", str(out), "--resume"])
+    whole, resumed = metrics(tmp_path / "whole"), metrics(out)
+    assert [m["step"] for m in resumed] == list(range(1, 11))
+    for a, b in zip(whole, resumed):
+        for k in ("epoch", "loss", "loss_recon", "loss_mimic", "lr"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+
+def test_mismatched_cache_is_refused_in_one_line(demo_shards, cache, tmp_path):
+    r = CliRunner().invoke(cli, ["pretrain", "--shards", str(tmp_path / "elsewhere-000.tar"), "--feature-cache",
+                                 str(cache), "--out", str(tmp_path / "o"), *TINY])
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
+    assert r.exit_code == 1 and len(lines) == 1 and "elsewhere-000.tar is not in the cache" in lines[0]
+
+
+def test_target_norms():
+    import torch
+
+    from mrmae.train.engine import normalize_targets
+
+    t = torch.randn(2, 49, 32) * 5 + 3
+    assert torch.equal(normalize_targets(t, "none"), t)
+    ln = normalize_targets(t, "layernorm")
+    torch.testing.assert_close(ln.mean(-1), torch.zeros(2, 49), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ln.var(-1, unbiased=False), torch.ones(2, 49), atol=1e-3, rtol=0)
+    torch.testing.assert_close(normalize_targets(t, "l2").norm(dim=-1), torch.ones(2, 49))
+    with pytest.raises(ValueError):
+        normalize_targets(t, "zscore")

@@ -1,0 +1,149 @@
+"""The training engine: one epoch of MR-MAE steps, kept apart from set-up and the CLI.
+
+Every random choice of a step is a function of (seed, step, rank): the view (data.py),
+the mask (a generator seeded here). A resumed run therefore replays the same batches and
+masks as an uninterrupted one, with no hidden RNG state to carry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from mrmae.train.masking import focused_masking, random_masking
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss that is NaN or infinite: the run stops; the last good checkpoint stays."""
+
+
+@dataclass
+class StepOptions:
+    mask: str = "random"  # "random" | "focused"
+    mask_ratio: float = 0.75
+    focus_temperature: float = 1.0
+    focus_uniform_mix: float = 0.0
+    recon_weight: float = 0.5
+    mimic_weight: float = 0.5
+    target_norm: str = "none"  # "none" | "layernorm" | "l2"
+    seed: int = 0
+
+
+def lr_at(step: float, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to `base_lr`, then half-cosine to `min_lr` (held after `total_steps`)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def normalize_targets(targets: torch.Tensor, how: str) -> torch.Tensor:
+    """Teacher tokens [B, n, C] -> normalised per token; the cache itself stays raw."""
+    if how == "none":
+        return targets
+    if how == "layernorm":
+        return F.layer_norm(targets, targets.shape[-1:])
+    if how == "l2":
+        return F.normalize(targets, dim=-1)
+    raise ValueError(f"unknown target norm {how!r}")
+
+
+def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    digest = hashlib.sha256(f"mask\x00{seed}\x00{step}\x00{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def draw_masks(batch_size: int, num_tokens: int, attention: torch.Tensor | None, opts: StepOptions,
+               step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_keep [B, n], mask [B, N], ids_restore [B, N]) for this step, on the CPU."""
+    g = mask_generator(opts.seed, step, rank)
+    if opts.mask == "focused":
+        if attention is None:
+            raise ValueError("focused masking needs teacher attention: give --feature-cache or --teacher")
+        return focused_masking(attention.float().cpu(), opts.mask_ratio, opts.focus_temperature,
+                               opts.focus_uniform_mix, generator=g)
+    return random_masking(batch_size, num_tokens, opts.mask_ratio, generator=g)
+
+
+def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
+                    accelerator, epoch: int, start_step: int, opts: StepOptions,
+                    set_lr: Callable[[int], float], teacher: torch.nn.Module | None = None,
+                    on_step: Callable[[int, dict], None] | None = None) -> int:
+    """Run optimiser steps over `batches`; returns the global step reached.
+
+    Each batch is a dict from `mrmae.train.data` ([B,3,S,S] pixels, optional [B,N,C]
+    targets and [B,N] attention, or [B,3,T,T] teacher pixels in live mode).
+    """
+    from mrmae.train.models import gather_visible
+
+    model.train()
+    device = accelerator.device
+    step, rank = start_step, accelerator.process_index
+    micro = start_step * accelerator.gradient_accumulation_steps  # seeds the masks
+    tick = time.perf_counter()
+    for batch in batches:
+        imgs = batch["pixels"].to(device, non_blocking=True)
+        targets, attention = batch.get("targets"), batch.get("attention")
+        if teacher is not None:
+            with torch.no_grad(), accelerator.autocast():
+                out = teacher(batch["teacher_pixels"].to(device, non_blocking=True))
+            targets, attention = out.features.float(), out.attention.float()
+        n_tokens = model_num_patches(model)
+        ids_keep, mask, ids_restore = draw_masks(imgs.shape[0], n_tokens, attention, opts, micro, rank)
+        micro += 1
+        ids_keep, mask, ids_restore = ids_keep.to(device), mask.to(device), ids_restore.to(device)
+        visible_targets = None
+        if targets is not None and opts.mimic_weight > 0:
+            visible_targets = normalize_targets(gather_visible(targets.to(device, non_blocking=True).float(),
+                                                               ids_keep), opts.target_norm)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                losses = model(imgs, ids_keep, ids_restore, mask, visible_targets,
+                               recon_weight=opts.recon_weight, mimic_weight=opts.mimic_weight)
+            loss = losses["loss"]
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLossError(f"epoch {epoch} step {step}: loss is {loss.item()} "
+                                         f"(recon {losses['loss_recon'].item()}, mimic {float(losses['loss_mimic'])})")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                lr = set_lr(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        now = time.perf_counter()
+        world_imgs = imgs.shape[0] * accelerator.num_processes * accelerator.gradient_accumulation_steps
+        record = {"epoch": epoch, "step": step, "lr": lr, "images_per_s": world_imgs / max(now - tick, 1e-9)}
+        for k in ("loss", "loss_recon", "loss_mimic"):
+            record[k] = accelerator.reduce(torch.as_tensor(losses[k], device=device).detach().float(), "mean").item()
+        tick = now
+        if on_step is not None:
+            on_step(step, record)
+    return step
+
+
+def model_num_patches(model: torch.nn.Module) -> int:
+    inner = getattr(model, "module", model)
+    return inner.patch_embed.num_patches
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records past `last_step` (a resumed run recomputes them)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
+    path.write_text("".join(ln + "\n" for ln in lines))

@@ -1,0 +1,196 @@
+"""`mrmae pretrain`: set up data, student, optimiser and (in live mode) a teacher, then loop.
+
+Three modes of one command, with the same render, mask and loss code:
+
+- cached (`feature_cache`): targets and attention stream from the cache; no teacher built;
+- live (`teacher`): the teacher runs on each batch's views;
+- plain MAE (neither): reconstruction only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mrmae.extract.reader import expand_urls
+from mrmae.shared import cache_format as cf
+from mrmae.train import checkpoint as ckpt
+from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
+from mrmae.train.engine import StepOptions, append_metrics, lr_at, train_one_epoch, truncate_metrics
+
+
+@dataclass
+class PretrainConfig:
+    shards: str
+    out: str
+    model: str = "mrmae_vit_base_patch16"
+    feature_cache: str | None = None
+    teacher: str | None = None
+    epochs: int = 1
+    batch_size: int = 64  # per process, per micro-batch
+    accum_steps: int = 1
+    blr: float = 1.5e-4
+    lr: float | None = None  # absolute; default blr x effective batch / 256
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.05
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    fuse_layers: tuple[int, ...] = ()
+    views_per_image: int = 2  # live / plain modes (cached mode reads the cache's)
+    workers: int = 0
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    resume: bool = False
+    save_every_steps: int = 0  # 0: at the end of each epoch only
+    samples_per_epoch: int | None = None  # default: counted from the cache or the tars
+    progress: bool = True
+    step_options: StepOptions = field(default_factory=StepOptions)
+
+
+def count_samples(urls: list[str], cache: cf.FeatureCache | None) -> int:
+    if cache is not None:
+        return sum(cache.shard(u).entry["num_samples"] for u in urls)
+    total = 0
+    for url in urls:  # a plain pass over the tar headers
+        with tarfile.open(url, "r|*") as tf:
+            total += len({m.name.split(".", 1)[0] for m in tf if m.isfile()})
+    return total
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, position/cls/mask tokens."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cache_fingerprint(cache: cf.FeatureCache) -> str:
+    m = cache.manifest
+    blob = json.dumps({k: m[k] for k in ("teacher", "views", "storage")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    """Train; returns {checkpoint, metrics, steps}. Resumes from OUT/checkpoints with `resume`."""
+    from accelerate import Accelerator
+
+    from mrmae.shared.teachers import build_teacher
+    from mrmae.train.models import create_model
+
+    out = Path(cfg.out)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", gradient_accumulation_steps=cfg.accum_steps)
+    torch.manual_seed(cfg.seed)
+    urls = expand_urls(cfg.shards)
+    cache = cf.FeatureCache(cfg.feature_cache) if cfg.feature_cache else None
+    if cache is not None and cfg.teacher:
+        raise ValueError("give --feature-cache or --teacher, not both")
+    teacher = build_teacher(cfg.teacher).to(accelerator.device) if cfg.teacher else None
+    teacher_dim = cache.manifest["teacher"]["dim"] if cache else (teacher.dim if teacher else 0)
+    model = create_model(cfg.model, teacher_dim=teacher_dim, fuse_layers=cfg.fuse_layers,
+                         decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth)
+    grid = model.patch_embed.grid_size[0]
+    if cache is not None:
+        check_cache_fits(cache, urls, grid, teacher_dim)
+    data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.patch_embed.img_size[0],
+                          views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
+                          teacher_size=teacher.input_size if teacher else 0,
+                          teacher_mean=teacher.mean if teacher else DataConfig.teacher_mean,
+                          teacher_std=teacher.std if teacher else DataConfig.teacher_std)
+    stream = StudentStream(data_cfg, cache)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda)
+    # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
+    # or repeat samples; the stream splits shards by node and worker itself.
+
+    eff_batch = cfg.batch_size * cfg.accum_steps * accelerator.num_processes
+    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    samples = cfg.samples_per_epoch or count_samples(urls, cache)
+    steps_per_epoch = max(1, math.ceil(samples / eff_batch))
+    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
+                                  fused=cuda or None)
+    state = ckpt.TrainState()
+    metrics = out / "metrics.jsonl"
+    if cfg.resume and (last := ckpt.latest_checkpoint(out)) is not None:
+        state = ckpt.load_checkpoint(last, model, optimizer)
+        if accelerator.is_main_process:
+            truncate_metrics(metrics, state.step)
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics.unlink(missing_ok=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    if accelerator.is_main_process:
+        resolved = {**asdict(cfg), "base_lr": base_lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
+                    "num_processes": accelerator.num_processes, "teacher_dim": teacher_dim,
+                    "cache_fingerprint": cache_fingerprint(cache) if cache else None,
+                    "teacher_weights_sha256": (cache.manifest["teacher"]["weights_sha256"] if cache
+                                               else teacher.fingerprint if teacher else None)}
+        (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
+        writer = _tensorboard(out)
+
+    def set_lr(step: int) -> float:
+        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    bar = tqdm(total=total_steps, initial=state.step, desc="pretrain", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+
+    def on_step(step: int, record: dict) -> None:
+        state.step, state.step_in_epoch = step, state.step_in_epoch + 1
+        if accelerator.is_main_process:
+            append_metrics(metrics, record)
+            if writer is not None:
+                for k, v in record.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            bar.update(1)
+        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+            _save(accelerator, out, model, optimizer, state)
+
+    last_path = ckpt.latest_checkpoint(out)
+    for epoch in range(state.epoch, cfg.epochs):
+        stream.set_epoch(epoch)
+        batches = iter(loader)
+        for _ in range(state.step_in_epoch * cfg.accum_steps):  # the data position of a resumed epoch
+            next(batches, None)
+        train_one_epoch(model, batches, optimizer, accelerator, epoch, state.step, cfg.step_options, set_lr,
+                        teacher=teacher, on_step=on_step)
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        last_path = _save(accelerator, out, model, optimizer, state)
+    bar.close()
+    if accelerator.is_main_process and writer is not None:
+        writer.close()
+    accelerator.wait_for_everyone()
+    return {"checkpoint": str(last_path), "metrics": str(metrics), "steps": state.step}
+
+
+def _save(accelerator, out: Path, model, optimizer, state: ckpt.TrainState) -> Path | None:
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl is always written
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
