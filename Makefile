@@ -30,6 +30,9 @@ demo: $(STAMP)
 	    --out $(DEMO)/cache --teacher clip:ViT-S-16 --views 2 --dtype int8 --batch-size 16 --seed 0
 	$(MRMAE) cache info $(DEMO)/cache
 	$(MRMAE) cache verify $(DEMO)/cache --recompute 4
+	$(MRMAE) pretrain --shards "$(DEMO)/shards/demo-{000000..000002}.tar" --feature-cache $(DEMO)/cache \
+	    --model mrmae_vit_tiny_patch16 --decoder-depth 2 --decoder-dim 128 --epochs 3 --batch-size 16 \
+	    --lr 1e-3 --warmup-epochs 1 --mask focused --workers 1 --out $(DEMO)/run
 
 bench: $(STAMP)
 	$(PY) benchmarks/extract_throughput.py
