@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,3 +126,27 @@ def test_target_norms():
     torch.testing.assert_close(normalize_targets(t, "l2").norm(dim=-1), torch.ones(2, 49))
     with pytest.raises(ValueError):
         normalize_targets(t, "zscore")
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(demo_shards, tmp_path):
+    import numpy as np
+    import zarr
+
+    from mrmae.shared import cache_format as cf
+    from mrmae.train.checkpoint import latest_checkpoint
+
+    cache = tmp_path / "c"
+    run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(cache), teacher=DINO_TINY,
+                                 views=ViewConfig(per_image=2, seed=3), progress=False))
+    args = ["--shards", str(demo_shards[0]), "--feature-cache", str(cache), "--out", str(tmp_path / "o"), *TINY]
+    pretrain([*args, "--epochs", "1"])
+    good = latest_checkpoint(tmp_path / "o")
+    scale = zarr.open_array(str(cache / cf.read_manifest(cache)["shards"][0]["group"] / "features_scale"), mode="r+")
+    s = scale[:]
+    s[:, 0] = np.inf  # bit rot: a non-finite target
+    scale[:] = s
+    r = CliRunner().invoke(cli, ["pretrain", *args, "--epochs", "2", "--resume"])
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert re.search(r"epoch 1 step 1: loss is (nan|inf) .*; the last good checkpoint is .*step00000001", lines[0])
+    assert latest_checkpoint(tmp_path / "o") == good

@@ -110,8 +110,9 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
                                recon_weight=opts.recon_weight, mimic_weight=opts.mimic_weight)
             loss = losses["loss"]
             if not torch.isfinite(loss.detach()).all():
+                parts = {k: float(torch.as_tensor(losses[k]).detach()) for k in ("loss_recon", "loss_mimic")}
                 raise NonFiniteLossError(f"epoch {epoch} step {step}: loss is {loss.item()} "
-                                         f"(recon {losses['loss_recon'].item()}, mimic {float(losses['loss_mimic'])})")
+                                         f"(recon {parts['loss_recon']}, mimic {parts['loss_mimic']})")
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 lr = set_lr(step)

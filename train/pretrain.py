@@ -23,7 +23,8 @@ from mrmae.extract.reader import expand_urls
 from mrmae.shared import cache_format as cf
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
-from mrmae.train.engine import StepOptions, append_metrics, lr_at, train_one_epoch, truncate_metrics
+from mrmae.train.engine import (NonFiniteLossError, StepOptions, append_metrics, lr_at, train_one_epoch,
+                                truncate_metrics)
 
 
 @dataclass
@@ -168,8 +169,11 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         batches = iter(loader)
         for _ in range(state.step_in_epoch * cfg.accum_steps):  # the data position of a resumed epoch
             next(batches, None)
-        train_one_epoch(model, batches, optimizer, accelerator, epoch, state.step, cfg.step_options, set_lr,
-                        teacher=teacher, on_step=on_step)
+        try:
+            train_one_epoch(model, batches, optimizer, accelerator, epoch, state.step, cfg.step_options, set_lr,
+                            teacher=teacher, on_step=on_step)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e}; the last good checkpoint is {ckpt.latest_checkpoint(out)}") from None
         state.epoch, state.step_in_epoch = epoch + 1, 0
         last_path = _save(accelerator, out, model, optimizer, state)
     bar.close()
