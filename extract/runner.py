@@ -130,7 +130,7 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
 def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter, bar: tqdm | None) -> None:
     keys, views, crops, flips, pixels = zip(*batch)
     x = torch.stack(pixels).to(cfg.device, non_blocking=True)
-    x = normalize(x, teacher.mean, teacher.std) if x.device.type == "cpu" else _normalize_on(x, teacher)
+    x = normalize(x, teacher.mean, teacher.std)  # on the device: uint8 crosses the bus, 4x fewer bytes
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         out = teacher(x, layers=cfg.layers)
     np_ = lambda t: t.float().cpu().numpy()  # noqa: E731
@@ -138,12 +138,6 @@ def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWrit
                   np_(out.attention), np_(out.cls), {i: np_(t) for i, t in out.layers.items()})
     if bar is not None:
         bar.update(len(batch))
-
-
-def _normalize_on(x: torch.Tensor, teacher: Teacher) -> torch.Tensor:
-    mean = torch.tensor(teacher.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(teacher.std, device=x.device).view(1, 3, 1, 1)
-    return (x.float() / 255.0 - mean) / std
 
 
 def run_extraction(cfg: ExtractConfig) -> dict:

@@ -145,8 +145,8 @@ def render_view_uint8(image: torch.Tensor, view: View, output_size: int) -> torc
 def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 [..., 3, S, S] -> float32 normalised with the consumer's mean/std (in 0-1 units)."""
     x = pixels.float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - m) / s
 
 
