@@ -12,9 +12,10 @@ complete is skipped; any other is rewritten whole. Stream shapes through one sha
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -140,22 +141,38 @@ def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWrit
         bar.update(len(batch))
 
 
+def process_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun / accelerate launch set them; (0, 1, 0) alone."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
 def run_extraction(cfg: ExtractConfig) -> dict:
-    """Extract every shard not yet complete in `cfg.out`; returns a summary dict."""
+    """Extract every shard of this process not yet complete in `cfg.out`; returns a summary.
+
+    Under torchrun / accelerate launch, input shard i belongs to rank i % world_size: each
+    rank writes whole shards only, and the manifest is updated under a file lock. No
+    process group is needed, and the cache is the same whatever the process count.
+    """
+    rank, world, local_rank = process_rank()
+    device = f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device
     urls = expand_urls(cfg.shards)
-    teacher = build_teacher(cfg.teacher).to(cfg.device)
+    mine = [u for i, u in enumerate(urls) if i % world == rank]
+    teacher = build_teacher(cfg.teacher).to(device)
     wanted = wanted_manifest(teacher, cfg)
     check_compatible(cfg.out, wanted)
     cf.init_cache(cfg.out, wanted)
     manifest = cf.read_manifest(cfg.out)
-    todo = [u for u in urls if not _is_complete(cfg.out, manifest, u)]
-    summary = {"shards": len(urls), "skipped_complete": len(urls) - len(todo), "extracted": 0, "views": 0,
-               "samples_skipped": 0}
-    bar = tqdm(total=None, unit="view", desc="extract", disable=not cfg.progress, dynamic_ncols=True)
+    todo = [u for u in mine if not _is_complete(cfg.out, manifest, u)]
+    summary = {"shards": len(mine), "skipped_complete": len(mine) - len(todo), "extracted": 0, "views": 0,
+               "samples_skipped": 0, "rank": rank, "world_size": world}
+    bar = tqdm(total=None, unit="view", desc=f"extract[{rank}]" if world > 1 else "extract",
+               disable=not cfg.progress, dynamic_ncols=True, position=rank)
     t0 = time.time()
+    run_cfg = replace(cfg, device=device)
     try:
         for url in todo:
-            entry = extract_shard(url, teacher, cfg, bar)
+            entry = extract_shard(url, teacher, run_cfg, bar)
             cf.record_shard(cfg.out, entry)
             summary["extracted"] += 1
             summary["views"] += entry["num_views"]

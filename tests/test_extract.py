@@ -169,3 +169,22 @@ def test_missing_and_truncated_shards_are_one_clear_line(tmp_path, demo_shards):
                                 "--teacher", DINO_TINY, "--no-progress"])
         err = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
         assert r.exit_code == 1 and len(err) == 1 and str(shard) in err[0] and words in err[0], r.output
+
+
+def test_two_processes_under_torchrun_write_the_same_cache_as_one(demo_shards, tmp_path):
+    urls = url_list(demo_shards)
+    extract(urls, tmp_path / "one", batch_size=4)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mrmae",
+                        "extract-features", "--shards", urls, "--out", str(tmp_path / "two"), "--teacher", DINO_TINY,
+                        "--views", "2", "--batch-size", "4", "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = all_rows(tmp_path / "one"), all_rows(tmp_path / "two")
+    assert one.keys() == two.keys() and len(two) == 3
+    for src in one:
+        for col in one[src]:
+            np.testing.assert_array_equal(one[src][col], two[src][col])
+    m1, m2 = cf.read_manifest(tmp_path / "one"), cf.read_manifest(tmp_path / "two")
+    strip = lambda m: [{k: v for k, v in s.items() if k != "seconds"} for s in m["shards"]]  # noqa: E731
+    assert strip(m1) == strip(m2)
