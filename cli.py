@@ -179,13 +179,18 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def cache_verify(cache_dir: str, recompute: int, seed: int, device: str) -> None:
-    """Re-render N cached views from source, rerun the teacher; non-zero exit past tolerance."""
+    """Check stored groups against their sha256, then re-render N cached views from source and
+    rerun the teacher; exit 2 on damage or past tolerance (--recompute 0: integrity only)."""
     from mrmae.extract.verify import verify_cache
 
     r = verify_cache(cache_dir, recompute, seed, device)
-    click.echo(f"checked {r.checked} views: worst token cosine {r.worst_cosine:.6f} (mean {r.mean_cosine:.6f}, "
-               f"floor {r.tolerance}), worst attention error {r.worst_attention_error:.2e}: "
-               + ("OK" if r.ok else "FAILED"))
+    for line in r.problems:
+        click.echo(f"mrmae: damaged: {line}", err=True)
+    click.echo(f"integrity: {'OK' if not r.problems else f'{len(r.problems)} damaged or missing groups'}")
+    if r.checked:
+        click.echo(f"checked {r.checked} views: worst token cosine {r.worst_cosine:.6f} (mean {r.mean_cosine:.6f}, "
+                   f"floor {r.tolerance}), worst attention error {r.worst_attention_error:.2e}: "
+                   + ("OK" if r.ok else "FAILED"))
     if not r.ok:
         sys.exit(2)
 

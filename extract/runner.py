@@ -119,13 +119,19 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         for batch in batcher.take(final=True):
             _run_batch(batch, teacher, cfg, writer, bar)
         kept = len(unique) - sum(1 for s in skipped if s["reason"] != "duplicate key in shard")
-        writer.close({"source": url, "num_samples": kept})
+        _, digest, size = writer.close({"source": url, "num_samples": kept})
     except BaseException:
         writer.abort()
         raise
     return {"source": url, "group": f"shards/{writer.name}", "num_samples": kept,
-            "num_views": writer.rows, "skipped": skipped, "status": "complete",
-            "seconds": round(time.time() - t0, 2)}
+            "num_views": writer.rows, "skipped": skipped, "status": "complete", "sha256": digest,
+            "bytes": size, "source_bytes": _local_size(url), "seconds": round(time.time() - t0, 2)}
+
+
+def _local_size(url: str) -> int | None:
+    """The input tar's size when it is a local file (to notice a shard changed since)."""
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return os.path.getsize(path) if ":" not in path.split("/")[0] and os.path.isfile(path) else None
 
 
 def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter, bar: tqdm | None) -> None:

@@ -42,6 +42,7 @@ def cache_info(root: str) -> dict:
 
 @dataclass
 class VerifyReport:
+    problems: list[str]  # integrity: damaged or missing groups, one line each
     checked: int
     worst_cosine: float
     mean_cosine: float
@@ -51,7 +52,11 @@ class VerifyReport:
 
 
 def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu") -> VerifyReport:
-    """Re-render `recompute` random views from source, rerun the teacher, compare."""
+    """Check every group against its recorded sha256, then re-render `recompute` random
+    views from source, rerun the teacher and compare (skipped if integrity fails)."""
+    problems = cf.check_integrity(root)
+    if problems or recompute <= 0:
+        return VerifyReport(problems, 0, float("nan"), float("nan"), float("nan"), 0.0, not problems)
     cache = cf.FeatureCache(root)
     m = cache.manifest
     teacher_spec = m["teacher"]["spec"]
@@ -88,4 +93,4 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu") 
     worst = min(cosines) if cosines else float("nan")
     worst_att = max(att_err) if att_err else float("nan")
     ok = bool(cosines) and worst >= tol and worst_att <= ATTENTION_TOLERANCE
-    return VerifyReport(len(cosines), worst, float(np.mean(cosines)) if cosines else float("nan"), worst_att, tol, ok)
+    return VerifyReport(problems, len(cosines), worst, float(np.mean(cosines)) if cosines else float("nan"), worst_att, tol, ok)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -82,8 +83,6 @@ def codec_description(dtype: str) -> str:
 
 def group_name(source: str) -> str:
     """Stable, file-name-safe group name for an input shard URL."""
-    import hashlib
-
     stem = re.sub(r"\.tar(\.\w+)?$", "", source.rstrip("/").split("/")[-1].split("::")[-1])
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:80] or "shard"
     return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
@@ -262,19 +261,57 @@ class ShardWriter:
         self.rows += n
         self._buffered -= n
 
-    def close(self, attrs: dict) -> Path:
-        """Write the remaining rows, cut the arrays, then rename the group into place."""
+    def close(self, attrs: dict) -> tuple[Path, str, int]:
+        """Write the remaining rows, cut the arrays, rename the group into place.
+
+        Returns (path, sha256, bytes) of the finished group, for the manifest.
+        """
         self._flush(whole_chunks=False)
         for arr in self.arrays.values():
             arr.resize((self.rows,) + arr.shape[1:])
         self.group.attrs.update({**attrs, "rows": self.rows, "status": "complete"})
+        digest, size = group_digest(self.tmp)
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)
-        return self.final
+        return self.final, digest, size
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def group_digest(path: Path) -> tuple[str, int]:
+    """sha256 over (relative path, bytes) of every file of a group, in path order; total bytes."""
+    h, total = hashlib.sha256(), 0
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        h.update(f"{f.relative_to(path).as_posix()}\x00{len(data)}\x00".encode())
+        h.update(data)
+        total += len(data)
+    return h.hexdigest(), total
+
+
+def check_integrity(root: str | os.PathLike) -> list[str]:
+    """Problems with the stored groups, without running any teacher: one line each.
+
+    Compares every complete group's files with the sha256 recorded when it was written
+    (bit rot, truncation, a replaced chunk) and notices missing groups.
+    """
+    root = Path(root)
+    problems = []
+    for entry in read_manifest(root)["shards"]:
+        if entry.get("status") != "complete":
+            continue
+        path = root / entry["group"]
+        if not path.is_dir():
+            problems.append(f"{path}: group of {entry['source']} is missing")
+            continue
+        digest, size = group_digest(path)
+        if "sha256" in entry and digest != entry["sha256"]:
+            what = f"{size} bytes, recorded {entry['bytes']}" if size != entry.get("bytes") else "same size"
+            problems.append(f"{path}: sha256 differs from the one recorded at write time ({what}): "
+                            f"damaged or changed")
+    return problems
 
 
 # --- reading ------------------------------------------------------------------------------
