@@ -7,6 +7,7 @@ webdataset pipeline. Nothing is decoded here (and nothing is ever unpickled).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import webdataset as wds
@@ -33,6 +34,14 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     for item in items:
         out.extend(wds.shardlists.expand_urls(item))
     return out
+
+
+def local_file_size(url: str) -> int | None:
+    """The size of a shard that is a local file (to notice one changed since); else None."""
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if path.startswith("pipe:") or "://" in path:
+        return None
+    return os.path.getsize(path) if os.path.isfile(path) else None
 
 
 def _parse_label(data: bytes | None) -> int | None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mrmae import __version__
 from mrmae.extract.mapper import RenderDataset, RenderedSample
-from mrmae.extract.reader import expand_urls, read_shard
+from mrmae.extract.reader import expand_urls, local_file_size, read_shard
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import Teacher, build_teacher
 from mrmae.shared.views import ViewConfig, normalize
@@ -125,13 +125,7 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         raise
     return {"source": url, "group": f"shards/{writer.name}", "num_samples": kept,
             "num_views": writer.rows, "skipped": skipped, "status": "complete", "sha256": digest,
-            "bytes": size, "source_bytes": _local_size(url), "seconds": round(time.time() - t0, 2)}
-
-
-def _local_size(url: str) -> int | None:
-    """The input tar's size when it is a local file (to notice a shard changed since)."""
-    path = url[len("file://"):] if url.startswith("file://") else url
-    return os.path.getsize(path) if ":" not in path.split("/")[0] and os.path.isfile(path) else None
+            "bytes": size, "source_bytes": local_file_size(url), "seconds": round(time.time() - t0, 2)}
 
 
 def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter, bar: tqdm | None) -> None:

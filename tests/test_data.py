@@ -83,5 +83,7 @@ def test_mismatched_cache_is_refused_naming_shard_and_key(demo_shards, tiny_cach
         intruder = tarfile.TarInfo("intruder_9.jpg")
         intruder.size = 2
         dst.addfile(intruder, io.BytesIO(b"\xff\xd8"))
+    with pytest.raises(cf.CacheError, match=rf"{changed}: shard changed since extraction"):
+        check_cache_fits(tiny_cache, [str(changed)], 14, 192)
     with pytest.raises(cf.CacheError, match=rf"{changed.name}: key intruder_9 has no rows"):
         _epoch(str(changed), tiny_cache, 0)

@@ -28,7 +28,7 @@ import torch
 import webdataset as wds
 from webdataset import tariterators
 
-from mrmae.extract.reader import IMAGE_EXTS, expand_urls
+from mrmae.extract.reader import IMAGE_EXTS, expand_urls, local_file_size
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view, sample_views
 
@@ -175,4 +175,7 @@ def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher
     if teacher_dim and m["teacher"]["dim"] != teacher_dim:
         raise cf.CacheError(f"{cache.root}: teacher width {m['teacher']['dim']} does not match the mimic head's {teacher_dim}")
     for url in urls:
-        cache.shard(url)  # raises, naming the shard, if it is missing or incomplete
+        entry = cache.shard(url).entry  # raises, naming the shard, if it is missing or incomplete
+        recorded, now = entry.get("source_bytes"), local_file_size(url)
+        if recorded is not None and now is not None and recorded != now:
+            raise cf.CacheError(f"{url}: shard changed since extraction ({now} bytes, {recorded} when cached)")
