@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import sys
 from pathlib import Path
 
@@ -34,9 +35,40 @@ def machine_facts() -> dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "zarr": zarr.__version__,
         "numcodecs": numcodecs.__version__,
     }
+
+
+def warn_if_busy() -> None:
+    """Timings are only meaningful on an otherwise idle machine: say so when it is not."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: 1-min load average is {load:.2f} before starting: other processes may skew timings",
+              flush=True)
+
+
+class ForeignCpu:
+    """CPU seconds used by processes other than this one (and its reaped children) since start.
+
+    Linux only (/proc/stat); a non-zero value means other work competed with the timings.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
+        own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for a in ("ru_utime", "ru_stime"))
+        return busy, own
+
+    def seconds(self) -> float:
+        busy, own = self._sample()
+        return max(0.0, (busy - self.start[0]) - (own - self.start[1]))
 
 
 def _cpu_model() -> str:

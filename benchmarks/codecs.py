@@ -1,0 +1,207 @@
+"""Codec choices for the cached features, measured on arrays as the cache stores them.
+
+Data: a random-weight teacher (default clip:ViT-S-16; no model hub here, so these
+activations are a stand-in for a trained teacher's) run on demo views rendered by the
+extraction mapper (default 64 views), features [N, 196, C] float32, then stored as
+- int8: `mrmae.shared.cache_format.quantize_int8` values (+ float16 per-token scale [N, 196]),
+- float16: a plain cast.
+
+Measured, for int8 and float16 values, compressing each chunk of 16 rows (the cache's
+ROWS_PER_CHUNK) on its own as zarr does:
+- numcodecs: Zstd levels 1/3/9; Blosc zstd clevel 3 with noshuffle / byte shuffle /
+  bitshuffle; Blosc lz4 (clevel 5) byte shuffle; and, as a diagnostic, Blosc zstd byte
+  shuffle with 1 MiB blocks instead of Blosc's automatic block size. Ratio = raw bytes / compressed bytes;
+  compress and decompress MB/s = raw MB (1e6 bytes) / seconds, median of --reps, one thread
+  (blosc set to 1 thread);
+- real zarr v3 arrays on disk (chunks of 16 rows) with zarr.codecs.ZstdCodec(level=3) and
+  BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"): bytes on disk (all files);
+- bytes per view: int8 (values + scale, codecs as the cache writes them) vs float16;
+- quantisation error per token: relative L2 ||deq - x|| / ||x|| (max, mean), worst cosine.
+
+Run (about a minute on 2 cores):
+
+    .venv/bin/python benchmarks/codecs.py [--teacher clip:ViT-B-16] [--images 32 --views 2]
+
+Writes benchmarks/results/codecs.json (or --name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numcodecs
+import numcodecs.blosc
+import numpy as np
+import torch
+import zarr
+from numcodecs import Blosc, Zstd
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, machine_facts, make_shards, render_views, table, warn_if_busy,
+                     write_json)
+from mrmae.shared import cache_format as cf
+from mrmae.shared.teachers import build_teacher
+from mrmae.shared.views import ViewConfig, normalize
+
+ROWS = cf.ROWS_PER_CHUNK
+
+NUMCODECS: dict[str, numcodecs.abc.Codec] = {
+    "zstd-1": Zstd(level=1),
+    "zstd-3": Zstd(level=3),
+    "zstd-9": Zstd(level=9),
+    "blosc-zstd3-noshuffle": Blosc(cname="zstd", clevel=3, shuffle=Blosc.NOSHUFFLE),
+    "blosc-zstd3-shuffle": Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE),
+    "blosc-zstd3-bitshuffle": Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE),
+    "blosc-lz4-5-shuffle": Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE),
+    # Blosc's automatic block (128 KiB here) fits in one zstd block (max 128 KiB), so zstd codes the
+    # shuffled byte planes with one Huffman table and shuffle gains nothing; 1 MiB blocks separate them.
+    "blosc-zstd3-shuffle-1MiB": Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, blocksize=1 << 20),
+}
+
+ZARR_CODECS = {
+    "zarr-zstd3": lambda: ZstdCodec(level=3),
+    "zarr-blosc-zstd3-shuffle": lambda: BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+}
+
+
+def teacher_features(spec: str, images: int, views: int) -> np.ndarray:
+    """Features [N, 196, C] float32 of a random-weight teacher on rendered demo views."""
+    with tempfile.TemporaryDirectory(prefix="mrmae-codecs-") as tmp:
+        teacher = build_teacher(spec)
+        pixels = render_views(make_shards(tmp, images, images), ViewConfig(per_image=views), teacher.input_size)
+    x = normalize(pixels, teacher.mean, teacher.std)
+    return torch.cat([teacher(b).features for b in x.split(32)]).numpy()
+
+
+def median_seconds(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_codec(codec: numcodecs.abc.Codec, values: np.ndarray, reps: int) -> dict:
+    chunks = [np.ascontiguousarray(values[i:i + ROWS]) for i in range(0, len(values), ROWS)]
+    encoded = [codec.encode(c) for c in chunks]
+    for c, e in zip(chunks, encoded):  # round trip is exact
+        assert np.array_equal(np.frombuffer(codec.decode(e), dtype=c.dtype).reshape(c.shape), c)
+    raw = values.nbytes
+    comp_s = median_seconds(lambda: [codec.encode(c) for c in chunks], reps)
+    decomp_s = median_seconds(lambda: [codec.decode(e) for e in encoded], reps)
+    stored = sum(len(e) for e in encoded)
+    return {"raw_bytes": raw, "compressed_bytes": stored, "ratio": raw / stored,
+            "compress_MBps": raw / 1e6 / comp_s, "decompress_MBps": raw / 1e6 / decomp_s}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def zarr_array_bytes(path: Path, values: np.ndarray, compressors: list, chunk_rows: int) -> dict:
+    """Write `values` as a zarr v3 array; bytes on disk and write/read MB/s (one pass)."""
+    t0 = time.perf_counter()
+    arr = zarr.create_array(store=str(path), shape=values.shape, dtype=values.dtype,
+                            chunks=(chunk_rows,) + values.shape[1:], compressors=compressors, fill_value=0)
+    arr[:] = values
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    back = zarr.open_array(str(path), mode="r")[:]
+    read_s = time.perf_counter() - t0
+    assert np.array_equal(back, values)
+    disk = dir_bytes(path)
+    return {"raw_bytes": values.nbytes, "disk_bytes": disk, "ratio": values.nbytes / disk,
+            "write_MBps": values.nbytes / 1e6 / write_s, "read_MBps": values.nbytes / 1e6 / read_s}
+
+
+def token_error(x: np.ndarray, y: np.ndarray) -> dict:
+    """Per-token relative L2 error and cosine between reference x and stored y, [N, L, C]."""
+    nx, ny = np.linalg.norm(x, axis=-1), np.linalg.norm(y, axis=-1)
+    rel = np.linalg.norm(y - x, axis=-1) / np.maximum(nx, 1e-12)
+    cos = (x * y).sum(-1) / np.maximum(nx * ny, 1e-12)
+    return {"rel_l2_max": float(rel.max()), "rel_l2_mean": float(rel.mean()), "cos_min": float(cos.min()),
+            "cos_mean": float(cos.mean())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="clip:ViT-S-16")
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--views", type=int, default=2, help="views per image (N = images x views)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--name", default="codecs", help="results/<name>.json")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
+    numcodecs.blosc.set_nthreads(1)
+    warn_if_busy()
+    facts = machine_facts()
+    other = ForeignCpu()
+    t_start = time.perf_counter()
+
+    x = teacher_features(args.teacher, args.images, args.views)
+    n, L, C = x.shape
+    q, scale = cf.quantize_int8(x)
+    stored = {"int8": q, "float16": x.astype(np.float16)}
+
+    codec_rows = []
+    for dtype, values in stored.items():
+        for name, codec in NUMCODECS.items():
+            codec_rows.append({"dtype": dtype, "codec": name, **bench_codec(codec, values, args.reps)})
+
+    zarr_rows, per_view = [], {}
+    with tempfile.TemporaryDirectory(prefix="mrmae-zarr-") as tmp:
+        tmp = Path(tmp)
+        for dtype, values in stored.items():
+            for name, make in ZARR_CODECS.items():
+                zarr_rows.append({"dtype": dtype, "codec": name,
+                                  **zarr_array_bytes(tmp / f"{dtype}-{name}", values, [make()], ROWS)})
+            # as the cache writes them: cf.compressor_for(dtype); scale zstd-3 in chunks of 256 rows
+            feats = zarr_array_bytes(tmp / f"{dtype}-cache", values, cf.compressor_for(dtype), ROWS)
+            total = feats["disk_bytes"]
+            if dtype == "int8":
+                total += zarr_array_bytes(tmp / "scale", scale, [ZstdCodec(level=3)], ROWS * 16)["disk_bytes"]
+            raw = values.nbytes + (scale.nbytes if dtype == "int8" else 0)
+            per_view[dtype] = {"codec": cf.codec_description(dtype), "raw_bytes_per_view": raw / n,
+                               "disk_bytes_per_view": total / n}
+
+    errors = {"int8": token_error(x, cf.dequantize(q, scale)),
+              "float16": token_error(x, stored["float16"].astype(np.float32))}
+    total_s = time.perf_counter() - t_start
+    foreign_s = other.seconds()
+
+    payload = {"benchmark": "codecs", "note": RANDOM_WEIGHTS_NOTE, "machine": facts,
+               "params": {**vars(args), "shape": [n, L, C], "chunk_rows": ROWS, "blosc_threads": 1},
+               "numcodecs": codec_rows, "zarr": zarr_rows, "bytes_per_view": per_view, "error": errors,
+               "foreign_cpu_seconds": foreign_s, "total_seconds": total_s}
+    path = write_json(args.name, payload)
+
+    print(f"\n{args.teacher}: features [{n}, {L}, {C}], chunks of {ROWS} rows compressed one by one; "
+          f"median of {args.reps} reps, 1 thread; {facts['cpu_count']} CPUs")
+    print(f"note: {RANDOM_WEIGHTS_NOTE}\n")
+    print(table(["dtype", "codec", "ratio", "comp MB/s", "decomp MB/s", "bytes"],
+                [[r["dtype"], r["codec"], f"{r['ratio']:.3f}", f"{r['compress_MBps']:.0f}",
+                  f"{r['decompress_MBps']:.0f}", f"{r['compressed_bytes']:,}"] for r in codec_rows]))
+    print()
+    print(table(["dtype", "zarr v3 array", "ratio", "disk bytes", "write MB/s", "read MB/s"],
+                [[r["dtype"], r["codec"], f"{r['ratio']:.3f}", f"{r['disk_bytes']:,}", f"{r['write_MBps']:.0f}",
+                  f"{r['read_MBps']:.0f}"] for r in zarr_rows]))
+    print()
+    print(table(["dtype", "as cached (features codec)", "raw B/view", "disk B/view"],
+                [[d, v["codec"] + (" + scale zstd(3)" if d == "int8" else ""), f"{v['raw_bytes_per_view']:,.0f}",
+                  f"{v['disk_bytes_per_view']:,.0f}"] for d, v in per_view.items()]))
+    print(f"int8 / float16 disk bytes per view: "
+          f"{per_view['int8']['disk_bytes_per_view'] / per_view['float16']['disk_bytes_per_view']:.3f}\n")
+    print(table(["stored", "rel L2 max", "rel L2 mean", "worst cos", "mean cos"],
+                [[d, f"{e['rel_l2_max']:.2e}", f"{e['rel_l2_mean']:.2e}", f"{e['cos_min']:.6f}",
+                  f"{e['cos_mean']:.6f}"] for d, e in errors.items()]))
+    print(f"\nother processes used {foreign_s:.1f} CPU-s meanwhile; total {total_s:.0f} s -> {path}")
+
+
+if __name__ == "__main__":
+    main()
