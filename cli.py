@@ -117,13 +117,16 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--workers", default=4, show_default=True)
 @click.option("--shuffle-buffer", default=1000, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--data-split", type=click.Choice(["shards", "samples"]), default="shards", show_default=True,
+              help="shards: each process reads its own shards; samples: every process reads all shards and "
+                   "keeps its slots, so global batches are the same at any process count.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
 @click.option("--save-every-steps", default=0, show_default=True, help="0: at each epoch's end only.")
 @click.option("--no-progress", is_flag=True)
 def pretrain(shards, out, feature_cache, teacher, model, epochs, batch_size, accum_steps, blr, lr, min_lr,
              warmup_epochs, weight_decay, mask, mask_ratio, focus_temperature, focus_uniform_mix, recon_weight,
              mimic_weight, target_norm, fuse_layers, decoder_dim, decoder_depth, views_per_image, workers,
-             shuffle_buffer, seed, resume, save_every_steps, no_progress) -> None:
+             shuffle_buffer, seed, data_split, resume, save_every_steps, no_progress) -> None:
     """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
     from mrmae.train.engine import StepOptions
     from mrmae.train.pretrain import PretrainConfig, run_pretrain
@@ -136,7 +139,8 @@ def pretrain(shards, out, feature_cache, teacher, model, epochs, batch_size, acc
         batch_size=batch_size, accum_steps=accum_steps, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
         weight_decay=weight_decay, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
         fuse_layers=_ints(fuse_layers), views_per_image=views_per_image, workers=workers,
-        shuffle_buffer=shuffle_buffer, seed=seed, resume=resume, save_every_steps=save_every_steps,
+        shuffle_buffer=shuffle_buffer, seed=seed, data_split=data_split, resume=resume,
+        save_every_steps=save_every_steps,
         progress=not no_progress, step_options=opts,
     )
     r = run_pretrain(cfg)

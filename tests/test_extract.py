@@ -180,7 +180,7 @@ def test_two_processes_under_torchrun_write_the_same_cache_as_one(demo_shards, t
     urls = url_list(demo_shards)
     extract(urls, tmp_path / "one", batch_size=4)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mrmae",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mrmae",
                         "extract-features", "--shards", urls, "--out", str(tmp_path / "two"), "--teacher", DINO_TINY,
                         "--views", "2", "--batch-size", "4", "--no-progress"],
                        env=env, capture_output=True, text=True, timeout=300)

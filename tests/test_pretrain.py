@@ -150,3 +150,50 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(demo_
     assert r.exit_code == 1 and len(lines) == 1, r.output
     assert re.search(r"epoch 1 step 1: loss is (nan|inf) .*; the last good checkpoint is .*step00000001", lines[0])
     assert latest_checkpoint(tmp_path / "o") == good
+
+
+def _torchrun(args: list[str], out: Path, wait: bool = True):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mrmae", "pretrain",
+           *args, "--out", str(out)]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ddp_on_two_processes_gives_the_losses_of_one(demo_shards, cache, tmp_path):
+    base = ["--shards", url_list(demo_shards), "--feature-cache", str(cache), *TINY, "--data-split", "samples",
+            "--mask", "focused", "--epochs", "2"]
+    pretrain([*base, "--batch-size", "8", "--out", str(tmp_path / "one")])
+    _torchrun([*base, "--batch-size", "4"], tmp_path / "two")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 4  # 18 samples -> 2 global batches of 8 per epoch
+    for a, b in zip(one, two):
+        assert a["lr"] == b["lr"]
+        for k in ("loss", "loss_recon", "loss_mimic"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), (a["step"], k)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["num_processes"] == 2
+
+
+def test_ddp_run_killed_and_resumed_continues_from_its_checkpoint(demo_shards, cache, tmp_path):
+    args = ["--shards", url_list(demo_shards), "--feature-cache", str(cache), *TINY, "--data-split", "samples",
+            "--batch-size", "2", "--epochs", "2", "--save-every-steps", "1"]
+    pretrain([*args, "--batch-size", "4", "--out", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    proc = _torchrun(args, out, wait=False)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait()
+    assert 3 <= len(metrics(out)) < 8, "the kill should land mid-run"
+    _torchrun([*args, "--resume"], out)
+    whole, resumed = metrics(tmp_path / "whole"), metrics(out)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(whole, resumed):
+        for k in ("loss", "loss_recon", "loss_mimic"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), (a["step"], k)

@@ -3,10 +3,11 @@
 Pipeline (webdataset stages; stream shape after each):
 
     epoch_shards        shard URLs in an order drawn from (seed, epoch)
-    split_by_node       this rank's shards
+    split_by_node       this rank's shards                 (split="shards" only)
     split_by_worker     this DataLoader worker's shards
     join_views          {key, image bytes, view, [targets, attention]}   tar order
-    shuffle             same, sample order mixed in a buffer seeded by (seed, epoch, rank, worker)
+    shuffle             same, sample order mixed in a seeded buffer
+    rank_slots          this rank's slots of each global batch   (split="samples" only)
     render              {key, pixels [3,S,S] float, [teacher_pixels], [targets [L,C]], [attention [L]]}
     batched             dict of stacked tensors, B samples
 
@@ -50,6 +51,7 @@ class DataConfig:
     teacher_size: int = 0  # > 0: also render the view for a live teacher at this size
     teacher_mean: tuple[float, float, float] = IMAGENET_MEAN
     teacher_std: tuple[float, float, float] = IMAGENET_STD
+    split: str = "shards"  # "shards" (scalable) | "samples" (global batches identical at any process count)
 
 
 def pick_view(seed: int, epoch: int, key: str, k: int) -> int:
@@ -143,28 +145,53 @@ class StudentStream(torch.utils.data.IterableDataset):
         self.cfg, self.cache = cfg, cache
         self.urls = expand_urls(cfg.shards)
         self.joiner = ViewJoiner(cfg, cache)
-        self.epoch = 0
+        self.epoch, self.repeat = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, repeat: int = 0) -> None:
+        """Select the epoch (and, in `shards` mode, which pass over a rank's shards)."""
+        self.epoch, self.repeat = epoch, repeat
 
     def __iter__(self) -> Iterator[dict]:
-        cfg, epoch = self.cfg, self.epoch
+        cfg, epoch, repeat = self.cfg, self.epoch, self.repeat
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        if cfg.split == "shards":
+            # Scalable: each rank reads its own shards; the order inside a global batch
+            # then depends on the process count.
+            split, shuffle_seed = [wds.split_by_node, wds.split_by_worker], f"{cfg.seed}:{epoch}:{repeat}:{rank}:{worker}"
+            take, partial = [], True
+        else:
+            # Exact: every rank reads every shard in the same order and keeps its slots of
+            # each global batch (before decoding), so a global batch holds the same samples
+            # in the same order at any process count. Costs world-size times the reads.
+            split, shuffle_seed = [wds.split_by_worker], f"{cfg.seed}:{epoch}:{worker}"
+            take, partial = [lambda src: rank_slots(src, rank, world, cfg.batch_size)], False
         stages = [
-            lambda _: iter(epoch_shards(self.urls, cfg.seed, epoch)),
-            wds.split_by_node,
-            wds.split_by_worker,
-            lambda urls: self.joiner(urls, epoch),
-            wds.filters.pipelinefilter(wds.filters._shuffle)(
-                cfg.shuffle_buffer, min(cfg.shuffle_buffer, 100), rng=random.Random(f"{cfg.seed}:{epoch}:{rank}:{worker}")),
-            wds.filters.pipelinefilter(wds.filters._map)(lambda s: render_sample(s, cfg, self.joiner.view_cfg)),
-            wds.filters.pipelinefilter(wds.filters._batched)(cfg.batch_size, collation_fn=collate, partial=True),
+            lambda _: iter(epoch_shards(self.urls, cfg.seed, epoch * 1000 + repeat)),  # URL
+            *split,                                                                    # URL (mine)
+            lambda urls: self.joiner(urls, epoch),                                     # joined sample, tar order
+            wds.shuffle(cfg.shuffle_buffer, min(cfg.shuffle_buffer, 100), rng=random.Random(shuffle_seed)),
+            *take,                                                                     # this rank's slots
+            wds.map(lambda s: render_sample(s, cfg, self.joiner.view_cfg)),           # tensors
+            wds.batched(cfg.batch_size, collation_fn=collate, partial=partial),       # batch of B
         ]
         stream: Iterator = iter([None])
         for stage in stages:
             stream = stage(stream)
         yield from stream
+
+
+def rank_slots(samples: Iterator[dict], rank: int, world: int, batch_size: int) -> Iterator[dict]:
+    """Keep slots [rank*B, (rank+1)*B) of every complete global batch of world*B samples.
+
+    A trailing incomplete global batch is dropped on every rank alike: otherwise some
+    ranks would have one batch more than others, and DDP would wait for them forever.
+    """
+    pending: list[dict] = []
+    for sample in samples:
+        pending.append(sample)
+        if len(pending) == world * batch_size:
+            yield from pending[rank * batch_size:(rank + 1) * batch_size]
+            pending = []
 
 
 def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher_dim: int) -> None:

@@ -1,7 +1,8 @@
 """The training engine: one epoch of MR-MAE steps, kept apart from set-up and the CLI.
 
-Every random choice of a step is a function of (seed, step, rank): the view (data.py),
-the mask (a generator seeded here). A resumed run therefore replays the same batches and
+Every random choice of a step is a function of the seed and of where the sample sits:
+the view (seed, epoch, key; data.py), the mask (seed, micro-step, row of the global
+batch; here). A resumed run therefore replays the same batches and
 masks as an uninterrupted one, with no hidden RNG state to carry.
 """
 
@@ -56,21 +57,27 @@ def normalize_targets(targets: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown target norm {how!r}")
 
 
-def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    digest = hashlib.sha256(f"mask\x00{seed}\x00{step}\x00{rank}".encode()).digest()
+def mask_generator(seed: int, micro_step: int) -> torch.Generator:
+    digest = hashlib.sha256(f"mask\x00{seed}\x00{micro_step}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def draw_masks(batch_size: int, num_tokens: int, attention: torch.Tensor | None, opts: StepOptions,
-               step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids_keep [B, n], mask [B, N], ids_restore [B, N]) for this step, on the CPU."""
-    g = mask_generator(opts.seed, step, rank)
+               micro_step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_keep [B, n], mask [B, N], ids_restore [B, N]) for this rank's rows, on the CPU.
+
+    One uniform noise tensor is drawn for the whole global batch (world x B rows) from
+    (seed, micro-step); each rank masks its own rows with its slice. A sample's mask thus
+    depends on its place in the global batch, not on the process count.
+    """
+    noise = torch.rand(world * batch_size, num_tokens, generator=mask_generator(opts.seed, micro_step))
+    noise = noise[rank * batch_size:(rank + 1) * batch_size]
     if opts.mask == "focused":
         if attention is None:
             raise ValueError("focused masking needs teacher attention: give --feature-cache or --teacher")
         return focused_masking(attention.float().cpu(), opts.mask_ratio, opts.focus_temperature,
-                               opts.focus_uniform_mix, generator=g)
-    return random_masking(batch_size, num_tokens, opts.mask_ratio, generator=g)
+                               opts.focus_uniform_mix, noise=noise)
+    return random_masking(batch_size, num_tokens, opts.mask_ratio, noise=noise)
 
 
 def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
@@ -97,7 +104,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
                 out = teacher(batch["teacher_pixels"].to(device, non_blocking=True))
             targets, attention = out.features.float(), out.attention.float()
         n_tokens = model_num_patches(model)
-        ids_keep, mask, ids_restore = draw_masks(imgs.shape[0], n_tokens, attention, opts, micro, rank)
+        ids_keep, mask, ids_restore = draw_masks(imgs.shape[0], n_tokens, attention, opts, micro, rank,
+                                                 accelerator.num_processes)
         micro += 1
         ids_keep, mask, ids_restore = ids_keep.to(device), mask.to(device), ids_restore.to(device)
         visible_targets = None

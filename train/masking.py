@@ -50,14 +50,17 @@ def masks_from_keep(ids_keep: torch.Tensor, num_tokens: int) -> Masks:
 
 def random_masking(batch: int, num_tokens: int, mask_ratio: float,
                    generator: torch.Generator | None = None,
-                   device: torch.device | str | None = None) -> Masks:
+                   device: torch.device | str | None = None, noise: torch.Tensor | None = None) -> Masks:
     """MAE uniform masking: each row keeps a uniformly random n_keep-subset of N tokens.
 
-    `generator` must live on `device` (default CPU). Returns (ids_keep [B, n_keep],
-    mask [B, N], ids_restore [B, N]) as described in the module docstring.
+    The subset is the n_keep smallest of uniform `noise` [B, N] (drawn from `generator`,
+    which must live on `device`, when not given). Passing each row's slice of one global
+    noise tensor makes a row's mask independent of how a batch is split over processes.
+    Returns (ids_keep [B, n_keep], mask [B, N], ids_restore [B, N]) (module docstring).
     """
     n_keep = num_visible(num_tokens, mask_ratio)
-    noise = torch.rand(batch, num_tokens, generator=generator, device=device)
+    if noise is None:
+        noise = torch.rand(batch, num_tokens, generator=generator, device=device)
     ids_keep = torch.argsort(noise, dim=1)[:, :n_keep]
     return masks_from_keep(ids_keep, num_tokens)
 
@@ -81,17 +84,25 @@ def focus_weights(attention: torch.Tensor, temperature: float = 1.0, uniform_mix
 
 
 def focused_masking(attention: torch.Tensor, mask_ratio: float, temperature: float = 1.0,
-                    uniform_mix: float = 0.0, generator: torch.Generator | None = None) -> Masks:
+                    uniform_mix: float = 0.0, generator: torch.Generator | None = None,
+                    noise: torch.Tensor | None = None) -> Masks:
     """Focused mimicking: visible tokens drawn by the teacher's [CLS]->patch attention.
 
     attention [B, N] float (non-negative). Each row's n_keep visible tokens are drawn by
     multinomial sampling without replacement with `focus_weights` (salient tokens are
-    visible more often; this is not a fixed top-k). `generator` must live on
-    attention's device. Returns (ids_keep [B, n_keep], mask [B, N], ids_restore [B, N]).
+    visible more often; this is not a fixed top-k). The draw uses the Gumbel-top-k form
+    of that sampling (the n_keep largest of log w + Gumbel noise have exactly the law of
+    successive draws without replacement), so, as in `random_masking`, it is a function of
+    uniform `noise` [B, N] (drawn from `generator`, on attention's device, when not given).
+    Returns (ids_keep [B, n_keep], mask [B, N], ids_restore [B, N]).
     """
     if attention.ndim != 2:
         raise ValueError(f"attention must be [B, N], got {tuple(attention.shape)}")
     n_keep = num_visible(attention.shape[1], mask_ratio)
     weights = focus_weights(attention, temperature, uniform_mix)
-    ids_keep = torch.multinomial(weights, n_keep, replacement=False, generator=generator)
+    if noise is None:
+        noise = torch.rand(attention.shape, generator=generator, device=attention.device)
+    u = noise.double().clamp(1e-12, 1.0 - 1e-12)
+    gumbel = -torch.log(-torch.log(u))
+    ids_keep = torch.topk(weights.log() + gumbel, n_keep, dim=1).indices
     return masks_from_keep(ids_keep, attention.shape[1])

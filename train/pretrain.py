@@ -10,6 +10,7 @@ Three modes of one command, with the same render, mask and loss code:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import tarfile
@@ -52,6 +53,7 @@ class PretrainConfig:
     resume: bool = False
     save_every_steps: int = 0  # 0: at the end of each epoch only
     samples_per_epoch: int | None = None  # default: counted from the cache or the tars
+    data_split: str = "shards"  # "shards" (each rank reads its shards) | "samples" (exact at any world size)
     progress: bool = True
     step_options: StepOptions = field(default_factory=StepOptions)
 
@@ -92,7 +94,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
 
     out = Path(cfg.out)
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", gradient_accumulation_steps=cfg.accum_steps)
+    # cpu=True without CUDA: accelerate then sets up multi-process runs with gloo on CPU
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", gradient_accumulation_steps=cfg.accum_steps,
+                              cpu=not cuda)
     torch.manual_seed(cfg.seed)
     urls = expand_urls(cfg.shards)
     cache = cf.FeatureCache(cfg.feature_cache) if cfg.feature_cache else None
@@ -109,7 +113,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0,
                           teacher_mean=teacher.mean if teacher else DataConfig.teacher_mean,
-                          teacher_std=teacher.std if teacher else DataConfig.teacher_std)
+                          teacher_std=teacher.std if teacher else DataConfig.teacher_std, split=cfg.data_split)
     stream = StudentStream(data_cfg, cache)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda)
     # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
@@ -118,7 +122,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     eff_batch = cfg.batch_size * cfg.accum_steps * accelerator.num_processes
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     samples = cfg.samples_per_epoch or count_samples(urls, cache)
-    steps_per_epoch = max(1, math.ceil(samples / eff_batch))
+    steps_per_epoch = max(1, (math.ceil if cfg.data_split == "shards" else math.floor)(samples / eff_batch))
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
                                   fused=cuda or None)
@@ -164,9 +168,13 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             _save(accelerator, out, model, optimizer, state)
 
     last_path = ckpt.latest_checkpoint(out)
+    micro_per_epoch = steps_per_epoch * cfg.accum_steps
     for epoch in range(state.epoch, cfg.epochs):
-        stream.set_epoch(epoch)
-        batches = iter(loader)
+        if cfg.data_split == "shards":  # every rank runs the same number of steps (DDP needs it)
+            batches = itertools.islice(_passes(stream, loader, epoch), micro_per_epoch)
+        else:  # every rank reads the same stream: the same number of batches by construction
+            stream.set_epoch(epoch)
+            batches = iter(loader)
         for _ in range(state.step_in_epoch * cfg.accum_steps):  # the data position of a resumed epoch
             next(batches, None)
         try:
@@ -181,6 +189,19 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         writer.close()
     accelerator.wait_for_everyone()
     return {"checkpoint": str(last_path), "metrics": str(metrics), "steps": state.step}
+
+
+def _passes(stream: StudentStream, loader, epoch: int):
+    """This rank's batches for `epoch`, starting another pass over its shards when they run out."""
+    for repeat in itertools.count():
+        stream.set_epoch(epoch, repeat)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise cf.CacheError(f"this process got no samples (shards {stream.urls[:3]}...): "
+                                "fewer shards than processes x workers?")
 
 
 def _save(accelerator, out: Path, model, optimizer, state: ckpt.TrainState) -> Path | None:
