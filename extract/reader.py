@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import webdataset as wds
 from webdataset import tariterators
@@ -53,8 +54,8 @@ def _parse_label(data: bytes | None) -> int | None:
         return None
 
 
-def read_shard(url: str) -> list[RawSample]:
-    """All samples of one shard, in tar order. Raises ShardReadError naming the shard."""
+def iter_tar_samples(url: str) -> Iterator[dict]:
+    """One shard's samples {__key__, ext: bytes, ...} in tar order; errors propagate."""
     def reraise(exn: Exception) -> bool:
         raise exn
 
@@ -63,14 +64,22 @@ def read_shard(url: str) -> list[RawSample]:
         tariterators.tar_file_expander,  # -> {fname, data, __url__}
         tariterators.group_by_keys,      # -> {__key__, ext: bytes, ...}
     ]
-    stream = iter([{"url": url}])
+    stream: Iterator[dict] = iter([{"url": url}])
     for stage in stages:
         stream = stage(stream, handler=reraise)
+    return stream
+
+
+def image_bytes(sample: dict) -> bytes | None:
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+
+
+def read_shard(url: str) -> list[RawSample]:
+    """All samples of one shard, in tar order. Raises ShardReadError naming the shard."""
     samples: list[RawSample] = []
     try:
-        for s in stream:
-            image = next((s[e] for e in IMAGE_EXTS if e in s), None)
-            samples.append(RawSample(str(s["__key__"]), image, _parse_label(s.get("cls"))))
+        for s in iter_tar_samples(url):
+            samples.append(RawSample(str(s["__key__"]), image_bytes(s), _parse_label(s.get("cls"))))
     except Exception as e:
         msg = str(e).split(" @ ")[0]
         raise ShardReadError(f"{url}: cannot read shard ({type(e).__name__}: {msg})") from e

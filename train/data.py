@@ -27,9 +27,8 @@ from typing import Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset import tariterators
 
-from mrmae.extract.reader import IMAGE_EXTS, expand_urls, local_file_size
+from mrmae.extract.reader import expand_urls, image_bytes, iter_tar_samples, local_file_size
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view, sample_views
 
@@ -67,17 +66,6 @@ def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
     return order
 
 
-def _tar_samples(url: str) -> Iterator[dict]:
-    """One tar's samples {__key__, ext: bytes}, in tar order, errors naming the shard."""
-    def reraise(exn: Exception) -> bool:
-        raise exn
-
-    stream = iter([{"url": url}])
-    for stage in (tariterators.url_opener, tariterators.tar_file_expander, tariterators.group_by_keys):
-        stream = stage(stream, handler=reraise)
-    yield from stream
-
-
 class ViewJoiner:
     """Joins each source sample with its view for the epoch (and cached targets, if any)."""
 
@@ -92,9 +80,9 @@ class ViewJoiner:
         for url in urls:
             group = self.cache.shard(url) if self.cache is not None else None
             skipped = {s["key"] for s in group.entry.get("skipped", [])} if group else set()
-            for s in _tar_samples(url):
+            for s in iter_tar_samples(url):
                 key = str(s["__key__"])
-                image = next((s[e] for e in IMAGE_EXTS if e in s), None)
+                image = image_bytes(s)
                 v = pick_view(self.cfg.seed, epoch, key, self.view_cfg.per_image)
                 out = {"key": key, "image": image, "view_index": v, "url": url}
                 if group is not None:
