@@ -185,9 +185,14 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 def cache_verify(cache_dir: str, recompute: int, seed: int, device: str) -> None:
     """Check stored groups against their sha256, then re-render N cached views from source and
     rerun the teacher; exit 2 on damage or past tolerance (--recompute 0: integrity only)."""
-    from mrmae.extract.verify import verify_cache
+    from mrmae.extract.verify import duplicate_keys, verify_cache
 
     r = verify_cache(cache_dir, recompute, seed, device)
+    dups = duplicate_keys(cache_dir) if not r.problems else {}
+    if dups:  # not damage, but usually the same images twice in the input
+        key = sorted(dups)[0]
+        click.echo(f"mrmae: warning: {len(dups)} keys appear in more than one shard (e.g. {key} in "
+                   f"{', '.join(dups[key])})", err=True)
     for line in r.problems:
         click.echo(f"mrmae: damaged: {line}", err=True)
     click.echo(f"integrity: {'OK' if not r.problems else f'{len(r.problems)} damaged or missing groups'}")

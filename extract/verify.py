@@ -40,6 +40,16 @@ def cache_info(root: str) -> dict:
     }
 
 
+def duplicate_keys(root: str) -> dict[str, list[str]]:
+    """Sample keys stored under more than one input shard -> the shards' sources."""
+    cache = cf.FeatureCache(root)
+    seen: dict[str, list[str]] = {}
+    for entry in cache.complete_shards:
+        for key in set(cache.shard(entry["source"]).keys):
+            seen.setdefault(str(key), []).append(entry["source"])
+    return {k: v for k, v in seen.items() if len(v) > 1}
+
+
 @dataclass
 class VerifyReport:
     problems: list[str]  # integrity: damaged or missing groups, one line each
