@@ -40,7 +40,7 @@ def expand_urls(urls: str | list[str]) -> list[str]:
 def local_file_size(url: str) -> int | None:
     """The size of a shard that is a local file (to notice one changed since); else None."""
     path = url[len("file://"):] if url.startswith("file://") else url
-    if path.startswith("pipe:") or "://" in path:
+    if path.startswith("pipe:") or "://" in path:  # remote: its size is not cheap to know
         return None
     return os.path.getsize(path) if os.path.isfile(path) else None
 
@@ -54,13 +54,27 @@ def _parse_label(data: bytes | None) -> int | None:
         return None
 
 
+def open_url(items: Iterator[dict], handler=None) -> Iterator[dict]:
+    """{url} -> {url, stream}: fsspec for `scheme://` URLs (file://, s3://, gs://, memory://...),
+    webdataset's gopen for local paths and `pipe:` commands."""
+    for item in items:
+        url = item["url"]
+        if "://" in url.split(" ")[0] and not url.startswith("pipe:"):
+            import fsspec
+
+            stream = fsspec.open(url, "rb").open()
+        else:
+            stream = wds.gopen(url)
+        yield {**item, "stream": stream}
+
+
 def iter_tar_samples(url: str) -> Iterator[dict]:
     """One shard's samples {__key__, ext: bytes, ...} in tar order; errors propagate."""
     def reraise(exn: Exception) -> bool:
         raise exn
 
     stages = [
-        tariterators.url_opener,         # {url} -> {url, stream}
+        open_url,                        # {url} -> {url, stream}
         tariterators.tar_file_expander,  # -> {fname, data, __url__}
         tariterators.group_by_keys,      # -> {__key__, ext: bytes, ...}
     ]

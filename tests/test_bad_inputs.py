@@ -109,3 +109,18 @@ def test_duplicate_keys_across_shards_are_reported_by_verify(demo_shards, tmp_pa
     assert r.exit_code == 0, r.output
     warn = [ln for ln in r.output.splitlines() if "keys appear in more than one shard" in ln]
     assert len(warn) == 1 and "6 keys" in warn[0] and "demo_00000000" in warn[0]
+
+
+def test_fsspec_urls_are_read_through_fsspec(demo_shards, tmp_path):
+    import fsspec
+
+    with fsspec.open("memory://bucket/demo-000000.tar", "wb") as f:
+        f.write(demo_shards[0].read_bytes())
+    extract("memory://bucket/demo-000000.tar", tmp_path / "mem")
+    extract(f"file://{demo_shards[0]}", tmp_path / "file")
+    a, b = rows(tmp_path / "mem"), rows(tmp_path / "file")
+    for col in ("keys", "crop", "flip", "features"):
+        np.testing.assert_array_equal(next(iter(a.values()))[col], next(iter(b.values()))[col])
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", "memory://bucket/missing.tar", "--out",
+                                 str(tmp_path / "x"), "--teacher", DINO_TINY, "--no-progress"])
+    assert r.exit_code == 1 and "memory://bucket/missing.tar: cannot read shard" in r.output
