@@ -57,10 +57,12 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 
 @cli.command("extract-features")
 @click.option("--shards", required=True, help="Input tars: a webdataset URL list or brace range.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory (Zarr v3 store).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory.")
 @click.option("--teacher", required=True, help="clip:ARCH[@WEIGHTS] or dino:TIMM_NAME[@WEIGHTS].")
 @click.option("--views", "num_views", default=2, show_default=True, help="Views per image.")
 @click.option("--dtype", type=click.Choice(["int8", "float16"]), default="int8", show_default=True)
+@click.option("--format", "cache_format", type=click.Choice(["zarr", "wds"]), default="zarr", show_default=True,
+              help="zarr: a Zarr v3 store; wds: one WebDataset tar per input shard.")
 @click.option("--batch-size", default=64, show_default=True, help="Views per teacher batch.")
 @click.option("--seed", default=0, show_default=True, help="Global view seed.")
 @click.option("--device", default="cpu", show_default=True)
@@ -69,14 +71,14 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 @click.option("--image-size", default=224, show_default=True, help="The student's input size (recorded).")
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
 @click.option("--no-progress", is_flag=True)
-def extract_features(shards, out, teacher, num_views, dtype, batch_size, seed, device, workers, layers,
+def extract_features(shards, out, teacher, num_views, dtype, cache_format, batch_size, seed, device, workers, layers,
                      image_size, strict, no_progress) -> None:
     """Run TEACHER once over --views augmented views of each image and cache its targets."""
     from mrmae.extract.runner import ExtractConfig, run_extraction
     from mrmae.shared.views import ViewConfig
 
     cfg = ExtractConfig(
-        shards=shards, out=out, teacher=teacher, dtype=dtype, batch_size=batch_size, device=device,
+        shards=shards, out=out, teacher=teacher, dtype=dtype, format=cache_format, batch_size=batch_size, device=device,
         workers=workers, layers=tuple(int(x) for x in layers.split(",") if x), strict=strict,
         views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size), progress=not no_progress,
     )

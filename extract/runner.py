@@ -6,7 +6,7 @@ complete is skipped; any other is rewritten whole. Stream shapes through one sha
     RawSample (bytes)              reader, main process
     RenderedSample (K uint8 views) mapper, DataLoader workers, tar order kept
     [B, 3, S, S] float             teacher batches of exactly `batch_size` views
-    rows [B, L, C] ...             ShardWriter, buffered to whole chunks
+    rows [B, L, C] ...             shard writer (Zarr: buffered to whole chunks; wds: tar samples)
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class ExtractConfig:
     teacher: str
     views: ViewConfig = field(default_factory=ViewConfig)
     dtype: str = "int8"
+    format: str = "zarr"  # cache backend: "zarr" (Zarr v3 groups) or "wds" (one tar per shard)
     batch_size: int = 64
     device: str = "cpu"
     workers: int = 0
@@ -53,9 +54,7 @@ class ExtractConfig:
 
 def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
     teacher_entry = {**teacher.describe(), "layers": list(cfg.layers)}
-    storage = {"backend": "zarr", "dtype": cfg.dtype,
-               "quantisation": "per-token absmax int8, value = int8 x scale" if cfg.dtype == "int8" else None,
-               "codec": cf.codec_description(cfg.dtype), "rows_per_chunk": cf.ROWS_PER_CHUNK}
+    storage = cf.storage_section(cfg.format, cfg.dtype)
     return cf.new_manifest(teacher_entry, cfg.views.to_json(), storage, __version__)
 
 
@@ -92,7 +91,8 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     t0 = time.time()
     samples = read_shard(url)
     n_views = cfg.views.per_image
-    writer = cf.ShardWriter(cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2, cfg.dtype, cfg.layers)
+    writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
+                                  cfg.dtype, cfg.layers)
     skipped: list[dict] = []
     seen: set[str] = set()
     unique = []
@@ -123,12 +123,13 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     except BaseException:
         writer.abort()
         raise
-    return {"source": url, "group": f"shards/{writer.name}", "num_samples": kept,
+    return {"source": url, "group": writer.group_path, "num_samples": kept,
             "num_views": writer.rows, "skipped": skipped, "status": "complete", "sha256": digest,
             "bytes": size, "source_bytes": local_file_size(url), "seconds": round(time.time() - t0, 2)}
 
 
-def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter, bar: tqdm | None) -> None:
+def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
+               bar: tqdm | None) -> None:
     keys, views, crops, flips, pixels = zip(*batch)
     x = torch.stack(pixels).to(cfg.device, non_blocking=True)
     x = normalize(x, teacher.mean, teacher.std)  # on the device: uint8 crosses the bus, 4x fewer bytes
@@ -187,4 +188,4 @@ def _is_complete(root: str, manifest: dict, url: str) -> bool:
     from pathlib import Path
 
     entry = cf.shard_entry(manifest, url)
-    return bool(entry and entry.get("status") == "complete" and (Path(root) / entry["group"]).is_dir())
+    return bool(entry and entry.get("status") == "complete" and (Path(root) / entry["group"]).exists())

@@ -1,0 +1,99 @@
+"""A cache as a whole: which backend stores it, its writers, its readers, its integrity."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest
+from .manifest import backend_of, find_shard, read_manifest
+from .wds_store import WdsShard, WdsShardWriter, wds_codec_description
+from .zarr_store import ShardGroup, ShardWriter, zarr_codec_description
+
+BACKENDS = ("zarr", "wds")
+_WRITERS = {"zarr": ShardWriter, "wds": WdsShardWriter}
+_READERS = {"zarr": ShardGroup, "wds": WdsShard}
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise CacheError(f"unknown cache format {backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def codec_description(dtype: str, backend: str = "zarr") -> str:
+    return zarr_codec_description(dtype) if _check_backend(backend) == "zarr" else wds_codec_description()
+
+
+def storage_section(backend: str, dtype: str) -> dict:
+    """The manifest's `storage` for a new cache (what `config_mismatch` compares)."""
+    storage = {"backend": _check_backend(backend), "dtype": dtype,
+               "quantisation": "per-token absmax int8, value = int8 x scale" if dtype == "int8" else None,
+               "codec": codec_description(dtype, backend)}
+    if backend == "zarr":
+        storage["rows_per_chunk"] = ROWS_PER_CHUNK
+    return storage
+
+
+def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
+                      dtype: str, layers: tuple[int, ...] = ()) -> ShardWriter | WdsShardWriter:
+    """The writer of one input shard for `backend`; both have append / close / abort, `name`,
+    `group_path` (the manifest entry's `group`) and `rows`."""
+    return _WRITERS[_check_backend(backend)](root, source, max_rows, dim, grid_len, dtype, layers)
+
+
+def check_integrity(root: str | os.PathLike) -> list[str]:
+    """Problems with the stored shards, without running any teacher: one line each.
+
+    Compares every complete shard's stored bytes (a Zarr group's files, or a tar) with the
+    sha256 recorded when it was written (bit rot, truncation, a replaced chunk) and
+    notices missing ones.
+    """
+    root = Path(root)
+    problems = []
+    for entry in read_manifest(root)["shards"]:
+        if entry.get("status") != "complete":
+            continue
+        path = root / entry["group"]
+        if not path.exists():
+            problems.append(f"{path}: group of {entry['source']} is missing")
+            continue
+        digest, size = group_digest(path)
+        if "sha256" in entry and digest != entry["sha256"]:
+            what = f"{size} bytes, recorded {entry['bytes']}" if size != entry.get("bytes") else "same size"
+            problems.append(f"{path}: sha256 differs from the one recorded at write time ({what}): "
+                            f"damaged or changed")
+    return problems
+
+
+class FeatureCache:
+    """A cache on disk: its manifest and its complete shards, in either backend."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.backend = _check_backend(backend_of(self.manifest))
+
+    @property
+    def complete_shards(self) -> list[dict]:
+        return [s for s in self.manifest["shards"] if s.get("status") == "complete"]
+
+    def _open(self, entry: dict) -> ShardGroup | WdsShard:
+        return _READERS[self.backend](self.root / entry["group"], entry)
+
+    def shard(self, source: str) -> ShardGroup | WdsShard:
+        entry = find_shard(self.manifest, source)
+        if entry is None or entry.get("status") != "complete":
+            raise CacheError(f"{self.root}: shard {source} is not in the cache (or not complete)")
+        return self._open(entry)
+
+    def get(self, source: str, key: str, view: int) -> ViewTargets:
+        return self.shard(source).get(key, view)
+
+    def stored_bytes(self) -> int:
+        """Bytes on disk of the complete shards (temporaries and lock files not counted)."""
+        return sum(s.get("bytes") or dir_bytes(self.root / s["group"]) for s in self.complete_shards)
+
+    def logical_bytes(self) -> int:
+        """Bytes of all complete shards' arrays before compression."""
+        return sum(self._open(s).logical_bytes() for s in self.complete_shards)

@@ -1,0 +1,100 @@
+"""What every backend shares: the format version, errors, int8 quantisation, one view's
+targets, and the digest of a stored shard (a Zarr group directory or a tar file)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+ROWS_PER_CHUNK = 16  # views per features chunk: sequential loader reads, ~2.4 MB int8 for B/16
+
+
+class CacheError(ValueError):
+    """A cache that is missing, damaged, or does not fit what is asked of it."""
+
+
+# --- quantisation ---------------------------------------------------------------------
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float [..., C] -> (int8 [..., C], float16 scale [...]); value ~= int8 * scale.
+
+    scale = per-token absmax / 127, rounded to float16 *before* quantising so the stored
+    scale is the one the values were divided by (error <= scale / 2 per element).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float16)
+    s = scale.astype(np.float32)[..., None]
+    q = np.divide(x, s, out=np.zeros_like(x), where=s > 0)
+    return np.clip(np.rint(q), -127, 127).astype(np.int8), scale
+
+
+def dequantize(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """Stored features -> float32 (int8 x scale, or float16 as is)."""
+    if scale is None:
+        return values.astype(np.float32)
+    return values.astype(np.float32) * scale.astype(np.float32)[..., None]
+
+
+@dataclass
+class ViewTargets:
+    """One cached view: geometry and targets (features dequantised to float32)."""
+
+    key: str
+    view_index: int
+    crop: tuple[int, int, int, int]
+    flip: bool
+    features: np.ndarray  # [L, C] float32
+    attention: np.ndarray  # [L] float32
+    cls: np.ndarray  # [C] float32
+
+
+# --- stored shards on disk ----------------------------------------------------------------
+
+
+def group_digest(path: Path) -> tuple[str, int]:
+    """(sha256, bytes) of a stored shard, as recorded in its manifest entry.
+
+    A tar file (wds backend): the plain sha256 of the file, what `sha256sum` prints. A
+    directory (a Zarr group): sha256 over (relative path, length, bytes) of every file in
+    path order.
+    """
+    path = Path(path)
+    h, total = hashlib.sha256(), 0
+    if path.is_file():
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                total += len(block)
+        return h.hexdigest(), total
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        h.update(f"{f.relative_to(path).as_posix()}\x00{len(data)}\x00".encode())
+        h.update(data)
+        total += len(data)
+    return h.hexdigest(), total
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes on disk of a stored shard: a file's size, or the sum over a directory's files."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def remove_stale_temps(shards_dir: Path, name: str) -> None:
+    """Delete what a killed writer of shard `name` left (`.tmp-<name>-<pid>[.tar]`).
+
+    One process owns a shard at a time, so any temporary of this shard is stale.
+    """
+    for stale in Path(shards_dir).glob(f".tmp-{name}-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)

@@ -1,0 +1,202 @@
+"""The Zarr v3 backend (default): one group per input shard, one array per column.
+
+    CACHE/zarr.json               Zarr v3 root group
+    CACHE/shards/<name>/          one group per input shard, written by exactly one process
+        keys [N] str  view [N] int16  crop [N,4] int32 (top,left,height,width)  flip [N] bool
+        features [N,L,C] int8 + features_scale [N,L] float16   (or float16 without scale)
+        attention [N,L] float16   cls [N,C] float16   layer<i> [N,L,C] (+ layer<i>_scale)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, group_digest, quantize_int8, remove_stale_temps
+from .manifest import group_name
+
+# --- codecs -----------------------------------------------------------------------------
+
+
+# Chosen by benchmarks/codecs.py on teacher activations (BENCHMARKS.md): int8 values have
+# no byte structure for shuffle to exploit, and zstd alone is as small as any blosc mode
+# and faster. float16 gains from byte shuffle only when blosc's blocks are large enough
+# (1 MiB) for the exponent bytes to share zstd tables: 1.19x against 1.09x for zstd alone.
+def compressor_for(dtype: str) -> list:
+    if dtype == "int8":
+        return [ZstdCodec(level=3)]
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=1 << 20)]
+
+
+def zarr_codec_description(dtype: str) -> str:
+    return "zstd(level=3)" if dtype == "int8" else "blosc(zstd, clevel=3, byte shuffle, 1 MiB blocks)"
+
+
+# --- writing one shard group ------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes one input shard's rows into a temporary group, renamed into place on close.
+
+    Rows arrive in order through `append`; they are buffered to whole chunks so every
+    features chunk is written once (the small per-row arrays have larger chunks and are
+    rewritten as they fill: negligible next to the features). `max_rows` is an upper
+    bound (samples x views); the arrays are cut to the rows actually written when the
+    group is finished.
+    """
+
+    def __init__(self, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
+                 dtype: str, layers: tuple[int, ...] = ()):
+        self.root, self.source, self.dtype, self.layers = Path(root), source, dtype, layers
+        self.name = group_name(source)
+        self.group_path = f"shards/{self.name}"  # the manifest entry's `group`
+        self.final = self.root / self.group_path
+        self.tmp = self.root / "shards" / f".tmp-{self.name}-{os.getpid()}"
+        remove_stale_temps(self.final.parent, self.name)
+        self.group = zarr.open_group(str(self.tmp), mode="w")
+        n, L, C, r = max(max_rows, 1), grid_len, dim, ROWS_PER_CHUNK
+        small = dict(compressors=[ZstdCodec(level=3)])
+        mk = self.group.create_array
+        self.arrays = {
+            "keys": mk("keys", shape=(n,), dtype=str, chunks=(n,)),
+            "view": mk("view", shape=(n,), dtype="int16", chunks=(n,), **small),
+            "crop": mk("crop", shape=(n, 4), dtype="int32", chunks=(n, 4), **small),
+            "flip": mk("flip", shape=(n,), dtype="bool", chunks=(n,), **small),
+            "attention": mk("attention", shape=(n, L), dtype="float16", chunks=(r * 16, L), **small),
+            "cls": mk("cls", shape=(n, C), dtype="float16", chunks=(r * 16, C), **small),
+        }
+        for name in ["features"] + [f"layer{i}" for i in layers]:
+            store_dtype = "int8" if dtype == "int8" else "float16"
+            self.arrays[name] = mk(name, shape=(n, L, C), dtype=store_dtype, chunks=(r, L, C),
+                                   compressors=compressor_for(dtype))
+            if dtype == "int8":
+                self.arrays[f"{name}_scale"] = mk(f"{name}_scale", shape=(n, L), dtype="float16",
+                                                  chunks=(r * 16, L), **small)
+        self._buffer: dict[str, list[np.ndarray]] = {k: [] for k in self.arrays}
+        self._buffered = 0
+        self.rows = 0
+
+    def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
+               features: np.ndarray, attention: np.ndarray, cls: np.ndarray,
+               layers: dict[int, np.ndarray] | None = None) -> None:
+        """Add rows (all arrays share the first dimension; features float32 [n, L, C])."""
+        cols = {"keys": np.asarray(keys, dtype=object), "view": view.astype(np.int16),
+                "crop": crop.astype(np.int32), "flip": flip.astype(bool),
+                "attention": attention.astype(np.float16), "cls": cls.astype(np.float16)}
+        for name, value in [("features", features)] + [(f"layer{i}", (layers or {})[i]) for i in self.layers]:
+            if self.dtype == "int8":
+                cols[name], cols[f"{name}_scale"] = quantize_int8(value)
+            else:
+                cols[name] = value.astype(np.float16)
+        for k, v in cols.items():
+            self._buffer[k].append(v)
+        self._buffered += len(keys)
+        if self._buffered >= ROWS_PER_CHUNK:
+            self._flush(whole_chunks=True)
+
+    def _flush(self, whole_chunks: bool) -> None:
+        joined = {k: np.concatenate(v) for k, v in self._buffer.items() if v}
+        if not joined:
+            return
+        n = self._buffered - (self._buffered % ROWS_PER_CHUNK if whole_chunks else 0)
+        for k, v in joined.items():
+            if n:
+                self.arrays[k][self.rows:self.rows + n] = v[:n] if k != "keys" else v[:n].astype(str)
+            self._buffer[k] = [v[n:]] if n < len(v) else []
+        self.rows += n
+        self._buffered -= n
+
+    def close(self, attrs: dict) -> tuple[Path, str, int]:
+        """Write the remaining rows, cut the arrays, rename the group into place.
+
+        Returns (path, sha256, bytes) of the finished group, for the manifest.
+        """
+        self._flush(whole_chunks=False)
+        for arr in self.arrays.values():
+            arr.resize((self.rows,) + arr.shape[1:])
+        self.group.attrs.update({**attrs, "rows": self.rows, "status": "complete"})
+        digest, size = group_digest(self.tmp)
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return self.final, digest, size
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+class ShardGroup:
+    """Read access to one input shard's group: rows by (key, view) or in sequential blocks.
+
+    The interface every backend's shard reader has (`WdsShard` is the other one).
+    """
+
+    def __init__(self, path: Path, entry: dict):
+        self.path, self.entry = path, entry
+        try:
+            self.group = zarr.open_group(str(path), mode="r")
+            self.keys = np.array([str(k) for k in self.group["keys"][:]])
+            self.views = np.asarray(self.group["view"][:])
+        except Exception as e:
+            raise CacheError(f"{path}: unreadable shard group ({type(e).__name__}: {e})") from e
+        self.quantized = "features_scale" in self.group
+        self._row: dict[tuple[str, int], int] = {(k, int(v)): i for i, (k, v) in enumerate(zip(self.keys, self.views))}
+        self._block: tuple[int, str, np.ndarray] | None = None  # (first row, layer, features)
+        self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def row(self, key: str, view: int) -> int:
+        try:
+            return self._row[(key, view)]
+        except KeyError:
+            raise CacheError(f"{self.path}: no row for key {key!r} view {view}") from None
+
+    def read(self, rows: slice, layer: str = "features") -> dict[str, np.ndarray]:
+        """A block of rows -> dict of numpy arrays, features dequantised to float32."""
+        g = self.group
+        scale = g[f"{layer}_scale"][rows] if self.quantized else None
+        return {
+            "keys": self.keys[rows], "view": self.views[rows], "crop": g["crop"][rows], "flip": g["flip"][rows],
+            "features": dequantize(g[layer][rows], scale),
+            "attention": g["attention"][rows].astype(np.float32), "cls": g["cls"][rows].astype(np.float32),
+        }
+
+    def geometry(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(crop [N,4], flip [N], attention [N,L] float32) of every row, read once."""
+        if self._geometry is None:
+            g = self.group
+            self._geometry = (g["crop"][:], g["flip"][:], g["attention"][:].astype(np.float32))
+        return self._geometry
+
+    def features_row(self, i: int, layer: str = "features") -> np.ndarray:
+        """Features of one row [L, C] float32, decoding each chunk once in a sequential pass.
+
+        A training worker walks a shard's rows in tar order, so it keeps the last decoded
+        chunk-aligned block instead of decompressing a whole chunk per row.
+        """
+        start = i - i % ROWS_PER_CHUNK
+        if self._block is None or self._block[:2] != (start, layer):
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            scale = self.group[f"{layer}_scale"][rows] if self.quantized else None
+            self._block = (start, layer, dequantize(self.group[layer][rows], scale))
+        return self._block[2][i - start]
+
+    def get(self, key: str, view: int) -> ViewTargets:
+        i = self.row(key, view)
+        block = self.read(slice(i, i + 1))
+        return ViewTargets(key, view, tuple(int(x) for x in block["crop"][0]), bool(block["flip"][0]),
+                           block["features"][0], block["attention"][0], block["cls"][0])
+
+    def logical_bytes(self) -> int:
+        """Bytes of the group's arrays before compression (keys not counted)."""
+        return sum(a.nbytes for _, a in self.group.arrays() if a.dtype.kind != "T" and str(a.dtype) != "StringDType()")
