@@ -128,28 +128,46 @@ def test_target_norms():
         normalize_targets(t, "zscore")
 
 
-def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(demo_shards, tmp_path):
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(demo_shards, cache, tmp_path):
+    from mrmae.train.checkpoint import latest_checkpoint
+
+    args = ["--shards", str(demo_shards[0]), "--feature-cache", str(cache), "--out", str(tmp_path / "o"), *TINY,
+            "--batch-size", "3"]
+    pretrain([*args, "--epochs", "1"])
+    good = latest_checkpoint(tmp_path / "o")
+    # an absurd learning rate sends the weights to inf in one step: the next loss is NaN
+    r = CliRunner().invoke(cli, ["pretrain", *args, "--epochs", "2", "--resume", "--lr", "1e38"])
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert re.search(r"epoch 1 step 3: loss is (nan|inf) .*; the last good checkpoint is .*step00000002", lines[0])
+    assert latest_checkpoint(tmp_path / "o") == good
+
+
+def test_non_finite_or_unreadable_cached_targets_name_group_and_key(demo_shards, tmp_path):
     import numpy as np
     import zarr
 
     from mrmae.shared import cache_format as cf
-    from mrmae.train.checkpoint import latest_checkpoint
 
     cache = tmp_path / "c"
     run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(cache), teacher=DINO_TINY,
                                  views=ViewConfig(per_image=2, seed=3), progress=False))
-    args = ["--shards", str(demo_shards[0]), "--feature-cache", str(cache), "--out", str(tmp_path / "o"), *TINY]
-    pretrain([*args, "--epochs", "1"])
-    good = latest_checkpoint(tmp_path / "o")
-    scale = zarr.open_array(str(cache / cf.read_manifest(cache)["shards"][0]["group"] / "features_scale"), mode="r+")
+    group = cache / cf.read_manifest(cache)["shards"][0]["group"]
+    args = ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(cache), *TINY]
+    scale = zarr.open_array(str(group / "features_scale"), mode="r+")
     s = scale[:]
     s[:, 0] = np.inf  # bit rot: a non-finite target
     scale[:] = s
-    r = CliRunner().invoke(cli, ["pretrain", *args, "--epochs", "2", "--resume"])
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "o1")])
     lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
-    assert r.exit_code == 1 and len(lines) == 1, r.output
-    assert re.search(r"epoch 1 step 1: loss is (nan|inf) .*; the last good checkpoint is .*step00000001", lines[0])
-    assert latest_checkpoint(tmp_path / "o") == good
+    assert r.exit_code == 1 and len(lines) == 1 and str(group) in lines[0], r.output
+    assert re.search(r"key demo_\d+ row \d+: non-finite values in the cached targets", lines[0])
+    chunk = next(f for f in sorted((group / "features").rglob("*")) if f.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:100])  # a truncated chunk
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "o2")])
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
+    assert r.exit_code == 1 and len(lines) == 1 and str(group) in lines[0], r.output
+    assert "unreadable targets" in lines[0] and "mrmae cache verify" in lines[0]
 
 
 def _torchrun(args: list[str], out: Path, wait: bool = True):

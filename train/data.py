@@ -76,6 +76,21 @@ class ViewJoiner:
         if cache is not None:
             self.view_cfg = ViewConfig.from_json(cache.manifest["views"])
 
+    def _targets(self, group, row: int, key: str) -> dict:
+        """The cached view and targets of one row; damage is one line naming group and key."""
+        try:
+            crop, flip, attention = group.geometry()
+            targets = group.features_row(row)
+        except cf.CacheError:
+            raise
+        except Exception as e:  # a truncated chunk or member: the codec's own error
+            raise cf.CacheError(f"{group.path}: key {key} row {row}: unreadable targets "
+                                f"({type(e).__name__}: {str(e)[:200]}); run `mrmae cache verify`") from e
+        if not (np.isfinite(targets).all() and np.isfinite(attention[row]).all()):
+            raise cf.CacheError(f"{group.path}: key {key} row {row}: non-finite values in the cached targets")
+        return {"view": View(*(int(c) for c in crop[row]), flip=bool(flip[row])),
+                "attention": attention[row], "targets": targets}
+
     def __call__(self, urls: Iterator[str], epoch: int) -> Iterator[dict]:
         for url in urls:
             group = self.cache.shard(url) if self.cache is not None else None
@@ -93,10 +108,7 @@ class ViewJoiner:
                     except cf.CacheError:
                         raise cf.CacheError(f"{url}: key {key} has no rows in the cache {self.cache.root} "
                                             "(shard changed since extraction?)") from None
-                    crop, flip, attention = group.geometry()
-                    out["view"] = View(*(int(c) for c in crop[row]), flip=bool(flip[row]))
-                    out["attention"] = attention[row]
-                    out["targets"] = group.features_row(row)
+                    out.update(self._targets(group, row, key))
                 elif image is None:
                     continue
                 yield out
