@@ -36,6 +36,9 @@ class ViewConfig:
     flip_p: float = 0.5
     interpolation: str = "bicubic"
     output_size: int = 224
+    # JPEG decoders differ by up to tens of levels per pixel, enough to break a 0.999
+    # token-cosine replay: the one that rendered the views is recorded and must replay them.
+    decoder: str = "pil"
 
     def to_json(self) -> dict:
         d = asdict(self)

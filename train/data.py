@@ -199,6 +199,9 @@ def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher
     m = cache.manifest
     if list(m["teacher"]["grid"]) != [grid, grid]:
         raise cf.CacheError(f"{cache.root}: teacher grid {m['teacher']['grid']} does not match the student's {grid}x{grid}")
+    if m["views"].get("decoder", "pil") != "pil":
+        raise cf.CacheError(f"{cache.root}: views were decoded with {m['views']['decoder']!r}; this mrmae replays "
+                            "with PIL only, and another decoder does not reproduce them")
     if teacher_dim and m["teacher"]["dim"] != teacher_dim:
         raise cf.CacheError(f"{cache.root}: teacher width {m['teacher']['dim']} does not match the mimic head's {teacher_dim}")
     for url in urls:
