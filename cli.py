@@ -184,12 +184,13 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 @click.option("--recompute", default=8, show_default=True, help="Random views to re-render and rerun.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-def cache_verify(cache_dir: str, recompute: int, seed: int, device: str) -> None:
+@click.option("--sources", is_flag=True, help="Also re-hash every input shard (finds shards changed since).")
+def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources: bool) -> None:
     """Check stored groups against their sha256, then re-render N cached views from source and
     rerun the teacher; exit 2 on damage or past tolerance (--recompute 0: integrity only)."""
     from mrmae.extract.verify import duplicate_keys, verify_cache
 
-    r = verify_cache(cache_dir, recompute, seed, device)
+    r = verify_cache(cache_dir, recompute, seed, device, sources)
     dups = duplicate_keys(cache_dir) if not r.problems else {}
     if dups:  # not damage, but usually the same images twice in the input
         key = sorted(dups)[0]
@@ -197,7 +198,7 @@ def cache_verify(cache_dir: str, recompute: int, seed: int, device: str) -> None
                    f"{', '.join(dups[key])})", err=True)
     for line in r.problems:
         click.echo(f"mrmae: damaged: {line}", err=True)
-    click.echo(f"integrity: {'OK' if not r.problems else f'{len(r.problems)} damaged or missing groups'}")
+    click.echo(f"integrity: {'OK' if not r.problems else f'{len(r.problems)} problems'}")
     if r.checked:
         click.echo(f"checked {r.checked} views: worst token cosine {r.worst_cosine:.6f} (mean {r.mean_cosine:.6f}, "
                    f"floor {r.tolerance}), worst attention error {r.worst_attention_error:.2e}: "

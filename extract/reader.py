@@ -7,6 +7,7 @@ webdataset pipeline. Nothing is decoded here (and nothing is ever unpickled).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -54,34 +55,61 @@ def _parse_label(data: bytes | None) -> int | None:
         return None
 
 
+def open_stream(url: str):
+    """A binary stream of the shard: fsspec for `scheme://` URLs (file://, s3://, gs://,
+    memory://...), webdataset's gopen for local paths and `pipe:` commands."""
+    if "://" in url.split(" ")[0] and not url.startswith("pipe:"):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return wds.gopen(url)
+
+
 def open_url(items: Iterator[dict], handler=None) -> Iterator[dict]:
-    """{url} -> {url, stream}: fsspec for `scheme://` URLs (file://, s3://, gs://, memory://...),
-    webdataset's gopen for local paths and `pipe:` commands."""
+    """{url} -> {url, stream}"""
     for item in items:
-        url = item["url"]
-        if "://" in url.split(" ")[0] and not url.startswith("pipe:"):
-            import fsspec
-
-            stream = fsspec.open(url, "rb").open()
-        else:
-            stream = wds.gopen(url)
-        yield {**item, "stream": stream}
+        yield {**item, "stream": open_stream(item["url"])}
 
 
-def iter_tar_samples(url: str) -> Iterator[dict]:
+class HashingReader:
+    """A read-only stream that hashes every byte read through it (no second pass over a shard)."""
+
+    def __init__(self, stream):
+        self.stream, self.sha256, self.size = stream, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def finish(self) -> str:
+        """Read what the tar reader left (end-of-archive padding), close, return the digest."""
+        while self.read(1 << 20):
+            pass
+        self.stream.close()
+        return self.sha256.hexdigest()
+
+
+def iter_tar_samples(url: str, stream=None) -> Iterator[dict]:
     """One shard's samples {__key__, ext: bytes, ...} in tar order; errors propagate."""
     def reraise(exn: Exception) -> bool:
         raise exn
 
     stages = [
-        open_url,                        # {url} -> {url, stream}
-        tariterators.tar_file_expander,  # -> {fname, data, __url__}
+        tariterators.tar_file_expander,  # {url, stream} -> {fname, data, __url__}
         tariterators.group_by_keys,      # -> {__key__, ext: bytes, ...}
     ]
-    stream: Iterator[dict] = iter([{"url": url}])
+    items = iter([{"url": url, "stream": stream}]) if stream is not None else open_url(iter([{"url": url}]))
     for stage in stages:
-        stream = stage(stream, handler=reraise)
-    return stream
+        items = stage(items, handler=reraise)
+    return items
+
+
+def source_digest(url: str) -> str:
+    """sha256 of a shard's bytes, however it is reached."""
+    reader = HashingReader(open_stream(url))
+    return reader.finish()
 
 
 def image_bytes(sample: dict) -> bytes | None:
@@ -90,11 +118,18 @@ def image_bytes(sample: dict) -> bytes | None:
 
 def read_shard(url: str) -> list[RawSample]:
     """All samples of one shard, in tar order. Raises ShardReadError naming the shard."""
+    return read_shard_with_digest(url)[0]
+
+
+def read_shard_with_digest(url: str) -> tuple[list[RawSample], str]:
+    """All samples of one shard in tar order, and the sha256 of the shard's bytes."""
     samples: list[RawSample] = []
     try:
-        for s in iter_tar_samples(url):
+        reader = HashingReader(open_stream(url))
+        for s in iter_tar_samples(url, reader):
             samples.append(RawSample(str(s["__key__"]), image_bytes(s), _parse_label(s.get("cls"))))
+        digest = reader.finish()
     except Exception as e:
         msg = str(e).split(" @ ")[0]
         raise ShardReadError(f"{url}: cannot read shard ({type(e).__name__}: {msg})") from e
-    return samples
+    return samples, digest

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mrmae import __version__
 from mrmae.extract.mapper import RenderDataset, RenderedSample
-from mrmae.extract.reader import expand_urls, local_file_size, read_shard
+from mrmae.extract.reader import expand_urls, local_file_size, read_shard_with_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import Teacher, build_teacher
 from mrmae.shared.views import ViewConfig, normalize
@@ -89,7 +89,7 @@ class _Batcher:
 def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None) -> dict:
     """Extract one shard into its group; returns its manifest entry."""
     t0 = time.time()
-    samples = read_shard(url)
+    samples, source_sha256 = read_shard_with_digest(url)
     n_views = cfg.views.per_image
     writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
                                   cfg.dtype, cfg.layers)
@@ -125,7 +125,8 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         raise
     return {"source": url, "group": writer.group_path, "num_samples": kept,
             "num_views": writer.rows, "skipped": skipped, "status": "complete", "sha256": digest,
-            "bytes": size, "source_bytes": local_file_size(url), "seconds": round(time.time() - t0, 2)}
+            "bytes": size, "source_bytes": local_file_size(url), "source_sha256": source_sha256,
+            "seconds": round(time.time() - t0, 2)}
 
 
 def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mrmae.extract.mapper import RawSample
-from mrmae.extract.reader import read_shard
+from mrmae.extract.reader import read_shard, source_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import build_teacher
 from mrmae.shared.views import View, decode_image, render_view
@@ -61,10 +61,28 @@ class VerifyReport:
     ok: bool
 
 
-def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu") -> VerifyReport:
-    """Check every group against its recorded sha256, then re-render `recompute` random
+def changed_sources(root: str) -> list[str]:
+    """Input shards whose bytes differ from those extracted (sha256), one line each."""
+    problems = []
+    for entry in cf.FeatureCache(root).complete_shards:
+        if not entry.get("source_sha256"):
+            continue
+        try:
+            digest = source_digest(entry["source"])
+        except Exception as e:  # missing, unreadable: say so, do not stop the check
+            problems.append(f"{entry['source']}: cannot read the source shard ({type(e).__name__}: {e})")
+            continue
+        if digest != entry["source_sha256"]:
+            problems.append(f"{entry['source']}: source shard changed since extraction (sha256 differs)")
+    return problems
+
+
+def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
+                 sources: bool = False) -> VerifyReport:
+    """Check every group against its recorded sha256 (and, with `sources`, every input
+    shard against the sha256 of the bytes extracted), then re-render `recompute` random
     views from source, rerun the teacher and compare (skipped if integrity fails)."""
-    problems = cf.check_integrity(root)
+    problems = cf.check_integrity(root) + (changed_sources(root) if sources else [])
     if problems or recompute <= 0:
         return VerifyReport(problems, 0, float("nan"), float("nan"), float("nan"), 0.0, not problems)
     cache = cf.FeatureCache(root)

@@ -124,3 +124,21 @@ def test_fsspec_urls_are_read_through_fsspec(demo_shards, tmp_path):
     r = CliRunner().invoke(cli, ["extract-features", "--shards", "memory://bucket/missing.tar", "--out",
                                  str(tmp_path / "x"), "--teacher", DINO_TINY, "--no-progress"])
     assert r.exit_code == 1 and "memory://bucket/missing.tar: cannot read shard" in r.output
+
+
+def test_verify_sources_finds_a_shard_changed_since_extraction(demo_shards, tmp_path):
+    shard = tmp_path / "demo-000000.tar"
+    shard.write_bytes(demo_shards[0].read_bytes())
+    extract(str(shard), tmp_path / "c")
+    entry = cf.read_manifest(tmp_path / "c")["shards"][0]
+    import hashlib
+
+    assert entry["source_sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    runner = CliRunner()
+    assert runner.invoke(cli, ["cache", "verify", str(tmp_path / "c"), "--recompute", "0", "--sources"]).exit_code == 0
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0xFF  # same size, other bytes: only the hash sees it
+    shard.write_bytes(bytes(data))
+    r = runner.invoke(cli, ["cache", "verify", str(tmp_path / "c"), "--recompute", "0", "--sources"])
+    damaged = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: damaged")]
+    assert r.exit_code == 2 and len(damaged) == 1 and f"{shard}: source shard changed since extraction" in damaged[0]
