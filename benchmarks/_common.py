@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import datetime as dt
 import json
 import os
@@ -110,3 +112,14 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def codec_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options both codec benchmarks take: teacher, views measured, repetitions, output name."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--teacher", default="clip:ViT-S-16")
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--views", type=int, default=2, help="views per image (N = images x views)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--name", default=name, help="results/<name>.json")
+    return p

@@ -27,7 +27,6 @@ Writes benchmarks/results/codecs.json (or --name).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -42,7 +41,7 @@ import zarr
 from numcodecs import Blosc, Zstd
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, machine_facts, make_shards, render_views, table, warn_if_busy,
+from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, codec_parser, machine_facts, make_shards, render_views, table, warn_if_busy,
                      write_json)
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import build_teacher
@@ -130,13 +129,7 @@ def token_error(x: np.ndarray, y: np.ndarray) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default="clip:ViT-S-16")
-    p.add_argument("--images", type=int, default=32)
-    p.add_argument("--views", type=int, default=2, help="views per image (N = images x views)")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--name", default="codecs", help="results/<name>.json")
-    args = p.parse_args()
+    args = codec_parser(__doc__, "codecs").parse_args()
     warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
     numcodecs.blosc.set_nthreads(1)
     warn_if_busy()

@@ -33,7 +33,6 @@ Writes benchmarks/results/wds_codec.json (or --name).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import statistics
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 from numcodecs import Zstd
 
-from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, machine_facts, make_shards, render_views, table, warn_if_busy,
+from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, codec_parser, machine_facts, make_shards, render_views, table, warn_if_busy,
                      write_json)
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import build_teacher
@@ -148,13 +147,7 @@ def median_time(fn, reps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default="clip:ViT-S-16")
-    p.add_argument("--images", type=int, default=32)
-    p.add_argument("--views", type=int, default=2, help="views per image (N = images x views)")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--name", default="wds_codec", help="results/<name>.json")
-    args = p.parse_args()
+    args = codec_parser(__doc__, "wds_codec").parse_args()
     warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
     warn_if_busy()
     facts = machine_facts()

@@ -57,6 +57,14 @@ class ViewTargets:
 # --- stored shards on disk ----------------------------------------------------------------
 
 
+def view_targets(reader, key: str, view: int) -> ViewTargets:
+    """One row of a shard reader (either backend: `row` and `read`) as ViewTargets."""
+    i = reader.row(key, view)
+    block = reader.read(slice(i, i + 1))
+    return ViewTargets(key, view, tuple(int(x) for x in block["crop"][0]), bool(block["flip"][0]),
+                       block["features"][0], block["attention"][0], block["cls"][0])
+
+
 def group_digest(path: Path) -> tuple[str, int]:
     """(sha256, bytes) of a stored shard, as recorded in its manifest entry.
 

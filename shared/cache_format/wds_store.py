@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Zstd
 
-from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, group_digest, quantize_int8, remove_stale_temps
+from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, group_digest, quantize_int8,
+                     remove_stale_temps, view_targets)
 from .manifest import group_name
 
 ZSTD_LEVEL = 3
@@ -371,10 +372,7 @@ class WdsShard:
         return dequantize(member(layer), member(_scale_member(layer)) if self.quantized else None)
 
     def get(self, key: str, view: int) -> ViewTargets:
-        i = self.row(key, view)
-        block = self.read(slice(i, i + 1))
-        return ViewTargets(key, view, tuple(int(x) for x in block["crop"][0]), bool(block["flip"][0]),
-                           block["features"][0], block["attention"][0], block["cls"][0])
+        return view_targets(self, key, view)
 
     def logical_bytes(self) -> int:
         """Bytes of the rows' arrays before compression, counted as the Zarr backend counts them."""

@@ -17,7 +17,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, group_digest, quantize_int8, remove_stale_temps
+from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, group_digest, quantize_int8,
+                     remove_stale_temps, view_targets)
 from .manifest import group_name
 
 # --- codecs -----------------------------------------------------------------------------
@@ -192,10 +193,7 @@ class ShardGroup:
         return self._block[2][i - start]
 
     def get(self, key: str, view: int) -> ViewTargets:
-        i = self.row(key, view)
-        block = self.read(slice(i, i + 1))
-        return ViewTargets(key, view, tuple(int(x) for x in block["crop"][0]), bool(block["flip"][0]),
-                           block["features"][0], block["attention"][0], block["cls"][0])
+        return view_targets(self, key, view)
 
     def logical_bytes(self) -> int:
         """Bytes of the group's arrays before compression (keys not counted)."""
