@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import time
+import statistics
 
 import datetime as dt
 import json
@@ -123,3 +125,13 @@ def codec_parser(doc: str, name: str) -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--name", default=name, help="results/<name>.json")
     return p
+
+
+def median_seconds(fn, reps: int) -> float:
+    """Median wall time of `reps` calls of fn()."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -27,7 +27,6 @@ Writes benchmarks/results/codecs.json (or --name).
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 import warnings
@@ -41,7 +40,7 @@ import zarr
 from numcodecs import Blosc, Zstd
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, codec_parser, machine_facts, make_shards, render_views, table, warn_if_busy,
+from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, codec_parser, median_seconds, machine_facts, make_shards, render_views, table, warn_if_busy,
                      write_json)
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import build_teacher
@@ -75,15 +74,6 @@ def teacher_features(spec: str, images: int, views: int) -> np.ndarray:
         pixels = render_views(make_shards(tmp, images, images), ViewConfig(per_image=views), teacher.input_size)
     x = normalize(pixels, teacher.mean, teacher.std)
     return torch.cat([teacher(b).features for b in x.split(32)]).numpy()
-
-
-def median_seconds(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_codec(codec: numcodecs.abc.Codec, values: np.ndarray, reps: int) -> dict:

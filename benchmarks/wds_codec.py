@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import io
 import json
-import statistics
 import tarfile
 import tempfile
 import time
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 from numcodecs import Zstd
 
-from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, codec_parser, machine_facts, make_shards, render_views, table, warn_if_busy,
+from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, codec_parser, median_seconds, machine_facts, make_shards, render_views, table, warn_if_busy,
                      write_json)
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import build_teacher
@@ -137,15 +136,6 @@ def read_random(layout: str, path: Path, picks: list[tuple[str, int]]) -> None:
         g.get(key, view)
 
 
-def median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     args = codec_parser(__doc__, "wds_codec").parse_args()
     warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
@@ -167,12 +157,12 @@ def main() -> None:
             for layout in LAYOUTS:
                 root = Path(tmp) / f"{dtype}-{layout.replace(' ', '_').replace(',', '')}"
                 paths: list[Path] = []
-                write_s = median_time(lambda: paths.append(write_shard(layout, root, rows, dtype)), args.reps)
+                write_s = median_seconds(lambda: paths.append(write_shard(layout, root, rows, dtype)), args.reps)
                 path = paths[-1]
                 assert read_sequential(layout, path) == n
-                seq_s = median_time(lambda: read_sequential(layout, path), args.reps)
-                rand_s = median_time(lambda: read_random(layout, path, picks), args.reps)
-                open_s = median_time(lambda: len(open_shard(layout, path)), args.reps) if layout != "tar.zst" else None
+                seq_s = median_seconds(lambda: read_sequential(layout, path), args.reps)
+                rand_s = median_seconds(lambda: read_random(layout, path, picks), args.reps)
+                open_s = median_seconds(lambda: len(open_shard(layout, path)), args.reps) if layout != "tar.zst" else None
                 stored = cf.dir_bytes(path)
                 results.append({"dtype": dtype, "layout": layout, "bytes": stored, "bytes_per_view": stored / n,
                                 "write_views_per_s": n / write_s, "seq_read_views_per_s": n / seq_s,
