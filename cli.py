@@ -57,7 +57,7 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 
 @cli.command("extract-features")
 @click.option("--shards", required=True, help="Input tars: a webdataset URL list or brace range.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory.")
+@click.option("--out", required=True, help="Cache directory, or an fsspec URL (s3://bucket/cache, file://...).")
 @click.option("--teacher", required=True, help="clip:ARCH[@WEIGHTS] or dino:TIMM_NAME[@WEIGHTS].")
 @click.option("--views", "num_views", default=2, show_default=True, help="Views per image.")
 @click.option("--dtype", type=click.Choice(["int8", "float16"]), default="int8", show_default=True)
@@ -83,7 +83,8 @@ def extract_features(shards, out, teacher, num_views, dtype, cache_format, batch
         views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size), progress=not no_progress,
     )
     s = run_extraction(cfg)
-    click.echo(f"{s['extracted']} shards extracted, {s['skipped_complete']} already complete, "
+    rank = f"rank {s['rank']}/{s['world_size']}: " if s["world_size"] > 1 else ""  # each rank did its own shards
+    click.echo(f"{rank}{s['extracted']} shards extracted, {s['skipped_complete']} already complete, "
                f"{s['views']} views, {s['samples_skipped']} samples skipped, {s['seconds']} s -> {out}")
 
 
@@ -94,7 +95,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @cli.command("pretrain")
 @click.option("--shards", required=True, help="Source tars (the ones the cache was extracted from).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--feature-cache", type=click.Path(exists=True, file_okay=False), help="Train from this cache.")
+@click.option("--feature-cache", help="Train from this cache (a directory or an fsspec URL).")
 @click.option("--teacher", help="Live teacher spec instead of a cache (clip:... / dino:...).")
 @click.option("--model", default="mrmae_vit_base_patch16", show_default=True, help="See `mrmae models`.")
 @click.option("--epochs", default=1, show_default=True)
@@ -146,7 +147,8 @@ def pretrain(shards, out, feature_cache, teacher, model, epochs, batch_size, acc
         progress=not no_progress, step_options=opts,
     )
     r = run_pretrain(cfg)
-    click.echo(f"{r['steps']} steps; checkpoint: {r['checkpoint']}; metrics: {r['metrics']}")
+    if r["main_process"]:  # one summary per run, not one per process
+        click.echo(f"{r['steps']} steps; checkpoint: {r['checkpoint']}; metrics: {r['metrics']}")
 
 
 @cli.command("models")
@@ -164,7 +166,7 @@ def cache() -> None:
 
 
 @cache.command("info")
-@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cache_info(cache_dir: str, as_json: bool) -> None:
     """Teacher, views, shards complete/total, views stored, bytes, compression."""
@@ -180,7 +182,7 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 
 
 @cache.command("verify")
-@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache_dir")
 @click.option("--recompute", default=8, show_default=True, help="Random views to re-render and rerun.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)

@@ -87,12 +87,13 @@ class _Batcher:
 
 
 def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None) -> dict:
-    """Extract one shard into its group; returns its manifest entry."""
+    """Extract one shard into its group and record it complete; returns its manifest entry."""
     t0 = time.time()
     samples, source_sha256 = read_shard_with_digest(url)
     n_views = cfg.views.per_image
     writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
                                   cfg.dtype, cfg.layers)
+    cf.forget_shard(cfg.out, writer.group_path)  # an entry left from an earlier write no longer holds
     skipped: list[dict] = []
     seen: set[str] = set()
     unique = []
@@ -120,13 +121,15 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
             _run_batch(batch, teacher, cfg, writer, bar)
         kept = len(unique) - sum(1 for s in skipped if s["reason"] != "duplicate key in shard")
         _, digest, size = writer.close({"source": url, "num_samples": kept})
+        entry = {"source": url, "group": writer.group_path, "num_samples": kept,
+                 "num_views": writer.rows, "skipped": skipped, "status": "complete", "sha256": digest,
+                 "bytes": size, "source_bytes": local_file_size(url), "source_sha256": source_sha256,
+                 "seconds": round(time.time() - t0, 2)}
+        cf.commit_shard(cfg.out, writer, entry)
     except BaseException:
         writer.abort()
         raise
-    return {"source": url, "group": writer.group_path, "num_samples": kept,
-            "num_views": writer.rows, "skipped": skipped, "status": "complete", "sha256": digest,
-            "bytes": size, "source_bytes": local_file_size(url), "source_sha256": source_sha256,
-            "seconds": round(time.time() - t0, 2)}
+    return entry
 
 
 def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
@@ -153,8 +156,8 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     """Extract every shard of this process not yet complete in `cfg.out`; returns a summary.
 
     Under torchrun / accelerate launch, input shard i belongs to rank i % world_size: each
-    rank writes whole shards only, and the manifest is updated under a file lock. No
-    process group is needed, and the cache is the same whatever the process count.
+    rank writes whole shards and their entries only, so no file has two writers and no lock
+    or process group is needed; the cache is the same whatever the process count.
     """
     rank, world, local_rank = process_rank()
     device = f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device
@@ -175,7 +178,6 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     try:
         for url in todo:
             entry = extract_shard(url, teacher, run_cfg, bar)
-            cf.record_shard(cfg.out, entry)
             summary["extracted"] += 1
             summary["views"] += entry["num_views"]
             summary["samples_skipped"] += len(entry["skipped"])
@@ -186,7 +188,5 @@ def run_extraction(cfg: ExtractConfig) -> dict:
 
 
 def _is_complete(root: str, manifest: dict, url: str) -> bool:
-    from pathlib import Path
-
     entry = cf.shard_entry(manifest, url)
-    return bool(entry and entry.get("status") == "complete" and (Path(root) / entry["group"]).exists())
+    return bool(entry and entry.get("status") == "complete" and cf.Location(root).exists(entry["group"]))

@@ -29,3 +29,20 @@ def demo_shards(tmp_path_factory) -> list[Path]:
 
 def url_list(paths: list[Path]) -> str:
     return "::".join(str(p) for p in paths)
+
+
+def launch_two(launcher: str) -> list[str]:
+    """The command prefix that starts `python -m mrmae` in 2 processes on this machine.
+
+    `accelerate launch --multi_gpu` is accelerate's torchrun-based launcher; without CUDA
+    mrmae's processes then join with gloo, as on a multi-GPU node they would with NCCL.
+    (`accelerate launch --cpu` starts several processes only through mpirun.) Port 0: a
+    free one, so that tests running side by side do not collide.
+    """
+    import sys
+
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mrmae"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "mrmae"]

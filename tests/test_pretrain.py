@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import DINO_TINY, url_list
+from conftest import DINO_TINY, launch_two, url_list
 
 from mrmae.cli import cli, main
 from mrmae.extract.runner import ExtractConfig, run_extraction
@@ -170,10 +170,9 @@ def test_non_finite_or_unreadable_cached_targets_name_group_and_key(demo_shards,
     assert "unreadable targets" in lines[0] and "mrmae cache verify" in lines[0]
 
 
-def _torchrun(args: list[str], out: Path, wait: bool = True):
+def _launch(args: list[str], out: Path, wait: bool = True, launcher: str = "torchrun"):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mrmae", "pretrain",
-           *args, "--out", str(out)]
+    cmd = [*launch_two(launcher), "pretrain", *args, "--out", str(out)]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -181,11 +180,14 @@ def _torchrun(args: list[str], out: Path, wait: bool = True):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_ddp_on_two_processes_gives_the_losses_of_one(demo_shards, cache, tmp_path):
-    base = ["--shards", url_list(demo_shards), "--feature-cache", str(cache), *TINY, "--data-split", "samples",
-            "--mask", "focused", "--epochs", "2"]
-    pretrain([*base, "--batch-size", "8", "--out", str(tmp_path / "one")])
-    _torchrun([*base, "--batch-size", "4"], tmp_path / "two")
+@pytest.mark.parametrize("launcher,remote", [("torchrun", False), ("accelerate", True)])
+def test_ddp_on_two_processes_gives_the_losses_of_one(demo_shards, cache, tmp_path, launcher, remote):
+    """torchrun reading the cache from its directory; accelerate launch reading it through
+    fsspec (a file:// URL), as from an object store."""
+    base = ["--shards", url_list(demo_shards), *TINY, "--data-split", "samples", "--mask", "focused", "--epochs", "2"]
+    pretrain([*base, "--feature-cache", str(cache), "--batch-size", "8", "--out", str(tmp_path / "one")])
+    where = f"file://{cache}" if remote else str(cache)
+    _launch([*base, "--feature-cache", where, "--batch-size", "4"], tmp_path / "two", launcher=launcher)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 4  # 18 samples -> 2 global batches of 8 per epoch
     for a, b in zip(one, two):
@@ -200,7 +202,7 @@ def test_ddp_run_killed_and_resumed_continues_from_its_checkpoint(demo_shards, c
             "--batch-size", "2", "--epochs", "2", "--save-every-steps", "1"]
     pretrain([*args, "--batch-size", "4", "--out", str(tmp_path / "whole")])
     out = tmp_path / "killed"
-    proc = _torchrun(args, out, wait=False)
+    proc = _launch(args, out, wait=False)
     deadline = time.time() + 180
     while time.time() < deadline:
         if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
@@ -209,7 +211,7 @@ def test_ddp_run_killed_and_resumed_continues_from_its_checkpoint(demo_shards, c
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
     proc.wait()
     assert 3 <= len(metrics(out)) < 8, "the kill should land mid-run"
-    _torchrun([*args, "--resume"], out)
+    _launch([*args, "--resume"], out)
     whole, resumed = metrics(tmp_path / "whole"), metrics(out)
     assert [m["step"] for m in resumed] == list(range(1, 9))
     for a, b in zip(whole, resumed):

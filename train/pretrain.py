@@ -188,7 +188,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     if accelerator.is_main_process and writer is not None:
         writer.close()
     accelerator.wait_for_everyone()
-    return {"checkpoint": str(last_path), "metrics": str(metrics), "steps": state.step}
+    return {"checkpoint": str(last_path), "metrics": str(metrics), "steps": state.step,
+            "main_process": accelerator.is_main_process}
 
 
 def _passes(stream: StudentStream, loader, epoch: int):

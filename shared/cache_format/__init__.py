@@ -1,33 +1,36 @@
-"""Cache format v1: the one package that reads and writes a teacher-feature cache.
+"""Cache format v2: the one package that reads and writes a teacher-feature cache.
 
-A cache is a directory with `manifest.json` (what made the cache; which input shards are
-complete) and one stored shard per input shard, in one of two backends, named by the
-manifest's `storage.backend` (CACHE_FORMAT.md says the same for people):
+A cache is a directory, local or at an fsspec URL, with `manifest.json` (what made the
+cache), one stored shard per input shard and, beside each complete one, its entry
+`shards/<name>.json`. The backend is named by the manifest's `storage.backend`
+(CACHE_FORMAT.md says the same for people):
 
 - `zarr` (default, `zarr_store`): a Zarr v3 store, one group `shards/<name>/` per shard,
   one array per column;
 - `wds` (`wds_store`): one tar `shards/<name>.tar` per shard, one tar sample per view.
 
 Rows follow the source tar's sample order, views 0..K-1 per sample. A shard is written
-under a temporary name by exactly one process and renamed into place when whole, then the
-manifest marks it complete, so a killed writer never leaves a shard that looks finished.
+by exactly one process, locally under a temporary name, and renamed into place (or
+uploaded) when whole; its entry is written last, so a killed writer never leaves a shard
+that looks finished.
 `FeatureCache(root).shard(url)` reads either backend through one interface.
 """
 
-from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, open_shard_writer,
+from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, open_shard_writer,
                     storage_section)
 from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, dir_bytes, group_digest,
                      quantize_int8)
-from .manifest import (MANIFEST, backend_of, config_mismatch, find_shard, group_name, init_cache, locked_manifest,
+from .manifest import (MANIFEST, backend_of, config_mismatch, find_shard, group_name, forget_shard, init_cache,
                        new_manifest, read_manifest, record_shard, shard_basename, shard_entry)
 from .wds_store import WdsShard, WdsShardWriter, sample_name
+from .location import Location, is_url
 from .zarr_store import ShardGroup, ShardWriter, compressor_for
 
 __all__ = [
-    "BACKENDS", "FORMAT_VERSION", "MANIFEST", "ROWS_PER_CHUNK", "CacheError", "FeatureCache", "ShardGroup",
+    "BACKENDS", "FORMAT_VERSION", "MANIFEST", "ROWS_PER_CHUNK", "CacheError", "FeatureCache", "Location", "ShardGroup",
     "ShardWriter", "ViewTargets", "WdsShard", "WdsShardWriter", "backend_of", "check_integrity",
-    "codec_description", "compressor_for", "config_mismatch", "dequantize", "dir_bytes", "find_shard",
-    "group_digest", "group_name", "init_cache", "locked_manifest", "new_manifest", "open_shard_writer",
+    "codec_description", "commit_shard", "compressor_for", "config_mismatch", "dequantize", "dir_bytes", "find_shard",
+    "group_digest", "group_name", "is_url", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
     "quantize_int8", "read_manifest", "record_shard", "sample_name", "shard_basename", "shard_entry",
     "storage_section",
 ]

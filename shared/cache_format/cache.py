@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest
-from .manifest import backend_of, find_shard, read_manifest
+from .location import Location, drop_staging, is_url, staging_dir
+from .manifest import backend_of, find_shard, read_manifest, record_shard
 from .wds_store import WdsShard, WdsShardWriter, wds_codec_description
 from .zarr_store import ShardGroup, ShardWriter, zarr_codec_description
 
@@ -38,8 +38,35 @@ def storage_section(backend: str, dtype: str) -> dict:
 def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
                       dtype: str, layers: tuple[int, ...] = ()) -> ShardWriter | WdsShardWriter:
     """The writer of one input shard for `backend`; both have append / close / abort, `name`,
-    `group_path` (the manifest entry's `group`) and `rows`."""
-    return _WRITERS[_check_backend(backend)](root, source, max_rows, dim, grid_len, dtype, layers)
+    `group_path` (the manifest entry's `group`), `final` (the finished local copy) and `rows`.
+
+    For a cache at a URL the writer works in a local staging directory; `commit_shard`
+    uploads what it wrote.
+    """
+    local_root = staging_dir() if is_url(root) else root
+    writer = _WRITERS[_check_backend(backend)](local_root, source, max_rows, dim, grid_len, dtype, layers)
+    if is_url(root):
+        abort = writer.abort
+
+        def abort_and_drop() -> None:
+            abort()
+            drop_staging(local_root)
+
+        writer.abort = abort_and_drop
+    return writer
+
+
+def commit_shard(root: str | os.PathLike, writer: ShardWriter | WdsShardWriter, entry: dict) -> None:
+    """Make a closed writer's shard part of the cache: its bytes first, then its entry.
+
+    A local writer has already renamed its group into place; a staged one is uploaded
+    here. Until the entry is written the shard is not in the cache, whatever a kill
+    leaves behind.
+    """
+    if is_url(root):
+        Location(root).publish(writer.final, writer.group_path)
+        drop_staging(writer.root)
+    record_shard(root, entry)
 
 
 def check_integrity(root: str | os.PathLike) -> list[str]:
@@ -49,13 +76,13 @@ def check_integrity(root: str | os.PathLike) -> list[str]:
     sha256 recorded when it was written (bit rot, truncation, a replaced chunk) and
     notices missing ones.
     """
-    root = Path(root)
+    loc = Location(root)
     problems = []
     for entry in read_manifest(root)["shards"]:
         if entry.get("status") != "complete":
             continue
-        path = root / entry["group"]
-        if not path.exists():
+        path = loc.join(entry["group"])
+        if not loc.exists(entry["group"]):
             problems.append(f"{path}: group of {entry['source']} is missing")
             continue
         digest, size = group_digest(path)
@@ -67,10 +94,11 @@ def check_integrity(root: str | os.PathLike) -> list[str]:
 
 
 class FeatureCache:
-    """A cache on disk: its manifest and its complete shards, in either backend."""
+    """A cache, local or at an fsspec URL: its manifest and its complete shards, in either backend."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.location = Location(root)
+        self.root = str(self.location)
         self.manifest = read_manifest(self.root)
         self.backend = _check_backend(backend_of(self.manifest))
 
@@ -79,7 +107,7 @@ class FeatureCache:
         return [s for s in self.manifest["shards"] if s.get("status") == "complete"]
 
     def _open(self, entry: dict) -> ShardGroup | WdsShard:
-        return _READERS[self.backend](self.root / entry["group"], entry)
+        return _READERS[self.backend](self.location.join(entry["group"]), entry)
 
     def shard(self, source: str) -> ShardGroup | WdsShard:
         entry = find_shard(self.manifest, source)
@@ -92,7 +120,7 @@ class FeatureCache:
 
     def stored_bytes(self) -> int:
         """Bytes on disk of the complete shards (temporaries and lock files not counted)."""
-        return sum(s.get("bytes") or dir_bytes(self.root / s["group"]) for s in self.complete_shards)
+        return sum(s.get("bytes") or dir_bytes(self.location.join(s["group"])) for s in self.complete_shards)
 
     def logical_bytes(self) -> int:
         """Bytes of all complete shards' arrays before compression."""

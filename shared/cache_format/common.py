@@ -4,13 +4,14 @@ targets, and the digest of a stored shard (a Zarr group directory or a tar file)
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard entries in shards/<name>.json, not in manifest.json
 ROWS_PER_CHUNK = 16  # views per features chunk: sequential loader reads, ~2.4 MB int8 for B/16
 
 
@@ -65,35 +66,37 @@ def view_targets(reader, key: str, view: int) -> ViewTargets:
                        block["features"][0], block["attention"][0], block["cls"][0])
 
 
-def group_digest(path: Path) -> tuple[str, int]:
-    """(sha256, bytes) of a stored shard, as recorded in its manifest entry.
+def group_digest(path: str | os.PathLike) -> tuple[str, int]:
+    """(sha256, bytes) of a stored shard, local or at an fsspec URL, as its manifest entry records.
 
     A tar file (wds backend): the plain sha256 of the file, what `sha256sum` prints. A
     directory (a Zarr group): sha256 over (relative path, length, bytes) of every file in
     path order.
     """
-    path = Path(path)
+    from .location import Location
+
+    loc = Location(path)
+    files = loc.files("")
     h, total = hashlib.sha256(), 0
-    if path.is_file():
-        with open(path, "rb") as f:
+    if files and files[0][0] == "":
+        with loc.open("") as f:
             while block := f.read(1 << 20):
                 h.update(block)
                 total += len(block)
         return h.hexdigest(), total
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        data = f.read_bytes()
-        h.update(f"{f.relative_to(path).as_posix()}\x00{len(data)}\x00".encode())
+    for rel, _ in files:
+        data = loc.read_bytes(rel)
+        h.update(f"{rel}\x00{len(data)}\x00".encode())
         h.update(data)
         total += len(data)
     return h.hexdigest(), total
 
 
-def dir_bytes(path: Path) -> int:
-    """Bytes on disk of a stored shard: a file's size, or the sum over a directory's files."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a stored shard: a file's size, or the sum over a directory's files."""
+    from .location import Location
+
+    return sum(size for _, size in Location(path).files(""))
 
 
 def remove_stale_temps(shards_dir: Path, name: str) -> None:

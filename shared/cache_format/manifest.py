@@ -1,17 +1,16 @@
-"""manifest.json: what made a cache and which shards are complete; one writer at a time."""
+"""The manifest: manifest.json says what made a cache; shards/<name>.json, one per complete
+shard, says which shards it holds. No file is ever written by two processes, so the cache
+needs no lock, locally, on NFS or on an object store."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
-from pathlib import Path
-from typing import Iterator
 
 from .common import FORMAT_VERSION, CacheError
+from .location import Location
 
 MANIFEST = "manifest.json"
 
@@ -24,8 +23,9 @@ def group_name(source: str) -> str:
 
 
 def new_manifest(teacher: dict, views: dict, storage: dict, version: str) -> dict:
+    """The configuration part of a manifest; `read_manifest` adds the `shards` entries."""
     return {"format_version": FORMAT_VERSION, "mrmae_version": version, "teacher": teacher,
-            "views": views, "storage": storage, "shards": []}
+            "views": views, "storage": storage}
 
 
 def backend_of(manifest: dict) -> str:
@@ -33,57 +33,55 @@ def backend_of(manifest: dict) -> str:
     return manifest.get("storage", {}).get("backend", "zarr")
 
 
+def entry_path(group: str) -> str:
+    """Where a shard's entry lives, beside its group: shards/<name>.json."""
+    return re.sub(r"\.tar$", "", group) + ".json"
+
+
 def read_manifest(root: str | os.PathLike) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise CacheError(f"{root}: not a feature cache (no {MANIFEST})")
+    """manifest.json plus, under `shards`, the entry of every complete shard (by group name)."""
+    loc = Location(root)
     try:
-        manifest = json.loads(path.read_text())
+        text = loc.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        raise CacheError(f"{root}: not a feature cache (no {MANIFEST})") from None
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CacheError(f"{path}: unreadable manifest ({e})") from e
+        raise CacheError(f"{loc.join(MANIFEST)}: unreadable manifest ({e})") from e
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: format_version {manifest.get('format_version')!r}, this mrmae reads {FORMAT_VERSION}")
+        raise CacheError(f"{loc.join(MANIFEST)}: format_version {manifest.get('format_version')!r}, "
+                         f"this mrmae reads {FORMAT_VERSION}")
+    names = loc.glob("shards/*.json")
+    entries = []
+    for name, blob in zip(names, loc.read_many(names)):
+        try:
+            entries.append(json.loads(blob))
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{loc.join(name)}: unreadable shard entry ({e})") from e
+    manifest["shards"] = sorted(entries, key=lambda s: s["group"])
     return manifest
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+def _empty_zarr_group() -> bytes:
+    import zarr
 
-
-@contextlib.contextmanager
-def locked_manifest(root: str | os.PathLike) -> Iterator[dict]:
-    """Read-modify-write the manifest under an exclusive file lock (one writer at a time)."""
-    root = Path(root)
-    with open(root / ".manifest.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            manifest = read_manifest(root)
-            yield manifest
-            _write_json_atomic(root / MANIFEST, manifest)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    store = zarr.storage.MemoryStore()
+    zarr.open_group(store, mode="w")
+    return store._store_dict["zarr.json"].to_bytes()
 
 
 def init_cache(root: str | os.PathLike, manifest: dict) -> None:
-    """Create the cache and its manifest if absent (first writer wins, under the lock).
+    """Create the cache's manifest if absent; the first of racing writers wins, whole.
 
-    A Zarr cache's root is also a Zarr v3 group; a wds cache is plain directories.
+    A Zarr cache's root is also a Zarr v3 group (its zarr.json); a wds cache is plain
+    files. `shards` entries are never part of manifest.json: each is its own file.
     """
-    root = Path(root)
-    (root / "shards").mkdir(parents=True, exist_ok=True)
-    with open(root / ".manifest.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (root / MANIFEST).exists():
-                if backend_of(manifest) == "zarr":
-                    import zarr
-
-                    zarr.open_group(str(root), mode="a")
-                _write_json_atomic(root / MANIFEST, manifest)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    loc = Location(root)
+    config = {k: v for k, v in manifest.items() if k != "shards"}
+    if backend_of(config) == "zarr":
+        loc.create_exclusive("zarr.json", _empty_zarr_group())
+    loc.create_exclusive(MANIFEST, (json.dumps(config, indent=1) + "\n").encode())
 
 
 def config_mismatch(existing: dict, wanted: dict) -> str | None:
@@ -127,7 +125,10 @@ def find_shard(manifest: dict, source: str) -> dict | None:
 
 
 def record_shard(root: str | os.PathLike, entry: dict) -> None:
-    """Replace or add one shard's entry in the manifest."""
-    with locked_manifest(root) as manifest:
-        manifest["shards"] = [s for s in manifest["shards"] if s["source"] != entry["source"]] + [entry]
-        manifest["shards"].sort(key=lambda s: s["group"])
+    """Mark a shard complete: write its entry (after its bytes are in place)."""
+    Location(root).write_bytes(entry_path(entry["group"]), (json.dumps(entry, indent=1) + "\n").encode())
+
+
+def forget_shard(root: str | os.PathLike, group: str) -> None:
+    """Remove a shard's entry before its group is rewritten, so it never looks complete."""
+    Location(root).remove(entry_path(group))

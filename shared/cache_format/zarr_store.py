@@ -140,8 +140,8 @@ class ShardGroup:
     The interface every backend's shard reader has (`WdsShard` is the other one).
     """
 
-    def __init__(self, path: Path, entry: dict):
-        self.path, self.entry = path, entry
+    def __init__(self, path: str | os.PathLike, entry: dict):
+        self.path, self.entry = str(path), entry
         try:
             self.group = zarr.open_group(str(path), mode="r")
             self.keys = np.array([str(k) for k in self.group["keys"][:]])
