@@ -56,9 +56,12 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 
 
 @cli.command("extract-features")
-@click.option("--shards", required=True, help="Input tars: a webdataset URL list or brace range.")
+@click.option("--shards", help="Input tars: a webdataset URL list or brace range (with --add-teacher: default "
+              "the cache's own).")
 @click.option("--out", required=True, help="Cache directory, or an fsspec URL (s3://bucket/cache, file://...).")
-@click.option("--teacher", required=True, help="clip:ARCH[@WEIGHTS] or dino:TIMM_NAME[@WEIGHTS].")
+@click.option("--teacher", help="clip:ARCH[@WEIGHTS] or dino:TIMM_NAME[@WEIGHTS].")
+@click.option("--add-teacher", help="Add this teacher's targets to the existing cache --out, for exactly its views.")
+@click.option("--name", "target", help="With --add-teacher: the targets' name (default from the spec, e.g. clip-ViT-B-16).")
 @click.option("--views", "num_views", default=2, show_default=True, help="Views per image.")
 @click.option("--dtype", type=click.Choice(["int8", "float16"]), default="int8", show_default=True)
 @click.option("--format", "cache_format", type=click.Choice(["zarr", "wds"]), default="zarr", show_default=True,
@@ -71,21 +74,33 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 @click.option("--image-size", default=224, show_default=True, help="The student's input size (recorded).")
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
 @click.option("--no-progress", is_flag=True)
-def extract_features(shards, out, teacher, num_views, dtype, cache_format, batch_size, seed, device, workers, layers,
-                     image_size, strict, no_progress) -> None:
-    """Run TEACHER once over --views augmented views of each image and cache its targets."""
+def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, cache_format, batch_size, seed,
+                     device, workers, layers, image_size, strict, no_progress) -> None:
+    """Run TEACHER once over --views augmented views of each image and cache its targets.
+
+    With --add-teacher SPEC instead, run SPEC over the views already in the cache --out (its
+    crops and flips, its backend; no new views are drawn) and store the targets under
+    OUT/targets/NAME, for `mrmae pretrain --target NAME`.
+    """
     from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.shared import cache_format as cf
     from mrmae.shared.views import ViewConfig
 
+    if bool(teacher) == bool(add_teacher):
+        raise click.UsageError("give --teacher (a new cache) or --add-teacher (another teacher for a cache's views)")
+    if not shards and not add_teacher:
+        raise click.UsageError("--shards is required with --teacher")
+    where = cf.target_root(out, target or cf.target_name(add_teacher)) if add_teacher else out
     cfg = ExtractConfig(
-        shards=shards, out=out, teacher=teacher, dtype=dtype, format=cache_format, batch_size=batch_size, device=device,
-        workers=workers, layers=tuple(int(x) for x in layers.split(",") if x), strict=strict,
-        views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size), progress=not no_progress,
+        shards=shards or [], out=where, teacher=teacher or add_teacher, dtype=dtype, format=cache_format,
+        batch_size=batch_size, device=device, workers=workers, layers=tuple(int(x) for x in layers.split(",") if x),
+        strict=strict, views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size),
+        progress=not no_progress, views_from=out if add_teacher else None,
     )
     s = run_extraction(cfg)
     rank = f"rank {s['rank']}/{s['world_size']}: " if s["world_size"] > 1 else ""  # each rank did its own shards
     click.echo(f"{rank}{s['extracted']} shards extracted, {s['skipped_complete']} already complete, "
-               f"{s['views']} views, {s['samples_skipped']} samples skipped, {s['seconds']} s -> {out}")
+               f"{s['views']} views, {s['samples_skipped']} samples skipped, {s['seconds']} s -> {where}")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -96,6 +111,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--shards", required=True, help="Source tars (the ones the cache was extracted from).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--feature-cache", help="Train from this cache (a directory or an fsspec URL).")
+@click.option("--target", help="Mimic the targets of a teacher added to the cache (see extract-features --add-teacher).")
 @click.option("--teacher", help="Live teacher spec instead of a cache (clip:... / dino:...).")
 @click.option("--model", default="mrmae_vit_base_patch16", show_default=True, help="See `mrmae models`.")
 @click.option("--epochs", default=1, show_default=True)
@@ -126,7 +142,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
 @click.option("--save-every-steps", default=0, show_default=True, help="0: at each epoch's end only.")
 @click.option("--no-progress", is_flag=True)
-def pretrain(shards, out, feature_cache, teacher, model, epochs, batch_size, accum_steps, blr, lr, min_lr,
+def pretrain(shards, out, feature_cache, target, teacher, model, epochs, batch_size, accum_steps, blr, lr, min_lr,
              warmup_epochs, weight_decay, mask, mask_ratio, focus_temperature, focus_uniform_mix, recon_weight,
              mimic_weight, target_norm, fuse_layers, decoder_dim, decoder_depth, views_per_image, workers,
              shuffle_buffer, seed, data_split, resume, save_every_steps, no_progress) -> None:
@@ -138,8 +154,8 @@ def pretrain(shards, out, feature_cache, teacher, model, epochs, batch_size, acc
                        focus_uniform_mix=focus_uniform_mix, recon_weight=recon_weight, mimic_weight=mimic_weight,
                        target_norm=target_norm, seed=seed)
     cfg = PretrainConfig(
-        shards=shards, out=out, model=model, feature_cache=feature_cache, teacher=teacher, epochs=epochs,
-        batch_size=batch_size, accum_steps=accum_steps, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+        shards=shards, out=out, model=model, feature_cache=feature_cache, target=target, teacher=teacher,
+        epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
         weight_decay=weight_decay, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
         fuse_layers=_ints(fuse_layers), views_per_image=views_per_image, workers=workers,
         shuffle_buffer=shuffle_buffer, seed=seed, data_split=data_split, resume=resume,

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mrmae.extract.reader import RawSample
-from mrmae.shared.views import ImageDecodeError, ViewConfig, decode_image, render_view_uint8, sample_views
+from mrmae.shared.views import ImageDecodeError, View, ViewConfig, decode_image, render_view_uint8, sample_views
 
 
 @dataclass
@@ -25,8 +25,12 @@ class RenderedSample:
     flips: np.ndarray  # bool [K]
 
 
-def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int) -> RenderedSample:
-    """Decode one sample and render its `cfg.per_image` views (uint8, not normalised)."""
+def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int,
+                  views: list[View] | None = None) -> RenderedSample:
+    """Decode one sample and render its `cfg.per_image` views (uint8, not normalised).
+
+    `views` replays given views (another teacher added to a cache) instead of drawing them.
+    """
     empty = RenderedSample(sample.key, None, torch.empty(0, dtype=torch.uint8),
                            np.zeros((0, 4), np.int32), np.zeros(0, bool))
     if sample.image is None:
@@ -37,7 +41,8 @@ def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int) -> Render
     except ImageDecodeError as e:
         empty.error = f"undecodable image: {e}"
         return empty
-    views = sample_views(sample.key, image.shape[1], image.shape[2], cfg)
+    if views is None:
+        views = sample_views(sample.key, image.shape[1], image.shape[2], cfg)
     pixels = torch.stack([render_view_uint8(image, v, input_size) for v in views])
     crops = np.array([v.box for v in views], dtype=np.int32)
     flips = np.array([v.flip for v in views], dtype=bool)
@@ -45,13 +50,18 @@ def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int) -> Render
 
 
 class RenderDataset(Dataset):
-    """Map-style over one shard's samples, so a DataLoader keeps tar order at any worker count."""
+    """Map-style over one shard's samples, so a DataLoader keeps tar order at any worker count.
 
-    def __init__(self, samples: list[RawSample], cfg: ViewConfig, input_size: int):
-        self.samples, self.cfg, self.input_size = samples, cfg, input_size
+    `geometry` (key -> its views in view order) replays a cache's views instead of drawing.
+    """
+
+    def __init__(self, samples: list[RawSample], cfg: ViewConfig, input_size: int,
+                 geometry: dict[str, list[View]] | None = None):
+        self.samples, self.cfg, self.input_size, self.geometry = samples, cfg, input_size, geometry
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> RenderedSample:
-        return render_sample(self.samples[i], self.cfg, self.input_size)
+        s = self.samples[i]
+        return render_sample(s, self.cfg, self.input_size, None if self.geometry is None else self.geometry[s.key])

@@ -27,7 +27,7 @@ from mrmae.extract.mapper import RenderDataset, RenderedSample
 from mrmae.extract.reader import expand_urls, local_file_size, read_shard_with_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import Teacher, build_teacher
-from mrmae.shared.views import ViewConfig, normalize
+from mrmae.shared.views import View, ViewConfig, normalize
 
 log = logging.getLogger("mrmae.extract")
 
@@ -50,12 +50,16 @@ class ExtractConfig:
     layers: tuple[int, ...] = ()
     strict: bool = False
     progress: bool = True
+    views_from: str | None = None  # add a teacher: replay this cache's views (out = its targets/<name>)
 
 
 def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
     teacher_entry = {**teacher.describe(), "layers": list(cfg.layers)}
     storage = cf.storage_section(cfg.format, cfg.dtype)
-    return cf.new_manifest(teacher_entry, cfg.views.to_json(), storage, __version__)
+    manifest = cf.new_manifest(teacher_entry, cfg.views.to_json(), storage, __version__)
+    if cfg.views_from:
+        manifest["views_from"] = "../.."  # a target's views are those of the cache two levels up
+    return manifest
 
 
 def check_compatible(out: str, wanted: dict) -> None:
@@ -86,8 +90,24 @@ class _Batcher:
             yield batch
 
 
-def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None) -> dict:
-    """Extract one shard into its group and record it complete; returns its manifest entry."""
+def replayed_views(group: cf.ShardGroup | cf.WdsShard) -> dict[str, list[View]]:
+    """A cached shard's views, key -> [view 0, ..., view K-1], to render for another teacher."""
+    crop, flip, _ = group.geometry()
+    views: dict[str, list[View]] = {}
+    for key, v, box, f in zip(group.keys, group.views, crop, flip):
+        views.setdefault(str(key), []).append(View(*(int(c) for c in box), flip=bool(f)))
+        if len(views[str(key)]) != int(v) + 1:
+            raise cf.CacheError(f"{group.path}: key {key}: views are not stored in order 0..K-1")
+    return views
+
+
+def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None,
+                  geometry: dict[str, list[View]] | None = None) -> dict:
+    """Extract one shard into its group and record it complete; returns its manifest entry.
+
+    With `geometry` (another teacher added to a cache) exactly those views are rendered,
+    and samples without cached views are skipped, so rows match the cache's one for one.
+    """
     t0 = time.time()
     samples, source_sha256 = read_shard_with_digest(url)
     n_views = cfg.views.per_image
@@ -100,12 +120,16 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     for s in samples:  # a repeated key would make rows ambiguous: keep the first
         if s.key in seen:
             skipped.append({"key": s.key, "reason": "duplicate key in shard"})
+        elif geometry is not None and s.key not in geometry:
+            seen.add(s.key)
+            skipped.append({"key": s.key, "reason": "no views in the cache (skipped at its extraction)"})
         else:
             seen.add(s.key)
             unique.append(s)
-    loader = DataLoader(RenderDataset(unique, cfg.views, teacher.input_size), batch_size=None,
+    loader = DataLoader(RenderDataset(unique, cfg.views, teacher.input_size, geometry), batch_size=None,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
     batcher = _Batcher(cfg.batch_size)
+    failed = 0  # samples of `unique` that could not be rendered
     try:
         for rendered in loader:
             if rendered.error:
@@ -113,14 +137,18 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
                     raise SkippedSampleError(f"{url}: key {rendered.key}: {rendered.error}")
                 warnings.warn(f"skipping {url} key {rendered.key}: {rendered.error}", stacklevel=1)
                 skipped.append({"key": rendered.key, "reason": rendered.error})
+                failed += 1
                 continue
             batcher.add(rendered)
             for batch in batcher.take():
                 _run_batch(batch, teacher, cfg, writer, bar)
         for batch in batcher.take(final=True):
             _run_batch(batch, teacher, cfg, writer, bar)
-        kept = len(unique) - sum(1 for s in skipped if s["reason"] != "duplicate key in shard")
+        kept = len(unique) - failed
         _, digest, size = writer.close({"source": url, "num_samples": kept})
+        if geometry is not None and writer.rows != sum(len(v) for v in geometry.values()):
+            raise cf.CacheError(f"{url}: {writer.rows} views rendered where the cache holds "
+                                f"{sum(len(v) for v in geometry.values())}: the shard changed since extraction")
         entry = {"source": url, "group": writer.group_path, "num_samples": kept,
                  "num_views": writer.rows, "skipped": skipped, "status": "complete", "sha256": digest,
                  "bytes": size, "source_bytes": local_file_size(url), "source_sha256": source_sha256,
@@ -161,7 +189,10 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     """
     rank, world, local_rank = process_rank()
     device = f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device
-    urls = expand_urls(cfg.shards)
+    base = cf.FeatureCache(cfg.views_from) if cfg.views_from else None
+    if base is not None:  # another teacher for the same views: the cache's geometry, backend and shards
+        cfg = replace(cfg, views=ViewConfig.from_json(base.manifest["views"]), format=base.backend)
+    urls = expand_urls(cfg.shards) if cfg.shards or base is None else [s["source"] for s in base.complete_shards]
     mine = [u for i, u in enumerate(urls) if i % world == rank]
     teacher = build_teacher(cfg.teacher).to(device)
     wanted = wanted_manifest(teacher, cfg)
@@ -177,7 +208,7 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     run_cfg = replace(cfg, device=device)
     try:
         for url in todo:
-            entry = extract_shard(url, teacher, run_cfg, bar)
+            entry = extract_shard(url, teacher, run_cfg, bar, replayed_views(base.shard(url)) if base else None)
             summary["extracted"] += 1
             summary["views"] += entry["num_views"]
             summary["samples_skipped"] += len(entry["skipped"])

@@ -37,6 +37,8 @@ def cache_info(root: str) -> dict:
         "samples": sum(s["num_samples"] for s in done), "samples_skipped": sum(len(s["skipped"]) for s in done),
         "views": views, "bytes": stored, "bytes_per_view": round(stored / views) if views else 0,
         "compression_ratio": round(logical / stored, 3) if stored else 0.0,
+        "added_teachers": ", ".join(f"{t} ({cf.FeatureCache(root, t).manifest['teacher']['spec']})"
+                                    for t in cf.list_targets(root)) or "none",
     }
 
 

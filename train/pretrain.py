@@ -34,6 +34,7 @@ class PretrainConfig:
     out: str
     model: str = "mrmae_vit_base_patch16"
     feature_cache: str | None = None
+    target: str | None = None  # a teacher added to the cache (`--add-teacher`); None: the one that drew the views
     teacher: str | None = None
     epochs: int = 1
     batch_size: int = 64  # per process, per micro-batch
@@ -99,7 +100,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                               cpu=not cuda)
     torch.manual_seed(cfg.seed)
     urls = expand_urls(cfg.shards)
-    cache = cf.FeatureCache(cfg.feature_cache) if cfg.feature_cache else None
+    cache = cf.FeatureCache(cfg.feature_cache, cfg.target) if cfg.feature_cache else None
+    if cfg.target and cache is None:
+        raise ValueError("--target picks targets inside a cache: give --feature-cache too")
     if cache is not None and cfg.teacher:
         raise ValueError("give --feature-cache or --teacher, not both")
     teacher = build_teacher(cfg.teacher).to(accelerator.device) if cfg.teacher else None

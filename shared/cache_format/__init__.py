@@ -16,8 +16,8 @@ that looks finished.
 `FeatureCache(root).shard(url)` reads either backend through one interface.
 """
 
-from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, open_shard_writer,
-                    storage_section)
+from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, list_targets,
+                    open_shard_writer, storage_section, target_name, target_root)
 from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, dir_bytes, group_digest,
                      quantize_int8)
 from .manifest import (MANIFEST, backend_of, config_mismatch, find_shard, group_name, forget_shard, init_cache,
@@ -30,7 +30,7 @@ __all__ = [
     "BACKENDS", "FORMAT_VERSION", "MANIFEST", "ROWS_PER_CHUNK", "CacheError", "FeatureCache", "Location", "ShardGroup",
     "ShardWriter", "ViewTargets", "WdsShard", "WdsShardWriter", "backend_of", "check_integrity",
     "codec_description", "commit_shard", "compressor_for", "config_mismatch", "dequantize", "dir_bytes", "find_shard",
-    "group_digest", "group_name", "is_url", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
+    "group_digest", "group_name", "is_url", "list_targets", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
     "quantize_int8", "read_manifest", "record_shard", "sample_name", "shard_basename", "shard_entry",
-    "storage_section",
+    "storage_section", "target_name", "target_root",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest
 from .location import Location, drop_staging, is_url, staging_dir
@@ -93,10 +94,36 @@ def check_integrity(root: str | os.PathLike) -> list[str]:
     return problems
 
 
+def target_root(root: str | os.PathLike, name: str) -> str:
+    """Where the targets of teacher `name`, added to the cache at `root`, live: a cache of
+    its own (same layout, same views) at `root/targets/<name>`."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+        raise CacheError(f"target name {name!r}: use letters, digits, '.', '_' and '-' only")
+    return Location(root).join(f"targets/{name}")
+
+
+def target_name(spec: str) -> str:
+    """The default name of an added teacher's targets: its spec without the weights, e.g.
+    `clip:ViT-B-16@/w/b16.safetensors` -> `clip-ViT-B-16`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", spec.split("@")[0].replace(":", "-"))
+
+
+def list_targets(root: str | os.PathLike) -> list[str]:
+    """Names of the teachers added to a cache (the one that drew the views not included)."""
+    return [p.split("/")[1] for p in Location(root).glob("targets/*/manifest.json")]
+
+
 class FeatureCache:
     """A cache, local or at an fsspec URL: its manifest and its complete shards, in either backend."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, target: str | None = None):
+        """`target`: the targets of a teacher added with `extract-features --add-teacher`
+        (None: those of the teacher that drew the views)."""
+        if target is not None:
+            if target not in list_targets(root):
+                known = ", ".join(list_targets(root)) or "none"
+                raise CacheError(f"{root}: no target {target!r} (added teachers: {known})")
+            root = target_root(root, target)
         self.location = Location(root)
         self.root = str(self.location)
         self.manifest = read_manifest(self.root)
