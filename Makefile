@@ -33,6 +33,8 @@ demo: $(STAMP)
 	$(MRMAE) pretrain --shards "$(DEMO)/shards/demo-{000000..000002}.tar" --feature-cache $(DEMO)/cache \
 	    --model mrmae_vit_tiny_patch16 --decoder-depth 2 --decoder-dim 128 --epochs 3 --batch-size 16 \
 	    --lr 1e-3 --warmup-epochs 1 --mask focused --workers 1 --out $(DEMO)/run
+	$(MRMAE) visualize --feature-cache $(DEMO)/cache --shards "$(DEMO)/shards/demo-000000.tar" \
+	    --checkpoint $(DEMO)/run --num 4 --out $(DEMO)/run/views.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/extract_throughput.py

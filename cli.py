@@ -225,6 +225,106 @@ def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources
         sys.exit(2)
 
 
+# --- export, visualize, eval: thin wrappers over train/export.py, visualize.py, evaluate.py ---
+
+
+@cli.command("export")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="A pretrain run dir (latest checkpoint), a checkpoint dir or its model.safetensors.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
+def export(checkpoint: str, out: str) -> None:
+    """Write the student's encoder as a timm VisionTransformer state dict (no head, global_pool='token')."""
+    from mrmae.train.export import ExportError, export_encoder
+
+    try:
+        e = export_encoder(checkpoint, out)
+    except ExportError as err:
+        click.echo(f"mrmae: error: {err}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {e.num_tensors} tensors -> {e.path}")
+    click.echo(f"timm model: {e.timm_model}")
+    click.echo(f"timm kwargs: {json.dumps(e.timm_kwargs)}")
+    click.echo(f"load with: {e.create_call()}")
+
+
+@cli.command("visualize")
+@click.option("--feature-cache", required=True, help="The cache (a directory or an fsspec URL).")
+@click.option("--shards", required=True, help="Source tars the cache was extracted from.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+@click.option("--checkpoint", type=click.Path(exists=True), help="Add the student's reconstruction column.")
+@click.option("--num", default=4, show_default=True, help="Samples (rows).")
+@click.option("--view", "view_index", default=0, show_default=True, help="Which cached view of each sample.")
+@click.option("--mask-ratio", type=float, default=None, help="Default: the run's, else 0.75.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the mask draws.")
+def visualize(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed) -> None:
+    """PNG grid per sample: view, teacher [CLS] attention, focused and random masks, [reconstruction]."""
+    from mrmae.train.visualize import render_grid
+
+    click.echo(str(render_grid(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed)))
+
+
+@cli.group("eval")
+def eval_group() -> None:
+    """Frozen-encoder evaluation: kNN and linear probe on labelled shards ({key}.cls)."""
+
+
+def _eval_options(f):
+    options = [
+        click.option("--checkpoint", required=True, type=click.Path(exists=True),
+                     help="A pretrain run dir, a checkpoint dir or its model.safetensors."),
+        click.option("--train-shards", required=True, help="Labelled training tars (webdataset URL list)."),
+        click.option("--val-shards", required=True, help="Labelled validation tars."),
+        click.option("--feature", type=click.Choice(["cls", "mean"]), default="cls", show_default=True,
+                     help="[CLS] token or mean of the patch tokens."),
+        click.option("--batch-size", default=64, show_default=True, help="Images per encoder batch."),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--workers", default=0, show_default=True),
+        click.option("--results", type=click.Path(dir_okay=False),
+                     help="JSON lines file to append to (default: RUN/eval.jsonl, else beside the checkpoint)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_eval(protocol: str, checkpoint: str, results: str | None, **kwargs) -> None:
+    from pathlib import Path
+
+    from mrmae.train.evaluate import EvalError, run_eval
+    from mrmae.train.restore import load_student
+
+    restored = load_student(checkpoint)
+    if results is None:
+        results = str((restored.run_dir or restored.weights.parent) / "eval.jsonl")
+    try:
+        r = run_eval(protocol, restored.model, str(restored.weights), results=results, **kwargs)
+    except EvalError as err:
+        click.echo(f"mrmae: error: {err}", err=True)
+        sys.exit(1)
+    click.echo(r.table())
+    click.echo(f"appended to {Path(results)}")
+
+
+@eval_group.command("knn")
+@_eval_options
+@click.option("--k", default=20, show_default=True, help="Neighbours.")
+@click.option("--temperature", default=0.07, show_default=True, help="Vote weight exp(cosine / T).")
+def eval_knn(checkpoint, results, **kwargs) -> None:
+    """Weighted k-nearest-neighbour classification (cosine, DINO's voting)."""
+    _run_eval("knn", checkpoint, results, **kwargs)
+
+
+@eval_group.command("linear-probe")
+@_eval_options
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--lr", default=0.1, show_default=True, help="SGD lr (momentum 0.9, cosine decay).")
+@click.option("--probe-batch-size", default=256, show_default=True, help="Features per probe step.")
+@click.option("--seed", default=0, show_default=True)
+def eval_linear_probe(checkpoint, results, **kwargs) -> None:
+    """BatchNorm (no affine) + linear classifier on frozen features."""
+    _run_eval("linear-probe", checkpoint, results, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; `main(argv)` is callable from tests."""
     cli.main(args=argv, prog_name="mrmae")

@@ -1,0 +1,97 @@
+"""`mrmae eval knn | linear-probe`: frozen features of a tiny student on the demo shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiny_student import save_tiny_student
+from click.testing import CliRunner
+from conftest import url_list
+
+from mrmae.cli import cli
+from mrmae.train.evaluate import eval_transform, knn_scores, topk_accuracy, train_linear_probe
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    save_tiny_student(out)
+    return out
+
+
+def _eval(args: list[str]) -> str:
+    r = CliRunner().invoke(cli, ["eval", *args])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    return r.output
+
+
+def test_knn_and_linear_probe_print_and_append_results(run_dir, demo_shards, tmp_path):
+    results = tmp_path / "results.jsonl"
+    common = ["--checkpoint", str(run_dir), "--train-shards", url_list(demo_shards[:2]),
+              "--val-shards", str(demo_shards[2]), "--results", str(results)]
+    out = _eval(["knn", *common, "--feature", "mean"])
+    assert out.splitlines()[0].split() == ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5"]
+    assert out.splitlines()[1].split()[:6] == ["knn", "mean", "k=20", "T=0.07", "12", "6"]
+    _eval(["linear-probe", *common, "--epochs", "3", "--batch-size", "8"])
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["protocol"], r["feature"]) for r in records] == [("knn", "mean"), ("linear-probe", "cls")]
+    for r in records:
+        assert (r["n_train"], r["n_val"]) == (12, 6) and r["checkpoint"].endswith("model.safetensors")
+        assert 0 <= r["top1"] <= r["top5"] <= 100
+    # without --results: appended to the run directory's eval.jsonl
+    _eval(["knn", "--checkpoint", str(run_dir), "--train-shards", str(demo_shards[2]), "--val-shards",
+           str(demo_shards[2]), "--k", "5"])
+    assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])["k"] == 5
+
+
+def test_knn_on_its_own_training_set_with_k1_is_perfect(run_dir, demo_shards, tmp_path):
+    # each image's nearest neighbour is itself (cosine 1), so k=1 must recover every label
+    shards = url_list(demo_shards)
+    out = _eval(["knn", "--checkpoint", str(run_dir), "--train-shards", shards, "--val-shards", shards,
+                 "--k", "1", "--results", str(tmp_path / "r.jsonl")])
+    r = json.loads((tmp_path / "r.jsonl").read_text())
+    assert (r["n_train"], r["n_val"], r["top1"], r["top5"]) == (18, 18, 100.0, 100.0), out
+
+
+def test_knn_votes_are_temperature_weighted():
+    # one very close neighbour of class 1 outweighs two farther ones of class 0 (a plain
+    # majority vote would say 0); a high temperature flattens the weights back to a majority
+    train = torch.tensor([[1.0, 0.05], [1.0, 0.5], [1.0, 0.5], [-1.0, 0.0]])
+    labels = torch.tensor([1, 0, 0, 2])
+    query = torch.tensor([[1.0, 0.0]])
+    assert knn_scores(train, labels, query, 3, k=3, temperature=0.07).argmax().item() == 1
+    assert knn_scores(train, labels, query, 3, k=3, temperature=100.0).argmax().item() == 0
+    scores = knn_scores(train, labels, query, 3, k=3, temperature=0.07)
+    assert scores[0, 2] == 0  # the 4th training point is not among the 3 nearest
+
+
+def test_topk_accuracy_and_linear_probe():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4], [0.2, 0.3, 0.5]])
+    assert topk_accuracy(scores, torch.tensor([1, 2, 0]), ks=(1, 2)) == pytest.approx([100 / 3, 200 / 3])
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=gen) * 3
+    labels = torch.arange(4).repeat(25)
+    feats = centres[labels] + torch.randn(100, 16, generator=gen) + 50  # an offset the BatchNorm removes
+    head = train_linear_probe(feats, labels, 4, epochs=10, lr=0.1, batch_size=20)
+    with torch.no_grad():
+        assert topk_accuracy(head(feats), labels, ks=(1,)) == [100.0]
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) and m.affine for m in head.modules())
+
+
+def test_eval_transform_resizes_shorter_side_and_centre_crops():
+    img = torch.zeros(3, 300, 600, dtype=torch.uint8)
+    img[:, :, 280:320] = 255  # a white stripe in the middle column band survives the centre crop
+    img[:, :, :100] = 255  # the left edge is cut away (256 x 512 after resize; the crop starts at 144)
+    x = eval_transform(img)
+    assert x.shape == (3, 224, 224)
+    white = (1 - 0.485) / 0.229
+    assert x[0, :, 112].min() > white - 0.1 and x[0, :, :60].max() < 0
+
+
+@pytest.mark.parametrize("cmd", [["eval"], ["eval", "knn"], ["eval", "linear-probe"], ["export"], ["visualize"]],
+                         ids=" ".join)
+def test_help(cmd):
+    r = CliRunner().invoke(cli, [*cmd, "--help"])
+    assert r.exit_code == 0 and "Usage:" in r.output

@@ -1,0 +1,194 @@
+"""`mrmae eval knn | linear-probe`: frozen-encoder evaluation on labelled WebDataset shards.
+
+Images (`{key}.jpg`, label in `{key}.cls`) get MAE's evaluation transform: bicubic resize
+of the shorter side to img_size / 0.875 (256 for 224), centre crop img_size, ImageNet
+mean/std. The frozen encoder sees every patch (no masking) and gives one feature per
+image: the [CLS] token (`cls`) or the mean of the patch tokens (`mean`), both taken
+after the encoder's final norm (for a fused student, after the norm of the fused sum).
+
+- kNN (DINO's protocol): cosine similarity of L2-normalised features, the k nearest
+  training features vote for their labels with weight exp(similarity / T).
+- Linear probe (MAE's head): BatchNorm1d without affine, then Linear, trained with SGD
+  (momentum 0.9, cosine lr) on features computed once. Unlike MAE's linprobe there is no
+  train-time augmentation: the frozen features are computed once, which costs one encoder
+  pass instead of one per epoch.
+
+Each result is printed as a table row and appended as one JSON line to a results file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from mrmae.extract.reader import expand_urls, read_shard
+from mrmae.shared.views import ImageDecodeError, decode_image, normalize
+from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.train.restore import encode_all_tokens, num_prefix_tokens
+
+FEATURES = ("cls", "mean")
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked (e.g. `cls` features of a student without [CLS])."""
+
+
+def eval_transform(image: torch.Tensor, img_size: int = 224) -> torch.Tensor:
+    """uint8 [3, H, W] -> float32 [3, S, S]: resize shorter side to S / 0.875, centre crop S, normalise."""
+    resized = TF.resize(image, [round(img_size / 0.875)], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return normalize(TF.center_crop(resized, [img_size, img_size]), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class LabelledImages(torch.utils.data.IterableDataset):
+    """(pixels [3, S, S], label) of every sample with an image and a `.cls` label, shard by
+    shard; DataLoader workers take every w-th shard. Unusable samples are counted, skipped."""
+
+    def __init__(self, urls: list[str], img_size: int):
+        super().__init__()
+        self.urls, self.img_size = urls, img_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for url in self.urls[worker::workers]:
+            for s in read_shard(url):
+                if s.image is None or s.label is None:
+                    continue
+                try:
+                    yield eval_transform(decode_image(s.image), self.img_size), s.label
+                except ImageDecodeError:
+                    continue
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, shards: str | list[str], feature: str = "cls", batch_size: int = 64,
+                     device: str = "cpu", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of all labelled images of `shards` -> (features [M, D] float32, labels [M] long)."""
+    if feature not in FEATURES:
+        raise EvalError(f"feature must be one of {FEATURES}, got {feature!r}")
+    k = num_prefix_tokens(model)
+    if feature == "cls" and k != 1:
+        raise EvalError(f"{type(model).__name__} has no [CLS] token: use --feature mean")
+    model = model.to(device).eval()
+    data = LabelledImages(expand_urls(shards), model.cfg.img_size)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
+    feats, labels = [], []
+    for pixels, y in loader:
+        tokens = encode_all_tokens(model, pixels.to(device))  # [B, k+N, D]
+        feats.append((tokens[:, 0] if feature == "cls" else tokens[:, k:].mean(1)).float().cpu())
+        labels.append(y.long())
+    if not feats:
+        raise FileNotFoundError(f"no labelled images (image + .cls) in {shards}")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, num_classes: int,
+               k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN votes. train [M, D], train_labels [M], test [Q, D] -> class scores [Q, C].
+
+    Each test feature's k most cosine-similar training features add exp(sim / T) to their
+    label's score (DINO's weighting: near neighbours count much more than far ones).
+    """
+    train, test = F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
+    k = min(k, train.shape[0])
+    out = []
+    for start in range(0, test.shape[0], chunk):  # bounds the [chunk, M] similarity matrix
+        sim, idx = (test[start:start + chunk] @ train.T).topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=sim.dtype)
+        out.append(votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp()))
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """scores [Q, C], labels [Q] -> percent of rows whose label is among the k best scores, per k."""
+    ranked = scores.argsort(dim=1, descending=True, stable=True)
+    hit = ranked == labels[:, None]
+    return [100.0 * int(hit[:, :k].any(1).sum()) / len(labels) for k in ks]
+
+
+def train_linear_probe(train: torch.Tensor, train_labels: torch.Tensor, num_classes: int, epochs: int = 10,
+                       lr: float = 0.1, batch_size: int = 256, seed: int = 0) -> torch.nn.Module:
+    """Fit BatchNorm1d(D, affine=False) + Linear(D, C) to train [M, D] -> labels [M]; returns it in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    # momentum=None: BatchNorm keeps the exact running average over all batches, so its
+    # eval statistics are right even after the few steps a small set gives.
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(train.shape[1], affine=False, eps=1e-6, momentum=None),
+                               torch.nn.Linear(train.shape[1], num_classes))
+    torch.nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)  # MAE's head init
+    torch.nn.init.zeros_(head[1].bias)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps_per_epoch = math.ceil(train.shape[0] / batch_size)
+    total, step = max(1, epochs * steps_per_epoch), 0
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(train.shape[0], generator=gen)
+        for start in range(0, train.shape[0], batch_size):
+            idx = order[start:start + batch_size]
+            if idx.numel() < 2:  # BatchNorm cannot train on one sample
+                continue
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(head(train[idx]), train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return head.eval()
+
+
+@dataclass
+class EvalResult:
+    record: dict  # what was appended to the results file
+
+    def table(self) -> str:
+        """The result as a two-line table (header, row)."""
+        cols = ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5"]
+        r = self.record
+        setting = f"k={r['k']} T={r['temperature']}" if r["protocol"] == "knn" else f"epochs={r['epochs']} lr={r['lr']}"
+        row = [r["protocol"], r["feature"], setting, str(r["n_train"]), str(r["n_val"]), str(r["num_classes"]),
+               f"{r['top1']:.2f}", f"{r['top5']:.2f}"]
+        widths = [max(len(c), len(v)) for c, v in zip(cols, row)]
+        return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (cols, row))
+
+
+def run_eval(protocol: str, model: torch.nn.Module, checkpoint: str, train_shards: str, val_shards: str,
+             results: str | Path, feature: str = "cls", batch_size: int = 64, device: str = "cpu", workers: int = 0, k: int = 20,
+             temperature: float = 0.07, epochs: int = 10, lr: float = 0.1, probe_batch_size: int = 256,
+             seed: int = 0) -> EvalResult:
+    """Extract features of both splits, run `protocol` ('knn' | 'linear-probe'), append the result."""
+    t0 = time.time()
+    xtr, ytr = extract_features(model, train_shards, feature, batch_size, device, workers)
+    same = expand_urls(val_shards) == expand_urls(train_shards)  # e.g. a sanity check on the training set
+    xva, yva = (xtr, ytr) if same else extract_features(model, val_shards, feature, batch_size, device, workers)
+    num_classes = int(max(ytr.max(), yva.max())) + 1
+    if (unseen := set(yva.tolist()) - set(ytr.tolist())):
+        warnings.warn(f"{len(unseen)} validation classes have no training image")
+    record = {"protocol": protocol, "feature": feature, "checkpoint": str(checkpoint), "train_shards": train_shards,
+              "val_shards": val_shards, "n_train": len(ytr), "n_val": len(yva), "num_classes": num_classes}
+    if protocol == "knn":
+        scores = knn_scores(xtr, ytr, xva, num_classes, k, temperature)
+        record.update(k=k, temperature=temperature)
+    elif protocol == "linear-probe":
+        head = train_linear_probe(xtr, ytr, num_classes, epochs, lr, probe_batch_size, seed)
+        with torch.no_grad():
+            scores = head(xva)
+        record.update(epochs=epochs, lr=lr, batch_size=probe_batch_size, seed=seed)
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    record["top1"], record["top5"] = topk_accuracy(scores, yva)
+    record["seconds"] = round(time.time() - t0, 2)
+    path = Path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return EvalResult(record)

@@ -1,0 +1,105 @@
+"""Rebuild a trained MR-MAE student from a checkpoint, for export, evaluation and pictures.
+
+A checkpoint (`train/checkpoint.py`) holds the weights only; what built the model is the
+run's `OUT/config.json` (written by `mrmae pretrain`): the registry name and
+`fuse_layers`, which no tensor shape reveals. The sizes pretrain may override (teacher
+width, decoder width and depth) and, for a ViT, all its sizes are read from the shapes, so
+a model built with other overrides loads too. Without a config.json the registry ViT of
+the checkpoint's width and depth is assumed, without fusion (with a warning).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mrmae.train.checkpoint import latest_checkpoint
+from mrmae.train.models import MRMAEConfig, create_model, list_models, model_config
+
+
+@dataclass
+class Restored:
+    model: torch.nn.Module  # the student (MRMAE or another registry student), eval mode, CPU
+    name: str  # its registry name
+    weights: Path  # the model.safetensors read
+    run_dir: Path | None  # the pretrain OUT directory, when the checkpoint lies in one
+    run_config: dict  # its config.json ({} without one)
+
+
+def resolve_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
+    """A run dir (its latest checkpoint), a checkpoint dir or a model.safetensors file ->
+    (weights file, run dir or None). Raises FileNotFoundError naming the path."""
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        last = latest_checkpoint(path)
+        if last is None:
+            raise FileNotFoundError(f"{path}: run directory without a complete checkpoint")
+        path = last
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no model.safetensors (give a run dir, a checkpoint dir or the file)")
+    run_dir = weights.parent.parent.parent  # OUT/checkpoints/stepN/model.safetensors
+    return weights, run_dir if (run_dir / "config.json").is_file() else None
+
+
+def _max_index(state: dict, prefix: str) -> int:
+    """Number of `prefix.<i>.` modules in a state dict (0 when none)."""
+    return 1 + max((int(k.split(".")[1]) for k in state if k.startswith(prefix + ".")), default=-1)
+
+
+def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, dict]:
+    """(registry name, create_model overrides) of the student whose weights are `state`."""
+    name = run_config.get("model")
+    dim = state["cls_token"].shape[-1] if "cls_token" in state else None
+    depth = _max_index(state, "blocks")
+    if name is None:
+        name = next((n for n in list_models() if isinstance(c := model_config(n), MRMAEConfig)
+                     and (c.embed_dim, c.depth) == (dim, depth)), None)
+        if name is None:
+            raise ValueError(f"no config.json beside the checkpoint names its model, and no registry ViT is "
+                             f"{dim}-d with {depth} blocks")
+        warnings.warn(f"no config.json beside the checkpoint: assuming {name} without --fuse-layers")
+    overrides = dict(teacher_dim=state["mimic_head.weight"].shape[0] if "mimic_head.weight" in state else 0,
+                     fuse_layers=tuple(run_config.get("fuse_layers") or ()),
+                     decoder_embed_dim=state["decoder_embed.weight"].shape[0],
+                     decoder_depth=_max_index(state, "decoder_blocks"))
+    if isinstance(model_config(name), MRMAEConfig):  # a ViT's own sizes are all in its shapes
+        patch = state["patch_embed.proj.weight"].shape[-1]
+        overrides.update(embed_dim=dim, depth=depth, patch_size=patch,
+                         img_size=math.isqrt(state["pos_embed"].shape[1] - 1) * patch)
+    return name, overrides
+
+
+def load_student(checkpoint: str | Path) -> Restored:
+    """Load a student strictly from `checkpoint` (see resolve_weights), in eval mode on CPU."""
+    weights, run_dir = resolve_weights(checkpoint)
+    run_config = json.loads((run_dir / "config.json").read_text()) if run_dir else {}
+    state = load_file(str(weights))
+    name, overrides = model_spec(state, run_config)
+    model = create_model(name, **overrides)
+    model.load_state_dict(state, strict=True)
+    return Restored(model.eval(), name, weights, run_dir, run_config)
+
+
+def num_prefix_tokens(model: torch.nn.Module) -> int:
+    """Tokens before the patch tokens in the encoder's output: 1 (cls) for the ViT, 0 without a cls token."""
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
+@torch.no_grad()
+def encode_all_tokens(model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """imgs [B, 3, H, W] (normalised) -> the encoder's normed tokens [B, k+N, D], nothing masked
+    (k = num_prefix_tokens: 1 for the ViT's [CLS]).
+
+    Every patch is visible (ids_keep = 0..N-1 for each row), so this is the plain ViT
+    forward the student's encoder computes (with fusion, if the model was trained with it).
+    """
+    ids_keep = torch.arange(model.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
+    latent, _ = model.forward_encoder(imgs, ids_keep)
+    return latent
