@@ -13,9 +13,15 @@ n_keep = int(N * (1 - mask_ratio)) (MAE's rule: ratio 0.75 keeps 49 of 196), com
 with a 1e-9 guard against float round-off (1 - 0.7 = 0.30000000000000004 is fine, but
 10 * (1 - 0.9) = 0.9999999999999998 would give 0). Masking is drawn outside the model so
 that the same masks can be replayed in cached, live and plain modes.
+
+Hybrid (ConvViT) students draw the same token mask; `blockwise_visible_maps` blows it up
+to the higher-resolution grids of their convolution stages.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import torch
 
@@ -106,3 +112,24 @@ def focused_masking(attention: torch.Tensor, mask_ratio: float, temperature: flo
     gumbel = -torch.log(-torch.log(u))
     ids_keep = torch.topk(weights.log() + gumbel, n_keep, dim=1).indices
     return masks_from_keep(ids_keep, attention.shape[1])
+
+
+def blockwise_visible_maps(mask: torch.Tensor, scales: Sequence[int] = (4, 2)) -> tuple[torch.Tensor, ...]:
+    """Block-wise multi-scale masking (ConvMAE): one token mask at every stage resolution.
+
+    mask [B, N] bool (True = masked) on a square g x g token grid (N = g * g, row-major as
+    in patchify) -> for each scale s in `scales`, a visible map [B, 1, g*s, g*s] float32
+    (1 = visible, 0 = masked) in which token (r, c) covers exactly the s x s block of rows
+    r*s .. r*s+s-1 and columns c*s .. c*s+s-1. The default (4, 2) gives the 56x56 and 28x28
+    maps of a 224-px ConvViT's stages 1 and 2 (scale 16 gives the pixel map). Every stage
+    thus hides the same image region, which keeps the visible fraction 1 - N_masked / N at
+    every scale, and a block never straddles a visible and a masked token.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be [B, N], got {tuple(mask.shape)}")
+    b, n = mask.shape
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"{n} tokens do not form a square grid")
+    visible = (~mask.bool()).float().reshape(b, 1, g, g)
+    return tuple(visible.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3) for s in scales)

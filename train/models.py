@@ -1,4 +1,5 @@
-"""The MR-MAE student: a MAE ViT (timm blocks) with a linear feature-mimic head.
+"""The MR-MAE students and their registry: a MAE ViT (timm blocks) with a linear feature-mimic
+head here, and the hybrid ConvViT in `mrmae.train.convvit`; both share `MaskedStudent`.
 
 Shapes: B images, N = (img_size / patch_size) ** 2 patch tokens, n = n_keep visible
 tokens, D encoder width, C teacher width, P = patch_size ** 2 * 3 pixel values per patch
@@ -16,6 +17,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from mrmae.train.convvit import CONVVIT_ARCHS, ConvViTConfig, MRConvViT
+from mrmae.train.student import MaskedStudent, check_fuse_layers, gather_visible, sincos_pos_embed
 
 @dataclass(frozen=True)
 class MRMAEConfig:
@@ -34,44 +37,11 @@ class MRMAEConfig:
     norm_pix_loss: bool = True
 
     def __post_init__(self) -> None:
-        fuse = tuple(sorted({int(i) for i in self.fuse_layers}))
-        if fuse and (fuse[0] < 1 or fuse[-1] != self.depth):
-            raise ValueError(f"fuse_layers {self.fuse_layers} must lie in 1..{self.depth} and include the "
-                             f"last block {self.depth} (blocks after the last fused one would get no gradient)")
-        object.__setattr__(self, "fuse_layers", fuse)
+        object.__setattr__(self, "fuse_layers", check_fuse_layers(self.fuse_layers, self.depth))
 
 
-def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embeddings [(1 if cls_token) + grid*grid, dim].
-
-    Token t = row * grid + col (PatchEmbed's order). The first dim/2 channels encode the
-    column, the last dim/2 the row; each half is [sin(pos * w_k), cos(pos * w_k)] with
-    w_k = 10000 ** (-k / (dim / 4)), k = 0 .. dim/4 - 1. The cls slot is all zeros.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs dim % 4 == 0, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    pos = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
-
-    def one_axis(p: torch.Tensor) -> torch.Tensor:
-        angles = p.reshape(-1, 1) * omega.reshape(1, -1)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    emb = torch.cat([one_axis(cols), one_axis(rows)], dim=1)
-    if cls_token:
-        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
-    return emb.float()
-
-
-def gather_visible(tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    """Per-patch tokens [B, N, ...] -> the visible ones [B, n, ...], in ids_keep order."""
-    index = ids_keep.long().reshape(*ids_keep.shape, *([1] * (tokens.ndim - 2)))
-    return torch.gather(tokens, 1, index.expand(*ids_keep.shape, *tokens.shape[2:]))
-
-
-class MRMAE(nn.Module):
-    """MAE encoder/decoder plus a linear mimic head on the encoder's visible tokens.
+class MRMAE(MaskedStudent):
+    """MAE ViT encoder/decoder plus a linear mimic head on the encoder's visible tokens.
 
     Norms: every timm Block is pre-norm and its output is un-normed. The encoder output is
     S = sum of the outputs (cls and visible tokens) of the blocks in `fuse_layers` (only
@@ -81,11 +51,13 @@ class MRMAE(nn.Module):
     before the pixel predictor. Position embeddings are fixed sin-cos buffers (cls slot 0).
     """
 
+    num_prefix_tokens = 1
+
     def __init__(self, cfg: MRMAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        p, d, dd = cfg.patch_size, cfg.embed_dim, cfg.decoder_embed_dim
-        self.patch_embed = PatchEmbed(cfg.img_size, p, 3, d)
+        d = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, 3, d)
         grid, n = self.patch_embed.grid_size[0], self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.register_buffer("pos_embed", sincos_pos_embed(d, grid).unsqueeze(0))
@@ -93,15 +65,8 @@ class MRMAE(nn.Module):
         self.blocks = nn.ModuleList(block(d, cfg.num_heads) for _ in range(cfg.depth))
         self.norm = cfg.norm_layer(d)
         self.fuse_layers = cfg.fuse_layers or (cfg.depth,)
-        self.mimic_head = nn.Linear(d, cfg.teacher_dim) if cfg.teacher_dim > 0 else None
-
-        self.decoder_embed = nn.Linear(d, dd)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(dd, grid).unsqueeze(0))
-        self.decoder_blocks = nn.ModuleList(block(dd, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth))
-        self.decoder_norm = cfg.norm_layer(dd)
-        self.decoder_pred = nn.Linear(dd, p * p * 3)
-        assert self.pos_embed.shape[1] == n + 1
+        self._build_heads(d, cfg.mlp_ratio)
+        assert self.pos_embed.shape[1] == n + 1 and n == self.num_patches
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -122,23 +87,9 @@ class MRMAE(nn.Module):
         """Names exempt from weight decay (the pos-embeds are buffers, listed for safety)."""
         return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}
 
-    @property
-    def num_patches(self) -> int:
-        return self.patch_embed.num_patches
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs [B, 3, H, W] -> patches [B, N, p*p*3], row-major patches, (row, col, chan) inside."""
-        p = self.cfg.patch_size
-        b, c, h, w = imgs.shape
-        x = imgs.reshape(b, c, h // p, p, w // p, p)
-        return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """patches [B, N, p*p*3] -> imgs [B, 3, H, W] (inverse of patchify, square grid)."""
-        p, g = self.cfg.patch_size, self.patch_embed.grid_size[0]
-        b = x.shape[0]
-        x = x.reshape(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(b, 3, g * p, g * p)
+    def encoder_modules(self) -> list[nn.Module | nn.Parameter]:
+        """Patch embed, cls token, blocks, final norm (the pos-embed is a fixed buffer)."""
+        return [self.patch_embed, self.cls_token, self.blocks, self.norm]
 
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """imgs [B, 3, H, W], ids_keep [B, n] -> (latent [B, 1+n, D], visible [B, n, D]).
@@ -158,72 +109,6 @@ class MRMAE(nn.Module):
         latent = self.norm(fused)
         return latent, latent[:, 1:]
 
-    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent [B, 1+n, D], ids_restore [B, N] -> pixel predictions pred [B, N, p*p*3]."""
-        x = self.decoder_embed(latent)
-        b, n_masked = x.shape[0], ids_restore.shape[1] + 1 - x.shape[1]
-        seq = torch.cat([x[:, 1:], self.mask_token.expand(b, n_masked, -1)], dim=1)
-        seq = gather_visible(seq, ids_restore)  # back to patch order
-        x = torch.cat([x[:, :1], seq], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-    def forward_mimic(self, visible: torch.Tensor) -> torch.Tensor:
-        """visible encoder tokens [B, n, D] -> predicted teacher features [B, n, C]."""
-        if self.mimic_head is None:
-            raise RuntimeError("this model has no mimic head (teacher_dim = 0)")
-        return self.mimic_head(visible)
-
-    def recon_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Eq. 1. imgs [B, 3, H, W], pred [B, N, P], mask [B, N] bool (True = masked) -> scalar.
-
-        Target: each patch's P values, normalised per patch with its mean and unbiased
-        variance, (t - mean) / sqrt(var + 1e-6), when norm_pix_loss. Loss: squared error
-        averaged over the P values of a patch, then averaged over all masked patches of
-        the batch. Computed in float32.
-        """
-        target = self.patchify(imgs).float()
-        if self.cfg.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-        per_patch = (pred.float() - target).pow(2).mean(-1)
-        m = mask.float()
-        return (per_patch * m).sum() / m.sum()
-
-    @staticmethod
-    def mimic_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Eq. 2. pred, target [B, n, C] -> scalar: mean over the B*n tokens of ||pred - target||^2 / C.
-
-        (That is, plain element-wise MSE; computed in float32.)
-        """
-        if pred.shape != target.shape:
-            raise ValueError(f"mimic prediction {tuple(pred.shape)} vs target {tuple(target.shape)}")
-        return (pred.float() - target.float()).pow(2).mean()
-
-    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor,
-                mask: torch.Tensor, targets: torch.Tensor | None = None,
-                recon_weight: float = 0.5, mimic_weight: float = 0.5) -> dict[str, torch.Tensor]:
-        """One MR-MAE loss. targets: teacher features of the visible tokens [B, n, C]
-        (`gather_visible(all_targets, ids_keep)`), or None.
-
-        With targets: loss = recon_weight * loss_recon + mimic_weight * loss_mimic.
-        Without (plain MAE): loss = loss_recon (unweighted) and loss_mimic = 0.
-        Returns {"loss", "loss_recon", "loss_mimic"} (scalars).
-        """
-        latent, visible = self.forward_encoder(imgs, ids_keep)
-        loss_recon = self.recon_loss(imgs, self.forward_decoder(latent, ids_restore), mask)
-        if targets is None:
-            zero = torch.zeros((), device=loss_recon.device)
-            return {"loss": loss_recon, "loss_recon": loss_recon, "loss_mimic": zero}
-        if self.mimic_head is None:
-            raise ValueError("targets given but the model has no mimic head: build it with teacher_dim > 0")
-        if targets.shape[:2] != ids_keep.shape:
-            raise ValueError(f"targets must be the visible tokens' [B, n, C]; got {tuple(targets.shape)} "
-                             f"for ids_keep {tuple(ids_keep.shape)} (use gather_visible)")
-        loss_mimic = self.mimic_loss(self.forward_mimic(visible), targets)
-        loss = recon_weight * loss_recon + mimic_weight * loss_mimic
-        return {"loss": loss, "loss_recon": loss_recon, "loss_mimic": loss_mimic}
-
 
 # --- registry ----------------------------------------------------------------------------
 
@@ -235,32 +120,44 @@ _ARCHS: dict[str, dict] = {
     "mrmae_vit_huge_patch16": dict(embed_dim=1280, depth=32, num_heads=16),  # MAE's huge uses patch 14
 }
 
+# The papers list "88M" for every base-size encoder (ViT-B, ConvViT-B, Swin-B alike).
+PAPER_BASE_PARAMS = 88e6
 
-def model_config(name: str, **overrides) -> MRMAEConfig:
-    """The registry config for `name` with `overrides` (any MRMAEConfig field) applied."""
-    if name not in _ARCHS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    known = {f.name for f in fields(MRMAEConfig)}
+
+def _registry() -> dict[str, tuple[type, type, dict]]:
+    """name -> (model class, config class, config fields), ViT entries first."""
+    vit = {n: (MRMAE, MRMAEConfig, dict(patch_size=16, **a)) for n, a in _ARCHS.items()}
+    return {**vit, **{n: (MRConvViT, ConvViTConfig, a) for n, a in CONVVIT_ARCHS.items()}}
+
+
+def model_config(name: str, **overrides) -> MRMAEConfig | ConvViTConfig:
+    """The registry config (MRMAEConfig or ConvViTConfig) for `name` with `overrides` applied."""
+    reg = _registry()
+    if name not in reg:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(reg)}")
+    _, config_cls, arch = reg[name]
+    known = {f.name for f in fields(config_cls)}
     if bad := set(overrides) - known:
-        raise TypeError(f"unknown MRMAEConfig fields: {sorted(bad)}")
-    return replace(MRMAEConfig(patch_size=16, **_ARCHS[name]), **overrides)
+        raise TypeError(f"unknown {config_cls.__name__} fields: {sorted(bad)}")
+    return replace(config_cls(**arch), **overrides)
 
 
-def create_model(name: str, **overrides) -> MRMAE:
-    """Build a registry model, e.g. create_model("mrmae_vit_base_patch16", teacher_dim=768)."""
-    return MRMAE(model_config(name, **overrides))
+def create_model(name: str, **overrides) -> MaskedStudent:
+    """Build a registry model, e.g. create_model("mrmae_convvit_base", teacher_dim=768)."""
+    cfg = model_config(name, **overrides)  # KeyError for unknown names
+    return _registry()[name][0](cfg)
 
 
 def list_models() -> list[str]:
-    return list(_ARCHS)
+    return list(_registry())
 
 
-def _factory(name: str) -> Callable[..., MRMAE]:
-    def make(**overrides) -> MRMAE:
+def _factory(name: str) -> Callable[..., MaskedStudent]:
+    def make(**overrides) -> MaskedStudent:
         return create_model(name, **overrides)
 
     make.__name__ = make.__qualname__ = name
-    make.__doc__ = f"{name}: {_ARCHS[name]} (decoder 512-d, 8 blocks unless overridden)."
+    make.__doc__ = f"{name} (see `describe_models`; decoder 512-d, 8 blocks unless overridden)."
     return make
 
 
@@ -269,22 +166,40 @@ mrmae_vit_small_patch16 = _factory("mrmae_vit_small_patch16")
 mrmae_vit_base_patch16 = _factory("mrmae_vit_base_patch16")
 mrmae_vit_large_patch16 = _factory("mrmae_vit_large_patch16")
 mrmae_vit_huge_patch16 = _factory("mrmae_vit_huge_patch16")
+mrmae_convvit_tiny = _factory("mrmae_convvit_tiny")
+mrmae_convvit_small = _factory("mrmae_convvit_small")
+mrmae_convvit_base = _factory("mrmae_convvit_base")
+mrmae_convvit_large = _factory("mrmae_convvit_large")
+mrmae_convvit_huge = _factory("mrmae_convvit_huge")
 
 
-def encoder_num_params(model: MRMAE) -> int:
-    """Learnable encoder parameters: patch embed, cls token, blocks, final norm (no pos-embed)."""
-    parts = [model.patch_embed, model.blocks, model.norm]
-    return model.cls_token.numel() + sum(p.numel() for m in parts for p in m.parameters())
+def encoder_num_params(model: MaskedStudent) -> int:
+    """Learnable encoder parameters: everything that computes the latent, i.e. no mimic head and
+    no decoder; fixed sin-cos pos-embeds excluded. ViT: patch embed, cls token, blocks, norm.
+    ConvViT: stage embeds, conv blocks, token projection, blocks, norm and the stage-1/2 fusion
+    convs (which only exist for pre-training; `MRConvViT.backbone_num_params` leaves them out).
+    """
+    return model.encoder_num_params()
 
 
 def describe_models() -> list[str]:
-    """One line per registry model with its encoder size (built on the meta device: cheap)."""
-    rows = []
+    """A line on how parameters are counted, then one line per registry model (built on the
+    meta device: cheap) with its encoder size and its size with the default decoder."""
+    rows = [f"params: encoder = what computes the latent (no mimic head, no decoder, fixed sin-cos "
+            f"pos-embeds excluded); the papers list {PAPER_BASE_PARAMS / 1e6:.0f}M for base-size encoders"]
     for name in list_models():
         with torch.device("meta"):
             m = create_model(name)
-        c = m.cfg
-        rows.append(f"{name}: {c.embed_dim}-d, {c.depth} blocks, {c.num_heads} heads, "
-                    f"encoder {encoder_num_params(m) / 1e6:.1f}M params (+{m.pos_embed.numel() / 1e6:.2f}M fixed "
-                    f"pos-embed), with decoder 512-d x 8: {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M")
+        c, enc = m.cfg, encoder_num_params(m)
+        total = sum(p.numel() for p in m.parameters())
+        if isinstance(m, MRMAE):
+            arch = f"ViT {c.embed_dim}-d, {c.depth} blocks, {c.num_heads} heads"
+            extra = ""
+        else:
+            arch = (f"ConvViT {'/'.join(map(str, c.embed_dims))}-d, {'+'.join(map(str, c.depths))} blocks, "
+                    f"{c.num_heads} heads")
+            extra = f" = backbone {m.backbone_num_params() / 1e6:.1f}M + fusion convs " \
+                    f"{(enc - m.backbone_num_params()) / 1e6:.1f}M"
+        rows.append(f"{name}: {arch}; encoder {enc / 1e6:.1f}M{extra} (+{m.pos_embed.numel() / 1e6:.2f}M fixed "
+                    f"pos-embed); with decoder 512-d x 8: {total / 1e6:.1f}M")
     return rows

@@ -109,10 +109,10 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     teacher_dim = cache.manifest["teacher"]["dim"] if cache else (teacher.dim if teacher else 0)
     model = create_model(cfg.model, teacher_dim=teacher_dim, fuse_layers=cfg.fuse_layers,
                          decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth)
-    grid = model.patch_embed.grid_size[0]
+    grid = model.grid_size
     if cache is not None:
         check_cache_fits(cache, urls, grid, teacher_dim)
-    data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.patch_embed.img_size[0],
+    data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0,
                           teacher_mean=teacher.mean if teacher else DataConfig.teacher_mean,
