@@ -53,7 +53,9 @@ def test_cached_and_live_modes_render_the_same_views(demo_shards, tiny_cache):
     b = cached[0]
     i = next(j for j, k in enumerate(b["keys"]) if k in set(group.keys))
     row = group.row(b["keys"][i], pick_view(7, 2, b["keys"][i], 3))
-    assert torch.allclose(b["targets"][i], torch.from_numpy(group.read(slice(row, row + 1))["features"][0]))
+    assert b["targets"].dtype == torch.int8 and b["targets_scale"].dtype == torch.float16  # as stored
+    dequantized = b["targets"][i].float() * b["targets_scale"][i].float()[:, None]
+    assert torch.equal(dequantized, torch.from_numpy(group.read(slice(row, row + 1))["features"][0]))
 
 
 def test_epochs_differ_and_worker_count_keeps_the_samples(demo_shards, tiny_cache):

@@ -128,6 +128,25 @@ def test_target_norms():
         normalize_targets(t, "zscore")
 
 
+def test_int8_targets_are_gathered_then_dequantised_to_the_full_dequantisation():
+    import torch
+
+    from mrmae.shared.cache_format import dequantize, quantize_int8
+    from mrmae.train.engine import visible_float_targets
+    from mrmae.train.masking import random_masking
+    from mrmae.train.models import gather_visible
+
+    x = torch.randn(3, 196, 24).numpy() * 4
+    q, scale = quantize_int8(x)
+    ids_keep, _, _ = random_masking(3, 196, 0.75, generator=torch.Generator().manual_seed(0))
+    full = gather_visible(torch.from_numpy(dequantize(q, scale)), ids_keep)
+    got = visible_float_targets(torch.from_numpy(q), torch.from_numpy(scale), ids_keep, torch.device("cpu"))
+    assert got.shape == (3, 49, 24) and got.dtype == torch.float32 and torch.equal(got, full)
+    half = torch.from_numpy(x.astype("float16"))
+    assert torch.equal(visible_float_targets(half, None, ids_keep, torch.device("cpu")),
+                       gather_visible(half.float(), ids_keep))
+
+
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(demo_shards, cache, tmp_path):
     from mrmae.train.checkpoint import latest_checkpoint
 

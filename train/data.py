@@ -8,7 +8,8 @@ Pipeline (webdataset stages; stream shape after each):
     join_views          {key, image bytes, view, [targets, attention]}   tar order
     shuffle             same, sample order mixed in a seeded buffer
     rank_slots          this rank's slots of each global batch   (split="samples" only)
-    render              {key, pixels [3,S,S] float, [teacher_pixels], [targets [L,C]], [attention [L]]}
+    render              {key, pixels [3,S,S] float, [teacher_pixels], [targets [L,C] int8 + targets_scale [L]
+                         (float16 caches: targets [L,C] float16)], [attention [L]]}
     batched             dict of stacked tensors, B samples
 
 Which of the K views a sample shows in an epoch depends on (seed, epoch, key) alone. In
@@ -77,19 +78,25 @@ class ViewJoiner:
             self.view_cfg = ViewConfig.from_json(cache.manifest["views"])
 
     def _targets(self, group, row: int, key: str) -> dict:
-        """The cached view and targets of one row; damage is one line naming group and key."""
+        """The cached view and targets of one row, as stored (int8 + scale, or float16): they
+        stay that small through the loader and are dequantised on the device. Damage is
+        one line naming group and key."""
         try:
             crop, flip, attention = group.geometry()
-            targets = group.features_row(row)
+            values, scale = group.stored_row(row)
         except cf.CacheError:
             raise
         except Exception as e:  # a truncated chunk or member: the codec's own error
             raise cf.CacheError(f"{group.path}: key {key} row {row}: unreadable targets "
                                 f"({type(e).__name__}: {str(e)[:200]}); run `mrmae cache verify`") from e
-        if not (np.isfinite(targets).all() and np.isfinite(attention[row]).all()):
+        finite = np.isfinite(scale).all() if scale is not None else np.isfinite(values).all()
+        if not (finite and np.isfinite(attention[row]).all()):
             raise cf.CacheError(f"{group.path}: key {key} row {row}: non-finite values in the cached targets")
-        return {"view": View(*(int(c) for c in crop[row]), flip=bool(flip[row])),
-                "attention": attention[row], "targets": targets}
+        out = {"view": View(*(int(c) for c in crop[row]), flip=bool(flip[row])),
+               "attention": attention[row], "targets": values}
+        if scale is not None:
+            out["targets_scale"] = scale
+        return out
 
     def __call__(self, urls: Iterator[str], epoch: int) -> Iterator[dict]:
         for url in urls:
@@ -123,9 +130,11 @@ def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
            "crop": torch.tensor(view.box), "flip": torch.tensor(view.flip)}
     if cfg.teacher_size:
         out["teacher_pixels"] = render_view(image, view, cfg.teacher_size, cfg.teacher_mean, cfg.teacher_std)
-    if "targets" in sample:
+    if "targets" in sample:  # as stored: int8 [L, C] + float16 scale [L], or float16 [L, C]
         out["targets"] = torch.from_numpy(np.ascontiguousarray(sample["targets"]))
         out["attention"] = torch.from_numpy(np.ascontiguousarray(sample["attention"]))
+        if "targets_scale" in sample:
+            out["targets_scale"] = torch.from_numpy(np.ascontiguousarray(sample["targets_scale"]))
     return out
 
 

@@ -87,10 +87,9 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
     """Run optimiser steps over `batches`; returns the global step reached.
 
     Each batch is a dict from `mrmae.train.data` ([B,3,S,S] pixels, optional [B,N,C]
-    targets and [B,N] attention, or [B,3,T,T] teacher pixels in live mode).
+    targets as stored (int8 with [B,N] targets_scale, or float16) and [B,N] attention,
+    or [B,3,T,T] teacher pixels in live mode).
     """
-    from mrmae.train.models import gather_visible
-
     model.train()
     device = accelerator.device
     step, rank = start_step, accelerator.process_index
@@ -110,8 +109,9 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
         ids_keep, mask, ids_restore = ids_keep.to(device), mask.to(device), ids_restore.to(device)
         visible_targets = None
         if targets is not None and opts.mimic_weight > 0:
-            visible_targets = normalize_targets(gather_visible(targets.to(device, non_blocking=True).float(),
-                                                               ids_keep), opts.target_norm)
+            scale = batch.get("targets_scale") if teacher is None else None
+            visible_targets = normalize_targets(visible_float_targets(targets, scale, ids_keep, device),
+                                                opts.target_norm)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 losses = model(imgs, ids_keep, ids_restore, mask, visible_targets,
@@ -140,9 +140,25 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
     return step
 
 
+def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids_keep: torch.Tensor,
+                          device: torch.device) -> torch.Tensor:
+    """targets [B, N, C] (int8 with scale [B, N], float16 or float32) -> the visible
+    tokens' float32 targets [B, n, C] on `device`.
+
+    The stored values cross to the device (int8: a quarter of float32's bytes), the
+    visible quarter is kept, and only that is dequantised.
+    """
+    from mrmae.train.models import gather_visible
+
+    t = gather_visible(targets.to(device, non_blocking=True), ids_keep).float()
+    if scale is not None:
+        t = t * gather_visible(scale.to(device, non_blocking=True), ids_keep).float().unsqueeze(-1)
+    return t
+
+
 def model_num_patches(model: torch.nn.Module) -> int:
     inner = getattr(model, "module", model)
-    return inner.patch_embed.num_patches
+    return inner.num_patches
 
 
 def append_metrics(path: Path, record: dict) -> None:

@@ -361,7 +361,14 @@ class WdsShard:
         return self._geometry
 
     def features_row(self, i: int, layer: str = "features") -> np.ndarray:
-        """Features of one row [L, C] float32; one read per ROWS_PER_CHUNK rows in a sequential pass."""
+        """Features of one row [L, C] float32."""
+        return dequantize(*self.stored_row(i, layer))
+
+    def stored_row(self, i: int, layer: str = "features") -> tuple[np.ndarray, np.ndarray | None]:
+        """Features of one row as stored: (int8 [L, C], float16 scale [L]) or (float16 [L, C], None).
+
+        One read per ROWS_PER_CHUNK rows in a sequential pass.
+        """
         if not 0 <= i < len(self):  # (loads the index)
             raise IndexError(f"{self.path}: row {i} of {len(self)}")
         if self._block is None or not self._block[0] <= i < self._block[1]:
@@ -374,7 +381,7 @@ class WdsShard:
             o, s, z = (int(x) for x in self._member(name)[i])
             return self._decode(buf[o - base:o - base + s], z)
 
-        return dequantize(member(layer), member(_scale_member(layer)) if self.quantized else None)
+        return member(layer), member(_scale_member(layer)) if self.quantized else None
 
     def get(self, key: str, view: int) -> ViewTargets:
         return view_targets(self, key, view)

@@ -150,7 +150,7 @@ class ShardGroup:
             raise CacheError(f"{path}: unreadable shard group ({type(e).__name__}: {e})") from e
         self.quantized = "features_scale" in self.group
         self._row: dict[tuple[str, int], int] = {(k, int(v)): i for i, (k, v) in enumerate(zip(self.keys, self.views))}
-        self._block: tuple[int, str, np.ndarray] | None = None  # (first row, layer, features)
+        self._block: tuple | None = None  # (first row, layer, stored values, scale or None)
         self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -179,18 +179,25 @@ class ShardGroup:
             self._geometry = (g["crop"][:], g["flip"][:], g["attention"][:].astype(np.float32))
         return self._geometry
 
-    def features_row(self, i: int, layer: str = "features") -> np.ndarray:
-        """Features of one row [L, C] float32, decoding each chunk once in a sequential pass.
+    def stored_row(self, i: int, layer: str = "features") -> tuple[np.ndarray, np.ndarray | None]:
+        """Features of one row as stored: (int8 [L, C], float16 scale [L]) or (float16 [L, C], None).
 
         A training worker walks a shard's rows in tar order, so it keeps the last decoded
-        chunk-aligned block instead of decompressing a whole chunk per row.
+        chunk-aligned block instead of decompressing a whole chunk per row; dequantising
+        is left to the consumer (the training step does it on the device, after keeping
+        only the visible tokens).
         """
         start = i - i % ROWS_PER_CHUNK
         if self._block is None or self._block[:2] != (start, layer):
             rows = slice(start, start + ROWS_PER_CHUNK)
             scale = self.group[f"{layer}_scale"][rows] if self.quantized else None
-            self._block = (start, layer, dequantize(self.group[layer][rows], scale))
-        return self._block[2][i - start]
+            self._block = (start, layer, self.group[layer][rows], scale)
+        values, scale = self._block[2], self._block[3]
+        return values[i - start], None if scale is None else scale[i - start]
+
+    def features_row(self, i: int, layer: str = "features") -> np.ndarray:
+        """Features of one row [L, C] float32."""
+        return dequantize(*self.stored_row(i, layer))
 
     def get(self, key: str, view: int) -> ViewTargets:
         return view_targets(self, key, view)
