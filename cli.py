@@ -111,7 +111,8 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--shards", required=True, help="Source tars (the ones the cache was extracted from).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--feature-cache", help="Train from this cache (a directory or an fsspec URL).")
-@click.option("--target", help="Mimic the targets of a teacher added to the cache (see extract-features --add-teacher).")
+@click.option("--target", help="Which teacher of the cache to mimic: main (default, the one that drew the views) or "
+              "a name from extract-features --add-teacher; several, comma-separated, train jointly (a head each).")
 @click.option("--teacher", help="Live teacher spec instead of a cache (clip:... / dino:...).")
 @click.option("--model", default="mrmae_vit_base_patch16", show_default=True, help="See `mrmae models`.")
 @click.option("--epochs", default=1, show_default=True)

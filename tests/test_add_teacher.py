@@ -64,17 +64,22 @@ def test_adding_again_redoes_nothing_and_an_unknown_target_is_named(two_teachers
     assert r.exit_code != 0 and "give --teacher (a new cache) or --add-teacher" in r.output
 
 
-def test_pretraining_from_either_target_of_one_cache(demo_shards, two_teachers, tmp_path):
+def test_pretraining_from_either_target_of_one_cache_or_both_jointly(demo_shards, two_teachers, tmp_path):
+    from mrmae.train.restore import load_student
+
     cache, _ = two_teachers
     base = ["pretrain", "--shards", url_list(demo_shards[:2]), "--feature-cache", str(cache),
             "--model", "mrmae_vit_tiny_patch16", "--decoder-dim", "64", "--decoder-depth", "1", "--batch-size", "4",
             "--epochs", "1", "--mask", "focused", "--no-progress"]
-    widths = {}
-    for target in (None, "clip-ViT-S-16"):
-        out = tmp_path / (target or "dino")
+    heads = {}
+    for target in (None, "clip-ViT-S-16", "main,clip-ViT-S-16"):
+        out = tmp_path / (target or "default").replace(",", "+")
         r = CliRunner().invoke(cli, [*base, "--out", str(out), *(["--target", target] if target else [])])
         assert r.exit_code == 0, r.output
         latest = (out / "checkpoints" / "latest").read_text().strip()  # the pointer file names the step
         weights = load_file(str(out / "checkpoints" / latest / "model.safetensors"))
-        widths[target] = weights["mimic_head.weight"].shape[0]
-    assert widths == {None: 192, "clip-ViT-S-16": 384}  # each run mimicked its own teacher
+        joint = sorted(k for k in weights if k.startswith("joint_heads.") and k.endswith(".weight"))
+        heads[target] = [weights[k].shape[0] for k in ["mimic_head.weight", *joint]]
+        assert load_student(out).model.cfg.joint_teacher_dims == tuple(heads[target][1:])  # restores strictly
+    # Each run mimicked its own teacher(s): DINO-tiny is 192 wide, CLIP ViT-S 384; joint: one head each.
+    assert heads == {None: [192], "clip-ViT-S-16": [384], "main,clip-ViT-S-16": [192, 384]}

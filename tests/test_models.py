@@ -132,6 +132,22 @@ def test_loss_combination_and_plain_mode():
         m(imgs, keep, restore, mask, torch.randn(2, 16, 24))
 
 
+def test_joint_heads_mimic_one_teacher_each_and_average_their_losses():
+    m = small_model(joint_teacher_dims=(16, 8))
+    imgs, keep, mask, restore, targets = batch(m)
+    g = torch.Generator().manual_seed(1)
+    more = [torch.randn(2, keep.shape[1], c, generator=g) for c in (16, 8)]
+    _, visible = m.forward_encoder(imgs, keep)
+    each = [m.mimic_loss(h(visible), t) for h, t in zip([m.mimic_head, *m.joint_heads], [targets, *more])]
+    out = m(imgs, keep, restore, mask, [targets, *more], recon_weight=0.5, mimic_weight=0.5)
+    torch.testing.assert_close(out["loss_mimic"], sum(each) / 3)
+    assert len({round(float(e), 4) for e in each}) == 3  # three different heads and targets
+    with pytest.raises(ValueError, match="2 target sets for 3 mimic heads"):
+        m(imgs, keep, restore, mask, [targets, more[0]])
+    with pytest.raises(ValueError, match="needs a first teacher"):
+        small_model(teacher_dim=0, joint_teacher_dims=(8,))
+
+
 @pytest.mark.parametrize("fuse", [(2, 4), (1, 3, 4), ()])
 def test_fusion_sums_block_outputs_then_norms_once(fuse):
     m = small_model(fuse_layers=fuse)

@@ -49,6 +49,7 @@ class ConvViTConfig:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     teacher_dim: int = 0  # 0: no mimic head (plain MAE)
+    joint_teacher_dims: tuple[int, ...] = ()  # more teachers, one more mimic head each (joint)
     fuse_layers: tuple[int, ...] = ()  # 1-based stage-3 blocks summed; () = last block only
     norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)
     norm_pix_loss: bool = True

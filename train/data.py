@@ -70,8 +70,8 @@ def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
 class ViewJoiner:
     """Joins each source sample with its view for the epoch (and cached targets, if any)."""
 
-    def __init__(self, cfg: DataConfig, cache: cf.FeatureCache | None):
-        self.cfg, self.cache = cfg, cache
+    def __init__(self, cfg: DataConfig, cache: cf.FeatureCache | None, joint: tuple[cf.FeatureCache, ...] = ()):
+        self.cfg, self.cache, self.joint = cfg, cache, joint
         seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
         self.view_cfg = ViewConfig(per_image=cfg.views_per_image, seed=seed)
         if cache is not None:
@@ -98,9 +98,23 @@ class ViewJoiner:
             out["targets_scale"] = scale
         return out
 
+    def _joint_targets(self, groups: list, key: str, view: int, url: str) -> dict:
+        """Targets of the joint teachers for the same view: `targets@j` (+ `targets_scale@j`)."""
+        out = {}
+        for j, group in enumerate(groups, start=1):
+            try:
+                row = group.row(key, view)
+            except cf.CacheError:
+                raise cf.CacheError(f"{url}: key {key} view {view} has no row in {group.path}") from None
+            for name, value in self._targets(group, row, key).items():
+                if name.startswith("targets"):
+                    out[f"{name}@{j}"] = value
+        return out
+
     def __call__(self, urls: Iterator[str], epoch: int) -> Iterator[dict]:
         for url in urls:
             group = self.cache.shard(url) if self.cache is not None else None
+            joint = [c.shard(url) for c in self.joint]
             skipped = {s["key"] for s in group.entry.get("skipped", [])} if group else set()
             for s in iter_tar_samples(url):
                 key = str(s["__key__"])
@@ -116,6 +130,7 @@ class ViewJoiner:
                         raise cf.CacheError(f"{url}: key {key} has no rows in the cache {self.cache.root} "
                                             "(shard changed since extraction?)") from None
                     out.update(self._targets(group, row, key))
+                    out.update(self._joint_targets(joint, key, v, url))
                 elif image is None:
                     continue
                 yield out
@@ -133,8 +148,9 @@ def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
     if "targets" in sample:  # as stored: int8 [L, C] + float16 scale [L], or float16 [L, C]
         out["targets"] = torch.from_numpy(np.ascontiguousarray(sample["targets"]))
         out["attention"] = torch.from_numpy(np.ascontiguousarray(sample["attention"]))
-        if "targets_scale" in sample:
-            out["targets_scale"] = torch.from_numpy(np.ascontiguousarray(sample["targets_scale"]))
+        for name in sample:  # targets_scale, and targets@j / targets_scale@j of joint teachers
+            if name.startswith(("targets_scale", "targets@")):
+                out[name] = torch.from_numpy(np.ascontiguousarray(sample[name]))
     return out
 
 
@@ -149,11 +165,12 @@ def collate(samples: list[dict]) -> dict:
 class StudentStream(torch.utils.data.IterableDataset):
     """An epoch of batches; call `set_epoch` before iterating (views and order depend on it)."""
 
-    def __init__(self, cfg: DataConfig, cache: cf.FeatureCache | None):
+    def __init__(self, cfg: DataConfig, cache: cf.FeatureCache | None, joint: tuple[cf.FeatureCache, ...] = ()):
+        """`joint`: caches of more teachers for the same views (targets added to `cache`)."""
         super().__init__()
         self.cfg, self.cache = cfg, cache
         self.urls = expand_urls(cfg.shards)
-        self.joiner = ViewJoiner(cfg, cache)
+        self.joiner = ViewJoiner(cfg, cache, joint)
         self.epoch, self.repeat = 0, 0
 
     def set_epoch(self, epoch: int, repeat: int = 0) -> None:

@@ -112,6 +112,11 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
             scale = batch.get("targets_scale") if teacher is None else None
             visible_targets = normalize_targets(visible_float_targets(targets, scale, ids_keep, device),
                                                 opts.target_norm)
+            joint = [normalize_targets(visible_float_targets(batch[f"targets@{j}"], batch.get(f"targets_scale@{j}"),
+                                                             ids_keep, device), opts.target_norm)
+                     for j in range(1, 1 + sum(1 for k in batch if k.startswith("targets@")))]
+            if joint:  # one target set per mimic head
+                visible_targets = [visible_targets, *joint]
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 losses = model(imgs, ids_keep, ids_restore, mask, visible_targets,

@@ -34,7 +34,7 @@ class PretrainConfig:
     out: str
     model: str = "mrmae_vit_base_patch16"
     feature_cache: str | None = None
-    target: str | None = None  # a teacher added to the cache (`--add-teacher`); None: the one that drew the views
+    target: str | None = None  # `open_targets`: "main" (default), an added teacher, or several joint: "main,clip-B16"
     teacher: str | None = None
     epochs: int = 1
     batch_size: int = 64  # per process, per micro-batch
@@ -86,6 +86,19 @@ def cache_fingerprint(cache: cf.FeatureCache) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+MAIN_TARGET = "main"  # --target's name for the teacher that drew the cache's views
+
+
+def open_targets(root: str, target: str | None) -> list[cf.FeatureCache]:
+    """The caches `--target` names in the cache at `root`: `main` (the default) or a teacher
+    added with `extract-features --add-teacher`; several, comma-separated, train jointly
+    (one mimic head each; the first one's attention drives focused masking)."""
+    names = [n.strip() for n in (target or MAIN_TARGET).split(",") if n.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--target {target}: a teacher is named twice")
+    return [cf.FeatureCache(root, None if n == MAIN_TARGET else n) for n in names]
+
+
 def run_pretrain(cfg: PretrainConfig) -> dict:
     """Train; returns {checkpoint, metrics, steps}. Resumes from OUT/checkpoints with `resume`."""
     from accelerate import Accelerator
@@ -100,24 +113,26 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                               cpu=not cuda)
     torch.manual_seed(cfg.seed)
     urls = expand_urls(cfg.shards)
-    cache = cf.FeatureCache(cfg.feature_cache, cfg.target) if cfg.feature_cache else None
+    caches = open_targets(cfg.feature_cache, cfg.target) if cfg.feature_cache else []
+    cache, joint = (caches[0], tuple(caches[1:])) if caches else (None, ())
     if cfg.target and cache is None:
         raise ValueError("--target picks targets inside a cache: give --feature-cache too")
     if cache is not None and cfg.teacher:
         raise ValueError("give --feature-cache or --teacher, not both")
     teacher = build_teacher(cfg.teacher).to(accelerator.device) if cfg.teacher else None
     teacher_dim = cache.manifest["teacher"]["dim"] if cache else (teacher.dim if teacher else 0)
-    model = create_model(cfg.model, teacher_dim=teacher_dim, fuse_layers=cfg.fuse_layers,
+    joint_dims = tuple(c.manifest["teacher"]["dim"] for c in joint)
+    model = create_model(cfg.model, teacher_dim=teacher_dim, joint_teacher_dims=joint_dims, fuse_layers=cfg.fuse_layers,
                          decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth)
     grid = model.grid_size
-    if cache is not None:
-        check_cache_fits(cache, urls, grid, teacher_dim)
+    for c in caches:
+        check_cache_fits(c, urls, grid, c.manifest["teacher"]["dim"])
     data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0,
                           teacher_mean=teacher.mean if teacher else DataConfig.teacher_mean,
                           teacher_std=teacher.std if teacher else DataConfig.teacher_std, split=cfg.data_split)
-    stream = StudentStream(data_cfg, cache)
+    stream = StudentStream(data_cfg, cache, joint)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda)
     # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
     # or repeat samples; the stream splits shards by node and worker itself.
@@ -143,6 +158,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     if accelerator.is_main_process:
         resolved = {**asdict(cfg), "base_lr": base_lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
                     "num_processes": accelerator.num_processes, "teacher_dim": teacher_dim,
+                    "joint_teacher_dims": list(joint_dims),
                     "cache_fingerprint": cache_fingerprint(cache) if cache else None,
                     "teacher_weights_sha256": (cache.manifest["teacher"]["weights_sha256"] if cache
                                                else teacher.fingerprint if teacher else None)}

@@ -66,6 +66,8 @@ def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, d
                              f"{dim}-d with {depth} blocks")
         warnings.warn(f"no config.json beside the checkpoint: assuming {name} without --fuse-layers")
     overrides = dict(teacher_dim=state["mimic_head.weight"].shape[0] if "mimic_head.weight" in state else 0,
+                     joint_teacher_dims=tuple(state[f"joint_heads.{j}.weight"].shape[0]
+                                              for j in range(_max_index(state, "joint_heads"))),
                      fuse_layers=tuple(run_config.get("fuse_layers") or ()),
                      decoder_embed_dim=state["decoder_embed.weight"].shape[0],
                      decoder_depth=_max_index(state, "decoder_blocks"))

@@ -69,9 +69,13 @@ class MaskedStudent(nn.Module):
     num_prefix_tokens: int = 1
 
     def _build_heads(self, dim: int, decoder_mlp_ratio: float = 4.0) -> None:
-        """Mimic head (D -> C, None when teacher_dim = 0) and the MAE decoder on encoder width D."""
+        """Mimic head (D -> C, None when teacher_dim = 0), one more per joint teacher
+        (`joint_heads`, D -> C_j), and the MAE decoder on encoder width D."""
         cfg, dd = self.cfg, self.cfg.decoder_embed_dim
         self.mimic_head = nn.Linear(dim, cfg.teacher_dim) if cfg.teacher_dim > 0 else None
+        if cfg.joint_teacher_dims and self.mimic_head is None:
+            raise ValueError("joint_teacher_dims needs a first teacher (teacher_dim > 0)")
+        self.joint_heads = nn.ModuleList(nn.Linear(dim, c) for c in cfg.joint_teacher_dims)
         self.decoder_embed = nn.Linear(dim, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         pos = sincos_pos_embed(dd, self.grid_size, cls_token=self.num_prefix_tokens == 1)
@@ -172,13 +176,15 @@ class MaskedStudent(nn.Module):
         return (pred.float() - target.float()).pow(2).mean()
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor,
-                mask: torch.Tensor, targets: torch.Tensor | None = None,
+                mask: torch.Tensor, targets: torch.Tensor | list[torch.Tensor] | None = None,
                 recon_weight: float = 0.5, mimic_weight: float = 0.5) -> dict[str, torch.Tensor]:
         """One MR-MAE loss. targets: teacher features of the visible tokens [B, n, C]
-        (`gather_visible(all_targets, ids_keep)`), or None.
+        (`gather_visible(all_targets, ids_keep)`), a list of them (joint: one per head,
+        `mimic_head` first, then `joint_heads`), or None.
 
-        With targets: loss = recon_weight * loss_recon + mimic_weight * loss_mimic.
-        Without (plain MAE): loss = loss_recon (unweighted) and loss_mimic = 0.
+        With targets: loss = recon_weight * loss_recon + mimic_weight * loss_mimic, where
+        loss_mimic is the mean of the heads' eq. 2 losses (so a joint run keeps the total
+        mimic weight). Without (plain MAE): loss = loss_recon (unweighted), loss_mimic = 0.
         Returns {"loss", "loss_recon", "loss_mimic"} (scalars).
         """
         latent, visible = self.forward_encoder(imgs, ids_keep)
@@ -188,9 +194,14 @@ class MaskedStudent(nn.Module):
             return {"loss": loss_recon, "loss_recon": loss_recon, "loss_mimic": zero}
         if self.mimic_head is None:
             raise ValueError("targets given but the model has no mimic head: build it with teacher_dim > 0")
-        if targets.shape[:2] != ids_keep.shape:
-            raise ValueError(f"targets must be the visible tokens' [B, n, C]; got {tuple(targets.shape)} "
-                             f"for ids_keep {tuple(ids_keep.shape)} (use gather_visible)")
-        loss_mimic = self.mimic_loss(self.forward_mimic(visible), targets)
+        targets = [targets] if isinstance(targets, torch.Tensor) else list(targets)
+        heads = [self.mimic_head, *self.joint_heads]
+        if len(targets) != len(heads):
+            raise ValueError(f"{len(targets)} target sets for {len(heads)} mimic heads")
+        for t in targets:
+            if t.shape[:2] != ids_keep.shape:
+                raise ValueError(f"targets must be the visible tokens' [B, n, C]; got {tuple(t.shape)} "
+                                 f"for ids_keep {tuple(ids_keep.shape)} (use gather_visible)")
+        loss_mimic = torch.stack([self.mimic_loss(h(visible), t) for h, t in zip(heads, targets)]).mean()
         loss = recon_weight * loss_recon + mimic_weight * loss_mimic
         return {"loss": loss, "loss_recon": loss_recon, "loss_mimic": loss_mimic}
