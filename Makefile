@@ -36,8 +36,15 @@ demo: $(STAMP)
 	$(MRMAE) visualize --feature-cache $(DEMO)/cache --shards "$(DEMO)/shards/demo-000000.tar" \
 	    --checkpoint $(DEMO)/run --num 4 --out $(DEMO)/run/views.png
 
+# Every CPU benchmark at settings that take about 7 minutes on 2 idle cores (each prints its ratio
+# table and writes benchmarks/results/<name>.json); BENCHMARKS.md's tables used the scripts' larger
+# defaults. benchmarks/gpu_bench.py needs a CUDA card and is not run here.
 bench: $(STAMP)
-	$(PY) benchmarks/extract_throughput.py
+	$(PY) benchmarks/extract_throughput.py --images 32 --reps 2
+	$(PY) benchmarks/codecs.py --reps 3
+	$(PY) benchmarks/wds_codec.py --reps 3
+	$(PY) benchmarks/pretrain_throughput.py --warmup 1 --steps 3 --step-only-warmup 1 --step-only-steps 3
+	$(PY) benchmarks/loader_throughput.py
 
 clean:
 	rm -rf $(DEMO) build *.egg-info

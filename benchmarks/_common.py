@@ -109,9 +109,10 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_json(name: str, payload: dict, out: str | Path | None = None) -> Path:
+    """Write results/<name>.json, or `out` when given (tests and dry runs keep recorded results)."""
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
 
@@ -135,3 +136,104 @@ def median_seconds(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+class PeakMemory:
+    """Peak memory of one measurement, in MiB, per device.
+
+    CUDA: the caching allocator's peak (`torch.cuda.max_memory_allocated`) since `reset()`:
+    tensors only, what the modes differ in. CPU: the process's peak RSS (VmHWM) since
+    `reset()`, which writes 5 to /proc/self/clear_refs (Linux >= 4.0) to lower the high-water
+    mark to the current RSS; it includes everything resident, so only differences between
+    modes mean much. Where the reset is refused the peak is the process's since exec.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.kind = "cuda max_memory_allocated" if self.cuda else "process VmHWM (RSS peak)"
+
+    def reset(self) -> None:
+        import gc
+
+        gc.collect()  # drop the previous measurement's tensors before the new baseline
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def mib(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- pretraining steps, shared by pretrain_throughput.py and gpu_bench.py ---------------------
+
+def base_lr(batch_size: int) -> float:
+    """run_pretrain's default lr for one process: blr x batch / 256."""
+    from mrmae.train.pretrain import PretrainConfig
+
+    return PretrainConfig.blr * batch_size / 256
+
+
+def build_student(model_name: str, shards: list[str], batch_size: int, n_batches: int, accelerator, *,
+                  cache=None, teacher=None, views: int = 2, decoder_dim: int = 512, decoder_depth: int = 8,
+                  pin: bool = False) -> dict:
+    """Student, AdamW and `n_batches` pre-loaded batches of the real StudentStream, built as
+    run_pretrain builds them. The mode follows from the arguments: `cache` (a FeatureCache)
+    -> cached, `teacher` (a Teacher, already on the device) -> live, neither -> plain MAE.
+
+    `pin`: page-lock the batches, as run_pretrain's DataLoader does on CUDA (pin_memory=True),
+    so host-to-device copies in the timed steps run at the speed training sees.
+    """
+    import itertools
+
+    from mrmae.train.data import DataConfig, StudentStream
+    from mrmae.train.models import create_model
+    from mrmae.train.pretrain import param_groups
+
+    torch.manual_seed(0)
+    teacher_dim = cache.manifest["teacher"]["dim"] if cache else (teacher.dim if teacher else 0)
+    model = create_model(model_name, teacher_dim=teacher_dim, decoder_embed_dim=decoder_dim,
+                         decoder_depth=decoder_depth)
+    data_cfg = DataConfig(shards=list(shards), batch_size=batch_size, img_size=model.img_size,
+                          views_per_image=views, teacher_size=teacher.input_size if teacher else 0,
+                          teacher_mean=teacher.mean if teacher else DataConfig.teacher_mean,
+                          teacher_std=teacher.std if teacher else DataConfig.teacher_std)
+    stream = StudentStream(data_cfg, cache)
+    stream.set_epoch(0)
+    batches = list(itertools.islice(iter(stream), n_batches))
+    if len(batches) < n_batches:
+        raise RuntimeError(f"the shards gave {len(batches)} batches of {batch_size}, {n_batches} needed")
+    if pin:
+        batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    # fused AdamW on CUDA, as run_pretrain does (`fused=cuda or None`)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=base_lr(batch_size), betas=(0.9, 0.95),
+                                  fused=accelerator.device.type == "cuda" or None)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return {"model": model, "optimizer": optimizer, "teacher": teacher, "batches": batches}
+
+
+def train_steps(setup: dict, accelerator, batches, lr: float, start_step: int = 0) -> list[float]:
+    """Run the engine's `train_one_epoch` over `batches`; returns its per-step images/s.
+
+    The engine's figure is the wall time between consecutive steps (mask, teacher forward in
+    live mode, host-to-device copies, forward, backward, AdamW); each step ends in a `.item()`
+    of the loss, so on CUDA the figure covers the GPU's work too.
+    """
+    from mrmae.train.engine import StepOptions, train_one_epoch
+
+    rates: list[float] = []
+    train_one_epoch(setup["model"], batches, setup["optimizer"], accelerator, 0, start_step, StepOptions(),
+                    lambda _step: lr, teacher=setup["teacher"],
+                    on_step=lambda _step, record: rates.append(record["images_per_s"]))
+    return rates

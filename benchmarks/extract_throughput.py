@@ -86,7 +86,8 @@ def extract_once(shards: list[Path], out: Path, args: argparse.Namespace, worker
         summary = run_extraction(cfg)
     wall = time.perf_counter() - t0
     cache = FeatureCache(out)
-    feature_bytes = sum(f.stat().st_size for f in cache.root.glob("shards/*/features*/**/*") if f.is_file())
+    # the local directory: FeatureCache.root is a URL string since caches may live on any fsspec store
+    feature_bytes = sum(f.stat().st_size for f in Path(out).glob("shards/*/features*/**/*") if f.is_file())
     return {"views": summary["views"], "loop_s": summary["seconds"], "teacher_s": clock.seconds, "wall_s": wall,
             "stored_bytes": cache.stored_bytes(), "feature_bytes": feature_bytes}
 

@@ -37,7 +37,6 @@ Writes benchmarks/results/pretrain_throughput.json (or --name).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import resource
 import shutil
@@ -87,12 +86,6 @@ def shard_urls(data: Path) -> list[str]:
     return sorted(str(p) for p in (data / "shards").glob("*.tar"))
 
 
-def base_lr(args: argparse.Namespace) -> float:
-    from mrmae.train.pretrain import PretrainConfig
-
-    return PretrainConfig.blr * args.batch_size / 256  # run_pretrain's default for one process
-
-
 # --- child: end-to-end run_pretrain for one mode ---------------------------------------------
 
 def child_e2e(args: argparse.Namespace, data: Path) -> dict:
@@ -123,49 +116,30 @@ def child_e2e(args: argparse.Namespace, data: Path) -> dict:
 
 def setup_mode(mode: str, args: argparse.Namespace, data: Path, accelerator) -> dict:
     """Student, optimiser, teacher and pre-loaded batches, built as run_pretrain builds them."""
-    import torch
-
+    from _common import build_student
     from mrmae.shared import cache_format as cf
     from mrmae.shared.teachers import build_teacher
-    from mrmae.train.data import DataConfig, StudentStream
-    from mrmae.train.models import create_model
-    from mrmae.train.pretrain import param_groups
 
-    torch.manual_seed(0)
-    cache = cf.FeatureCache(data / "cache") if mode == "cached" else None
-    teacher = build_teacher(args.teacher) if mode == "live" else None
-    teacher_dim = cache.manifest["teacher"]["dim"] if cache else (teacher.dim if teacher else 0)
-    model = create_model(args.model, teacher_dim=teacher_dim, decoder_embed_dim=args.decoder_dim,
-                         decoder_depth=args.decoder_depth)
-    data_cfg = DataConfig(shards=shard_urls(data), batch_size=args.batch_size, img_size=model.patch_embed.img_size[0],
-                          views_per_image=args.views, teacher_size=teacher.input_size if teacher else 0,
-                          teacher_mean=teacher.mean if teacher else DataConfig.teacher_mean,
-                          teacher_std=teacher.std if teacher else DataConfig.teacher_std)
-    stream = StudentStream(data_cfg, cache)
-    stream.set_epoch(0)
-    batches = list(itertools.islice(iter(stream), args.step_only_warmup + args.step_only_steps))
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=base_lr(args), betas=(0.9, 0.95))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return {"model": model, "optimizer": optimizer, "teacher": teacher, "batches": batches}
+    return build_student(args.model, shard_urls(data), args.batch_size, args.step_only_warmup + args.step_only_steps,
+                         accelerator, cache=cf.FeatureCache(data / "cache") if mode == "cached" else None,
+                         teacher=build_teacher(args.teacher) if mode == "live" else None, views=args.views,
+                         decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth)
 
 
 def child_steps(args: argparse.Namespace, data: Path) -> dict:
     from accelerate import Accelerator
 
-    from mrmae.train.engine import StepOptions, train_one_epoch
+    from _common import base_lr, train_steps
 
     accelerator = Accelerator(mixed_precision="no")
     setups = {m: setup_mode(m, args, data, accelerator) for m in MODES}
     if len({len(s["batches"]) for s in setups.values()}) != 1:
         raise RuntimeError("modes pre-loaded different numbers of batches")
-    lr = base_lr(args)
+    lr = base_lr(args.batch_size)
     rates: dict[str, list[float]] = {m: [] for m in MODES}
     for i in range(len(setups["plain"]["batches"])):
         for mode in MODES[i % 3:] + MODES[:i % 3]:
-            s, record = setups[mode], rates[mode].append
-            train_one_epoch(s["model"], [s["batches"][i]], s["optimizer"], accelerator, 0, i, StepOptions(),
-                            lambda _step: lr, teacher=s["teacher"],
-                            on_step=lambda _step, r, rec=record: rec(r["images_per_s"]))
+            rates[mode] += train_steps(setups[mode], accelerator, [setups[mode]["batches"][i]], lr, start_step=i)
     return {m: {"images_per_s_all_steps": r, "images_per_s": statistics.median(r[args.step_only_warmup:])}
             for m, r in rates.items()}
 

@@ -1,0 +1,307 @@
+"""GPU benchmark in one go: teachers, extraction, pretraining modes, loaders, peak memory.
+
+One process, one card, one run, so every ratio compares figures measured side by side:
+
+- teacher_b16 / teacher_l14: images/s of the frozen teacher's forward (`build_teacher`,
+  random weights, bf16 autocast, incl. the last block's [CLS] attention the cache stores)
+  on device-resident random batches of 256 views (224 px for /16, 196 px for /14);
+- extraction: `run_extraction` end to end with --device cuda (read tar, decode, render,
+  teacher, int8 quantise, compress, write Zarr) over demo shards of ImageNet-sized JPEGs
+  (~200-600 px a side, `mrmae.demo.write_demo_shards`) after one warm-up shard;
+  views/s from the runner's loop seconds (the teacher's construction left out);
+- pretrain_{plain,cached,live_b16,live_l14}: the engine's step (`train_one_epoch`: mask,
+  live teacher forward, host-to-device copies of pinned batches, forward, backward, fused
+  AdamW) on the ViT-B student, bf16 under accelerate as `mrmae pretrain` runs it; the
+  cache is the extraction's (B/16). `_compiled`: the same after `torch.compile` (what
+  `accelerate launch --dynamo_backend inductor` does to the prepared model);
+- loader_cached / loader_plain: images/s of ONE DataLoader worker: StudentStream joined with
+  the cache vs MAE's webdataset + torchvision RandomResizedCrop loader (loader_throughput.py);
+- peak MiB: `torch.cuda.max_memory_allocated` per measurement (reset before each; a live
+  mode's teacher weights count, batches waiting in pinned host memory do not).
+
+Each measurement runs a few untimed steps, then up to 10 timed ones within a time budget
+(Settings); rates are medians of the timed steps. Modes run one after another, each freeing
+the last, so peaks do not mix; a failed measurement is reported and the rest still run.
+The table printed last holds every figure, the ratios and, where the project has one, the
+H200 anchor (../shared/reference/ANCHORS.md: torch 2.11, the public reference model).
+--dry: ViT-tiny student, ViT-S-16 / timm ViT-tiny as the B/16 / L/14 stand-ins, batch 2.
+
+    .venv/bin/python benchmarks/gpu_bench.py        # CUDA; meant to take 4-6 minutes on an H100
+    .venv/bin/python benchmarks/gpu_bench.py --dry  # CPU smoke run of the same code, ~20-30 s
+
+Writes benchmarks/results/gpu_bench.json (--dry: a temp file), or --out PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from _common import (RANDOM_WEIGHTS_NOTE, PeakMemory, base_lr, build_student, machine_facts, make_shards, table,
+                     train_steps, warn_if_busy, write_json)
+from loader_throughput import measure_loaders
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: str
+    student: str
+    decoder_dim: int
+    decoder_depth: int
+    teachers: dict[str, str]  # role -> spec; extraction and the cache use "b16"
+    batch: int  # teacher forward, extraction and student batches
+    warmup: int  # untimed steps per measurement
+    steps: int  # timed steps per measurement, fewer if the budget runs out first
+    budget_s: float  # timed seconds per measurement, at most (at least 2 steps)
+    views: int  # per image, in the cache
+    shard_size: int
+    extract_shards: int  # timed; a shard of one teacher batch (batch / views images) warms extraction up
+    extract_workers: int
+    loader_batch: int
+    loader_budget_s: float
+    compile_backend: str  # inductor on CUDA; "eager" (dynamo tracing only) keeps --dry cheap
+    distinct_batches: int  # pre-loaded per mode and cycled through (extract_shards x shard_size images suffice)
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+    anchors: dict[str, float] = field(default_factory=dict)
+
+
+# The project's H200 figures (ANCHORS.md): images/s, and the ratios they imply.
+H200 = {"teacher_b16": 8698, "teacher_l14": 2308, "pretrain_plain": 3400, "pretrain_cached": 3201,
+        "pretrain_live_b16": 2370, "pretrain_live_l14": 1378, "pretrain_cached_compiled": 4759, "loader_plain": 400,
+        "ratio:cached/plain": 3201 / 3400, "ratio:cached/live_b16": 3201 / 2370, "ratio:cached/live_l14": 3201 / 1378,
+        "ratio:compiled/eager_cached": 4759 / 3481}
+GPU = Settings("cuda", "mrmae_vit_base_patch16", 512, 8, {"b16": "clip:ViT-B-16", "l14": "clip:ViT-L-14"}, 256,
+               warmup=3, steps=10, budget_s=15.0, views=2, shard_size=512, extract_shards=3, extract_workers=8,
+               loader_batch=64, loader_budget_s=5.0, compile_backend="inductor", distinct_batches=2, anchors=H200)
+DRY = Settings("cpu", "mrmae_vit_tiny_patch16", 64, 1, {"b16": "clip:ViT-S-16", "l14": "dino:vit_tiny_patch16_224"}, 2,
+               warmup=1, steps=2, budget_s=5.0, views=2, shard_size=2, extract_shards=1, extract_workers=0,
+               loader_batch=2, loader_budget_s=1.0, compile_backend="eager", distinct_batches=1,
+               threads=1)  # one thread: a smoke run beside other jobs, where spinning OpenMP threads crawl
+PRETRAIN_MODES = ("plain", "cached", "live_b16", "live_l14")
+
+
+def timed(step: Callable[[], None], s: Settings) -> list[float]:
+    """Seconds of each timed call of step() after s.warmup untimed ones, the device synchronised."""
+    sync = torch.cuda.synchronize if s.device.startswith("cuda") else (lambda: None)
+    for _ in range(s.warmup):
+        step()
+    sync()
+    times: list[float] = []
+    t_begin = time.perf_counter()
+    while len(times) < s.steps and (len(times) < 2 or time.perf_counter() - t_begin < s.budget_s):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_teacher(teacher, s: Settings, mem: PeakMemory) -> dict:
+    teacher.to(s.device)
+    mem.reset()
+    x = torch.randn(s.batch, 3, teacher.input_size, teacher.input_size, device=s.device)
+    cuda = s.device.startswith("cuda")
+
+    def step() -> None:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cuda):
+            teacher(x)
+
+    times = timed(step, s)
+    peak = mem.mib()
+    teacher.to("cpu")  # off the card, so it does not count in the next measurements' peaks
+    return {"value": s.batch / statistics.median(times), "unit": "img/s", "peak_mib": peak,
+            "what": f"{teacher.spec} forward + [CLS] attn, {teacher.input_size} px, B={s.batch}", "step_s": times}
+
+
+def bench_extraction(warm: list[Path], shards: list[Path], tmp: Path, s: Settings, mem: PeakMemory) -> dict:
+    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.shared.views import ViewConfig
+
+    def cfg(urls: list[Path], out: str) -> ExtractConfig:
+        return ExtractConfig(shards=[str(u) for u in urls], out=str(tmp / out), teacher=s.teachers["b16"],
+                             views=ViewConfig(per_image=s.views, seed=0), batch_size=s.batch, device=s.device,
+                             workers=s.extract_workers, progress=False)
+
+    run_extraction(cfg(warm, "cache-warmup"))  # kernels, allocator, page cache
+    mem.reset()
+    t0 = time.perf_counter()
+    summary = run_extraction(cfg(shards, "cache"))
+    wall, loop = time.perf_counter() - t0, max(summary["seconds"], 1e-3)
+    return {"value": summary["views"] / loop, "unit": "views/s", "peak_mib": mem.mib(),
+            "what": f"run_extraction {s.teachers['b16']}, {len(shards)} x {s.shard_size} img x {s.views} views, "
+                    f"workers {s.extract_workers}", "images_per_s": summary["views"] / s.views / loop,
+            "loop_s": loop, "wall_s_incl_teacher_build": wall, "views": summary["views"]}
+
+
+def bench_pretrain(mode: str, s: Settings, urls: list[str], cache_root: Path, teachers: dict, accelerator,
+                   mem: PeakMemory, compile_backend: str | None = None) -> dict:
+    from mrmae.shared import cache_format as cf
+
+    accelerator.free_memory()  # the accelerator holds the previous mode's model and optimiser
+    mem.reset()
+    teacher = teachers[mode.split("_", 1)[1]].to(s.device) if mode.startswith("live") else None
+    cache = cf.FeatureCache(cache_root) if mode == "cached" else None
+    setup = build_student(s.student, urls, s.batch, s.distinct_batches, accelerator, cache=cache, teacher=teacher,
+                          views=s.views, decoder_dim=s.decoder_dim, decoder_depth=s.decoder_depth,
+                          pin=s.device.startswith("cuda"))
+    if compile_backend:
+        setup["model"] = torch.compile(setup["model"], backend=compile_backend)
+    batches, t_timed = setup["batches"], [0.0]
+
+    def feed():
+        """warm-up + timed batches, cycling the pre-loaded ones; stops once the budget is spent."""
+        for i in range(s.warmup + s.steps):
+            if i == s.warmup:
+                t_timed[0] = time.perf_counter()
+            elif i > s.warmup + 2 and time.perf_counter() - t_timed[0] > s.budget_s:
+                return
+            yield batches[i % len(batches)]
+
+    t0 = time.perf_counter()
+    rates = train_steps(setup, accelerator, feed(), base_lr(s.batch))
+    wall = time.perf_counter() - t0
+    peak = mem.mib()
+    if teacher is not None:
+        teacher.to("cpu")  # the next mode starts with accelerator.free_memory() and a fresh peak
+    parts = [f"{s.student} B={s.batch}", f"{teacher.spec} live" if teacher is not None else "",
+             f"cache of {cache.manifest['teacher']['spec']}" if cache else "",
+             f"torch.compile {compile_backend}" if compile_backend else ""]
+    what = ", ".join(part for part in parts if part)
+    result = {"value": statistics.median(rates[s.warmup:]), "unit": "img/s", "peak_mib": peak, "what": what,
+              "images_per_s_all_steps": rates, "wall_s": wall}
+    if compile_backend:  # graph breaks would leave parts in eager: say how many graphs dynamo made
+        from torch._dynamo.utils import counters
+
+        result["dynamo"] = {"graph_breaks": sum(counters["graph_break"].values()), **counters["stats"]}
+    return result
+
+
+def ratio_rows(rows: dict, anchors: dict) -> dict:
+    """Ratios of rows measured in this run (skipped where a row failed)."""
+    def v(key: str) -> float | None:
+        return rows.get(key, {}).get("value")
+
+    def m(key: str) -> float | None:
+        return rows.get(key, {}).get("peak_mib")
+
+    specs = [("ratio:extraction/teacher_b16", v("extraction"), v("teacher_b16"), "views/s over forward-only img/s"),
+             ("ratio:cached/plain", v("pretrain_cached"), v("pretrain_plain"), "step img/s"),
+             ("ratio:cached/live_b16", v("pretrain_cached"), v("pretrain_live_b16"), "step img/s"),
+             ("ratio:cached/live_l14", v("pretrain_cached"), v("pretrain_live_l14"), "step img/s"),
+             ("ratio:live_b16/plain", v("pretrain_live_b16"), v("pretrain_plain"), "step img/s"),
+             ("ratio:live_l14/plain", v("pretrain_live_l14"), v("pretrain_plain"), "step img/s"),
+             ("ratio:compiled/eager_cached", v("pretrain_cached_compiled"), v("pretrain_cached"), "step img/s"),
+             ("ratio:loader_cached/plain", v("loader_cached"), v("loader_plain"), "img/s per worker"),
+             ("workers_to_feed:cached", v("pretrain_cached"), v("loader_cached"), "cached step / cached loader worker"),
+             ("workers_to_feed:cached_compiled", v("pretrain_cached_compiled"), v("loader_cached"),
+              "compiled step / cached loader worker"),
+             ("memory:cached/plain", m("pretrain_cached"), m("pretrain_plain"), "peak"),
+             ("memory:live_b16/plain", m("pretrain_live_b16"), m("pretrain_plain"), "peak"),
+             ("memory:live_l14/plain", m("pretrain_live_l14"), m("pretrain_plain"), "peak")]
+    return {name: {"value": a / b, "unit": "x", "what": what, "anchor_h200": anchors.get(name)}
+            for name, a, b, what in specs if a and b}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry", action="store_true", help="CPU, tiny sizes: the same code path in well under a minute")
+    p.add_argument("--out", help="JSON path (default results/gpu_bench.json; --dry: a temp file)")
+    p.add_argument("--compile", default="cached", help="comma-separated pretrain modes to also run compiled; '' none")
+    p.add_argument("--max-seconds", type=float, default=450, help="skip compiled modes that would start later than "
+                   "this minus --compile-seconds")
+    p.add_argument("--compile-seconds", type=float, default=150, help="time to allow one compiled mode")
+    args = p.parse_args()
+    s = DRY if args.dry else GPU
+    if not args.dry and not torch.cuda.is_available():
+        raise SystemExit("gpu_bench: no CUDA device here; --dry runs the same code on the CPU with tiny sizes")
+    out = args.out or (Path(tempfile.gettempdir()) / "mrmae_gpu_bench_dry.json" if args.dry else None)
+    warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    from accelerate import Accelerator
+
+    from mrmae.shared.teachers import build_teacher
+
+    warn_if_busy()
+    t_start = time.perf_counter()
+    cuda = s.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name(0) if cuda else f"cpu (dry run; {os.cpu_count()} cores)"
+    mem, rows, errors = PeakMemory(s.device), {}, {}
+
+    def attempt(name: str, fn: Callable[[], dict | None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except Exception as e:  # one failure must not cost the rest of a scarce GPU slot
+            traceback.print_exc()
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"FAILED {name} [{time.perf_counter() - t_start:.0f} s]", flush=True)
+            return
+        for key, row in ({name: result} if "value" in result else result).items():
+            rows[key] = {**row, "anchor_h200": s.anchors.get(key)}
+            peak = f", peak {row['peak_mib']:.0f} MiB" if "peak_mib" in row else ""
+            print(f"{key}: {row['value']:.1f} {row['unit']}{peak} ({time.perf_counter() - t0:.0f} s) "
+                  f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="mrmae-gpu-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        timed_shards = make_shards(tmp / "shards", s.shard_size * s.extract_shards, s.shard_size)
+        warm = make_shards(tmp / "warm", max(1, s.batch // s.views), s.shard_size)[:1]  # one teacher batch
+        urls = [str(u) for u in timed_shards]
+        print(f"{len(timed_shards)} shards of {s.shard_size} demo JPEGs [{time.perf_counter() - t_start:.0f} s]",
+              flush=True)
+        teachers = {role: build_teacher(spec) for role, spec in s.teachers.items()}
+        for role, teacher in teachers.items():
+            attempt(f"teacher_{role}", lambda t=teacher: bench_teacher(t, s, mem))
+        attempt("extraction", lambda: bench_extraction(warm, timed_shards, tmp, s, mem))
+
+        def loaders() -> dict:
+            r = measure_loaders(urls, tmp / "cache", s.loader_batch, s.loader_budget_s, warmup_batches=2)
+            return {f"loader_{k}": {"value": r[k]["images_per_s"], "unit": "img/s/worker", "what": what, "detail": r[k]}
+                    for k, what in (("cached", "StudentStream + cache, 1 worker"),
+                                    ("plain", "webdataset + torchvision RRC (MAE), 1 worker"))}
+
+        attempt("loaders", loaders)
+        accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+        for mode in PRETRAIN_MODES:
+            attempt(f"pretrain_{mode}", lambda m=mode: bench_pretrain(m, s, urls, tmp / "cache", teachers, accelerator,
+                                                                      mem))
+        for mode in [m for m in args.compile.split(",") if m]:
+            if time.perf_counter() - t_start > args.max_seconds - args.compile_seconds:
+                errors[f"pretrain_{mode}_compiled"] = "skipped: out of time (see --max-seconds)"
+                continue
+            attempt(f"pretrain_{mode}_compiled", lambda m=mode: bench_pretrain(
+                m, s, urls, tmp / "cache", teachers, accelerator, mem, compile_backend=s.compile_backend))
+    rows.update(ratio_rows(rows, s.anchors))
+    total_s = time.perf_counter() - t_start
+
+    facts = machine_facts()
+    payload = {"benchmark": "gpu_bench", "dry": args.dry, "device": device_name, "torch": torch.__version__,
+               "cuda": torch.version.cuda, "date_utc": facts["date_utc"],
+               "command": " ".join(["benchmarks/gpu_bench.py", *sys.argv[1:]]), "note": RANDOM_WEIGHTS_NOTE,
+               "memory_kind": mem.kind, "settings": asdict(s), "machine": facts, "rows": rows, "errors": errors,
+               "total_seconds": total_s}
+    path = write_json("gpu_bench", payload, out)
+    for name, err in errors.items():
+        print(f"not measured: {name}: {err}")
+    print(f"total {total_s:.0f} s -> {path}\n")
+    print(f"{device_name}, torch {torch.__version__}; {s.student} (decoder {s.decoder_dim}-d x {s.decoder_depth}), "
+          f"batch {s.batch}; medians of <= {s.steps} steps after {s.warmup} warm-up; peak = {mem.kind}")
+    print(table(["row", "value", "unit", "peak MiB", "H200 anchor", "what"],
+                [[k, r["value"], r["unit"], f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-",
+                  "-" if r.get("anchor_h200") is None else r["anchor_h200"], r["what"]] for k, r in rows.items()]))
+
+
+if __name__ == "__main__":
+    main()

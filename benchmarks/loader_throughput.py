@@ -1,0 +1,190 @@
+"""Loader throughput per worker: the cache-joined StudentStream vs a plain MAE loader.
+
+Both loaders read the same demo shards (`mrmae.demo.write_demo_shards`, temp dir), each in
+a `torch.utils.data.DataLoader` with ONE worker (torch gives a worker one intra-op thread),
+so images/s is what one CPU core delivers per loader:
+
+- cached: `mrmae.train.data.StudentStream` in cached mode, as `mrmae pretrain
+  --feature-cache` runs it: tar read, the epoch's cached view geometry and targets
+  (int8 -> float32, [196, C]) and [CLS] attention per sample, JPEG decode (PIL), the
+  replayed crop + bicubic resize + flip on the tensor, normalisation, batching;
+- plain: MAE's own input pipeline over webdataset: `wds.WebDataset` -> shuffle ->
+  `decode("pil")` -> torchvision `RandomResizedCrop(224, scale=(0.2, 1.0), bicubic)`,
+  `RandomHorizontalFlip`, `ToTensor`, `Normalize` -> `batched`. No targets.
+
+The cache is made once with `run_extraction` (--teacher, --views). Per rep each loader runs
+once, the order alternating between reps; the timed window opens when the first
+--warmup-batches have arrived (worker start-up and the shuffle buffer's first fill are
+left out) and closes after --budget seconds; the loaders pass over the shards again as
+often as needed (the cached one with the next epoch's views). The table reports medians;
+ratio = cached / plain. The cached loader's targets scale with the teacher's
+width C: clip:ViT-S-16 is 384-d, a CLIP B/16 cache (768-d) moves twice the target bytes.
+
+Run (about 2 minutes on 2 idle cores with the defaults, most of it making the cache):
+
+    .venv/bin/python benchmarks/loader_throughput.py
+    .venv/bin/python benchmarks/loader_throughput.py --images 32 --views 1 --reps 1 --budget 5  # ~40 s
+
+Writes benchmarks/results/loader_throughput.json (or --name, or --out PATH).
+`measure_loaders` is also what benchmarks/gpu_bench.py runs on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from _common import ForeignCpu, machine_facts, make_shards, table, warn_if_busy, write_json
+from mrmae.shared import cache_format as cf
+from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, StudentStream
+
+LOADERS = ("cached", "plain")
+
+
+def plain_mae_loader(urls: list[str], batch_size: int, img_size: int = 224, seed: int = 0) -> wds.WebDataset:
+    """MAE's pretraining input pipeline (main_pretrain.py's transform) over webdataset tars."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    transform = transforms.Compose([
+        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    # the same shuffle buffer as StudentStream's (1000, first fill 100), before decoding as there
+    return (wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+            .shuffle(1000, initial=100, rng=random.Random(seed))
+            .decode("pil").to_tuple("jpg").map_tuple(transform)
+            .batched(batch_size, partial=True))
+
+
+def cached_loader(urls: list[str], cache: cf.FeatureCache, batch_size: int) -> StudentStream:
+    """StudentStream in cached mode, as run_pretrain builds it (epoch 0)."""
+    stream = StudentStream(DataConfig(shards=list(urls), batch_size=batch_size), cache)
+    stream.set_epoch(0)
+    return stream
+
+
+class Passes(torch.utils.data.IterableDataset):
+    """`dataset` again and again (`set_epoch(pass)` first where it has one, as StudentStream
+    does), so that a loader's timed window is bounded by the budget and not by the few
+    shards a CPU machine can afford to extract a cache for."""
+
+    def __init__(self, dataset, passes: int = 10_000) -> None:
+        super().__init__()
+        self.dataset, self.passes = dataset, passes
+
+    def __iter__(self):
+        for epoch in range(self.passes):
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            yield from self.dataset
+
+
+def _batch_len(batch) -> int:
+    return len(batch["pixels"]) if isinstance(batch, dict) else len(batch[0])
+
+
+def loader_rate(dataset: torch.utils.data.IterableDataset, workers: int = 1, warmup_batches: int = 1,
+                budget_s: float = 10.0) -> dict:
+    """images/s of a DataLoader over `dataset`, timed from the arrival of batch `warmup_batches`.
+
+    The main process only takes batches, so with one worker the figure is that worker's rate
+    (including handing the tensors over through shared memory).
+    """
+    loader = torch.utils.data.DataLoader(Passes(dataset), batch_size=None, num_workers=workers)
+    images, batches, t0 = 0, 0, None
+    t_start = time.perf_counter()
+    for batch in loader:
+        batches += 1
+        if batches == warmup_batches:
+            t0 = time.perf_counter()
+        elif t0 is not None:
+            images += _batch_len(batch)
+            if time.perf_counter() - t0 >= budget_s:
+                break
+    t_end = time.perf_counter()
+    if t0 is None or images == 0:
+        raise RuntimeError(f"the loader gave {batches} batches: no data?")
+    return {"images": images, "seconds": t_end - t0, "images_per_s": images / (t_end - t0),
+            "startup_s": t0 - t_start, "batches": batches}
+
+
+def measure_loaders(urls: list[str], cache_root: str | Path, batch_size: int, budget_s: float,
+                    warmup_batches: int = 1, reps: int = 1, workers: int = 1) -> dict:
+    """Both loaders over the same shards, alternating per rep; medians and the cached/plain ratio."""
+    cache = cf.FeatureCache(cache_root)
+    runs: dict[str, list[dict]] = {name: [] for name in LOADERS}
+    for rep in range(reps):
+        for name in LOADERS[rep % 2:] + LOADERS[:rep % 2]:
+            dataset = (cached_loader(urls, cache, batch_size) if name == "cached"
+                       else plain_mae_loader(urls, batch_size))
+            runs[name].append(loader_rate(dataset, workers, warmup_batches, budget_s))
+    out: dict = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in rs), "reps": rs}
+                 for name, rs in runs.items()}
+    out["ratio_cached_over_plain"] = out["cached"]["images_per_s"] / out["plain"]["images_per_s"]
+    out["params"] = {"batch_size": batch_size, "workers": workers, "warmup_batches": warmup_batches,
+                     "budget_s": budget_s, "reps": reps, "teacher_dim": cache.manifest["teacher"]["dim"]}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="clip:ViT-S-16", help="the cache's teacher (its width sets the target bytes)")
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=32)
+    p.add_argument("--views", type=int, default=2, help="views per image in the cache")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup-batches", type=int, default=1)
+    p.add_argument("--budget", type=float, default=10.0, help="seconds per timed loader run (at most)")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--name", default="loader_throughput", help="results/<name>.json")
+    p.add_argument("--out", help="write the JSON here instead of results/<name>.json")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
+    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.shared.views import ViewConfig
+
+    warn_if_busy()
+    facts = machine_facts()
+    t_start = time.perf_counter()
+    other = ForeignCpu()
+    with tempfile.TemporaryDirectory(prefix="mrmae-loader-bench-") as tmp:
+        urls = [str(u) for u in make_shards(Path(tmp) / "shards", args.images, args.shard_size)]
+        cache = Path(tmp) / "cache"
+        run_extraction(ExtractConfig(shards=urls, out=str(cache), teacher=args.teacher,
+                                     views=ViewConfig(per_image=args.views, seed=0), batch_size=32, progress=False))
+        print(f"{args.images} images, cache of {args.images * args.views} views ({args.teacher}) "
+              f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+        result = measure_loaders(urls, cache, args.batch_size, args.budget, args.warmup_batches, args.reps)
+    total_s, foreign = time.perf_counter() - t_start, other.seconds()
+    facts["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    command = " ".join(["benchmarks/loader_throughput.py", *sys.argv[1:]])
+    payload = {"benchmark": "loader_throughput", "command": command, "machine": facts, "params": vars(args),
+               "loaders": result, "foreign_cpu_seconds": foreign, "total_seconds": total_s}
+    path = write_json(args.name, payload, args.out)
+
+    print(f"\n{args.images} demo images in shards of {args.shard_size}, batch {args.batch_size}, 1 worker per loader, "
+          f"cache {args.teacher} ({result['params']['teacher_dim']}-d) x {args.views} views; median of {args.reps} "
+          f"reps of <= {args.budget:.0f} s; {facts['cpu_count']} CPUs")
+    reps = {name: result[name]["reps"] for name in LOADERS}
+    rows = [[name, result[name]["images_per_s"], f"{statistics.median(r['startup_s'] for r in reps[name]):.2f}",
+             sum(r["images"] for r in reps[name])] for name in LOADERS]
+    rows.append(["ratio cached/plain", result["ratio_cached_over_plain"], "-", "-"])
+    print(table(["loader", "images/s per worker", "start-up s", "images timed"], rows))
+    print(f"other processes used {foreign:.1f} CPU-s meanwhile; total {total_s:.0f} s -> {path}")
+
+
+if __name__ == "__main__":
+    main()
