@@ -248,6 +248,56 @@ def export(checkpoint: str, out: str) -> None:
     click.echo(f"load with: {e.create_call()}")
 
 
+@cli.command("finetune")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="A pretrain run dir, a checkpoint dir, its model.safetensors, or an `mrmae export` file.")
+@click.option("--train-shards", required=True, help="Labelled training tars ({key}.jpg + {key}.cls).")
+@click.option("--val-shards", required=True, help="Labelled validation tars (top-1/top-5 after each epoch).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--num-classes", default=1000, show_default=True)
+@click.option("--epochs", default=100, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, help="Per process and micro-batch.")
+@click.option("--accum-steps", default=1, show_default=True)
+@click.option("--blr", default=3e-4, show_default=True, help="lr = blr x effective batch / 256.")
+@click.option("--lr", type=float, default=None, help="Absolute peak lr (overrides --blr).")
+@click.option("--min-lr", default=1e-6, show_default=True)
+@click.option("--warmup-epochs", default=5.0, show_default=True)
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--layer-decay", default=0.6, show_default=True, help="Layer-wise lr decay.")
+@click.option("--drop-path", default=0.2, show_default=True)
+@click.option("--global-pool", type=click.Choice(["avg", "token"]), default="avg", show_default=True,
+              help="avg: mean patch token + new fc_norm (MAE); token: the normed [CLS] token.")
+@click.option("--mixup", default=0.8, show_default=True, help="Mixup alpha (0: off).")
+@click.option("--cutmix", default=1.0, show_default=True, help="CutMix alpha (0: off).")
+@click.option("--mixup-prob", default=1.0, show_default=True)
+@click.option("--mixup-switch-prob", default=0.5, show_default=True, help="Chance of CutMix when both are on.")
+@click.option("--smoothing", default=0.1, show_default=True, help="Label smoothing.")
+@click.option("--augment", type=click.Choice(["randaug", "light"]), default="randaug", show_default=True,
+              help="randaug: RandAugment + random erasing (MAE); light: crop and flip only.")
+@click.option("--rand-augment", default="rand-m9-mstd0.5-inc1", show_default=True)
+@click.option("--re-prob", default=0.25, show_default=True, help="Random erasing probability.")
+@click.option("--eval-batch-size", default=64, show_default=True)
+@click.option("--workers", default=4, show_default=True)
+@click.option("--shuffle-buffer", default=1000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
+@click.option("--save-every-steps", default=0, show_default=True, help="0: at each epoch's end only.")
+@click.option("--no-progress", is_flag=True)
+def finetune(no_progress, **kwargs) -> None:
+    """Fine-tune the pretrained encoder as a timm ViT classifier (MAE's recipe); top-1/top-5 per epoch."""
+    from mrmae.train.export import ExportError
+    from mrmae.train.finetune import FinetuneConfig, FinetuneError, run_finetune
+
+    try:
+        r = run_finetune(FinetuneConfig(**kwargs, progress=not no_progress))
+    except (ExportError, FinetuneError) as err:
+        click.echo(f"mrmae: error: {err}", err=True)
+        sys.exit(1)
+    if r["main_process"]:
+        click.echo(r["table"])
+        click.echo(f"{r['steps']} steps; checkpoint: {r['checkpoint']}; metrics: {r['metrics']}")
+
+
 @cli.command("visualize")
 @click.option("--feature-cache", required=True, help="The cache (a directory or an fsspec URL).")
 @click.option("--shards", required=True, help="Source tars the cache was extracted from.")

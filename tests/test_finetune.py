@@ -1,0 +1,154 @@
+"""`mrmae finetune`: a tiny student fine-tuned on the demo shards, resumed, refused when it must be."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_student import NAME, save_tiny_student
+from click.testing import CliRunner
+from conftest import url_list
+from safetensors.torch import load_file, save_file
+
+from mrmae.cli import cli
+from mrmae.train import checkpoint as ckpt
+from mrmae.train.checkpoint import TrainState, save_checkpoint
+from mrmae.train.export import encoder_state_dict
+from mrmae.train.finetune import FinetuneError, build_classifier
+from mrmae.train.models import create_model
+from mrmae.train.restore import encode_all_tokens
+
+# The demo labels are photograph indices < 16. At 64 px (16 patches) a step costs a twelfth
+# of one at 224 px, which keeps this file well inside a minute on 2 CPU cores.
+FT = ["--num-classes", "16", "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", "--warmup-epochs", "0.5",
+      "--workers", "0", "--seed", "3", "--eval-batch-size", "8", "--no-progress", "--save-every-steps", "2"]
+
+
+def save_small_student(out: Path, seed: int = 0):
+    """The tiny student of _tiny_student.py at 64 px, saved as a pretrain run saves it."""
+    torch.manual_seed(seed)
+    model = create_model(NAME, img_size=64, teacher_dim=192, decoder_embed_dim=64, decoder_depth=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_checkpoint(out, model, torch.optim.AdamW(model.parameters()), TrainState(epoch=1, step=1))
+    (out / "config.json").write_text(json.dumps({"model": NAME, "fuse_layers": []}))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("student")
+    save_small_student(out)
+    return out
+
+
+def finetune(args: list[str]):
+    return CliRunner().invoke(cli, ["finetune", *args])
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_path, monkeypatch):
+    data = ["--checkpoint", str(student), "--train-shards", url_list(demo_shards[:2]),
+            "--val-shards", str(demo_shards[2]), *FT]
+    r = finetune([*data, "--out", str(tmp_path / "whole")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert r.output.splitlines()[0].split() == ["epoch", "step", "train_loss", "val_loss", "top1", "top5"]
+    whole = records(tmp_path / "whole")
+    steps = [m for m in whole if "loss" in m]
+    evals = [m for m in whole if "top1" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]  # 12 images / batch 4, 2 epochs
+    assert [(m["epoch"], m["step"], m["n_val"]) for m in evals] == [(0, 3, 6), (1, 6, 6)]
+    assert all(0 <= m["top1"] <= m["top5"] <= 100 and m["val_loss"] > 0 for m in evals)
+
+    # Kill right after the checkpoint at the end of epoch 0, resume; kill again after the
+    # mid-epoch checkpoint at step 4 (--save-every-steps 2), resume to the end.
+    save = ckpt.save_checkpoint
+    for kill_at in (3, 4, None):
+        def killing_save(out, model, optimizer, state, extra=None, _at=kill_at):
+            path = save(out, model, optimizer, state, extra)
+            if state.step == _at:
+                raise _Killed(state.step)
+            return path
+
+        monkeypatch.setattr(ckpt, "save_checkpoint", killing_save)
+        r = finetune([*data, "--out", str(tmp_path / "killed"), "--resume"])
+        if kill_at is None:
+            assert r.exit_code == 0, r.output + repr(r.exception)
+        else:
+            assert isinstance(r.exception, _Killed) and records(tmp_path / "killed")[-1]["step"] == kill_at
+    resumed = records(tmp_path / "killed")
+    assert [(m["epoch"], m["step"], "top1" in m) for m in resumed] == [(m["epoch"], m["step"], "top1" in m)
+                                                                       for m in whole]
+    for a, b in zip(whole, resumed):
+        for k in ("loss", "lr", "train_loss", "val_loss", "top1", "top5"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+    # the encoder was loaded whole, and training moved both the new head and the encoder
+    init, _, _ = build_classifier(student, 16, seed=3)
+    start, final = init.state_dict(), load_file(str(ckpt.latest_checkpoint(tmp_path / "whole") / "model.safetensors"))
+    encoder = load_file(str(student / "checkpoints" / "step00000001" / "model.safetensors"))
+    assert torch.equal(start["blocks.0.attn.qkv.weight"], encoder["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(start["head.weight"], final["head.weight"])
+    assert not torch.equal(start["blocks.11.mlp.fc2.weight"], final["blocks.11.mlp.fc2.weight"])
+    cfg = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert cfg["timm_kwargs"]["global_pool"] == "avg" and cfg["steps_per_epoch"] == 3
+
+
+def test_exported_encoder_loads_and_only_head_keys_may_be_missing(student, tmp_path):
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(student), "--out", str(tmp_path / "e.safetensors")])
+    assert r.exit_code == 0, r.output
+    from_run, _, _ = build_classifier(student, 5, seed=1)
+    from_file, name, kwargs = build_classifier(tmp_path / "e.safetensors", 5, seed=1)
+    assert name == "vit_tiny_patch16_224" and kwargs["img_size"] == 64 and kwargs["num_classes"] == 5
+    a, b = from_run.state_dict(), from_file.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "norm.weight" not in a and "fc_norm.weight" in a  # 'avg': fc_norm replaces the final norm
+
+    # --global-pool token keeps the final norm: the features are the student's own
+    token, _, _ = build_classifier(student, 5, global_pool="token")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    from mrmae.train.restore import load_student
+
+    with torch.no_grad():
+        torch.testing.assert_close(token.eval().forward_features(x), encode_all_tokens(load_student(student).model, x),
+                                   atol=1e-5, rtol=0)
+
+    partial = {k: v for k, v in load_file(str(tmp_path / "e.safetensors")).items() if k != "blocks.3.mlp.fc1.bias"}
+    save_file(partial, str(tmp_path / "partial.safetensors"), metadata={"timm_model": name, "timm_kwargs": json.dumps(
+        {**kwargs, "num_classes": 0, "global_pool": "token"})})
+    with pytest.raises(FinetuneError, match=r"missing \['blocks.3.mlp.fc1.bias'\]"):
+        build_classifier(tmp_path / "partial.safetensors", 5)
+
+
+def _one_error_line(r) -> str:
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("mrmae: error: "), r.output
+    return lines[0]
+
+
+def test_unusable_students_and_options_are_refused_in_one_line(student, demo_shards, tmp_path):
+    data = ["--train-shards", str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--out", str(tmp_path / "o")]
+    save_tiny_student(tmp_path / "fused", fuse_layers=(4, 8, 12))
+    line = _one_error_line(finetune(["--checkpoint", str(tmp_path / "fused"), *data, *FT]))
+    assert "this student fuses blocks 4,8,12" in line
+    if (Path(__file__).parents[1] / "train" / "convvit.py").exists():
+        conv = create_model("mrmae_convvit_tiny", decoder_depth=1, decoder_embed_dim=64)
+        save_checkpoint(tmp_path / "conv", conv, torch.optim.AdamW(conv.parameters()), TrainState())
+        (tmp_path / "conv" / "config.json").write_text(json.dumps({"model": "mrmae_convvit_tiny", "fuse_layers": []}))
+        line = _one_error_line(finetune(["--checkpoint", str(tmp_path / "conv"), *data, *FT]))
+        assert "only ViT students export to timm's VisionTransformer" in line
+    line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--batch-size", "3"]))
+    assert "--batch-size 3 is odd" in line
+    line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--num-classes", "1"]))
+    assert ">= --num-classes 1" in line

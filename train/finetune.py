@@ -1,0 +1,312 @@
+"""`mrmae finetune`: end-to-end classification fine-tuning of a pretrained encoder (timm ViT).
+
+The encoder is the one `mrmae export` writes (same names, same weights), loaded into a
+timm `VisionTransformer` with a new head. The recipe is the MR-MAE paper's (section 4.1:
+100 epochs, 5 warm-up, AdamW, weight decay 0.05, lr 3e-4, layer decay 0.6, drop path 0.2)
+on MAE's fine-tuning protocol for what the paper leaves unsaid: AdamW (0.9, 0.999), no
+decay on norms, biases, pos/cls tokens, lr = blr x effective batch / 256 (the paper's
+"lr 1.5e-4" for pretraining is MAE's blr, so its 3e-4 is read as a blr too), linear
+warm-up then cosine per step, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1,
+RandAugment and random erasing. MAE's own ViT-B values: --blr 5e-4 --layer-decay 0.65
+--drop-path 0.1.
+
+Pooling: `global_pool='avg'` by default, as in MAE's fine-tuning: the mean patch token
+through a new `fc_norm` LayerNorm. MR-MAE's losses (pixel reconstruction, feature
+mimicking) all act on patch tokens; nothing trains the [CLS] token, so the patch mean is
+the feature pretraining shaped. timm then drops the final `norm` (its tensors are the only
+ones not loaded); `--global-pool token` keeps it and pools the [CLS] token.
+
+Determinism: the sample order and each sample's augmentation come from (seed, epoch, key)
+(`finetune_data.py`); Mixup/CutMix (numpy's global RNG) and drop path (torch's) are
+reseeded before every micro-step from (seed, micro-step, rank). A resumed run thus replays
+the uninterrupted run's batches, mixes and drop-path masks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mrmae.train import checkpoint as ckpt
+from mrmae.train.engine import NonFiniteLossError, append_metrics, lr_at, truncate_metrics
+from mrmae.train.finetune_data import LabelledStream, sample_seed, seed_everything, train_transform
+
+POOLS = ("avg", "token")
+
+
+class FinetuneError(ValueError):
+    """A fine-tuning run that cannot start or go on as asked (bad encoder file, labels, batch)."""
+
+
+@dataclass
+class FinetuneConfig:
+    checkpoint: str  # a pretrain run/checkpoint (see restore.resolve_weights) or an `mrmae export` file
+    train_shards: str
+    val_shards: str
+    out: str
+    num_classes: int = 1000
+    epochs: int = 100
+    batch_size: int = 64  # per process, per micro-batch
+    accum_steps: int = 1
+    blr: float = 3e-4  # the paper's section 4.1
+    lr: float | None = None  # absolute; default blr x effective batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.6
+    drop_path: float = 0.2
+    global_pool: str = "avg"
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    augment: str = "randaug"  # "randaug" | "light"
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    eval_batch_size: int = 64
+    workers: int = 0
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    resume: bool = False
+    save_every_steps: int = 0  # 0: at the end of each epoch only
+    samples_per_epoch: int | None = None  # default: counted from the tar headers
+    progress: bool = True
+
+
+def encoder_source(checkpoint: str | Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(timm model name, create_model kwargs, encoder tensors) from an `mrmae export` file or a
+    pretrain checkpoint. Raises ExportError (one line) for students timm cannot express."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mrmae.train.export import encoder_state_dict, timm_spec
+    from mrmae.train.restore import load_student
+
+    path = Path(checkpoint)
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "timm_model" in meta:  # written by `mrmae export`
+            return meta["timm_model"], json.loads(meta["timm_kwargs"]), load_file(str(path))
+    restored = load_student(checkpoint)
+    name, kwargs = timm_spec(restored.model)
+    return name, kwargs, encoder_state_dict(restored.model)
+
+
+def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float = 0.1, global_pool: str = "avg",
+                     seed: int = 0) -> tuple[torch.nn.Module, str, dict]:
+    """A timm VisionTransformer with the pretrained encoder and a new head -> (model, name, kwargs).
+
+    Loaded non-strictly, but only the new head (and with 'avg' pooling the new fc_norm) may be
+    missing, and only the final norm 'avg' pooling replaces may be left over: any other
+    mismatch is an error naming the keys (a half-loaded encoder would fine-tune silently).
+    """
+    import timm
+
+    if global_pool not in POOLS:
+        raise FinetuneError(f"global pool must be one of {POOLS}, got {global_pool!r}")
+    name, kwargs, tensors = encoder_source(checkpoint)
+    kwargs = {**kwargs, "num_classes": num_classes, "global_pool": global_pool, "drop_path_rate": drop_path}
+    torch.manual_seed(seed)  # the new head's init
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    new = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if global_pool == "avg" else set())
+    unused = {"norm.weight", "norm.bias"} if global_pool == "avg" else set()
+    bad_missing, bad_unexpected = sorted(set(missing) - new), sorted(set(unexpected) - unused)
+    if bad_missing or bad_unexpected:
+        raise FinetuneError(f"{checkpoint}: encoder does not fit timm {name}: missing {bad_missing[:5]}, "
+                            f"unexpected {bad_unexpected[:5]}")
+    with torch.no_grad():  # MAE's head init: near-zero logits, so early gradients barely stir the encoder
+        torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
+        torch.nn.init.zeros_(model.head.bias)
+    return model, name, kwargs
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, shards: str, img_size: int, num_classes: int, accelerator,
+             batch_size: int = 64, workers: int = 0) -> dict:
+    """Top-1/top-5 (%) and cross-entropy on `shards` with MAE's eval transform; each rank
+    takes every world-th shard and the counts are summed over ranks."""
+    from mrmae.extract.reader import expand_urls
+    from mrmae.train.evaluate import LabelledImages
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    data = LabelledImages(expand_urls(shards)[rank::world], img_size)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top1, top5, loss sum, n
+    for x, y in loader:
+        x, y = x.to(accelerator.device), y.long().to(accelerator.device)
+        if int(y.max()) >= num_classes:
+            raise FinetuneError(f"{shards}: label {int(y.max())} >= --num-classes {num_classes}")
+        with accelerator.autocast():
+            logits = model(x).float()
+        hits = logits.topk(min(5, num_classes), dim=1).indices == y[:, None]
+        totals += torch.stack([hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                               torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                               torch.tensor(len(y), dtype=torch.float64, device=y.device)])
+    totals = accelerator.reduce(totals, "sum")
+    n = float(totals[3])
+    if n == 0:
+        raise FinetuneError(f"no labelled images (image + .cls) in --val-shards {shards}")
+    return {"top1": 100.0 * float(totals[0]) / n, "top5": 100.0 * float(totals[1]) / n,
+            "val_loss": float(totals[2]) / n, "n_val": int(totals[3])}
+
+
+def results_table(metrics: Path) -> str:
+    """One row per evaluated epoch of `metrics` (a metrics.jsonl): loss, val loss, top-1, top-5."""
+    records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
+    rows = [["epoch", "step", "train_loss", "val_loss", "top1", "top5"]]
+    for r in records:
+        if "top1" in r:
+            rows.append([str(r["epoch"]), str(r["step"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
+                         f"{r['top1']:.2f}", f"{r['top5']:.2f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _epoch_loss(metrics: Path, epoch: int) -> float:
+    """Mean training loss of `epoch` from metrics.jsonl (so a resumed epoch counts its first part)."""
+    records = map(json.loads, metrics.read_text().splitlines())
+    losses = [r["loss"] for r in records if "loss" in r and r["epoch"] == epoch]
+    return sum(losses) / max(1, len(losses))
+
+
+def _passes(stream: LabelledStream, loader, epoch: int):
+    """This rank's batches for `epoch`, taking another pass over its shards when they run out."""
+    for repeat in itertools.count():
+        stream.set_epoch(epoch, repeat)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise FinetuneError(f"no full batch of labelled images in this process's shards ({stream.urls[:3]}...): "
+                                "fewer shards than processes x workers, or --batch-size above a shard's images?")
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune; returns {checkpoint, metrics, steps, table, main_process}. Resumes with `resume`."""
+    from accelerate import Accelerator
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import param_groups_layer_decay
+
+    from mrmae.extract.reader import expand_urls
+    from mrmae.train.pretrain import count_samples
+
+    out, cuda = Path(cfg.out), torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", gradient_accumulation_steps=cfg.accum_steps,
+                              cpu=not cuda)
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    if mixing and cfg.batch_size % 2:
+        raise FinetuneError(f"--batch-size {cfg.batch_size} is odd: Mixup/CutMix pair the rows of a batch "
+                            "(use an even size, or --mixup 0 --cutmix 0)")
+    model, timm_name, timm_kwargs = build_classifier(cfg.checkpoint, cfg.num_classes, cfg.drop_path,
+                                                     cfg.global_pool, cfg.seed)
+    img_size = int(timm_kwargs.get("img_size", 224))
+    stream = LabelledStream(cfg.train_shards, cfg.batch_size, train_transform(img_size, cfg.augment, cfg.rand_augment,
+                            cfg.re_prob), cfg.seed, cfg.shuffle_buffer)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda)
+    # Not accelerator.prepare(loader): the stream splits shards by node and worker itself.
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                  switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
+                  num_classes=cfg.num_classes) if mixing else None
+    criterion = (SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.smoothing)
+                 if cfg.smoothing > 0 else torch.nn.CrossEntropyLoss())
+
+    eff_batch = cfg.batch_size * cfg.accum_steps * accelerator.num_processes
+    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    samples = cfg.samples_per_epoch or count_samples(expand_urls(cfg.train_shards), None)
+    steps_per_epoch = max(1, samples // eff_batch)  # full batches only
+    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
+    groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999), fused=cuda or None)
+
+    state, metrics = ckpt.TrainState(), out / "metrics.jsonl"
+    if cfg.resume and (last := ckpt.latest_checkpoint(out)) is not None:
+        state = ckpt.load_checkpoint(last, model, optimizer)
+        if accelerator.is_main_process:
+            truncate_metrics(metrics, state.step)
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics.unlink(missing_ok=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.is_main_process:
+        resolved = {"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs,
+                    "base_lr": base_lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
+                    "num_processes": accelerator.num_processes}
+        (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
+
+    def save() -> Path | None:
+        accelerator.wait_for_everyone()
+        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state,
+                                    {"task": "finetune"}) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        return path
+
+    device, rank = accelerator.device, accelerator.process_index
+    bar = tqdm(total=total_steps, initial=state.step, desc="finetune", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    last_path = ckpt.latest_checkpoint(out)
+    for epoch in range(state.epoch, cfg.epochs):
+        batches = itertools.islice(_passes(stream, loader, epoch), steps_per_epoch * cfg.accum_steps)
+        for _ in range(state.step_in_epoch * cfg.accum_steps):  # the data position of a resumed epoch
+            next(batches, None)
+        model.train()
+        micro, tick = state.step * cfg.accum_steps, time.perf_counter()
+        for x, y in batches:
+            if int(y.max()) >= cfg.num_classes:
+                raise FinetuneError(f"{cfg.train_shards}: label {int(y.max())} >= --num-classes {cfg.num_classes}")
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            seed_everything(sample_seed("finetune-step", cfg.seed, micro, rank))  # Mixup's draws, drop path
+            micro += 1
+            with accelerator.accumulate(model):
+                if mixup is not None:
+                    x, y = mixup(x, y)
+                with accelerator.autocast():
+                    loss = criterion(model(x), y)
+                if not torch.isfinite(loss.detach()):
+                    raise NonFiniteLossError(f"epoch {epoch} step {state.step}: loss is {loss.item()}; "
+                                             f"the last good checkpoint is {ckpt.latest_checkpoint(out)}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    lr = lr_at(state.step, base_lr, cfg.min_lr, warmup_steps, total_steps)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+            now = time.perf_counter()
+            record = {"epoch": epoch, "step": state.step, "lr": lr,
+                      "loss": accelerator.reduce(loss.detach().float(), "mean").item(),
+                      "images_per_s": eff_batch / max(now - tick, 1e-9)}
+            tick = now
+            if accelerator.is_main_process:
+                append_metrics(metrics, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.update(1)
+            mid_epoch = state.step_in_epoch < steps_per_epoch  # the epoch's end saves after evaluating
+            if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 and mid_epoch:
+                save()
+        result = evaluate(accelerator.unwrap_model(model), cfg.val_shards, img_size, cfg.num_classes, accelerator,
+                          cfg.eval_batch_size, cfg.workers)
+        if accelerator.is_main_process:
+            append_metrics(metrics, {"epoch": epoch, "step": state.step, "train_loss": _epoch_loss(metrics, epoch),
+                                     **result})
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        last_path = save()
+    bar.close()
+    accelerator.wait_for_everyone()
+    table = results_table(metrics) if accelerator.is_main_process else ""
+    return {"checkpoint": str(last_path), "metrics": str(metrics), "steps": state.step, "table": table,
+            "main_process": accelerator.is_main_process}
