@@ -319,10 +319,11 @@ def eval_group() -> None:
     """Frozen-encoder evaluation: kNN and linear probe on labelled shards ({key}.cls)."""
 
 
-def _eval_options(f):
+def _eval_options(f, ensemble: bool = False):
     options = [
-        click.option("--checkpoint", required=True, type=click.Path(exists=True),
-                     help="A pretrain run dir, a checkpoint dir or its model.safetensors."),
+        click.option("--checkpoint", "checkpoint", required=True, type=click.Path(exists=True), multiple=ensemble,
+                     help="A pretrain run dir, a checkpoint dir or its model.safetensors"
+                          + (" (once per member: --checkpoint A --checkpoint B)." if ensemble else ".")),
         click.option("--train-shards", required=True, help="Labelled training tars (webdataset URL list)."),
         click.option("--val-shards", required=True, help="Labelled validation tars."),
         click.option("--feature", type=click.Choice(["cls", "mean"]), default="cls", show_default=True,
@@ -374,6 +375,34 @@ def eval_knn(checkpoint, results, **kwargs) -> None:
 def eval_linear_probe(checkpoint, results, **kwargs) -> None:
     """BatchNorm (no affine) + linear classifier on frozen features."""
     _run_eval("linear-probe", checkpoint, results, **kwargs)
+
+
+@eval_group.command("ensemble")
+@(lambda f: _eval_options(f, ensemble=True))
+@click.option("--protocol", type=click.Choice(["knn", "linear-probe"]), default="knn", show_default=True)
+@click.option("--k", default=20, show_default=True, help="kNN: neighbours.")
+@click.option("--temperature", default=0.07, show_default=True, help="kNN: vote weight exp(cosine / T).")
+@click.option("--epochs", default=10, show_default=True, help="Linear probe epochs.")
+@click.option("--lr", default=0.1, show_default=True, help="Linear probe SGD lr.")
+@click.option("--probe-batch-size", default=256, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def eval_ensemble(checkpoint, results, protocol, **kwargs) -> None:
+    """Average the class probabilities of separately pretrained models (the paper's "Sep." row)."""
+    from pathlib import Path
+
+    from mrmae.train.evaluate import run_ensemble
+    from mrmae.train.restore import load_student
+
+    if len(checkpoint) < 2:
+        raise click.UsageError("an ensemble needs two or more --checkpoint")
+    members = [(str(r.weights), r.model) for r in map(load_student, checkpoint)]
+    results = results or str(Path(checkpoint[0]) / "eval.jsonl" if Path(checkpoint[0]).is_dir()
+                              else Path(checkpoint[0]).parent / "eval.jsonl")
+    r = run_ensemble(protocol, members, results=results, **kwargs)
+    for m in r.record["members"]:
+        click.echo(f"member {m['checkpoint']}: top1 {m['top1']:.2f}")
+    click.echo(r.table())
+    click.echo(f"appended to {results}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -95,3 +95,32 @@ def test_eval_transform_resizes_shorter_side_and_centre_crops():
 def test_help(cmd):
     r = CliRunner().invoke(cli, [*cmd, "--help"])
     assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_ensemble_averages_the_members_probabilities(demo_shards, tmp_path):
+    # Two students pretrained apart (here: two seeds). With k=1 on the training set each
+    # member is perfect, so the ensemble is too; on held-out images the ensemble's record
+    # carries both members' own top-1 and its own.
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_tiny_student(a, seed=1)
+    save_tiny_student(b, seed=2)
+    shards = url_list(demo_shards)
+    r = CliRunner().invoke(cli, ["eval", "ensemble", "--checkpoint", str(a), "--checkpoint", str(b),
+                                 "--train-shards", shards, "--val-shards", shards, "--k", "1",
+                                 "--results", str(tmp_path / "r.jsonl")])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+    assert rec["protocol"] == "knn-ensemble" and [m["top1"] for m in rec["members"]] == [100.0, 100.0]
+    assert rec["top1"] == 100.0 and len(rec["checkpoint"]) == 2
+
+    from mrmae.train.evaluate import class_probabilities
+
+    xtr = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
+    ytr = torch.arange(20) % 4
+    for protocol in ("knn", "linear-probe"):  # both protocols give rows of probabilities
+        p = class_probabilities(protocol, xtr, ytr, xtr[:5], 4, k=3, epochs=2)
+        assert p.shape == (5, 4) and (p >= 0).all()
+        torch.testing.assert_close(p.sum(1), torch.ones(5))
+    r = CliRunner().invoke(cli, ["eval", "ensemble", "--checkpoint", str(a), "--train-shards", shards,
+                                 "--val-shards", shards])
+    assert r.exit_code != 0 and "two or more --checkpoint" in r.output

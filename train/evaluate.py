@@ -9,7 +9,8 @@ after the encoder's final norm (for a fused student, after the norm of the fused
 - kNN (DINO's protocol): cosine similarity of L2-normalised features, the k nearest
   training features vote for their labels with weight exp(similarity / T).
 - Linear probe (MAE's head): BatchNorm1d without affine, then Linear, trained with SGD
-  (momentum 0.9, cosine lr) on features computed once. Unlike MAE's linprobe there is no
+  (momentum 0.9, cosine lr) on features computed once.
+- Ensemble: either protocol per model, class probabilities averaged over the models. Unlike MAE's linprobe there is no
   train-time augmentation: the frozen features are computed once, which costs one encoder
   pass instead of one per epoch.
 
@@ -154,11 +155,51 @@ class EvalResult:
         """The result as a two-line table (header, row)."""
         cols = ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5"]
         r = self.record
-        setting = f"k={r['k']} T={r['temperature']}" if r["protocol"] == "knn" else f"epochs={r['epochs']} lr={r['lr']}"
+        setting = f"k={r['k']} T={r['temperature']}" if "k" in r else f"epochs={r['epochs']} lr={r['lr']}"
         row = [r["protocol"], r["feature"], setting, str(r["n_train"]), str(r["n_val"]), str(r["num_classes"]),
                f"{r['top1']:.2f}", f"{r['top5']:.2f}"]
         widths = [max(len(c), len(v)) for c, v in zip(cols, row)]
         return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (cols, row))
+
+
+def class_probabilities(protocol: str, xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, num_classes: int,
+                        k: int = 20, temperature: float = 0.07, epochs: int = 10, lr: float = 0.1,
+                        probe_batch_size: int = 256, seed: int = 0) -> torch.Tensor:
+    """One protocol's prediction for val features xva [Q, D]: class probabilities [Q, C].
+
+    kNN: each row's votes divided by their sum; linear probe: softmax of the logits. On
+    this common scale models trained apart can be averaged (`run_ensemble`).
+    """
+    if protocol == "knn":
+        votes = knn_scores(xtr, ytr, xva, num_classes, k, temperature)
+        return votes / votes.sum(1, keepdim=True).clamp_min(1e-30)
+    if protocol == "linear-probe":
+        head = train_linear_probe(xtr, ytr, num_classes, epochs, lr, probe_batch_size, seed)
+        with torch.no_grad():
+            return head(xva).softmax(1)
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
+def _settings(protocol: str, k: int, temperature: float, epochs: int, lr: float, probe_batch_size: int,
+              seed: int) -> dict:
+    if protocol == "knn":
+        return dict(k=k, temperature=temperature)
+    return dict(epochs=epochs, lr=lr, batch_size=probe_batch_size, seed=seed)
+
+
+def _split_features(model: torch.nn.Module, train_shards: str, val_shards: str, feature: str, batch_size: int,
+                    device: str, workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    xtr, ytr = extract_features(model, train_shards, feature, batch_size, device, workers)
+    same = expand_urls(val_shards) == expand_urls(train_shards)  # e.g. a sanity check on the training set
+    xva, yva = (xtr, ytr) if same else extract_features(model, val_shards, feature, batch_size, device, workers)
+    return xtr, ytr, xva, yva
+
+
+def _append(results: str | Path, record: dict) -> None:
+    path = Path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def run_eval(protocol: str, model: torch.nn.Module, checkpoint: str, train_shards: str, val_shards: str,
@@ -166,29 +207,42 @@ def run_eval(protocol: str, model: torch.nn.Module, checkpoint: str, train_shard
              temperature: float = 0.07, epochs: int = 10, lr: float = 0.1, probe_batch_size: int = 256,
              seed: int = 0) -> EvalResult:
     """Extract features of both splits, run `protocol` ('knn' | 'linear-probe'), append the result."""
+    return run_ensemble(protocol, [(str(checkpoint), model)], train_shards, val_shards, results, feature, batch_size,
+                        device, workers, k, temperature, epochs, lr, probe_batch_size, seed)
+
+
+def run_ensemble(protocol: str, members: list[tuple[str, torch.nn.Module]], train_shards: str, val_shards: str,
+                 results: str | Path, feature: str = "cls", batch_size: int = 64, device: str = "cpu",
+                 workers: int = 0, k: int = 20, temperature: float = 0.07, epochs: int = 10, lr: float = 0.1,
+                 probe_batch_size: int = 256, seed: int = 0) -> EvalResult:
+    """`protocol` on each member's frozen features, then the mean of their class
+    probabilities (the paper's "Sep." row: models pretrained apart, e.g. on CLIP and on
+    DINO targets, combined at prediction time). One member: a plain evaluation."""
     t0 = time.time()
-    xtr, ytr = extract_features(model, train_shards, feature, batch_size, device, workers)
-    same = expand_urls(val_shards) == expand_urls(train_shards)  # e.g. a sanity check on the training set
-    xva, yva = (xtr, ytr) if same else extract_features(model, val_shards, feature, batch_size, device, workers)
-    num_classes = int(max(ytr.max(), yva.max())) + 1
+    settings = _settings(protocol, k, temperature, epochs, lr, probe_batch_size, seed)
+    probs, each, labels = [], [], None
+    for checkpoint, model in members:
+        xtr, ytr, xva, yva = _split_features(model, train_shards, val_shards, feature, batch_size, device, workers)
+        if labels is not None and not torch.equal(labels[1], yva):
+            raise EvalError(f"{checkpoint}: read other validation labels than the first member")
+        labels = (ytr, yva)
+        num_classes = int(max(ytr.max(), yva.max())) + 1
+        p = class_probabilities(protocol, xtr, ytr, xva, num_classes, k, temperature, epochs, lr,
+                                probe_batch_size, seed)
+        probs.append(p)
+        each.append({"checkpoint": checkpoint, "top1": topk_accuracy(p, yva)[0]})
+    ytr, yva = labels
     if (unseen := set(yva.tolist()) - set(ytr.tolist())):
         warnings.warn(f"{len(unseen)} validation classes have no training image")
-    record = {"protocol": protocol, "feature": feature, "checkpoint": str(checkpoint), "train_shards": train_shards,
-              "val_shards": val_shards, "n_train": len(ytr), "n_val": len(yva), "num_classes": num_classes}
-    if protocol == "knn":
-        scores = knn_scores(xtr, ytr, xva, num_classes, k, temperature)
-        record.update(k=k, temperature=temperature)
-    elif protocol == "linear-probe":
-        head = train_linear_probe(xtr, ytr, num_classes, epochs, lr, probe_batch_size, seed)
-        with torch.no_grad():
-            scores = head(xva)
-        record.update(epochs=epochs, lr=lr, batch_size=probe_batch_size, seed=seed)
-    else:
-        raise ValueError(f"unknown protocol {protocol!r}")
-    record["top1"], record["top5"] = topk_accuracy(scores, yva)
+    width = max(p.shape[1] for p in probs)
+    mean = torch.stack([F.pad(p, (0, width - p.shape[1])) for p in probs]).mean(0)
+    record = {"protocol": protocol if len(members) == 1 else f"{protocol}-ensemble", "feature": feature,
+              "checkpoint": members[0][0] if len(members) == 1 else [c for c, _ in members],
+              "train_shards": train_shards, "val_shards": val_shards, "n_train": len(ytr), "n_val": len(yva),
+              "num_classes": width, **settings}
+    if len(members) > 1:
+        record["members"] = each
+    record["top1"], record["top5"] = topk_accuracy(mean, yva)
     record["seconds"] = round(time.time() - t0, 2)
-    path = Path(results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    _append(results, record)
     return EvalResult(record)
