@@ -72,10 +72,13 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers that decode and render.")
 @click.option("--layers", default="", help="Extra teacher blocks to store, 1-based, e.g. 4,8.")
 @click.option("--image-size", default=224, show_default=True, help="The student's input size (recorded).")
+@click.option("--store-pixels", type=click.Choice(["png", "webp", "jpeg"]), default=None,
+              help="Also store each view at --image-size (png, webp: lossless; jpeg: quality 95), so that "
+                   "pretrain --pixels-from-cache reads the cache alone.")
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
 @click.option("--no-progress", is_flag=True)
 def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, cache_format, batch_size, seed,
-                     device, workers, layers, image_size, strict, no_progress) -> None:
+                     device, workers, layers, image_size, store_pixels, strict, no_progress) -> None:
     """Run TEACHER once over --views augmented views of each image and cache its targets.
 
     With --add-teacher SPEC instead, run SPEC over the views already in the cache --out (its
@@ -95,7 +98,7 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
         shards=shards or [], out=where, teacher=teacher or add_teacher, dtype=dtype, format=cache_format,
         batch_size=batch_size, device=device, workers=workers, layers=tuple(int(x) for x in layers.split(",") if x),
         strict=strict, views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size),
-        progress=not no_progress, views_from=out if add_teacher else None,
+        progress=not no_progress, views_from=out if add_teacher else None, store_pixels=store_pixels,
     )
     s = run_extraction(cfg)
     rank = f"rank {s['rank']}/{s['world_size']}: " if s["world_size"] > 1 else ""  # each rank did its own shards
@@ -142,11 +145,16 @@ def _ints(text: str) -> tuple[int, ...]:
                    "keeps its slots, so global batches are the same at any process count.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
 @click.option("--save-every-steps", default=0, show_default=True, help="0: at each epoch's end only.")
+@click.option("--pixels-from-cache", is_flag=True,
+              help="Read each view's pixels from the cache (extracted with --store-pixels), not from the tars.")
+@click.option("--compile", "compile_backend", type=click.Choice(["inductor", "eager", "aot_eager"]), default=None,
+              help="torch.compile the student (inductor: the fast one; a GPU gains most).")
 @click.option("--no-progress", is_flag=True)
 def pretrain(shards, out, feature_cache, target, teacher, model, epochs, batch_size, accum_steps, blr, lr, min_lr,
              warmup_epochs, weight_decay, mask, mask_ratio, focus_temperature, focus_uniform_mix, recon_weight,
              mimic_weight, target_norm, fuse_layers, decoder_dim, decoder_depth, views_per_image, workers,
-             shuffle_buffer, seed, data_split, resume, save_every_steps, no_progress) -> None:
+             shuffle_buffer, seed, data_split, resume, save_every_steps, pixels_from_cache, compile_backend,
+             no_progress) -> None:
     """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
     from mrmae.train.engine import StepOptions
     from mrmae.train.pretrain import PretrainConfig, run_pretrain
@@ -160,7 +168,7 @@ def pretrain(shards, out, feature_cache, target, teacher, model, epochs, batch_s
         weight_decay=weight_decay, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
         fuse_layers=_ints(fuse_layers), views_per_image=views_per_image, workers=workers,
         shuffle_buffer=shuffle_buffer, seed=seed, data_split=data_split, resume=resume,
-        save_every_steps=save_every_steps,
+        save_every_steps=save_every_steps, pixels_from_cache=pixels_from_cache, compile=compile_backend,
         progress=not no_progress, step_options=opts,
     )
     r = run_pretrain(cfg)

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mrmae.extract.reader import RawSample
-from mrmae.shared.views import ImageDecodeError, View, ViewConfig, decode_image, render_view_uint8, sample_views
+from mrmae.shared.views import (ImageDecodeError, View, ViewConfig, decode_image, encode_view, render_view_uint8,
+                                sample_views)
 
 
 @dataclass
@@ -23,13 +24,16 @@ class RenderedSample:
     pixels: torch.Tensor  # uint8 [K, 3, S, S] (empty when skipped)
     crops: np.ndarray  # int32 [K, 4] top, left, height, width
     flips: np.ndarray  # bool [K]
+    encoded: list[bytes] | None = None  # --store-pixels: each view at the student's size, as an image file
 
 
 def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int,
-                  views: list[View] | None = None) -> RenderedSample:
+                  views: list[View] | None = None, pixel_codec: str | None = None) -> RenderedSample:
     """Decode one sample and render its `cfg.per_image` views (uint8, not normalised).
 
     `views` replays given views (another teacher added to a cache) instead of drawing them.
+    `pixel_codec` also encodes each view at the student's size (`cfg.output_size`) for a
+    cache that stores them; here, in the workers, because encoding costs as much as rendering.
     """
     empty = RenderedSample(sample.key, None, torch.empty(0, dtype=torch.uint8),
                            np.zeros((0, 4), np.int32), np.zeros(0, bool))
@@ -46,7 +50,12 @@ def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int,
     pixels = torch.stack([render_view_uint8(image, v, input_size) for v in views])
     crops = np.array([v.box for v in views], dtype=np.int32)
     flips = np.array([v.flip for v in views], dtype=bool)
-    return RenderedSample(sample.key, None, pixels, crops, flips)
+    encoded = None
+    if pixel_codec is not None:
+        student = pixels if cfg.output_size == input_size else \
+            torch.stack([render_view_uint8(image, v, cfg.output_size) for v in views])
+        encoded = [encode_view(p, pixel_codec) for p in student]
+    return RenderedSample(sample.key, None, pixels, crops, flips, encoded)
 
 
 class RenderDataset(Dataset):
@@ -56,12 +65,14 @@ class RenderDataset(Dataset):
     """
 
     def __init__(self, samples: list[RawSample], cfg: ViewConfig, input_size: int,
-                 geometry: dict[str, list[View]] | None = None):
+                 geometry: dict[str, list[View]] | None = None, pixel_codec: str | None = None):
         self.samples, self.cfg, self.input_size, self.geometry = samples, cfg, input_size, geometry
+        self.pixel_codec = pixel_codec
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> RenderedSample:
         s = self.samples[i]
-        return render_sample(s, self.cfg, self.input_size, None if self.geometry is None else self.geometry[s.key])
+        views = None if self.geometry is None else self.geometry[s.key]
+        return render_sample(s, self.cfg, self.input_size, views, self.pixel_codec)

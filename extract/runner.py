@@ -27,7 +27,7 @@ from mrmae.extract.mapper import RenderDataset, RenderedSample
 from mrmae.extract.reader import expand_urls, local_file_size, read_shard_with_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import Teacher, build_teacher
-from mrmae.shared.views import View, ViewConfig, normalize
+from mrmae.shared.views import PIXEL_CODECS, View, ViewConfig, normalize
 
 log = logging.getLogger("mrmae.extract")
 
@@ -51,11 +51,12 @@ class ExtractConfig:
     strict: bool = False
     progress: bool = True
     views_from: str | None = None  # add a teacher: replay this cache's views (out = its targets/<name>)
+    store_pixels: str | None = None  # also store each view at the student's size, in this codec (views.PIXEL_CODECS)
 
 
 def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
     teacher_entry = {**teacher.describe(), "layers": list(cfg.layers)}
-    storage = cf.storage_section(cfg.format, cfg.dtype)
+    storage = cf.storage_section(cfg.format, cfg.dtype, cfg.store_pixels)
     manifest = cf.new_manifest(teacher_entry, cfg.views.to_json(), storage, __version__)
     if cfg.views_from:
         manifest["views_from"] = "../.."  # a target's views are those of the cache two levels up
@@ -78,11 +79,12 @@ class _Batcher:
 
     def __init__(self, size: int):
         self.size = size
-        self.items: list[tuple[str, int, np.ndarray, bool, torch.Tensor]] = []
+        self.items: list[tuple[str, int, np.ndarray, bool, torch.Tensor, bytes | None]] = []
 
     def add(self, s: RenderedSample) -> None:
         for v in range(len(s.pixels)):
-            self.items.append((s.key, v, s.crops[v], bool(s.flips[v]), s.pixels[v]))
+            self.items.append((s.key, v, s.crops[v], bool(s.flips[v]), s.pixels[v],
+                               s.encoded[v] if s.encoded is not None else None))
 
     def take(self, final: bool = False):
         while len(self.items) >= self.size or (final and self.items):
@@ -111,8 +113,9 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     t0 = time.time()
     samples, source_sha256 = read_shard_with_digest(url)
     n_views = cfg.views.per_image
+    ext = PIXEL_CODECS[cfg.store_pixels][2] if cfg.store_pixels else None
     writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
-                                  cfg.dtype, cfg.layers)
+                                  cfg.dtype, cfg.layers, ext)
     cf.forget_shard(cfg.out, writer.group_path)  # an entry left from an earlier write no longer holds
     skipped: list[dict] = []
     seen: set[str] = set()
@@ -126,7 +129,7 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         else:
             seen.add(s.key)
             unique.append(s)
-    loader = DataLoader(RenderDataset(unique, cfg.views, teacher.input_size, geometry), batch_size=None,
+    loader = DataLoader(RenderDataset(unique, cfg.views, teacher.input_size, geometry, cfg.store_pixels), batch_size=None,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
     batcher = _Batcher(cfg.batch_size)
     failed = 0  # samples of `unique` that could not be rendered
@@ -162,14 +165,15 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
 
 def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
                bar: tqdm | None) -> None:
-    keys, views, crops, flips, pixels = zip(*batch)
+    keys, views, crops, flips, pixels, encoded = zip(*batch)
     x = torch.stack(pixels).to(cfg.device, non_blocking=True)
     x = normalize(x, teacher.mean, teacher.std)  # on the device: uint8 crosses the bus, 4x fewer bytes
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         out = teacher(x, layers=cfg.layers)
     np_ = lambda t: t.float().cpu().numpy()  # noqa: E731
     writer.append(list(keys), np.array(views), np.stack(crops), np.array(flips), np_(out.features),
-                  np_(out.attention), np_(out.cls), {i: np_(t) for i, t in out.layers.items()})
+                  np_(out.attention), np_(out.cls), {i: np_(t) for i, t in out.layers.items()},
+                  pixels=list(encoded) if cfg.store_pixels else None)
     if bar is not None:
         bar.update(len(batch))
 

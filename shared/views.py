@@ -158,3 +158,30 @@ def render_view(
 ) -> torch.Tensor:
     """The render both stages use: uint8 source -> normalised float32 [3, S, S]."""
     return normalize(render_view_uint8(image, view, output_size), mean, std)
+
+
+# --- stored views (`extract-features --store-pixels`) --------------------------------------
+
+# Codec -> (PIL format, save options, file extension). PNG and WebP are lossless: the
+# training loader then decodes exactly the pixels a replay from the source would render.
+# JPEG at quality 95 is smaller and lossy (BENCHMARKS.md gives its error).
+PIXEL_CODECS: dict[str, tuple[str, dict, str]] = {
+    "png": ("PNG", {"compress_level": 1}, "png"),
+    "webp": ("WEBP", {"lossless": True, "quality": 0, "method": 0}, "webp"),  # fastest lossless setting
+    "jpeg": ("JPEG", {"quality": 95, "subsampling": 0}, "jpg"),
+}
+
+
+def encode_view(pixels: torch.Tensor, codec: str) -> bytes:
+    """A rendered view, uint8 [3, S, S], -> image file bytes in `codec` (PIXEL_CODECS)."""
+    fmt, options, _ = PIXEL_CODECS[codec]
+    buf = io.BytesIO()
+    Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy()).save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def decode_view(data: bytes) -> torch.Tensor:
+    """Image file bytes of a stored view -> uint8 [3, S, S] (the inverse of encode_view)."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -236,3 +236,20 @@ def test_ddp_run_killed_and_resumed_continues_from_its_checkpoint(demo_shards, c
     for a, b in zip(whole, resumed):
         for k in ("loss", "loss_recon", "loss_mimic"):
             assert a[k] == pytest.approx(b[k], rel=1e-4), (a["step"], k)
+
+
+def test_compiled_student_trains_like_the_eager_one_and_saves_the_same_names(demo_shards, cache, tmp_path):
+    # dynamo's "eager" backend captures the same graphs as inductor without compiling C++,
+    # so this checks the plumbing (in-place compile, DDP/accelerate wrapping, checkpoint
+    # names) at test speed; the speed itself belongs to benchmarks/gpu_bench.py.
+    from safetensors.torch import load_file
+
+    args = ["--shards", url_list(demo_shards), "--feature-cache", str(cache), *TINY, "--mask", "focused"]
+    pretrain([*args, "--out", str(tmp_path / "eager")])
+    pretrain([*args, "--compile", "eager", "--out", str(tmp_path / "compiled")])
+    for a, b in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"), strict=True):
+        for k in ("loss", "loss_recon", "loss_mimic"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5), (a["step"], k)
+    names = [sorted(load_file(str(p)).keys()) for p in
+             (next((tmp_path / run / "checkpoints").glob("step*/model.safetensors")) for run in ("eager", "compiled"))]
+    assert names[0] == names[1] and not any("_orig_mod" in n for n in names[1])

@@ -6,6 +6,7 @@ Pipeline (webdataset stages; stream shape after each):
     split_by_node       this rank's shards                 (split="shards" only)
     split_by_worker     this DataLoader worker's shards
     join_views          {key, image bytes, view, [targets, attention]}   tar order
+                        (pixels_from_cache: {key, stored view bytes, ...} from the cache, row order)
     shuffle             same, sample order mixed in a seeded buffer
     rank_slots          this rank's slots of each global batch   (split="samples" only)
     render              {key, pixels [3,S,S] float, [teacher_pixels], [targets [L,C] int8 + targets_scale [L]
@@ -31,7 +32,7 @@ import webdataset as wds
 
 from mrmae.extract.reader import expand_urls, image_bytes, iter_tar_samples, local_file_size
 from mrmae.shared import cache_format as cf
-from mrmae.shared.views import View, ViewConfig, decode_image, render_view, sample_views
+from mrmae.shared.views import View, ViewConfig, decode_image, decode_view, normalize, render_view, sample_views
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +53,7 @@ class DataConfig:
     teacher_mean: tuple[float, float, float] = IMAGENET_MEAN
     teacher_std: tuple[float, float, float] = IMAGENET_STD
     split: str = "shards"  # "shards" (scalable) | "samples" (global batches identical at any process count)
+    pixels_from_cache: bool = False  # read each view's pixels from the cache (--store-pixels), not the tars
 
 
 def pick_view(seed: int, epoch: int, key: str, k: int) -> int:
@@ -115,6 +117,9 @@ class ViewJoiner:
         for url in urls:
             group = self.cache.shard(url) if self.cache is not None else None
             joint = [c.shard(url) for c in self.joint]
+            if self.cfg.pixels_from_cache:
+                yield from self._cached_views(url, group, joint, epoch)
+                continue
             skipped = {s["key"] for s in group.entry.get("skipped", [])} if group else set()
             for s in iter_tar_samples(url):
                 key = str(s["__key__"])
@@ -136,13 +141,39 @@ class ViewJoiner:
                 yield out
 
 
+    def _cached_views(self, url: str, group, joint: list, epoch: int) -> Iterator[dict]:
+        """`pixels_from_cache`: the shard's samples from the cache alone, in row (= tar) order;
+        the shown view's image file comes from the cache, the source tar is never read."""
+        keys = group.keys
+        for i, key in enumerate(keys):
+            if i and keys[i - 1] == key:
+                continue  # the rows of a sample's other views
+            key = str(key)
+            v = pick_view(self.cfg.seed, epoch, key, self.view_cfg.per_image)
+            row = group.row(key, v)
+            try:
+                encoded = group.stored_pixels(row)
+            except (OSError, ValueError, IndexError) as e:  # CacheError (a ValueError) says it already
+                if isinstance(e, cf.CacheError):
+                    raise
+                raise cf.CacheError(f"{group.path}: key {key} row {row}: unreadable stored view "
+                                    f"({type(e).__name__}: {str(e)[:200]})") from e
+            yield {"key": key, "stored_view": encoded, "view_index": v, "url": url,
+                   **self._targets(group, row, key), **self._joint_targets(joint, key, v, url)}
+
+
 def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
     """Decode and render one joined sample for the student (and a live teacher)."""
-    image = decode_image(sample["image"])
-    view = sample.get("view") or sample_views(sample["key"], image.shape[1], image.shape[2],
-                                               view_cfg)[sample["view_index"]]
-    out = {"key": sample["key"], "pixels": render_view(image, view, cfg.img_size, cfg.mean, cfg.std),
-           "crop": torch.tensor(view.box), "flip": torch.tensor(view.flip)}
+    if "stored_view" in sample:  # rendered at extraction: decode only
+        view = sample["view"]
+        out = {"key": sample["key"], "pixels": normalize(decode_view(sample["stored_view"]), cfg.mean, cfg.std),
+               "crop": torch.tensor(view.box), "flip": torch.tensor(view.flip)}
+    else:
+        image = decode_image(sample["image"])
+        view = sample.get("view") or sample_views(sample["key"], image.shape[1], image.shape[2],
+                                                   view_cfg)[sample["view_index"]]
+        out = {"key": sample["key"], "pixels": render_view(image, view, cfg.img_size, cfg.mean, cfg.std),
+               "crop": torch.tensor(view.box), "flip": torch.tensor(view.flip)}
     if cfg.teacher_size:
         out["teacher_pixels"] = render_view(image, view, cfg.teacher_size, cfg.teacher_mean, cfg.teacher_std)
     if "targets" in sample:  # as stored: int8 [L, C] + float16 scale [L], or float16 [L, C]
@@ -220,9 +251,16 @@ def rank_slots(samples: Iterator[dict], rank: int, world: int, batch_size: int) 
             pending = []
 
 
-def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher_dim: int) -> None:
-    """Refuse, in one line, a cache that lacks a shard or does not fit the student."""
+def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher_dim: int,
+                     pixels_size: int = 0) -> None:
+    """Refuse, in one line, a cache that lacks a shard or does not fit the student
+    (`pixels_size` > 0: the stored views must exist, at that size)."""
     m = cache.manifest
+    if pixels_size and not m["storage"].get("pixels"):
+        raise cf.CacheError(f"{cache.root}: stores no views; extract with --store-pixels to train from the cache alone")
+    if pixels_size and m["views"]["output_size"] != pixels_size:
+        raise cf.CacheError(f"{cache.root}: views are stored at {m['views']['output_size']} px, the student takes "
+                            f"{pixels_size}")
     if list(m["teacher"]["grid"]) != [grid, grid]:
         raise cf.CacheError(f"{cache.root}: teacher grid {m['teacher']['grid']} does not match the student's {grid}x{grid}")
     if m["views"].get("decoder", "pil") != "pil":

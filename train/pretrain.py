@@ -53,6 +53,8 @@ class PretrainConfig:
     seed: int = 0
     resume: bool = False
     save_every_steps: int = 0  # 0: at the end of each epoch only
+    pixels_from_cache: bool = False  # views from the cache (--store-pixels), source tars unread
+    compile: str | None = None  # torch.compile backend ("inductor"; "eager" to test the plumbing), None: eager mode
     samples_per_epoch: int | None = None  # default: counted from the cache or the tars
     data_split: str = "shards"  # "shards" (each rank reads its shards) | "samples" (exact at any world size)
     progress: bool = True
@@ -125,13 +127,16 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     model = create_model(cfg.model, teacher_dim=teacher_dim, joint_teacher_dims=joint_dims, fuse_layers=cfg.fuse_layers,
                          decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth)
     grid = model.grid_size
-    for c in caches:
-        check_cache_fits(c, urls, grid, c.manifest["teacher"]["dim"])
+    if cfg.pixels_from_cache and cache is None:
+        raise ValueError("--pixels-from-cache reads the views from a cache: give --feature-cache")
+    for i, c in enumerate(caches):
+        check_cache_fits(c, urls, grid, c.manifest["teacher"]["dim"], model.img_size if cfg.pixels_from_cache and not i else 0)
     data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0,
                           teacher_mean=teacher.mean if teacher else DataConfig.teacher_mean,
-                          teacher_std=teacher.std if teacher else DataConfig.teacher_std, split=cfg.data_split)
+                          teacher_std=teacher.std if teacher else DataConfig.teacher_std, split=cfg.data_split,
+                          pixels_from_cache=cfg.pixels_from_cache)
     stream = StudentStream(data_cfg, cache, joint)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda)
     # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
@@ -153,6 +158,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         metrics.unlink(missing_ok=True)
+    if cfg.compile:
+        # In place (nn.Module.compile): parameter names, checkpoints and DDP are unchanged.
+        model.compile(backend=cfg.compile)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     if accelerator.is_main_process:

@@ -26,9 +26,10 @@ def codec_description(dtype: str, backend: str = "zarr") -> str:
     return zarr_codec_description(dtype) if _check_backend(backend) == "zarr" else wds_codec_description()
 
 
-def storage_section(backend: str, dtype: str) -> dict:
-    """The manifest's `storage` for a new cache (what `config_mismatch` compares)."""
-    storage = {"backend": _check_backend(backend), "dtype": dtype,
+def storage_section(backend: str, dtype: str, pixels: str | None = None) -> dict:
+    """The manifest's `storage` for a new cache (what `config_mismatch` compares);
+    `pixels`: the codec of stored views (`--store-pixels`), or None."""
+    storage = {"backend": _check_backend(backend), "dtype": dtype, "pixels": pixels,
                "quantisation": "per-token absmax int8, value = int8 x scale" if dtype == "int8" else None,
                "codec": codec_description(dtype, backend)}
     if backend == "zarr":
@@ -37,15 +38,15 @@ def storage_section(backend: str, dtype: str) -> dict:
 
 
 def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
-                      dtype: str, layers: tuple[int, ...] = ()) -> ShardWriter | WdsShardWriter:
+                      dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None) -> ShardWriter | WdsShardWriter:
     """The writer of one input shard for `backend`; both have append / close / abort, `name`,
     `group_path` (the manifest entry's `group`), `final` (the finished local copy) and `rows`.
 
     For a cache at a URL the writer works in a local staging directory; `commit_shard`
-    uploads what it wrote.
+    uploads what it wrote. `pixels`: the file extension of stored views, when stored.
     """
     local_root = staging_dir() if is_url(root) else root
-    writer = _WRITERS[_check_backend(backend)](local_root, source, max_rows, dim, grid_len, dtype, layers)
+    writer = _WRITERS[_check_backend(backend)](local_root, source, max_rows, dim, grid_len, dtype, layers, pixels)
     if is_url(root):
         abort = writer.abort
 

@@ -37,7 +37,7 @@ from .manifest import group_name
 ZSTD_LEVEL = 3
 MEMBER_CODECS = ("zstd", "none")  # each .npy member compressed alone (.npy.zst), or stored as is
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_MEMBER = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)\.(npy|npy\.zst|json)")
+_MEMBER = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)\.(npy|npy\.zst|json|png|webp|jpg)")
 _GEOMETRY_BYTES = 2 + 16 + 1  # view int16, crop 4 x int32, flip bool: as the Zarr backend counts them
 
 
@@ -79,7 +79,7 @@ class WdsShardWriter:
     """
 
     def __init__(self, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
-                 dtype: str, layers: tuple[int, ...] = (), codec: str = "zstd"):
+                 dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None, codec: str = "zstd"):
         if codec not in MEMBER_CODECS:
             raise ValueError(f"member codec {codec!r}: expected one of {MEMBER_CODECS}")
         self.root, self.source, self.dtype, self.layers = Path(root), source, dtype, tuple(layers)
@@ -94,6 +94,7 @@ class WdsShardWriter:
         self._suffix = ".npy.zst" if codec == "zstd" else ".npy"
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
         self._names: set[str] = set()
+        self._pixels = pixels  # file extension of stored views (`<sample>.pixels.<ext>`), or None
         self.rows = 0
 
     def _add(self, name: str, data: bytes) -> None:
@@ -107,8 +108,11 @@ class WdsShardWriter:
 
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
                features: np.ndarray, attention: np.ndarray, cls: np.ndarray,
-               layers: dict[int, np.ndarray] | None = None) -> None:
-        """Add rows (all arrays share the first dimension; features float32 [n, L, C])."""
+               layers: dict[int, np.ndarray] | None = None, pixels: list[bytes] | None = None) -> None:
+        """Add rows (all arrays share the first dimension; features float32 [n, L, C];
+        pixels: each row's encoded view, when the shard stores them)."""
+        if (pixels is not None) != (self._pixels is not None) or (pixels is not None and len(pixels) != len(keys)):
+            raise ValueError(f"{self.source}: pixels must be given for every row exactly when the cache stores them")
         if tuple(features.shape[1:]) != self.shape:
             raise ValueError(f"features of shape {tuple(features.shape)}, this shard stores [n, {self.shape[0]}, "
                              f"{self.shape[1]}]")
@@ -135,6 +139,8 @@ class WdsShardWriter:
             self._add_array(sample, "cls", cls[r])
             for m in extra:
                 self._add_array(sample, m, stored[m][r])
+            if pixels is not None:
+                self._add(f"{sample}.pixels.{self._pixels}", pixels[r])
             self.rows += 1
 
     def close(self, attrs: dict | None = None) -> tuple[Path, str, int]:
@@ -209,7 +215,7 @@ def _read_index(path: str) -> tuple[list[str], dict[str, np.ndarray]]:
         if not names or names[-1] != sample:
             names.append(sample)
             members.append({})
-        members[-1][member] = (offset, size, int(ext == "npy.zst"))
+        members[-1][member] = (offset, size, int(ext == "npy.zst"))  # pixels: raw image bytes
     if len(set(names)) != len(names):
         raise CacheError(f"{path}: a sample's members are not consecutive")
     index = {}
@@ -383,6 +389,14 @@ class WdsShard:
 
         return member(layer), member(_scale_member(layer)) if self.quantized else None
 
+    def stored_pixels(self, i: int) -> bytes:
+        """Row i's stored view (an image file: decode with views.decode_view)."""
+        self._load()
+        if "pixels" not in self._index:
+            raise CacheError(f"{self.path}: this cache stores no views (extract with --store-pixels)")
+        o, s, _ = (int(x) for x in self._index["pixels"][i])
+        return self._pread(o, s)
+
     def get(self, key: str, view: int) -> ViewTargets:
         return view_targets(self, key, view)
 
@@ -390,5 +404,5 @@ class WdsShard:
         """Bytes of the rows' arrays before compression, counted as the Zarr backend counts them."""
         if not len(self):
             return 0
-        first = self._arrays([0], [n for n in self._index if n != "meta"])
+        first = self._arrays([0], [n for n in self._index if n not in ("meta", "pixels")])  # images: not arrays
         return len(self) * (sum(a.nbytes for a in first.values()) + _GEOMETRY_BYTES)

@@ -5,6 +5,8 @@
         keys [N] str  view [N] int16  crop [N,4] int32 (top,left,height,width)  flip [N] bool
         features [N,L,C] int8 + features_scale [N,L] float16   (or float16 without scale)
         attention [N,L] float16   cls [N,C] float16   layer<i> [N,L,C] (+ layer<i>_scale)
+        pixels [bytes] uint8 + pixels_offsets [N+1] int64     (--store-pixels: row i's image
+                                  file is pixels[offsets[i]:offsets[i+1]])
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, group_
 from .manifest import group_name
 
 # --- codecs -----------------------------------------------------------------------------
+
+PIXEL_CHUNK = 1 << 20  # bytes per chunk of the stored-views array (image files are compressed already)
 
 
 # Chosen by benchmarks/codecs.py on teacher activations (BENCHMARKS.md): int8 values have
@@ -52,7 +56,7 @@ class ShardWriter:
     """
 
     def __init__(self, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
-                 dtype: str, layers: tuple[int, ...] = ()):
+                 dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None):
         self.root, self.source, self.dtype, self.layers = Path(root), source, dtype, layers
         self.name = group_name(source)
         self.group_path = f"shards/{self.name}"  # the manifest entry's `group`
@@ -81,11 +85,22 @@ class ShardWriter:
         self._buffer: dict[str, list[np.ndarray]] = {k: [] for k in self.arrays}
         self._buffered = 0
         self.rows = 0
+        # Stored views: image files end to end in one byte array, written in whole chunks.
+        self._pixels = mk("pixels", shape=(0,), dtype="uint8", chunks=(PIXEL_CHUNK,), compressors=None) \
+            if pixels else None
+        self._pixel_offsets, self._pixel_buf, self._pixel_written = [0], bytearray(), 0
 
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
                features: np.ndarray, attention: np.ndarray, cls: np.ndarray,
-               layers: dict[int, np.ndarray] | None = None) -> None:
-        """Add rows (all arrays share the first dimension; features float32 [n, L, C])."""
+               layers: dict[int, np.ndarray] | None = None, pixels: list[bytes] | None = None) -> None:
+        """Add rows (all arrays share the first dimension; features float32 [n, L, C];
+        pixels: each row's encoded view, when the shard stores them)."""
+        if (pixels is not None) != (self._pixels is not None) or (pixels is not None and len(pixels) != len(keys)):
+            raise ValueError(f"{self.source}: pixels must be given for every row exactly when the cache stores them")
+        for data in pixels or []:
+            self._pixel_buf += data
+            self._pixel_offsets.append(self._pixel_offsets[-1] + len(data))
+        self._flush_pixels(final=False)
         cols = {"keys": np.asarray(keys, dtype=object), "view": view.astype(np.int16),
                 "crop": crop.astype(np.int32), "flip": flip.astype(bool),
                 "attention": attention.astype(np.float16), "cls": cls.astype(np.float16)}
@@ -112,12 +127,27 @@ class ShardWriter:
         self.rows += n
         self._buffered -= n
 
+    def _flush_pixels(self, final: bool) -> None:
+        if self._pixels is None:
+            return
+        n = len(self._pixel_buf) if final else len(self._pixel_buf) - len(self._pixel_buf) % PIXEL_CHUNK
+        if n:
+            end = self._pixel_written + n
+            self._pixels.resize((end,))
+            self._pixels[self._pixel_written:end] = np.frombuffer(bytes(self._pixel_buf[:n]), dtype=np.uint8)
+            self._pixel_written, self._pixel_buf = end, self._pixel_buf[n:]
+
     def close(self, attrs: dict) -> tuple[Path, str, int]:
         """Write the remaining rows, cut the arrays, rename the group into place.
 
         Returns (path, sha256, bytes) of the finished group, for the manifest.
         """
         self._flush(whole_chunks=False)
+        if self._pixels is not None:
+            self._flush_pixels(final=True)
+            offsets = np.asarray(self._pixel_offsets, dtype=np.int64)
+            self.group.create_array("pixels_offsets", data=offsets, chunks=(len(offsets),),
+                                    compressors=[ZstdCodec(level=3)])
         for arr in self.arrays.values():
             arr.resize((self.rows,) + arr.shape[1:])
         self.group.attrs.update({**attrs, "rows": self.rows, "status": "complete"})
@@ -151,6 +181,8 @@ class ShardGroup:
         self.quantized = "features_scale" in self.group
         self._row: dict[tuple[str, int], int] = {(k, int(v)): i for i, (k, v) in enumerate(zip(self.keys, self.views))}
         self._block: tuple | None = None  # (first row, layer, stored values, scale or None)
+        self._pixel_offsets: np.ndarray | None = None
+        self._pixel_block: tuple[int, int, bytes] | None = None  # (first row, end row, their bytes)
         self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -199,9 +231,24 @@ class ShardGroup:
         """Features of one row [L, C] float32."""
         return dequantize(*self.stored_row(i, layer))
 
+    def stored_pixels(self, i: int) -> bytes:
+        """Row i's stored view (an image file: decode with views.decode_view), read in blocks
+        of ROWS_PER_CHUNK rows so a sequential pass reads each byte once."""
+        if self._pixel_offsets is None:
+            if "pixels_offsets" not in self.group:
+                raise CacheError(f"{self.path}: this cache stores no views (extract with --store-pixels)")
+            self._pixel_offsets = np.asarray(self.group["pixels_offsets"][:], dtype=np.int64)
+        off = self._pixel_offsets
+        if self._pixel_block is None or not self._pixel_block[0] <= i < self._pixel_block[1]:
+            end = min(i + ROWS_PER_CHUNK, len(off) - 1)
+            self._pixel_block = (i, end, np.asarray(self.group["pixels"][off[i]:off[end]]).tobytes())
+        first, _, block = self._pixel_block
+        return block[off[i] - off[first]:off[i + 1] - off[first]]
+
     def get(self, key: str, view: int) -> ViewTargets:
         return view_targets(self, key, view)
 
     def logical_bytes(self) -> int:
-        """Bytes of the group's arrays before compression (keys not counted)."""
-        return sum(a.nbytes for _, a in self.group.arrays() if a.dtype.kind != "T" and str(a.dtype) != "StringDType()")
+        """Bytes of the group's arrays before compression (keys and stored views not counted)."""
+        return sum(a.nbytes for name, a in self.group.arrays() if a.dtype.kind != "T"
+                   and str(a.dtype) != "StringDType()" and not name.startswith("pixels"))
