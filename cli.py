@@ -72,9 +72,9 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 @click.option("--workers", default=0, show_default=True, help="DataLoader workers that decode and render.")
 @click.option("--layers", default="", help="Extra teacher blocks to store, 1-based, e.g. 4,8.")
 @click.option("--image-size", default=224, show_default=True, help="The student's input size (recorded).")
-@click.option("--store-pixels", type=click.Choice(["png", "webp", "jpeg"]), default=None,
-              help="Also store each view at --image-size (png, webp: lossless; jpeg: quality 95), so that "
-                   "pretrain --pixels-from-cache reads the cache alone.")
+@click.option("--store-pixels", type=click.Choice(["zstd", "png", "webp", "jpeg"]), default=None,
+              help="Also store each view at --image-size (zstd: raw, lossless, fastest to decode; png, webp: "
+                   "lossless, smaller; jpeg: quality 95, lossy), so pretrain --pixels-from-cache reads the cache alone.")
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
 @click.option("--no-progress", is_flag=True)
 def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, cache_format, batch_size, seed,

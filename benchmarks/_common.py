@@ -206,9 +206,7 @@ def build_student(model_name: str, shards: list[str], batch_size: int, n_batches
     model = create_model(model_name, teacher_dim=teacher_dim, decoder_embed_dim=decoder_dim,
                          decoder_depth=decoder_depth)
     data_cfg = DataConfig(shards=list(shards), batch_size=batch_size, img_size=model.img_size,
-                          views_per_image=views, teacher_size=teacher.input_size if teacher else 0,
-                          teacher_mean=teacher.mean if teacher else DataConfig.teacher_mean,
-                          teacher_std=teacher.std if teacher else DataConfig.teacher_std)
+                          views_per_image=views, teacher_size=teacher.input_size if teacher else 0)
     stream = StudentStream(data_cfg, cache)
     stream.set_epoch(0)
     batches = list(itertools.islice(iter(stream), n_batches))

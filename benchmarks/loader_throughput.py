@@ -8,6 +8,9 @@ so images/s is what one CPU core delivers per loader:
   --feature-cache` runs it: tar read, the epoch's cached view geometry and targets
   (int8 -> float32, [196, C]) and [CLS] attention per sample, JPEG decode (PIL), the
   replayed crop + bicubic resize + flip on the tensor, normalisation, batching;
+- cached_pixels: the same stream with `--pixels-from-cache` (the cache extracted with
+  `--store-pixels`): no tar read, no crop or resize; the stored view's image file is
+  decoded and normalised (the issue's goal: >= 2x plain per worker);
 - plain: MAE's own input pipeline over webdataset: `wds.WebDataset` -> shuffle ->
   `decode("pil")` -> torchvision `RandomResizedCrop(224, scale=(0.2, 1.0), bicubic)`,
   `RandomHorizontalFlip`, `ToTensor`, `Normalize` -> `batched`. No targets.
@@ -48,7 +51,7 @@ from _common import ForeignCpu, machine_facts, make_shards, table, warn_if_busy,
 from mrmae.shared import cache_format as cf
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, StudentStream
 
-LOADERS = ("cached", "plain")
+LOADERS = ("cached", "cached_pixels", "plain")
 
 
 def plain_mae_loader(urls: list[str], batch_size: int, img_size: int = 224, seed: int = 0) -> wds.WebDataset:
@@ -69,9 +72,10 @@ def plain_mae_loader(urls: list[str], batch_size: int, img_size: int = 224, seed
             .batched(batch_size, partial=True))
 
 
-def cached_loader(urls: list[str], cache: cf.FeatureCache, batch_size: int) -> StudentStream:
-    """StudentStream in cached mode, as run_pretrain builds it (epoch 0)."""
-    stream = StudentStream(DataConfig(shards=list(urls), batch_size=batch_size), cache)
+def cached_loader(urls: list[str], cache: cf.FeatureCache, batch_size: int, pixels: bool = False) -> StudentStream:
+    """StudentStream in cached mode, as run_pretrain builds it (epoch 0); `pixels`: views
+    from the cache (--pixels-from-cache)."""
+    stream = StudentStream(DataConfig(shards=list(urls), batch_size=batch_size, pixels_from_cache=pixels), cache)
     stream.set_epoch(0)
     return stream
 
@@ -123,20 +127,49 @@ def loader_rate(dataset: torch.utils.data.IterableDataset, workers: int = 1, war
 
 def measure_loaders(urls: list[str], cache_root: str | Path, batch_size: int, budget_s: float,
                     warmup_batches: int = 1, reps: int = 1, workers: int = 1) -> dict:
-    """Both loaders over the same shards, alternating per rep; medians and the cached/plain ratio."""
+    """The loaders over the same shards, order rotating per rep; medians and ratios to plain.
+    `cached_pixels` runs only when the cache stores views (--store-pixels)."""
     cache = cf.FeatureCache(cache_root)
-    runs: dict[str, list[dict]] = {name: [] for name in LOADERS}
+    names = [n for n in LOADERS if n != "cached_pixels" or cache.manifest["storage"].get("pixels")]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     for rep in range(reps):
-        for name in LOADERS[rep % 2:] + LOADERS[:rep % 2]:
-            dataset = (cached_loader(urls, cache, batch_size) if name == "cached"
-                       else plain_mae_loader(urls, batch_size))
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            dataset = (plain_mae_loader(urls, batch_size) if name == "plain"
+                       else cached_loader(urls, cache, batch_size, pixels=name == "cached_pixels"))
             runs[name].append(loader_rate(dataset, workers, warmup_batches, budget_s))
     out: dict = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in rs), "reps": rs}
                  for name, rs in runs.items()}
-    out["ratio_cached_over_plain"] = out["cached"]["images_per_s"] / out["plain"]["images_per_s"]
+    for name in names[:-1]:
+        out[f"ratio_{name}_over_plain"] = out[name]["images_per_s"] / out["plain"]["images_per_s"]
     out["params"] = {"batch_size": batch_size, "workers": workers, "warmup_batches": warmup_batches,
                      "budget_s": budget_s, "reps": reps, "teacher_dim": cache.manifest["teacher"]["dim"]}
     return out
+
+
+def measure_pixel_codecs(url: str, views: int = 32, size: int = 224) -> dict:
+    """Each --store-pixels codec on `views` rendered views of one shard: bytes, encode and
+    decode time, and the error of the decoded view against the rendered one."""
+    from mrmae.extract.reader import read_shard
+    from mrmae.shared.views import (PIXEL_CODECS, ViewConfig, decode_image, decode_view, encode_view,
+                                    render_view_uint8, sample_views)
+
+    rendered = []
+    for s in read_shard(url):
+        image = decode_image(s.image)
+        rendered += [render_view_uint8(image, v, size) for v in sample_views(s.key, *image.shape[1:], ViewConfig(4))]
+    rendered = rendered[:views]
+    out = {}
+    for codec in PIXEL_CODECS:
+        t0 = time.perf_counter()
+        files = [encode_view(v, codec) for v in rendered]
+        t1 = time.perf_counter()
+        back = [decode_view(f) for f in files]
+        t2 = time.perf_counter()
+        err = torch.stack([(b.int() - v.int()).abs() for b, v in zip(back, rendered)]).float()
+        out[codec] = {"kb_per_view": sum(map(len, files)) / len(files) / 1e3,
+                      "encode_ms": 1e3 * (t1 - t0) / len(files), "decode_ms": 1e3 * (t2 - t1) / len(files),
+                      "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean())}
+    return {"views": len(rendered), "size": size, "codecs": out}
 
 
 def main() -> None:
@@ -149,6 +182,8 @@ def main() -> None:
     p.add_argument("--warmup-batches", type=int, default=1)
     p.add_argument("--budget", type=float, default=10.0, help="seconds per timed loader run (at most)")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--pixels", default="zstd", choices=["zstd", "png", "webp", "jpeg", "none"],
+                   help="--store-pixels codec of the cache (none: no cached_pixels loader)")
     p.add_argument("--name", default="loader_throughput", help="results/<name>.json")
     p.add_argument("--out", help="write the JSON here instead of results/<name>.json")
     args = p.parse_args()
@@ -164,7 +199,9 @@ def main() -> None:
         urls = [str(u) for u in make_shards(Path(tmp) / "shards", args.images, args.shard_size)]
         cache = Path(tmp) / "cache"
         run_extraction(ExtractConfig(shards=urls, out=str(cache), teacher=args.teacher,
-                                     views=ViewConfig(per_image=args.views, seed=0), batch_size=32, progress=False))
+                                     views=ViewConfig(per_image=args.views, seed=0), batch_size=32, progress=False,
+                                     store_pixels=None if args.pixels == "none" else args.pixels))
+        codecs = measure_pixel_codecs(urls[0])
         print(f"{args.images} images, cache of {args.images * args.views} views ({args.teacher}) "
               f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
         result = measure_loaders(urls, cache, args.batch_size, args.budget, args.warmup_batches, args.reps)
@@ -172,17 +209,21 @@ def main() -> None:
     facts["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     command = " ".join(["benchmarks/loader_throughput.py", *sys.argv[1:]])
     payload = {"benchmark": "loader_throughput", "command": command, "machine": facts, "params": vars(args),
-               "loaders": result, "foreign_cpu_seconds": foreign, "total_seconds": total_s}
+               "loaders": result, "pixel_codecs": codecs, "foreign_cpu_seconds": foreign, "total_seconds": total_s}
     path = write_json(args.name, payload, args.out)
 
     print(f"\n{args.images} demo images in shards of {args.shard_size}, batch {args.batch_size}, 1 worker per loader, "
           f"cache {args.teacher} ({result['params']['teacher_dim']}-d) x {args.views} views; median of {args.reps} "
           f"reps of <= {args.budget:.0f} s; {facts['cpu_count']} CPUs")
-    reps = {name: result[name]["reps"] for name in LOADERS}
-    rows = [[name, result[name]["images_per_s"], f"{statistics.median(r['startup_s'] for r in reps[name]):.2f}",
-             sum(r["images"] for r in reps[name])] for name in LOADERS]
-    rows.append(["ratio cached/plain", result["ratio_cached_over_plain"], "-", "-"])
+    names = [n for n in LOADERS if n in result]
+    rows = [[name, result[name]["images_per_s"], f"{statistics.median(r['startup_s'] for r in result[name]['reps']):.2f}",
+             sum(r["images"] for r in result[name]["reps"])] for name in names]
+    rows += [[f"ratio {name}/plain", result[f"ratio_{name}_over_plain"], "-", "-"] for name in names[:-1]]
     print(table(["loader", "images/s per worker", "start-up s", "images timed"], rows))
+    print(f"\nstored views ({codecs['views']} views of {codecs['size']} px; error against the rendered view, 0-255)")
+    print(table(["codec", "KB/view", "encode ms", "decode ms", "max abs err", "mean abs err"],
+                [[c, r["kb_per_view"], r["encode_ms"], r["decode_ms"], r["max_abs_error"], r["mean_abs_error"]]
+                 for c, r in codecs["codecs"].items()]))
     print(f"other processes used {foreign:.1f} CPU-s meanwhile; total {total_s:.0f} s -> {path}")
 
 

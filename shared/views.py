@@ -162,26 +162,45 @@ def render_view(
 
 # --- stored views (`extract-features --store-pixels`) --------------------------------------
 
-# Codec -> (PIL format, save options, file extension). PNG and WebP are lossless: the
-# training loader then decodes exactly the pixels a replay from the source would render.
-# JPEG at quality 95 is smaller and lossy (BENCHMARKS.md gives its error).
-PIXEL_CODECS: dict[str, tuple[str, dict, str]] = {
+# Codec -> (PIL format, save options, file extension). zstd (the raw uint8 array as .npy,
+# zstd level 3), PNG and WebP are lossless: the training loader then decodes exactly the
+# pixels a replay from the source would render; zstd is the largest but decodes ~50x
+# faster than PNG, which is what lets a loader worker outrun JPEG decoding. JPEG at
+# quality 95 is smaller and lossy (BENCHMARKS.md gives sizes, speeds and errors).
+PIXEL_CODECS: dict[str, tuple[str | None, dict, str]] = {
+    "zstd": (None, {"level": 3}, "npy.zst"),
     "png": ("PNG", {"compress_level": 1}, "png"),
     "webp": ("WEBP", {"lossless": True, "quality": 0, "method": 0}, "webp"),  # fastest lossless setting
     "jpeg": ("JPEG", {"quality": 95, "subsampling": 0}, "jpg"),
 }
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 def encode_view(pixels: torch.Tensor, codec: str) -> bytes:
-    """A rendered view, uint8 [3, S, S], -> image file bytes in `codec` (PIXEL_CODECS)."""
+    """A rendered view, uint8 [3, S, S], -> file bytes in `codec` (PIXEL_CODECS)."""
     fmt, options, _ = PIXEL_CODECS[codec]
+    hwc = pixels.permute(1, 2, 0).contiguous().numpy()
     buf = io.BytesIO()
-    Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy()).save(buf, format=fmt, **options)
+    if fmt is None:  # zstd: the array as .npy (never a pickle), one zstd frame
+        from numcodecs import Zstd
+
+        np.save(buf, hwc, allow_pickle=False)
+        return bytes(Zstd(level=options["level"]).encode(buf.getvalue()))
+    Image.fromarray(hwc).save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
 def decode_view(data: bytes) -> torch.Tensor:
-    """Image file bytes of a stored view -> uint8 [3, S, S] (the inverse of encode_view)."""
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    """File bytes of a stored view -> uint8 [3, S, S] (the inverse of encode_view)."""
+    if data[:4] == _ZSTD_MAGIC:
+        from numcodecs import Zstd
+
+        arr = np.load(io.BytesIO(bytes(Zstd().decode(data))), allow_pickle=False)
+    else:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"a stored view must be uint8 [S, S, 3], got {arr.dtype} {arr.shape}")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -25,7 +25,7 @@ def extract(shards: str, out, backend: str, codec: str) -> None:
                                  format=backend, batch_size=6, store_pixels=codec, progress=False))
 
 
-@pytest.mark.parametrize("backend,codec", [("zarr", "png"), ("wds", "webp"), ("zarr", "jpeg")])
+@pytest.mark.parametrize("backend,codec", [("zarr", "png"), ("wds", "webp"), ("zarr", "jpeg"), ("wds", "zstd")])
 def test_stored_views_are_the_rendered_views(demo_shards, tmp_path, backend, codec):
     extract(str(demo_shards[0]), tmp_path / "c", backend, codec)
     cache = cf.FeatureCache(tmp_path / "c")
@@ -48,7 +48,7 @@ def test_stored_views_are_the_rendered_views(demo_shards, tmp_path, backend, cod
 def test_training_from_the_cache_alone_equals_training_from_the_tars(demo_shards, tmp_path):
     copies = [str(shutil.copy(p, tmp_path / p.name)) for p in demo_shards]
     urls = "::".join(copies)
-    extract(urls, tmp_path / "c", "zarr", "png")
+    extract(urls, tmp_path / "c", "zarr", "zstd")
     base = ["pretrain", "--shards", urls, "--feature-cache", str(tmp_path / "c"), *TINY]
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "tars")])
     assert r.exit_code == 0, r.output

@@ -19,6 +19,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from mrmae.shared.views import normalize
+from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.masking import focused_masking, random_masking
 
 
@@ -36,6 +38,8 @@ class StepOptions:
     mimic_weight: float = 0.5
     target_norm: str = "none"  # "none" | "layernorm" | "l2"
     seed: int = 0
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # the student's input normalisation (0-1 units)
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
 
 
 def lr_at(step: float, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -86,9 +90,9 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
                     on_step: Callable[[int, dict], None] | None = None) -> int:
     """Run optimiser steps over `batches`; returns the global step reached.
 
-    Each batch is a dict from `mrmae.train.data` ([B,3,S,S] pixels, optional [B,N,C]
+    Each batch is a dict from `mrmae.train.data` ([B,3,S,S] uint8 pixels, optional [B,N,C]
     targets as stored (int8 with [B,N] targets_scale, or float16) and [B,N] attention,
-    or [B,3,T,T] teacher pixels in live mode).
+    or [B,3,T,T] uint8 teacher pixels in live mode).
     """
     model.train()
     device = accelerator.device
@@ -96,11 +100,12 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
     micro = start_step * accelerator.gradient_accumulation_steps  # seeds the masks
     tick = time.perf_counter()
     for batch in batches:
-        imgs = batch["pixels"].to(device, non_blocking=True)
+        # uint8 from the loader, normalised here on the device
+        imgs = normalize(batch["pixels"].to(device, non_blocking=True), opts.pixel_mean, opts.pixel_std)
         targets, attention = batch.get("targets"), batch.get("attention")
         if teacher is not None:
             with torch.no_grad(), accelerator.autocast():
-                out = teacher(batch["teacher_pixels"].to(device, non_blocking=True))
+                out = teacher(normalize(batch["teacher_pixels"].to(device, non_blocking=True), teacher.mean, teacher.std))
             targets, attention = out.features.float(), out.attention.float()
         n_tokens = model_num_patches(model)
         ids_keep, mask, ids_restore = draw_masks(imgs.shape[0], n_tokens, attention, opts, micro, rank,

@@ -133,9 +133,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         check_cache_fits(c, urls, grid, c.manifest["teacher"]["dim"], model.img_size if cfg.pixels_from_cache and not i else 0)
     data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
-                          teacher_size=teacher.input_size if teacher else 0,
-                          teacher_mean=teacher.mean if teacher else DataConfig.teacher_mean,
-                          teacher_std=teacher.std if teacher else DataConfig.teacher_std, split=cfg.data_split,
+                          teacher_size=teacher.input_size if teacher else 0, split=cfg.data_split,
                           pixels_from_cache=cfg.pixels_from_cache)
     stream = StudentStream(data_cfg, cache, joint)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda)

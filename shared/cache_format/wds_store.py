@@ -215,7 +215,7 @@ def _read_index(path: str) -> tuple[list[str], dict[str, np.ndarray]]:
         if not names or names[-1] != sample:
             names.append(sample)
             members.append({})
-        members[-1][member] = (offset, size, int(ext == "npy.zst"))  # pixels: raw image bytes
+        members[-1][member] = (offset, size, int(ext == "npy.zst"))  # (pixels: stored_pixels reads them as is)
     if len(set(names)) != len(names):
         raise CacheError(f"{path}: a sample's members are not consecutive")
     index = {}
