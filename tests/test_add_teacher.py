@@ -70,6 +70,7 @@ def test_pretraining_from_either_target_of_one_cache_or_both_jointly(demo_shards
     cache, _ = two_teachers
     base = ["pretrain", "--shards", url_list(demo_shards[:2]), "--feature-cache", str(cache),
             "--model", "mrmae_vit_tiny_patch16", "--decoder-dim", "64", "--decoder-depth", "1", "--batch-size", "4",
+            "--workers", "0",
             "--epochs", "1", "--mask", "focused", "--no-progress"]
     heads = {}
     for target in (None, "clip-ViT-S-16", "main,clip-ViT-S-16"):
