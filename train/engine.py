@@ -9,12 +9,13 @@ masks as an uninterrupted one, with no hidden RNG state to carry.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,20 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
         if on_step is not None:
             on_step(step, record)
     return step
+
+
+def epoch_passes(stream, loader: Iterable[dict], epoch: int, empty: Exception) -> Iterator[dict]:
+    """This rank's batches for `epoch`: `stream.set_epoch(epoch, repeat)`, then the loader,
+    again with the next `repeat` when its shards run out (ranks with fewer samples keep up
+    with the others' step count); `empty` is raised when a pass yields nothing at all."""
+    for repeat in itertools.count():
+        stream.set_epoch(epoch, repeat)
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        if not got:
+            raise empty
 
 
 def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids_keep: torch.Tensor,

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from mrmae.train import checkpoint as ckpt
-from mrmae.train.engine import NonFiniteLossError, append_metrics, lr_at, truncate_metrics
+from mrmae.train.engine import NonFiniteLossError, append_metrics, epoch_passes, lr_at, truncate_metrics
 from mrmae.train.finetune_data import LabelledStream, sample_seed, seed_everything, train_transform
 
 POOLS = ("avg", "token")
@@ -179,19 +179,6 @@ def _epoch_loss(metrics: Path, epoch: int) -> float:
     return sum(losses) / max(1, len(losses))
 
 
-def _passes(stream: LabelledStream, loader, epoch: int):
-    """This rank's batches for `epoch`, taking another pass over its shards when they run out."""
-    for repeat in itertools.count():
-        stream.set_epoch(epoch, repeat)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise FinetuneError(f"no full batch of labelled images in this process's shards ({stream.urls[:3]}...): "
-                                "fewer shards than processes x workers, or --batch-size above a shard's images?")
-
-
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune; returns {checkpoint, metrics, steps, table, main_process}. Resumes with `resume`."""
     from accelerate import Accelerator
@@ -257,7 +244,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
     last_path = ckpt.latest_checkpoint(out)
     for epoch in range(state.epoch, cfg.epochs):
-        batches = itertools.islice(_passes(stream, loader, epoch), steps_per_epoch * cfg.accum_steps)
+        empty = FinetuneError(f"no full batch of labelled images in this process's shards ({stream.urls[:3]}...): "
+                              "fewer shards than processes x workers, or --batch-size above a shard's images?")
+        batches = itertools.islice(epoch_passes(stream, loader, epoch, empty), steps_per_epoch * cfg.accum_steps)
         for _ in range(state.step_in_epoch * cfg.accum_steps):  # the data position of a resumed epoch
             next(batches, None)
         model.train()

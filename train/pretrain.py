@@ -24,8 +24,8 @@ from mrmae.extract.reader import expand_urls
 from mrmae.shared import cache_format as cf
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
-from mrmae.train.engine import (NonFiniteLossError, StepOptions, append_metrics, lr_at, train_one_epoch,
-                                truncate_metrics)
+from mrmae.train.engine import (NonFiniteLossError, StepOptions, append_metrics, epoch_passes, lr_at,
+                                train_one_epoch, truncate_metrics)
 
 
 @dataclass
@@ -196,7 +196,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     micro_per_epoch = steps_per_epoch * cfg.accum_steps
     for epoch in range(state.epoch, cfg.epochs):
         if cfg.data_split == "shards":  # every rank runs the same number of steps (DDP needs it)
-            batches = itertools.islice(_passes(stream, loader, epoch), micro_per_epoch)
+            empty = cf.CacheError(f"this process got no samples (shards {stream.urls[:3]}...): "
+                                  "fewer shards than processes x workers?")
+            batches = itertools.islice(epoch_passes(stream, loader, epoch, empty), micro_per_epoch)
         else:  # every rank reads the same stream: the same number of batches by construction
             stream.set_epoch(epoch)
             batches = iter(loader)
@@ -215,19 +217,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     accelerator.wait_for_everyone()
     return {"checkpoint": str(last_path), "metrics": str(metrics), "steps": state.step,
             "main_process": accelerator.is_main_process}
-
-
-def _passes(stream: StudentStream, loader, epoch: int):
-    """This rank's batches for `epoch`, starting another pass over its shards when they run out."""
-    for repeat in itertools.count():
-        stream.set_epoch(epoch, repeat)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise cf.CacheError(f"this process got no samples (shards {stream.urls[:3]}...): "
-                                "fewer shards than processes x workers?")
 
 
 def _save(accelerator, out: Path, model, optimizer, state: ckpt.TrainState) -> Path | None:
