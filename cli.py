@@ -75,10 +75,16 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 @click.option("--store-pixels", type=click.Choice(["zstd", "png", "webp", "jpeg"]), default=None,
               help="Also store each view at --image-size (zstd: raw, lossless, fastest to decode; png, webp: "
                    "lossless, smaller; jpeg: quality 95, lossy), so pretrain --pixels-from-cache reads the cache alone.")
+@click.option("--pca", "pca_rank", type=click.IntRange(min=1), default=None,
+              help="Store K PCA coefficients per token instead of the teacher's C channels (K <= C); the basis is "
+                   "fitted before the first shard and stored in the cache (--dtype applies to the coefficients).")
+@click.option("--pca-fit-views", type=click.IntRange(min=1), default=None,
+              help="With --pca: fit the basis on the first N views in input order.  [default: 2048]")
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
 @click.option("--no-progress", is_flag=True)
 def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, cache_format, batch_size, seed,
-                     device, workers, layers, image_size, store_pixels, strict, no_progress) -> None:
+                     device, workers, layers, image_size, store_pixels, pca_rank, pca_fit_views, strict,
+                     no_progress) -> None:
     """Run TEACHER once over --views augmented views of each image and cache its targets.
 
     With --add-teacher SPEC instead, run SPEC over the views already in the cache --out (its
@@ -93,12 +99,15 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
         raise click.UsageError("give --teacher (a new cache) or --add-teacher (another teacher for a cache's views)")
     if not shards and not add_teacher:
         raise click.UsageError("--shards is required with --teacher")
+    if pca_fit_views is not None and pca_rank is None:
+        raise click.UsageError("--pca-fit-views goes with --pca")
     where = cf.target_root(out, target or cf.target_name(add_teacher)) if add_teacher else out
     cfg = ExtractConfig(
         shards=shards or [], out=where, teacher=teacher or add_teacher, dtype=dtype, format=cache_format,
         batch_size=batch_size, device=device, workers=workers, layers=tuple(int(x) for x in layers.split(",") if x),
         strict=strict, views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size),
         progress=not no_progress, views_from=out if add_teacher else None, store_pixels=store_pixels,
+        pca=pca_rank, **({"pca_fit_views": pca_fit_views} if pca_fit_views is not None else {}),
     )
     s = run_extraction(cfg)
     rank = f"rank {s['rank']}/{s['world_size']}: " if s["world_size"] > 1 else ""  # each rank did its own shards
@@ -227,9 +236,15 @@ def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources
         click.echo(f"mrmae: damaged: {line}", err=True)
     click.echo(f"integrity: {'OK' if not r.problems else f'{len(r.problems)} problems'}")
     if r.checked:
-        click.echo(f"checked {r.checked} views: worst token cosine {r.worst_cosine:.6f} (mean {r.mean_cosine:.6f}, "
+        what = "coefficient cosine" if r.pca_rank else "token cosine"
+        click.echo(f"checked {r.checked} views: worst {what} {r.worst_cosine:.6f} (mean {r.mean_cosine:.6f}, "
                    f"floor {r.tolerance}), worst attention error {r.worst_attention_error:.2e}: "
                    + ("OK" if r.ok else "FAILED"))
+        if r.pca_rank:  # lossy by construction: measured and shown; the line above judged the coefficients
+            click.echo(f"PCA rank {r.pca_rank}: reconstruction (coefficients @ basis + mean) vs the live teacher: "
+                       f"worst token cosine {r.reconstruction_worst_cosine:.6f} "
+                       f"(mean {r.reconstruction_mean_cosine:.6f}; the live features' own projection: "
+                       f"worst {r.projection_worst_cosine:.6f})")
     if not r.ok:
         sys.exit(2)
 

@@ -16,13 +16,21 @@ ROWS_PER_CHUNK) on its own as zarr does:
 - real zarr v3 arrays on disk (chunks of 16 rows) with zarr.codecs.ZstdCodec(level=3) and
   BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"): bytes on disk (all files);
 - bytes per view: int8 (values + scale, codecs as the cache writes them) vs float16;
-- quantisation error per token: relative L2 ||deq - x|| / ||x|| (max, mean), worst cosine.
+- quantisation error per token: relative L2 ||deq - x|| / ||x|| (max, mean), worst cosine;
+- low-rank (PCA) targets (`extract-features --pca K`), for each K of --pca-ranks: a basis
+  fitted as extraction fits it (`cf.basis_from_covariance`, float64) on the tokens of the
+  first --pca-fit-views views (default half of them), coefficients stored int8 or float16
+  exactly as the cache stores features; bytes per view (coefficients + scale, cache codecs)
+  against whole int8 features, and the error of the reconstruction
+  (coefficients @ basis + mean) against the float32 features, on the held-out views (the
+  ones the fit did not see, as nearly all of a real cache's views are) and on the fitted
+  ones; the basis itself (K x C float32) is stored once per cache, not per view.
 
 Run (about a minute on 2 cores):
 
     .venv/bin/python benchmarks/codecs.py [--teacher clip:ViT-B-16] [--images 32 --views 2]
 
-Writes benchmarks/results/codecs.json (or --name).
+Writes benchmarks/results/codecs.json (or --name, or --out PATH).
 """
 
 from __future__ import annotations
@@ -118,8 +126,51 @@ def token_error(x: np.ndarray, y: np.ndarray) -> dict:
             "cos_mean": float(cos.mean())}
 
 
+def pca_rows(x: np.ndarray, ranks: list[int], fit_views: int, tmp: Path) -> list[dict]:
+    """Bytes per view and reconstruction error of PCA coefficients, x [N, L, C] float32.
+
+    The basis is fitted on x[:fit_views] (its tokens' mean and float64 covariance), the
+    error measured on x[fit_views:] (held out) and x[:fit_views] (fitted).
+    """
+    n, L, C = x.shape
+    fit = x[:fit_views].reshape(-1, C).astype(np.float64)
+    mean, cov = fit.mean(axis=0), np.cov(fit, rowvar=False, bias=True)  # bias: population, as extraction
+    out = []
+    for k in ranks:
+        if not 1 <= k <= C:
+            continue
+        b = cf.basis_from_covariance(mean, cov, k, fit_views, fit_views)
+        coeffs = cf.project(x, b)  # [N, L, K]
+        for dtype in ("int8", "float16"):
+            if dtype == "int8":
+                q, scale = cf.quantize_int8(coeffs)
+                stored, deq = q, cf.dequantize(q, scale)
+            else:
+                stored, scale = coeffs.astype(np.float16), None
+                deq = stored.astype(np.float32)
+            disk = zarr_array_bytes(tmp / f"pca{k}-{dtype}", stored, cf.compressor_for(dtype), ROWS)["disk_bytes"]
+            if scale is not None:
+                disk += zarr_array_bytes(tmp / f"pca{k}-scale", scale, [ZstdCodec(level=3)], ROWS * 16)["disk_bytes"]
+            recon = cf.reconstruct(deq, b)
+            row = {"rank": k, "dtype": dtype, "explained_variance_fit": b.explained_variance,
+                   "raw_bytes_per_view": (stored.nbytes + (scale.nbytes if scale is not None else 0)) / n,
+                   "disk_bytes_per_view": disk / n, "basis_bytes": b.basis.nbytes + b.mean.nbytes,
+                   "error_held_out": token_error(x[fit_views:], recon[fit_views:]) if fit_views < n else None,
+                   "error_fitted": token_error(x[:fit_views], recon[:fit_views]),
+                   # the rank's own loss, before any storage rounding
+                   "projection_error_held_out": (token_error(x[fit_views:], cf.reconstruct(coeffs[fit_views:], b))
+                                                 if fit_views < n else None)}
+            out.append(row)
+    return out
+
+
 def main() -> None:
-    args = codec_parser(__doc__, "codecs").parse_args()
+    parser = codec_parser(__doc__, "codecs")
+    parser.add_argument("--pca-ranks", default="64,128", help="PCA ranks K to measure (comma-separated; '' for none)")
+    parser.add_argument("--pca-fit-views", type=int, default=None, help="views the basis is fitted on "
+                        "(default: the first half); the rest are held out")
+    parser.add_argument("--out", default=None, help="write the JSON here instead of results/<name>.json")
+    args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
     numcodecs.blosc.set_nthreads(1)
     warn_if_busy()
@@ -153,6 +204,10 @@ def main() -> None:
             per_view[dtype] = {"codec": cf.codec_description(dtype), "raw_bytes_per_view": raw / n,
                                "disk_bytes_per_view": total / n}
 
+        ranks = [int(r) for r in args.pca_ranks.split(",") if r.strip()]
+        fit_views = min(n, args.pca_fit_views or max(1, n // 2))
+        pca = pca_rows(x, ranks, fit_views, tmp)
+
     errors = {"int8": token_error(x, cf.dequantize(q, scale)),
               "float16": token_error(x, stored["float16"].astype(np.float32))}
     total_s = time.perf_counter() - t_start
@@ -161,8 +216,9 @@ def main() -> None:
     payload = {"benchmark": "codecs", "note": RANDOM_WEIGHTS_NOTE, "machine": facts,
                "params": {**vars(args), "shape": [n, L, C], "chunk_rows": ROWS, "blosc_threads": 1},
                "numcodecs": codec_rows, "zarr": zarr_rows, "bytes_per_view": per_view, "error": errors,
+               "pca": {"fit_views": fit_views, "held_out_views": n - fit_views, "rows": pca},
                "foreign_cpu_seconds": foreign_s, "total_seconds": total_s}
-    path = write_json(args.name, payload)
+    path = write_json(args.name, payload, args.out)
 
     print(f"\n{args.teacher}: features [{n}, {L}, {C}], chunks of {ROWS} rows compressed one by one; "
           f"median of {args.reps} reps, 1 thread; {facts['cpu_count']} CPUs")
@@ -183,6 +239,18 @@ def main() -> None:
     print(table(["stored", "rel L2 max", "rel L2 mean", "worst cos", "mean cos"],
                 [[d, f"{e['rel_l2_max']:.2e}", f"{e['rel_l2_mean']:.2e}", f"{e['cos_min']:.6f}",
                   f"{e['cos_mean']:.6f}"] for d, e in errors.items()]))
+    if pca:
+        full = per_view["int8"]["disk_bytes_per_view"]
+        print(f"\nPCA coefficients: basis fitted on the first {fit_views} views' tokens, errors on the other "
+              f"{n - fit_views} (held out) against float32 features; whole int8 features: {full:,.0f} B/view on disk")
+        print(table(["K", "stored", "expl. var (fit)", "disk B/view", "vs int8", "rel L2 mean", "rel L2 max",
+                     "worst cos", "mean cos", "proj. only: mean cos"],
+                    [[r["rank"], r["dtype"], f"{r['explained_variance_fit']:.4f}", f"{r['disk_bytes_per_view']:,.0f}",
+                      f"{r['disk_bytes_per_view'] / full:.3f}"]
+                     + ([f"{e['rel_l2_mean']:.3f}", f"{e['rel_l2_max']:.3f}", f"{e['cos_min']:.4f}",
+                         f"{e['cos_mean']:.4f}", f"{r['projection_error_held_out']['cos_mean']:.4f}"]
+                        if (e := r["error_held_out"]) else ["-"] * 5)
+                     for r in pca]))
     print(f"\nother processes used {foreign_s:.1f} CPU-s meanwhile; total {total_s:.0f} s -> {path}")
 
 

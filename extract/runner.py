@@ -7,6 +7,11 @@ complete is skipped; any other is rewritten whole. Stream shapes through one sha
     RenderedSample (K uint8 views) mapper, DataLoader workers, tar order kept
     [B, 3, S, S] float             teacher batches of exactly `batch_size` views
     rows [B, L, C] ...             shard writer (Zarr: buffered to whole chunks; wds: tar samples)
+                                   (--pca K: features projected on the device to [B, L, K])
+
+With `--pca K` a basis is fitted before any shard is written, on the teacher's tokens of
+the first `--pca-fit-views` views in input order (the same render and teacher code, the
+same batches), and stored in the cache; every process then projects with the stored one.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,9 +30,11 @@ from tqdm import tqdm
 
 from mrmae import __version__
 from mrmae.extract.mapper import RenderDataset, RenderedSample
-from mrmae.extract.reader import expand_urls, local_file_size, read_shard_with_digest
+from mrmae.extract.pca_fit import ensure_pca_basis
+from mrmae.extract.reader import RawSample, expand_urls, local_file_size, read_shard_with_digest
 from mrmae.shared import cache_format as cf
-from mrmae.shared.teachers import Teacher, build_teacher
+from mrmae.shared.cache_format.pca import measured_fields
+from mrmae.shared.teachers import Teacher, TeacherOutput, build_teacher
 from mrmae.shared.views import PIXEL_CODECS, View, ViewConfig, normalize
 
 log = logging.getLogger("mrmae.extract")
@@ -52,11 +60,14 @@ class ExtractConfig:
     progress: bool = True
     views_from: str | None = None  # add a teacher: replay this cache's views (out = its targets/<name>)
     store_pixels: str | None = None  # also store each view at the student's size, in this codec (views.PIXEL_CODECS)
+    pca: int | None = None  # store K PCA coefficients per token instead of the C-wide features
+    pca_fit_views: int = 2048  # the basis is fitted on the first N views in input order
 
 
 def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
     teacher_entry = {**teacher.describe(), "layers": list(cfg.layers)}
-    storage = cf.storage_section(cfg.format, cfg.dtype, cfg.store_pixels)
+    storage = cf.storage_section(cfg.format, cfg.dtype, cfg.store_pixels,
+                                 (cfg.pca, cfg.pca_fit_views) if cfg.pca else None)
     manifest = cf.new_manifest(teacher_entry, cfg.views.to_json(), storage, __version__)
     if cfg.views_from:
         manifest["views_from"] = "../.."  # a target's views are those of the cache two levels up
@@ -103,24 +114,14 @@ def replayed_views(group: cf.ShardGroup | cf.WdsShard) -> dict[str, list[View]]:
     return views
 
 
-def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None,
-                  geometry: dict[str, list[View]] | None = None) -> dict:
-    """Extract one shard into its group and record it complete; returns its manifest entry.
-
-    With `geometry` (another teacher added to a cache) exactly those views are rendered,
-    and samples without cached views are skipped, so rows match the cache's one for one.
-    """
-    t0 = time.time()
-    samples, source_sha256 = read_shard_with_digest(url)
-    n_views = cfg.views.per_image
-    ext = PIXEL_CODECS[cfg.store_pixels][2] if cfg.store_pixels else None
-    writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
-                                  cfg.dtype, cfg.layers, ext)
-    cf.forget_shard(cfg.out, writer.group_path)  # an entry left from an earlier write no longer holds
+def _unique_samples(samples: list[RawSample], geometry: dict[str, list[View]] | None
+                    ) -> tuple[list[RawSample], list[dict]]:
+    """(samples to render, skipped entries): a repeated key would make rows ambiguous (the
+    first is kept); with `geometry`, a sample without cached views has nothing to replay."""
     skipped: list[dict] = []
     seen: set[str] = set()
     unique = []
-    for s in samples:  # a repeated key would make rows ambiguous: keep the first
+    for s in samples:
         if s.key in seen:
             skipped.append({"key": s.key, "reason": "duplicate key in shard"})
         elif geometry is not None and s.key not in geometry:
@@ -129,24 +130,58 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         else:
             seen.add(s.key)
             unique.append(s)
+    return unique, skipped
+
+
+def _teacher_batches(unique: list[RawSample], teacher: Teacher, cfg: ExtractConfig,
+                     geometry: dict[str, list[View]] | None,
+                     on_error: Callable[[str, str], None]) -> Iterator[list]:
+    """One shard's views rendered (DataLoader workers, tar order) and grouped into teacher
+    batches of exactly `cfg.batch_size` views (the last one shorter); a sample that cannot
+    be rendered goes to `on_error(key, reason)`. Extraction and the PCA fit both use it, so
+    the fit's first shard has exactly the batches (and the bits) extraction gives it."""
     loader = DataLoader(RenderDataset(unique, cfg.views, teacher.input_size, geometry, cfg.store_pixels), batch_size=None,
                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
     batcher = _Batcher(cfg.batch_size)
+    for rendered in loader:
+        if rendered.error:
+            on_error(rendered.key, rendered.error)
+            continue
+        batcher.add(rendered)
+        yield from batcher.take()
+    yield from batcher.take(final=True)
+
+
+def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None,
+                  geometry: dict[str, list[View]] | None = None,
+                  pca: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Extract one shard into its group and record it complete; returns its manifest entry.
+
+    With `geometry` (another teacher added to a cache) exactly those views are rendered,
+    and samples without cached views are skipped, so rows match the cache's one for one.
+    `pca`: (mean [C], basis [K, C]) on the teacher's device: store K coefficients per token.
+    """
+    t0 = time.time()
+    samples, source_sha256 = read_shard_with_digest(url)
+    n_views = cfg.views.per_image
+    ext = PIXEL_CODECS[cfg.store_pixels][2] if cfg.store_pixels else None
+    writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
+                                  cfg.dtype, cfg.layers, ext, feature_dim=cfg.pca)
+    cf.forget_shard(cfg.out, writer.group_path)  # an entry left from an earlier write no longer holds
+    unique, skipped = _unique_samples(samples, geometry)
     failed = 0  # samples of `unique` that could not be rendered
+
+    def on_error(key: str, reason: str) -> None:
+        nonlocal failed
+        if cfg.strict:
+            raise SkippedSampleError(f"{url}: key {key}: {reason}")
+        warnings.warn(f"skipping {url} key {key}: {reason}", stacklevel=1)
+        skipped.append({"key": key, "reason": reason})
+        failed += 1
+
     try:
-        for rendered in loader:
-            if rendered.error:
-                if cfg.strict:
-                    raise SkippedSampleError(f"{url}: key {rendered.key}: {rendered.error}")
-                warnings.warn(f"skipping {url} key {rendered.key}: {rendered.error}", stacklevel=1)
-                skipped.append({"key": rendered.key, "reason": rendered.error})
-                failed += 1
-                continue
-            batcher.add(rendered)
-            for batch in batcher.take():
-                _run_batch(batch, teacher, cfg, writer, bar)
-        for batch in batcher.take(final=True):
-            _run_batch(batch, teacher, cfg, writer, bar)
+        for batch in _teacher_batches(unique, teacher, cfg, geometry, on_error):
+            _run_batch(batch, teacher, cfg, writer, bar, pca)
         kept = len(unique) - failed
         _, digest, size = writer.close({"source": url, "num_samples": kept})
         if geometry is not None and writer.rows != sum(len(v) for v in geometry.values()):
@@ -163,15 +198,25 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     return entry
 
 
-def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
-               bar: tqdm | None) -> None:
-    keys, views, crops, flips, pixels, encoded = zip(*batch)
+def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, layers: tuple[int, ...]) -> TeacherOutput:
+    """The teacher's outputs for one batch of rendered views, on `cfg.device`."""
+    pixels = [item[4] for item in batch]
     x = torch.stack(pixels).to(cfg.device, non_blocking=True)
     x = normalize(x, teacher.mean, teacher.std)  # on the device: uint8 crosses the bus, 4x fewer bytes
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        out = teacher(x, layers=cfg.layers)
+        return teacher(x, layers=layers)
+
+
+def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
+               bar: tqdm | None, pca: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    keys, views, crops, flips, pixels, encoded = zip(*batch)
+    out = _forward(batch, teacher, cfg, cfg.layers)
+    features = out.features.float()
+    if pca is not None:  # on the device, in float32: K instead of C values cross the bus
+        mean, basis = pca
+        features = (features - mean) @ basis.T
     np_ = lambda t: t.float().cpu().numpy()  # noqa: E731
-    writer.append(list(keys), np.array(views), np.stack(crops), np.array(flips), np_(out.features),
+    writer.append(list(keys), np.array(views), np.stack(crops), np.array(flips), np_(features),
                   np_(out.attention), np_(out.cls), {i: np_(t) for i, t in out.layers.items()},
                   pixels=list(encoded) if cfg.store_pixels else None)
     if bar is not None:
@@ -200,19 +245,28 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     mine = [u for i, u in enumerate(urls) if i % world == rank]
     teacher = build_teacher(cfg.teacher).to(device)
     wanted = wanted_manifest(teacher, cfg)
-    check_compatible(cfg.out, wanted)
+    check_compatible(cfg.out, wanted)  # before any fit: a cache of another configuration is refused at once
+    run_cfg = replace(cfg, device=device)
+    pca = None
+    if cfg.pca:
+        geometry_of = (lambda u: replayed_views(base.shard(u))) if base is not None else (lambda u: None)
+        basis, digest = ensure_pca_basis(run_cfg, teacher, urls, rank, geometry_of)
+        wanted["storage"]["pca"].update(measured_fields(basis, digest))
+        pca = (torch.from_numpy(basis.mean).to(device), torch.from_numpy(basis.basis).to(device))
     cf.init_cache(cfg.out, wanted)
     manifest = cf.read_manifest(cfg.out)
+    if cfg.pca and (manifest["storage"].get("pca") or {}).get("sha256") != digest:
+        raise cf.CacheError(f"{cf.Location(cfg.out).join(cf.PCA_FILE)}: not the basis the manifest records "
+                            "(sha256 differs): replaced or damaged")
     todo = [u for u in mine if not _is_complete(cfg.out, manifest, u)]
     summary = {"shards": len(mine), "skipped_complete": len(mine) - len(todo), "extracted": 0, "views": 0,
                "samples_skipped": 0, "rank": rank, "world_size": world}
     bar = tqdm(total=None, unit="view", desc=f"extract[{rank}]" if world > 1 else "extract",
                disable=not cfg.progress, dynamic_ncols=True, position=rank)
     t0 = time.time()
-    run_cfg = replace(cfg, device=device)
     try:
         for url in todo:
-            entry = extract_shard(url, teacher, run_cfg, bar, replayed_views(base.shard(url)) if base else None)
+            entry = extract_shard(url, teacher, run_cfg, bar, replayed_views(base.shard(url)) if base else None, pca)
             summary["extracted"] += 1
             summary["views"] += entry["num_views"]
             summary["samples_skipped"] += len(entry["skipped"])

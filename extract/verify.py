@@ -1,7 +1,10 @@
 """`mrmae cache info` and `mrmae cache verify`: what a cache holds, and whether it replays.
 
 verify re-renders N random cached views from their source images with the shared render
-function, reruns the teacher, and compares with what the cache stores.
+function, reruns the teacher, and compares with what the cache stores. A PCA cache stores
+coefficients on a basis: there the check compares the stored coefficients with those of
+the live features (the dtype's floor applies to them as it does to whole features), and
+reports the lossy reconstruction against the live features as a measurement.
 """
 
 from __future__ import annotations
@@ -22,17 +25,38 @@ TOLERANCE = {"int8": 0.999, "float16": 0.99999}
 ATTENTION_TOLERANCE = 1e-2  # max absolute error of a [CLS]->patch attention weight
 
 
+def pca_tolerance(dtype: str, rank: int) -> float:
+    """The floor of a PCA cache's check: cosine between the stored coefficient vector and
+    the live view's coefficients (x - mean) @ basis.T, per token.
+
+    What rank K leaves out is the basis's doing, the same for every view, and is reported,
+    not judged; what storage adds is judged, as in a plain cache. int8 rounds each of the K
+    coefficients by at most half a step, absmax / 254 <= ||c|| / 254, so a token's error is
+    at most r = sqrt(K) / 254 of its norm and its cosine at least sqrt(1 - r^2): 0.99988 at
+    K = 16, 0.9990 at 128, 0.9985 at 192. The floor is the plain cache's, lowered to that
+    bound where a large K needs it (less 1e-5 for rerunning the teacher at another batch
+    size). float16 rounds by 2^-11 relative, far inside its plain floor.
+    """
+    if dtype != "int8":
+        return TOLERANCE[dtype]
+    r = np.sqrt(rank) / 254 * (1 + 2.0 ** -10)  # (the float16 scale's own rounding)
+    return round(min(TOLERANCE["int8"], float(np.sqrt(1 - r * r)) - 1e-5), 6)
+
+
 def cache_info(root: str) -> dict:
     cache = cf.FeatureCache(root)
     m = cache.manifest
     done = cache.complete_shards
     views = sum(s["num_views"] for s in done)
     stored, logical = cache.stored_bytes(), cache.logical_bytes()
+    pca = cache.pca_config
     return {
         "cache": str(root), "teacher": m["teacher"]["spec"], "weights_sha256": m["teacher"]["weights_sha256"][:16],
         "input_size": m["teacher"]["input_size"], "grid": m["teacher"]["grid"], "dim": m["teacher"]["dim"],
         "views_per_image": m["views"]["per_image"], "seed": m["views"]["seed"],
         "dtype": m["storage"]["dtype"], "codec": m["storage"]["codec"],
+        "pca": (f"rank {pca['rank']} of {m['teacher']['dim']}, explained variance {pca.get('explained_variance')} "
+                f"(fitted on {pca.get('fitted_views')} views)") if pca else "none",
         "shards_complete": len(done), "shards_total": len(m["shards"]),
         "samples": sum(s["num_samples"] for s in done), "samples_skipped": sum(len(s["skipped"]) for s in done),
         "views": views, "bytes": stored, "bytes_per_view": round(stored / views) if views else 0,
@@ -61,6 +85,13 @@ class VerifyReport:
     worst_attention_error: float
     tolerance: float
     ok: bool
+    # PCA caches: worst_cosine / mean_cosine above compare coefficient vectors; these compare
+    # the reconstruction (coefficients @ basis + mean) with the live features, and the live
+    # features' own projection with them (the best rank K allows).
+    pca_rank: int = 0
+    reconstruction_worst_cosine: float = float("nan")
+    reconstruction_mean_cosine: float = float("nan")
+    projection_worst_cosine: float = float("nan")
 
 
 def changed_sources(root: str) -> list[str]:
@@ -99,7 +130,8 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
     rng = np.random.default_rng(seed)
     picks = rng.choice(sizes.sum(), size=min(recompute, int(sizes.sum())), replace=False)
     offsets = np.cumsum(sizes) - sizes
-    cosines, att_err = [], []
+    basis = cache.pca_basis()
+    cosines, att_err, recon_cos, proj_cos = [], [], [], []
     by_shard: dict[int, list[int]] = {}
     for p in sorted(picks):
         s = int(np.searchsorted(offsets, p, side="right") - 1)
@@ -117,10 +149,25 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
             x = render_view(decode_image(images[key].image), view, teacher.input_size, teacher.mean, teacher.std)
             out = teacher(x[None].to(device), layers=layers)
             live, stored = out.features[0].float().cpu(), torch.from_numpy(rec["features"][0])
-            cosines.append(torch.nn.functional.cosine_similarity(live, stored, dim=-1).min().item())
+            cos = torch.nn.functional.cosine_similarity
+            if basis is not None:  # stored [L, K] coefficients: judge those, measure the reconstruction
+                coeffs = cf.project(live.numpy(), basis)
+                recon = torch.from_numpy(cf.reconstruct(rec["features"][0], basis))
+                recon_cos.append(cos(live, recon, dim=-1))
+                proj_cos.append(cos(live, torch.from_numpy(cf.reconstruct(coeffs, basis)), dim=-1).min().item())
+                live = torch.from_numpy(coeffs)
+            cosines.append(cos(live, stored, dim=-1).min().item())
             att_err.append((out.attention[0].float().cpu() - torch.from_numpy(rec["attention"][0])).abs().max().item())
-    tol = TOLERANCE[m["storage"]["dtype"]]
+    tol = TOLERANCE[m["storage"]["dtype"]] if basis is None else pca_tolerance(m["storage"]["dtype"], basis.rank)
     worst = min(cosines) if cosines else float("nan")
     worst_att = max(att_err) if att_err else float("nan")
     ok = bool(cosines) and worst >= tol and worst_att <= ATTENTION_TOLERANCE
-    return VerifyReport(problems, len(cosines), worst, float(np.mean(cosines)) if cosines else float("nan"), worst_att, tol, ok)
+    report = VerifyReport(problems, len(cosines), worst, float(np.mean(cosines)) if cosines else float("nan"),
+                          worst_att, tol, ok)
+    if basis is not None and recon_cos:
+        every = torch.cat(recon_cos)
+        report.pca_rank = basis.rank
+        report.reconstruction_worst_cosine = every.min().item()
+        report.reconstruction_mean_cosine = every.mean().item()
+        report.projection_worst_cosine = min(proj_cos)
+    return report

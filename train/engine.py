@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +88,16 @@ def draw_masks(batch_size: int, num_tokens: int, attention: torch.Tensor | None,
 def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
                     accelerator, epoch: int, start_step: int, opts: StepOptions,
                     set_lr: Callable[[int], float], teacher: torch.nn.Module | None = None,
-                    on_step: Callable[[int, dict], None] | None = None) -> int:
+                    on_step: Callable[[int, dict], None] | None = None,
+                    target_pca: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = ()) -> int:
     """Run optimiser steps over `batches`; returns the global step reached.
 
     Each batch is a dict from `mrmae.train.data` ([B,3,S,S] uint8 pixels, optional [B,N,C]
     targets as stored (int8 with [B,N] targets_scale, or float16) and [B,N] attention,
     or [B,3,T,T] uint8 teacher pixels in live mode).
+    `target_pca[j]`: (mean [C], basis [K, C]) on the device when target set j (0: `targets`,
+    j >= 1: `targets@j`) comes from a PCA cache, whose stored targets are [B,N,K] coefficients;
+    None (or a short list) for caches that store the features whole.
     """
     model.train()
     device = accelerator.device
@@ -115,11 +119,12 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
         ids_keep, mask, ids_restore = ids_keep.to(device), mask.to(device), ids_restore.to(device)
         visible_targets = None
         if targets is not None and opts.mimic_weight > 0:
-            scale = batch.get("targets_scale") if teacher is None else None
-            visible_targets = normalize_targets(visible_float_targets(targets, scale, ids_keep, device),
-                                                opts.target_norm)
-            joint = [normalize_targets(visible_float_targets(batch[f"targets@{j}"], batch.get(f"targets_scale@{j}"),
-                                                             ids_keep, device), opts.target_norm)
+            cached = teacher is None  # live targets are the teacher's float features, never coefficients
+            scale = batch.get("targets_scale") if cached else None
+            visible_targets = _visible_targets(targets, scale, ids_keep, device, _pca_of(target_pca, 0, cached),
+                                               opts.target_norm)
+            joint = [_visible_targets(batch[f"targets@{j}"], batch.get(f"targets_scale@{j}"), ids_keep, device,
+                                      _pca_of(target_pca, j, cached), opts.target_norm)
                      for j in range(1, 1 + sum(1 for k in batch if k.startswith("targets@")))]
             if joint:  # one target set per mimic head
                 visible_targets = [visible_targets, *joint]
@@ -179,6 +184,32 @@ def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids
     if scale is not None:
         t = t * gather_visible(scale.to(device, non_blocking=True), ids_keep).float().unsqueeze(-1)
     return t
+
+
+def pca_reconstruct(coefficients: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """coefficients [B, n, K] float32 -> teacher features [B, n, C] = coefficients @ basis + mean.
+
+    Applied after the visible tokens were gathered: the loader carries K values per token
+    (the cache's bytes), and only the visible quarter is expanded to C, on the device.
+    `mean` [C] and `basis` [K, C]: float32, on the coefficients' device.
+    """
+    flat = torch.addmm(mean, coefficients.reshape(-1, coefficients.shape[-1]), basis)
+    return flat.reshape(*coefficients.shape[:-1], basis.shape[-1])
+
+
+def _pca_of(target_pca: Sequence[tuple[torch.Tensor, torch.Tensor] | None], j: int,
+            cached: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return target_pca[j] if cached and j < len(target_pca) else None
+
+
+def _visible_targets(stored: torch.Tensor, scale: torch.Tensor | None, ids_keep: torch.Tensor, device: torch.device,
+                     pca: tuple[torch.Tensor, torch.Tensor] | None, norm: str) -> torch.Tensor:
+    """One target set's visible tokens [B, n, C] as the loss takes them: gathered, then
+    dequantised, then (PCA caches) reconstructed, then normalised."""
+    t = visible_float_targets(stored, scale, ids_keep, device)
+    if pca is not None:
+        t = pca_reconstruct(t, *pca)
+    return normalize_targets(t, norm)
 
 
 def model_num_patches(model: torch.nn.Module) -> int:

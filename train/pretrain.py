@@ -135,6 +135,11 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0, split=cfg.data_split,
                           pixels_from_cache=cfg.pixels_from_cache)
+    # PCA caches: the loader carries their K coefficients; the engine reconstructs the
+    # visible tokens with each cache's own stored basis, on the device.
+    target_pca = [None if (p := c.pca()) is None else
+                  (torch.from_numpy(p[0]).to(accelerator.device), torch.from_numpy(p[1]).to(accelerator.device))
+                  for c in caches]
     stream = StudentStream(data_cfg, cache, joint)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda)
     # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
@@ -165,6 +170,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         resolved = {**asdict(cfg), "base_lr": base_lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
                     "num_processes": accelerator.num_processes, "teacher_dim": teacher_dim,
                     "joint_teacher_dims": list(joint_dims),
+                    "target_pca": [c.pca_config for c in caches],
                     "cache_fingerprint": cache_fingerprint(cache) if cache else None,
                     "teacher_weights_sha256": (cache.manifest["teacher"]["weights_sha256"] if cache
                                                else teacher.fingerprint if teacher else None)}
@@ -206,7 +212,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             next(batches, None)
         try:
             train_one_epoch(model, batches, optimizer, accelerator, epoch, state.step, cfg.step_options, set_lr,
-                            teacher=teacher, on_step=on_step)
+                            teacher=teacher, on_step=on_step, target_pca=target_pca)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f"{e}; the last good checkpoint is {ckpt.latest_checkpoint(out)}") from None
         state.epoch, state.step_in_epoch = epoch + 1, 0

@@ -14,6 +14,10 @@ by exactly one process, locally under a temporary name, and renamed into place (
 uploaded) when whole; its entry is written last, so a killed writer never leaves a shard
 that looks finished.
 `FeatureCache(root).shard(url)` reads either backend through one interface.
+
+With `extract-features --pca K` the stored `features` are K coefficients on a basis
+fitted before the first shard and kept in `pca/basis.npz` (`pca`); `FeatureCache.pca()`
+returns it, and the features are `coefficients @ basis + mean`.
 """
 
 from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, list_targets,
@@ -22,6 +26,8 @@ from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, ViewTargets, de
                      quantize_int8)
 from .manifest import (MANIFEST, backend_of, config_mismatch, find_shard, group_name, forget_shard, init_cache,
                        new_manifest, read_manifest, record_shard, shard_basename, shard_entry)
+from .pca import (PCA_FILE, PcaBasis, basis_from_covariance, decode_basis, encode_basis, project, read_basis_file,
+                  reconstruct, store_basis, wait_for_basis)
 from .wds_store import WdsShard, WdsShardWriter, sample_name
 from .location import Location, is_url
 from .zarr_store import ShardGroup, ShardWriter, compressor_for
@@ -33,4 +39,7 @@ __all__ = [
     "group_digest", "group_name", "is_url", "list_targets", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
     "quantize_int8", "read_manifest", "record_shard", "sample_name", "shard_basename", "shard_entry",
     "storage_section", "target_name", "target_root",
+    # low-rank (PCA) targets
+    "PCA_FILE", "PcaBasis", "basis_from_covariance", "decode_basis", "encode_basis", "project", "read_basis_file",
+    "reconstruct", "store_basis", "wait_for_basis",
 ]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import re
+
+import numpy as np
 
 from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest
 from .location import Location, drop_staging, is_url, staging_dir
 from .manifest import backend_of, find_shard, read_manifest, record_shard
+from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
 from .wds_store import WdsShard, WdsShardWriter, wds_codec_description
 from .zarr_store import ShardGroup, ShardWriter, zarr_codec_description
 
@@ -26,27 +31,32 @@ def codec_description(dtype: str, backend: str = "zarr") -> str:
     return zarr_codec_description(dtype) if _check_backend(backend) == "zarr" else wds_codec_description()
 
 
-def storage_section(backend: str, dtype: str, pixels: str | None = None) -> dict:
+def storage_section(backend: str, dtype: str, pixels: str | None = None, pca: tuple[int, int] | None = None) -> dict:
     """The manifest's `storage` for a new cache (what `config_mismatch` compares);
-    `pixels`: the codec of stored views (`--store-pixels`), or None."""
+    `pixels`: the codec of stored views (`--store-pixels`), or None; `pca`: (rank K, fit
+    views N) when features are stored as K PCA coefficients (`dtype` then applies to them)."""
     storage = {"backend": _check_backend(backend), "dtype": dtype, "pixels": pixels,
                "quantisation": "per-token absmax int8, value = int8 x scale" if dtype == "int8" else None,
-               "codec": codec_description(dtype, backend)}
+               "codec": codec_description(dtype, backend), "pca": pca_storage(*pca) if pca else None}
     if backend == "zarr":
         storage["rows_per_chunk"] = ROWS_PER_CHUNK
     return storage
 
 
 def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
-                      dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None) -> ShardWriter | WdsShardWriter:
+                      dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None,
+                      feature_dim: int | None = None) -> ShardWriter | WdsShardWriter:
     """The writer of one input shard for `backend`; both have append / close / abort, `name`,
     `group_path` (the manifest entry's `group`), `final` (the finished local copy) and `rows`.
 
     For a cache at a URL the writer works in a local staging directory; `commit_shard`
     uploads what it wrote. `pixels`: the file extension of stored views, when stored.
+    `feature_dim`: the width of the stored `features` when it is not the teacher's `dim`
+    (K PCA coefficients); cls and layer<i> stay `dim` wide.
     """
     local_root = staging_dir() if is_url(root) else root
-    writer = _WRITERS[_check_backend(backend)](local_root, source, max_rows, dim, grid_len, dtype, layers, pixels)
+    writer = _WRITERS[_check_backend(backend)](local_root, source, max_rows, dim, grid_len, dtype, layers, pixels,
+                                               feature_dim=feature_dim)
     if is_url(root):
         abort = writer.abort
 
@@ -80,7 +90,18 @@ def check_integrity(root: str | os.PathLike) -> list[str]:
     """
     loc = Location(root)
     problems = []
-    for entry in read_manifest(root)["shards"]:
+    manifest = read_manifest(root)
+    pca = manifest.get("storage", {}).get("pca")
+    if pca:  # the coefficients mean nothing without the basis they were projected on
+        try:
+            digest = hashlib.sha256(loc.read_bytes(PCA_FILE)).hexdigest()
+        except FileNotFoundError:
+            problems.append(f"{loc.join(PCA_FILE)}: PCA basis is missing")
+        else:
+            if pca.get("sha256") and digest != pca["sha256"]:
+                problems.append(f"{loc.join(PCA_FILE)}: sha256 differs from the one the manifest records: "
+                                "damaged or replaced")
+    for entry in manifest["shards"]:
         if entry.get("status") != "complete":
             continue
         path = loc.join(entry["group"])
@@ -129,6 +150,7 @@ class FeatureCache:
         self.root = str(self.location)
         self.manifest = read_manifest(self.root)
         self.backend = _check_backend(backend_of(self.manifest))
+        self._pca: PcaBasis | None = None
 
     @property
     def complete_shards(self) -> list[dict]:
@@ -144,7 +166,47 @@ class FeatureCache:
         return self._open(entry)
 
     def get(self, source: str, key: str, view: int) -> ViewTargets:
-        return self.shard(source).get(key, view)
+        """One view's targets with features [L, C] float32 (a PCA cache's reconstructed)."""
+        t = self.shard(source).get(key, view)
+        return dataclasses.replace(t, features=self.reconstruct(t.features))
+
+    @property
+    def pca_config(self) -> dict | None:
+        """The manifest's `storage.pca` ({rank, fit_views, explained_variance, ...}), or None."""
+        return self.manifest.get("storage", {}).get("pca")
+
+    def pca_basis(self) -> PcaBasis | None:
+        """The cache's fitted basis (read once, checked against the manifest), or None
+        when features are stored whole."""
+        cfg = self.pca_config
+        if cfg is None:
+            return None
+        if self._pca is None:
+            where = self.location.join(PCA_FILE)
+            try:
+                data = self.location.read_bytes(PCA_FILE)
+            except FileNotFoundError:
+                raise CacheError(f"{where}: PCA basis is missing (the manifest says rank {cfg['rank']})") from None
+            if cfg.get("sha256") and hashlib.sha256(data).hexdigest() != cfg["sha256"]:
+                raise CacheError(f"{where}: sha256 differs from the one the manifest records; run `mrmae cache verify`")
+            b = decode_basis(data, where)
+            if (b.rank, b.dim) != (cfg["rank"], self.manifest["teacher"]["dim"]):
+                raise CacheError(f"{where}: basis [{b.rank}, {b.dim}] does not fit the manifest's rank {cfg['rank']} "
+                                 f"and teacher width {self.manifest['teacher']['dim']}")
+            self._pca = b
+        return self._pca
+
+    def pca(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean [C] float32, basis [K, C] float32) of a PCA cache, or None: stored
+        coefficients c [..., K] stand for the features c @ basis + mean [..., C]."""
+        b = self.pca_basis()
+        return None if b is None else (b.mean, b.basis)
+
+    def reconstruct(self, stored: np.ndarray) -> np.ndarray:
+        """Stored (dequantised) features [..., K or C] -> teacher features [..., C] float32:
+        a PCA cache's coefficients reconstructed, anything else as it is."""
+        b = self.pca_basis()
+        return stored if b is None else reconstruct(stored, b)
 
     def stored_bytes(self) -> int:
         """Bytes on disk of the complete shards (temporaries and lock files not counted)."""

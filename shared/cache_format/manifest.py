@@ -11,6 +11,7 @@ import re
 
 from .common import FORMAT_VERSION, CacheError
 from .location import Location
+from .pca import MEASURED_FIELDS
 
 MANIFEST = "manifest.json"
 
@@ -88,16 +89,26 @@ def config_mismatch(existing: dict, wanted: dict) -> str | None:
     """The first difference between two manifests' teacher/views/storage, or None.
 
     The teacher's spec and weights path are not compared (files move); its architecture,
-    geometry and weights fingerprint are.
+    geometry and weights fingerprint are. Of `storage.pca` only the configuration (rank,
+    fit_views) is: what the fit measured (explained variance, the file's sha256) is known
+    only once the basis exists, and a cache keeps its first basis anyway.
     """
     for section in ("teacher", "views", "storage"):
         a, b = existing.get(section, {}), wanted.get(section, {})
         for key in list(b) + [k for k in a if k not in b]:  # in the order fields are declared
             if section == "teacher" and key in ("spec", "weights"):
                 continue
-            if a.get(key) != b.get(key):
-                return f"{section}.{key}: cache has {a.get(key)!r}, asked for {b.get(key)!r}"
+            va, vb = a.get(key), b.get(key)
+            if section == "storage" and key == "pca":
+                va, vb = _pca_config(va), _pca_config(vb)
+            if va != vb:
+                return f"{section}.{key}: cache has {va!r}, asked for {vb!r}"
     return None
+
+
+def _pca_config(pca: dict | None) -> dict | None:
+    """`storage.pca` without the fields the fit measured (None: no PCA; absent in older caches)."""
+    return None if pca is None else {k: v for k, v in pca.items() if k not in MEASURED_FIELDS}
 
 
 def shard_entry(manifest: dict, source: str) -> dict | None:

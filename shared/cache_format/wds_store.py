@@ -79,11 +79,14 @@ class WdsShardWriter:
     """
 
     def __init__(self, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
-                 dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None, codec: str = "zstd"):
+                 dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None, codec: str = "zstd",
+                 feature_dim: int | None = None):
+        """`dim`: the teacher's width C (cls, layer<i>); `feature_dim`: the width of
+        `features` when it differs (K coefficients of a PCA cache)."""
         if codec not in MEMBER_CODECS:
             raise ValueError(f"member codec {codec!r}: expected one of {MEMBER_CODECS}")
         self.root, self.source, self.dtype, self.layers = Path(root), source, dtype, tuple(layers)
-        self.shape = (grid_len, dim)
+        self.shape = (grid_len, feature_dim or dim)  # of `features`
         self.name = group_name(source)
         self.group_path = f"shards/{self.name}.tar"  # the manifest entry's `group`
         self.final = self.root / self.group_path
@@ -109,8 +112,8 @@ class WdsShardWriter:
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
                features: np.ndarray, attention: np.ndarray, cls: np.ndarray,
                layers: dict[int, np.ndarray] | None = None, pixels: list[bytes] | None = None) -> None:
-        """Add rows (all arrays share the first dimension; features float32 [n, L, C];
-        pixels: each row's encoded view, when the shard stores them)."""
+        """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
+        [n, L, K] in a PCA cache; pixels: each row's encoded view, when the shard stores them)."""
         if (pixels is not None) != (self._pixels is not None) or (pixels is not None and len(pixels) != len(keys)):
             raise ValueError(f"{self.source}: pixels must be given for every row exactly when the cache stores them")
         if tuple(features.shape[1:]) != self.shape:

@@ -56,7 +56,9 @@ class ShardWriter:
     """
 
     def __init__(self, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
-                 dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None):
+                 dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None, feature_dim: int | None = None):
+        """`dim`: the teacher's width C (cls, layer<i>); `feature_dim`: the width of
+        `features` when it differs (K coefficients of a PCA cache)."""
         self.root, self.source, self.dtype, self.layers = Path(root), source, dtype, layers
         self.name = group_name(source)
         self.group_path = f"shards/{self.name}"  # the manifest entry's `group`
@@ -77,7 +79,8 @@ class ShardWriter:
         }
         for name in ["features"] + [f"layer{i}" for i in layers]:
             store_dtype = "int8" if dtype == "int8" else "float16"
-            self.arrays[name] = mk(name, shape=(n, L, C), dtype=store_dtype, chunks=(r, L, C),
+            width = (feature_dim or C) if name == "features" else C  # layer<i> are never projected
+            self.arrays[name] = mk(name, shape=(n, L, width), dtype=store_dtype, chunks=(r, L, width),
                                    compressors=compressor_for(dtype))
             if dtype == "int8":
                 self.arrays[f"{name}_scale"] = mk(f"{name}_scale", shape=(n, L), dtype="float16",
@@ -93,8 +96,8 @@ class ShardWriter:
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
                features: np.ndarray, attention: np.ndarray, cls: np.ndarray,
                layers: dict[int, np.ndarray] | None = None, pixels: list[bytes] | None = None) -> None:
-        """Add rows (all arrays share the first dimension; features float32 [n, L, C];
-        pixels: each row's encoded view, when the shard stores them)."""
+        """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
+        [n, L, K] in a PCA cache; pixels: each row's encoded view, when the shard stores them)."""
         if (pixels is not None) != (self._pixels is not None) or (pixels is not None and len(pixels) != len(keys)):
             raise ValueError(f"{self.source}: pixels must be given for every row exactly when the cache stores them")
         for data in pixels or []:
