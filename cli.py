@@ -80,10 +80,13 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
                    "fitted before the first shard and stored in the cache (--dtype applies to the coefficients).")
 @click.option("--pca-fit-views", type=click.IntRange(min=1), default=None,
               help="With --pca: fit the basis on the first N views in input order.  [default: 2048]")
+@click.option("--decode-on-device", is_flag=True,
+              help="Decode JPEGs (nvjpeg on CUDA) and render views on --device; workers only read headers. "
+                   "Training then needs --store-pixels / --pixels-from-cache (other decoder than PIL).")
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
 @click.option("--no-progress", is_flag=True)
 def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, cache_format, batch_size, seed,
-                     device, workers, layers, image_size, store_pixels, pca_rank, pca_fit_views, strict,
+                     device, workers, layers, image_size, store_pixels, decode_on_device, pca_rank, pca_fit_views, strict,
                      no_progress) -> None:
     """Run TEACHER once over --views augmented views of each image and cache its targets.
 
@@ -107,6 +110,7 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
         batch_size=batch_size, device=device, workers=workers, layers=tuple(int(x) for x in layers.split(",") if x),
         strict=strict, views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size),
         progress=not no_progress, views_from=out if add_teacher else None, store_pixels=store_pixels,
+        decode_on_device=decode_on_device,
         pca=pca_rank, **({"pca_fit_views": pca_fit_views} if pca_fit_views is not None else {}),
     )
     s = run_extraction(cfg)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mrmae.extract.device_decode import image_size
 from mrmae.extract.reader import RawSample
 from mrmae.shared.views import (ImageDecodeError, View, ViewConfig, decode_image, encode_view, render_view_uint8,
                                 sample_views)
@@ -25,21 +26,35 @@ class RenderedSample:
     crops: np.ndarray  # int32 [K, 4] top, left, height, width
     flips: np.ndarray  # bool [K]
     encoded: list[bytes] | None = None  # --store-pixels: each view at the student's size, as an image file
+    image: bytes | None = None  # --decode-on-device: the undecoded image; pixels is then empty [K, 0]
 
 
 def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int,
-                  views: list[View] | None = None, pixel_codec: str | None = None) -> RenderedSample:
+                  views: list[View] | None = None, pixel_codec: str | None = None,
+                  on_device: bool = False) -> RenderedSample:
     """Decode one sample and render its `cfg.per_image` views (uint8, not normalised).
 
     `views` replays given views (another teacher added to a cache) instead of drawing them.
     `pixel_codec` also encodes each view at the student's size (`cfg.output_size`) for a
     cache that stores them; here, in the workers, because encoding costs as much as rendering.
+    `on_device`: read the image's size from its header only and draw the views; decoding
+    and rendering wait for the teacher's device (extract/device_decode.py).
     """
     empty = RenderedSample(sample.key, None, torch.empty(0, dtype=torch.uint8),
                            np.zeros((0, 4), np.int32), np.zeros(0, bool))
     if sample.image is None:
         empty.error = "no image member (.jpg/.jpeg/.png/.webp)"
         return empty
+    if on_device:
+        try:
+            height, width = image_size(sample.image)
+        except ImageDecodeError as e:
+            empty.error = f"undecodable image: {e}"
+            return empty
+        views = views if views is not None else sample_views(sample.key, height, width, cfg)
+        return RenderedSample(sample.key, None, torch.empty(len(views), 0, dtype=torch.uint8),
+                              np.array([v.box for v in views], dtype=np.int32), np.array([v.flip for v in views], bool),
+                              image=sample.image)
     try:
         image = decode_image(sample.image)
     except ImageDecodeError as e:
@@ -65,9 +80,10 @@ class RenderDataset(Dataset):
     """
 
     def __init__(self, samples: list[RawSample], cfg: ViewConfig, input_size: int,
-                 geometry: dict[str, list[View]] | None = None, pixel_codec: str | None = None):
+                 geometry: dict[str, list[View]] | None = None, pixel_codec: str | None = None,
+                 on_device: bool = False):
         self.samples, self.cfg, self.input_size, self.geometry = samples, cfg, input_size, geometry
-        self.pixel_codec = pixel_codec
+        self.pixel_codec, self.on_device = pixel_codec, on_device
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -75,4 +91,4 @@ class RenderDataset(Dataset):
     def __getitem__(self, i: int) -> RenderedSample:
         s = self.samples[i]
         views = None if self.geometry is None else self.geometry[s.key]
-        return render_sample(s, self.cfg, self.input_size, views, self.pixel_codec)
+        return render_sample(s, self.cfg, self.input_size, views, self.pixel_codec, self.on_device)

@@ -29,13 +29,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mrmae import __version__
+from mrmae.extract.device_decode import decode_batch, render_batch
 from mrmae.extract.mapper import RenderDataset, RenderedSample
 from mrmae.extract.pca_fit import ensure_pca_basis
 from mrmae.extract.reader import RawSample, expand_urls, local_file_size, read_shard_with_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format.pca import measured_fields
 from mrmae.shared.teachers import Teacher, TeacherOutput, build_teacher
-from mrmae.shared.views import PIXEL_CODECS, View, ViewConfig, normalize
+from mrmae.shared.views import PIXEL_CODECS, ImageDecodeError, View, ViewConfig, encode_view, normalize
 
 log = logging.getLogger("mrmae.extract")
 
@@ -59,6 +60,7 @@ class ExtractConfig:
     strict: bool = False
     progress: bool = True
     views_from: str | None = None  # add a teacher: replay this cache's views (out = its targets/<name>)
+    decode_on_device: bool = False  # decode (nvjpeg on CUDA) and render on `device` (extract/device_decode.py)
     store_pixels: str | None = None  # also store each view at the student's size, in this codec (views.PIXEL_CODECS)
     pca: int | None = None  # store K PCA coefficients per token instead of the C-wide features
     pca_fit_views: int = 2048  # the basis is fitted on the first N views in input order
@@ -90,12 +92,12 @@ class _Batcher:
 
     def __init__(self, size: int):
         self.size = size
-        self.items: list[tuple[str, int, np.ndarray, bool, torch.Tensor, bytes | None]] = []
+        self.items: list[tuple[str, int, np.ndarray, bool, torch.Tensor, bytes | None, bytes | None]] = []
 
     def add(self, s: RenderedSample) -> None:
-        for v in range(len(s.pixels)):
+        for v in range(len(s.crops)):  # item 6: the undecoded image, with --decode-on-device
             self.items.append((s.key, v, s.crops[v], bool(s.flips[v]), s.pixels[v],
-                               s.encoded[v] if s.encoded is not None else None))
+                               s.encoded[v] if s.encoded is not None else None, s.image))
 
     def take(self, final: bool = False):
         while len(self.items) >= self.size or (final and self.items):
@@ -140,8 +142,9 @@ def _teacher_batches(unique: list[RawSample], teacher: Teacher, cfg: ExtractConf
     batches of exactly `cfg.batch_size` views (the last one shorter); a sample that cannot
     be rendered goes to `on_error(key, reason)`. Extraction and the PCA fit both use it, so
     the fit's first shard has exactly the batches (and the bits) extraction gives it."""
-    loader = DataLoader(RenderDataset(unique, cfg.views, teacher.input_size, geometry, cfg.store_pixels), batch_size=None,
-                        num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
+    codec = None if cfg.decode_on_device else cfg.store_pixels  # on the device path _run_batch encodes
+    dataset = RenderDataset(unique, cfg.views, teacher.input_size, geometry, codec, cfg.decode_on_device)
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
     batcher = _Batcher(cfg.batch_size)
     for rendered in loader:
         if rendered.error:
@@ -180,8 +183,11 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         failed += 1
 
     try:
-        for batch in _teacher_batches(unique, teacher, cfg, geometry, on_error):
-            _run_batch(batch, teacher, cfg, writer, bar, pca)
+        try:
+            for batch in _teacher_batches(unique, teacher, cfg, geometry, on_error):
+                _run_batch(batch, teacher, cfg, writer, bar, pca)
+        except SkippedSampleError as e:
+            raise SkippedSampleError(str(e) if str(e).startswith(url) else f"{url}: {e}") from e
         kept = len(unique) - failed
         _, digest, size = writer.close({"source": url, "num_samples": kept})
         if geometry is not None and writer.rows != sum(len(v) for v in geometry.values()):
@@ -198,10 +204,26 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     return entry
 
 
+def _device_views(batch: list, size: int, device: str) -> torch.Tensor:
+    """--decode-on-device: the batch's images decoded once each on `device`, its views
+    rendered there -> uint8 [B, 3, size, size]."""
+    keys = list(dict.fromkeys(item[0] for item in batch))
+    try:
+        decoded = dict(zip(keys, decode_batch([next(i[6] for i in batch if i[0] == k) for k in keys], device)))
+    except ImageDecodeError as e:
+        index = int(str(e).split()[1]) if str(e).startswith("image ") else 0
+        raise SkippedSampleError(f"key {keys[index]}: undecodable image on the device path ({e}); extract "
+                                 "without --decode-on-device to skip and record such samples") from e
+    views = [View(*(int(c) for c in item[2]), flip=item[3]) for item in batch]
+    return render_batch([decoded[item[0]] for item in batch], views, size)
+
+
 def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, layers: tuple[int, ...]) -> TeacherOutput:
     """The teacher's outputs for one batch of rendered views, on `cfg.device`."""
-    pixels = [item[4] for item in batch]
-    x = torch.stack(pixels).to(cfg.device, non_blocking=True)
+    if cfg.decode_on_device:
+        x = _device_views(batch, teacher.input_size, cfg.device)
+    else:
+        x = torch.stack([item[4] for item in batch]).to(cfg.device, non_blocking=True)
     x = normalize(x, teacher.mean, teacher.std)  # on the device: uint8 crosses the bus, 4x fewer bytes
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         return teacher(x, layers=layers)
@@ -209,8 +231,11 @@ def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, layers: tuple[in
 
 def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
                bar: tqdm | None, pca: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    keys, views, crops, flips, pixels, encoded = zip(*batch)
+    keys, views, crops, flips, _, encoded, _ = zip(*batch)
     out = _forward(batch, teacher, cfg, cfg.layers)
+    if cfg.store_pixels and cfg.decode_on_device:  # the student-size views, encoded here
+        student = _device_views(batch, cfg.views.output_size, cfg.device).cpu()
+        encoded = [encode_view(p, cfg.store_pixels) for p in student]
     features = out.features.float()
     if pca is not None:  # on the device, in float32: K instead of C values cross the bus
         mean, basis = pca
@@ -244,6 +269,9 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     urls = expand_urls(cfg.shards) if cfg.shards or base is None else [s["source"] for s in base.complete_shards]
     mine = [u for i, u in enumerate(urls) if i % world == rank]
     teacher = build_teacher(cfg.teacher).to(device)
+    if cfg.decode_on_device:  # recorded: training may replay views from the tars only with PIL
+        decoder = "nvjpeg" if torch.device(device).type == "cuda" else "torchvision"
+        cfg = replace(cfg, views=replace(cfg.views, decoder=decoder))
     wanted = wanted_manifest(teacher, cfg)
     check_compatible(cfg.out, wanted)  # before any fit: a cache of another configuration is refused at once
     run_cfg = replace(cfg, device=device)

@@ -263,9 +263,10 @@ def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher
                             f"{pixels_size}")
     if list(m["teacher"]["grid"]) != [grid, grid]:
         raise cf.CacheError(f"{cache.root}: teacher grid {m['teacher']['grid']} does not match the student's {grid}x{grid}")
-    if m["views"].get("decoder", "pil") != "pil":
+    if m["views"].get("decoder", "pil") != "pil" and not pixels_size:  # stored views need no replay
         raise cf.CacheError(f"{cache.root}: views were decoded with {m['views']['decoder']!r}; this mrmae replays "
-                            "with PIL only, and another decoder does not reproduce them")
+                            "with PIL only, and another decoder does not reproduce them: extract with "
+                            "--store-pixels and train with --pixels-from-cache")
     if teacher_dim and m["teacher"]["dim"] != teacher_dim:
         raise cf.CacheError(f"{cache.root}: teacher width {m['teacher']['dim']} does not match the mimic head's {teacher_dim}")
     for url in urls:
