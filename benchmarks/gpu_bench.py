@@ -124,19 +124,23 @@ def bench_teacher(teacher, s: Settings, mem: PeakMemory) -> dict:
             "what": f"{teacher.spec} forward + [CLS] attn, {teacher.input_size} px, B={s.batch}", "step_s": times}
 
 
-def bench_extraction(warm: list[Path], shards: list[Path], tmp: Path, s: Settings, mem: PeakMemory) -> dict:
+def bench_extraction(warm: list[Path], shards: list[Path], tmp: Path, s: Settings, mem: PeakMemory,
+                     on_device: bool = False) -> dict:
+    """run_extraction end to end; `on_device`: --decode-on-device (nvjpeg) with --store-pixels zstd."""
     from mrmae.extract.runner import ExtractConfig, run_extraction
     from mrmae.shared.views import ViewConfig
 
     def cfg(urls: list[Path], out: str) -> ExtractConfig:
         return ExtractConfig(shards=[str(u) for u in urls], out=str(tmp / out), teacher=s.teachers["b16"],
                              views=ViewConfig(per_image=s.views, seed=0), batch_size=s.batch, device=s.device,
-                             workers=s.extract_workers, progress=False)
+                             workers=s.extract_workers, progress=False, decode_on_device=on_device,
+                             store_pixels="zstd" if on_device else None)
 
-    run_extraction(cfg(warm, "cache-warmup"))  # kernels, allocator, page cache
+    tag = "-device" if on_device else ""
+    run_extraction(cfg(warm, f"cache-warmup{tag}"))  # kernels, allocator, page cache
     mem.reset()
     t0 = time.perf_counter()
-    summary = run_extraction(cfg(shards, "cache"))
+    summary = run_extraction(cfg(shards, f"cache{tag}"))
     wall, loop = time.perf_counter() - t0, max(summary["seconds"], 1e-3)
     return {"value": summary["views"] / loop, "unit": "views/s", "peak_mib": mem.mib(),
             "what": f"run_extraction {s.teachers['b16']}, {len(shards)} x {s.shard_size} img x {s.views} views, "
@@ -196,6 +200,8 @@ def ratio_rows(rows: dict, anchors: dict) -> dict:
         return rows.get(key, {}).get("peak_mib")
 
     specs = [("ratio:extraction/teacher_b16", v("extraction"), v("teacher_b16"), "views/s over forward-only img/s"),
+             ("ratio:extraction_device_decode/teacher_b16", v("extraction_device_decode"), v("teacher_b16"),
+              "nvjpeg + device render + stored views, over forward-only"),
              ("ratio:cached/plain", v("pretrain_cached"), v("pretrain_plain"), "step img/s"),
              ("ratio:cached/live_b16", v("pretrain_cached"), v("pretrain_live_b16"), "step img/s"),
              ("ratio:cached/live_l14", v("pretrain_cached"), v("pretrain_live_l14"), "step img/s"),
@@ -265,6 +271,7 @@ def main() -> None:
         for role, teacher in teachers.items():
             attempt(f"teacher_{role}", lambda t=teacher: bench_teacher(t, s, mem))
         attempt("extraction", lambda: bench_extraction(warm, timed_shards, tmp, s, mem))
+        attempt("extraction_device_decode", lambda: bench_extraction(warm, timed_shards, tmp, s, mem, on_device=True))
 
         def loaders() -> dict:
             r = measure_loaders(urls, tmp / "cache", s.loader_batch, s.loader_budget_s, warmup_batches=2)
