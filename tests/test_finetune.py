@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from mrmae.cli import cli
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.checkpoint import TrainState, save_checkpoint
-from mrmae.train.export import encoder_state_dict
 from mrmae.train.finetune import FinetuneError, build_classifier
 from mrmae.train.models import create_model
 from mrmae.train.restore import encode_all_tokens

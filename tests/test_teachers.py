@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mrmae.shared.teachers import TeacherError, TeacherSpec, build_teacher
