@@ -78,3 +78,23 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     torch.set_rng_state(blob["torch_rng"])
     s = json.loads((path / "state.json").read_text())
     return TrainState(s["epoch"], s["step"], s["step_in_epoch"])
+
+
+def start_or_resume(out: Path, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    is_main: bool) -> tuple[TrainState, Path]:
+    """(state, OUT/metrics.jsonl) for a run: with `resume` and a checkpoint, load it and cut
+    the metrics to its step (the resumed run recomputes the rest); else a fresh start,
+    with an empty metrics file. Only the main process touches files."""
+    out = Path(out)
+    metrics = out / "metrics.jsonl"
+    if resume and (last := latest_checkpoint(out)) is not None:
+        state = load_checkpoint(last, model, optimizer)
+        if is_main:
+            from mrmae.train.engine import truncate_metrics
+
+            truncate_metrics(metrics, state.step)
+        return state, metrics
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics.unlink(missing_ok=True)
+    return TrainState(), metrics

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from mrmae.train import checkpoint as ckpt
-from mrmae.train.engine import NonFiniteLossError, append_metrics, epoch_passes, lr_at, truncate_metrics
+from mrmae.train.engine import NonFiniteLossError, append_metrics, epoch_passes, lr_at
 from mrmae.train.finetune_data import LabelledStream, sample_seed, seed_everything, train_transform
 
 POOLS = ("avg", "token")
@@ -217,14 +217,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999), fused=cuda or None)
 
-    state, metrics = ckpt.TrainState(), out / "metrics.jsonl"
-    if cfg.resume and (last := ckpt.latest_checkpoint(out)) is not None:
-        state = ckpt.load_checkpoint(last, model, optimizer)
-        if accelerator.is_main_process:
-            truncate_metrics(metrics, state.step)
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics.unlink(missing_ok=True)
+    state, metrics = ckpt.start_or_resume(out, cfg.resume, model, optimizer, accelerator.is_main_process)
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.is_main_process:
         resolved = {"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs,

@@ -24,8 +24,7 @@ from mrmae.extract.reader import expand_urls
 from mrmae.shared import cache_format as cf
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
-from mrmae.train.engine import (NonFiniteLossError, StepOptions, append_metrics, epoch_passes, lr_at,
-                                train_one_epoch, truncate_metrics)
+from mrmae.train.engine import NonFiniteLossError, StepOptions, append_metrics, epoch_passes, lr_at, train_one_epoch
 
 
 @dataclass
@@ -152,15 +151,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
                                   fused=cuda or None)
-    state = ckpt.TrainState()
-    metrics = out / "metrics.jsonl"
-    if cfg.resume and (last := ckpt.latest_checkpoint(out)) is not None:
-        state = ckpt.load_checkpoint(last, model, optimizer)
-        if accelerator.is_main_process:
-            truncate_metrics(metrics, state.step)
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics.unlink(missing_ok=True)
+    state, metrics = ckpt.start_or_resume(out, cfg.resume, model, optimizer, accelerator.is_main_process)
     if cfg.compile:
         # In place (nn.Module.compile): parameter names, checkpoints and DDP are unchanged.
         model.compile(backend=cfg.compile)

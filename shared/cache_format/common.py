@@ -58,6 +58,12 @@ class ViewTargets:
 # --- stored shards on disk ----------------------------------------------------------------
 
 
+def check_pixels_given(source: str, stores: bool, pixels: list[bytes] | None, rows: int) -> None:
+    """A writer's `append` gets each row's encoded view exactly when its cache stores them."""
+    if (pixels is not None) != stores or (pixels is not None and len(pixels) != rows):
+        raise ValueError(f"{source}: pixels must be given for every row exactly when the cache stores them")
+
+
 def view_targets(reader, key: str, view: int) -> ViewTargets:
     """One row of a shard reader (either backend: `row` and `read`) as ViewTargets."""
     i = reader.row(key, view)

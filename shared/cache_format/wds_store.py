@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Zstd
 
-from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, group_digest, quantize_int8,
-                     remove_stale_temps, view_targets)
+from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_pixels_given, dequantize, group_digest,
+                     quantize_int8, remove_stale_temps, view_targets)
 from .location import is_file, is_url, open_file
 from .manifest import group_name
 
@@ -114,8 +114,7 @@ class WdsShardWriter:
                layers: dict[int, np.ndarray] | None = None, pixels: list[bytes] | None = None) -> None:
         """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
         [n, L, K] in a PCA cache; pixels: each row's encoded view, when the shard stores them)."""
-        if (pixels is not None) != (self._pixels is not None) or (pixels is not None and len(pixels) != len(keys)):
-            raise ValueError(f"{self.source}: pixels must be given for every row exactly when the cache stores them")
+        check_pixels_given(self.source, self._pixels is not None, pixels, len(keys))
         if tuple(features.shape[1:]) != self.shape:
             raise ValueError(f"features of shape {tuple(features.shape)}, this shard stores [n, {self.shape[0]}, "
                              f"{self.shape[1]}]")

@@ -19,8 +19,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, group_digest, quantize_int8,
-                     remove_stale_temps, view_targets)
+from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_pixels_given, dequantize, group_digest,
+                     quantize_int8, remove_stale_temps, view_targets)
 from .manifest import group_name
 
 # --- codecs -----------------------------------------------------------------------------
@@ -98,8 +98,7 @@ class ShardWriter:
                layers: dict[int, np.ndarray] | None = None, pixels: list[bytes] | None = None) -> None:
         """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
         [n, L, K] in a PCA cache; pixels: each row's encoded view, when the shard stores them)."""
-        if (pixels is not None) != (self._pixels is not None) or (pixels is not None and len(pixels) != len(keys)):
-            raise ValueError(f"{self.source}: pixels must be given for every row exactly when the cache stores them")
+        check_pixels_given(self.source, self._pixels is not None, pixels, len(keys))
         for data in pixels or []:
             self._pixel_buf += data
             self._pixel_offsets.append(self._pixel_offsets[-1] + len(data))
