@@ -6,7 +6,7 @@ MRMAE  := $(VENV)/bin/mrmae
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench fidelity clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/wds_codec.py --reps 3
 	$(PY) benchmarks/pretrain_throughput.py --warmup 1 --steps 3 --step-only-warmup 1 --step-only-steps 3
 	$(PY) benchmarks/loader_throughput.py
+
+# MAE vs MR-MAE frozen-feature accuracy on scikit-learn's digits (BENCHMARKS.md, "Fidelity (toy scale)"):
+# a teacher, a cache and 12 pretraining runs, ~30-40 minutes on 2 cores, so not part of `bench`.
+# scikit-learn is needed by this benchmark only, not by the package.
+fidelity: $(STAMP)
+	$(PY) -m pip install -q scikit-learn
+	$(PY) benchmarks/fidelity.py
 
 clean:
 	rm -rf $(DEMO) build *.egg-info
