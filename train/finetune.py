@@ -12,8 +12,8 @@ RandAugment and random erasing. MAE's own ViT-B values: --blr 5e-4 --layer-decay
 
 Pooling: `global_pool='avg'` by default, as in MAE's fine-tuning: the mean patch token
 through a new `fc_norm` LayerNorm. MR-MAE's losses (pixel reconstruction, feature
-mimicking) all act on patch tokens; nothing trains the [CLS] token, so the patch mean is
-the feature pretraining shaped. timm then drops the final `norm` (its tensors are the only
+mimicking) act on patch tokens; the [CLS] token is reached only through the decoder's
+attention, so the patch mean is the feature pretraining shaped most directly. timm then drops the final `norm` (its tensors are the only
 ones not loaded); `--global-pool token` keeps it and pools the [CLS] token.
 
 Determinism: the sample order and each sample's augmentation come from (seed, epoch, key)
