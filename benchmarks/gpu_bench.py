@@ -243,7 +243,17 @@ def main() -> None:
     t_start = time.perf_counter()
     cuda = s.device.startswith("cuda")
     device_name = torch.cuda.get_device_name(0) if cuda else f"cpu (dry run; {os.cpu_count()} cores)"
-    mem, rows, errors = PeakMemory(s.device), {}, {}
+    mem, rows, errors, facts = PeakMemory(s.device), {}, {}, machine_facts()
+
+    def save(final: bool = False) -> Path:
+        """The JSON so far: a run cut short by its time limit still leaves every finished row."""
+        payload = {"benchmark": "gpu_bench", "dry": args.dry, "complete": final, "device": device_name,
+                   "torch": torch.__version__, "cuda": torch.version.cuda, "date_utc": facts["date_utc"],
+                   "command": " ".join(["benchmarks/gpu_bench.py", *sys.argv[1:]]), "note": RANDOM_WEIGHTS_NOTE,
+                   "memory_kind": mem.kind, "settings": asdict(s), "machine": facts,
+                   "rows": {**rows, **ratio_rows(rows, s.anchors)}, "errors": errors,
+                   "total_seconds": time.perf_counter() - t_start}
+        return write_json("gpu_bench", payload, out)
 
     def attempt(name: str, fn: Callable[[], dict | None]) -> None:
         t0 = time.perf_counter()
@@ -253,12 +263,14 @@ def main() -> None:
             traceback.print_exc()
             errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"FAILED {name} [{time.perf_counter() - t_start:.0f} s]", flush=True)
+            save()
             return
         for key, row in ({name: result} if "value" in result else result).items():
             rows[key] = {**row, "anchor_h200": s.anchors.get(key)}
             peak = f", peak {row['peak_mib']:.0f} MiB" if "peak_mib" in row else ""
             print(f"{key}: {row['value']:.1f} {row['unit']}{peak} ({time.perf_counter() - t0:.0f} s) "
                   f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+        save()
 
     with tempfile.TemporaryDirectory(prefix="mrmae-gpu-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -290,16 +302,9 @@ def main() -> None:
                 continue
             attempt(f"pretrain_{mode}_compiled", lambda m=mode: bench_pretrain(
                 m, s, urls, tmp / "cache", teachers, accelerator, mem, compile_backend=s.compile_backend))
+    path = save(final=True)
     rows.update(ratio_rows(rows, s.anchors))
     total_s = time.perf_counter() - t_start
-
-    facts = machine_facts()
-    payload = {"benchmark": "gpu_bench", "dry": args.dry, "device": device_name, "torch": torch.__version__,
-               "cuda": torch.version.cuda, "date_utc": facts["date_utc"],
-               "command": " ".join(["benchmarks/gpu_bench.py", *sys.argv[1:]]), "note": RANDOM_WEIGHTS_NOTE,
-               "memory_kind": mem.kind, "settings": asdict(s), "machine": facts, "rows": rows, "errors": errors,
-               "total_seconds": total_s}
-    path = write_json("gpu_bench", payload, out)
     for name, err in errors.items():
         print(f"not measured: {name}: {err}")
     print(f"total {total_s:.0f} s -> {path}\n")

@@ -41,7 +41,7 @@ def test_gpu_bench_dry(tmp_path):
     table = last_table(proc.stdout)
     payload = json.loads(out.read_text())
 
-    assert payload["dry"] is True and payload["errors"] == {}, payload["errors"]
+    assert payload["dry"] is True and payload["complete"] is True and payload["errors"] == {}, payload["errors"]
     assert payload["device"] and payload["torch"] and payload["date_utc"]
     rows = payload["rows"]
     assert set(table) == set(rows), set(table) ^ set(rows)
