@@ -5,6 +5,8 @@ One process, one card, one run, so every ratio compares figures measured side by
 - teacher_b16 / teacher_l14: images/s of the frozen teacher's forward (`build_teacher`,
   random weights, bf16 autocast, incl. the last block's [CLS] attention the cache stores)
   on device-resident random batches of 256 views (224 px for /16, 196 px for /14);
+- render_workers / render_device: the extraction's input side alone (tar reading, view
+  rendering in the DataLoader workers; + nvjpeg decode and device rendering), no teacher;
 - extraction: `run_extraction` end to end with --device cuda (read tar, decode, render,
   teacher, int8 quantise, compress, write Zarr) over demo shards of ImageNet-sized JPEGs
   (~200-600 px a side, `mrmae.demo.write_demo_shards`) after one warm-up shard;
@@ -82,7 +84,7 @@ H200 = {"teacher_b16": 8698, "teacher_l14": 2308, "pretrain_plain": 3400, "pretr
         "ratio:cached/plain": 3201 / 3400, "ratio:cached/live_b16": 3201 / 2370, "ratio:cached/live_l14": 3201 / 1378,
         "ratio:compiled/eager_cached": 4759 / 3481}
 GPU = Settings("cuda", "mrmae_vit_base_patch16", 512, 8, {"b16": "clip:ViT-B-16", "l14": "clip:ViT-L-14"}, 256,
-               warmup=3, steps=10, budget_s=15.0, views=2, shard_size=512, extract_shards=3, extract_workers=8,
+               warmup=3, steps=20, budget_s=15.0, views=2, shard_size=512, extract_shards=4, extract_workers=14,
                loader_batch=64, loader_budget_s=5.0, compile_backend="inductor", distinct_batches=2, anchors=H200)
 DRY = Settings("cpu", "mrmae_vit_tiny_patch16", 64, 1, {"b16": "clip:ViT-S-16", "l14": "dino:vit_tiny_patch16_224"}, 2,
                warmup=1, steps=2, budget_s=5.0, views=2, shard_size=2, extract_shards=1, extract_workers=0,
@@ -148,6 +150,34 @@ def bench_extraction(warm: list[Path], shards: list[Path], tmp: Path, s: Setting
             "loop_s": loop, "wall_s_incl_teacher_build": wall, "views": summary["views"]}
 
 
+def bench_render(shards: list[Path], s: Settings, on_device: bool = False) -> dict:
+    """The extraction's input side alone, no teacher: views/s of reading the tars and
+    rendering views in the DataLoader workers into teacher batches (the runner's own
+    `_teacher_batches`), plus, `on_device`, nvjpeg decode and device rendering of each batch.
+    Extraction cannot run faster than this; compare it with the teacher's forward rate."""
+    from types import SimpleNamespace
+
+    from mrmae.extract.reader import read_shard
+    from mrmae.extract.runner import ExtractConfig, _device_views, _teacher_batches
+    from mrmae.shared.views import ViewConfig
+
+    cfg = ExtractConfig(shards=[], out="", teacher="", views=ViewConfig(per_image=s.views, seed=0),
+                        batch_size=s.batch, device=s.device, workers=s.extract_workers, decode_on_device=on_device)
+    size = SimpleNamespace(input_size=224)  # all _teacher_batches asks of the teacher
+    sync = torch.cuda.synchronize if s.device.startswith("cuda") else (lambda: None)
+    views, t0 = 0, time.perf_counter()
+    for url in shards:
+        for batch in _teacher_batches(read_shard(str(url)), size, cfg, None, lambda key, reason: None):
+            if on_device:
+                _device_views(batch, (224,), s.device)
+            views += len(batch)
+    sync()
+    seconds = time.perf_counter() - t0
+    how = "image headers, nvjpeg decode + device render" if on_device else "PIL decode + render"
+    return {"value": views / seconds, "unit": "views/s", "seconds": seconds,
+            "what": f"input side only: read + {how}, {len(shards)} shards, workers {s.extract_workers}"}
+
+
 def bench_pretrain(mode: str, s: Settings, urls: list[str], cache_root: Path, teachers: dict, accelerator,
                    mem: PeakMemory, compile_backend: str | None = None) -> dict:
     from mrmae.shared import cache_format as cf
@@ -202,7 +232,13 @@ def ratio_rows(rows: dict, anchors: dict) -> dict:
     specs = [("ratio:extraction/teacher_b16", v("extraction"), v("teacher_b16"), "views/s over forward-only img/s"),
              ("ratio:extraction_device_decode/teacher_b16", v("extraction_device_decode"), v("teacher_b16"),
               "nvjpeg + device render + stored views, over forward-only"),
+             ("ratio:render_workers/teacher_b16", v("render_workers"), v("teacher_b16"),
+              "input side alone (CPU decode), over forward-only"),
+             ("ratio:render_device/teacher_b16", v("render_device"), v("teacher_b16"),
+              "input side alone (nvjpeg), over forward-only"),
              ("ratio:cached/plain", v("pretrain_cached"), v("pretrain_plain"), "step img/s"),
+             ("ratio:compiled_cached/compiled_plain", v("pretrain_cached_compiled"), v("pretrain_plain_compiled"),
+              "step img/s"),
              ("ratio:cached/live_b16", v("pretrain_cached"), v("pretrain_live_b16"), "step img/s"),
              ("ratio:cached/live_l14", v("pretrain_cached"), v("pretrain_live_l14"), "step img/s"),
              ("ratio:live_b16/plain", v("pretrain_live_b16"), v("pretrain_plain"), "step img/s"),
@@ -282,6 +318,8 @@ def main() -> None:
         teachers = {role: build_teacher(spec) for role, spec in s.teachers.items()}
         for role, teacher in teachers.items():
             attempt(f"teacher_{role}", lambda t=teacher: bench_teacher(t, s, mem))
+        attempt("render_workers", lambda: bench_render(timed_shards, s))
+        attempt("render_device", lambda: bench_render(timed_shards, s, on_device=True))
         attempt("extraction", lambda: bench_extraction(warm, timed_shards, tmp, s, mem))
         attempt("extraction_device_decode", lambda: bench_extraction(warm, timed_shards, tmp, s, mem, on_device=True))
 

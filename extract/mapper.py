@@ -73,8 +73,15 @@ def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int,
     return RenderedSample(sample.key, None, pixels, crops, flips, encoded)
 
 
+SAMPLES_PER_ITEM = 8  # per DataLoader item: one shared-memory hand-over per 8 samples, not per sample
+
+
 class RenderDataset(Dataset):
-    """Map-style over one shard's samples, so a DataLoader keeps tar order at any worker count.
+    """Map-style over one shard's samples in chunks of `SAMPLES_PER_ITEM`, so a DataLoader
+    keeps tar order at any worker count. Item i: the RenderedSamples of samples
+    [8i, 8i + 8), their pixels views of one tensor, so a worker hands each chunk to the main
+    process through one shared-memory segment (~4x less per-sample overhead there, where
+    the whole extraction's stream passes).
 
     `geometry` (key -> its views in view order) replays a cache's views instead of drawing.
     """
@@ -86,9 +93,14 @@ class RenderDataset(Dataset):
         self.pixel_codec, self.on_device = pixel_codec, on_device
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return -(-len(self.samples) // SAMPLES_PER_ITEM)
 
-    def __getitem__(self, i: int) -> RenderedSample:
-        s = self.samples[i]
-        views = None if self.geometry is None else self.geometry[s.key]
-        return render_sample(s, self.cfg, self.input_size, views, self.pixel_codec, self.on_device)
+    def __getitem__(self, i: int) -> list[RenderedSample]:
+        chunk = [render_sample(s, self.cfg, self.input_size, None if self.geometry is None else self.geometry[s.key],
+                               self.pixel_codec, self.on_device)
+                 for s in self.samples[i * SAMPLES_PER_ITEM:(i + 1) * SAMPLES_PER_ITEM]]
+        shared = torch.cat([r.pixels.reshape(-1) for r in chunk])
+        start = 0
+        for r in chunk:
+            r.pixels, start = shared[start:start + r.pixels.numel()].view(r.pixels.shape), start + r.pixels.numel()
+        return chunk

@@ -20,6 +20,8 @@ import logging
 import os
 import time
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
@@ -146,11 +148,12 @@ def _teacher_batches(unique: list[RawSample], teacher: Teacher, cfg: ExtractConf
     dataset = RenderDataset(unique, cfg.views, teacher.input_size, geometry, codec, cfg.decode_on_device)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
     batcher = _Batcher(cfg.batch_size)
-    for rendered in loader:
-        if rendered.error:
-            on_error(rendered.key, rendered.error)
-            continue
-        batcher.add(rendered)
+    for chunk in loader:  # list[RenderedSample], SAMPLES_PER_ITEM at a time
+        for rendered in chunk:
+            if rendered.error:
+                on_error(rendered.key, rendered.error)
+                continue
+            batcher.add(rendered)
         yield from batcher.take()
     yield from batcher.take(final=True)
 
@@ -182,10 +185,12 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         skipped.append({"key": key, "reason": reason})
         failed += 1
 
+    behind = _WriteBehind()
     try:
         try:
             for batch in _teacher_batches(unique, teacher, cfg, geometry, on_error):
-                _run_batch(batch, teacher, cfg, writer, bar, pca)
+                behind.submit(_write_batch, _device_batch(batch, teacher, cfg, pca), cfg, writer, bar)
+            behind.drain()
         except SkippedSampleError as e:
             raise SkippedSampleError(str(e) if str(e).startswith(url) else f"{url}: {e}") from e
         kept = len(unique) - failed
@@ -199,14 +204,43 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
                  "seconds": round(time.time() - t0, 2)}
         cf.commit_shard(cfg.out, writer, entry)
     except BaseException:
+        behind.close()  # nothing may write into the shard being removed
         writer.abort()
         raise
+    behind.close()
     return entry
 
 
-def _device_views(batch: list, size: int, device: str) -> torch.Tensor:
+class _WriteBehind:
+    """Writes batches on one thread behind the device: while batch i is copied to the host,
+    compressed (numcodecs releases the GIL) and written, the teacher already runs batch i+1.
+    One thread keeps rows in order; at most `depth` batches wait, so host memory stays bounded.
+    A writer's error surfaces at the next `submit` or at `drain`."""
+
+    def __init__(self, depth: int = 2):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mrmae-write")
+        self.pending: deque[Future] = deque()
+        self.depth = depth
+
+    def submit(self, fn: Callable[..., None], *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        """Stop: batches not started are dropped, the one being written finishes."""
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _device_views(batch: list, sizes: tuple[int, ...], device: str) -> list[torch.Tensor]:
     """--decode-on-device: the batch's images decoded once each on `device`, its views
-    rendered there -> uint8 [B, 3, size, size]."""
+    rendered there at each size -> [uint8 [B, 3, size, size] per size]."""
     keys = list(dict.fromkeys(item[0] for item in batch))
     try:
         decoded = dict(zip(keys, decode_batch([next(i[6] for i in batch if i[0] == k) for k in keys], device)))
@@ -215,37 +249,84 @@ def _device_views(batch: list, size: int, device: str) -> torch.Tensor:
         raise SkippedSampleError(f"key {keys[index]}: undecodable image on the device path ({e}); extract "
                                  "without --decode-on-device to skip and record such samples") from e
     views = [View(*(int(c) for c in item[2]), flip=item[3]) for item in batch]
-    return render_batch([decoded[item[0]] for item in batch], views, size)
+    images = [decoded[item[0]] for item in batch]
+    return [render_batch(images, views, size) for size in sizes]
 
 
-def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, layers: tuple[int, ...]) -> TeacherOutput:
-    """The teacher's outputs for one batch of rendered views, on `cfg.device`."""
-    if cfg.decode_on_device:
-        x = _device_views(batch, teacher.input_size, cfg.device)
-    else:
+def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, layers: tuple[int, ...],
+             x: torch.Tensor | None = None) -> TeacherOutput:
+    """The teacher's outputs for one batch of rendered views (or `x`, those views already
+    rendered on the device), on `cfg.device`."""
+    if x is None and cfg.decode_on_device:
+        x = _device_views(batch, (teacher.input_size,), cfg.device)[0]
+    elif x is None:
         x = torch.stack([item[4] for item in batch]).to(cfg.device, non_blocking=True)
     x = normalize(x, teacher.mean, teacher.std)  # on the device: uint8 crosses the bus, 4x fewer bytes
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         return teacher(x, layers=layers)
 
 
-def _run_batch(batch, teacher: Teacher, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
-               bar: tqdm | None, pca: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+@dataclass
+class _HostBatch:
+    """One batch's rows on their way to host memory: tensors copied without blocking (wait
+    for `ready` on CUDA), features already quantised on the device when the cache is int8."""
+
+    keys: tuple[str, ...]
+    views: tuple[int, ...]
+    crops: tuple[np.ndarray, ...]
+    flips: tuple[bool, ...]
+    features: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    attention: torch.Tensor
+    cls: torch.Tensor
+    layers: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+    pixels: list[bytes] | torch.Tensor | None  # encoded views, or uint8 [B, 3, S, S] to encode
+    ready: torch.cuda.Event | None
+
+
+def _device_batch(batch: list, teacher: Teacher, cfg: ExtractConfig,
+                  pca: tuple[torch.Tensor, torch.Tensor] | None = None) -> _HostBatch:
+    """The teacher's outputs for one batch, brought to what the cache stores on the device
+    (PCA projection, int8 quantisation, float16) and sent to the host without waiting."""
     keys, views, crops, flips, _, encoded, _ = zip(*batch)
-    out = _forward(batch, teacher, cfg, cfg.layers)
-    if cfg.store_pixels and cfg.decode_on_device:  # the student-size views, encoded here
-        student = _device_views(batch, cfg.views.output_size, cfg.device).cpu()
-        encoded = [encode_view(p, cfg.store_pixels) for p in student]
+    x = student = None
+    if cfg.decode_on_device and cfg.store_pixels:  # decoded once, rendered for the teacher and the student
+        x, student = _device_views(batch, (teacher.input_size, cfg.views.output_size), cfg.device)
+    out = _forward(batch, teacher, cfg, cfg.layers, x)
+    host = lambda t: t.to("cpu", non_blocking=True)  # noqa: E731
+
+    def stored(t: torch.Tensor):
+        if cfg.dtype == "int8":
+            return tuple(host(a) for a in cf.quantize_int8_torch(t.float()))
+        return host(t.float().half())
+
     features = out.features.float()
-    if pca is not None:  # on the device, in float32: K instead of C values cross the bus
+    if pca is not None:  # in float32: K instead of C values per token from here on
         mean, basis = pca
         features = (features - mean) @ basis.T
-    np_ = lambda t: t.float().cpu().numpy()  # noqa: E731
-    writer.append(list(keys), np.array(views), np.stack(crops), np.array(flips), np_(features),
-                  np_(out.attention), np_(out.cls), {i: np_(t) for i, t in out.layers.items()},
-                  pixels=list(encoded) if cfg.store_pixels else None)
+    pixels = list(encoded) if cfg.store_pixels else None
+    if student is not None:  # the student-size views, encoded by the write thread
+        pixels = host(student)
+    ready = None
+    if features.device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+    return _HostBatch(keys, views, crops, flips, stored(features), host(out.attention.float().half()),
+                      host(out.cls.float().half()), {i: stored(t) for i, t in out.layers.items()}, pixels, ready)
+
+
+def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
+                 bar: tqdm | None) -> None:
+    """Append one batch to the shard (on the write thread)."""
+    if b.ready is not None:
+        b.ready.synchronize()
+    np_ = lambda v: tuple(t.numpy() for t in v) if isinstance(v, tuple) else v.numpy()  # noqa: E731
+    pixels = b.pixels
+    if isinstance(pixels, torch.Tensor):
+        pixels = [encode_view(p, cfg.store_pixels) for p in pixels]
+    writer.append(list(b.keys), np.array(b.views), np.stack(b.crops), np.array(b.flips), np_(b.features),
+                  np_(b.attention), np_(b.cls), {i: np_(t) for i, t in b.layers.items()}, pixels=pixels)
     if bar is not None:
-        bar.update(len(batch))
+        bar.update(len(b.keys))
 
 
 def process_rank() -> tuple[int, int, int]:

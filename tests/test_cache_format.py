@@ -28,6 +28,30 @@ def test_int8_error_bound_on_activation_like_tokens():
     assert not q0.any() and not s0.any()
 
 
+def test_device_quantisation_is_bit_identical_to_the_numpy_one():
+    """The extraction quantises on the teacher's device with quantize_int8_torch; a cache must
+    not depend on which of the two ran: same int8 values and float16 scales, ties, zeros,
+    a float16 subnormal scale and an exact +-127 included."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_t(4, size=(8, 196, 96)).astype(np.float32)
+    x[0, 0] = 0.0  # an all-zero token
+    x[1, 0] = np.arange(96, dtype=np.float32) - 47.5  # ties: scale 1 (absmax 127), so x / scale ends in .5
+    x[1, 0, 0] = -127.0
+    x[2, 0] *= 1e-6  # a scale that is subnormal in float16
+    q_np, s_np = cf.quantize_int8(x)
+    q_t, s_t = cf.quantize_int8_torch(torch.from_numpy(x))
+    assert q_t.dtype == torch.int8 and s_t.dtype == torch.float16
+    np.testing.assert_array_equal(q_t.numpy(), q_np)
+    np.testing.assert_array_equal(s_t.numpy(), s_np)
+    assert np.abs(q_np).max() == 127 and not q_np[0, 0].any()
+    # bfloat16 teacher outputs (CUDA autocast) are upcast first, as the runner gives them
+    xb = torch.from_numpy(x).bfloat16()
+    q_b, _ = cf.quantize_int8_torch(xb)
+    np.testing.assert_array_equal(q_b.numpy(), cf.quantize_int8(xb.float().numpy())[0])
+
+
 @pytest.mark.parametrize("dtype", ["int8", "float16"])
 @pytest.mark.parametrize("rows", [5, 16, 37])
 def test_writer_reader_round_trip_across_chunk_boundaries(tmp_path, dtype, rows):

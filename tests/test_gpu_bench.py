@@ -17,7 +17,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
 MEASURED = ("teacher_b16", "teacher_l14", "extraction", "pretrain_plain", "pretrain_cached", "pretrain_live_b16",
             "pretrain_live_l14", "pretrain_cached_compiled")
-REQUIRED = MEASURED + ("loader_cached", "loader_plain", "ratio:extraction/teacher_b16", "ratio:cached/plain",
+REQUIRED = MEASURED + ("render_workers", "render_device", "loader_cached", "loader_plain", "ratio:extraction/teacher_b16", "ratio:cached/plain",
                        "ratio:cached/live_b16", "ratio:cached/live_l14", "ratio:compiled/eager_cached",
                        "ratio:loader_cached/plain", "workers_to_feed:cached", "memory:cached/plain",
                        "memory:live_b16/plain", "memory:live_l14/plain")

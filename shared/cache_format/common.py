@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 FORMAT_VERSION = 2  # 2: shard entries in shards/<name>.json, not in manifest.json
 ROWS_PER_CHUNK = 16  # views per features chunk: sequential loader reads, ~2.4 MB int8 for B/16
@@ -33,6 +34,37 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s = scale.astype(np.float32)[..., None]
     q = np.divide(x, s, out=np.zeros_like(x), where=s > 0)
     return np.clip(np.rint(q), -127, 127).astype(np.int8), scale
+
+
+def quantize_int8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8` on x's own device: (int8 [..., C], float16 [...]), bit-identical to it.
+
+    The extraction quantises on the teacher's device, so a quarter of the bytes cross the
+    bus and no CPU core spends ~1 s per batch of 256 B/16 views on it (measured on an H200).
+    Same float32 operations in the same order (absmax / 127 -> float16, divide, round half
+    to even, clip) as the numpy version; tests hold the two equal.
+    """
+    x = x.float()
+    scale = (x.abs().amax(dim=-1) / 127.0).half()
+    s = scale.float().unsqueeze(-1)
+    q = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0)
+    return q.round().clamp(-127, 127).to(torch.int8), scale
+
+
+def stored_features(value: np.ndarray | tuple[np.ndarray, np.ndarray], dtype: str
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """What a writer stores for one features column: (values, scale or None).
+
+    `value` is float [n, L, C] or an already quantised (int8, float16 scale) pair from
+    `quantize_int8_torch`; dtype "int8" or "float16" as the cache stores.
+    """
+    if isinstance(value, tuple):
+        if dtype != "int8" or value[0].dtype != np.int8:
+            raise ValueError(f"a quantised (int8, scale) pair given to a {dtype} shard")
+        return value
+    if dtype == "int8":
+        return quantize_int8(value)
+    return np.asarray(value).astype(np.float16), None
 
 
 def dequantize(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:

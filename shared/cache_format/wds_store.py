@@ -30,7 +30,7 @@ import numpy as np
 from numcodecs import Zstd
 
 from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_pixels_given, dequantize, group_digest,
-                     quantize_int8, remove_stale_temps, view_targets)
+                     remove_stale_temps, stored_features, view_targets)
 from .location import is_file, is_url, open_file
 from .manifest import group_name
 
@@ -110,20 +110,20 @@ class WdsShardWriter:
         self._add(f"{sample}.{member}{self._suffix}", bytes(self._zstd.encode(data)) if self._zstd else data)
 
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
-               features: np.ndarray, attention: np.ndarray, cls: np.ndarray,
-               layers: dict[int, np.ndarray] | None = None, pixels: list[bytes] | None = None) -> None:
+               features: np.ndarray | tuple, attention: np.ndarray, cls: np.ndarray,
+               layers: dict[int, np.ndarray | tuple] | None = None, pixels: list[bytes] | None = None) -> None:
         """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
-        [n, L, K] in a PCA cache; pixels: each row's encoded view, when the shard stores them)."""
+        [n, L, K] in a PCA cache, or that already quantised: an (int8, float16 scale) pair from
+        `quantize_int8_torch`, as layers too; pixels: each row's encoded view, when stored)."""
         check_pixels_given(self.source, self._pixels is not None, pixels, len(keys))
-        if tuple(features.shape[1:]) != self.shape:
-            raise ValueError(f"features of shape {tuple(features.shape)}, this shard stores [n, {self.shape[0]}, "
-                             f"{self.shape[1]}]")
         stored: dict[str, np.ndarray] = {}
         for name, value in [("features", features)] + [(f"layer{i}", (layers or {})[i]) for i in self.layers]:
-            if self.dtype == "int8":
-                stored[name], stored[_scale_member(name)] = quantize_int8(value)
-            else:
-                stored[name] = np.asarray(value).astype(np.float16)
+            stored[name], scale = stored_features(value, self.dtype)
+            if scale is not None:
+                stored[_scale_member(name)] = scale
+        if tuple(stored["features"].shape[1:]) != self.shape:
+            raise ValueError(f"features of shape {tuple(stored['features'].shape)}, this shard stores [n, "
+                             f"{self.shape[0]}, {self.shape[1]}]")
         attention, cls = attention.astype(np.float16), cls.astype(np.float16)
         order = ["features"] + (["scale"] if self.dtype == "int8" else [])
         extra = [m for i in self.layers for m in (f"layer{i}", f"layer{i}_scale") if m in stored]

@@ -20,7 +20,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_pixels_given, dequantize, group_digest,
-                     quantize_int8, remove_stale_temps, view_targets)
+                     remove_stale_temps, stored_features, view_targets)
 from .manifest import group_name
 
 # --- codecs -----------------------------------------------------------------------------
@@ -94,10 +94,11 @@ class ShardWriter:
         self._pixel_offsets, self._pixel_buf, self._pixel_written = [0], bytearray(), 0
 
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
-               features: np.ndarray, attention: np.ndarray, cls: np.ndarray,
-               layers: dict[int, np.ndarray] | None = None, pixels: list[bytes] | None = None) -> None:
+               features: np.ndarray | tuple, attention: np.ndarray, cls: np.ndarray,
+               layers: dict[int, np.ndarray | tuple] | None = None, pixels: list[bytes] | None = None) -> None:
         """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
-        [n, L, K] in a PCA cache; pixels: each row's encoded view, when the shard stores them)."""
+        [n, L, K] in a PCA cache, or that already quantised: an (int8, float16 scale) pair from
+        `quantize_int8_torch`, as layers too; pixels: each row's encoded view, when stored)."""
         check_pixels_given(self.source, self._pixels is not None, pixels, len(keys))
         for data in pixels or []:
             self._pixel_buf += data
@@ -107,10 +108,9 @@ class ShardWriter:
                 "crop": crop.astype(np.int32), "flip": flip.astype(bool),
                 "attention": attention.astype(np.float16), "cls": cls.astype(np.float16)}
         for name, value in [("features", features)] + [(f"layer{i}", (layers or {})[i]) for i in self.layers]:
-            if self.dtype == "int8":
-                cols[name], cols[f"{name}_scale"] = quantize_int8(value)
-            else:
-                cols[name] = value.astype(np.float16)
+            cols[name], scale = stored_features(value, self.dtype)
+            if scale is not None:
+                cols[f"{name}_scale"] = scale
         for k, v in cols.items():
             self._buffer[k].append(v)
         self._buffered += len(keys)
