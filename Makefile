@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/wds_codec.py --reps 3
 	$(PY) benchmarks/pretrain_throughput.py --warmup 1 --steps 3 --step-only-warmup 1 --step-only-steps 3
 	$(PY) benchmarks/loader_throughput.py
+	$(PY) benchmarks/goals.py
 
 # MAE vs MR-MAE frozen-feature accuracy on scikit-learn's digits (BENCHMARKS.md, "Fidelity (toy scale)"):
 # a teacher, a cache and 12 pretraining runs, ~30-40 minutes on 2 cores, so not part of `bench`.

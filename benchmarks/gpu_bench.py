@@ -37,14 +37,17 @@ Writes benchmarks/results/gpu_bench.json (--dry: a temp file), or --out PATH.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import statistics
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -127,8 +130,9 @@ def bench_teacher(teacher, s: Settings, mem: PeakMemory) -> dict:
 
 
 def bench_extraction(warm: list[Path], shards: list[Path], tmp: Path, s: Settings, mem: PeakMemory,
-                     on_device: bool = False) -> dict:
-    """run_extraction end to end; `on_device`: --decode-on-device (nvjpeg) with --store-pixels zstd."""
+                     on_device: bool = False, profile: Path | None = None) -> dict:
+    """run_extraction end to end; `on_device`: --decode-on-device (nvjpeg) with --store-pixels zstd.
+    `profile`: also write the main thread's cProfile of the timed run there (top functions)."""
     from mrmae.extract.runner import ExtractConfig, run_extraction
     from mrmae.shared.views import ViewConfig
 
@@ -141,9 +145,19 @@ def bench_extraction(warm: list[Path], shards: list[Path], tmp: Path, s: Setting
     tag = "-device" if on_device else ""
     run_extraction(cfg(warm, f"cache-warmup{tag}"))  # kernels, allocator, page cache
     mem.reset()
+    profiler = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
+    if profiler:
+        profiler.enable()
     summary = run_extraction(cfg(shards, f"cache{tag}"))
     wall, loop = time.perf_counter() - t0, max(summary["seconds"], 1e-3)
+    if profiler:
+        profiler.disable()
+        text = io.StringIO()
+        for order in ("tottime", "cumulative"):
+            pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(30)
+        profile.mkdir(parents=True, exist_ok=True)
+        (profile / f"extraction{tag}.txt").write_text(text.getvalue())
     return {"value": summary["views"] / loop, "unit": "views/s", "peak_mib": mem.mib(),
             "what": f"run_extraction {s.teachers['b16']}, {len(shards)} x {s.shard_size} img x {s.views} views, "
                     f"workers {s.extract_workers}", "images_per_s": summary["views"] / s.views / loop,
@@ -155,19 +169,17 @@ def bench_render(shards: list[Path], s: Settings, on_device: bool = False) -> di
     rendering views in the DataLoader workers into teacher batches (the runner's own
     `_teacher_batches`), plus, `on_device`, nvjpeg decode and device rendering of each batch.
     Extraction cannot run faster than this; compare it with the teacher's forward rate."""
-    from types import SimpleNamespace
-
     from mrmae.extract.reader import read_shard
-    from mrmae.extract.runner import ExtractConfig, _device_views, _teacher_batches
+    from mrmae.extract.runner import ExtractConfig, _device_views, _teacher_batches, render_loader
     from mrmae.shared.views import ViewConfig
 
     cfg = ExtractConfig(shards=[], out="", teacher="", views=ViewConfig(per_image=s.views, seed=0),
                         batch_size=s.batch, device=s.device, workers=s.extract_workers, decode_on_device=on_device)
-    size = SimpleNamespace(input_size=224)  # all _teacher_batches asks of the teacher
+    loader = render_loader(cfg, 224)
     sync = torch.cuda.synchronize if s.device.startswith("cuda") else (lambda: None)
     views, t0 = 0, time.perf_counter()
     for url in shards:
-        for batch in _teacher_batches(read_shard(str(url)), size, cfg, None, lambda key, reason: None):
+        for batch in _teacher_batches(read_shard(str(url)), loader, cfg, None, lambda key, reason: None):
             if on_device:
                 _device_views(batch, (224,), s.device)
             views += len(batch)
@@ -263,8 +275,16 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=450, help="skip compiled modes that would start later than "
                    "this minus --compile-seconds")
     p.add_argument("--compile-seconds", type=float, default=150, help="time to allow one compiled mode")
+    p.add_argument("--only", default="", help="comma-separated measurements to run (e.g. teacher_b16,extraction); "
+                   "default all. Cached pretraining reads the cache `extraction` writes")
+    p.add_argument("--shard-size", type=int, help="images per demo shard (the timed images stay "
+                   "shard size x extract shards of the settings)")
+    p.add_argument("--profile", help="folder for cProfile reports of the extraction runs' main thread")
     args = p.parse_args()
     s = DRY if args.dry else GPU
+    if args.shard_size:  # per-shard costs (reading, worker start, digests) against the same images
+        s = replace(s, shard_size=args.shard_size, extract_shards=max(1, s.shard_size * s.extract_shards
+                                                                        // args.shard_size))
     if not args.dry and not torch.cuda.is_available():
         raise SystemExit("gpu_bench: no CUDA device here; --dry runs the same code on the CPU with tiny sizes")
     out = args.out or (Path(tempfile.gettempdir()) / "mrmae_gpu_bench_dry.json" if args.dry else None)
@@ -291,7 +311,11 @@ def main() -> None:
                    "total_seconds": time.perf_counter() - t_start}
         return write_json("gpu_bench", payload, out)
 
+    only = {n for n in args.only.split(",") if n}
+
     def attempt(name: str, fn: Callable[[], dict | None]) -> None:
+        if only and name not in only:
+            return
         t0 = time.perf_counter()
         try:
             result = fn()
@@ -320,8 +344,10 @@ def main() -> None:
             attempt(f"teacher_{role}", lambda t=teacher: bench_teacher(t, s, mem))
         attempt("render_workers", lambda: bench_render(timed_shards, s))
         attempt("render_device", lambda: bench_render(timed_shards, s, on_device=True))
-        attempt("extraction", lambda: bench_extraction(warm, timed_shards, tmp, s, mem))
-        attempt("extraction_device_decode", lambda: bench_extraction(warm, timed_shards, tmp, s, mem, on_device=True))
+        profile = Path(args.profile) if args.profile else None
+        attempt("extraction", lambda: bench_extraction(warm, timed_shards, tmp, s, mem, profile=profile))
+        attempt("extraction_device_decode", lambda: bench_extraction(warm, timed_shards, tmp, s, mem, on_device=True,
+                                                                     profile=profile))
 
         def loaders() -> dict:
             r = measure_loaders(urls, tmp / "cache", s.loader_batch, s.loader_budget_s, warmup_batches=2)

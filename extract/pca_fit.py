@@ -64,12 +64,13 @@ def fit_pca_basis(urls: list[str], teacher: Teacher, cfg,
     views, in input-URL order and tar order within a shard (the same views on every rank and
     every run: a fixed, deterministic sample). Samples that do not render are left out here;
     extraction reports them."""
-    from mrmae.extract.runner import _forward, _teacher_batches, _unique_samples  # the runner's render + batching
+    from mrmae.extract.runner import _forward, _teacher_batches, _unique_samples, render_loader  # the runner's own
 
     want = cfg.pca_fit_views
     cfg = replace(cfg, store_pixels=None)  # the fit needs the teacher's input only
     acc, views = CovarianceAccumulator(), 0
     bar = tqdm(total=want, unit="view", desc="fit pca", disable=not cfg.progress, dynamic_ncols=True)
+    loader = render_loader(cfg, teacher.input_size)
     try:
         for url in urls:
             if views >= want:
@@ -77,7 +78,7 @@ def fit_pca_basis(urls: list[str], teacher: Teacher, cfg,
             geometry = geometry_of(url)
             unique, _ = _unique_samples(read_shard(url), geometry)
             with torch.no_grad():
-                for batch in _teacher_batches(unique, teacher, cfg, geometry, on_error=lambda key, reason: None):
+                for batch in _teacher_batches(unique, loader, cfg, geometry, on_error=lambda key, reason: None):
                     batch = batch[:want - views]  # exactly N views, whatever the batch size
                     features = _forward(batch, teacher, cfg, ()).features.float()
                     acc.add(features.reshape(-1, features.shape[-1]))

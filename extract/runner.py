@@ -16,6 +16,7 @@ same batches), and stored in the cache; every process then projects with the sto
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -27,12 +28,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mrmae import __version__
 from mrmae.extract.device_decode import decode_batch, render_batch
-from mrmae.extract.mapper import RenderDataset, RenderedSample
+from mrmae.extract.mapper import RenderedSample, RenderLoader
 from mrmae.extract.pca_fit import ensure_pca_basis
 from mrmae.extract.reader import RawSample, expand_urls, local_file_size, read_shard_with_digest
 from mrmae.shared import cache_format as cf
@@ -137,18 +137,21 @@ def _unique_samples(samples: list[RawSample], geometry: dict[str, list[View]] | 
     return unique, skipped
 
 
-def _teacher_batches(unique: list[RawSample], teacher: Teacher, cfg: ExtractConfig,
+def render_loader(cfg: ExtractConfig, input_size: int) -> RenderLoader:
+    """The workers that render views for `cfg`, for as many shards as the run has."""
+    codec = None if cfg.decode_on_device else cfg.store_pixels  # on the device path _write_batch encodes
+    return RenderLoader(cfg.views, input_size, cfg.workers, codec, cfg.decode_on_device)
+
+
+def _teacher_batches(unique: list[RawSample], loader: RenderLoader, cfg: ExtractConfig,
                      geometry: dict[str, list[View]] | None,
                      on_error: Callable[[str, str], None]) -> Iterator[list]:
-    """One shard's views rendered (DataLoader workers, tar order) and grouped into teacher
+    """One shard's views rendered (the loader's workers, tar order) and grouped into teacher
     batches of exactly `cfg.batch_size` views (the last one shorter); a sample that cannot
     be rendered goes to `on_error(key, reason)`. Extraction and the PCA fit both use it, so
     the fit's first shard has exactly the batches (and the bits) extraction gives it."""
-    codec = None if cfg.decode_on_device else cfg.store_pixels  # on the device path _run_batch encodes
-    dataset = RenderDataset(unique, cfg.views, teacher.input_size, geometry, codec, cfg.decode_on_device)
-    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
     batcher = _Batcher(cfg.batch_size)
-    for chunk in loader:  # list[RenderedSample], SAMPLES_PER_ITEM at a time
+    for chunk in loader.render(unique, geometry):  # list[RenderedSample], SAMPLES_PER_ITEM at a time
         for rendered in chunk:
             if rendered.error:
                 on_error(rendered.key, rendered.error)
@@ -160,12 +163,13 @@ def _teacher_batches(unique: list[RawSample], teacher: Teacher, cfg: ExtractConf
 
 def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None,
                   geometry: dict[str, list[View]] | None = None,
-                  pca: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+                  pca: tuple[torch.Tensor, torch.Tensor] | None = None, loader: RenderLoader | None = None) -> dict:
     """Extract one shard into its group and record it complete; returns its manifest entry.
 
     With `geometry` (another teacher added to a cache) exactly those views are rendered,
     and samples without cached views are skipped, so rows match the cache's one for one.
     `pca`: (mean [C], basis [K, C]) on the teacher's device: store K coefficients per token.
+    `loader`: render workers to reuse (`render_loader`); by default started for this shard.
     """
     t0 = time.time()
     samples, source_sha256 = read_shard_with_digest(url)
@@ -188,7 +192,8 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     behind = _WriteBehind()
     try:
         try:
-            for batch in _teacher_batches(unique, teacher, cfg, geometry, on_error):
+            loader = loader or render_loader(cfg, teacher.input_size)
+            for batch in _teacher_batches(unique, loader, cfg, geometry, on_error):
                 behind.submit(_write_batch, _device_batch(batch, teacher, cfg, pca), cfg, writer, bar)
             behind.drain()
         except SkippedSampleError as e:
@@ -314,6 +319,13 @@ def _device_batch(batch: list, teacher: Teacher, cfg: ExtractConfig,
                       host(out.cls.float().half()), {i: stored(t) for i, t in out.layers.items()}, pixels, ready)
 
 
+@functools.cache
+def _encoder_pool() -> ThreadPoolExecutor:
+    """Threads that encode --store-pixels views on the device path (zstd and PIL's encoders
+    release the GIL); `map` keeps the order, so the bytes do not depend on the thread count."""
+    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mrmae-encode")
+
+
 def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
                  bar: tqdm | None) -> None:
     """Append one batch to the shard (on the write thread)."""
@@ -321,8 +333,8 @@ def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.ShardWriter | cf.
         b.ready.synchronize()
     np_ = lambda v: tuple(t.numpy() for t in v) if isinstance(v, tuple) else v.numpy()  # noqa: E731
     pixels = b.pixels
-    if isinstance(pixels, torch.Tensor):
-        pixels = [encode_view(p, cfg.store_pixels) for p in pixels]
+    if isinstance(pixels, torch.Tensor):  # ~2-20 ms a view: one thread would bound the device path
+        pixels = list(_encoder_pool().map(lambda p: encode_view(p, cfg.store_pixels), pixels))
     writer.append(list(b.keys), np.array(b.views), np.stack(b.crops), np.array(b.flips), np_(b.features),
                   np_(b.attention), np_(b.cls), {i: np_(t) for i, t in b.layers.items()}, pixels=pixels)
     if bar is not None:
@@ -373,14 +385,17 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     bar = tqdm(total=None, unit="view", desc=f"extract[{rank}]" if world > 1 else "extract",
                disable=not cfg.progress, dynamic_ncols=True, position=rank)
     t0 = time.time()
+    loader = render_loader(run_cfg, teacher.input_size)
     try:
         for url in todo:
-            entry = extract_shard(url, teacher, run_cfg, bar, replayed_views(base.shard(url)) if base else None, pca)
+            entry = extract_shard(url, teacher, run_cfg, bar, replayed_views(base.shard(url)) if base else None, pca,
+                                  loader)
             summary["extracted"] += 1
             summary["views"] += entry["num_views"]
             summary["samples_skipped"] += len(entry["skipped"])
     finally:
         bar.close()
+        del loader  # its workers end with the DataLoader's iterator
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
 
