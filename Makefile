@@ -40,7 +40,7 @@ demo: $(STAMP)
 # table and writes benchmarks/results/<name>.json); BENCHMARKS.md's tables used the scripts' larger
 # defaults. benchmarks/gpu_bench.py needs a CUDA card and is not run here.
 bench: $(STAMP)
-	$(PY) benchmarks/extract_throughput.py --images 32 --reps 2
+	$(PY) benchmarks/extract_throughput.py --images 32 --reps 3
 	$(PY) benchmarks/codecs.py --reps 3
 	$(PY) benchmarks/wds_codec.py --reps 3
 	$(PY) benchmarks/pretrain_throughput.py --warmup 1 --steps 3 --step-only-warmup 1 --step-only-steps 3

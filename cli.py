@@ -64,6 +64,9 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 @click.option("--name", "target", help="With --add-teacher: the targets' name (default from the spec, e.g. clip-ViT-B-16).")
 @click.option("--views", "num_views", default=2, show_default=True, help="Views per image.")
 @click.option("--dtype", type=click.Choice(["int8", "float16"]), default="int8", show_default=True)
+@click.option("--int8-group", type=click.IntRange(min=0), default=64, show_default=True,
+              help="int8: one scale per this many channels of a token (0: one per token). Smaller groups keep a "
+                   "few large channels from coarsening the whole token, at 2 bytes per group.")
 @click.option("--format", "cache_format", type=click.Choice(["zarr", "wds"]), default="zarr", show_default=True,
               help="zarr: a Zarr v3 store; wds: one WebDataset tar per input shard.")
 @click.option("--batch-size", default=64, show_default=True, help="Views per teacher batch.")
@@ -85,7 +88,7 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
                    "Training then needs --store-pixels / --pixels-from-cache (other decoder than PIL).")
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
 @click.option("--no-progress", is_flag=True)
-def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, cache_format, batch_size, seed,
+def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, int8_group, cache_format, batch_size, seed,
                      device, workers, layers, image_size, store_pixels, decode_on_device, pca_rank, pca_fit_views, strict,
                      no_progress) -> None:
     """Run TEACHER once over --views augmented views of each image and cache its targets.
@@ -106,7 +109,8 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
         raise click.UsageError("--pca-fit-views goes with --pca")
     where = cf.target_root(out, target or cf.target_name(add_teacher)) if add_teacher else out
     cfg = ExtractConfig(
-        shards=shards or [], out=where, teacher=teacher or add_teacher, dtype=dtype, format=cache_format,
+        shards=shards or [], out=where, teacher=teacher or add_teacher, dtype=dtype, int8_group=int8_group or None,
+        format=cache_format,
         batch_size=batch_size, device=device, workers=workers, layers=tuple(int(x) for x in layers.split(",") if x),
         strict=strict, views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size),
         progress=not no_progress, views_from=out if add_teacher else None, store_pixels=store_pixels,

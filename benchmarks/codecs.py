@@ -3,7 +3,8 @@
 Data: a random-weight teacher (default clip:ViT-S-16; no model hub here, so these
 activations are a stand-in for a trained teacher's) run on demo views rendered by the
 extraction mapper (default 64 views), features [N, 196, C] float32, then stored as
-- int8: `mrmae.shared.cache_format.quantize_int8` values (+ float16 per-token scale [N, 196]),
+- int8: `mrmae.shared.cache_format.quantize_int8` values (+ float16 scales [N, 196, C / 64],
+  one per --int8-group channels as new caches store them; "int8_per_token": one per token),
 - float16: a plain cast.
 
 Measured, for int8 and float16 values, compressing each chunk of 16 rows (the cache's
@@ -126,7 +127,7 @@ def token_error(x: np.ndarray, y: np.ndarray) -> dict:
             "cos_mean": float(cos.mean())}
 
 
-def pca_rows(x: np.ndarray, ranks: list[int], fit_views: int, tmp: Path) -> list[dict]:
+def pca_rows(x: np.ndarray, ranks: list[int], fit_views: int, tmp: Path, group: int | None = None) -> list[dict]:
     """Bytes per view and reconstruction error of PCA coefficients, x [N, L, C] float32.
 
     The basis is fitted on x[:fit_views] (its tokens' mean and float64 covariance), the
@@ -143,7 +144,7 @@ def pca_rows(x: np.ndarray, ranks: list[int], fit_views: int, tmp: Path) -> list
         coeffs = cf.project(x, b)  # [N, L, K]
         for dtype in ("int8", "float16"):
             if dtype == "int8":
-                q, scale = cf.quantize_int8(coeffs)
+                q, scale = cf.quantize_int8(coeffs, group)  # as the cache stores coefficients
                 stored, deq = q, cf.dequantize(q, scale)
             else:
                 stored, scale = coeffs.astype(np.float16), None
@@ -166,6 +167,8 @@ def pca_rows(x: np.ndarray, ranks: list[int], fit_views: int, tmp: Path) -> list
 
 def main() -> None:
     parser = codec_parser(__doc__, "codecs")
+    parser.add_argument("--int8-group", type=int, default=cf.INT8_GROUP,
+                        help="channels per int8 scale, as extract-features --int8-group (0: per token)")
     parser.add_argument("--pca-ranks", default="64,128", help="PCA ranks K to measure (comma-separated; '' for none)")
     parser.add_argument("--pca-fit-views", type=int, default=None, help="views the basis is fitted on "
                         "(default: the first half); the rest are held out")
@@ -180,7 +183,8 @@ def main() -> None:
 
     x = teacher_features(args.teacher, args.images, args.views)
     n, L, C = x.shape
-    q, scale = cf.quantize_int8(x)
+    q, scale = cf.quantize_int8(x, args.int8_group or None)
+    q_token, scale_token = cf.quantize_int8(x)
     stored = {"int8": q, "float16": x.astype(np.float16)}
 
     codec_rows = []
@@ -203,12 +207,18 @@ def main() -> None:
             raw = values.nbytes + (scale.nbytes if dtype == "int8" else 0)
             per_view[dtype] = {"codec": cf.codec_description(dtype), "raw_bytes_per_view": raw / n,
                                "disk_bytes_per_view": total / n}
+        token_scale_disk = zarr_array_bytes(tmp / "scale-token", scale_token, [ZstdCodec(level=3)], ROWS * 16)
+        per_view["int8_per_token"] = {  # the same int8 codec; only the scales differ in size
+            "codec": cf.codec_description("int8"), "raw_bytes_per_view": (q_token.nbytes + scale_token.nbytes) / n,
+            "disk_bytes_per_view": (zarr_array_bytes(tmp / "int8-token", q_token, cf.compressor_for("int8"), ROWS)
+                                    ["disk_bytes"] + token_scale_disk["disk_bytes"]) / n}
 
         ranks = [int(r) for r in args.pca_ranks.split(",") if r.strip()]
         fit_views = min(n, args.pca_fit_views or max(1, n // 2))
-        pca = pca_rows(x, ranks, fit_views, tmp)
+        pca = pca_rows(x, ranks, fit_views, tmp, args.int8_group or None)
 
     errors = {"int8": token_error(x, cf.dequantize(q, scale)),
+              "int8_per_token": token_error(x, cf.dequantize(q_token, scale_token)),
               "float16": token_error(x, stored["float16"].astype(np.float32))}
     total_s = time.perf_counter() - t_start
     foreign_s = other.seconds()
@@ -232,7 +242,7 @@ def main() -> None:
                   f"{r['read_MBps']:.0f}"] for r in zarr_rows]))
     print()
     print(table(["dtype", "as cached (features codec)", "raw B/view", "disk B/view"],
-                [[d, v["codec"] + (" + scale zstd(3)" if d == "int8" else ""), f"{v['raw_bytes_per_view']:,.0f}",
+                [[d, v["codec"] + (" + scale zstd(3)" if d.startswith("int8") else ""), f"{v['raw_bytes_per_view']:,.0f}",
                   f"{v['disk_bytes_per_view']:,.0f}"] for d, v in per_view.items()]))
     print(f"int8 / float16 disk bytes per view: "
           f"{per_view['int8']['disk_bytes_per_view'] / per_view['float16']['disk_bytes_per_view']:.3f}\n")

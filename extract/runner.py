@@ -54,6 +54,7 @@ class ExtractConfig:
     teacher: str
     views: ViewConfig = field(default_factory=ViewConfig)
     dtype: str = "int8"
+    int8_group: int | None = cf.INT8_GROUP  # int8: channels per scale; None: one scale per token
     format: str = "zarr"  # cache backend: "zarr" (Zarr v3 groups) or "wds" (one tar per shard)
     batch_size: int = 64
     device: str = "cpu"
@@ -71,7 +72,7 @@ class ExtractConfig:
 def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
     teacher_entry = {**teacher.describe(), "layers": list(cfg.layers)}
     storage = cf.storage_section(cfg.format, cfg.dtype, cfg.store_pixels,
-                                 (cfg.pca, cfg.pca_fit_views) if cfg.pca else None)
+                                 (cfg.pca, cfg.pca_fit_views) if cfg.pca else None, cfg.int8_group)
     manifest = cf.new_manifest(teacher_entry, cfg.views.to_json(), storage, __version__)
     if cfg.views_from:
         manifest["views_from"] = "../.."  # a target's views are those of the cache two levels up
@@ -176,7 +177,7 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     n_views = cfg.views.per_image
     ext = PIXEL_CODECS[cfg.store_pixels][2] if cfg.store_pixels else None
     writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
-                                  cfg.dtype, cfg.layers, ext, feature_dim=cfg.pca)
+                                  cfg.dtype, cfg.layers, ext, feature_dim=cfg.pca, int8_group=cfg.int8_group)
     cf.forget_shard(cfg.out, writer.group_path)  # an entry left from an earlier write no longer holds
     unique, skipped = _unique_samples(samples, geometry)
     failed = 0  # samples of `unique` that could not be rendered
@@ -301,7 +302,7 @@ def _device_batch(batch: list, teacher: Teacher, cfg: ExtractConfig,
 
     def stored(t: torch.Tensor):
         if cfg.dtype == "int8":
-            return tuple(host(a) for a in cf.quantize_int8_torch(t.float()))
+            return tuple(host(a) for a in cf.quantize_int8_torch(t.float(), cfg.int8_group))
         return host(t.float().half())
 
     features = out.features.float()

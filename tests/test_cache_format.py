@@ -52,6 +52,30 @@ def test_device_quantisation_is_bit_identical_to_the_numpy_one():
     np.testing.assert_array_equal(q_b.numpy(), cf.quantize_int8(xb.float().numpy())[0])
 
 
+def test_group_scales_confine_an_outlier_channel_to_its_group():
+    """--int8-group 64: a token whose one channel is 50x the rest keeps the others' steps
+    fine (per-token scaling spends them all on the outlier); numpy, torch and dequantize agree."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 196, 384)).astype(np.float32)
+    x[..., 7] *= 50  # one massive channel, as CLIP teachers have
+    errs = {}
+    for group in (None, 64):
+        q, scale = cf.quantize_int8(x, group)
+        assert scale.shape == ((4, 196) if group is None else (4, 196, 6))
+        q_t, s_t = cf.quantize_int8_torch(torch.from_numpy(x), group)
+        np.testing.assert_array_equal(q_t.numpy(), q)
+        np.testing.assert_array_equal(s_t.numpy(), scale)
+        y = cf.dequantize(q, scale)
+        if group:  # each element within half of its own group's step
+            assert np.all(np.abs(y - x) <= np.repeat(scale.astype(np.float32), group, axis=-1) / 2 + 1e-6)
+        errs[group] = (np.linalg.norm(y - x, axis=-1) / np.linalg.norm(x, axis=-1)).max()
+    assert errs[64] < errs[None] / 2, errs
+    # a group that does not divide the width, or covers it whole: one scale per token
+    assert cf.int8_groups(384, 100) is None and cf.int8_groups(64, 64) is None and cf.int8_groups(128, 64) == 2
+
+
 @pytest.mark.parametrize("dtype", ["int8", "float16"])
 @pytest.mark.parametrize("rows", [5, 16, 37])
 def test_writer_reader_round_trip_across_chunk_boundaries(tmp_path, dtype, rows):

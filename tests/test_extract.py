@@ -51,9 +51,14 @@ def test_views_and_targets_do_not_depend_on_batch_size_or_workers(demo_shards, t
         np.testing.assert_allclose(a[src]["attention"], b[src]["attention"], atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype,floor", [("int8", 0.999), ("float16", 0.99999)])
-def test_stored_views_replay_through_the_teacher(demo_shards, tmp_path, dtype, floor):
-    extract(str(demo_shards[0]), tmp_path / "c", teacher=CLIP_SMALL, dtype=dtype, batch_size=4)
+@pytest.mark.parametrize("dtype,floor,group", [("int8", 0.999, 64), ("int8", 0.999, None), ("float16", 0.99999, 64)])
+def test_stored_views_replay_through_the_teacher(demo_shards, tmp_path, dtype, floor, group):
+    extract(str(demo_shards[0]), tmp_path / "c", teacher=CLIP_SMALL, dtype=dtype, batch_size=4, int8_group=group)
+    values, scale = cf.FeatureCache(tmp_path / "c").shard(str(demo_shards[0])).stored_row(0)
+    if dtype == "int8":  # ViT-S: 384 channels, 6 groups of 64 or one scale per token
+        assert values.dtype == np.int8 and scale.shape == ((196, 6) if group else (196,))
+    else:
+        assert values.dtype == np.float16 and scale is None
     report = verify_cache(str(tmp_path / "c"), recompute=5, seed=1)
     assert report.checked == 5 and report.ok
     assert report.worst_cosine >= floor and report.tolerance == floor
@@ -120,7 +125,8 @@ def test_refuses_to_add_with_another_configuration(demo_shards, tmp_path):
     for extra, field in ([["--teacher", DINO_TINY, "--views", "3"], "views.per_image"],
                          [["--teacher", DINO_TINY, "--dtype", "float16"], "storage.dtype"],
                          [["--teacher", "dino:vit_small_patch16_224"], "teacher."],
-                         [["--teacher", DINO_TINY, "--seed", "1"], "views.seed"]):
+                         [["--teacher", DINO_TINY, "--seed", "1"], "views.seed"],
+                         [["--teacher", DINO_TINY, "--int8-group", "0"], "storage."]):
         r = runner.invoke(cli, base + extra)
         assert r.exit_code == 1, r.output
         lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]

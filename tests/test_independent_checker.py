@@ -48,7 +48,11 @@ def test_independent_checker_agrees_with_the_cache(demo_shards, tmp_path):
     entry = json.loads(entry_file.read_text())
     group = zarr.open_group(str(cache / entry["group"]), mode="r")
     keys = [str(k) for k in group["keys"][:]]
-    features = group["features"][:].astype(np.float32) * group["features_scale"][:].astype(np.float32)[..., None]
+    # int8 x float16 scale, one scale per `storage.int8_group` channels of a token (CACHE_FORMAT.md)
+    values, scale = group["features"][:].astype(np.float32), group["features_scale"][:].astype(np.float32)
+    per = manifest["storage"]["int8_group"]
+    assert scale.shape == values.shape[:-1] + (values.shape[-1] // per,)
+    features = (values.reshape(*scale.shape, per) * scale[..., None]).reshape(values.shape)
     with tarfile.open(entry["source"]) as tf:
         jpgs = {Path(m.name).stem: tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")}
 

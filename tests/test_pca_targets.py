@@ -40,12 +40,14 @@ def rows(root: Path, layer: str = "features") -> dict[str, dict[str, np.ndarray]
 
 
 def stored_scales(root: Path) -> dict[str, np.ndarray]:
-    """The int8 per-token scales [N, L] as stored (the quantisation step of each token)."""
+    """Each token's largest int8 scale [N, L] as stored (its coarsest quantisation step: the
+    one scale per token, or the largest of its groups' scales)."""
     cache = cf.FeatureCache(root)
     out = {}
     for s in cache.complete_shards:
         g = cache.shard(s["source"])
-        out[s["source"]] = np.stack([g.stored_row(i)[1] for i in range(len(g))]).astype(np.float32)
+        scales = np.stack([g.stored_row(i)[1] for i in range(len(g))]).astype(np.float32)
+        out[s["source"]] = scales if scales.ndim == 2 else scales.max(axis=-1)
     return out
 
 

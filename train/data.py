@@ -9,7 +9,7 @@ Pipeline (webdataset stages; stream shape after each):
                         (pixels_from_cache: {key, stored view bytes, ...} from the cache, row order)
     shuffle             same, sample order mixed in a seeded buffer
     rank_slots          this rank's slots of each global batch   (split="samples" only)
-    render              {key, pixels [3,S,S] uint8, [teacher_pixels], [targets [L,C] int8 + targets_scale [L]
+    render              {key, pixels [3,S,S] uint8, [teacher_pixels], [targets [L,C] int8 + targets_scale [L(,G)]
                          (float16 caches: targets [L,C] float16)], [attention [L]]}
     batched             dict of stacked tensors, B samples
 
@@ -176,7 +176,7 @@ def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
                "crop": torch.tensor(view.box), "flip": torch.tensor(view.flip)}
         if cfg.teacher_size:
             out["teacher_pixels"] = render_view_uint8(image, view, cfg.teacher_size)
-    if "targets" in sample:  # as stored: int8 [L, C] + float16 scale [L], or float16 [L, C]
+    if "targets" in sample:  # as stored: int8 [L, C] + float16 scale [L] or [L, G], or float16 [L, C]
         out["targets"] = torch.from_numpy(np.ascontiguousarray(sample["targets"]))
         out["attention"] = torch.from_numpy(np.ascontiguousarray(sample["attention"]))
         for name in sample:  # targets_scale, and targets@j / targets_scale@j of joint teachers

@@ -93,7 +93,7 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
     """Run optimiser steps over `batches`; returns the global step reached.
 
     Each batch is a dict from `mrmae.train.data` ([B,3,S,S] uint8 pixels, optional [B,N,C]
-    targets as stored (int8 with [B,N] targets_scale, or float16) and [B,N] attention,
+    targets as stored (int8 with [B,N] or [B,N,G] targets_scale, or float16) and [B,N] attention,
     or [B,3,T,T] uint8 teacher pixels in live mode).
     `target_pca[j]`: (mean [C], basis [K, C]) on the device when target set j (0: `targets`,
     j >= 1: `targets@j`) comes from a PCA cache, whose stored targets are [B,N,K] coefficients;
@@ -172,8 +172,8 @@ def epoch_passes(stream, loader: Iterable[dict], epoch: int, empty: Exception) -
 
 def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids_keep: torch.Tensor,
                           device: torch.device) -> torch.Tensor:
-    """targets [B, N, C] (int8 with scale [B, N], float16 or float32) -> the visible
-    tokens' float32 targets [B, n, C] on `device`.
+    """targets [B, N, C] (int8 with scale [B, N], or [B, N, G] for G groups of channels;
+    float16 or float32) -> the visible tokens' float32 targets [B, n, C] on `device`.
 
     The stored values cross to the device (int8: a quarter of float32's bytes), the
     visible quarter is kept, and only that is dequantised.
@@ -181,9 +181,12 @@ def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids
     from mrmae.train.models import gather_visible
 
     t = gather_visible(targets.to(device, non_blocking=True), ids_keep).float()
-    if scale is not None:
-        t = t * gather_visible(scale.to(device, non_blocking=True), ids_keep).float().unsqueeze(-1)
-    return t
+    if scale is None:
+        return t
+    s = gather_visible(scale.to(device, non_blocking=True), ids_keep).float()
+    if s.ndim == t.ndim:  # [B, n, G]: each scale covers C / G channels
+        return (t.unflatten(-1, (s.shape[-1], -1)) * s.unsqueeze(-1)).flatten(-2)
+    return t * s.unsqueeze(-1)
 
 
 def pca_reconstruct(coefficients: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -31,12 +31,18 @@ def codec_description(dtype: str, backend: str = "zarr") -> str:
     return zarr_codec_description(dtype) if _check_backend(backend) == "zarr" else wds_codec_description()
 
 
-def storage_section(backend: str, dtype: str, pixels: str | None = None, pca: tuple[int, int] | None = None) -> dict:
+def storage_section(backend: str, dtype: str, pixels: str | None = None, pca: tuple[int, int] | None = None,
+                    int8_group: int | None = None) -> dict:
     """The manifest's `storage` for a new cache (what `config_mismatch` compares);
     `pixels`: the codec of stored views (`--store-pixels`), or None; `pca`: (rank K, fit
-    views N) when features are stored as K PCA coefficients (`dtype` then applies to them)."""
+    views N) when features are stored as K PCA coefficients (`dtype` then applies to them);
+    `int8_group`: channels per int8 scale, None for one per token."""
+    group = int8_group if dtype == "int8" else None
+    quantisation = None if dtype != "int8" else (
+        f"absmax int8 per {group} channels of a token (one per token where {group} does not divide the width), "
+        "value = int8 x scale" if group else "per-token absmax int8, value = int8 x scale")
     storage = {"backend": _check_backend(backend), "dtype": dtype, "pixels": pixels,
-               "quantisation": "per-token absmax int8, value = int8 x scale" if dtype == "int8" else None,
+               "quantisation": quantisation, "int8_group": group,
                "codec": codec_description(dtype, backend), "pca": pca_storage(*pca) if pca else None}
     if backend == "zarr":
         storage["rows_per_chunk"] = ROWS_PER_CHUNK
@@ -45,18 +51,19 @@ def storage_section(backend: str, dtype: str, pixels: str | None = None, pca: tu
 
 def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
                       dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None,
-                      feature_dim: int | None = None) -> ShardWriter | WdsShardWriter:
+                      feature_dim: int | None = None, int8_group: int | None = None) -> ShardWriter | WdsShardWriter:
     """The writer of one input shard for `backend`; both have append / close / abort, `name`,
     `group_path` (the manifest entry's `group`), `final` (the finished local copy) and `rows`.
 
     For a cache at a URL the writer works in a local staging directory; `commit_shard`
     uploads what it wrote. `pixels`: the file extension of stored views, when stored.
     `feature_dim`: the width of the stored `features` when it is not the teacher's `dim`
-    (K PCA coefficients); cls and layer<i> stay `dim` wide.
+    (K PCA coefficients); cls and layer<i> stay `dim` wide. `int8_group`: channels per
+    int8 scale (the manifest's `storage.int8_group`), None for one per token.
     """
     local_root = staging_dir() if is_url(root) else root
     writer = _WRITERS[_check_backend(backend)](local_root, source, max_rows, dim, grid_len, dtype, layers, pixels,
-                                               feature_dim=feature_dim)
+                                               feature_dim=feature_dim, int8_group=int8_group)
     if is_url(root):
         abort = writer.abort
 

@@ -23,21 +23,40 @@ class CacheError(ValueError):
 # --- quantisation ---------------------------------------------------------------------
 
 
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float [..., C] -> (int8 [..., C], float16 scale [...]); value ~= int8 * scale.
+INT8_GROUP = 64  # channels per int8 scale, the default of new caches (`--int8-group`)
 
-    scale = per-token absmax / 127, rounded to float16 *before* quantising so the stored
-    scale is the one the values were divided by (error <= scale / 2 per element).
+
+def int8_groups(width: int, group: int | None) -> int | None:
+    """Scales per token when each covers `group` channels of `width`; None: one per token
+    (no group given, or it does not divide `width` into several parts)."""
+    if not group or group >= width or width % group:
+        return None
+    return width // group
+
+
+def _grouped(x, groups: int | None):
+    """[..., C] -> [..., G, C/G] (a view), or x itself when `groups` is None."""
+    return x if groups is None else x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+
+
+def quantize_int8(x: np.ndarray, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float [..., C] -> (int8 [..., C], float16 scale [...] or [..., G]); value ~= int8 * scale.
+
+    One scale per token, or per `group` channels of a token (`int8_groups`): a few large
+    channels then coarsen only their own group's steps, not the whole token's. scale =
+    absmax / 127, rounded to float16 *before* quantising, so the stored scale is the one the
+    values were divided by (error <= scale / 2 per element).
     """
     x = np.asarray(x, dtype=np.float32)
-    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float16)
+    y = _grouped(x, int8_groups(x.shape[-1], group))
+    scale = (np.abs(y).max(axis=-1) / 127.0).astype(np.float16)
     s = scale.astype(np.float32)[..., None]
-    q = np.divide(x, s, out=np.zeros_like(x), where=s > 0)
-    return np.clip(np.rint(q), -127, 127).astype(np.int8), scale
+    q = np.divide(y, s, out=np.zeros_like(y), where=s > 0)
+    return np.clip(np.rint(q), -127, 127).astype(np.int8).reshape(x.shape), scale
 
 
-def quantize_int8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_int8` on x's own device: (int8 [..., C], float16 [...]), bit-identical to it.
+def quantize_int8_torch(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8` on x's own device: (int8 [..., C], float16 [...] or [..., G]), bit-identical.
 
     The extraction quantises on the teacher's device, so a quarter of the bytes cross the
     bus and no CPU core spends ~1 s per batch of 256 B/16 views on it (measured on an H200).
@@ -45,33 +64,38 @@ def quantize_int8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     to even, clip) as the numpy version; tests hold the two equal.
     """
     x = x.float()
-    scale = (x.abs().amax(dim=-1) / 127.0).half()
+    y = _grouped(x, int8_groups(x.shape[-1], group))
+    scale = (y.abs().amax(dim=-1) / 127.0).half()
     s = scale.float().unsqueeze(-1)
-    q = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0)
-    return q.round().clamp(-127, 127).to(torch.int8), scale
+    q = torch.where(s > 0, y / torch.where(s > 0, s, 1.0), 0.0)
+    return q.round().clamp(-127, 127).to(torch.int8).reshape(x.shape), scale
 
 
-def stored_features(value: np.ndarray | tuple[np.ndarray, np.ndarray], dtype: str
+def stored_features(value: np.ndarray | tuple[np.ndarray, np.ndarray], dtype: str, group: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray | None]:
     """What a writer stores for one features column: (values, scale or None).
 
     `value` is float [n, L, C] or an already quantised (int8, float16 scale) pair from
-    `quantize_int8_torch`; dtype "int8" or "float16" as the cache stores.
+    `quantize_int8_torch`; dtype "int8" or "float16" as the cache stores; `group`: the
+    cache's channels per scale.
     """
     if isinstance(value, tuple):
         if dtype != "int8" or value[0].dtype != np.int8:
             raise ValueError(f"a quantised (int8, scale) pair given to a {dtype} shard")
         return value
     if dtype == "int8":
-        return quantize_int8(value)
+        return quantize_int8(value, group)
     return np.asarray(value).astype(np.float16), None
 
 
 def dequantize(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """Stored features -> float32 (int8 x scale, or float16 as is)."""
+    """Stored features -> float32: int8 x scale (one per token, [...], or per group of
+    channels, [..., G]), or float16 as is."""
     if scale is None:
         return values.astype(np.float32)
-    return values.astype(np.float32) * scale.astype(np.float32)[..., None]
+    v = values.astype(np.float32)
+    groups = scale.shape[-1] if scale.ndim == v.ndim else None
+    return (_grouped(v, groups) * scale.astype(np.float32)[..., None]).reshape(v.shape)
 
 
 @dataclass

@@ -3,7 +3,7 @@
     CACHE/shards/<name>.tar               written by exactly one process, renamed into place
         <sample>.meta.json                {key, view, crop: [top, left, height, width], flip}
         <sample>.features.npy.zst         [L, C] int8 (or float16)
-        <sample>.scale.npy.zst            [L] float16, int8 only: value = features x scale
+        <sample>.scale.npy.zst            [L] or [L, G] float16, int8 only: value = features x scale
         <sample>.attention.npy.zst        [L] float16
         <sample>.cls.npy.zst              [C] float16
         <sample>.layer<i>.npy.zst         [L, C], and <sample>.layer<i>_scale.npy.zst (int8)
@@ -80,9 +80,11 @@ class WdsShardWriter:
 
     def __init__(self, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
                  dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None, codec: str = "zstd",
-                 feature_dim: int | None = None):
+                 feature_dim: int | None = None, int8_group: int | None = None):
         """`dim`: the teacher's width C (cls, layer<i>); `feature_dim`: the width of
-        `features` when it differs (K coefficients of a PCA cache)."""
+        `features` when it differs (K coefficients of a PCA cache); `int8_group`: channels
+        per int8 scale (None: one scale per token)."""
+        self.int8_group = int8_group
         if codec not in MEMBER_CODECS:
             raise ValueError(f"member codec {codec!r}: expected one of {MEMBER_CODECS}")
         self.root, self.source, self.dtype, self.layers = Path(root), source, dtype, tuple(layers)
@@ -118,7 +120,7 @@ class WdsShardWriter:
         check_pixels_given(self.source, self._pixels is not None, pixels, len(keys))
         stored: dict[str, np.ndarray] = {}
         for name, value in [("features", features)] + [(f"layer{i}", (layers or {})[i]) for i in self.layers]:
-            stored[name], scale = stored_features(value, self.dtype)
+            stored[name], scale = stored_features(value, self.dtype, self.int8_group)
             if scale is not None:
                 stored[_scale_member(name)] = scale
         if tuple(stored["features"].shape[1:]) != self.shape:
@@ -373,7 +375,7 @@ class WdsShard:
         return dequantize(*self.stored_row(i, layer))
 
     def stored_row(self, i: int, layer: str = "features") -> tuple[np.ndarray, np.ndarray | None]:
-        """Features of one row as stored: (int8 [L, C], float16 scale [L]) or (float16 [L, C], None).
+        """Features of one row as stored: (int8 [L, C], float16 scale [L] or [L, G]) or (float16 [L, C], None).
 
         One read per ROWS_PER_CHUNK rows in a sequential pass.
         """

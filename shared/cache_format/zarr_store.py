@@ -20,7 +20,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_pixels_given, dequantize, group_digest,
-                     remove_stale_temps, stored_features, view_targets)
+                     int8_groups, remove_stale_temps, stored_features, view_targets)
 from .manifest import group_name
 
 # --- codecs -----------------------------------------------------------------------------
@@ -61,10 +61,13 @@ class ShardWriter:
     """
 
     def __init__(self, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
-                 dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None, feature_dim: int | None = None):
+                 dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None, feature_dim: int | None = None,
+                 int8_group: int | None = None):
         """`dim`: the teacher's width C (cls, layer<i>); `feature_dim`: the width of
-        `features` when it differs (K coefficients of a PCA cache)."""
+        `features` when it differs (K coefficients of a PCA cache); `int8_group`: channels
+        per int8 scale (None: one scale per token)."""
         self.root, self.source, self.dtype, self.layers = Path(root), source, dtype, layers
+        self.int8_group = int8_group
         self.name = group_name(source)
         self.group_path = f"shards/{self.name}"  # the manifest entry's `group`
         self.final = self.root / self.group_path
@@ -89,9 +92,10 @@ class ShardWriter:
             # every chunk with the fill value first, a third of the writer's time on features
             self.arrays[name] = mk(name, shape=(n, L, width), dtype=store_dtype, chunks=(r, L, width),
                                    compressors=compressor_for(dtype), config={"write_empty_chunks": True})
-            if dtype == "int8":
-                self.arrays[f"{name}_scale"] = mk(f"{name}_scale", shape=(n, L), dtype="float16",
-                                                  chunks=(r * 16, L), **small)
+            if dtype == "int8":  # [n, L], or [n, L, G] with G scales per token
+                groups = () if int8_groups(width, int8_group) is None else (int8_groups(width, int8_group),)
+                self.arrays[f"{name}_scale"] = mk(f"{name}_scale", shape=(n, L, *groups), dtype="float16",
+                                                  chunks=(r * 16, L, *groups), **small)
         self._buffer: dict[str, list[np.ndarray]] = {k: [] for k in self.arrays}
         self._buffered = 0
         self.rows = 0
@@ -115,7 +119,7 @@ class ShardWriter:
                 "crop": crop.astype(np.int32), "flip": flip.astype(bool),
                 "attention": attention.astype(np.float16), "cls": cls.astype(np.float16)}
         for name, value in [("features", features)] + [(f"layer{i}", (layers or {})[i]) for i in self.layers]:
-            cols[name], scale = stored_features(value, self.dtype)
+            cols[name], scale = stored_features(value, self.dtype, self.int8_group)
             if scale is not None:
                 cols[f"{name}_scale"] = scale
         for k, v in cols.items():
@@ -221,7 +225,7 @@ class ShardGroup:
         return self._geometry
 
     def stored_row(self, i: int, layer: str = "features") -> tuple[np.ndarray, np.ndarray | None]:
-        """Features of one row as stored: (int8 [L, C], float16 scale [L]) or (float16 [L, C], None).
+        """Features of one row as stored: (int8 [L, C], float16 scale [L] or [L, G]) or (float16 [L, C], None).
 
         A training worker walks a shard's rows in tar order, so it keeps the last decoded
         chunk-aligned block instead of decompressing a whole chunk per row; dequantising
