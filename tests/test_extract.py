@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -225,3 +226,30 @@ def test_cache_verify_reports_bit_rot_truncation_and_missing_groups(demo_shards,
     assert str(groups[0]) in damaged[0] and "same size" in damaged[0]
     assert str(groups[1]) in damaged[1] and "bytes, recorded" in damaged[1]
     assert str(groups[2]) in damaged[2] and "missing" in damaged[2]
+
+
+def test_a_version_2_cache_reads_and_grows_only_with_per_token_scales(demo_shards, tmp_path):
+    """Format 2 had one int8 scale per token and no storage.int8_group: such a cache still
+    reads, grows with --int8-group 0, and refuses the grouped default in one line; an
+    unknown format version is refused by name."""
+    out = tmp_path / "c"
+    extract(str(demo_shards[0]), out, int8_group=None)
+    manifest_path = out / cf.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 2
+    del manifest["storage"]["int8_group"]
+    manifest_path.write_text(json.dumps(manifest))
+    before = all_rows(out)
+    assert before[str(demo_shards[0])]["features"].shape == (12, 196, 192)
+
+    with pytest.raises(cf.CacheError, match=r"refusing to add.*storage\.(quantisation|int8_group)"):
+        extract(str(demo_shards[1]), out)
+    extract(str(demo_shards[1]), out, int8_group=None)
+    after = all_rows(out)
+    assert len(after) == 2 and np.array_equal(after[str(demo_shards[0])]["features"],
+                                              before[str(demo_shards[0])]["features"])
+
+    manifest["format_version"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(cf.CacheError, match=r"format_version 1, this mrmae reads 2 and 3"):
+        cf.FeatureCache(out)

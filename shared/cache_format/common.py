@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FORMAT_VERSION = 2  # 2: shard entries in shards/<name>.json, not in manifest.json
+FORMAT_VERSION = 3  # 3: int8 scales per group of channels (storage.int8_group); 2: one per token
+READABLE_VERSIONS = (2, 3)  # a version 2 cache reads as one with int8_group null
 ROWS_PER_CHUNK = 16  # views per features chunk: sequential loader reads, ~2.4 MB int8 for B/16
 
 

@@ -9,7 +9,7 @@ import json
 import os
 import re
 
-from .common import FORMAT_VERSION, CacheError
+from .common import FORMAT_VERSION, READABLE_VERSIONS, CacheError
 from .location import Location
 from .pca import MEASURED_FIELDS
 
@@ -50,9 +50,9 @@ def read_manifest(root: str | os.PathLike) -> dict:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise CacheError(f"{loc.join(MANIFEST)}: unreadable manifest ({e})") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(f"{loc.join(MANIFEST)}: format_version {manifest.get('format_version')!r}, "
-                         f"this mrmae reads {FORMAT_VERSION}")
+                         f"this mrmae reads {' and '.join(map(str, READABLE_VERSIONS))}")
     names = loc.glob("shards/*.json")
     entries = []
     for name, blob in zip(names, loc.read_many(names)):
