@@ -86,6 +86,8 @@ def check_compatible(out: str, wanted: dict) -> None:
     except cf.CacheError:
         return
     diff = cf.config_mismatch(existing, wanted)
+    if diff and diff.startswith(("storage.quantisation", "storage.int8_group")):
+        diff += "; --int8-group 0 gives one scale per token, as caches of format 2 have"
     if diff:
         raise cf.CacheError(f"{out}: refusing to add to a cache made with another configuration ({diff})")
 
@@ -312,12 +314,12 @@ def _device_batch(batch: list, teacher: Teacher, cfg: ExtractConfig,
     pixels = list(encoded) if cfg.store_pixels else None
     if student is not None:  # the student-size views, encoded by the write thread
         pixels = host(student)
-    ready = None
-    if features.device.type == "cuda":
-        ready = torch.cuda.Event()
-        ready.record()
-    return _HostBatch(keys, views, crops, flips, stored(features), host(out.attention.float().half()),
-                      host(out.cls.float().half()), {i: stored(t) for i, t in out.layers.items()}, pixels, ready)
+    b = _HostBatch(keys, views, crops, flips, stored(features), host(out.attention.float().half()),
+                   host(out.cls.float().half()), {i: stored(t) for i, t in out.layers.items()}, pixels, None)
+    if features.device.type == "cuda":  # after every copy above is queued, on their device's stream
+        b.ready = torch.cuda.Event()
+        b.ready.record(torch.cuda.current_stream(features.device))
+    return b
 
 
 @functools.cache
@@ -357,12 +359,17 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     """
     rank, world, local_rank = process_rank()
     device = f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device
+    if torch.device(device).type == "cuda":  # streams, events and new tensors default to this rank's GPU
+        torch.cuda.set_device(torch.device(device))
     base = cf.FeatureCache(cfg.views_from) if cfg.views_from else None
     if base is not None:  # another teacher for the same views: the cache's geometry, backend and shards
         cfg = replace(cfg, views=ViewConfig.from_json(base.manifest["views"]), format=base.backend)
     urls = expand_urls(cfg.shards) if cfg.shards or base is None else [s["source"] for s in base.complete_shards]
     mine = [u for i, u in enumerate(urls) if i % world == rank]
     teacher = build_teacher(cfg.teacher).to(device)
+    if cfg.dtype == "int8" and cfg.int8_group and teacher.dim % cfg.int8_group:
+        raise cf.CacheError(f"--int8-group {cfg.int8_group} does not divide the {teacher.dim} channels of "
+                            f"{cfg.teacher}: give a divisor, or 0 for one scale per token")
     if cfg.decode_on_device:  # recorded: training may replay views from the tars only with PIL
         decoder = "nvjpeg" if torch.device(device).type == "cuda" else "torchvision"
         cfg = replace(cfg, views=replace(cfg.views, decoder=decoder))

@@ -242,7 +242,7 @@ def test_a_version_2_cache_reads_and_grows_only_with_per_token_scales(demo_shard
     before = all_rows(out)
     assert before[str(demo_shards[0])]["features"].shape == (12, 196, 192)
 
-    with pytest.raises(cf.CacheError, match=r"refusing to add.*storage\.(quantisation|int8_group)"):
+    with pytest.raises(cf.CacheError, match=r"refusing to add.*storage\.(quantisation|int8_group).*--int8-group 0"):
         extract(str(demo_shards[1]), out)
     extract(str(demo_shards[1]), out, int8_group=None)
     after = all_rows(out)
@@ -253,3 +253,7 @@ def test_a_version_2_cache_reads_and_grows_only_with_per_token_scales(demo_shard
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(cf.CacheError, match=r"format_version 1, this mrmae reads 2 and 3"):
         cf.FeatureCache(out)
+    # a group that does not divide the teacher's width is refused before anything is written
+    with pytest.raises(cf.CacheError, match=r"--int8-group 100 does not divide the 192 channels"):
+        extract(str(demo_shards[0]), tmp_path / "d", int8_group=100)
+    assert not (tmp_path / "d").exists()

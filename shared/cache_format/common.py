@@ -62,11 +62,13 @@ def quantize_int8_torch(x: torch.Tensor, group: int | None = None) -> tuple[torc
     The extraction quantises on the teacher's device, so a quarter of the bytes cross the
     bus and no CPU core spends ~1 s per batch of 256 B/16 views on it (measured on an H200).
     Same float32 operations in the same order (absmax / 127 -> float16, divide, round half
-    to even, clip) as the numpy version; tests hold the two equal.
+    to even, clip) as the numpy version; tests hold the two equal. 127 is a tensor on x's
+    device: CUDA divides by a Python scalar as a multiplication by its reciprocal, which
+    rounds a few float16 scales in a million the other way.
     """
     x = x.float()
     y = _grouped(x, int8_groups(x.shape[-1], group))
-    scale = (y.abs().amax(dim=-1) / 127.0).half()
+    scale = (y.abs().amax(dim=-1) / torch.full((), 127.0, device=x.device)).half()
     s = scale.float().unsqueeze(-1)
     q = torch.where(s > 0, y / torch.where(s > 0, s, 1.0), 0.0)
     return q.round().clamp(-127, 127).to(torch.int8).reshape(x.shape), scale

@@ -3,7 +3,8 @@
     CACHE/zarr.json               Zarr v3 root group
     CACHE/shards/<name>/          one group per input shard, written by exactly one process
         keys [N] str  view [N] int16  crop [N,4] int32 (top,left,height,width)  flip [N] bool
-        features [N,L,C] int8 + features_scale [N,L] float16   (or float16 without scale)
+        features [N,L,C] int8 + features_scale [N,L,G] float16 (G = C / int8_group; [N,L]
+                                  with one scale per token)   (or float16 without scale)
         attention [N,L] float16   cls [N,C] float16   layer<i> [N,L,C] (+ layer<i>_scale)
         pixels [bytes] uint8 + pixels_offsets [N+1] int64     (--store-pixels: row i's image
                                   file is pixels[offsets[i]:offsets[i+1]])
@@ -238,7 +239,8 @@ class ShardGroup:
             scale = self.group[f"{layer}_scale"][rows] if self.quantized else None
             self._block = (start, layer, self.group[layer][rows], scale)
         values, scale = self._block[2], self._block[3]
-        return values[i - start], None if scale is None else scale[i - start]
+        # copies: a view would keep the whole READ_ROWS block alive in a shuffle buffer
+        return values[i - start].copy(), None if scale is None else scale[i - start].copy()
 
     def features_row(self, i: int, layer: str = "features") -> np.ndarray:
         """Features of one row [L, C] float32."""
