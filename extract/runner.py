@@ -3,11 +3,14 @@
 The shard is the unit of work and of resumption: a shard whose group the manifest marks
 complete is skipped; any other is rewritten whole. Stream shapes through one shard:
 
-    RawSample (bytes)              reader, main process
-    RenderedSample (K uint8 views) mapper, DataLoader workers, tar order kept
-    [B, 3, S, S] float             teacher batches of exactly `batch_size` views
-    rows [B, L, C] ...             shard writer (Zarr: buffered to whole chunks; wds: tar samples)
-                                   (--pca K: features projected on the device to [B, L, K])
+    RawSample (bytes)              reader, on a thread one shard ahead (`_read_ahead`)
+    RenderedSample (K uint8 views) mapper, DataLoader workers started once per run
+                                   (`RenderLoader`), 8 samples a task, tar order kept
+    [B, 3, S, S] uint8 -> float    teacher batches of exactly `batch_size` views, on the device
+    int8 [B, L, C] + scales ...    stored form made on the device (--pca K: [B, L, K] first),
+                                   copied to the host without blocking (`_device_batch`)
+    rows                           shard writer on a write-behind thread (`_WriteBehind`;
+                                   Zarr: buffered to whole chunks; wds: tar samples)
 
 With `--pca K` a basis is fitted before any shard is written, on the teacher's tokens of
 the first `--pca-fit-views` views in input order (the same render and teacher code, the
@@ -166,16 +169,18 @@ def _teacher_batches(unique: list[RawSample], loader: RenderLoader, cfg: Extract
 
 def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None,
                   geometry: dict[str, list[View]] | None = None,
-                  pca: tuple[torch.Tensor, torch.Tensor] | None = None, loader: RenderLoader | None = None) -> dict:
+                  pca: tuple[torch.Tensor, torch.Tensor] | None = None, loader: RenderLoader | None = None,
+                  read: tuple[list[RawSample], str] | None = None) -> dict:
     """Extract one shard into its group and record it complete; returns its manifest entry.
 
     With `geometry` (another teacher added to a cache) exactly those views are rendered,
     and samples without cached views are skipped, so rows match the cache's one for one.
     `pca`: (mean [C], basis [K, C]) on the teacher's device: store K coefficients per token.
     `loader`: render workers to reuse (`render_loader`); by default started for this shard.
+    `read`: the shard's samples and sha256 when already read (`_read_ahead`).
     """
     t0 = time.time()
-    samples, source_sha256 = read_shard_with_digest(url)
+    samples, source_sha256 = read or read_shard_with_digest(url)
     n_views = cfg.views.per_image
     ext = PIXEL_CODECS[cfg.store_pixels][2] if cfg.store_pixels else None
     writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
@@ -217,6 +222,18 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         raise
     behind.close()
     return entry
+
+
+def _read_ahead(urls: list[str]) -> Iterator[tuple[str, tuple[list[RawSample], str]]]:
+    """(url, (samples, sha256)) for each shard, the next one read and hashed on a thread
+    while the current one is extracted, so the device does not wait for each tar. A shard
+    that cannot be read raises its ShardReadError when its turn comes, as it would unread."""
+    with ThreadPoolExecutor(1, thread_name_prefix="mrmae-read") as pool:
+        pending = deque(pool.submit(read_shard_with_digest, u) for u in urls[:1])
+        for i, url in enumerate(urls):
+            if i + 1 < len(urls):
+                pending.append(pool.submit(read_shard_with_digest, urls[i + 1]))
+            yield url, pending.popleft().result()
 
 
 class _WriteBehind:
@@ -395,9 +412,9 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     t0 = time.time()
     loader = render_loader(run_cfg, teacher.input_size)
     try:
-        for url in todo:
+        for url, read in _read_ahead(todo):
             entry = extract_shard(url, teacher, run_cfg, bar, replayed_views(base.shard(url)) if base else None, pca,
-                                  loader)
+                                  loader, read)
             summary["extracted"] += 1
             summary["views"] += entry["num_views"]
             summary["samples_skipped"] += len(entry["skipped"])
