@@ -28,8 +28,10 @@ The table printed last holds every figure, the ratios and, where the project has
 H200 anchor (../shared/reference/ANCHORS.md: torch 2.11, the public reference model).
 --dry: ViT-tiny student, ViT-S-16 / timm ViT-tiny as the B/16 / L/14 stand-ins, batch 2.
 
-    .venv/bin/python benchmarks/gpu_bench.py        # CUDA; meant to take 4-6 minutes on an H100
+    .venv/bin/python benchmarks/gpu_bench.py        # CUDA; 3.4 minutes on an H200 (2026-11-27)
     .venv/bin/python benchmarks/gpu_bench.py --dry  # CPU smoke run of the same code, ~20-30 s
+    # one part, with a cProfile of the extraction runs' main thread:
+    .venv/bin/python benchmarks/gpu_bench.py --only teacher_b16,extraction --profile prof/
 
 Writes benchmarks/results/gpu_bench.json (--dry: a temp file), or --out PATH.
 """
