@@ -17,6 +17,10 @@ ROWS_PER_CHUNK) on its own as zarr does:
 - real zarr v3 arrays on disk (chunks of 16 rows) with zarr.codecs.ZstdCodec(level=3) and
   BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"): bytes on disk (all files);
 - bytes per view: int8 (values + scale, codecs as the cache writes them) vs float16;
+- the order-0 entropy bound: Shannon entropy of the stored bytes (int8 values; float16's
+  low and high byte planes apart, as byte shuffle separates them), so 8 / H is the best
+  ratio any coder that models bytes one at a time can reach, and the int8 / float16 bytes
+  per view that bound allows (int8 scales counted raw);
 - quantisation error per token: relative L2 ||deq - x|| / ||x|| (max, mean), worst cosine;
 - low-rank (PCA) targets (`extract-features --pca K`), for each K of --pca-ranks: a basis
   fitted as extraction fits it (`cf.basis_from_covariance`, float64) on the tokens of the
@@ -127,6 +131,24 @@ def token_error(x: np.ndarray, y: np.ndarray) -> dict:
             "cos_mean": float(cos.mean())}
 
 
+def byte_entropy(values: np.ndarray) -> float:
+    """Order-0 Shannon entropy, bits per byte, of an array's bytes."""
+    counts = np.bincount(np.ascontiguousarray(values).view(np.uint8).ravel(), minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def entropy_bound(q: np.ndarray, scale: np.ndarray, f16: np.ndarray) -> dict:
+    """Best bytes an order-0 coder can reach: int8 values + raw scales against float16."""
+    planes = f16.view(np.uint8).reshape(-1, 2)  # little-endian: [low byte, high byte (sign, exponent)]
+    h_int8, h_lo, h_hi = byte_entropy(q), byte_entropy(planes[:, 0]), byte_entropy(planes[:, 1])
+    int8_bytes = q.size * h_int8 / 8 + scale.nbytes
+    f16_bytes = f16.size * (h_lo + h_hi) / 8
+    return {"int8_bits_per_byte": h_int8, "float16_low_bits": h_lo, "float16_high_bits": h_hi,
+            "int8_best_ratio": 8 / h_int8, "float16_best_ratio": 16 / (h_lo + h_hi),
+            "int8_over_float16": int8_bytes / f16_bytes}
+
+
 def pca_rows(x: np.ndarray, ranks: list[int], fit_views: int, tmp: Path, group: int | None = None) -> list[dict]:
     """Bytes per view and reconstruction error of PCA coefficients, x [N, L, C] float32.
 
@@ -217,6 +239,7 @@ def main() -> None:
         fit_views = min(n, args.pca_fit_views or max(1, n // 2))
         pca = pca_rows(x, ranks, fit_views, tmp, args.int8_group or None)
 
+    bound = entropy_bound(q, scale, stored["float16"])
     errors = {"int8": token_error(x, cf.dequantize(q, scale)),
               "int8_per_token": token_error(x, cf.dequantize(q_token, scale_token)),
               "float16": token_error(x, stored["float16"].astype(np.float32))}
@@ -225,7 +248,7 @@ def main() -> None:
 
     payload = {"benchmark": "codecs", "note": RANDOM_WEIGHTS_NOTE, "machine": facts,
                "params": {**vars(args), "shape": [n, L, C], "chunk_rows": ROWS, "blosc_threads": 1},
-               "numcodecs": codec_rows, "zarr": zarr_rows, "bytes_per_view": per_view, "error": errors,
+               "numcodecs": codec_rows, "zarr": zarr_rows, "bytes_per_view": per_view, "entropy_bound": bound, "error": errors,
                "pca": {"fit_views": fit_views, "held_out_views": n - fit_views, "rows": pca},
                "foreign_cpu_seconds": foreign_s, "total_seconds": total_s}
     path = write_json(args.name, payload, args.out)
@@ -245,7 +268,10 @@ def main() -> None:
                 [[d, v["codec"] + (" + scale zstd(3)" if d.startswith("int8") else ""), f"{v['raw_bytes_per_view']:,.0f}",
                   f"{v['disk_bytes_per_view']:,.0f}"] for d, v in per_view.items()]))
     print(f"int8 / float16 disk bytes per view: "
-          f"{per_view['int8']['disk_bytes_per_view'] / per_view['float16']['disk_bytes_per_view']:.3f}\n")
+          f"{per_view['int8']['disk_bytes_per_view'] / per_view['float16']['disk_bytes_per_view']:.3f}; "
+          f"at the order-0 entropy bound {bound['int8_over_float16']:.3f} (int8 {bound['int8_bits_per_byte']:.2f} "
+          f"bits/byte, best ratio {bound['int8_best_ratio']:.3f}; float16 {bound['float16_low_bits']:.2f} + "
+          f"{bound['float16_high_bits']:.2f} bits, best ratio {bound['float16_best_ratio']:.3f})\n")
     print(table(["stored", "rel L2 max", "rel L2 mean", "worst cos", "mean cos"],
                 [[d, f"{e['rel_l2_max']:.2e}", f"{e['rel_l2_mean']:.2e}", f"{e['cos_min']:.6f}",
                   f"{e['cos_mean']:.6f}"] for d, e in errors.items()]))
