@@ -7,6 +7,8 @@ One process, one card, one run, so every ratio compares figures measured side by
   on device-resident random batches of 256 views (224 px for /16, 196 px for /14);
 - render_workers / render_device: the extraction's input side alone (tar reading, view
   rendering in the DataLoader workers; + nvjpeg decode and device rendering), no teacher;
+- render_one_by_one / render_exact: the device renderers alone on one batch of decoded
+  images (torchvision per view vs extract/batch_render.py's batched exact matmuls);
 - extraction: `run_extraction` end to end with --device cuda (read tar, decode, render,
   teacher, int8 quantise, compress, write Zarr) over demo shards of ImageNet-sized JPEGs
   (~200-600 px a side, `mrmae.demo.write_demo_shards`) after one warm-up shard;
@@ -192,6 +194,33 @@ def bench_render(shards: list[Path], s: Settings, on_device: bool = False) -> di
             "what": f"input side only: read + {how}, {len(shards)} shards, workers {s.extract_workers}"}
 
 
+def bench_render_kernels(shards: list[Path], s: Settings) -> dict:
+    """The device renderers alone on one teacher batch of views, images decoded on the device
+    beforehand: torchvision view by view (the old path) vs extract/batch_render.render_exact
+    (batched integer-exact matmuls, the path now), timed on the same views, and how many
+    pixels of the old path differ from the CPU render (the exact path's by construction)."""
+    from mrmae.extract.batch_render import render_exact, render_one_by_one
+    from mrmae.extract.device_decode import decode_batch
+    from mrmae.extract.reader import read_shard
+    from mrmae.shared.views import ViewConfig, sample_views
+
+    samples = read_shard(str(shards[0]))[:max(1, s.batch // s.views)]
+    decoded = decode_batch([x.image for x in samples], s.device)
+    images, views = [], []
+    for sample, image in zip(samples, decoded):
+        for v in sample_views(sample.key, image.shape[1], image.shape[2], ViewConfig(per_image=s.views, seed=0)):
+            images.append(image)
+            views.append(v)
+    rates = {}
+    for name, render in (("one_by_one", render_one_by_one), ("exact", render_exact)):
+        rates[name] = len(views) / statistics.median(timed(lambda r=render: r(images, views, 224), s))
+    differ = (render_one_by_one(images, views, 224) != render_exact(images, views, 224)).float().mean().item()
+    return {f"render_{name}": {"value": rate, "unit": "views/s", "what": f"device render of {len(views)} "
+                               f"views, 224 px, decoded beforehand ({name})"} for name, rate in rates.items()} | {
+        "render_one_by_one_pixels_off": {"value": differ, "unit": "fraction",
+                                         "what": "pixels where torchvision on the device differs from the exact render"}}
+
+
 def bench_pretrain(mode: str, s: Settings, urls: list[str], cache_root: Path, teachers: dict, accelerator,
                    mem: PeakMemory, compile_backend: str | None = None) -> dict:
     from mrmae.shared import cache_format as cf
@@ -250,6 +279,8 @@ def ratio_rows(rows: dict, anchors: dict) -> dict:
               "input side alone (CPU decode), over forward-only"),
              ("ratio:render_device/teacher_b16", v("render_device"), v("teacher_b16"),
               "input side alone (nvjpeg), over forward-only"),
+             ("ratio:render_exact/render_one_by_one", v("render_exact"), v("render_one_by_one"),
+              "device render alone: batched exact vs torchvision per view"),
              ("ratio:cached/plain", v("pretrain_cached"), v("pretrain_plain"), "step img/s"),
              ("ratio:compiled_cached/compiled_plain", v("pretrain_cached_compiled"), v("pretrain_plain_compiled"),
               "step img/s"),
@@ -345,6 +376,7 @@ def main() -> None:
         for role, teacher in teachers.items():
             attempt(f"teacher_{role}", lambda t=teacher: bench_teacher(t, s, mem))
         attempt("render_workers", lambda: bench_render(timed_shards, s))
+        attempt("render_kernels", lambda: bench_render_kernels(timed_shards, s))
         attempt("render_device", lambda: bench_render(timed_shards, s, on_device=True))
         profile = Path(args.profile) if args.profile else None
         attempt("extraction", lambda: bench_extraction(warm, timed_shards, tmp, s, mem, profile=profile))

@@ -1,11 +1,11 @@
-"""JPEG decoding and view rendering on the teacher's device (`extract-features --decoder nvjpeg`).
+"""JPEG decoding on the teacher's device (`extract-features --decode-on-device`).
 
 On a GPU one CPU core decodes and crops ~400 ImageNet JPEGs a second while the teacher
 runs ~8,700 views a second (../shared/reference/ANCHORS.md): the CPU is the bottleneck.
 With this path the DataLoader workers only read each image's header (its size, to draw
 the views) and the main process decodes a whole teacher batch at once with
-`torchvision.io.decode_jpeg(..., device="cuda")` (nvjpeg), then crops, resizes and flips
-on the device.
+`torchvision.io.decode_jpeg(..., device="cuda")` (nvjpeg); extract/batch_render.py then
+crops, resizes and flips on the device, pixel for pixel as the CPU would.
 
 nvjpeg does not give PIL's pixels (up to 64 levels apart on a pixel; teacher tokens down
 to cosine 0.99 after rendering), so such a cache records `views.decoder = "nvjpeg"` and
@@ -22,10 +22,8 @@ import io
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
-from mrmae.shared.views import MAX_IMAGE_PIXELS, ImageDecodeError, View, decode_image
+from mrmae.shared.views import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
 
 DECODERS = ("pil", "nvjpeg")
 
@@ -78,13 +76,3 @@ def decode_batch(images: list[bytes], device: torch.device | str) -> list[torch.
                 raise ImageDecodeError(f"image {i} of the batch: {e}") from e
     return out
 
-
-def render_batch(images: list[torch.Tensor], views: list[View], size: int) -> torch.Tensor:
-    """uint8 [3, H, W] images (on the device) and one view each -> uint8 [B, 3, size, size],
-    with the same crop, bicubic antialiased resize and flip as views.render_view_uint8."""
-    out = []
-    for image, v in zip(images, views):
-        view = TF.resized_crop(image, v.top, v.left, v.height, v.width, [size, size],
-                               interpolation=InterpolationMode.BICUBIC, antialias=True)
-        out.append(TF.horizontal_flip(view) if v.flip else view)
-    return torch.stack(out)

@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from mrmae import __version__
-from mrmae.extract.device_decode import decode_batch, render_batch
+from mrmae.extract.batch_render import render_batch
+from mrmae.extract.device_decode import decode_batch
 from mrmae.extract.mapper import RenderedSample, RenderLoader
 from mrmae.extract.pca_fit import ensure_pca_basis
 from mrmae.extract.reader import RawSample, expand_urls, local_file_size, read_shard_with_digest

@@ -13,7 +13,8 @@ from conftest import DINO_TINY
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.device_decode import decode_batch, image_size, render_batch
+from mrmae.extract.batch_render import render_batch
+from mrmae.extract.device_decode import decode_batch, image_size
 from mrmae.extract.reader import read_shard
 from mrmae.extract.runner import ExtractConfig, run_extraction
 from mrmae.shared import cache_format as cf

@@ -17,7 +17,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
 MEASURED = ("teacher_b16", "teacher_l14", "extraction", "pretrain_plain", "pretrain_cached", "pretrain_live_b16",
             "pretrain_live_l14", "pretrain_cached_compiled")
-REQUIRED = MEASURED + ("render_workers", "render_device", "loader_cached", "loader_plain", "ratio:extraction/teacher_b16", "ratio:cached/plain",
+REQUIRED = MEASURED + ("render_workers", "render_device", "render_exact", "render_one_by_one",
+                       "ratio:render_exact/render_one_by_one", "loader_cached", "loader_plain", "ratio:extraction/teacher_b16", "ratio:cached/plain",
                        "ratio:cached/live_b16", "ratio:cached/live_l14", "ratio:compiled/eager_cached",
                        "ratio:loader_cached/plain", "workers_to_feed:cached", "memory:cached/plain",
                        "memory:live_b16/plain", "memory:live_l14/plain")
@@ -46,6 +47,8 @@ def test_gpu_bench_dry(tmp_path):
     rows = payload["rows"]
     assert set(table) == set(rows), set(table) ^ set(rows)
     assert set(REQUIRED) <= set(rows), set(REQUIRED) - set(rows)
+    # on the CPU torchvision's per-view render is the exact reference itself
+    assert rows.pop("render_one_by_one_pixels_off")["value"] == 0
     for name, row in rows.items():
         assert row["value"] > 0, name
         assert float(table[name][0]) > 0, name  # the table's value column

@@ -1,0 +1,142 @@
+"""Views rendered a batch at a time on any device, bit-identical to `views.render_view_uint8`.
+
+`render_view_uint8` (torchvision's resized_crop, bicubic, antialiased, on a uint8 CPU
+tensor) runs PyTorch's Pillow-style integer resampler: a horizontal then a vertical pass,
+each with bicubic (a = -0.5) weights stretched by the downscale factor, rounded to int16
+at a precision chosen per pass, accumulated exactly in integers, then shifted back and
+clamped to 0-255. On CUDA torchvision would resample in float32 instead (a pixel can end a
+level apart), and it does so one view, several kernels and ~100 us of Python at a time.
+
+Here each pass is one batched matmul of the crops with those integer weights, in float64:
+every product and partial sum is an integer below 2**53, so the sums are exact whatever
+order the matmul adds them in. The result therefore depends neither on the device nor on
+which views share a batch, and equals the CPU render pixel for pixel (tests/test_batch_render.py).
+Flips are folded into the horizontal weights (their rows reversed).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from mrmae.shared.views import View, render_view_uint8
+
+A = -0.5  # the bicubic kernel's parameter in Pillow and PyTorch's antialiased resampler
+MAX_PRECISION = 22  # bits: PyTorch's cap (int16 weights, int32 sums on its CPU path)
+CHUNK_ELEMENTS = 1 << 24  # float64 values per channel a chunk's buffers may hold (~400 MB in all)
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    near = ((A + 2) * x - (A + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * A
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+@functools.lru_cache(maxsize=4096)
+def pass_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The non-zero integer weights of one resampling pass n_in -> n_out, as triplets
+    (output index, input index, weight as a float64 integer), and their precision p:
+    output o = floor((sum of weight * input + 2**(p-1)) / 2**p), clamped to 0-255.
+    """
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)  # downscaling widens the kernel: the antialiasing
+    support = 2.0 * stretch
+    centers = scale * (np.arange(n_out) + 0.5)
+    first = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # C casts truncate toward zero
+    last = np.minimum((centers + support + 0.5).astype(np.int64), n_in)
+    index = first[:, None] + np.arange(int((last - first).max()))
+    w = np.where(index < last[:, None], _bicubic((index - centers[:, None] + 0.5) * (1.0 / stretch)), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total != 0, w / np.where(total != 0, total, 1.0), w)
+    # the largest precision whose biggest weight still fits int16 (PyTorch's rule)
+    precision = 0
+    while precision < MAX_PRECISION and int(0.5 + w.max() * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = w * (1 << precision)
+    ints = np.where(w < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5))  # round half away from zero
+    out, tap = np.nonzero(ints)
+    return out, index[out, tap], ints[out, tap], precision
+
+
+def _weights(lengths: list[int], flips: list[bool], width: int, size: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass's weights for n views, built on `device` from their non-zero entries:
+    (float64 [n, width, size], zero past each view's length; precision bits [n])."""
+    flat, values, precision = [], [], []
+    for i, (n_in, flip) in enumerate(zip(lengths, flips)):
+        out, col, w, p = pass_weights(n_in, size)
+        if flip:  # a horizontal flip reverses the output columns
+            out = size - 1 - out
+        flat.append((i * width + col) * size + out)
+        values.append(w)
+        precision.append(p)
+    dense = torch.zeros(len(lengths) * width * size, dtype=torch.float64, device=device)
+    dense[torch.from_numpy(np.concatenate(flat)).to(device)] = torch.from_numpy(np.concatenate(values)).to(device)
+    return dense.view(len(lengths), width, size), torch.tensor(precision, device=device)
+
+
+def _resample(x: torch.Tensor, weights: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """One exact integer pass: x [n, 3, k, l] float64 @ weights [n, l, m] -> [n, 3, k, m]."""
+    acc = x @ weights[:, None]
+    unit = torch.exp2(precision.to(acc.dtype)).view(-1, 1, 1, 1)
+    return acc.add_(unit / 2).div_(unit).floor_().clamp_(0, 255)  # division by a power of two: exact
+
+
+def _render_chunk(images: list[torch.Tensor], views: list[View], size: int) -> torch.Tensor:
+    device = images[0].device
+    h, w = max(v.height for v in views), max(v.width for v in views)
+    crops = torch.zeros((len(views), 3, h, w), dtype=torch.uint8, device=device)
+    for i, (image, v) in enumerate(zip(images, views)):
+        crops[i, :, :v.height, :v.width] = image[:, v.top:v.top + v.height, v.left:v.left + v.width]
+    wx = _weights([v.width for v in views], [v.flip for v in views], w, size, device)
+    wy = _weights([v.height for v in views], [False] * len(views), h, size, device)
+    x = _resample(crops.double(), *wx)  # along rows: [n, 3, h, size]
+    x = _resample(x.transpose(2, 3), *wy)  # along columns: [n, 3, size (x), size (y)]
+    return x.transpose(2, 3).to(torch.uint8)
+
+
+def render_batch(images: list[torch.Tensor], views: list[View], size: int) -> torch.Tensor:
+    """uint8 [3, H, W] images (one per view; repeats allowed), all on one device, and their
+    views -> uint8 [B, 3, size, size], pixel for pixel `render_view_uint8(image, view, size)`.
+
+    On the CPU that is torchvision's own integer resampler, view by view (its sparse
+    kernels beat dense float64 matmuls there); on an accelerator, `render_exact`.
+    """
+    if not views or images[0].device.type == "cpu":
+        return render_one_by_one(images, views, size)
+    return render_exact(images, views, size)
+
+
+def render_one_by_one(images: list[torch.Tensor], views: list[View], size: int) -> torch.Tensor:
+    """`render_view_uint8` view by view, stacked (on CUDA torchvision resamples in float32:
+    not always the CPU's pixels)."""
+    if not views:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    return torch.stack([render_view_uint8(image, v, size) for image, v in zip(images, views)])
+
+
+def render_exact(images: list[torch.Tensor], views: list[View], size: int) -> torch.Tensor:
+    """`render_batch` by batched matmuls on the images' device, exact on every device.
+
+    Views are grouped by crop size so padding stays small, in chunks whose buffers (crops,
+    weights, the pass between, the output) hold at most CHUNK_ELEMENTS values per channel;
+    exact arithmetic makes the grouping invisible in the output.
+    """
+    if not views:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    order = sorted(range(len(views)), key=lambda i: (views[i].height, views[i].width))
+    chunks, current, h, w = [], [], 0, 0
+    for i in order:
+        h, w = max(h, views[i].height), max(w, views[i].width)
+        if current and (len(current) + 1) * (h * w + (h + w + size) * size) > CHUNK_ELEMENTS:
+            chunks.append(current)
+            current, h, w = [], views[i].height, views[i].width
+        current.append(i)
+    chunks.append(current)
+    out = torch.cat([_render_chunk([images[i] for i in c], [views[i] for i in c], size) for c in chunks])
+    inverse = torch.as_tensor(np.argsort(np.concatenate(chunks)), device=out.device)
+    return out.index_select(0, inverse)
+
