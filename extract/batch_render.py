@@ -25,7 +25,7 @@ from mrmae.shared.views import View, render_view_uint8
 
 A = -0.5  # the bicubic kernel's parameter in Pillow and PyTorch's antialiased resampler
 MAX_PRECISION = 22  # bits: PyTorch's cap (int16 weights, int32 sums on its CPU path)
-CHUNK_ELEMENTS = 1 << 24  # float64 values per channel a chunk's buffers may hold (~400 MB in all)
+CHUNK_ELEMENTS = 1 << 24  # per channel, of a chunk's crops, weights and passes (render_exact)
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -61,53 +61,71 @@ def pass_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return out, index[out, tap], ints[out, tap], precision
 
 
-def _weights(lengths: list[int], flips: list[bool], width: int, size: int,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass's weights for n views, built on `device` from their non-zero entries:
-    (float64 [n, width, size], zero past each view's length; precision bits [n])."""
+def _weight_entries(lengths: list[int], flips: list[bool], width: int,
+                    size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass's non-zero weights for n views: (flat index into [n, size, width], weight,
+    precision [n]), all int64 (the weights are int16 values)."""
     flat, values, precision = [], [], []
     for i, (n_in, flip) in enumerate(zip(lengths, flips)):
         out, col, w, p = pass_weights(n_in, size)
         if flip:  # a horizontal flip reverses the output columns
             out = size - 1 - out
-        flat.append((i * width + col) * size + out)
-        values.append(w)
+        flat.append((i * size + out) * width + col)
+        values.append(w.astype(np.int64))
         precision.append(p)
-    dense = torch.zeros(len(lengths) * width * size, dtype=torch.float64, device=device)
-    dense[torch.from_numpy(np.concatenate(flat)).to(device)] = torch.from_numpy(np.concatenate(values)).to(device)
-    return dense.view(len(lengths), width, size), torch.tensor(precision, device=device)
+    return np.concatenate(flat), np.concatenate(values), np.asarray(precision, dtype=np.int64)
 
 
-def _resample(x: torch.Tensor, weights: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """One exact integer pass: x [n, 3, k, l] float64 @ weights [n, l, m] -> [n, 3, k, m]."""
-    acc = x @ weights[:, None]
-    unit = torch.exp2(precision.to(acc.dtype)).view(-1, 1, 1, 1)
-    return acc.add_(unit / 2).div_(unit).floor_().clamp_(0, 255)  # division by a power of two: exact
+def _to_device(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """int64 arrays onto `device` in one copy that does not wait for the work already queued
+    there (pinned memory, non-blocking), so rendering overlaps the previous batch's teacher."""
+    host = torch.from_numpy(np.concatenate(parts))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return list(host.to(device, non_blocking=True).split([len(p) for p in parts]))
+
+
+def _dense(flat: torch.Tensor, values: torch.Tensor, n: int, size: int, width: int) -> torch.Tensor:
+    """float64 [n, size, width] weights, zero but for the given entries."""
+    dense = torch.zeros(n * size * width, dtype=torch.float64, device=flat.device)
+    dense[flat] = values.double()
+    return dense.view(n, size, width)
+
+
+def _shift(acc: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Integer sums [n, ...] back to pixels: floor((acc + 2**(p-1)) / 2**p) clamped to 0-255,
+    in place; dividing by a power of two is exact."""
+    unit = torch.exp2(precision.double()).view(-1, *[1] * (acc.dim() - 1))
+    return acc.add_(unit / 2).div_(unit).floor_().clamp_(0, 255)
 
 
 def _render_chunk(images: list[torch.Tensor], views: list[View], size: int) -> torch.Tensor:
-    device = images[0].device
+    device, n = images[0].device, len(views)
     h, w = max(v.height for v in views), max(v.width for v in views)
-    crops = torch.zeros((len(views), 3, h, w), dtype=torch.uint8, device=device)
+    crops = torch.zeros((n, 3, h, w), dtype=torch.uint8, device=device)
     for i, (image, v) in enumerate(zip(images, views)):
         crops[i, :, :v.height, :v.width] = image[:, v.top:v.top + v.height, v.left:v.left + v.width]
-    wx = _weights([v.width for v in views], [v.flip for v in views], w, size, device)
-    wy = _weights([v.height for v in views], [False] * len(views), h, size, device)
-    x = _resample(crops.double(), *wx)  # along rows: [n, 3, h, size]
-    x = _resample(x.transpose(2, 3), *wy)  # along columns: [n, 3, size (x), size (y)]
-    return x.transpose(2, 3).to(torch.uint8)
+    fx, vx, px = _weight_entries([v.width for v in views], [v.flip for v in views], w, size)
+    fy, vy, py = _weight_entries([v.height for v in views], [False] * n, h, size)
+    fx, vx, px, fy, vy, py = _to_device([fx, vx, px, fy, vy, py], device)
+    wx, wy = _dense(fx, vx, n, size, w), _dense(fy, vy, n, size, h)  # [n, size, w], [n, size, h]
+    # along rows: [n, 3h, w] @ [n, w, size] -> [n, 3h, size]
+    x = _shift(torch.bmm(crops.double().view(n, 3 * h, w), wx.transpose(1, 2)), px)
+    # along columns: [n, size, h] @ [n, h, 3 size] -> [n, size (y), 3 size (c, x)]
+    x = _shift(torch.bmm(wy, x.view(n, 3, h, size).transpose(1, 2).reshape(n, h, 3 * size)), py)
+    return x.view(n, size, 3, size).transpose(1, 2).to(torch.uint8)  # [n, 3, size, size]
 
 
 def render_batch(images: list[torch.Tensor], views: list[View], size: int) -> torch.Tensor:
     """uint8 [3, H, W] images (one per view; repeats allowed), all on one device, and their
     views -> uint8 [B, 3, size, size], pixel for pixel `render_view_uint8(image, view, size)`.
 
-    On the CPU that is torchvision's own integer resampler, view by view (its sparse
-    kernels beat dense float64 matmuls there); on an accelerator, `render_exact`.
+    On CUDA, `render_exact`; elsewhere torchvision's own integer resampler view by view
+    (on a CPU its sparse kernels beat dense float64 matmuls; MPS has no float64).
     """
-    if not views or images[0].device.type == "cpu":
-        return render_one_by_one(images, views, size)
-    return render_exact(images, views, size)
+    if views and images[0].device.type == "cuda":
+        return render_exact(images, views, size)
+    return render_one_by_one(images, views, size)
 
 
 def render_one_by_one(images: list[torch.Tensor], views: list[View], size: int) -> torch.Tensor:
@@ -119,11 +137,12 @@ def render_one_by_one(images: list[torch.Tensor], views: list[View], size: int) 
 
 
 def render_exact(images: list[torch.Tensor], views: list[View], size: int) -> torch.Tensor:
-    """`render_batch` by batched matmuls on the images' device, exact on every device.
+    """`render_batch` by batched matmuls on the images' device (any with float64), exact.
 
-    Views are grouped by crop size so padding stays small, in chunks whose buffers (crops,
-    weights, the pass between, the output) hold at most CHUNK_ELEMENTS values per channel;
-    exact arithmetic makes the grouping invisible in the output.
+    Views are grouped by crop size so padding stays small, in chunks of at most
+    CHUNK_ELEMENTS per channel of n (h w + (h + w + size) size), which keeps a chunk's
+    float64 buffers under ~0.8 GB (a single larger view forms a chunk of its own); exact
+    arithmetic makes the grouping invisible in the output.
     """
     if not views:
         return torch.zeros((0, 3, size, size), dtype=torch.uint8)
@@ -137,6 +156,6 @@ def render_exact(images: list[torch.Tensor], views: list[View], size: int) -> to
         current.append(i)
     chunks.append(current)
     out = torch.cat([_render_chunk([images[i] for i in c], [views[i] for i in c], size) for c in chunks])
-    inverse = torch.as_tensor(np.argsort(np.concatenate(chunks)), device=out.device)
+    inverse, = _to_device([np.argsort(np.concatenate(chunks))], out.device)
     return out.index_select(0, inverse)
 

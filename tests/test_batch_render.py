@@ -68,3 +68,12 @@ def test_pass_weights_are_int16_rows_summing_to_one(n_in, n_out):
     assert np.all(np.abs(sums - 2.0 ** precision) <= taps)  # each weight rounded by at most 1/2
     if n_in == n_out:  # identity: one weight per output, on its own input
         assert np.array_equal(out, col) and np.all(w == 2.0 ** precision)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is lent)")
+def test_render_batch_on_cuda_gives_the_cpu_pixels():
+    images, views = random_views(np.random.default_rng(7), 20)
+    want = torch.stack([render_view_uint8(img, v, 224) for img, v in zip(images, views)])
+    on_gpu = {id(im): im.cuda() for im in images}
+    got = render_batch([on_gpu[id(im)] for im in images], views, 224)
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), want)

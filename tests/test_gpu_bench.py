@@ -47,8 +47,8 @@ def test_gpu_bench_dry(tmp_path):
     rows = payload["rows"]
     assert set(table) == set(rows), set(table) ^ set(rows)
     assert set(REQUIRED) <= set(rows), set(REQUIRED) - set(rows)
-    # on the CPU torchvision's per-view render is the exact reference itself
-    assert rows.pop("render_one_by_one_pixels_off")["value"] == 0
+    # the exact device render equals the CPU's (on the CPU torchvision's is the reference itself)
+    assert rows.pop("render_exact_pixels_off")["value"] == 0 and rows.pop("render_one_by_one_pixels_off")["value"] == 0
     for name, row in rows.items():
         assert row["value"] > 0, name
         assert float(table[name][0]) > 0, name  # the table's value column
