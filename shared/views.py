@@ -9,6 +9,7 @@ bytes and with the same function, for the student.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -192,12 +193,35 @@ def encode_view(pixels: torch.Tensor, codec: str) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a .npy file from its header bytes, parsed once per distinct header
+    (every view of a cache has the same one; parsing it is a literal_eval each time)."""
+    f = io.BytesIO(header)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran or dtype.hasobject:
+        raise ValueError(f"unsupported .npy layout (fortran order {fortran}, dtype {dtype})")
+    return shape, dtype
+
+
+def _load_npy(buf: bytes) -> np.ndarray:
+    """A .npy file's array, read-only over `buf` (no pickle, no copy)."""
+    if buf[:6] != b"\x93NUMPY" or len(buf) < 12:
+        raise ValueError("not a .npy file")
+    width = 2 if buf[6] == 1 else 4  # header length field: uint16 in version 1, uint32 after
+    start = 8 + width + int.from_bytes(buf[8:8 + width], "little")
+    shape, dtype = _npy_header(bytes(buf[:start]))
+    return np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
+
+
 def decode_view(data: bytes) -> torch.Tensor:
     """File bytes of a stored view -> uint8 [3, S, S] (the inverse of encode_view)."""
     if data[:4] == _ZSTD_MAGIC:
         from numcodecs import Zstd
 
-        arr = np.load(io.BytesIO(bytes(Zstd().decode(data))), allow_pickle=False)
+        arr = _load_npy(Zstd().decode(data))
     else:
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
