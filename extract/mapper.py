@@ -27,7 +27,8 @@ class RenderedSample:
     crops: np.ndarray  # int32 [K, 4] top, left, height, width
     flips: np.ndarray  # bool [K]
     encoded: list[bytes] | None = None  # --store-pixels: each view at the student's size, as an image file
-    image: bytes | None = None  # --decode-on-device: the undecoded image; pixels is then empty [K, 0]
+    image: bytes | None = None  # --decode-on-device: the undecoded image (attached by the main
+    # process, which holds it already: it does not travel back from a worker); pixels is empty [K, 0]
 
 
 def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int,
@@ -54,8 +55,7 @@ def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int,
             return empty
         views = views if views is not None else sample_views(sample.key, height, width, cfg)
         return RenderedSample(sample.key, None, torch.empty(len(views), 0, dtype=torch.uint8),
-                              np.array([v.box for v in views], dtype=np.int32), np.array([v.flip for v in views], bool),
-                              image=sample.image)
+                              np.array([v.box for v in views], dtype=np.int32), np.array([v.flip for v in views], bool))
     try:
         image = decode_image(sample.image)
     except ImageDecodeError as e:

@@ -158,11 +158,14 @@ def _teacher_batches(unique: list[RawSample], loader: RenderLoader, cfg: Extract
     be rendered goes to `on_error(key, reason)`. Extraction and the PCA fit both use it, so
     the fit's first shard has exactly the batches (and the bits) extraction gives it."""
     batcher = _Batcher(cfg.batch_size)
+    # --decode-on-device: workers only read image headers; the bytes stay here (keys are unique)
+    images = {s.key: s.image for s in unique} if cfg.decode_on_device else {}
     for chunk in loader.render(unique, geometry):  # list[RenderedSample], SAMPLES_PER_ITEM at a time
         for rendered in chunk:
             if rendered.error:
                 on_error(rendered.key, rendered.error)
                 continue
+            rendered.image = images.get(rendered.key)
             batcher.add(rendered)
         yield from batcher.take()
     yield from batcher.take(final=True)
