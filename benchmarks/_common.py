@@ -19,7 +19,7 @@ import torch
 from mrmae.demo import write_demo_shards
 from mrmae.extract.mapper import render_sample
 from mrmae.extract.reader import read_shard
-from mrmae.shared.views import ViewConfig
+from mrmae.shared.views import View, ViewConfig, sample_views
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RANDOM_WEIGHTS_NOTE = ("teachers have RANDOM weights (no model hub here): fine for throughput and "
@@ -93,6 +93,18 @@ def render_views(shards: list[Path], views: ViewConfig, input_size: int) -> torc
     """Every view of every sample, rendered by the extraction mapper: uint8 [N, 3, S, S]."""
     pixels = [render_sample(s, views, input_size).pixels for url in shards for s in read_shard(str(url))]
     return torch.cat(pixels)
+
+
+def views_per_image(keys: list[str], images: list[torch.Tensor], per_image: int
+                    ) -> tuple[list[torch.Tensor], list[View]]:
+    """The extraction's views (seed 0) of decoded images [3, H, W], as parallel lists: each
+    image repeated once per view, for the device renderers."""
+    out_images, views = [], []
+    for key, image in zip(keys, images):
+        for v in sample_views(key, image.shape[1], image.shape[2], ViewConfig(per_image=per_image, seed=0)):
+            out_images.append(image)
+            views.append(v)
+    return out_images, views
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -58,7 +58,7 @@ from typing import Callable
 import torch
 
 from _common import (RANDOM_WEIGHTS_NOTE, PeakMemory, base_lr, build_student, machine_facts, make_shards, table,
-                     train_steps, warn_if_busy, write_json)
+                     train_steps, views_per_image, warn_if_busy, write_json)
 from loader_throughput import measure_loaders
 
 
@@ -202,15 +202,10 @@ def bench_render_kernels(shards: list[Path], s: Settings) -> dict:
     from mrmae.extract.batch_render import render_exact, render_one_by_one
     from mrmae.extract.device_decode import decode_batch
     from mrmae.extract.reader import read_shard
-    from mrmae.shared.views import ViewConfig, sample_views
 
     samples = read_shard(str(shards[0]))[:max(1, s.batch // s.views)]
     decoded = decode_batch([x.image for x in samples], s.device)
-    images, views = [], []
-    for sample, image in zip(samples, decoded):
-        for v in sample_views(sample.key, image.shape[1], image.shape[2], ViewConfig(per_image=s.views, seed=0)):
-            images.append(image)
-            views.append(v)
+    images, views = views_per_image([x.key for x in samples], decoded, s.views)
     on_cpu = {id(im): im.cpu() for im in decoded}
     reference = render_one_by_one([on_cpu[id(im)] for im in images], views, 224)
     rows = {}

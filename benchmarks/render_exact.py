@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from _common import machine_facts, make_shards, table, write_json
+from _common import machine_facts, make_shards, table, views_per_image, write_json
 
 
 def main() -> None:
@@ -31,16 +31,11 @@ def main() -> None:
     args = p.parse_args()
     from mrmae.extract.batch_render import render_exact, render_one_by_one
     from mrmae.extract.reader import read_shard
-    from mrmae.shared.views import ViewConfig, decode_image, sample_views
+    from mrmae.shared.views import decode_image
 
     with tempfile.TemporaryDirectory() as tmp:
         samples = read_shard(str(make_shards(tmp, args.images, args.images)[0]))
-    cpu_images, views = [], []
-    for s in samples:
-        image = decode_image(s.image)
-        for v in sample_views(s.key, image.shape[1], image.shape[2], ViewConfig(per_image=2, seed=0)):
-            cpu_images.append(image)
-            views.append(v)
+    cpu_images, views = views_per_image([s.key for s in samples], [decode_image(s.image) for s in samples], 2)
     reference = render_one_by_one(cpu_images, views, args.size)
     on_device = {id(im): im.to(args.device) for im in cpu_images}
     images = [on_device[id(im)] for im in cpu_images]
