@@ -229,12 +229,15 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--sources", is_flag=True, help="Also re-hash every input shard (finds shards changed since).")
-def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources: bool) -> None:
+@click.option("--repair", is_flag=True, help="Mark each damaged shard incomplete (its entry and bytes removed), so "
+              "the next extract-features with the same --shards redoes just those shards.")
+def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources: bool, repair: bool) -> None:
     """Check stored groups against their sha256, then re-render N cached views from source and
-    rerun the teacher; exit 2 on damage or past tolerance (--recompute 0: integrity only)."""
+    rerun the teacher; exit 2 on damage (repaired or not) or past tolerance (--recompute 0:
+    integrity only)."""
     from mrmae.extract.verify import duplicate_keys, verify_cache
 
-    r = verify_cache(cache_dir, recompute, seed, device, sources)
+    r = verify_cache(cache_dir, recompute, seed, device, sources, repair)
     dups = duplicate_keys(cache_dir) if not r.problems else {}
     if dups:  # not damage, but usually the same images twice in the input
         key = sorted(dups)[0]
@@ -242,7 +245,11 @@ def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources
                    f"{', '.join(dups[key])})", err=True)
     for line in r.problems:
         click.echo(f"mrmae: damaged: {line}", err=True)
-    click.echo(f"integrity: {'OK' if not r.problems else f'{len(r.problems)} problems'}")
+    for group in r.repaired:
+        click.echo(f"mrmae: repaired: {group}: marked incomplete; rerun extract-features with the same --shards "
+                   "to redo it", err=True)
+    click.echo(f"integrity: {'OK' if not r.problems else f'{len(r.problems)} problems'}"
+               + (f", {len(r.repaired)} shards marked incomplete" if r.repaired else ""))
     if r.checked:
         what = "coefficient cosine" if r.pca_rank else "token cosine"
         click.echo(f"checked {r.checked} views: worst {what} {r.worst_cosine:.6f} (mean {r.mean_cosine:.6f}, "

@@ -9,6 +9,7 @@ reports the lossy reconstruction against the live features as a measurement.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,7 @@ class VerifyReport:
     reconstruction_worst_cosine: float = float("nan")
     reconstruction_mean_cosine: float = float("nan")
     projection_worst_cosine: float = float("nan")
+    repaired: list[str] = dataclasses.field(default_factory=list)  # --repair: groups marked incomplete
 
 
 def changed_sources(root: str) -> list[str]:
@@ -110,14 +112,29 @@ def changed_sources(root: str) -> list[str]:
     return problems
 
 
+def repair_cache(root: str) -> list[str]:
+    """Mark every damaged shard (missing, or not the bytes its sha256 recorded) incomplete:
+    its entry and its bytes removed, so the next `extract-features` over the same shards
+    redoes just those. Returns the groups repaired."""
+    repaired = []
+    for entry, _ in cf.damaged_shards(root):
+        cf.mark_incomplete(root, entry)
+        repaired.append(cf.Location(root).join(entry["group"]))
+    return repaired
+
+
 def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
-                 sources: bool = False) -> VerifyReport:
+                 sources: bool = False, repair: bool = False) -> VerifyReport:
     """Check every group against its recorded sha256 (and, with `sources`, every input
     shard against the sha256 of the bytes extracted), then re-render `recompute` random
-    views from source, rerun the teacher and compare (skipped if integrity fails)."""
+    views from source, rerun the teacher and compare (skipped if integrity fails).
+    `repair`: damaged groups are marked incomplete (`repair_cache`); the report still
+    lists the damage found."""
     problems = cf.check_integrity(root) + (changed_sources(root) if sources else [])
     if problems or recompute <= 0:
-        return VerifyReport(problems, 0, float("nan"), float("nan"), float("nan"), 0.0, not problems)
+        repaired = repair_cache(root) if problems and repair else []
+        return VerifyReport(problems, 0, float("nan"), float("nan"), float("nan"), 0.0, not problems,
+                            repaired=repaired)
     cache = cf.FeatureCache(root)
     m = cache.manifest
     teacher_spec = m["teacher"]["spec"]

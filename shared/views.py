@@ -137,8 +137,21 @@ def decode_image(data: bytes) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+class ViewError(ValueError):
+    """A crop box that is not inside its image (a damaged cache's, or a changed image's)."""
+
+
+def check_view(view: View, height: int, width: int) -> None:
+    """Refuse a crop box outside a `height` x `width` image: torchvision would pad it, and a
+    damaged box asks for gigabytes."""
+    if not (view.top >= 0 and view.left >= 0 and view.height >= 1 and view.width >= 1
+            and view.top + view.height <= height and view.left + view.width <= width):
+        raise ViewError(f"crop {list(view.box)} (top, left, height, width) is not inside the {height}x{width} image")
+
+
 def render_view_uint8(image: torch.Tensor, view: View, output_size: int) -> torch.Tensor:
     """uint8 [3, H, W] source -> uint8 [3, S, S] view: crop, bicubic antialiased resize, flip."""
+    check_view(view, image.shape[-2], image.shape[-1])
     out = TF.resized_crop(
         image, view.top, view.left, view.height, view.width, [output_size, output_size],
         interpolation=InterpolationMode.BICUBIC, antialias=True,

@@ -32,7 +32,8 @@ import webdataset as wds
 
 from mrmae.extract.reader import expand_urls, image_bytes, iter_tar_samples, local_file_size
 from mrmae.shared import cache_format as cf
-from mrmae.shared.views import View, ViewConfig, decode_image, decode_view, render_view_uint8, sample_views
+from mrmae.shared.views import (View, ViewConfig, ViewError, check_view, decode_image, decode_view, render_view_uint8,
+                                sample_views)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,16 +83,15 @@ class ViewJoiner:
         try:
             crop, flip, attention = group.geometry()
             values, scale = group.stored_row(row)
-        except cf.CacheError:
-            raise
-        except Exception as e:  # a truncated chunk or member: the codec's own error
-            raise cf.CacheError(f"{group.path}: key {key} row {row}: unreadable targets "
-                                f"({type(e).__name__}: {str(e)[:200]}); run `mrmae cache verify`") from e
+        except Exception as e:  # a checksum mismatch, a missing or truncated chunk or member
+            why = str(e).removeprefix(f"{group.path}: ") if isinstance(e, cf.CacheError) else \
+                f"{type(e).__name__}: {str(e)[:200]}; run `mrmae cache verify`"
+            raise cf.CacheError(f"{group.path}: key {key} row {row}: unreadable targets ({why})") from e
         finite = np.isfinite(scale).all() if scale is not None else np.isfinite(values).all()
         if not (finite and np.isfinite(attention[row]).all()):
             raise cf.CacheError(f"{group.path}: key {key} row {row}: non-finite values in the cached targets")
         out = {"view": View(*(int(c) for c in crop[row]), flip=bool(flip[row])),
-               "attention": attention[row], "targets": values}
+               "attention": attention[row], "targets": values, "cache_shard": group.path}
         if scale is not None:
             out["targets_scale"] = scale
         return out
@@ -172,6 +172,11 @@ def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
         image = decode_image(sample["image"])
         view = sample.get("view") or sample_views(sample["key"], image.shape[1], image.shape[2],
                                                    view_cfg)[sample["view_index"]]
+        try:
+            check_view(view, image.shape[1], image.shape[2])
+        except ViewError as e:  # a cached box (drawn ones always fit): damage, or another image
+            raise cf.CacheError(f"{sample.get('cache_shard', sample['url'])}: key {sample['key']}: cached {e}; "
+                                "run `mrmae cache verify`") from None
         out = {"key": sample["key"], "pixels": render_view_uint8(image, view, cfg.img_size),
                "crop": torch.tensor(view.box), "flip": torch.tensor(view.flip)}
         if cfg.teacher_size:

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from mrmae.extract.reader import expand_urls, image_bytes, iter_tar_samples
 from mrmae.shared import cache_format as cf
-from mrmae.shared.views import View, ViewConfig, decode_image, normalize, render_view_uint8
+from mrmae.shared.views import View, ViewConfig, ViewError, decode_image, normalize, render_view_uint8
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.masking import focused_masking, random_masking
 
@@ -98,7 +98,10 @@ def _samples(cache: cf.FeatureCache, shards: str, view_index: int, num: int):
             if key in skipped or image is None:
                 continue
             t = group.get(key, view_index)
-            view = render_view_uint8(decode_image(image), View(*t.crop, flip=t.flip), size)
+            try:
+                view = render_view_uint8(decode_image(image), View(*t.crop, flip=t.flip), size)
+            except ViewError as e:  # the cached box does not fit its image: damage, or another image
+                raise cf.CacheError(f"{group.path}: key {key}: cached {e}; run `mrmae cache verify`") from None
             yield key, view.permute(1, 2, 0).numpy(), t.attention
             found += 1
             if found == num:

@@ -20,8 +20,8 @@ fitted before the first shard and kept in `pca/basis.npz` (`pca`); `FeatureCache
 returns it, and the features are `coefficients @ basis + mean`.
 """
 
-from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, list_targets,
-                    open_shard_writer, storage_section, target_name, target_root)
+from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, damaged_shards,
+                    list_targets, mark_incomplete, open_shard_writer, storage_section, target_name, target_root)
 from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, dir_bytes, group_digest,
                      quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
 from .manifest import (MANIFEST, backend_of, config_mismatch, find_shard, group_name, forget_shard, init_cache,
@@ -35,7 +35,7 @@ from .zarr_store import ShardGroup, ShardWriter, compressor_for
 __all__ = [
     "BACKENDS", "FORMAT_VERSION", "MANIFEST", "ROWS_PER_CHUNK", "CacheError", "FeatureCache", "Location", "ShardGroup",
     "ShardWriter", "ViewTargets", "WdsShard", "WdsShardWriter", "backend_of", "check_integrity",
-    "codec_description", "commit_shard", "compressor_for", "config_mismatch", "dequantize", "dir_bytes", "find_shard",
+    "codec_description", "commit_shard", "damaged_shards", "mark_incomplete", "compressor_for", "config_mismatch", "dequantize", "dir_bytes", "find_shard",
     "group_digest", "group_name", "is_url", "list_targets", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
     "quantize_int8", "quantize_int8_torch", "INT8_GROUP", "int8_groups", "read_manifest", "record_shard",
     "sample_name", "shard_basename", "shard_entry",

@@ -9,9 +9,9 @@ import re
 
 import numpy as np
 
-from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest
+from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
 from .location import Location, drop_staging, is_url, staging_dir
-from .manifest import backend_of, find_shard, read_manifest, record_shard
+from .manifest import backend_of, find_shard, forget_shard, read_manifest, record_shard
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
 from .wds_store import WdsShard, WdsShardWriter, wds_codec_description
 from .zarr_store import ShardGroup, ShardWriter, zarr_codec_description
@@ -108,19 +108,36 @@ def check_integrity(root: str | os.PathLike) -> list[str]:
             if pca.get("sha256") and digest != pca["sha256"]:
                 problems.append(f"{loc.join(PCA_FILE)}: sha256 differs from the one the manifest records: "
                                 "damaged or replaced")
-    for entry in manifest["shards"]:
+    return problems + [line for _, line in damaged_shards(root, manifest)]
+
+
+def damaged_shards(root: str | os.PathLike, manifest: dict | None = None) -> list[tuple[dict, str]]:
+    """(entry, one line) of every complete shard whose stored bytes are missing or differ
+    from the sha256 recorded when it was written."""
+    loc = Location(root)
+    damaged = []
+    for entry in (manifest or read_manifest(root))["shards"]:
         if entry.get("status") != "complete":
             continue
         path = loc.join(entry["group"])
         if not loc.exists(entry["group"]):
-            problems.append(f"{path}: group of {entry['source']} is missing")
+            damaged.append((entry, f"{path}: group of {entry['source']} is missing"))
             continue
         digest, size = group_digest(path)
         if "sha256" in entry and digest != entry["sha256"]:
             what = f"{size} bytes, recorded {entry['bytes']}" if size != entry.get("bytes") else "same size"
-            problems.append(f"{path}: sha256 differs from the one recorded at write time ({what}): "
-                            f"damaged or changed")
-    return problems
+            damaged.append((entry, f"{path}: sha256 differs from the one recorded at write time ({what}): "
+                                   f"damaged or changed"))
+    return damaged
+
+
+def mark_incomplete(root: str | os.PathLike, entry: dict) -> None:
+    """Make a damaged shard incomplete, so the next `extract-features` redoes just it: its
+    entry first (the shard then no longer counts), then its bytes, when the entry's group is
+    a shard's own place (`shards/<name>` or `shards/<name>.tar`; anything else is left)."""
+    forget_shard(root, entry["group"])
+    if re.fullmatch(r"shards/[A-Za-z0-9_-][A-Za-z0-9._-]*", entry["group"]) and ".." not in entry["group"]:
+        Location(root).remove(entry["group"])
 
 
 def target_root(root: str | os.PathLike, name: str) -> str:
@@ -157,6 +174,8 @@ class FeatureCache:
         self.root = str(self.location)
         self.manifest = read_manifest(self.root)
         self.backend = _check_backend(backend_of(self.manifest))
+        # format 4: every chunk or member is checked as it is read; older: one warning
+        self.checked = warn_if_unchecked(self.root, self.manifest["format_version"])
         self._pca: PcaBasis | None = None
 
     @property
@@ -164,7 +183,7 @@ class FeatureCache:
         return [s for s in self.manifest["shards"] if s.get("status") == "complete"]
 
     def _open(self, entry: dict) -> ShardGroup | WdsShard:
-        return _READERS[self.backend](self.location.join(entry["group"]), entry)
+        return _READERS[self.backend](self.location.join(entry["group"]), entry, checked=self.checked)
 
     def shard(self, source: str) -> ShardGroup | WdsShard:
         entry = find_shard(self.manifest, source)

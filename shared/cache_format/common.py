@@ -6,19 +6,74 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 3  # 3: int8 scales per group of channels (storage.int8_group); 2: one per token
-READABLE_VERSIONS = (2, 3)  # a version 2 cache reads as one with int8_group null
+# 4: a checksum on every chunk (Zarr: crc32c codec) or member (wds: zstd frame checksum, or
+#    crc32c in meta.json), every chunk stored; 3: int8 scales per group of channels
+#    (storage.int8_group); 2: one scale per token
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)  # a version 2 cache reads as one with int8_group null
+CHECKED_VERSION = 4  # the first format whose every chunk or member carries a checksum
 ROWS_PER_CHUNK = 16  # views per features chunk: sequential loader reads, ~2.4 MB int8 for B/16
 
 
 class CacheError(ValueError):
     """A cache that is missing, damaged, or does not fit what is asked of it."""
+
+
+class UncheckedCacheWarning(UserWarning):
+    """A cache from before format 4: its chunks carry no checksums."""
+
+
+_warned_unchecked = False
+
+
+def warn_if_unchecked(root: str, version: int) -> bool:
+    """True when a cache of `version` has checksummed chunks; else False, and warn once per
+    process (a run opens every shard, and several caches: one line is enough)."""
+    global _warned_unchecked
+    if version >= CHECKED_VERSION:
+        return True
+    if not _warned_unchecked:
+        _warned_unchecked = True
+        warnings.warn(f"{root}: format {version} cache: its chunks carry no checksums, so damaged bytes are not "
+                      f"detected as they are read (`mrmae cache verify` compares each shard's sha256; "
+                      f"re-extract into a new cache for format {CHECKED_VERSION})", UncheckedCacheWarning, stacklevel=2)
+    return False
+
+
+def read_error(e: Exception) -> str:
+    """What went wrong reading a chunk or member, short: a checksum mismatch by name, any
+    other codec error by its type and first words."""
+    text = str(e)
+    if "checksum do not match" in text:  # zarr's crc32c codec
+        return "crc32c checksum mismatch"
+    if "match checksum" in text:  # zstd's frame checksum
+        return "zstd frame checksum mismatch"
+    return f"{type(e).__name__}: {text[:160]}"
+
+
+# Upper bound of a crop's side and area: no decodable image is larger (views.MAX_IMAGE_PIXELS).
+MAX_CROP_PIXELS = 100_000_000
+
+
+def check_crops(where: str, crop: np.ndarray) -> None:
+    """Cheap range checks of stored crop boxes [N, 4] (top, left, height, width) as they are
+    read: a damaged box is an error naming `where`, not a huge allocation at render time
+    (the render checks each box against its decoded image)."""
+    crop = np.asarray(crop, dtype=np.int64).reshape(-1, 4)
+    bad = (crop[:, :2] < 0).any(axis=1) | (crop[:, 2:] < 1).any(axis=1) \
+        | (crop[:, 0] + crop[:, 2] > MAX_CROP_PIXELS) | (crop[:, 1] + crop[:, 3] > MAX_CROP_PIXELS) \
+        | (crop[:, 2] * crop[:, 3] > MAX_CROP_PIXELS)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CacheError(f"{where}: row {i}: crop {crop[i].tolist()} is not a box in any image "
+                         f"({int(bad.sum())} such rows); damaged: run `mrmae cache verify`")
 
 
 # --- quantisation ---------------------------------------------------------------------

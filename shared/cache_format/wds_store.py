@@ -26,11 +26,12 @@ import re
 import tarfile
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 from numcodecs import Zstd
 
-from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_pixels_given, dequantize, group_digest,
-                     remove_stale_temps, stored_features, view_targets)
+from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, dequantize,
+                     group_digest, read_error, remove_stale_temps, stored_features, view_targets)
 from .location import is_file, is_url, open_file
 from .manifest import group_name
 
@@ -67,6 +68,27 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def crc32c(data: bytes) -> int:
+    return int(google_crc32c.value(bytes(data)))
+
+
+def _zstd_frame_checked(data: bytes) -> bool:
+    """Whether a zstd frame carries its content checksum (Frame_Header_Descriptor bit 2)."""
+    return len(data) > 4 and data[:4] == b"\x28\xb5\x2f\xfd" and bool(data[4] & 0x04)
+
+
+def _seal(meta: dict) -> bytes:
+    """meta.json's bytes, ending with `crc32c`: the checksum of the JSON of the fields before it."""
+    return json.dumps({**meta, "crc32c": crc32c(json.dumps(meta).encode())}).encode()
+
+
+def _unseal(meta: dict) -> bool:
+    """Remove a meta's own `crc32c` and say whether it matches the rest (json.loads keeps
+    the field order, and the fields are ints, bools, strings and lists: the same text)."""
+    seal = meta.pop("crc32c", None)
+    return seal is not None and seal == crc32c(json.dumps(meta).encode())
+
+
 # --- writing one shard tar ----------------------------------------------------------------
 
 
@@ -95,7 +117,7 @@ class WdsShardWriter:
         self.tmp = self.root / "shards" / f".tmp-{self.name}-{os.getpid()}.tar"
         self.final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.final.parent, self.name)
-        self._zstd = Zstd(level=ZSTD_LEVEL) if codec == "zstd" else None
+        self._zstd = Zstd(level=ZSTD_LEVEL, checksum=True) if codec == "zstd" else None  # frame checksums
         self._suffix = ".npy.zst" if codec == "zstd" else ".npy"
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
         self._names: set[str] = set()
@@ -107,9 +129,21 @@ class WdsShardWriter:
         info.size, info.mtime, info.mode = len(data), 0, 0o444
         self._tar.addfile(info, io.BytesIO(data))
 
-    def _add_array(self, sample: str, member: str, arr: np.ndarray) -> None:
+    def _encode(self, arr: np.ndarray) -> bytes:
         data = _npy(arr)
-        self._add(f"{sample}.{member}{self._suffix}", bytes(self._zstd.encode(data)) if self._zstd else data)
+        return bytes(self._zstd.encode(data)) if self._zstd else data
+
+    def _add_row(self, sample: str, meta: dict, members: list[tuple[str, bytes]], pixels: bytes | None) -> None:
+        """One view: meta.json first, sealed with its own crc32c and holding the crc32c of
+        every member that is no zstd frame with a checksum (codec "none", stored views)."""
+        checksums = {} if self._zstd else {m: crc32c(data) for m, data in members}
+        if pixels is not None:
+            checksums["pixels"] = crc32c(pixels)
+        self._add(f"{sample}.meta.json", _seal({**meta, **({"checksums": checksums} if checksums else {})}))
+        for m, data in members:
+            self._add(f"{sample}.{m}{self._suffix}", data)
+        if pixels is not None:
+            self._add(f"{sample}.pixels.{self._pixels}", pixels)
 
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
                features: np.ndarray | tuple, attention: np.ndarray, cls: np.ndarray,
@@ -136,15 +170,10 @@ class WdsShardWriter:
                 raise CacheError(f"{self.source}: key {key!r} view {v} written twice")
             self._names.add(sample)
             meta = {"key": key, "view": v, "crop": [int(c) for c in crop[r]], "flip": bool(flip[r])}
-            self._add(f"{sample}.meta.json", json.dumps(meta).encode())
-            for m in order:
-                self._add_array(sample, m, stored[m][r])
-            self._add_array(sample, "attention", attention[r])
-            self._add_array(sample, "cls", cls[r])
-            for m in extra:
-                self._add_array(sample, m, stored[m][r])
-            if pixels is not None:
-                self._add(f"{sample}.pixels.{self._pixels}", pixels[r])
+            members = [(m, self._encode(stored[m][r])) for m in order] + [
+                ("attention", self._encode(attention[r])), ("cls", self._encode(cls[r]))] + [
+                (m, self._encode(stored[m][r])) for m in extra]
+            self._add_row(sample, meta, members, None if pixels is None else pixels[r])
             self.rows += 1
 
     def close(self, attrs: dict | None = None) -> tuple[Path, str, int]:
@@ -244,8 +273,12 @@ class WdsShard:
     read per block and one decode per row.
     """
 
-    def __init__(self, path: str | os.PathLike, entry: dict):
-        self.path, self.entry = str(path), entry
+    def __init__(self, path: str | os.PathLike, entry: dict, checked: bool = True):
+        """`checked` (a format 4 cache): every meta.json carries its own crc32c, every
+        `.npy.zst` member a zstd frame checksum and every other member a crc32c in its
+        meta.json; each is verified as it is read, and damage is a CacheError naming the
+        tar, the member and the row."""
+        self.path, self.entry, self.checked = str(path), entry, checked
         if not is_file(self.path):
             raise CacheError(f"{self.path}: shard tar is missing")
         self._file = None
@@ -260,18 +293,25 @@ class WdsShard:
         try:
             names, index = _read_index(self.path)
             metas = [json.loads(self._pread(int(o), int(s))) for o, s, _ in index.get("meta", [])]
-            for name, meta in zip(names, metas):
+            for row, (name, meta) in enumerate(zip(names, metas)):
+                if not _unseal(meta) and self.checked:
+                    raise CacheError(f"{self.path}: member {name}.meta.json, row {row}: checksum mismatch (or none); "
+                                     "run `mrmae cache verify --repair`")
                 if sample_name(meta["key"], meta["view"]) != name:
                     raise CacheError(f"{self.path}: sample {name} holds key {meta['key']!r} view {meta['view']}")
+            checksums = {m: np.array([meta["checksums"][m] for meta in metas], dtype=np.int64)
+                         for m in (metas[0].get("checksums", {}) if metas else {})}
         except CacheError:
             raise
         except (OSError, tarfile.TarError, ValueError, KeyError, TypeError) as e:
             raise CacheError(f"{self.path}: unreadable shard tar ({type(e).__name__}: {e})") from e
         n = len(metas)
-        self._index = index
+        self._names, self._index, self._checksums = names, index, checksums
         self._keys = np.array([m["key"] for m in metas], dtype=str)
         self._views = np.array([m["view"] for m in metas], dtype=np.int16)
-        self._crop = np.array([m["crop"] for m in metas], dtype=np.int32).reshape(n, 4)
+        self._crop = np.array([m["crop"] for m in metas], dtype=np.int64).reshape(n, 4)
+        check_crops(f"{self.path}: meta.json crop", self._crop)
+        self._crop = self._crop.astype(np.int32)
         self._flip = np.array([m["flip"] for m in metas], dtype=bool)
         spans = np.stack(list(index.values())) if index else np.zeros((0, n, 3), np.int64)
         self._lo = spans[..., 0].min(axis=0) if n else np.zeros(0, np.int64)  # first data byte of each row
@@ -314,10 +354,28 @@ class WdsShard:
         if getattr(self, "_file", None) is not None:
             self._file.close()
 
-    def _decode(self, data: bytes, compressed: int) -> np.ndarray:
-        if compressed:
-            data = self._zstd.decode(data)
-        return np.load(io.BytesIO(data), allow_pickle=False)
+    def _verify(self, data: bytes, compressed: int, row: int, member: str) -> None:
+        """A member's bytes against its checksum: the crc32c its meta.json records, or the
+        zstd frame's own (checked by the decoder; here only that the frame has one)."""
+        expected = self._checksums.get(member)
+        if expected is not None:
+            if crc32c(data) != expected[row]:
+                raise ValueError("crc32c mismatch")
+        elif not (compressed and _zstd_frame_checked(data)):
+            raise ValueError("no checksum (neither a zstd frame checksum nor a crc32c in meta.json)")
+
+    def _decode(self, data: bytes, compressed: int, row: int, member: str) -> np.ndarray:
+        """One `.npy[.zst]` member of `row` -> its array; damage is one CacheError naming
+        the tar, the member and the row."""
+        try:
+            if self.checked:
+                self._verify(data, compressed, row, member)
+            if compressed:
+                data = self._zstd.decode(data)
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:
+            raise CacheError(f"{self.path}: member {self._names[row]}.{member}, row {row}: unreadable "
+                             f"({read_error(e)}); run `mrmae cache verify --repair`") from e
 
     def _member(self, name: str) -> np.ndarray:
         try:
@@ -335,7 +393,8 @@ class WdsShard:
         out = {}
         for n in names:
             idx = self._member(n)
-            out[n] = np.stack([self._decode(bytes(buf[o - lo:o - lo + s]), z) for o, s, z in idx[rows]])
+            out[n] = np.stack([self._decode(bytes(buf[o - lo:o - lo + s]), z, r, n) for r, (o, s, z)
+                               in zip(rows, idx[rows])])
         return out
 
     def __len__(self) -> int:
@@ -365,7 +424,8 @@ class WdsShard:
         self._load()
         if self._geometry is None:
             att = self._member("attention") if len(self) else []
-            attention = [self._decode(self._pread(int(o), int(s)), int(z)) for o, s, z in att]
+            attention = [self._decode(self._pread(int(o), int(s)), int(z), r, "attention")
+                         for r, (o, s, z) in enumerate(att)]
             attention = np.stack(attention).astype(np.float32) if attention else np.zeros((0, 0), np.float32)
             self._geometry = (self._crop, self._flip, attention)
         return self._geometry
@@ -389,7 +449,7 @@ class WdsShard:
 
         def member(name: str) -> np.ndarray:
             o, s, z = (int(x) for x in self._member(name)[i])
-            return self._decode(buf[o - base:o - base + s], z)
+            return self._decode(buf[o - base:o - base + s], z, i, name)
 
         return member(layer), member(_scale_member(layer)) if self.quantized else None
 
@@ -399,7 +459,11 @@ class WdsShard:
         if "pixels" not in self._index:
             raise CacheError(f"{self.path}: this cache stores no views (extract with --store-pixels)")
         o, s, _ = (int(x) for x in self._index["pixels"][i])
-        return self._pread(o, s)
+        data = self._pread(o, s)
+        if self.checked and ("pixels" not in self._checksums or crc32c(data) != self._checksums["pixels"][i]):
+            raise CacheError(f"{self.path}: member {self._names[i]}.pixels, row {i}: crc32c mismatch (or none); "
+                             "run `mrmae cache verify --repair`")
+        return data
 
     def get(self, key: str, view: int) -> ViewTargets:
         return view_targets(self, key, view)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_pixels_given, dequantize, group_digest,
-                     int8_groups, remove_stale_temps, stored_features, view_targets)
+from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, dequantize,
+                     group_digest, int8_groups, read_error, remove_stale_temps, stored_features, view_targets)
 from .manifest import group_name
 
 # --- codecs -----------------------------------------------------------------------------
@@ -33,10 +33,18 @@ PIXEL_CHUNK = 1 << 20  # bytes per chunk of the stored-views array (image files 
 # no byte structure for shuffle to exploit, and zstd alone is as small as any blosc mode
 # and faster. float16 gains from byte shuffle only when blosc's blocks are large enough
 # (1 MiB) for the exponent bytes to share zstd tables: 1.19x against 1.09x for zstd alone.
+# Every array ends with a crc32c of the compressed chunk (format 4): a flipped byte is an
+# error as the chunk is read, never a wrong target (BENCHMARKS.md, "Checksums": its cost).
 def compressor_for(dtype: str) -> list:
     if dtype == "int8":
-        return [ZstdCodec(level=3)]
-    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=1 << 20)]
+        return [ZstdCodec(level=3), Crc32cCodec()]
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=1 << 20), Crc32cCodec()]
+
+
+# Every chunk is written, even one equal to the fill value (which zarr would otherwise
+# skip, and read back as fill values): so a missing chunk file is damage a reader can see.
+ALL_CHUNKS = {"write_empty_chunks": True}
+SMALL = dict(compressors=[ZstdCodec(level=3), Crc32cCodec()], config=ALL_CHUNKS)  # keys, geometry, ...
 
 
 def zarr_codec_description(dtype: str) -> str:
@@ -76,10 +84,10 @@ class ShardWriter:
         remove_stale_temps(self.final.parent, self.name)
         self.group = zarr.open_group(str(self.tmp), mode="w")
         n, L, C, r = max(max_rows, 1), grid_len, dim, ROWS_PER_CHUNK
-        small = dict(compressors=[ZstdCodec(level=3)])
+        small = SMALL
         mk = self.group.create_array
         self.arrays = {
-            "keys": mk("keys", shape=(n,), dtype=str, chunks=(n,)),
+            "keys": mk("keys", shape=(n,), dtype=str, chunks=(n,), **small),
             "view": mk("view", shape=(n,), dtype="int16", chunks=(n,), **small),
             "crop": mk("crop", shape=(n, 4), dtype="int32", chunks=(n, 4), **small),
             "flip": mk("flip", shape=(n,), dtype="bool", chunks=(n,), **small),
@@ -89,10 +97,10 @@ class ShardWriter:
         for name in ["features"] + [f"layer{i}" for i in layers]:
             store_dtype = "int8" if dtype == "int8" else "float16"
             width = (feature_dim or C) if name == "features" else C  # layer<i> are never projected
-            # write_empty_chunks (a runtime setting, not stored): zarr would otherwise compare
-            # every chunk with the fill value first, a third of the writer's time on features
+            # (write_empty_chunks also saves comparing every chunk with the fill value first,
+            # a third of the writer's time on features)
             self.arrays[name] = mk(name, shape=(n, L, width), dtype=store_dtype, chunks=(r, L, width),
-                                   compressors=compressor_for(dtype), config={"write_empty_chunks": True})
+                                   compressors=compressor_for(dtype), config=ALL_CHUNKS)
             if dtype == "int8":  # [n, L], or [n, L, G] with G scales per token
                 groups = () if int8_groups(width, int8_group) is None else (int8_groups(width, int8_group),)
                 self.arrays[f"{name}_scale"] = mk(f"{name}_scale", shape=(n, L, *groups), dtype="float16",
@@ -101,7 +109,8 @@ class ShardWriter:
         self._buffered = 0
         self.rows = 0
         # Stored views: image files end to end in one byte array, written in whole chunks.
-        self._pixels = mk("pixels", shape=(0,), dtype="uint8", chunks=(PIXEL_CHUNK,), compressors=None) \
+        self._pixels = mk("pixels", shape=(0,), dtype="uint8", chunks=(PIXEL_CHUNK,), compressors=[Crc32cCodec()],
+                          config=ALL_CHUNKS) \
             if pixels else None
         self._pixel_offsets, self._pixel_buf, self._pixel_written = [0], bytearray(), 0
 
@@ -160,8 +169,7 @@ class ShardWriter:
         if self._pixels is not None:
             self._flush_pixels(final=True)
             offsets = np.asarray(self._pixel_offsets, dtype=np.int64)
-            self.group.create_array("pixels_offsets", data=offsets, chunks=(len(offsets),),
-                                    compressors=[ZstdCodec(level=3)])
+            self.group.create_array("pixels_offsets", data=offsets, chunks=(len(offsets),), **SMALL)
         for arr in self.arrays.values():
             arr.resize((self.rows,) + arr.shape[1:])
         self.group.attrs.update({**attrs, "rows": self.rows, "status": "complete"})
@@ -178,26 +186,68 @@ class ShardWriter:
 # --- reading ------------------------------------------------------------------------------
 
 
+def _rows_text(rows) -> str:
+    """A selection of rows as a message shows it: 16-31, or 16."""
+    if isinstance(rows, slice):
+        stop = "end" if rows.stop is None else rows.stop - 1
+        return f"{rows.start or 0}-{stop}"
+    return str(rows)
+
+
 class ShardGroup:
     """Read access to one input shard's group: rows by (key, view) or in sequential blocks.
 
     The interface every backend's shard reader has (`WdsShard` is the other one).
+    `checked` (a format 4 cache): every array must carry a crc32c of each chunk and have all
+    its chunks, which is proven once here, one listing per array; each chunk's checksum is
+    then verified by zarr as it is read. Any damage is a CacheError naming the group, the
+    array and the rows, never fill values or flipped targets.
     """
 
-    def __init__(self, path: str | os.PathLike, entry: dict):
-        self.path, self.entry = str(path), entry
+    def __init__(self, path: str | os.PathLike, entry: dict, checked: bool = True):
+        self.path, self.entry, self.checked = str(path), entry, checked
+        self._arrays: dict[str, zarr.Array] = {}
         try:
             self.group = zarr.open_group(str(path), mode="r")
-            self.keys = np.array([str(k) for k in self.group["keys"][:]])
-            self.views = np.asarray(self.group["view"][:])
+            if checked:
+                self._check_chunks()
+        except CacheError:
+            raise
         except Exception as e:
             raise CacheError(f"{path}: unreadable shard group ({type(e).__name__}: {e})") from e
+        self.keys = np.array([str(k) for k in self._get("keys", slice(None))])
+        self.views = np.asarray(self._get("view", slice(None)))
         self.quantized = "features_scale" in self.group
         self._row: dict[tuple[str, int], int] = {(k, int(v)): i for i, (k, v) in enumerate(zip(self.keys, self.views))}
         self._block: tuple | None = None  # (first row, layer, stored values, scale or None)
         self._pixel_offsets: np.ndarray | None = None
         self._pixel_block: tuple[int, int, bytes] | None = None  # (first row, end row, their bytes)
         self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def _check_chunks(self) -> None:
+        """Every array checksummed and whole: `nchunks_initialized` lists the array's chunk
+        files once (every chunk was written, empty or not, so one missing is damage)."""
+        for name, arr in self.group.arrays():
+            self._arrays[name] = arr
+            if not any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs):
+                raise CacheError(f"{self.path}: array {name} has no crc32c codec, as every array of a format 4 "
+                                 "cache has: damaged or rewritten; run `mrmae cache verify --repair`")
+            found, total = arr.nchunks_initialized, arr.nchunks
+            if found != total:
+                raise CacheError(f"{self.path}: array {name}: {total - found} of {total} chunks missing; "
+                                 "run `mrmae cache verify --repair`")
+
+    def _get(self, name: str, rows) -> np.ndarray:
+        """Rows of one array; a checksum mismatch, a truncated chunk or a codec error is one
+        CacheError naming this group, the array and the rows."""
+        try:
+            if name not in self._arrays:
+                self._arrays[name] = self.group[name]
+            return self._arrays[name][rows]
+        except Exception as e:
+            where = "all rows" if rows == slice(None) else f"rows {_rows_text(rows)}"
+            raise CacheError(f"{self.path}: array {name}, {where}: unreadable chunk ({read_error(e)}); "
+                             "run `mrmae cache verify --repair`") from e
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -210,19 +260,23 @@ class ShardGroup:
 
     def read(self, rows: slice, layer: str = "features") -> dict[str, np.ndarray]:
         """A block of rows -> dict of numpy arrays, features dequantised to float32."""
-        g = self.group
-        scale = g[f"{layer}_scale"][rows] if self.quantized else None
+        scale = self._get(f"{layer}_scale", rows) if self.quantized else None
+        crop = self._get("crop", rows)
+        check_crops(f"{self.path}: array crop", crop)
         return {
-            "keys": self.keys[rows], "view": self.views[rows], "crop": g["crop"][rows], "flip": g["flip"][rows],
-            "features": dequantize(g[layer][rows], scale),
-            "attention": g["attention"][rows].astype(np.float32), "cls": g["cls"][rows].astype(np.float32),
+            "keys": self.keys[rows], "view": self.views[rows], "crop": crop, "flip": self._get("flip", rows),
+            "features": dequantize(self._get(layer, rows), scale),
+            "attention": self._get("attention", rows).astype(np.float32),
+            "cls": self._get("cls", rows).astype(np.float32),
         }
 
     def geometry(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(crop [N,4], flip [N], attention [N,L] float32) of every row, read once."""
         if self._geometry is None:
-            g = self.group
-            self._geometry = (g["crop"][:], g["flip"][:], g["attention"][:].astype(np.float32))
+            crop = self._get("crop", slice(None))
+            check_crops(f"{self.path}: array crop", crop)
+            self._geometry = (crop, self._get("flip", slice(None)),
+                              self._get("attention", slice(None)).astype(np.float32))
         return self._geometry
 
     def stored_row(self, i: int, layer: str = "features") -> tuple[np.ndarray, np.ndarray | None]:
@@ -236,8 +290,8 @@ class ShardGroup:
         start = i - i % READ_ROWS
         if self._block is None or self._block[:2] != (start, layer):
             rows = slice(start, start + READ_ROWS)
-            scale = self.group[f"{layer}_scale"][rows] if self.quantized else None
-            self._block = (start, layer, self.group[layer][rows], scale)
+            scale = self._get(f"{layer}_scale", rows) if self.quantized else None
+            self._block = (start, layer, self._get(layer, rows), scale)
         values, scale = self._block[2], self._block[3]
         # copies: a view would keep the whole READ_ROWS block alive in a shuffle buffer
         return values[i - start].copy(), None if scale is None else scale[i - start].copy()
@@ -252,11 +306,11 @@ class ShardGroup:
         if self._pixel_offsets is None:
             if "pixels_offsets" not in self.group:
                 raise CacheError(f"{self.path}: this cache stores no views (extract with --store-pixels)")
-            self._pixel_offsets = np.asarray(self.group["pixels_offsets"][:], dtype=np.int64)
+            self._pixel_offsets = np.asarray(self._get("pixels_offsets", slice(None)), dtype=np.int64)
         off = self._pixel_offsets
         if self._pixel_block is None or not self._pixel_block[0] <= i < self._pixel_block[1]:
             end = min(i + READ_ROWS, len(off) - 1)
-            self._pixel_block = (i, end, np.asarray(self.group["pixels"][off[i]:off[end]]).tobytes())
+            self._pixel_block = (i, end, np.asarray(self._get("pixels", slice(off[i], off[end]))).tobytes())
         first, _, block = self._pixel_block
         return block[off[i] - off[first]:off[i + 1] - off[first]]
 
