@@ -11,6 +11,9 @@ so images/s is what one CPU core delivers per loader:
 - cached_pixels: the same stream with `--pixels-from-cache` (the cache extracted with
   `--store-pixels`): no tar read, no crop or resize; the stored view's image file is
   decoded and normalised (the issue's goal: >= 2x plain per worker);
+- cached_unchecked (--checksums): the cached loader over a copy of the same cache as
+  format 3 wrote it (no crc32c codec on any array, no chunk count at open): what the
+  checksums of format 4 cost, measured side by side in the same run;
 - plain: MAE's own input pipeline over webdataset: `wds.WebDataset` -> shuffle ->
   `decode("pil")` -> torchvision `RandomResizedCrop(224, scale=(0.2, 1.0), bicubic)`,
   `RandomHorizontalFlip`, `ToTensor`, `Normalize` -> `batched`. No targets.
@@ -26,6 +29,7 @@ width C: clip:ViT-S-16 is 384-d, a CLIP B/16 cache (768-d) moves twice the targe
 Run (about 2 minutes on 2 idle cores with the defaults, most of it making the cache):
 
     .venv/bin/python benchmarks/loader_throughput.py
+    .venv/bin/python benchmarks/loader_throughput.py --checksums --pixels none --reps 3  # the checksums' cost
     .venv/bin/python benchmarks/loader_throughput.py --images 32 --views 1 --reps 1 --budget 5  # ~40 s
 
 Writes benchmarks/results/loader_throughput.json (or --name, or --out PATH).
@@ -51,7 +55,31 @@ from _common import ForeignCpu, machine_facts, make_shards, table, warn_if_busy,
 from mrmae.shared import cache_format as cf
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, StudentStream
 
-LOADERS = ("cached", "cached_pixels", "plain")
+LOADERS = ("cached", "cached_unchecked", "cached_pixels", "plain")
+
+
+def unchecked_copy(cache_root: str | Path, dst: str | Path) -> Path:
+    """A copy of a Zarr cache as format 3 stored it: every array rewritten without its
+    crc32c codec (same chunks, same compressors otherwise), manifest format_version 3, so
+    the reader neither verifies chunks nor counts them at open."""
+    import json
+    import shutil
+
+    import zarr
+    from zarr.codecs import Crc32cCodec
+
+    dst = Path(shutil.copytree(cache_root, dst))
+    for entry in cf.read_manifest(dst)["shards"]:
+        group = zarr.open_group(str(dst / entry["group"]), mode="r+")
+        for name, arr in list(group.arrays()):
+            data, chunks = arr[:], arr.chunks
+            compressors = [c for c in arr.compressors if not isinstance(c, Crc32cCodec)]
+            del group[name]
+            group.create_array(name, data=data, chunks=chunks, compressors=compressors or None)
+    manifest = json.loads((dst / cf.MANIFEST).read_text())
+    manifest["format_version"] = 3
+    (dst / cf.MANIFEST).write_text(json.dumps(manifest))
+    return dst
 
 
 def plain_mae_loader(urls: list[str], batch_size: int, img_size: int = 224, seed: int = 0) -> wds.WebDataset:
@@ -126,21 +154,34 @@ def loader_rate(dataset: torch.utils.data.IterableDataset, workers: int = 1, war
 
 
 def measure_loaders(urls: list[str], cache_root: str | Path, batch_size: int, budget_s: float,
-                    warmup_batches: int = 1, reps: int = 1, workers: int = 1) -> dict:
+                    warmup_batches: int = 1, reps: int = 1, workers: int = 1,
+                    unchecked_root: str | Path | None = None) -> dict:
     """The loaders over the same shards, order rotating per rep; medians and ratios to plain.
-    `cached_pixels` runs only when the cache stores views (--store-pixels)."""
+    `cached_pixels` runs only when the cache stores views (--store-pixels), `cached_unchecked`
+    only when `unchecked_root` (an `unchecked_copy` of the cache) is given."""
     cache = cf.FeatureCache(cache_root)
-    names = [n for n in LOADERS if n != "cached_pixels" or cache.manifest["storage"].get("pixels")]
+    unchecked = None
+    if unchecked_root is not None:
+        with warnings.catch_warnings():  # its one "no checksums" warning: that is the point here
+            warnings.simplefilter("ignore", cf.UncheckedCacheWarning)
+            unchecked = cf.FeatureCache(unchecked_root)
+    names = [n for n in LOADERS if (n != "cached_pixels" or cache.manifest["storage"].get("pixels"))
+             and (n != "cached_unchecked" or unchecked is not None)]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             dataset = (plain_mae_loader(urls, batch_size) if name == "plain"
-                       else cached_loader(urls, cache, batch_size, pixels=name == "cached_pixels"))
+                       else cached_loader(urls, unchecked if name == "cached_unchecked" else cache, batch_size,
+                                          pixels=name == "cached_pixels"))
             runs[name].append(loader_rate(dataset, workers, warmup_batches, budget_s))
     out: dict = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in rs), "reps": rs}
                  for name, rs in runs.items()}
     for name in names[:-1]:
         out[f"ratio_{name}_over_plain"] = out[name]["images_per_s"] / out["plain"]["images_per_s"]
+    if unchecked is not None:  # per rep, the two ran in the same rotation: their ratio's median too
+        out["ratio_cached_over_cached_unchecked"] = out["cached"]["images_per_s"] / out["cached_unchecked"]["images_per_s"]
+        out["ratio_cached_over_cached_unchecked_per_rep"] = [
+            a["images_per_s"] / b["images_per_s"] for a, b in zip(runs["cached"], runs["cached_unchecked"])]
     out["params"] = {"batch_size": batch_size, "workers": workers, "warmup_batches": warmup_batches,
                      "budget_s": budget_s, "reps": reps, "teacher_dim": cache.manifest["teacher"]["dim"]}
     return out
@@ -184,6 +225,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--pixels", default="zstd", choices=["zstd", "png", "webp", "jpeg", "none"],
                    help="--store-pixels codec of the cache (none: no cached_pixels loader)")
+    p.add_argument("--checksums", action="store_true",
+                   help="also run cached_unchecked: the same cache without its crc32c codecs (format 3)")
     p.add_argument("--name", default="loader_throughput", help="results/<name>.json")
     p.add_argument("--out", help="write the JSON here instead of results/<name>.json")
     args = p.parse_args()
@@ -202,9 +245,11 @@ def main() -> None:
                                      views=ViewConfig(per_image=args.views, seed=0), batch_size=32, progress=False,
                                      store_pixels=None if args.pixels == "none" else args.pixels))
         codecs = measure_pixel_codecs(urls[0])
+        unchecked = unchecked_copy(cache, Path(tmp) / "cache-unchecked") if args.checksums else None
         print(f"{args.images} images, cache of {args.images * args.views} views ({args.teacher}) "
               f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
-        result = measure_loaders(urls, cache, args.batch_size, args.budget, args.warmup_batches, args.reps)
+        result = measure_loaders(urls, cache, args.batch_size, args.budget, args.warmup_batches, args.reps,
+                                 unchecked_root=unchecked)
     total_s, foreign = time.perf_counter() - t_start, other.seconds()
     facts["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     command = " ".join(["benchmarks/loader_throughput.py", *sys.argv[1:]])
@@ -219,6 +264,8 @@ def main() -> None:
     rows = [[name, result[name]["images_per_s"], f"{statistics.median(r['startup_s'] for r in result[name]['reps']):.2f}",
              sum(r["images"] for r in result[name]["reps"])] for name in names]
     rows += [[f"ratio {name}/plain", result[f"ratio_{name}_over_plain"], "-", "-"] for name in names[:-1]]
+    if "cached_unchecked" in result:
+        rows.append(["ratio cached/cached_unchecked", result["ratio_cached_over_cached_unchecked"], "-", "-"])
     print(table(["loader", "images/s per worker", "start-up s", "images timed"], rows))
     print(f"\nstored views ({codecs['views']} views of {codecs['size']} px; error against the rendered view, 0-255)")
     print(table(["codec", "KB/view", "encode ms", "decode ms", "max abs err", "mean abs err"],

@@ -22,8 +22,8 @@ returns it, and the features are `coefficients @ basis + mean`.
 
 from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, damaged_shards,
                     list_targets, mark_incomplete, open_shard_writer, storage_section, target_name, target_root)
-from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, ViewTargets, dequantize, dir_bytes, group_digest,
-                     quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
+from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, UncheckedCacheWarning, ViewTargets, dequantize,
+                     dir_bytes, group_digest, quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
 from .manifest import (MANIFEST, backend_of, config_mismatch, find_shard, group_name, forget_shard, init_cache,
                        new_manifest, read_manifest, record_shard, shard_basename, shard_entry)
 from .pca import (PCA_FILE, PcaBasis, basis_from_covariance, decode_basis, encode_basis, project, read_basis_file,
@@ -34,7 +34,7 @@ from .zarr_store import ShardGroup, ShardWriter, compressor_for
 
 __all__ = [
     "BACKENDS", "FORMAT_VERSION", "MANIFEST", "ROWS_PER_CHUNK", "CacheError", "FeatureCache", "Location", "ShardGroup",
-    "ShardWriter", "ViewTargets", "WdsShard", "WdsShardWriter", "backend_of", "check_integrity",
+    "ShardWriter", "UncheckedCacheWarning", "ViewTargets", "WdsShard", "WdsShardWriter", "backend_of", "check_integrity",
     "codec_description", "commit_shard", "damaged_shards", "mark_incomplete", "compressor_for", "config_mismatch", "dequantize", "dir_bytes", "find_shard",
     "group_digest", "group_name", "is_url", "list_targets", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
     "quantize_int8", "quantize_int8_torch", "INT8_GROUP", "int8_groups", "read_manifest", "record_shard",

@@ -55,6 +55,8 @@ def read_error(e: Exception) -> str:
         return "crc32c checksum mismatch"
     if "match checksum" in text:  # zstd's frame checksum
         return "zstd frame checksum mismatch"
+    if text.startswith(("crc32c checksum mismatch", "no checksum")):  # the wds reader's own
+        return text
     return f"{type(e).__name__}: {text[:160]}"
 
 

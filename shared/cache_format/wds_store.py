@@ -360,7 +360,7 @@ class WdsShard:
         expected = self._checksums.get(member)
         if expected is not None:
             if crc32c(data) != expected[row]:
-                raise ValueError("crc32c mismatch")
+                raise ValueError("crc32c checksum mismatch")
         elif not (compressed and _zstd_frame_checked(data)):
             raise ValueError("no checksum (neither a zstd frame checksum nor a crc32c in meta.json)")
 
