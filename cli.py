@@ -16,7 +16,7 @@ class _OneLineErrors(click.Group):
     """Known failures (bad input, mismatched cache, unknown teacher) end as one line, exit 1."""
 
     def invoke(self, ctx: click.Context):
-        from mrmae.extract.reader import ShardReadError
+        from mrmae.shared.shards import ShardReadError
         from mrmae.extract.runner import SkippedSampleError
         from mrmae.shared.cache_format import CacheError
         from mrmae.shared.teachers import TeacherError

@@ -18,7 +18,7 @@ import torch
 
 from mrmae.demo import write_demo_shards
 from mrmae.extract.mapper import render_sample
-from mrmae.extract.reader import read_shard
+from mrmae.shared.shards import read_shard
 from mrmae.shared.views import View, ViewConfig, sample_views
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -45,7 +45,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_facts, table, write_json  # noqa: E402
 
-from mrmae.extract.reader import read_shard  # noqa: E402
+from mrmae.shared.shards import read_shard  # noqa: E402
 from mrmae.extract.runner import ExtractConfig, run_extraction  # noqa: E402
 from mrmae.shared.teachers import build_teacher  # noqa: E402
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view, sample_view, view_rng  # noqa: E402

@@ -173,7 +173,7 @@ def bench_render(shards: list[Path], s: Settings, on_device: bool = False) -> di
     rendering views in the DataLoader workers into teacher batches (the runner's own
     `_teacher_batches`), plus, `on_device`, nvjpeg decode and device rendering of each batch.
     Extraction cannot run faster than this; compare it with the teacher's forward rate."""
-    from mrmae.extract.reader import read_shard
+    from mrmae.shared.shards import read_shard
     from mrmae.extract.runner import ExtractConfig, _device_views, _teacher_batches, render_loader
     from mrmae.shared.views import ViewConfig
 
@@ -201,7 +201,7 @@ def bench_render_kernels(shards: list[Path], s: Settings) -> dict:
     of each one's pixels that differ from the CPU render (exact: 0 by construction)."""
     from mrmae.extract.batch_render import render_exact, render_one_by_one
     from mrmae.extract.device_decode import decode_batch
-    from mrmae.extract.reader import read_shard
+    from mrmae.shared.shards import read_shard
 
     samples = read_shard(str(shards[0]))[:max(1, s.batch // s.views)]
     decoded = decode_batch([x.image for x in samples], s.device)

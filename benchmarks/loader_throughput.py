@@ -190,7 +190,7 @@ def measure_loaders(urls: list[str], cache_root: str | Path, batch_size: int, bu
 def measure_pixel_codecs(url: str, views: int = 32, size: int = 224) -> dict:
     """Each --store-pixels codec on `views` rendered views of one shard: bytes, encode and
     decode time, and the error of the decoded view against the rendered one."""
-    from mrmae.extract.reader import read_shard
+    from mrmae.shared.shards import read_shard
     from mrmae.shared.views import (PIXEL_CODECS, ViewConfig, decode_image, decode_view, encode_view,
                                     render_view_uint8, sample_views)
 

@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     from mrmae.extract.batch_render import render_exact, render_one_by_one
-    from mrmae.extract.reader import read_shard
+    from mrmae.shared.shards import read_shard
     from mrmae.shared.views import decode_image
 
     with tempfile.TemporaryDirectory() as tmp:

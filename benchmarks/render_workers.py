@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
-    from mrmae.extract.reader import read_shard
+    from mrmae.shared.shards import read_shard
     from mrmae.extract.runner import ExtractConfig, _teacher_batches, render_loader
     from mrmae.shared.teachers import build_teacher
     from mrmae.shared.views import ViewConfig

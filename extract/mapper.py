@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mrmae.extract.device_decode import image_size
-from mrmae.extract.reader import RawSample
+from mrmae.shared.shards import RawSample
 from mrmae.shared.views import (ImageDecodeError, View, ViewConfig, decode_image, encode_view, render_view_uint8,
                                 sample_views)
 

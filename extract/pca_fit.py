@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mrmae.extract.reader import read_shard
+from mrmae.shared.shards import read_shard
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import Teacher
 from mrmae.shared.views import View

@@ -38,7 +38,7 @@ from mrmae.extract.batch_render import render_batch
 from mrmae.extract.device_decode import decode_batch
 from mrmae.extract.mapper import RenderedSample, RenderLoader
 from mrmae.extract.pca_fit import ensure_pca_basis
-from mrmae.extract.reader import RawSample, expand_urls, local_file_size, read_shard_with_digest
+from mrmae.shared.shards import REPEATED_KEY, RawSample, expand_urls, local_file_size, read_shard_with_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format.pca import measured_fields
 from mrmae.shared.teachers import Teacher, TeacherOutput, build_teacher
@@ -127,14 +127,15 @@ def replayed_views(group: cf.ShardGroup | cf.WdsShard) -> dict[str, list[View]]:
 
 def _unique_samples(samples: list[RawSample], geometry: dict[str, list[View]] | None
                     ) -> tuple[list[RawSample], list[dict]]:
-    """(samples to render, skipped entries): a repeated key would make rows ambiguous (the
-    first is kept); with `geometry`, a sample without cached views has nothing to replay."""
+    """(samples to render, skipped entries): a repeated key would make rows ambiguous, so
+    its first copy is kept and later ones (adjacent or not) are skipped; with `geometry`, a
+    sample without cached views has nothing to replay."""
     skipped: list[dict] = []
     seen: set[str] = set()
     unique = []
     for s in samples:
         if s.key in seen:
-            skipped.append({"key": s.key, "reason": "duplicate key in shard"})
+            skipped.append({"key": s.key, "reason": REPEATED_KEY})
         elif geometry is not None and s.key not in geometry:
             seen.add(s.key)
             skipped.append({"key": s.key, "reason": "no views in the cache (skipped at its extraction)"})
@@ -142,6 +143,16 @@ def _unique_samples(samples: list[RawSample], geometry: dict[str, list[View]] | 
             seen.add(s.key)
             unique.append(s)
     return unique, skipped
+
+
+def _report_repeats(url: str, skipped: list[dict], strict: bool) -> None:
+    """Later copies of a repeated key: one warning each (they are listed in the entry's
+    `skipped`), or, under `strict`, a SkippedSampleError at the first."""
+    for s in skipped:
+        if s["reason"] == REPEATED_KEY:
+            if strict:
+                raise SkippedSampleError(f"{url}: key {s['key']}: {REPEATED_KEY}")
+            warnings.warn(f"skipping {url} key {s['key']}: {REPEATED_KEY}", stacklevel=1)
 
 
 def render_loader(cfg: ExtractConfig, input_size: int) -> RenderLoader:
@@ -185,12 +196,13 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     """
     t0 = time.time()
     samples, source_sha256 = read or read_shard_with_digest(url)
+    unique, skipped = _unique_samples(samples, geometry)
+    _report_repeats(url, skipped, cfg.strict)  # before anything of the shard is written
     n_views = cfg.views.per_image
     ext = PIXEL_CODECS[cfg.store_pixels][2] if cfg.store_pixels else None
     writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
                                   cfg.dtype, cfg.layers, ext, feature_dim=cfg.pca, int8_group=cfg.int8_group)
     cf.forget_shard(cfg.out, writer.group_path)  # an entry left from an earlier write no longer holds
-    unique, skipped = _unique_samples(samples, geometry)
     failed = 0  # samples of `unique` that could not be rendered
 
     def on_error(key: str, reason: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mrmae.extract.mapper import RawSample
-from mrmae.extract.reader import read_shard, source_digest
+from mrmae.shared.shards import read_shard, source_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import build_teacher
 from mrmae.shared.views import View, decode_image, render_view
@@ -156,7 +156,9 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
     layers = tuple(m["teacher"].get("layers", []))
     for s, rows in by_shard.items():
         group = shards[s]
-        images: dict[str, RawSample] = {r.key: r for r in read_shard(group.entry["source"])}
+        images: dict[str, RawSample] = {}
+        for r in read_shard(group.entry["source"]):
+            images.setdefault(r.key, r)  # a repeated key: the first copy is the one extracted
         for row in rows:
             rec = group.read(slice(row, row + 1))
             key, crop, flip = str(rec["keys"][0]), rec["crop"][0], bool(rec["flip"][0])

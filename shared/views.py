@@ -119,7 +119,8 @@ class ImageDecodeError(ValueError):
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """JPEG/PNG/... bytes -> uint8 tensor [3, H, W] (RGB; grayscale and CMYK converted).
+    """JPEG/PNG/... bytes -> uint8 tensor [3, H, W] (RGB; grayscale, CMYK, 16-bit and
+    float images converted and scaled to 8 bits, `_to_rgb8`).
 
     Decoded fully (`load`) so truncated files fail here, not later in a worker.
     """
@@ -128,13 +129,35 @@ def decode_image(data: bytes) -> torch.Tensor:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise ImageDecodeError(f"image of {im.width}x{im.height} px exceeds {MAX_IMAGE_PIXELS} px")
             im.load()
-            rgb = im.convert("RGB")
+            arr = _to_rgb8(im)
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
-    arr = np.asarray(rgb, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    """A loaded PIL image of any mode -> uint8 [H, W, 3], each mode's range scaled to 0-255.
+
+    PIL's own convert("RGB") clips the integer modes (a 16-bit PNG opens as I;16 or I, and
+    99.6% of a full-range image's pixels would become 255): those are scaled here, 16-bit
+    by 255/65535 (a 32-bit `I` image holding only 0-255 is taken as 8-bit), float `F` from
+    0-1 (or clipped to 0-255 when its values exceed 1). Alpha (RGBA, LA, P with
+    transparency) is dropped, as convert("RGB") drops it; CMYK, YCbCr, L, 1 and P are
+    PIL's conversions, unchanged.
+    """
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
+        elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a * (255.0 / 65535.0)
+        gray = np.clip(np.nan_to_num(np.rint(a)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # convert("RGB") would warn about the palette's transparency
+    return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
 class ViewError(ValueError):

@@ -15,7 +15,7 @@ from PIL import Image
 from mrmae.cli import cli
 from mrmae.extract.batch_render import render_batch
 from mrmae.extract.device_decode import decode_batch, image_size
-from mrmae.extract.reader import read_shard
+from mrmae.shared.shards import read_shard
 from mrmae.extract.runner import ExtractConfig, run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ImageDecodeError, View, ViewConfig, decode_image, render_view_uint8

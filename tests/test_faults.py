@@ -7,6 +7,8 @@ or option (or a counted, recorded skip), with nothing wrong trained on.
 
 from __future__ import annotations
 
+import pytest
+
 # --- 1. nothing recorded in a cache is executed or followed out of it -------------------
 
 # --- 2. concurrent writers on one --out lose nothing -----------------------------------
@@ -248,10 +250,256 @@ def test_s3_verify_repair_then_extraction_redoes_only_the_damaged_shard(demo_sha
 
 # --- 4. a truncated tar is an error, never a shorter complete shard -------------------
 
+def _cut_at(data: bytes, where: str) -> bytes:
+    """A tar cut inside its 2nd member's data, exactly after it, or inside the 3rd header."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        second, third = tf.getmembers()[1:3]
+    return data[:{"mid-member": second.offset_data + second.size // 2, "boundary": third.offset,
+                  "in-header": third.offset + 100}[where]]
+
+
+def _error_line(r) -> str:
+    """The one `mrmae: error:` line of a failed CliRunner run (exit 1, no traceback)."""
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error:")]
+    assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.output, r.output + repr(r.exception)
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["mid-member", "boundary", "in-header"])
+def test_4_truncated_shard_stops_extraction_and_pretraining_naming_it(demo_shards, tmp_path, where):
+    from click.testing import CliRunner
+    from conftest import DINO_TINY
+
+    from mrmae.cli import cli
+    from mrmae.shared import cache_format as cf
+
+    cut = tmp_path / "demo-000000.tar"
+    cut.write_bytes(_cut_at(demo_shards[0].read_bytes(), where))
+    for url in (str(cut), f"pipe:cat {cut}"):
+        out = tmp_path / ("c-pipe" if url.startswith("pipe:") else "c-path")
+        r = CliRunner().invoke(cli, ["extract-features", "--shards", f"{demo_shards[1]}::{url}", "--out", str(out),
+                                     "--teacher", DINO_TINY, "--views", "1", "--no-progress"])
+        assert _error_line(r).startswith(f"mrmae: error: {url}: truncated tar")
+        entries = cf.read_manifest(out)["shards"]  # the whole shard before it is kept; the cut one is not
+        assert [e["source"] for e in entries if e["status"] == "complete"] == [str(demo_shards[1])]
+        r = CliRunner().invoke(cli, ["pretrain", "--shards", url, "--out", str(tmp_path / "p"), "--model",
+                                     "mrmae_vit_tiny_patch16", "--workers", "0", "--no-progress"])  # plain: counts samples first
+        assert _error_line(r).startswith(f"mrmae: error: {url}: truncated tar")
+
+
+def test_4_truncated_pipe_shard_is_one_line_from_a_real_process(demo_shards, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import DINO_TINY
+
+    cut = tmp_path / "demo-000000.tar"
+    cut.write_bytes(_cut_at(demo_shards[0].read_bytes(), "boundary"))
+    r = subprocess.run([sys.executable, "-m", "mrmae", "extract-features", "--shards", f"pipe:cat {cut}", "--out",
+                        str(tmp_path / "c"), "--teacher", DINO_TINY, "--views", "1", "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert errors[0].startswith(f"mrmae: error: pipe:cat {cut}: truncated tar: ends without its end-of-archive")
+
 # --- 5. shard identity: the bytes trained on are the bytes extracted -------------------
+
+TINY_PRETRAIN = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "64",
+                 "--batch-size", "6", "--workers", "0", "--no-progress", "--seed", "3", "--lr", "1e-3"]
+
+
+def test_5_plain_live_and_finetune_count_pipe_and_url_shards(demo_shards, tmp_path):
+    """`count_samples` reads `pipe:` and fsspec shards as it reads local ones; plain and live
+    pretraining and fine-tuning run on them."""
+    import json
+
+    import fsspec
+    from click.testing import CliRunner
+    from conftest import DINO_TINY
+    from test_finetune import FT, save_small_student
+
+    from mrmae.cli import cli
+    from mrmae.train.pretrain import count_samples
+
+    with fsspec.open("memory://faults-5/demo-000001.tar", "wb") as f:
+        f.write(demo_shards[1].read_bytes())
+    shards = f"pipe:cat {demo_shards[0]}::memory://faults-5/demo-000001.tar"
+    assert count_samples([f"pipe:cat {demo_shards[0]}", "memory://faults-5/demo-000001.tar",
+                          f"file://{demo_shards[2]}"], None) == 18
+    for mode, extra in (("plain", []), ("live", ["--teacher", DINO_TINY])):
+        r = CliRunner().invoke(cli, ["pretrain", "--shards", shards, "--out", str(tmp_path / mode), *TINY_PRETRAIN,
+                                     *extra])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        steps = [json.loads(ln) for ln in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        assert len(steps) == 2  # 12 samples counted, batch 6
+    save_small_student(tmp_path / "student")
+    r = CliRunner().invoke(cli, ["finetune", "--checkpoint", str(tmp_path / "student"), "--train-shards", shards,
+                                 "--val-shards", f"file://{demo_shards[2]}", "--out", str(tmp_path / "ft"), *FT,
+                                 "--epochs", "1"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert [m["step"] for m in map(json.loads, (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m] == [1, 2, 3]  # 12 images / batch 4
+
+
+def test_5_other_images_behind_the_same_name_stop_pretraining(tmp_path):
+    """A cache extracted from shard A; pretraining on `pipe:cat B`, B holding the same file
+    and key names with other images: one line naming the shard, non-zero exit."""
+    import subprocess
+    import sys
+
+    import fsspec
+    from click.testing import CliRunner
+    from conftest import DINO_TINY
+
+    from mrmae.cli import cli
+    from mrmae.demo import write_demo_shards
+    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.shared.views import ViewConfig
+
+    a = write_demo_shards(tmp_path / "a", num_images=6, shard_size=6, seed=0)[0]
+    b = write_demo_shards(tmp_path / "b", num_images=6, shard_size=6, seed=1)[0]
+    assert a.name == b.name and a.read_bytes() != b.read_bytes()
+    cache = tmp_path / "cache"
+    run_extraction(ExtractConfig(shards=str(a), out=str(cache), teacher=DINO_TINY, views=ViewConfig(per_image=2),
+                                 batch_size=12, progress=False))
+    args = ["pretrain", "--feature-cache", str(cache), *TINY_PRETRAIN]
+    r = CliRunner().invoke(cli, [*args, "--shards", f"pipe:cat {a}", "--out", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output + repr(r.exception)  # the extracted bytes, piped: trains
+    r = subprocess.run([sys.executable, "-m", "mrmae", *args, "--shards", f"pipe:cat {b}", "--out",
+                        str(tmp_path / "other")], capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert r.returncode != 0 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert errors[0].startswith(f"mrmae: error: pipe:cat {b}: not the shard extracted into {cache}")
+    with fsspec.open(f"memory://faults-5b/{b.name}", "wb") as f:  # a URL: no size to compare, only bytes
+        f.write(b.read_bytes())
+    r = CliRunner().invoke(cli, [*args, "--shards", f"memory://faults-5b/{b.name}", "--out", str(tmp_path / "url")])
+    assert _error_line(r).startswith(f"mrmae: error: memory://faults-5b/{b.name}: not the shard extracted into")
 
 # --- 6. --resume refuses another cache, teacher, model or data -------------------------
 
 # --- 7. repeated keys and 16-bit images ------------------------------------------------
+
+def _jpeg(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _repeats_tar(path, layout: str) -> dict[str, bytes]:
+    """A tar with key `a` twice, the copies of different sizes (their views differ):
+    adjacent a a b c (webdataset's group_by_keys raises there) or apart a b a c.
+    Returns the first copy's image per key."""
+    import io
+    import tarfile
+
+    first, second = _jpeg(64, 48, (200, 30, 30)), _jpeg(300, 200, (30, 30, 200))
+    order = {"adjacent": [("a", first), ("a", second), ("b", _jpeg(80, 80, (0, 90, 0))), ("c", _jpeg(70, 90, (9, 9, 9)))],
+             "apart": [("a", first), ("b", _jpeg(80, 80, (0, 90, 0))), ("a", second), ("c", _jpeg(70, 90, (9, 9, 9)))]}
+    with tarfile.open(path, "w") as tf:
+        for key, image in order[layout]:
+            for ext, data in (("jpg", image), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return {key: image for key, image in reversed(order[layout])}
+
+
+@pytest.mark.parametrize("layout", ["adjacent", "apart"])
+def test_7_repeated_key_later_copy_skipped_warned_listed_strict_stops(tmp_path, layout):
+    from click.testing import CliRunner
+    from conftest import DINO_TINY
+
+    from mrmae.cli import cli
+    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.shared import cache_format as cf
+    from mrmae.shared.shards import REPEATED_KEY
+    from mrmae.shared.views import ViewConfig, sample_views
+
+    shard = tmp_path / "rep-000.tar"
+    _repeats_tar(shard, layout)
+    with pytest.warns(UserWarning, match=f"skipping {shard} key a: repeated key"):
+        run_extraction(ExtractConfig(shards=str(shard), out=str(tmp_path / "c"), teacher=DINO_TINY,
+                                     views=ViewConfig(per_image=2), batch_size=4, progress=False))
+    cache = cf.FeatureCache(tmp_path / "c")
+    group = cache.shard(str(shard))
+    assert group.entry["skipped"] == [{"key": "a", "reason": REPEATED_KEY}] and group.entry["num_samples"] == 3
+    assert list(map(str, group.keys)) == ["a", "a", "b", "b", "c", "c"]
+    crop, _, _ = group.geometry()
+    views = sample_views("a", 48, 64, ViewConfig(per_image=2))  # the first copy is 64x48
+    assert [tuple(int(c) for c in crop[i]) for i in (0, 1)] == [v.box for v in views]
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(shard), "--out", str(tmp_path / "strict"),
+                                 "--teacher", DINO_TINY, "--views", "1", "--strict", "--no-progress"])
+    assert _error_line(r) == f"mrmae: error: {shard}: key a: {REPEATED_KEY}"
+    assert not [e for e in cf.read_manifest(tmp_path / "strict")["shards"] if e["status"] == "complete"]
+
+
+@pytest.mark.parametrize("layout", ["adjacent", "apart"])
+def test_7_pretraining_keeps_the_first_copy_of_a_repeated_key(tmp_path, layout):
+    from conftest import DINO_TINY
+
+    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.shared import cache_format as cf
+    from mrmae.shared.views import ViewConfig
+    from mrmae.train.data import DataConfig, StudentStream, ViewJoiner
+
+    shard = tmp_path / "rep-000.tar"
+    first = _repeats_tar(shard, layout)
+    with pytest.warns(UserWarning, match="repeated key"):
+        run_extraction(ExtractConfig(shards=str(shard), out=str(tmp_path / "c"), teacher=DINO_TINY,
+                                     views=ViewConfig(per_image=2), batch_size=4, progress=False))
+    cache = cf.FeatureCache(tmp_path / "c")
+    for url in (str(shard), f"pipe:cat {shard}"):
+        for c in (cache, None):  # cached and live/plain
+            cfg = DataConfig(shards=[url], batch_size=3, img_size=32)
+            joined = list(ViewJoiner(cfg, c)(iter([url]), 0))
+            assert [(s["key"], s["image"]) for s in joined] == [(k, first[k]) for k in ("a", "b", "c")]
+        batches = list(StudentStream(DataConfig(shards=[url], batch_size=3, img_size=32), cache))
+        assert sorted(k for b in batches for k in b["keys"]) == ["a", "b", "c"]
+        assert all(b["targets"].shape[0] == 3 for b in batches)
+
+
+def test_7_sixteen_bit_and_other_modes_are_scaled_to_8_bits():
+    import io
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from mrmae.shared.views import decode_image
+
+    def encoded(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 65536, (48, 64), dtype=np.uint16)  # a full-range 16-bit image
+    png = encoded(Image.fromarray(source))
+    assert Image.open(io.BytesIO(png)).mode.startswith("I")
+    decoded = decode_image(png).numpy().astype(int)
+    assert decoded.shape == (3, 48, 64)
+    assert np.abs(decoded - np.round(source / 257.0)[None]).max() <= 1
+    assert (decoded == 255).mean() < 0.01  # clipped, 99.6% of them would be 255
+    wide = rng.integers(0, 65536, (8, 8)).astype(np.int32)  # mode I (32-bit) holding 16-bit values
+    assert np.abs(decode_image(encoded(Image.fromarray(wide), "TIFF")).numpy()[0] - wide / 257.0).max() <= 1
+    unit = rng.random((8, 8)).astype(np.float32)  # mode F in 0..1
+    assert np.abs(decode_image(encoded(Image.fromarray(unit), "TIFF")).numpy()[0] - unit * 255).max() <= 1
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    la = Image.merge("LA", [Image.fromarray(grey), Image.fromarray(grey[::-1].copy())])
+    assert (decode_image(encoded(la)).numpy() == grey[None]).all()  # alpha dropped, grey kept
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red
+    assert tuple(decode_image(encoded(cmyk, "JPEG")).numpy()[:, 4, 4]) in [(r, g, b) for r in range(250, 256)
+                                                                        for g in range(6) for b in range(6)]
+    palette = Image.fromarray(grey).convert("P")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns when a palette's transparency is dropped unasked
+        assert decode_image(encoded(palette, transparency=0)).shape == (3, 8, 8)
 
 # --- 8. one line for every user error and environment fault ----------------------------

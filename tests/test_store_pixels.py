@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import DINO_TINY
 
 from mrmae.cli import cli
-from mrmae.extract.reader import image_bytes, iter_tar_samples
+from mrmae.shared.shards import iter_samples
 from mrmae.extract.runner import ExtractConfig, run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import View, ViewConfig, decode_image, decode_view, render_view_uint8
@@ -32,7 +32,7 @@ def test_stored_views_are_the_rendered_views(demo_shards, tmp_path, backend, cod
     assert cache.manifest["storage"]["pixels"] == codec
     group = cache.shard(str(demo_shards[0]))
     crop, flip, _ = group.geometry()
-    sources = {str(s["__key__"]): image_bytes(s) for s in iter_tar_samples(str(demo_shards[0]))}
+    sources = {s.key: s.image for s in iter_samples(str(demo_shards[0]))}
     worst = 0
     for i, key in enumerate(group.keys):
         stored = decode_view(group.stored_pixels(i))

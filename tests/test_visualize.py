@@ -11,7 +11,7 @@ from conftest import DINO_TINY
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.reader import read_shard
+from mrmae.shared.shards import read_shard
 from mrmae.extract.runner import ExtractConfig, run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view_uint8

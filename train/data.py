@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from mrmae.extract.reader import expand_urls, image_bytes, iter_tar_samples, local_file_size
+from mrmae.shared.shards import ShardReader, TarSample, expand_urls, first_copies, local_file_size
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import (View, ViewConfig, ViewError, check_view, decode_image, decode_view, render_view_uint8,
                                 sample_views)
@@ -117,25 +117,39 @@ class ViewJoiner:
                 yield from self._cached_views(url, group, joint, epoch)
                 continue
             skipped = {s["key"] for s in group.entry.get("skipped", [])} if group else set()
-            for s in iter_tar_samples(url):
-                key = str(s["__key__"])
-                image = image_bytes(s)
-                v = pick_view(self.cfg.seed, epoch, key, self.view_cfg.per_image)
-                out = {"key": key, "image": image, "view_index": v, "url": url}
-                if group is not None:
-                    if key in skipped:
-                        continue  # recorded at extraction as undecodable: no targets exist
-                    try:
-                        row = group.row(key, v)
-                    except cf.CacheError:
-                        raise cf.CacheError(f"{url}: key {key} has no rows in the cache {self.cache.root} "
-                                            "(shard changed since extraction?)") from None
-                    out.update(self._targets(group, row, key))
-                    out.update(self._joint_targets(joint, key, v, url))
-                elif image is None:
-                    continue
-                yield out
+            reader = ShardReader(url, hashed=group is not None)  # cached: proves the bytes are those extracted
+            for s in first_copies(reader):  # a repeated key: extraction kept (and rendered) the first copy
+                out = self._join(url, s, group, joint, skipped, epoch)
+                if out is not None:
+                    yield out
+            if group is not None:
+                self._check_identity(url, group, reader.sha256)
 
+    def _join(self, url: str, s: TarSample, group, joint: list, skipped: set[str], epoch: int) -> dict | None:
+        """One source sample with its view for `epoch` (and its cached targets); None: no
+        targets exist (recorded as skipped at extraction) or, uncached, no image."""
+        v = pick_view(self.cfg.seed, epoch, s.key, self.view_cfg.per_image)
+        out = {"key": s.key, "image": s.image, "view_index": v, "url": url}
+        if group is None:
+            return out if s.image is not None else None
+        try:
+            row = group.row(s.key, v)
+        except cf.CacheError:
+            if s.key in skipped:
+                return None  # undecodable or without an image at extraction: no rows
+            raise cf.CacheError(f"{url}: key {s.key} has no rows in the cache {self.cache.root} "
+                                "(shard changed since extraction?)") from None
+        out.update(self._targets(group, row, s.key))
+        out.update(self._joint_targets(joint, s.key, v, url))
+        return out
+
+    def _check_identity(self, url: str, group, sha256: str | None) -> None:
+        """The bytes just streamed must be the bytes extracted: the same names with other
+        images behind them (another bucket, a rewritten file) would train on other targets."""
+        recorded = group.entry.get("source_sha256")
+        if recorded and sha256 != recorded:
+            raise cf.CacheError(f"{url}: not the shard extracted into {self.cache.root} (sha256 {sha256[:16]}..., "
+                                f"{recorded[:16]}... when extracted): same name, other bytes")
 
     def _cached_views(self, url: str, group, joint: list, epoch: int) -> Iterator[dict]:
         """`pixels_from_cache`: the shard's samples from the cache alone, in row (= tar) order;

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from mrmae.extract.reader import expand_urls, read_shard
+from mrmae.shared.shards import expand_urls, first_copies, iter_samples
 from mrmae.shared.views import ImageDecodeError, decode_image, normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.restore import encode_all_tokens, num_prefix_tokens
@@ -62,7 +62,7 @@ class LabelledImages(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for url in self.urls[worker::workers]:
-            for s in read_shard(url):
+            for s in first_copies(iter_samples(url)):  # a repeated key: its first copy
                 if s.image is None or s.label is None:
                     continue
                 try:

@@ -134,7 +134,7 @@ def evaluate(model: torch.nn.Module, shards: str, img_size: int, num_classes: in
              batch_size: int = 64, workers: int = 0) -> dict:
     """Top-1/top-5 (%) and cross-entropy on `shards` with MAE's eval transform; each rank
     takes every world-th shard and the counts are summed over ranks."""
-    from mrmae.extract.reader import expand_urls
+    from mrmae.shared.shards import expand_urls
     from mrmae.train.evaluate import LabelledImages
 
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -186,7 +186,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import param_groups_layer_decay
 
-    from mrmae.extract.reader import expand_urls
+    from mrmae.shared.shards import expand_urls
     from mrmae.train.pretrain import count_samples
 
     out, cuda = Path(cfg.out), torch.cuda.is_available()

@@ -27,7 +27,7 @@ import torch
 import webdataset as wds
 from torchvision.transforms.functional import to_pil_image
 
-from mrmae.extract.reader import expand_urls, image_bytes, iter_tar_samples
+from mrmae.shared.shards import expand_urls, first_copies, iter_samples
 from mrmae.shared.views import ImageDecodeError, decode_image
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, epoch_shards
 
@@ -67,16 +67,13 @@ def seed_everything(seed: int) -> None:
 
 
 def labelled_samples(urls: Iterator[str]) -> Iterator[tuple[str, bytes, int]]:
-    """(key, image bytes, label) of each sample that has both; others are skipped."""
+    """(key, image bytes, label) of each sample that has both (a .cls that is not an integer
+    counts as none); others are skipped, as are later copies of a repeated key."""
     for url in urls:
-        for s in iter_tar_samples(url):
-            image, label = image_bytes(s), s.get("cls")
-            if image is None or label is None:
-                continue
-            try:
-                yield str(s["__key__"]), image, int(label.decode().strip())
-            except ValueError:  # a .cls that is not an integer
-                continue
+        for s in first_copies(iter_samples(url)):
+            image, label = s.image, s.label
+            if image is not None and label is not None:
+                yield s.key, image, label
 
 
 def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,14 +13,14 @@ import hashlib
 import itertools
 import json
 import math
-import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mrmae.extract.reader import expand_urls
+from mrmae.shared import shards
+from mrmae.shared.shards import expand_urls
 from mrmae.shared import cache_format as cf
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
@@ -61,13 +61,11 @@ class PretrainConfig:
 
 
 def count_samples(urls: list[str], cache: cf.FeatureCache | None) -> int:
+    """Samples of an epoch: the cache's entries, or a pass over each tar's headers (local,
+    `pipe:` and URL shards alike; data is read, since a stream cannot seek, and dropped)."""
     if cache is not None:
         return sum(cache.shard(u).entry["num_samples"] for u in urls)
-    total = 0
-    for url in urls:  # a plain pass over the tar headers
-        with tarfile.open(url, "r|*") as tf:
-            total += len({m.name.split(".", 1)[0] for m in tf if m.isfile()})
-    return total
+    return sum(shards.count_samples(url) for url in urls)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mrmae.extract.reader import expand_urls, image_bytes, iter_tar_samples
+from mrmae.shared.shards import expand_urls, first_copies, iter_samples
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import View, ViewConfig, ViewError, decode_image, normalize, render_view_uint8
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
@@ -86,6 +86,14 @@ def reconstruction(model: torch.nn.Module, view: np.ndarray, ids_keep: torch.Ten
     return img.permute(1, 2, 0).numpy()
 
 
+def _has_row(group, key: str, view: int) -> bool:
+    try:
+        group.row(key, view)
+    except cf.CacheError:
+        return False
+    return True
+
+
 def _samples(cache: cf.FeatureCache, shards: str, view_index: int, num: int):
     """Yield (key, uint8 view [S, S, 3], attention [L]) of the first `num` cached samples of `shards`."""
     size = ViewConfig.from_json(cache.manifest["views"]).output_size
@@ -93,10 +101,10 @@ def _samples(cache: cf.FeatureCache, shards: str, view_index: int, num: int):
     for url in expand_urls(shards):
         group = cache.shard(url)  # one line naming the shard when it is not in the cache
         skipped = {s["key"] for s in group.entry.get("skipped", [])}
-        for s in iter_tar_samples(url):  # streamed: a few rows need not read a whole shard
-            key, image = str(s["__key__"]), image_bytes(s)
-            if key in skipped or image is None:
-                continue
+        for s in first_copies(iter_samples(url)):  # streamed: a few rows need not read a whole shard
+            key, image = s.key, s.image
+            if image is None or (key in skipped and not _has_row(group, key, view_index)):
+                continue  # no rows: skipped at extraction (a repeated key's first copy has them)
             t = group.get(key, view_index)
             try:
                 view = render_view_uint8(decode_image(image), View(*t.crop, flip=t.flip), size)
