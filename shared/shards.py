@@ -168,11 +168,14 @@ class HashingReader:
         self.size += len(data)
         return data
 
-    def drain(self) -> str | None:
-        """Read what is left (the padding after the end-of-archive block); the sha256 of all
-        (None when not hashed)."""
-        while self.read(1 << 20):
-            pass
+    def drain(self, url: str | None = None) -> str | None:
+        """Read what is left; the sha256 of all (None when not hashed). With `url` (after a
+        tar's end-of-archive block) what is left must be zeros, the record padding: data
+        there (`cat a.tar b.tar`) would be samples silently dropped, so it is an error."""
+        while data := self.read(1 << 20):
+            if url is not None and data.count(0) != len(data):
+                raise ShardReadError(f"{url}: data after the tar's end-of-archive block (concatenated tars?): "
+                                     "those samples would be lost; repack it as one tar")
         return self.hasher.hexdigest() if self.hasher is not None else None
 
     def close(self) -> None:
@@ -210,8 +213,7 @@ def _check_header(block: bytes, url: str, offset: int) -> None:
     """A header's checksum (unsigned, or signed as some old tars wrote it) must hold."""
     stored = _octal(block[148:156], url, offset)
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)
-    if stored not in (unsigned, signed):
+    if stored != unsigned and stored != unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127):
         raise ShardReadError(f"{url}: not a tar, or damaged: bad header checksum at byte {offset}")
 
 
@@ -322,7 +324,7 @@ class ShardReader:
         stream = HashingReader(open_source(self.url), self.hashed)
         try:
             yield from _samples(_members(stream, self.url, keep))
-            self.sha256, self.size = stream.drain(), stream.size
+            self.sha256, self.size = stream.drain(self.url), stream.size
         except ShardReadError:
             raise
         except (OSError, ValueError) as e:  # the source's own error (network, fsspec...)

@@ -117,6 +117,17 @@ def test_end_of_archive_block_is_required_but_padding_is_not(tmp_path):
         sh.count_samples(str(tmp_path / "no-zero-block.tar"))
 
 
+def test_data_after_the_end_of_archive_is_an_error(tmp_path):
+    """`cat a.tar b.tar`: tarfile (and GNU tar without -i) stop at a.tar's end, dropping b."""
+    a = write_tar(tmp_path / "a.tar", [("a.jpg", b"1")])
+    b = write_tar(tmp_path / "b.tar", [("b.jpg", b"2")])
+    (tmp_path / "ab.tar").write_bytes(a + b)
+    with pytest.raises(sh.ShardReadError, match="ab.tar: data after the tar's end-of-archive block"):
+        sh.count_samples(str(tmp_path / "ab.tar"))
+    (tmp_path / "padded.tar").write_bytes(a + bytes(10240))  # zeros after the end: record padding
+    assert sh.count_samples(str(tmp_path / "padded.tar")) == 1
+
+
 def test_repeated_keys_are_separate_samples_and_first_copies_keeps_the_first(tmp_path):
     """Adjacent (a a) and later (a b a) repeats: each copy is a sample (webdataset would stop
     at the adjacent one); `first_copies` keeps the first and reports the rest."""
