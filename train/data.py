@@ -123,7 +123,8 @@ class ViewJoiner:
                 if out is not None:
                     yield out
             if group is not None:
-                self._check_identity(url, group, reader.sha256)
+                for cache, g in zip((self.cache, *self.joint), (group, *joint)):
+                    self._check_identity(url, cache, g, reader.sha256)
 
     def _join(self, url: str, s: TarSample, group, joint: list, skipped: set[str], epoch: int) -> dict | None:
         """One source sample with its view for `epoch` (and its cached targets); None: no
@@ -143,12 +144,14 @@ class ViewJoiner:
         out.update(self._joint_targets(joint, s.key, v, url))
         return out
 
-    def _check_identity(self, url: str, group, sha256: str | None) -> None:
-        """The bytes just streamed must be the bytes extracted: the same names with other
-        images behind them (another bucket, a rewritten file) would train on other targets."""
+    @staticmethod
+    def _check_identity(url: str, cache: cf.FeatureCache, group, sha256: str | None) -> None:
+        """The bytes just streamed must be the bytes extracted (into the main cache and any
+        joint one): the same names with other images behind them (another bucket, a
+        rewritten file) would train on other images' targets."""
         recorded = group.entry.get("source_sha256")
         if recorded and sha256 != recorded:
-            raise cf.CacheError(f"{url}: not the shard extracted into {self.cache.root} (sha256 {sha256[:16]}..., "
+            raise cf.CacheError(f"{url}: not the shard extracted into {cache.root} (sha256 {sha256[:16]}..., "
                                 f"{recorded[:16]}... when extracted): same name, other bytes")
 
     def _cached_views(self, url: str, group, joint: list, epoch: int) -> Iterator[dict]:
