@@ -214,7 +214,7 @@ def build_student(model_name: str, shards: list[str], batch_size: int, n_batches
     from mrmae.train.pretrain import param_groups
 
     torch.manual_seed(0)
-    teacher_dim = cache.manifest["teacher"]["dim"] if cache else (teacher.dim if teacher else 0)
+    teacher_dim = cache.manifest.teacher.dim if cache else (teacher.dim if teacher else 0)
     model = create_model(model_name, teacher_dim=teacher_dim, decoder_embed_dim=decoder_dim,
                          decoder_depth=decoder_depth)
     data_cfg = DataConfig(shards=list(shards), batch_size=batch_size, img_size=model.img_size,

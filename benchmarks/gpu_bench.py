@@ -250,7 +250,7 @@ def bench_pretrain(mode: str, s: Settings, urls: list[str], cache_root: Path, te
     if teacher is not None:
         teacher.to("cpu")  # the next mode starts with accelerator.free_memory() and a fresh peak
     parts = [f"{s.student} B={s.batch}", f"{teacher.spec} live" if teacher is not None else "",
-             f"cache of {cache.manifest['teacher']['spec']}" if cache else "",
+             f"cache of {cache.manifest.teacher.spec}" if cache else "",
              f"torch.compile {compile_backend}" if compile_backend else ""]
     what = ", ".join(part for part in parts if part)
     result = {"value": statistics.median(rates[s.warmup:]), "unit": "img/s", "peak_mib": peak, "what": what,

@@ -69,8 +69,8 @@ def unchecked_copy(cache_root: str | Path, dst: str | Path) -> Path:
     from zarr.codecs import Crc32cCodec
 
     dst = Path(shutil.copytree(cache_root, dst))
-    for entry in cf.read_manifest(dst)["shards"]:
-        group = zarr.open_group(str(dst / entry["group"]), mode="r+")
+    for entry in cf.read_manifest(dst).shards:
+        group = zarr.open_group(str(dst / entry.group), mode="r+")
         for name, arr in list(group.arrays()):
             data, chunks = arr[:], arr.chunks
             compressors = [c for c in arr.compressors if not isinstance(c, Crc32cCodec)]
@@ -165,7 +165,7 @@ def measure_loaders(urls: list[str], cache_root: str | Path, batch_size: int, bu
         with warnings.catch_warnings():  # its one "no checksums" warning: that is the point here
             warnings.simplefilter("ignore", cf.UncheckedCacheWarning)
             unchecked = cf.FeatureCache(unchecked_root)
-    names = [n for n in LOADERS if (n != "cached_pixels" or cache.manifest["storage"].get("pixels"))
+    names = [n for n in LOADERS if (n != "cached_pixels" or cache.manifest.storage.pixels)
              and (n != "cached_unchecked" or unchecked is not None)]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for rep in range(reps):
@@ -183,7 +183,7 @@ def measure_loaders(urls: list[str], cache_root: str | Path, batch_size: int, bu
         out["ratio_cached_over_cached_unchecked_per_rep"] = [
             a["images_per_s"] / b["images_per_s"] for a, b in zip(runs["cached"], runs["cached_unchecked"])]
     out["params"] = {"batch_size": batch_size, "workers": workers, "warmup_batches": warmup_batches,
-                     "budget_s": budget_s, "reps": reps, "teacher_dim": cache.manifest["teacher"]["dim"]}
+                     "budget_s": budget_s, "reps": reps, "teacher_dim": cache.manifest.teacher.dim}
     return out
 
 

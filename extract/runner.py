@@ -73,17 +73,15 @@ class ExtractConfig:
     pca_fit_views: int = 2048  # the basis is fitted on the first N views in input order
 
 
-def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> dict:
+def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> cf.Manifest:
     teacher_entry = {**teacher.describe(), "layers": list(cfg.layers)}
     storage = cf.storage_section(cfg.format, cfg.dtype, cfg.store_pixels,
                                  (cfg.pca, cfg.pca_fit_views) if cfg.pca else None, cfg.int8_group)
-    manifest = cf.new_manifest(teacher_entry, cfg.views.to_json(), storage, __version__)
-    if cfg.views_from:
-        manifest["views_from"] = "../.."  # a target's views are those of the cache two levels up
-    return manifest
+    # a target's views are those of the cache two levels up
+    return cf.new_manifest(teacher_entry, cfg.views, storage, __version__, "../.." if cfg.views_from else None)
 
 
-def check_compatible(out: str, wanted: dict) -> None:
+def check_compatible(out: str, wanted: cf.Manifest) -> None:
     """Refuse (CacheError, one line) to add to a cache made with another configuration."""
     try:
         existing = cf.read_manifest(out)
@@ -185,7 +183,7 @@ def _teacher_batches(unique: list[RawSample], loader: RenderLoader, cfg: Extract
 def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None,
                   geometry: dict[str, list[View]] | None = None,
                   pca: tuple[torch.Tensor, torch.Tensor] | None = None, loader: RenderLoader | None = None,
-                  read: tuple[list[RawSample], str] | None = None) -> dict:
+                  read: tuple[list[RawSample], str] | None = None) -> cf.ShardEntry:
     """Extract one shard into its group and record it complete; returns its manifest entry.
 
     With `geometry` (another teacher added to a cache) exactly those views are rendered,
@@ -227,10 +225,9 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         if geometry is not None and writer.rows != sum(len(v) for v in geometry.values()):
             raise cf.CacheError(f"{url}: {writer.rows} views rendered where the cache holds "
                                 f"{sum(len(v) for v in geometry.values())}: the shard changed since extraction")
-        entry = {"source": url, "group": writer.group_path, "num_samples": kept,
-                 "num_views": writer.rows, "skipped": skipped, "status": "complete", "sha256": digest,
-                 "bytes": size, "source_bytes": local_file_size(url), "source_sha256": source_sha256,
-                 "seconds": round(time.time() - t0, 2)}
+        entry = cf.ShardEntry(url, writer.group_path, kept, writer.rows,
+                              tuple(cf.Skipped(s["key"], s["reason"]) for s in skipped), "complete", digest, size,
+                              local_file_size(url), source_sha256, round(time.time() - t0, 2))
         cf.commit_shard(cfg.out, writer, entry)
     except BaseException:
         behind.close()  # nothing may write into the shard being removed
@@ -396,8 +393,8 @@ def run_extraction(cfg: ExtractConfig) -> dict:
         torch.cuda.set_device(torch.device(device))
     base = cf.FeatureCache(cfg.views_from) if cfg.views_from else None
     if base is not None:  # another teacher for the same views: the cache's geometry, backend and shards
-        cfg = replace(cfg, views=ViewConfig.from_json(base.manifest["views"]), format=base.backend)
-    urls = expand_urls(cfg.shards) if cfg.shards or base is None else [s["source"] for s in base.complete_shards]
+        cfg = replace(cfg, views=base.manifest.views, format=base.backend)
+    urls = expand_urls(cfg.shards) if cfg.shards or base is None else [s.source for s in base.complete_shards]
     mine = [u for i, u in enumerate(urls) if i % world == rank]
     teacher = build_teacher(cfg.teacher).to(device)
     if cfg.dtype == "int8" and cfg.int8_group and teacher.dim % cfg.int8_group:
@@ -413,11 +410,12 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     if cfg.pca:
         geometry_of = (lambda u: replayed_views(base.shard(u))) if base is not None else (lambda u: None)
         basis, digest = ensure_pca_basis(run_cfg, teacher, urls, rank, geometry_of)
-        wanted["storage"]["pca"].update(measured_fields(basis, digest))
+        fitted = replace(wanted.storage.pca, **measured_fields(basis, digest))
+        wanted = replace(wanted, storage=replace(wanted.storage, pca=fitted))
         pca = (torch.from_numpy(basis.mean).to(device), torch.from_numpy(basis.basis).to(device))
     cf.init_cache(cfg.out, wanted)
     manifest = cf.read_manifest(cfg.out)
-    if cfg.pca and (manifest["storage"].get("pca") or {}).get("sha256") != digest:
+    if cfg.pca and (manifest.storage.pca is None or manifest.storage.pca.sha256 != digest):
         raise cf.CacheError(f"{cf.Location(cfg.out).join(cf.PCA_FILE)}: not the basis the manifest records "
                             "(sha256 differs): replaced or damaged")
     todo = [u for u in mine if not _is_complete(cfg.out, manifest, u)]
@@ -432,8 +430,8 @@ def run_extraction(cfg: ExtractConfig) -> dict:
             entry = extract_shard(url, teacher, run_cfg, bar, replayed_views(base.shard(url)) if base else None, pca,
                                   loader, read)
             summary["extracted"] += 1
-            summary["views"] += entry["num_views"]
-            summary["samples_skipped"] += len(entry["skipped"])
+            summary["views"] += entry.num_views
+            summary["samples_skipped"] += len(entry.skipped)
     finally:
         bar.close()
         del loader  # its workers end with the DataLoader's iterator
@@ -441,6 +439,6 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     return summary
 
 
-def _is_complete(root: str, manifest: dict, url: str) -> bool:
+def _is_complete(root: str, manifest: cf.Manifest, url: str) -> bool:
     entry = cf.shard_entry(manifest, url)
-    return bool(entry and entry.get("status") == "complete" and cf.Location(root).exists(entry["group"]))
+    return bool(entry and entry.complete and cf.Location(root).exists(entry.group))

@@ -48,21 +48,21 @@ def cache_info(root: str) -> dict:
     cache = cf.FeatureCache(root)
     m = cache.manifest
     done = cache.complete_shards
-    views = sum(s["num_views"] for s in done)
+    views = sum(s.num_views for s in done)
     stored, logical = cache.stored_bytes(), cache.logical_bytes()
     pca = cache.pca_config
     return {
-        "cache": str(root), "teacher": m["teacher"]["spec"], "weights_sha256": m["teacher"]["weights_sha256"][:16],
-        "input_size": m["teacher"]["input_size"], "grid": m["teacher"]["grid"], "dim": m["teacher"]["dim"],
-        "views_per_image": m["views"]["per_image"], "seed": m["views"]["seed"],
-        "dtype": m["storage"]["dtype"], "codec": m["storage"]["codec"],
-        "pca": (f"rank {pca['rank']} of {m['teacher']['dim']}, explained variance {pca.get('explained_variance')} "
-                f"(fitted on {pca.get('fitted_views')} views)") if pca else "none",
-        "shards_complete": len(done), "shards_total": len(m["shards"]),
-        "samples": sum(s["num_samples"] for s in done), "samples_skipped": sum(len(s["skipped"]) for s in done),
+        "cache": str(root), "teacher": m.teacher.spec, "weights_sha256": m.teacher.weights_sha256[:16],
+        "input_size": m.teacher.input_size, "grid": list(m.teacher.grid), "dim": m.teacher.dim,
+        "views_per_image": m.views.per_image, "seed": m.views.seed,
+        "dtype": m.storage.dtype, "codec": m.storage.codec,
+        "pca": (f"rank {pca.rank} of {m.teacher.dim}, explained variance {pca.explained_variance} "
+                f"(fitted on {pca.fitted_views} views)") if pca else "none",
+        "shards_complete": len(done), "shards_total": len(m.shards),
+        "samples": sum(s.num_samples for s in done), "samples_skipped": sum(len(s.skipped) for s in done),
         "views": views, "bytes": stored, "bytes_per_view": round(stored / views) if views else 0,
         "compression_ratio": round(logical / stored, 3) if stored else 0.0,
-        "added_teachers": ", ".join(f"{t} ({cf.FeatureCache(root, t).manifest['teacher']['spec']})"
+        "added_teachers": ", ".join(f"{t} ({cf.FeatureCache(root, t).manifest.teacher.spec})"
                                     for t in cf.list_targets(root)) or "none",
     }
 
@@ -72,8 +72,8 @@ def duplicate_keys(root: str) -> dict[str, list[str]]:
     cache = cf.FeatureCache(root)
     seen: dict[str, list[str]] = {}
     for entry in cache.complete_shards:
-        for key in set(cache.shard(entry["source"]).keys):
-            seen.setdefault(str(key), []).append(entry["source"])
+        for key in set(cache.shard(entry.source).keys):
+            seen.setdefault(str(key), []).append(entry.source)
     return {k: v for k, v in seen.items() if len(v) > 1}
 
 
@@ -100,15 +100,15 @@ def changed_sources(root: str) -> list[str]:
     """Input shards whose bytes differ from those extracted (sha256), one line each."""
     problems = []
     for entry in cf.FeatureCache(root).complete_shards:
-        if not entry.get("source_sha256"):
+        if not entry.source_sha256:
             continue
         try:
-            digest = source_digest(entry["source"])
+            digest = source_digest(entry.source)
         except Exception as e:  # missing, unreadable: say so, do not stop the check
-            problems.append(f"{entry['source']}: cannot read the source shard ({type(e).__name__}: {e})")
+            problems.append(f"{entry.source}: cannot read the source shard ({type(e).__name__}: {e})")
             continue
-        if digest != entry["source_sha256"]:
-            problems.append(f"{entry['source']}: source shard changed since extraction (sha256 differs)")
+        if digest != entry.source_sha256:
+            problems.append(f"{entry.source}: source shard changed since extraction (sha256 differs)")
     return problems
 
 
@@ -119,7 +119,7 @@ def repair_cache(root: str) -> list[str]:
     repaired = []
     for entry, _ in cf.damaged_shards(root):
         cf.mark_incomplete(root, entry)
-        repaired.append(cf.Location(root).join(entry["group"]))
+        repaired.append(cf.Location(root).join(entry.group))
     return repaired
 
 
@@ -137,12 +137,12 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
                             repaired=repaired)
     cache = cf.FeatureCache(root)
     m = cache.manifest
-    teacher_spec = m["teacher"]["spec"]
+    teacher_spec = m.teacher.spec
     teacher = build_teacher(teacher_spec).to(device)
-    if teacher.fingerprint != m["teacher"]["weights_sha256"]:
+    if teacher.fingerprint != m.teacher.weights_sha256:
         raise cf.CacheError(f"{root}: teacher {teacher_spec} now has other weights than when the cache was made")
     # Pick (shard, row) pairs uniformly over all stored views.
-    shards = [cache.shard(s["source"]) for s in cache.complete_shards]
+    shards = [cache.shard(s.source) for s in cache.complete_shards]
     sizes = np.array([len(g) for g in shards])
     rng = np.random.default_rng(seed)
     picks = rng.choice(sizes.sum(), size=min(recompute, int(sizes.sum())), replace=False)
@@ -153,17 +153,17 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
     for p in sorted(picks):
         s = int(np.searchsorted(offsets, p, side="right") - 1)
         by_shard.setdefault(s, []).append(int(p - offsets[s]))
-    layers = tuple(m["teacher"].get("layers", []))
+    layers = m.teacher.layers
     for s, rows in by_shard.items():
         group = shards[s]
         images: dict[str, RawSample] = {}
-        for r in read_shard(group.entry["source"]):
+        for r in read_shard(group.entry.source):
             images.setdefault(r.key, r)  # a repeated key: the first copy is the one extracted
         for row in rows:
             rec = group.read(slice(row, row + 1))
             key, crop, flip = str(rec["keys"][0]), rec["crop"][0], bool(rec["flip"][0])
             if key not in images or images[key].image is None:
-                raise cf.CacheError(f"{group.entry['source']}: key {key} is in the cache but not in the shard")
+                raise cf.CacheError(f"{group.entry.source}: key {key} is in the cache but not in the shard")
             view = View(*(int(c) for c in crop), flip=flip)
             x = render_view(decode_image(images[key].image), view, teacher.input_size, teacher.mean, teacher.std)
             out = teacher(x[None].to(device), layers=layers)
@@ -177,7 +177,7 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
                 live = torch.from_numpy(coeffs)
             cosines.append(cos(live, stored, dim=-1).min().item())
             att_err.append((out.attention[0].float().cpu() - torch.from_numpy(rec["attention"][0])).abs().max().item())
-    tol = TOLERANCE[m["storage"]["dtype"]] if basis is None else pca_tolerance(m["storage"]["dtype"], basis.rank)
+    tol = TOLERANCE[m.storage.dtype] if basis is None else pca_tolerance(m.storage.dtype, basis.rank)
     worst = min(cosines) if cosines else float("nan")
     worst_att = max(att_err) if att_err else float("nan")
     ok = bool(cosines) and worst >= tol and worst_att <= ATTENTION_TOLERANCE

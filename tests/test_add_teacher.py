@@ -17,7 +17,7 @@ GEOMETRY = ("keys", "view", "crop", "flip")
 
 
 def rows(cache: cf.FeatureCache) -> dict[str, dict[str, np.ndarray]]:
-    return {s["source"]: cache.shard(s["source"]).read(slice(None)) for s in cache.complete_shards}
+    return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_an_added_teacher_sees_exactly_the_cached_views(two_teachers):
     cache, alone = two_teachers
     assert cf.list_targets(cache) == ["clip-ViT-S-16"]
     dino, clip = cf.FeatureCache(cache), cf.FeatureCache(cache, "clip-ViT-S-16")
-    assert clip.manifest["views"] == dino.manifest["views"] and clip.manifest["teacher"]["dim"] == 384
+    assert clip.manifest.views == dino.manifest.views and clip.manifest.teacher.dim == 384
     d, c, a = rows(dino), rows(clip), rows(cf.FeatureCache(alone))
     assert d.keys() == c.keys() and len(c) == 2
     for src in d:

@@ -30,7 +30,7 @@ def extract(shards: str, out, **kw) -> dict:
 
 def rows(root) -> dict:
     cache = cf.FeatureCache(root)
-    return {s["source"]: cache.shard(s["source"]).read(slice(None)) for s in cache.complete_shards}
+    return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_empty_tar_gives_an_empty_complete_shard(tmp_path):
     with tarfile.open(empty, "w"):
         pass
     extract(str(empty), tmp_path / "c")
-    entry = cf.read_manifest(tmp_path / "c")["shards"][0]
-    assert entry["num_samples"] == 0 and entry["num_views"] == 0 and entry["status"] == "complete"
+    entry = cf.read_manifest(tmp_path / "c").shards[0]
+    assert entry.num_samples == 0 and entry.num_views == 0 and entry.status == "complete"
 
 
 def test_decompression_bomb_is_skipped_and_named(tmp_path):
@@ -92,8 +92,8 @@ def test_decompression_bomb_is_skipped_and_named(tmp_path):
         sink.write({"__key__": "ok_1", "jpg": ok.getvalue()})
     with pytest.warns(UserWarning, match="bomb.tar key bomb_0: undecodable image: image of 12000x9000 px"):
         extract(str(shard), tmp_path / "c")
-    entry = cf.read_manifest(tmp_path / "c")["shards"][0]
-    assert [s["key"] for s in entry["skipped"]] == ["bomb_0"] and entry["num_samples"] == 1
+    entry = cf.read_manifest(tmp_path / "c").shards[0]
+    assert [s.key for s in entry.skipped] == ["bomb_0"] and entry.num_samples == 1
 
 
 def test_pipe_urls_read_like_files_and_match_the_cache_by_name(demo_shards, tmp_path):
@@ -103,7 +103,7 @@ def test_pipe_urls_read_like_files_and_match_the_cache_by_name(demo_shards, tmp_
     for col in ("keys", "crop", "flip", "features"):
         np.testing.assert_array_equal(next(iter(a.values()))[col], next(iter(b.values()))[col])
     # training names the shard differently than extraction did: found by its file name
-    assert cf.FeatureCache(tmp_path / "piped").shard(str(demo_shards[0])).entry["source"].startswith("pipe:cat")
+    assert cf.FeatureCache(tmp_path / "piped").shard(str(demo_shards[0])).entry.source.startswith("pipe:cat")
 
 
 def test_duplicate_keys_across_shards_are_reported_by_verify(demo_shards, tmp_path):
@@ -135,10 +135,10 @@ def test_verify_sources_finds_a_shard_changed_since_extraction(demo_shards, tmp_
     shard = tmp_path / "demo-000000.tar"
     shard.write_bytes(demo_shards[0].read_bytes())
     extract(str(shard), tmp_path / "c")
-    entry = cf.read_manifest(tmp_path / "c")["shards"][0]
+    entry = cf.read_manifest(tmp_path / "c").shards[0]
     import hashlib
 
-    assert entry["source_sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert entry.source_sha256 == hashlib.sha256(shard.read_bytes()).hexdigest()
     runner = CliRunner()
     assert runner.invoke(cli, ["cache", "verify", str(tmp_path / "c"), "--recompute", "0", "--sources"]).exit_code == 0
     data = bytearray(shard.read_bytes())

@@ -118,15 +118,20 @@ def test_aborted_writer_leaves_nothing(tmp_path):
     assert not list((tmp_path / "shards").iterdir())
 
 
+def _manifest(weights: str = "/a", sha: str = "ab" * 32, dtype: str = "int8") -> cf.Manifest:
+    from mrmae.shared.views import ViewConfig
+
+    teacher = {"spec": f"clip:ViT-B-16@{weights}", "family": "clip", "arch": "ViT-B-16", "weights": weights,
+               "weights_sha256": sha, "input_size": 224, "patch_size": 16, "grid": [14, 14], "dim": 768,
+               "mean": [0.5] * 3, "std": [0.5] * 3, "layers": []}
+    return cf.new_manifest(teacher, ViewConfig(), cf.storage_section("zarr", dtype), "0")
+
+
 def test_config_mismatch_names_the_field_and_ignores_weight_paths():
-    m = cf.new_manifest({"arch": "ViT-B-16", "weights_sha256": "ab", "spec": "clip:ViT-B-16@/a"},
-                        {"per_image": 2}, {"dtype": "int8"}, "0")
-    same = cf.new_manifest({"arch": "ViT-B-16", "weights_sha256": "ab", "spec": "clip:ViT-B-16@/moved"},
-                           {"per_image": 2}, {"dtype": "int8"}, "0")
-    assert cf.config_mismatch(m, same) is None
-    other = cf.new_manifest({"arch": "ViT-B-16", "weights_sha256": "cd"}, {"per_image": 2}, {"dtype": "int8"}, "0")
-    assert "teacher.weights_sha256" in cf.config_mismatch(m, other)
-    assert "storage.dtype" in cf.config_mismatch(m, {**m, "storage": {"dtype": "float16"}})
+    m = _manifest()
+    assert cf.config_mismatch(m, _manifest(weights="/moved")) is None
+    assert "teacher.weights_sha256" in cf.config_mismatch(m, _manifest(sha="cd" * 32))
+    assert "storage.dtype" in cf.config_mismatch(m, _manifest(dtype="float16"))
 
 
 def test_group_names_are_safe_and_distinct():

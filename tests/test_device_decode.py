@@ -46,7 +46,7 @@ def test_extraction_on_the_device_path_and_what_training_may_do_with_it(demo_sha
     extract(tmp_path / "pil")
     extract(tmp_path / "dev", decode_on_device=True, store_pixels="zstd", workers=1)  # headers read in a worker
     pil, dev = cf.FeatureCache(tmp_path / "pil"), cf.FeatureCache(tmp_path / "dev")
-    assert dev.manifest["views"]["decoder"] == "torchvision" and pil.manifest["views"]["decoder"] == "pil"
+    assert dev.manifest.views.decoder == "torchvision" and pil.manifest.views.decoder == "pil"
     a = pil.shard(str(demo_shards[0])).read(slice(None))
     b = dev.shard(str(demo_shards[0])).read(slice(None))
     for col in ("keys", "crop", "flip", "features", "attention"):  # same views, same decoded pixels
@@ -76,4 +76,4 @@ def test_an_image_damaged_past_its_header_stops_the_device_path_in_one_line(demo
     lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
     assert r.exit_code == 1 and len(lines) == 1, r.output
     assert str(bad) in lines[0] and "key cut_1" in lines[0] and "without --decode-on-device" in lines[0]
-    assert cf.read_manifest(tmp_path / "c")["shards"] == []  # nothing half-written looks complete
+    assert cf.read_manifest(tmp_path / "c").shards == ()  # nothing half-written looks complete

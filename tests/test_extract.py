@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -33,7 +34,7 @@ def extract(shards, out, teacher=DINO_TINY, **kw) -> dict:
 
 def all_rows(root) -> dict[str, dict[str, np.ndarray]]:
     cache = cf.FeatureCache(root)
-    return {s["source"]: cache.shard(s["source"]).read(slice(None)) for s in cache.complete_shards}
+    return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 def test_views_and_targets_do_not_depend_on_batch_size_or_workers(demo_shards, tmp_path):
@@ -72,8 +73,8 @@ def test_verify_detects_a_cache_that_does_not_replay(demo_shards, tmp_path):
 
     out = tmp_path / "c"
     extract(str(demo_shards[0]), out, teacher=DINO_TINY)
-    entry = cf.read_manifest(out)["shards"][0]
-    crop = zarr.open_array(str(out / entry["group"] / "crop"), mode="r+")
+    entry = cf.read_manifest(out).shards[0]
+    crop = zarr.open_array(str(out / entry.group / "crop"), mode="r+")
     boxes = crop[:]
     boxes[:, 0] = 0  # move every crop to the top: stored targets no longer match the view
     boxes[:, 2] = np.maximum(boxes[:, 2] // 2, 16)
@@ -82,8 +83,8 @@ def test_verify_detects_a_cache_that_does_not_replay(demo_shards, tmp_path):
     assert not report.ok and len(report.problems) == 1 and report.checked == 0  # integrity catches it
     # Even with a matching checksum (say, a cache written by a buggy extractor), the replay
     # through the teacher shows the targets are not those of the recorded views.
-    entry["sha256"], entry["bytes"] = cf.group_digest(out / entry["group"])
-    cf.record_shard(out, entry)
+    digest, size = cf.group_digest(out / entry.group)
+    cf.record_shard(out, dataclasses.replace(entry, sha256=digest, bytes=size))
     report = verify_cache(str(out), recompute=6)
     assert not report.problems and report.checked == 6 and not report.ok and report.worst_cosine < 0.99
 
@@ -103,9 +104,9 @@ def test_resume_skips_complete_shards_and_equals_an_uninterrupted_run(demo_shard
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = [s["source"] for s in cf.read_manifest(out)["shards"]]
+    done = [s.source for s in cf.read_manifest(out).shards]
     assert 1 <= len(done) < 3, "the kill should land mid-run"
-    first_group = out / cf.read_manifest(out)["shards"][0]["group"]
+    first_group = out / cf.read_manifest(out).shards[0].group
     stamp = (first_group / "zarr.json").stat().st_mtime_ns
     summary = extract(urls, out)
     assert summary["skipped_complete"] == len(done) and summary["extracted"] == 3 - len(done)
@@ -132,7 +133,7 @@ def test_refuses_to_add_with_another_configuration(demo_shards, tmp_path):
         assert r.exit_code == 1, r.output
         lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
         assert len(lines) == 1 and "refusing to add" in lines[0] and field in lines[0] and str(out) in lines[0]
-    assert [s["source"] for s in cf.read_manifest(out)["shards"]] == [str(demo_shards[0])]
+    assert [s.source for s in cf.read_manifest(out).shards] == [str(demo_shards[0])]
 
 
 def _bad_shard(path: Path) -> Path:
@@ -158,15 +159,15 @@ def test_corrupt_images_are_counted_named_and_recorded_never_stored(tmp_path):
     shard = _bad_shard(tmp_path / "bad.tar")
     with pytest.warns(UserWarning, match=r"bad.tar key corrupt_1"):
         extract(str(shard), tmp_path / "c")
-    entry = cf.read_manifest(tmp_path / "c")["shards"][0]
-    assert sorted(s["key"] for s in entry["skipped"]) == ["corrupt_1", "noimage_3", "text_2"]
-    assert entry["num_samples"] == 3 and entry["num_views"] == 6
+    entry = cf.read_manifest(tmp_path / "c").shards[0]
+    assert sorted(s.key for s in entry.skipped) == ["corrupt_1", "noimage_3", "text_2"]
+    assert entry.num_samples == 3 and entry.num_views == 6
     rows = all_rows(tmp_path / "c")[str(shard)]
     assert sorted(set(rows["keys"])) == ["cmyk_5", "ok_0", "png_4"]  # converted, not skipped
     r = CliRunner().invoke(cli, ["extract-features", "--shards", str(shard), "--out", str(tmp_path / "s"),
                                  "--teacher", DINO_TINY, "--strict", "--no-progress"])
     assert r.exit_code == 1 and "key corrupt_1" in r.output and "bad.tar" in r.output
-    assert cf.read_manifest(tmp_path / "s")["shards"] == []  # nothing half-written looks complete
+    assert cf.read_manifest(tmp_path / "s").shards == ()  # nothing half-written looks complete
     assert not list((tmp_path / "s" / "shards").iterdir())
 
 
@@ -199,7 +200,7 @@ def test_two_processes_write_the_same_cache_as_one(demo_shards, tmp_path, launch
         for col in one[src]:
             np.testing.assert_array_equal(one[src][col], two[src][col])
     m1, m2 = cf.read_manifest(tmp_path / "one"), cf.read_manifest(out)
-    strip = lambda m: [{k: v for k, v in s.items() if k != "seconds"} for s in m["shards"]]  # noqa: E731
+    strip = lambda m: [dataclasses.replace(s, seconds=None) for s in m.shards]  # noqa: E731
     assert strip(m1) == strip(m2)  # the same bytes too: the recorded sha256 of every group
     assert cf.check_integrity(out) == []
 
@@ -212,7 +213,7 @@ def test_cache_verify_reports_bit_rot_truncation_and_missing_groups(demo_shards,
     runner = CliRunner()
     r = runner.invoke(cli, ["cache", "verify", str(out), "--recompute", "0"])
     assert r.exit_code == 0 and "integrity: OK" in r.output
-    groups = [out / s["group"] for s in cf.read_manifest(out)["shards"]]
+    groups = [out / s.group for s in cf.read_manifest(out).shards]
     chunk = next(f for f in sorted((groups[0] / "features").rglob("*")) if f.is_file())
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit

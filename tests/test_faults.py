@@ -50,7 +50,7 @@ def caches3(demo_shards, tmp_path_factory) -> dict:
 def _group3(cache) -> Path:
     from mrmae.shared import cache_format as cf
 
-    return Path(cache) / cf.read_manifest(cache)["shards"][0]["group"]
+    return Path(cache) / cf.read_manifest(cache).shards[0].group
 
 
 def _flip3(path, offset: int) -> None:
@@ -148,8 +148,8 @@ def _downgrade3(cache: Path) -> None:
 
     from mrmae.shared import cache_format as cf
 
-    for entry in cf.read_manifest(cache)["shards"]:
-        group = zarr.open_group(str(cache / entry["group"]), mode="r+")
+    for entry in cf.read_manifest(cache).shards:
+        group = zarr.open_group(str(cache / entry.group), mode="r+")
         for name, arr in list(group.arrays()):
             data, chunks, attrs = arr[:], arr.chunks, dict(arr.attrs)
             compressors = [c for c in arr.compressors if not isinstance(c, Crc32cCodec)]
@@ -197,7 +197,7 @@ def test_s3_format_3_cache_trains_with_one_warning_and_checked_crops(demo_shards
         for _ in range(2):  # more caches and shards opened: still the one warning
             c = cf.FeatureCache(cache)
             for entry in c.complete_shards:
-                c.shard(entry["source"]).read(slice(None))
+                c.shard(entry.source).read(slice(None))
     assert r.exit_code == 0, r.output + repr(r.exception)
     unchecked = [w for w in seen if issubclass(w.category, common.UncheckedCacheWarning)]
     assert len(unchecked) == 1 and "format 3 cache" in str(unchecked[0].message), [str(w.message) for w in seen]
@@ -232,20 +232,20 @@ def test_s3_verify_repair_then_extraction_redoes_only_the_damaged_shard(demo_sha
     cache = tmp_path / "c"
     shards = "::".join(str(p) for p in demo_shards[:2])
     _extract3(shards, cache, fmt)
-    before = {e["group"]: e["sha256"] for e in cf.read_manifest(cache)["shards"]}
+    before = {e.group: e.sha256 for e in cf.read_manifest(cache).shards}
     damaged = cache / sorted(before)[1]
     _flip3(_chunk3(damaged, "features") if fmt == "zarr" else damaged, 3000)
 
     r = CliRunner().invoke(cli, ["cache", "verify", str(cache), "--recompute", "0", "--repair"])
     repaired = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: repaired")]
     assert r.exit_code == 2 and len(repaired) == 1 and str(damaged) in repaired[0], r.output
-    assert not damaged.exists() and [e["group"] for e in cf.read_manifest(cache)["shards"]] == [sorted(before)[0]]
+    assert not damaged.exists() and [e.group for e in cf.read_manifest(cache).shards] == [sorted(before)[0]]
 
     summary = _extract3(shards, cache, fmt)
     assert summary["extracted"] == 1 and summary["skipped_complete"] == 1, summary
     r = CliRunner().invoke(cli, ["cache", "verify", str(cache), "--recompute", "0"])
     assert r.exit_code == 0 and "integrity: OK" in r.output, r.output
-    assert {e["group"]: e["sha256"] for e in cf.read_manifest(cache)["shards"]} == before
+    assert {e.group: e.sha256 for e in cf.read_manifest(cache).shards} == before
 
 
 # --- 4. a truncated tar is an error, never a shorter complete shard -------------------
@@ -283,8 +283,8 @@ def test_4_truncated_shard_stops_extraction_and_pretraining_naming_it(demo_shard
         r = CliRunner().invoke(cli, ["extract-features", "--shards", f"{demo_shards[1]}::{url}", "--out", str(out),
                                      "--teacher", DINO_TINY, "--views", "1", "--no-progress"])
         assert _error_line(r).startswith(f"mrmae: error: {url}: truncated tar")
-        entries = cf.read_manifest(out)["shards"]  # the whole shard before it is kept; the cut one is not
-        assert [e["source"] for e in entries if e["status"] == "complete"] == [str(demo_shards[1])]
+        entries = cf.read_manifest(out).shards  # the whole shard before it is kept; the cut one is not
+        assert [e.source for e in entries if e.status == "complete"] == [str(demo_shards[1])]
         r = CliRunner().invoke(cli, ["pretrain", "--shards", url, "--out", str(tmp_path / "p"), "--model",
                                      "mrmae_vit_tiny_patch16", "--workers", "0", "--no-progress"])  # plain: counts samples first
         assert _error_line(r).startswith(f"mrmae: error: {url}: truncated tar")
@@ -429,7 +429,7 @@ def test_7_repeated_key_later_copy_skipped_warned_listed_strict_stops(tmp_path, 
                                      views=ViewConfig(per_image=2), batch_size=4, progress=False))
     cache = cf.FeatureCache(tmp_path / "c")
     group = cache.shard(str(shard))
-    assert group.entry["skipped"] == [{"key": "a", "reason": REPEATED_KEY}] and group.entry["num_samples"] == 3
+    assert group.entry.skipped == (cf.Skipped("a", REPEATED_KEY),) and group.entry.num_samples == 3
     assert list(map(str, group.keys)) == ["a", "a", "b", "b", "c", "c"]
     crop, _, _ = group.geometry()
     views = sample_views("a", 48, 64, ViewConfig(per_image=2))  # the first copy is 64x48
@@ -437,7 +437,7 @@ def test_7_repeated_key_later_copy_skipped_warned_listed_strict_stops(tmp_path, 
     r = CliRunner().invoke(cli, ["extract-features", "--shards", str(shard), "--out", str(tmp_path / "strict"),
                                  "--teacher", DINO_TINY, "--views", "1", "--strict", "--no-progress"])
     assert _error_line(r) == f"mrmae: error: {shard}: key a: {REPEATED_KEY}"
-    assert not [e for e in cf.read_manifest(tmp_path / "strict")["shards"] if e["status"] == "complete"]
+    assert not [e for e in cf.read_manifest(tmp_path / "strict").shards if e.status == "complete"]
 
 
 @pytest.mark.parametrize("layout", ["adjacent", "apart"])

@@ -36,7 +36,7 @@ def extract(shards: str, out: Path, **kw) -> dict:
 
 def rows(root: Path, layer: str = "features") -> dict[str, dict[str, np.ndarray]]:
     cache = cf.FeatureCache(root)
-    return {s["source"]: cache.shard(s["source"]).read(slice(None), layer) for s in cache.complete_shards}
+    return {s.source: cache.shard(s.source).read(slice(None), layer) for s in cache.complete_shards}
 
 
 def stored_scales(root: Path) -> dict[str, np.ndarray]:
@@ -45,9 +45,9 @@ def stored_scales(root: Path) -> dict[str, np.ndarray]:
     cache = cf.FeatureCache(root)
     out = {}
     for s in cache.complete_shards:
-        g = cache.shard(s["source"])
+        g = cache.shard(s.source)
         scales = np.stack([g.stored_row(i)[1] for i in range(len(g))]).astype(np.float32)
-        out[s["source"]] = scales if scales.ndim == 2 else scales.max(axis=-1)
+        out[s.source] = scales if scales.ndim == 2 else scales.max(axis=-1)
     return out
 
 
@@ -87,21 +87,21 @@ def test_basis_is_orthonormal_recorded_and_fitted_on_the_first_views(caches):
     mean, basis = cache.pca()
     assert mean.shape == (C,) and basis.shape == (K, C) and mean.dtype == basis.dtype == np.float32
     np.testing.assert_allclose(basis @ basis.T, np.eye(K), atol=1e-5)
-    pca = cache.manifest["storage"]["pca"]
+    pca = cache.manifest.storage.pca
     data = (caches["low"] / cf.PCA_FILE).read_bytes()
-    assert pca["rank"] == K and pca["fit_views"] == FIT and pca["fitted_views"] == FIT
-    assert pca["sha256"] == hashlib.sha256(data).hexdigest() and cache.manifest["storage"]["dtype"] == "int8"
+    assert pca.rank == K and pca.fit_views == FIT and pca.fitted_views == FIT
+    assert pca.sha256 == hashlib.sha256(data).hexdigest() and cache.manifest.storage.dtype == "int8"
     with np.load(caches["low"] / cf.PCA_FILE, allow_pickle=False) as z:  # plain numpy reads it
         np.testing.assert_array_equal(z["basis"], basis)
     # The fit's variance is that of the first FIT views of the first shard, as extracted:
     # recomputed from the float16 reference cache, the recorded explained variance agrees.
-    first = cf.FeatureCache(caches["full"]).complete_shards[0]["source"]
+    first = cf.FeatureCache(caches["full"]).complete_shards[0].source
     x = rows(caches["full"])[first]["features"][:FIT].reshape(-1, C).astype(np.float64) - mean
     kept = ((x @ basis.T.astype(np.float64)) ** 2).sum()
-    assert kept / (x ** 2).sum() == pytest.approx(pca["explained_variance"], abs=1e-3)
-    assert 0.5 < pca["explained_variance"] < 1.0
+    assert kept / (x ** 2).sum() == pytest.approx(pca.explained_variance, abs=1e-3)
+    assert 0.5 < pca.explained_variance < 1.0
     info = cache_info(str(caches["low"]))
-    assert info["pca"].startswith(f"rank {K} of {C}, explained variance {pca['explained_variance']}")
+    assert info["pca"].startswith(f"rank {K} of {C}, explained variance {pca.explained_variance}")
     assert cache_info(str(caches["full"]))["pca"] == "none"
 
 
@@ -130,7 +130,7 @@ def test_coefficients_are_the_projection_of_the_teachers_features(caches):
 def test_full_rank_basis_reconstructs_the_plain_cache_within_quantisation(caches):
     full, exact, scales = rows(caches["full"]), rows(caches["exact"]), stored_scales(caches["exact"])
     cache = cf.FeatureCache(caches["exact"])
-    assert cache.manifest["storage"]["pca"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert cache.manifest.storage.pca.explained_variance == pytest.approx(1.0, abs=1e-6)
     for src in exact:
         x, y = full[src]["features"], cache.reconstruct(exact[src]["features"])
         norm = np.linalg.norm(x, axis=-1)

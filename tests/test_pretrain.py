@@ -171,7 +171,7 @@ def test_non_finite_or_unreadable_cached_targets_name_group_and_key(demo_shards,
     cache = tmp_path / "c"
     run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(cache), teacher=DINO_TINY,
                                  views=ViewConfig(per_image=2, seed=3), progress=False))
-    group = cache / cf.read_manifest(cache)["shards"][0]["group"]
+    group = cache / cf.read_manifest(cache).shards[0].group
     args = ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(cache), *TINY]
     scale = zarr.open_array(str(group / "features_scale"), mode="r+")
     s = scale[:]

@@ -26,7 +26,7 @@ def extract(urls: str, out: str, backend: str) -> dict:
 
 def rows(root: str) -> dict:
     cache = cf.FeatureCache(root)
-    return {s["source"]: cache.shard(s["source"]).read(slice(None)) for s in cache.complete_shards}
+    return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 @pytest.mark.parametrize("backend", cf.BACKENDS)
@@ -44,26 +44,26 @@ def test_a_cache_on_an_object_store_equals_a_local_one_and_resumes(demo_shards, 
     for src in local:
         for col in local[src]:
             np.testing.assert_array_equal(local[src][col], remote[src][col])
-    entries = cf.read_manifest(url)["shards"]
-    assert [e["sha256"] for e in entries] == [e["sha256"] for e in cf.read_manifest(tmp_path / "local")["shards"]]
+    entries = cf.read_manifest(url).shards
+    assert [e.sha256 for e in entries] == [e.sha256 for e in cf.read_manifest(tmp_path / "local").shards]
     assert cf.check_integrity(url) == []
 
     # Bit rot in the store: one byte of one stored file flipped.
-    victim = sorted(p for p in fs.find(f"{root}/{entries[0]['group']}") if "features" in p or p.endswith(".tar"))[-1]
+    victim = sorted(p for p in fs.find(f"{root}/{entries[0].group}") if "features" in p or p.endswith(".tar"))[-1]
     data = bytearray(fs.cat_file(victim))
     data[len(data) // 2] ^= 0xFF
     fs.pipe_file(victim, bytes(data))
     (problem,) = cf.check_integrity(url)
-    assert entries[0]["group"] in problem and "sha256 differs" in problem
+    assert entries[0].group in problem and "sha256 differs" in problem
 
     # A shard whose entry is gone is not in the cache; the next run redoes it alone.
-    fs.rm(f"{root}/{cf.manifest.entry_path(entries[0]['group'])}")
-    assert [e["group"] for e in cf.read_manifest(url)["shards"]] == [entries[1]["group"]]
+    fs.rm(f"{root}/{cf.manifest.entry_path(entries[0].group)}")
+    assert [e.group for e in cf.read_manifest(url).shards] == [entries[1].group]
     summary = extract(urls, url, backend)
     assert (summary["extracted"], summary["skipped_complete"]) == (1, 1)
     assert cf.check_integrity(url) == []
-    for col in local[entries[0]["source"]]:
-        np.testing.assert_array_equal(local[entries[0]["source"]][col], rows(url)[entries[0]["source"]][col])
+    for col in local[entries[0].source]:
+        np.testing.assert_array_equal(local[entries[0].source][col], rows(url)[entries[0].source][col])
 
 
 def test_a_url_that_holds_no_cache_is_named(tmp_path):

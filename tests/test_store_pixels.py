@@ -29,7 +29,7 @@ def extract(shards: str, out, backend: str, codec: str) -> None:
 def test_stored_views_are_the_rendered_views(demo_shards, tmp_path, backend, codec):
     extract(str(demo_shards[0]), tmp_path / "c", backend, codec)
     cache = cf.FeatureCache(tmp_path / "c")
-    assert cache.manifest["storage"]["pixels"] == codec
+    assert cache.manifest.storage.pixels == codec
     group = cache.shard(str(demo_shards[0]))
     crop, flip, _ = group.geometry()
     sources = {s.key: s.image for s in iter_samples(str(demo_shards[0]))}

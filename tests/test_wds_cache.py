@@ -52,7 +52,7 @@ def caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
 
 def all_rows(root: Path, layer: str = "features") -> dict[str, dict[str, np.ndarray]]:
     cache = cf.FeatureCache(root)
-    return {s["source"]: cache.shard(s["source"]).read(slice(None), layer) for s in cache.complete_shards}
+    return {s.source: cache.shard(s.source).read(slice(None), layer) for s in cache.complete_shards}
 
 
 def tar_members(path: Path) -> dict[str, np.ndarray | dict]:
@@ -72,13 +72,12 @@ def tar_members(path: Path) -> dict[str, np.ndarray | dict]:
 def test_wds_cache_holds_the_same_views_and_targets_as_zarr(caches, dtype):
     z_root, w_root = caches[f"zarr-{dtype}"], caches[f"wds-{dtype}"]
     zm, wm = cf.read_manifest(z_root), cf.read_manifest(w_root)
-    assert wm["storage"]["backend"] == "wds" and "zstd" in wm["storage"]["codec"]
-    assert {k: v for k, v in wm.items() if k not in ("storage", "shards")} == \
-        {k: v for k, v in zm.items() if k not in ("storage", "shards")}
-    for ze, we in zip(zm["shards"], wm["shards"], strict=True):
-        assert we["group"] == ze["group"] + ".tar" and (w_root / we["group"]).is_file()
+    assert wm.storage.backend == "wds" and "zstd" in wm.storage.codec
+    assert (wm.format_version, wm.teacher, wm.views) == (zm.format_version, zm.teacher, zm.views)
+    for ze, we in zip(zm.shards, wm.shards, strict=True):
+        assert we.group == ze.group + ".tar" and (w_root / we.group).is_file()
         for k in ("source", "num_samples", "num_views", "skipped", "status"):
-            assert ze[k] == we[k]
+            assert getattr(ze, k) == getattr(we, k)
     layers = ["features"] + (["layer3"] if dtype == "float16" else [])
     for layer in layers:
         z, w = all_rows(z_root, layer), all_rows(w_root, layer)
@@ -88,9 +87,9 @@ def test_wds_cache_holds_the_same_views_and_targets_as_zarr(caches, dtype):
                 assert z[src][col].dtype == w[src][col].dtype and z[src][col].shape == w[src][col].shape, col
                 np.testing.assert_array_equal(z[src][col], w[src][col], err_msg=col)
     # the stored values themselves, read without mrmae: the same int8 codes (or float16 values)
-    entry = wm["shards"][0]
-    members = tar_members(w_root / entry["group"])
-    group = zarr.open_group(str(z_root / zm["shards"][0]["group"]), mode="r")
+    entry = wm.shards[0]
+    members = tar_members(w_root / entry.group)
+    group = zarr.open_group(str(z_root / zm.shards[0].group), mode="r")
     features = [a for n, a in members.items() if ".features." in n]
     metas = [a for n, a in members.items() if n.endswith(".meta.json")]
     assert all(n.endswith((".json", ".npy.zst")) for n in members)
@@ -106,9 +105,9 @@ def test_wds_cache_holds_the_same_views_and_targets_as_zarr(caches, dtype):
 
 def test_reader_api_round_trip(caches):
     cache = cf.FeatureCache(caches["wds-float16"])
-    source = cache.complete_shards[0]["source"]
+    source = cache.complete_shards[0].source
     g = cache.shard(source)
-    assert isinstance(g, cf.WdsShard) and g.entry["source"] == source and len(g) == 12
+    assert isinstance(g, cf.WdsShard) and g.entry.source == source and len(g) == 12
     full = g.read(slice(None))
     crop, flip, attention = g.geometry()
     np.testing.assert_array_equal(crop, full["crop"])
@@ -170,10 +169,10 @@ def test_cache_info_and_verify_work_on_a_wds_cache(caches):
 def test_integrity_catches_a_damaged_truncated_or_missing_tar(caches, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(caches["wds-int8"], out)
-    tars = [out / s["group"] for s in cf.read_manifest(out)["shards"]]
-    for entry, path in zip(cf.read_manifest(out)["shards"], tars):  # the recorded sha256 is the file's
-        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-        assert entry["bytes"] == path.stat().st_size
+    tars = [out / s.group for s in cf.read_manifest(out).shards]
+    for entry, path in zip(cf.read_manifest(out).shards, tars):  # the recorded sha256 is the file's
+        assert entry.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert entry.bytes == path.stat().st_size
     assert cf.check_integrity(out) == []
     data = bytearray(tars[0].read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit
@@ -206,16 +205,16 @@ def test_a_training_epoch_reads_the_same_targets_from_either_backend(caches, dem
 def test_rerun_skips_complete_tars_and_removes_a_killed_writers_temp(caches, demo_shards, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(caches["wds-int8"], out)
-    entry = cf.read_manifest(out)["shards"][0]
-    stale = out / "shards" / f".tmp-{Path(entry['group']).stem}-99999.tar"
+    entry = cf.read_manifest(out).shards[0]
+    stale = out / "shards" / f".tmp-{Path(entry.group).stem}-99999.tar"
     stale.write_bytes(b"half a tar")
-    (out / entry["group"]).unlink()  # recorded complete but gone: redone whole
-    stamp = (out / cf.read_manifest(out)["shards"][1]["group"]).stat().st_mtime_ns
+    (out / entry.group).unlink()  # recorded complete but gone: redone whole
+    stamp = (out / cf.read_manifest(out).shards[1].group).stat().st_mtime_ns
     summary = extract(url_list(demo_shards), out, "wds")
     assert summary["skipped_complete"] == 2 and summary["extracted"] == 1
     assert not stale.exists() and cf.check_integrity(out) == []
-    assert (out / cf.read_manifest(out)["shards"][1]["group"]).stat().st_mtime_ns == stamp
-    assert cf.read_manifest(out)["shards"][0]["sha256"] == entry["sha256"]  # the same bytes again
+    assert (out / cf.read_manifest(out).shards[1].group).stat().st_mtime_ns == stamp
+    assert cf.read_manifest(out).shards[0].sha256 == entry.sha256  # the same bytes again
 
 
 def test_sample_names_are_safe_and_distinct():
@@ -236,7 +235,7 @@ def test_unsafe_source_keys_are_sanitised_in_the_tar_and_kept_in_meta(tmp_path):
             sink.write({"__key__": k, "jpg": jpg.getvalue(), "cls": b"1"})
     out = tmp_path / "c"
     extract(str(tmp_path / "evil.tar"), out, "wds")
-    tar = out / cf.read_manifest(out)["shards"][0]["group"]
+    tar = out / cf.read_manifest(out).shards[0].group
     with tarfile.open(tar) as tf:
         names = tf.getnames()
         assert all(SAFE_MEMBER.fullmatch(n) and "/" not in n and ".." not in n for n in names), names

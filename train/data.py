@@ -74,7 +74,7 @@ class ViewJoiner:
         seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
         self.view_cfg = ViewConfig(per_image=cfg.views_per_image, seed=seed)
         if cache is not None:
-            self.view_cfg = ViewConfig.from_json(cache.manifest["views"])
+            self.view_cfg = cache.manifest.views
 
     def _targets(self, group, row: int, key: str) -> dict:
         """The cached view and targets of one row, as stored (int8 + scale, or float16): they
@@ -116,7 +116,7 @@ class ViewJoiner:
             if self.cfg.pixels_from_cache:
                 yield from self._cached_views(url, group, joint, epoch)
                 continue
-            skipped = {s["key"] for s in group.entry.get("skipped", [])} if group else set()
+            skipped = {s.key for s in group.entry.skipped} if group else set()
             reader = ShardReader(url, hashed=group is not None)  # cached: proves the bytes are those extracted
             for s in first_copies(reader):  # a repeated key: extraction kept (and rendered) the first copy
                 out = self._join(url, s, group, joint, skipped, epoch)
@@ -149,7 +149,7 @@ class ViewJoiner:
         """The bytes just streamed must be the bytes extracted (into the main cache and any
         joint one): the same names with other images behind them (another bucket, a
         rewritten file) would train on other images' targets."""
-        recorded = group.entry.get("source_sha256")
+        recorded = group.entry.source_sha256
         if recorded and sha256 != recorded:
             raise cf.CacheError(f"{url}: not the shard extracted into {cache.root} (sha256 {sha256[:16]}..., "
                                 f"{recorded[:16]}... when extracted): same name, other bytes")
@@ -278,21 +278,21 @@ def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher
     """Refuse, in one line, a cache that lacks a shard or does not fit the student
     (`pixels_size` > 0: the stored views must exist, at that size)."""
     m = cache.manifest
-    if pixels_size and not m["storage"].get("pixels"):
+    if pixels_size and not m.storage.pixels:
         raise cf.CacheError(f"{cache.root}: stores no views; extract with --store-pixels to train from the cache alone")
-    if pixels_size and m["views"]["output_size"] != pixels_size:
-        raise cf.CacheError(f"{cache.root}: views are stored at {m['views']['output_size']} px, the student takes "
+    if pixels_size and m.views.output_size != pixels_size:
+        raise cf.CacheError(f"{cache.root}: views are stored at {m.views.output_size} px, the student takes "
                             f"{pixels_size}")
-    if list(m["teacher"]["grid"]) != [grid, grid]:
-        raise cf.CacheError(f"{cache.root}: teacher grid {m['teacher']['grid']} does not match the student's {grid}x{grid}")
-    if m["views"].get("decoder", "pil") != "pil" and not pixels_size:  # stored views need no replay
-        raise cf.CacheError(f"{cache.root}: views were decoded with {m['views']['decoder']!r}; this mrmae replays "
+    if list(m.teacher.grid) != [grid, grid]:
+        raise cf.CacheError(f"{cache.root}: teacher grid {list(m.teacher.grid)} does not match the student's {grid}x{grid}")
+    if m.views.decoder != "pil" and not pixels_size:  # stored views need no replay
+        raise cf.CacheError(f"{cache.root}: views were decoded with {m.views.decoder!r}; this mrmae replays "
                             "with PIL only, and another decoder does not reproduce them: extract with "
                             "--store-pixels and train with --pixels-from-cache")
-    if teacher_dim and m["teacher"]["dim"] != teacher_dim:
-        raise cf.CacheError(f"{cache.root}: teacher width {m['teacher']['dim']} does not match the mimic head's {teacher_dim}")
+    if teacher_dim and m.teacher.dim != teacher_dim:
+        raise cf.CacheError(f"{cache.root}: teacher width {m.teacher.dim} does not match the mimic head's {teacher_dim}")
     for url in urls:
         entry = cache.shard(url).entry  # raises, naming the shard, if it is missing or incomplete
-        recorded, now = entry.get("source_bytes"), local_file_size(url)
+        recorded, now = entry.source_bytes, local_file_size(url)
         if recorded is not None and now is not None and recorded != now:
             raise cf.CacheError(f"{url}: shard changed since extraction ({now} bytes, {recorded} when cached)")

@@ -64,7 +64,7 @@ def count_samples(urls: list[str], cache: cf.FeatureCache | None) -> int:
     """Samples of an epoch: the cache's entries, or a pass over each tar's headers (local,
     `pipe:` and URL shards alike; data is read, since a stream cannot seek, and dropped)."""
     if cache is not None:
-        return sum(cache.shard(u).entry["num_samples"] for u in urls)
+        return sum(cache.shard(u).entry.num_samples for u in urls)
     return sum(shards.count_samples(url) for url in urls)
 
 
@@ -80,7 +80,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def cache_fingerprint(cache: cf.FeatureCache) -> str:
-    m = cache.manifest
+    m = cache.manifest.to_json()
     blob = json.dumps({k: m[k] for k in ("teacher", "views", "storage")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -119,15 +119,15 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     if cache is not None and cfg.teacher:
         raise ValueError("give --feature-cache or --teacher, not both")
     teacher = build_teacher(cfg.teacher).to(accelerator.device) if cfg.teacher else None
-    teacher_dim = cache.manifest["teacher"]["dim"] if cache else (teacher.dim if teacher else 0)
-    joint_dims = tuple(c.manifest["teacher"]["dim"] for c in joint)
+    teacher_dim = cache.manifest.teacher.dim if cache else (teacher.dim if teacher else 0)
+    joint_dims = tuple(c.manifest.teacher.dim for c in joint)
     model = create_model(cfg.model, teacher_dim=teacher_dim, joint_teacher_dims=joint_dims, fuse_layers=cfg.fuse_layers,
                          decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth)
     grid = model.grid_size
     if cfg.pixels_from_cache and cache is None:
         raise ValueError("--pixels-from-cache reads the views from a cache: give --feature-cache")
     for i, c in enumerate(caches):
-        check_cache_fits(c, urls, grid, c.manifest["teacher"]["dim"], model.img_size if cfg.pixels_from_cache and not i else 0)
+        check_cache_fits(c, urls, grid, c.manifest.teacher.dim, model.img_size if cfg.pixels_from_cache and not i else 0)
     data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0, split=cfg.data_split,
@@ -159,9 +159,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         resolved = {**asdict(cfg), "base_lr": base_lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
                     "num_processes": accelerator.num_processes, "teacher_dim": teacher_dim,
                     "joint_teacher_dims": list(joint_dims),
-                    "target_pca": [c.pca_config for c in caches],
+                    "target_pca": [c.pca_config and c.pca_config.to_json() for c in caches],
                     "cache_fingerprint": cache_fingerprint(cache) if cache else None,
-                    "teacher_weights_sha256": (cache.manifest["teacher"]["weights_sha256"] if cache
+                    "teacher_weights_sha256": (cache.manifest.teacher.weights_sha256 if cache
                                                else teacher.fingerprint if teacher else None)}
         (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
         writer = _tensorboard(out)

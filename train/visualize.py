@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from mrmae.shared.shards import expand_urls, first_copies, iter_samples
 from mrmae.shared import cache_format as cf
-from mrmae.shared.views import View, ViewConfig, ViewError, decode_image, normalize, render_view_uint8
+from mrmae.shared.views import View, ViewError, decode_image, normalize, render_view_uint8
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.masking import focused_masking, random_masking
 
@@ -96,11 +96,11 @@ def _has_row(group, key: str, view: int) -> bool:
 
 def _samples(cache: cf.FeatureCache, shards: str, view_index: int, num: int):
     """Yield (key, uint8 view [S, S, 3], attention [L]) of the first `num` cached samples of `shards`."""
-    size = ViewConfig.from_json(cache.manifest["views"]).output_size
+    size = cache.manifest.views.output_size
     found = 0
     for url in expand_urls(shards):
         group = cache.shard(url)  # one line naming the shard when it is not in the cache
-        skipped = {s["key"] for s in group.entry.get("skipped", [])}
+        skipped = {s.key for s in group.entry.skipped}
         for s in first_copies(iter_samples(url)):  # streamed: a few rows need not read a whole shard
             key, image = s.key, s.image
             if image is None or (key in skipped and not _has_row(group, key, view_index)):

@@ -24,8 +24,9 @@ from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, 
                     list_targets, mark_incomplete, open_shard_writer, storage_section, target_name, target_root)
 from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, UncheckedCacheWarning, ViewTargets, dequantize,
                      dir_bytes, group_digest, quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
-from .manifest import (MANIFEST, backend_of, config_mismatch, find_shard, group_name, forget_shard, init_cache,
-                       new_manifest, read_manifest, record_shard, shard_basename, shard_entry)
+from .manifest import (MANIFEST, Manifest, PcaInfo, ShardEntry, Skipped, StorageInfo, TeacherInfo, backend_of,
+                       check_group, config_mismatch, entry_path, find_shard, group_name, forget_shard, init_cache,
+                       new_manifest, read_manifest, record_shard, runs_command, shard_basename, shard_entry)
 from .pca import (PCA_FILE, PcaBasis, basis_from_covariance, decode_basis, encode_basis, project, read_basis_file,
                   reconstruct, store_basis, wait_for_basis)
 from .wds_store import WdsShard, WdsShardWriter, sample_name
@@ -39,6 +40,9 @@ __all__ = [
     "group_digest", "group_name", "is_url", "list_targets", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
     "quantize_int8", "quantize_int8_torch", "INT8_GROUP", "int8_groups", "read_manifest", "record_shard",
     "sample_name", "shard_basename", "shard_entry",
+    # the schema: manifest.json and shards/<name>.json as checked dataclasses
+    "Manifest", "PcaInfo", "ShardEntry", "Skipped", "StorageInfo", "TeacherInfo", "check_group", "entry_path",
+    "runs_command",
     "storage_section", "target_name", "target_root",
     # low-rank (PCA) targets
     "PCA_FILE", "PcaBasis", "basis_from_covariance", "decode_basis", "encode_basis", "project", "read_basis_file",

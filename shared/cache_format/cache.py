@@ -11,12 +11,12 @@ import numpy as np
 
 from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
 from .location import Location, drop_staging, is_url, staging_dir
-from .manifest import backend_of, find_shard, forget_shard, read_manifest, record_shard
+from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, check_group, find_shard, forget_shard,
+                       read_manifest, record_shard)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
 from .wds_store import WdsShard, WdsShardWriter, wds_codec_description
 from .zarr_store import ShardGroup, ShardWriter, zarr_codec_description
 
-BACKENDS = ("zarr", "wds")
 _WRITERS = {"zarr": ShardWriter, "wds": WdsShardWriter}
 _READERS = {"zarr": ShardGroup, "wds": WdsShard}
 
@@ -75,7 +75,7 @@ def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_ro
     return writer
 
 
-def commit_shard(root: str | os.PathLike, writer: ShardWriter | WdsShardWriter, entry: dict) -> None:
+def commit_shard(root: str | os.PathLike, writer: ShardWriter | WdsShardWriter, entry: ShardEntry) -> None:
     """Make a closed writer's shard part of the cache: its bytes first, then its entry.
 
     A local writer has already renamed its group into place; a staged one is uploaded
@@ -98,46 +98,46 @@ def check_integrity(root: str | os.PathLike) -> list[str]:
     loc = Location(root)
     problems = []
     manifest = read_manifest(root)
-    pca = manifest.get("storage", {}).get("pca")
+    pca = manifest.storage.pca
     if pca:  # the coefficients mean nothing without the basis they were projected on
         try:
             digest = hashlib.sha256(loc.read_bytes(PCA_FILE)).hexdigest()
         except FileNotFoundError:
             problems.append(f"{loc.join(PCA_FILE)}: PCA basis is missing")
         else:
-            if pca.get("sha256") and digest != pca["sha256"]:
+            if pca.sha256 and digest != pca.sha256:
                 problems.append(f"{loc.join(PCA_FILE)}: sha256 differs from the one the manifest records: "
                                 "damaged or replaced")
     return problems + [line for _, line in damaged_shards(root, manifest)]
 
 
-def damaged_shards(root: str | os.PathLike, manifest: dict | None = None) -> list[tuple[dict, str]]:
+def damaged_shards(root: str | os.PathLike, manifest: Manifest | None = None) -> list[tuple[ShardEntry, str]]:
     """(entry, one line) of every complete shard whose stored bytes are missing or differ
     from the sha256 recorded when it was written."""
     loc = Location(root)
     damaged = []
-    for entry in (manifest or read_manifest(root))["shards"]:
-        if entry.get("status") != "complete":
+    for entry in (manifest or read_manifest(root)).shards:
+        if not entry.complete:
             continue
-        path = loc.join(entry["group"])
-        if not loc.exists(entry["group"]):
-            damaged.append((entry, f"{path}: group of {entry['source']} is missing"))
+        path = loc.join(entry.group)
+        if not loc.exists(entry.group):
+            damaged.append((entry, f"{path}: group of {entry.source} is missing"))
             continue
         digest, size = group_digest(path)
-        if "sha256" in entry and digest != entry["sha256"]:
-            what = f"{size} bytes, recorded {entry['bytes']}" if size != entry.get("bytes") else "same size"
+        if entry.sha256 is not None and digest != entry.sha256:
+            what = f"{size} bytes, recorded {entry.bytes}" if size != entry.bytes else "same size"
             damaged.append((entry, f"{path}: sha256 differs from the one recorded at write time ({what}): "
                                    f"damaged or changed"))
     return damaged
 
 
-def mark_incomplete(root: str | os.PathLike, entry: dict) -> None:
+def mark_incomplete(root: str | os.PathLike, entry: ShardEntry) -> None:
     """Make a damaged shard incomplete, so the next `extract-features` redoes just it: its
-    entry first (the shard then no longer counts), then its bytes, when the entry's group is
-    a shard's own place (`shards/<name>` or `shards/<name>.tar`; anything else is left)."""
-    forget_shard(root, entry["group"])
-    if re.fullmatch(r"shards/[A-Za-z0-9_-][A-Za-z0-9._-]*", entry["group"]) and ".." not in entry["group"]:
-        Location(root).remove(entry["group"])
+    entry first (the shard then no longer counts), then its bytes (read_manifest proved the
+    entry's group is the shard's own place, `shards/<name>` or `shards/<name>.tar`)."""
+    forget_shard(root, entry.group)
+    check_group(entry.group, "wds" if entry.group.endswith(".tar") else "zarr", str(root))
+    Location(root).remove(entry.group)
 
 
 def target_root(root: str | os.PathLike, name: str) -> str:
@@ -172,22 +172,23 @@ class FeatureCache:
             root = target_root(root, target)
         self.location = Location(root)
         self.root = str(self.location)
-        self.manifest = read_manifest(self.root)
-        self.backend = _check_backend(backend_of(self.manifest))
+        self.manifest: Manifest = read_manifest(self.root)
+        self.backend = self.manifest.backend
         # format 4: every chunk or member is checked as it is read; older: one warning
-        self.checked = warn_if_unchecked(self.root, self.manifest["format_version"])
+        self.checked = warn_if_unchecked(self.root, self.manifest.format_version)
         self._pca: PcaBasis | None = None
 
     @property
-    def complete_shards(self) -> list[dict]:
-        return [s for s in self.manifest["shards"] if s.get("status") == "complete"]
+    def complete_shards(self) -> list[ShardEntry]:
+        return [s for s in self.manifest.shards if s.complete]
 
-    def _open(self, entry: dict) -> ShardGroup | WdsShard:
-        return _READERS[self.backend](self.location.join(entry["group"]), entry, checked=self.checked)
+    def _open(self, entry: ShardEntry) -> ShardGroup | WdsShard:
+        check_group(entry.group, self.backend, self.root)  # read_manifest checked it; never read outside
+        return _READERS[self.backend](self.location.join(entry.group), entry, checked=self.checked)
 
     def shard(self, source: str) -> ShardGroup | WdsShard:
         entry = find_shard(self.manifest, source)
-        if entry is None or entry.get("status") != "complete":
+        if entry is None or not entry.complete:
             raise CacheError(f"{self.root}: shard {source} is not in the cache (or not complete)")
         return self._open(entry)
 
@@ -197,9 +198,9 @@ class FeatureCache:
         return dataclasses.replace(t, features=self.reconstruct(t.features))
 
     @property
-    def pca_config(self) -> dict | None:
-        """The manifest's `storage.pca` ({rank, fit_views, explained_variance, ...}), or None."""
-        return self.manifest.get("storage", {}).get("pca")
+    def pca_config(self) -> PcaInfo | None:
+        """The manifest's `storage.pca` (rank, fit_views, explained_variance, ...), or None."""
+        return self.manifest.storage.pca
 
     def pca_basis(self) -> PcaBasis | None:
         """The cache's fitted basis (read once, checked against the manifest), or None
@@ -212,13 +213,13 @@ class FeatureCache:
             try:
                 data = self.location.read_bytes(PCA_FILE)
             except FileNotFoundError:
-                raise CacheError(f"{where}: PCA basis is missing (the manifest says rank {cfg['rank']})") from None
-            if cfg.get("sha256") and hashlib.sha256(data).hexdigest() != cfg["sha256"]:
+                raise CacheError(f"{where}: PCA basis is missing (the manifest says rank {cfg.rank})") from None
+            if cfg.sha256 and hashlib.sha256(data).hexdigest() != cfg.sha256:
                 raise CacheError(f"{where}: sha256 differs from the one the manifest records; run `mrmae cache verify`")
             b = decode_basis(data, where)
-            if (b.rank, b.dim) != (cfg["rank"], self.manifest["teacher"]["dim"]):
-                raise CacheError(f"{where}: basis [{b.rank}, {b.dim}] does not fit the manifest's rank {cfg['rank']} "
-                                 f"and teacher width {self.manifest['teacher']['dim']}")
+            if (b.rank, b.dim) != (cfg.rank, self.manifest.teacher.dim):
+                raise CacheError(f"{where}: basis [{b.rank}, {b.dim}] does not fit the manifest's rank {cfg.rank} "
+                                 f"and teacher width {self.manifest.teacher.dim}")
             self._pca = b
         return self._pca
 
@@ -236,7 +237,7 @@ class FeatureCache:
 
     def stored_bytes(self) -> int:
         """Bytes on disk of the complete shards (temporaries and lock files not counted)."""
-        return sum(s.get("bytes") or dir_bytes(self.location.join(s["group"])) for s in self.complete_shards)
+        return sum(s.bytes or dir_bytes(self.location.join(s.group)) for s in self.complete_shards)
 
     def logical_bytes(self) -> int:
         """Bytes of all complete shards' arrays before compression."""

@@ -1,19 +1,391 @@
 """The manifest: manifest.json says what made a cache; shards/<name>.json, one per complete
 shard, says which shards it holds. No file is ever written by two processes, so the cache
-needs no lock, locally, on NFS or on an object store."""
+needs no lock, locally, on NFS or on an object store.
+
+This module owns the schema. Both files are read into frozen dataclasses (`Manifest`,
+`TeacherInfo`, `ViewConfig`, `StorageInfo`, `PcaInfo`, `ShardEntry`) and every field is
+checked on the way in (type, range, known value): anything else is one `CacheError`
+naming the file and the key, never a KeyError or a TypeError deep in a reader. Nothing
+recorded is followed out of the cache: an entry's `group` must be the stored shard beside
+the entry itself (`shards/<name>`, wds `shards/<name>.tar`), never another path or a URL;
+and a recorded `source` that would start a program when opened (`runs_command`) is
+opened only when the user gives it again on the command line. Files are written through
+`to_json`, with the field names CACHE_FORMAT.md documents.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from urllib.parse import urlparse
 
+from ..views import PIXEL_CODECS, ViewConfig
 from .common import FORMAT_VERSION, READABLE_VERSIONS, CacheError
 from .location import Location
 from .pca import MEASURED_FIELDS
 
 MANIFEST = "manifest.json"
+BACKENDS = ("zarr", "wds")
+DTYPES = ("int8", "float16")
+FAMILIES = ("clip", "dino")
+DECODERS = ("pil", "torchvision", "nvjpeg")  # the JPEG decoders extraction records (views.decoder)
+INTERPOLATIONS = ("bicubic",)  # what render_view replays
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+_REQUIRED = object()
+
+
+# --- checked reading of one JSON object ----------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+class _Fields:
+    """The fields of one JSON object, each checked as it is taken. Errors are one line:
+    `<file>: <section.key>: <what is wrong>`; a field nobody takes is refused (`done`)."""
+
+    def __init__(self, obj: Any, where: str, prefix: str = ""):
+        self.where, self.prefix, self.taken = where, prefix, set()
+        if not isinstance(obj, dict):
+            raise CacheError(f"{where}: {prefix.rstrip('.') or 'content'}: expected a JSON object, got {_show(obj)}")
+        self.obj = obj
+
+    def fail(self, key: str, what: str) -> NoReturn:
+        raise CacheError(f"{self.where}: {self.prefix}{key}: {what}")
+
+    def take(self, key: str, default: Any = _REQUIRED) -> Any:
+        self.taken.add(key)
+        if key in self.obj:
+            return self.obj[key]
+        if default is _REQUIRED:
+            self.fail(key, "missing")
+        return default
+
+    def integer(self, key: str, minimum: int | None = 0, default: Any = _REQUIRED, nullable: bool = False) -> int | None:
+        v = self.take(key, default)
+        if v is None and nullable:
+            return None
+        if not _is_int(v) or (minimum is not None and v < minimum):
+            self.fail(key, f"expected an integer{'' if minimum is None else f' >= {minimum}'}, got {_show(v)}")
+        return v
+
+    def number(self, key: str, low: float = -math.inf, high: float = math.inf, default: Any = _REQUIRED,
+               nullable: bool = False) -> float | None:
+        v = self.take(key, default)
+        if v is None and nullable:
+            return None
+        if not _is_number(v) or not low <= v <= high:
+            self.fail(key, f"expected a number in [{low}, {high}], got {_show(v)}")
+        return v
+
+    def text(self, key: str, choices: tuple[str, ...] | None = None, default: Any = _REQUIRED,
+             nullable: bool = False, empty: bool = False) -> str | None:
+        v = self.take(key, default)
+        if v is None and nullable:
+            return None
+        if not isinstance(v, str) or (not v and not empty) or (choices is not None and v not in choices):
+            self.fail(key, f"expected {'one of ' + ', '.join(choices) if choices else 'a non-empty string'}, "
+                           f"got {_show(v)}")
+        return v
+
+    def sha256(self, key: str, default: Any = _REQUIRED, nullable: bool = False) -> str | None:
+        v = self.take(key, default)
+        if v is None and nullable:
+            return None
+        if not isinstance(v, str) or not _SHA256.fullmatch(v):
+            self.fail(key, f"expected a sha256 (64 lowercase hex digits), got {_show(v)}")
+        return v
+
+    def items(self, key: str, length: int | None = None, default: Any = _REQUIRED) -> list:
+        v = self.take(key, default)
+        if not isinstance(v, list) or (length is not None and len(v) != length):
+            self.fail(key, f"expected a list{'' if length is None else f' of {length}'}, got {_show(v)}")
+        return v
+
+    def numbers(self, key: str, length: int, low: float = -math.inf) -> tuple[float, ...]:
+        v = self.items(key, length)
+        if not all(_is_number(x) and x >= low for x in v):
+            self.fail(key, f"expected {length} numbers >= {low}, got {_show(v)}")
+        return tuple(v)
+
+    def ints(self, key: str, length: int | None = None, minimum: int = 0, default: Any = _REQUIRED) -> tuple[int, ...]:
+        v = self.items(key, length, default)
+        if not all(_is_int(x) and x >= minimum for x in v):
+            self.fail(key, f"expected integers >= {minimum}, got {_show(v)}")
+        return tuple(v)
+
+    def section(self, key: str, nullable: bool = False, default: Any = _REQUIRED) -> _Fields | None:
+        v = self.take(key, default)
+        return None if v is None and nullable else _Fields(v, self.where, f"{self.prefix}{key}.")
+
+    def done(self) -> None:
+        """Refuse fields this mrmae does not know: a typed schema never ignores what it cannot read."""
+        unknown = sorted(k for k in self.obj if k not in self.taken)
+        if unknown:
+            self.fail(unknown[0], "unknown field (made by another version of mrmae?)")
+
+
+def _to_json(obj: Any) -> Any:
+    """A dataclass (nested ones, tuples) as the JSON value it is written as, fields in order."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_json(x) for x in obj]
+    return obj
+
+
+# --- manifest.json --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """manifest.json `teacher`: what computed the targets (CACHE_FORMAT.md)."""
+
+    spec: str
+    family: str  # clip | dino
+    arch: str
+    weights: str | None  # path or tag; None: random init with seed 0
+    weights_sha256: str
+    input_size: int  # pixels the teacher saw
+    patch_size: int
+    grid: tuple[int, int]
+    dim: int  # token width C
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    layers: tuple[int, ...]  # extra blocks stored, 1-based
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> TeacherInfo:
+        info = cls(f.text("spec"), f.text("family", FAMILIES), f.text("arch"), f.text("weights", nullable=True),
+                   f.sha256("weights_sha256"), f.integer("input_size", 1), f.integer("patch_size", 1),
+                   f.ints("grid", 2, minimum=1), f.integer("dim", 1), f.numbers("mean", 3),
+                   f.numbers("std", 3, low=1e-12), f.ints("layers", minimum=1, default=[]))
+        f.done()
+        return info
+
+    def to_json(self) -> dict:
+        return _to_json(self)
+
+
+def views_from_fields(f: _Fields) -> ViewConfig:
+    """manifest.json `views` as the ViewConfig that drew them (the defaults fill fields that
+    older caches did not record)."""
+    scale, ratio = f.numbers("scale", 2, low=0.0), f.numbers("ratio", 2, low=0.0)
+    for key, (a, b) in (("scale", scale), ("ratio", ratio)):
+        if not 0 < a <= b:
+            f.fail(key, f"expected 0 < min <= max, got {[a, b]}")
+    default = ViewConfig()
+    views = ViewConfig(per_image=f.integer("per_image", 1), seed=f.integer("seed", None), scale=scale, ratio=ratio,
+                       flip_p=f.number("flip_p", 0.0, 1.0),
+                       interpolation=f.text("interpolation", INTERPOLATIONS, default=default.interpolation),
+                       output_size=f.integer("output_size", 1, default=default.output_size),
+                       decoder=f.text("decoder", DECODERS, default=default.decoder))
+    f.done()
+    return views
+
+
+@dataclass(frozen=True)
+class PcaInfo:
+    """`storage.pca` of a low-rank cache: the configuration (rank, fit_views) and what the
+    fit measured (None until the basis exists)."""
+
+    rank: int
+    fit_views: int
+    explained_variance: float | None = None
+    fitted_views: int | None = None
+    sha256: str | None = None  # of pca/basis.npz
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> PcaInfo:
+        info = cls(f.integer("rank", 1), f.integer("fit_views", 1),
+                   f.number("explained_variance", 0.0, 1.0 + 1e-6, default=None, nullable=True),
+                   f.integer("fitted_views", 0, default=None, nullable=True), f.sha256("sha256", None, nullable=True))
+        f.done()
+        return info
+
+    def to_json(self) -> dict:
+        return _to_json(self)
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    """manifest.json `storage`: how the targets are stored."""
+
+    backend: str  # zarr | wds (zarr when absent: caches from before the field was read)
+    dtype: str  # int8 | float16
+    pixels: str | None  # codec of stored views (--store-pixels), or None
+    quantisation: str | None
+    int8_group: int | None  # channels per int8 scale; None: one per token
+    codec: str
+    pca: PcaInfo | None
+    rows_per_chunk: int | None  # zarr only
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> StorageInfo:
+        pca = f.section("pca", nullable=True, default=None)
+        info = cls(f.text("backend", BACKENDS, default="zarr"), f.text("dtype", DTYPES),
+                   f.text("pixels", tuple(PIXEL_CODECS), default=None, nullable=True),
+                   f.text("quantisation", default=None, nullable=True),
+                   f.integer("int8_group", 1, default=None, nullable=True), f.text("codec"),
+                   PcaInfo.from_fields(pca) if pca is not None else None,
+                   f.integer("rows_per_chunk", 1, default=None, nullable=True))
+        f.done()
+        return info
+
+    def to_json(self) -> dict:
+        d = _to_json(self)
+        if self.rows_per_chunk is None:  # written for zarr caches only
+            del d["rows_per_chunk"]
+        return d
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, and under `shards` the entry of every shard, sorted by group."""
+
+    format_version: int
+    mrmae_version: str
+    teacher: TeacherInfo
+    views: ViewConfig
+    storage: StorageInfo
+    views_from: str | None = None  # a target's: its views are those of the cache two levels up (never followed)
+    shards: tuple[ShardEntry, ...] = ()
+
+    @property
+    def backend(self) -> str:
+        return self.storage.backend
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> Manifest:
+        """Checked configuration part of a manifest (`shards` empty); `where` names the file."""
+        f = _Fields(obj, where)
+        version = f.take("format_version")
+        if not _is_int(version) or version not in READABLE_VERSIONS:
+            raise CacheError(f"{where}: format_version {version!r}, this mrmae reads "
+                             f"{' and '.join(map(str, READABLE_VERSIONS))}")
+        m = cls(version, f.text("mrmae_version"), TeacherInfo.from_fields(f.section("teacher")),
+                views_from_fields(f.section("views")), StorageInfo.from_fields(f.section("storage")),
+                f.text("views_from", default=None, nullable=True))
+        f.done()
+        if m.storage.pca is not None and m.storage.pca.rank > m.teacher.dim:
+            f.fail("storage.pca.rank", f"{m.storage.pca.rank} exceeds the teacher's width {m.teacher.dim}")
+        return m
+
+    def to_json(self) -> dict:
+        """manifest.json as written: the configuration, never the shard entries."""
+        d = {"format_version": self.format_version, "mrmae_version": self.mrmae_version,
+             "teacher": self.teacher.to_json(), "views": self.views.to_json(), "storage": self.storage.to_json()}
+        if self.views_from is not None:
+            d["views_from"] = self.views_from
+        return d
+
+
+# --- shards/<name>.json ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample with no rows: its key and why."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """shards/<name>.json: one complete shard (CACHE_FORMAT.md)."""
+
+    source: str  # the input URL exactly as given at extraction
+    group: str  # its stored shard, relative to the cache: shards/<name> (wds: shards/<name>.tar)
+    num_samples: int
+    num_views: int
+    skipped: tuple[Skipped, ...]
+    status: str  # "complete"
+    sha256: str | None = None  # of the stored group
+    bytes: int | None = None
+    source_bytes: int | None = None  # the input tar's size when it was a local file
+    source_sha256: str | None = None  # of the input bytes as extraction read them
+    seconds: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str, name: str, backend: str) -> ShardEntry:
+        """Checked entry read from `name` (shards/<x>.json, relative to the cache; `where`
+        names it in messages) of a cache in `backend`."""
+        f = _Fields(obj, where)
+        group = f.text("group")
+        check_group(group, backend, where, name)
+        skipped = []
+        for i, s in enumerate(f.items("skipped", default=[])):
+            g = _Fields(s, where, f"skipped[{i}].")
+            skipped.append(Skipped(g.text("key", empty=True), g.text("reason", empty=True)))
+            g.done()
+        entry = cls(f.text("source"), group, f.integer("num_samples"), f.integer("num_views"), tuple(skipped),
+                    f.text("status"), f.sha256("sha256", None, nullable=True),
+                    f.integer("bytes", default=None, nullable=True),
+                    f.integer("source_bytes", default=None, nullable=True),
+                    f.sha256("source_sha256", None, nullable=True),
+                    f.number("seconds", 0.0, default=None, nullable=True))
+        f.done()
+        return entry
+
+    def to_json(self) -> dict:
+        return _to_json(self)
+
+
+def check_group(group: str, backend: str, where: str, name: str | None = None) -> None:
+    """Refuse a group path that is not a stored shard inside the cache: `shards/<safe name>`
+    (wds: `shards/<safe name>.tar`) and, when the entry's own file `name` is known, the
+    shard beside it. So `../elsewhere`, `/abs/path` and URLs are never read."""
+    stem = group[len("shards/"):] if isinstance(group, str) and group.startswith("shards/") else ""
+    if backend == "wds":
+        stem = stem[:-len(".tar")] if stem.endswith(".tar") else ""
+    safe = bool(_SAFE_NAME.fullmatch(stem)) and stem.strip(".") != ""
+    if not safe or (name is not None and entry_path(group) != name):
+        beside = f", beside its entry: {_group_of(name, backend)!r}" if name else ""
+        raise CacheError(f"{where}: group: {_show(group)} is not a stored shard inside the cache "
+                         f"(expected shards/<name>{'.tar' if backend == 'wds' else ''}{beside})")
+
+
+def _group_of(name: str, backend: str) -> str:
+    return re.sub(r"\.json$", ".tar" if backend == "wds" else "", name)
+
+
+def runs_command(source: str) -> bool:
+    """True when opening `source` would start a program rather than read a file or a URL: a
+    `pipe:` command, a webdataset scheme without `//` that runs a tool (`gs:`, `ais:`, `http:`
+    ...), or `-` (stdin). A cache records such sources as given; they are opened again only
+    when the user gives them again on the command line."""
+    if source == "-" or source.startswith("pipe:"):
+        return True
+    head = source.split(" ")[0]
+    if "://" in head:  # read through fsspec
+        return False
+    scheme = urlparse(source).scheme
+    return scheme not in ("", "file") and not re.fullmatch(r"[A-Za-z]", scheme)  # (a Windows drive letter)
+
+
+# --- reading and writing --------------------------------------------------------------------
 
 
 def group_name(source: str) -> str:
@@ -23,15 +395,19 @@ def group_name(source: str) -> str:
     return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
 
 
-def new_manifest(teacher: dict, views: dict, storage: dict, version: str) -> dict:
-    """The configuration part of a manifest; `read_manifest` adds the `shards` entries."""
-    return {"format_version": FORMAT_VERSION, "mrmae_version": version, "teacher": teacher,
-            "views": views, "storage": storage}
+def new_manifest(teacher: dict, views: ViewConfig, storage: dict, version: str,
+                 views_from: str | None = None) -> Manifest:
+    """The configuration of a new cache, checked as a reader would check it."""
+    d = {"format_version": FORMAT_VERSION, "mrmae_version": version, "teacher": teacher,
+         "views": views.to_json(), "storage": storage}
+    if views_from is not None:
+        d["views_from"] = views_from
+    return Manifest.from_json(d, "the new manifest")
 
 
-def backend_of(manifest: dict) -> str:
-    """The storage backend of a cache (`zarr` for caches from before the field was read)."""
-    return manifest.get("storage", {}).get("backend", "zarr")
+def backend_of(manifest: Manifest) -> str:
+    """The storage backend of a cache."""
+    return manifest.storage.backend
 
 
 def entry_path(group: str) -> str:
@@ -39,29 +415,30 @@ def entry_path(group: str) -> str:
     return re.sub(r"\.tar$", "", group) + ".json"
 
 
-def read_manifest(root: str | os.PathLike) -> dict:
-    """manifest.json plus, under `shards`, the entry of every complete shard (by group name)."""
+def _read_json(loc: Location, name: str, what: str) -> Any:
+    try:
+        return json.loads(loc.read_bytes(name))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{loc.join(name)}: unreadable {what} ({e})") from e
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """manifest.json plus, under `shards`, the entry of every shard (sorted by group), all checked."""
     loc = Location(root)
     try:
-        text = loc.read_bytes(MANIFEST)
+        obj = _read_json(loc, MANIFEST, "manifest")
     except FileNotFoundError:
         raise CacheError(f"{root}: not a feature cache (no {MANIFEST})") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{loc.join(MANIFEST)}: unreadable manifest ({e})") from e
-    if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise CacheError(f"{loc.join(MANIFEST)}: format_version {manifest.get('format_version')!r}, "
-                         f"this mrmae reads {' and '.join(map(str, READABLE_VERSIONS))}")
+    manifest = Manifest.from_json(obj, loc.join(MANIFEST))
     names = loc.glob("shards/*.json")
     entries = []
     for name, blob in zip(names, loc.read_many(names)):
         try:
-            entries.append(json.loads(blob))
-        except json.JSONDecodeError as e:
+            obj = json.loads(blob)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CacheError(f"{loc.join(name)}: unreadable shard entry ({e})") from e
-    manifest["shards"] = sorted(entries, key=lambda s: s["group"])
-    return manifest
+        entries.append(ShardEntry.from_json(obj, loc.join(name), name, manifest.backend))
+    return dataclasses.replace(manifest, shards=tuple(sorted(entries, key=lambda s: s.group)))
 
 
 def _empty_zarr_group() -> bytes:
@@ -72,20 +449,19 @@ def _empty_zarr_group() -> bytes:
     return store._store_dict["zarr.json"].to_bytes()
 
 
-def init_cache(root: str | os.PathLike, manifest: dict) -> None:
+def init_cache(root: str | os.PathLike, manifest: Manifest) -> None:
     """Create the cache's manifest if absent; the first of racing writers wins, whole.
 
     A Zarr cache's root is also a Zarr v3 group (its zarr.json); a wds cache is plain
     files. `shards` entries are never part of manifest.json: each is its own file.
     """
     loc = Location(root)
-    config = {k: v for k, v in manifest.items() if k != "shards"}
-    if backend_of(config) == "zarr":
+    if manifest.backend == "zarr":
         loc.create_exclusive("zarr.json", _empty_zarr_group())
-    loc.create_exclusive(MANIFEST, (json.dumps(config, indent=1) + "\n").encode())
+    loc.create_exclusive(MANIFEST, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
 
 
-def config_mismatch(existing: dict, wanted: dict) -> str | None:
+def config_mismatch(existing: Manifest, wanted: Manifest) -> str | None:
     """The first difference between two manifests' teacher/views/storage, or None.
 
     The teacher's spec and weights path are not compared (files move); its architecture,
@@ -93,8 +469,9 @@ def config_mismatch(existing: dict, wanted: dict) -> str | None:
     fit_views) is: what the fit measured (explained variance, the file's sha256) is known
     only once the basis exists, and a cache keeps its first basis anyway.
     """
+    old, new = existing.to_json(), wanted.to_json()
     for section in ("teacher", "views", "storage"):
-        a, b = existing.get(section, {}), wanted.get(section, {})
+        a, b = old[section], new[section]
         for key in list(b) + [k for k in a if k not in b]:  # in the order fields are declared
             if section == "teacher" and key in ("spec", "weights"):
                 continue
@@ -107,20 +484,20 @@ def config_mismatch(existing: dict, wanted: dict) -> str | None:
 
 
 def _pca_config(pca: dict | None) -> dict | None:
-    """`storage.pca` without the fields the fit measured (None: no PCA; absent in older caches)."""
+    """`storage.pca` without the fields the fit measured (None: no PCA)."""
     return None if pca is None else {k: v for k, v in pca.items() if k not in MEASURED_FIELDS}
 
 
-def shard_entry(manifest: dict, source: str) -> dict | None:
+def shard_entry(manifest: Manifest, source: str) -> ShardEntry | None:
     """The manifest entry of exactly this source URL, or None."""
-    return next((s for s in manifest["shards"] if s["source"] == source), None)
+    return next((s for s in manifest.shards if s.source == source), None)
 
 
 def shard_basename(source: str) -> str:
     return source.rstrip("/").split("/")[-1]
 
 
-def find_shard(manifest: dict, source: str) -> dict | None:
+def find_shard(manifest: Manifest, source: str) -> ShardEntry | None:
     """The entry for `source`: the same URL, else the one entry with the same file name.
 
     Training often names the shards differently from extraction (a relative path, another
@@ -129,15 +506,17 @@ def find_shard(manifest: dict, source: str) -> dict | None:
     entry = shard_entry(manifest, source)
     if entry is not None:
         return entry
-    same = [s for s in manifest["shards"] if shard_basename(s["source"]) == shard_basename(source)]
+    same = [s for s in manifest.shards if shard_basename(s.source) == shard_basename(source)]
     if len(same) > 1:
         raise CacheError(f"shard {source}: {len(same)} cached shards share its file name; name it as at extraction")
     return same[0] if same else None
 
 
-def record_shard(root: str | os.PathLike, entry: dict) -> None:
+def record_shard(root: str | os.PathLike, entry: ShardEntry) -> None:
     """Mark a shard complete: write its entry (after its bytes are in place)."""
-    Location(root).write_bytes(entry_path(entry["group"]), (json.dumps(entry, indent=1) + "\n").encode())
+    loc = Location(root)
+    check_group(entry.group, "wds" if entry.group.endswith(".tar") else "zarr", loc.join(entry_path(entry.group)))
+    loc.write_bytes(entry_path(entry.group), (json.dumps(entry.to_json(), indent=1) + "\n").encode())
 
 
 def forget_shard(root: str | os.PathLike, group: str) -> None:

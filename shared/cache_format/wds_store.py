@@ -33,7 +33,7 @@ from numcodecs import Zstd
 from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, dequantize,
                      group_digest, read_error, remove_stale_temps, stored_features, view_targets)
 from .location import is_file, is_url, open_file
-from .manifest import group_name
+from .manifest import ShardEntry, group_name
 
 ZSTD_LEVEL = 3
 MEMBER_CODECS = ("zstd", "none")  # each .npy member compressed alone (.npy.zst), or stored as is
@@ -273,7 +273,7 @@ class WdsShard:
     read per block and one decode per row.
     """
 
-    def __init__(self, path: str | os.PathLike, entry: dict, checked: bool = True):
+    def __init__(self, path: str | os.PathLike, entry: ShardEntry, checked: bool = True):
         """`checked` (a format 4 cache): every meta.json carries its own crc32c, every
         `.npy.zst` member a zstd frame checksum and every other member a crc32c in its
         meta.json; each is verified as it is read, and damage is a CacheError naming the

@@ -22,7 +22,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, dequantize,
                      group_digest, int8_groups, read_error, remove_stale_temps, stored_features, view_targets)
-from .manifest import group_name
+from .manifest import ShardEntry, group_name
 
 # --- codecs -----------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ class ShardGroup:
     array and the rows, never fill values or flipped targets.
     """
 
-    def __init__(self, path: str | os.PathLike, entry: dict, checked: bool = True):
+    def __init__(self, path: str | os.PathLike, entry: ShardEntry, checked: bool = True):
         self.path, self.entry, self.checked = str(path), entry, checked
         self._arrays: dict[str, zarr.Array] = {}
         try:
