@@ -231,13 +231,16 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 @click.option("--sources", is_flag=True, help="Also re-hash every input shard (finds shards changed since).")
 @click.option("--repair", is_flag=True, help="Mark each damaged shard incomplete (its entry and bytes removed), so "
               "the next extract-features with the same --shards redoes just those shards.")
-def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources: bool, repair: bool) -> None:
+@click.option("--shards", help="Where to read the source tars (matched to the cache's shards by URL, else file name); "
+              "default: as recorded, which is refused where a recorded source is a pipe: command.")
+def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources: bool, repair: bool,
+                 shards: str | None) -> None:
     """Check stored groups against their sha256, then re-render N cached views from source and
     rerun the teacher; exit 2 on damage (repaired or not) or past tolerance (--recompute 0:
     integrity only)."""
     from mrmae.extract.verify import duplicate_keys, verify_cache
 
-    r = verify_cache(cache_dir, recompute, seed, device, sources, repair)
+    r = verify_cache(cache_dir, recompute, seed, device, sources, repair=repair, shards=shards)
     dups = duplicate_keys(cache_dir) if not r.problems else {}
     if dups:  # not damage, but usually the same images twice in the input
         key = sorted(dups)[0]

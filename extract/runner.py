@@ -394,7 +394,8 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     base = cf.FeatureCache(cfg.views_from) if cfg.views_from else None
     if base is not None:  # another teacher for the same views: the cache's geometry, backend and shards
         cfg = replace(cfg, views=base.manifest.views, format=base.backend)
-    urls = expand_urls(cfg.shards) if cfg.shards or base is None else [s.source for s in base.complete_shards]
+    urls = (expand_urls(cfg.shards) if cfg.shards or base is None  # a recorded command is never run (--shards)
+            else [base.recorded_source(s) for s in base.complete_shards])
     mine = [u for i, u in enumerate(urls) if i % world == rank]
     teacher = build_teacher(cfg.teacher).to(device)
     if cfg.dtype == "int8" and cfg.int8_group and teacher.dim % cfg.int8_group:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mrmae.extract.mapper import RawSample
-from mrmae.shared.shards import read_shard, source_digest
+from mrmae.shared.shards import expand_urls, read_shard, source_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import build_teacher
 from mrmae.shared.views import View, decode_image, render_view
@@ -96,19 +96,39 @@ class VerifyReport:
     repaired: list[str] = dataclasses.field(default_factory=list)  # --repair: groups marked incomplete
 
 
-def changed_sources(root: str) -> list[str]:
-    """Input shards whose bytes differ from those extracted (sha256), one line each."""
+def source_urls(cache: cf.FeatureCache, shards: str | list[str] | None = None) -> dict[str, str]:
+    """group -> where to read each complete shard's source from.
+
+    Shards given on the command line (`--shards`) are matched to entries as training
+    matches them (the same URL, else the same file name); any other entry is read from its
+    recorded source, which is refused when it is a command (`recorded_source`).
+    """
+    given: dict[str, str] = {}
+    for url in expand_urls(shards) if shards else []:
+        entry = cf.find_shard(cache.manifest, url)
+        if entry is None or not entry.complete:
+            raise cf.CacheError(f"--shards {url}: not a complete shard of {cache.root}")
+        given[entry.group] = url
+    return {e.group: given.get(e.group) or cache.recorded_source(e) for e in cache.complete_shards}
+
+
+def changed_sources(root: str, urls: dict[str, str] | None = None) -> list[str]:
+    """Input shards whose bytes differ from those extracted (sha256), one line each;
+    `urls`: group -> where to read the source (`source_urls`)."""
+    cache = cf.FeatureCache(root)
+    urls = urls if urls is not None else source_urls(cache)
     problems = []
-    for entry in cf.FeatureCache(root).complete_shards:
+    for entry in cache.complete_shards:
         if not entry.source_sha256:
             continue
+        url = urls[entry.group]
         try:
-            digest = source_digest(entry.source)
+            digest = source_digest(url)
         except Exception as e:  # missing, unreadable: say so, do not stop the check
-            problems.append(f"{entry.source}: cannot read the source shard ({type(e).__name__}: {e})")
+            problems.append(f"{url}: cannot read the source shard ({type(e).__name__}: {e})")
             continue
         if digest != entry.source_sha256:
-            problems.append(f"{entry.source}: source shard changed since extraction (sha256 differs)")
+            problems.append(f"{url}: source shard changed since extraction (sha256 differs)")
     return problems
 
 
@@ -124,18 +144,20 @@ def repair_cache(root: str) -> list[str]:
 
 
 def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
-                 sources: bool = False, repair: bool = False) -> VerifyReport:
+                 sources: bool = False, repair: bool = False, shards: str | list[str] | None = None) -> VerifyReport:
     """Check every group against its recorded sha256 (and, with `sources`, every input
     shard against the sha256 of the bytes extracted), then re-render `recompute` random
     views from source, rerun the teacher and compare (skipped if integrity fails).
     `repair`: damaged groups are marked incomplete (`repair_cache`); the report still
-    lists the damage found."""
-    problems = cf.check_integrity(root) + (changed_sources(root) if sources else [])
+    lists the damage found. `shards`: where to read the sources (`source_urls`; needed
+    where a recorded one is a command)."""
+    cache = cf.FeatureCache(root) if sources or recompute > 0 else None
+    urls = source_urls(cache, shards) if cache is not None else {}  # before any work: one line
+    problems = cf.check_integrity(root) + (changed_sources(root, urls) if sources else [])
     if problems or recompute <= 0:
         repaired = repair_cache(root) if problems and repair else []
         return VerifyReport(problems, 0, float("nan"), float("nan"), float("nan"), 0.0, not problems,
                             repaired=repaired)
-    cache = cf.FeatureCache(root)
     m = cache.manifest
     teacher_spec = m.teacher.spec
     teacher = build_teacher(teacher_spec).to(device)
@@ -156,14 +178,15 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
     layers = m.teacher.layers
     for s, rows in by_shard.items():
         group = shards[s]
+        source = urls[group.entry.group]
         images: dict[str, RawSample] = {}
-        for r in read_shard(group.entry.source):
+        for r in read_shard(source):
             images.setdefault(r.key, r)  # a repeated key: the first copy is the one extracted
         for row in rows:
             rec = group.read(slice(row, row + 1))
             key, crop, flip = str(rec["keys"][0]), rec["crop"][0], bool(rec["flip"][0])
             if key not in images or images[key].image is None:
-                raise cf.CacheError(f"{group.entry.source}: key {key} is in the cache but not in the shard")
+                raise cf.CacheError(f"{source}: key {key} is in the cache but not in the shard")
             view = View(*(int(c) for c in crop), flip=flip)
             x = render_view(decode_image(images[key].image), view, teacher.input_size, teacher.mean, teacher.std)
             out = teacher(x[None].to(device), layers=layers)

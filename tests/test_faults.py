@@ -11,6 +11,125 @@ import pytest
 
 # --- 1. nothing recorded in a cache is executed or followed out of it -------------------
 
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from conftest import DINO_TINY  # noqa: E402
+
+from mrmae.cli import cli  # noqa: E402
+from mrmae.shared import cache_format as cf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_cache(demo_shards, tmp_path_factory):
+    """A real one-shard cache (6 images, 2 views, ViT-Tiny), copied by each test that crafts it."""
+    out = tmp_path_factory.mktemp("cache1") / "c"
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
+                                 "--teacher", DINO_TINY, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _crafted(small_cache, tmp_path, **fields):
+    """A copy of the cache whose one entry has `fields` replaced (None: removed); -> (root, entry file)."""
+    root = tmp_path / "c"
+    shutil.copytree(small_cache, root)
+    entry_file = next((root / "shards").glob("*.json"))
+    entry = json.loads(entry_file.read_text())
+    for k, v in fields.items():
+        entry.pop(k) if v is None else entry.__setitem__(k, v)
+    entry_file.write_text(json.dumps(entry))
+    return root, entry_file
+
+
+def _one_line_error(r, *words):
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code not in (0, None) and len(lines) == 1 and lines[0].startswith("mrmae: error: "), r.output
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def test_a_recorded_pipe_source_is_never_run(small_cache, demo_shards, tmp_path):
+    """verify (default --recompute, and --sources) and --add-teacher without --shards refuse a
+    recorded `pipe:` source in one line asking for --shards; the command never runs. With
+    --shards (matched by file name) they work."""
+    marker = tmp_path / "MARKER"
+    shard = demo_shards[0]
+    root, entry_file = _crafted(small_cache, tmp_path, source=f"pipe:touch {marker} && cat {shard}")
+    runner = CliRunner()
+    for args in (["cache", "verify", str(root)], ["extract-features", "--out", str(root), "--add-teacher", DINO_TINY,
+                                                  "--name", "t", "--no-progress"]):
+        line = _one_line_error(runner.invoke(cli, args), "--shards", str(entry_file), "command")
+        assert not marker.exists(), (args, line)
+    r = subprocess.run([sys.executable, "-m", "mrmae", "cache", "verify", str(root), "--recompute", "0", "--sources"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--shards" in r.stderr and not r.stdout, r.stderr
+    assert str(entry_file) in r.stderr and not marker.exists()
+    # the same shard named on the command line: read from there, matched by its file name
+    r = runner.invoke(cli, ["cache", "verify", str(root), "--sources", "--recompute", "2", "--shards", str(shard)])
+    assert r.exit_code == 0 and "integrity: OK" in r.output and "checked 2 views" in r.output, r.output
+    r = runner.invoke(cli, ["extract-features", "--out", str(root), "--add-teacher", DINO_TINY, "--name", "t",
+                            "--shards", str(shard), "--no-progress"])
+    assert r.exit_code == 0 and "1 shards extracted" in r.output, r.output
+    assert len(cf.FeatureCache(root, "t").complete_shards) == 1 and not marker.exists()
+    r = runner.invoke(cli, ["cache", "verify", str(root), "--recompute", "0", "--sources", "--shards",
+                            str(demo_shards[1])])
+    _one_line_error(r, "--shards", str(demo_shards[1]), "not a complete shard")
+
+
+@pytest.mark.parametrize("group", ["../elsewhere", "ABSOLUTE", "shards/../../elsewhere", "file:///tmp/x",
+                                   "shards/other"])
+def test_a_group_outside_the_cache_is_refused(small_cache, demo_shards, tmp_path, group):
+    """An entry whose group is not the stored shard beside it is refused in one line naming
+    the entry file, by info, verify and pretraining; the real group copied there is never read."""
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(next(p for p in (small_cache / "shards").iterdir() if p.is_dir()), outside)  # readable bait
+    group = str(outside) if group == "ABSOLUTE" else group
+    root, entry_file = _crafted(small_cache, tmp_path, group=group)
+    runner = CliRunner()
+    for args in (["cache", "info", str(root)], ["cache", "verify", str(root), "--recompute", "0"],
+                 ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
+                  str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"]):
+        _one_line_error(runner.invoke(cli, args), str(entry_file), "group", "not a stored shard inside the cache")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("fields, key", [({"num_views": "abc"}, "num_views"), ({"num_samples": -1}, "num_samples"),
+                                         ({"num_samples": None}, "num_samples"), ({"sha256": "xyz"}, "sha256"),
+                                         ({"skipped": [{"key": 3}]}, "skipped[0].key"), ({"bytes": True}, "bytes"),
+                                         ({"surprise": 1}, "surprise")])
+def test_a_wrong_field_in_an_entry_is_one_line_naming_file_and_key(small_cache, tmp_path, fields, key):
+    root, entry_file = _crafted(small_cache, tmp_path, **fields)
+    with pytest.raises(cf.CacheError, match="^" + re.escape(f"{entry_file}: {key}: ")):
+        cf.FeatureCache(root)
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), str(entry_file), f"{key}: ")
+
+
+@pytest.mark.parametrize("section, key, value", [("teacher", "dim", "x"), ("teacher", "grid", [14]),
+                                                  ("storage", "dtype", "int4"), ("storage", "backend", "tar"),
+                                                  ("views", "per_image", 0), ("teacher", "weights_sha256", "ab")])
+def test_a_wrong_field_in_the_manifest_is_one_line_naming_the_key(small_cache, tmp_path, section, key, value):
+    root = tmp_path / "c"
+    shutil.copytree(small_cache, root)
+    manifest = json.loads((root / cf.MANIFEST).read_text())
+    manifest[section][key] = value
+    (root / cf.MANIFEST).write_text(json.dumps(manifest))
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), str(root / cf.MANIFEST),
+                    f"{section}.{key}: ")
+
+
+def test_runs_command_knows_what_would_start_a_program():
+    for source in ("pipe:cat a.tar", "-", "gs:bucket/a.tar", "ais:a.tar", "http:a.tar"):
+        assert cf.runs_command(source), source
+    for source in ("/data/a.tar", "a.tar", "file:///data/a.tar", "s3://b/a.tar", "https://h/a.tar", "C:/a.tar"):
+        assert not cf.runs_command(source), source
+
+
 # --- 2. concurrent writers on one --out lose nothing -----------------------------------
 
 # --- 3. every chunk read is checked; damage is found and repaired ----------------------

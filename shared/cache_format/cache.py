@@ -11,8 +11,8 @@ import numpy as np
 
 from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
 from .location import Location, drop_staging, is_url, staging_dir
-from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, check_group, find_shard, forget_shard,
-                       read_manifest, record_shard)
+from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, check_group, entry_path, find_shard, forget_shard,
+                       read_manifest, record_shard, runs_command)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
 from .wds_store import WdsShard, WdsShardWriter, wds_codec_description
 from .zarr_store import ShardGroup, ShardWriter, zarr_codec_description
@@ -191,6 +191,17 @@ class FeatureCache:
         if entry is None or not entry.complete:
             raise CacheError(f"{self.root}: shard {source} is not in the cache (or not complete)")
         return self._open(entry)
+
+    def recorded_source(self, entry: ShardEntry) -> str:
+        """`entry.source`, to be opened again (`cache verify`, `--add-teacher`). Refused, in
+        one line asking for --shards, when opening it would run a program (`runs_command`):
+        mrmae runs a command only when the user gives it on the command line."""
+        if runs_command(entry.source):
+            shown = entry.source if len(entry.source) <= 60 else entry.source[:57] + "..."
+            raise CacheError(f"{self.location.join(entry_path(entry.group))}: the recorded source {shown!r} is a "
+                             "command, which mrmae runs only when given on the command line: give the shards "
+                             "with --shards")
+        return entry.source
 
     def get(self, source: str, key: str, view: int) -> ViewTargets:
         """One view's targets with features [L, C] float32 (a PCA cache's reconstructed)."""
