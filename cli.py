@@ -13,20 +13,29 @@ from mrmae import __version__
 
 
 class _OneLineErrors(click.Group):
-    """Known failures (bad input, mismatched cache, unknown teacher) end as one line, exit 1."""
+    """Known failures (bad input, mismatched cache, unknown teacher, a full disk or read-only
+    path, the same raised in a DataLoader worker) end as one line, exit 1."""
 
     def invoke(self, ctx: click.Context):
         from mrmae.shared.shards import ShardReadError
         from mrmae.extract.runner import SkippedSampleError
         from mrmae.shared.cache_format import CacheError
+        from mrmae.shared.errors import OptionError, one_line
         from mrmae.shared.teachers import TeacherError
+        from mrmae.train.checkpoint import CheckpointError
         from mrmae.train.engine import NonFiniteLossError
 
         try:
             return super().invoke(ctx)
-        except (CacheError, TeacherError, ShardReadError, SkippedSampleError, FileNotFoundError,
-                NonFiniteLossError) as e:
-            click.echo(f"mrmae: error: {e}", err=True)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:  # a bad option value or combination: one line, not usage + hint
+            click.echo(f"mrmae: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except (CacheError, TeacherError, ShardReadError, SkippedSampleError, OSError, NonFiniteLossError,
+                OptionError, CheckpointError) as e:
+            # OSError: its path and reason (ENOSPC, EROFS, EACCES); a worker's error: its own message
+            click.echo(f"mrmae: error: {one_line(e)}", err=True)
             sys.exit(1)
 
 
@@ -55,6 +64,17 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
     click.echo(f"wrote {len(paths)} shards, {num_images} images: {paths[0]} .. {paths[-1]}")
 
 
+def _blocks(param: click.Parameter, text: str) -> tuple[int, ...]:
+    """A comma-separated list of 1-based block numbers ("4,8,12"); BadParameter names the option."""
+    try:
+        blocks = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give block numbers, e.g. 4,8,12", param=param) from None
+    if any(b < 1 for b in blocks):
+        raise click.BadParameter(f"{text!r}: blocks are numbered from 1", param=param)
+    return blocks
+
+
 @cli.command("extract-features")
 @click.option("--shards", help="Input tars: a webdataset URL list or brace range (with --add-teacher: default "
               "the cache's own).")
@@ -62,19 +82,22 @@ def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) 
 @click.option("--teacher", help="clip:ARCH[@WEIGHTS] or dino:TIMM_NAME[@WEIGHTS].")
 @click.option("--add-teacher", help="Add this teacher's targets to the existing cache --out, for exactly its views.")
 @click.option("--name", "target", help="With --add-teacher: the targets' name (default from the spec, e.g. clip-ViT-B-16).")
-@click.option("--views", "num_views", default=2, show_default=True, help="Views per image.")
+@click.option("--views", "num_views", type=click.IntRange(min=1), default=2, show_default=True, help="Views per image.")
 @click.option("--dtype", type=click.Choice(["int8", "float16"]), default="int8", show_default=True)
 @click.option("--int8-group", type=click.IntRange(min=0), default=64, show_default=True,
               help="int8: one scale per this many channels of a token (0: one per token). Smaller groups keep a "
                    "few large channels from coarsening the whole token, at 2 bytes per group.")
 @click.option("--format", "cache_format", type=click.Choice(["zarr", "wds"]), default="zarr", show_default=True,
               help="zarr: a Zarr v3 store; wds: one WebDataset tar per input shard.")
-@click.option("--batch-size", default=64, show_default=True, help="Views per teacher batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Views per teacher batch.")
 @click.option("--seed", default=0, show_default=True, help="Global view seed.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--workers", default=0, show_default=True, help="DataLoader workers that decode and render.")
-@click.option("--layers", default="", help="Extra teacher blocks to store, 1-based, e.g. 4,8.")
-@click.option("--image-size", default=224, show_default=True, help="The student's input size (recorded).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader workers that decode and render.")
+@click.option("--layers", default="", callback=lambda ctx, p, v: _blocks(p, v),
+              help="Extra teacher blocks to store, 1-based, e.g. 4,8.")
+@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
+              help="The student's input size (recorded).")
 @click.option("--store-pixels", type=click.Choice(["zstd", "png", "webp", "jpeg"]), default=None,
               help="Also store each view at --image-size (zstd: raw, lossless, fastest to decode; png, webp: "
                    "lossless, smaller; jpeg: quality 95, lossy), so pretrain --pixels-from-cache reads the cache alone.")
@@ -111,7 +134,7 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
     cfg = ExtractConfig(
         shards=shards or [], out=where, teacher=teacher or add_teacher, dtype=dtype, int8_group=int8_group or None,
         format=cache_format,
-        batch_size=batch_size, device=device, workers=workers, layers=tuple(int(x) for x in layers.split(",") if x),
+        batch_size=batch_size, device=device, workers=workers, layers=layers,
         strict=strict, views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size),
         progress=not no_progress, views_from=out if add_teacher else None, store_pixels=store_pixels,
         decode_on_device=decode_on_device,
@@ -123,10 +146,6 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
                f"{s['views']} views, {s['samples_skipped']} samples skipped, {s['seconds']} s -> {where}")
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
 @cli.command("pretrain")
 @click.option("--shards", required=True, help="Source tars (the ones the cache was extracted from).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
@@ -135,33 +154,37 @@ def _ints(text: str) -> tuple[int, ...]:
               "a name from extract-features --add-teacher; several, comma-separated, train jointly (a head each).")
 @click.option("--teacher", help="Live teacher spec instead of a cache (clip:... / dino:...).")
 @click.option("--model", default="mrmae_vit_base_patch16", show_default=True, help="See `mrmae models`.")
-@click.option("--epochs", default=1, show_default=True)
-@click.option("--batch-size", default=64, show_default=True, help="Per process and micro-batch.")
-@click.option("--accum-steps", default=1, show_default=True, help="Gradient accumulation.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Per process and micro-batch.")
+@click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True, help="Gradient accumulation.")
 @click.option("--blr", default=1.5e-4, show_default=True, help="lr = blr x effective batch / 256.")
 @click.option("--lr", type=float, default=None, help="Absolute lr (overrides --blr).")
 @click.option("--min-lr", default=0.0, show_default=True)
 @click.option("--warmup-epochs", default=0.0, show_default=True)
 @click.option("--weight-decay", default=0.05, show_default=True)
 @click.option("--mask", type=click.Choice(["random", "focused"]), default="random", show_default=True)
-@click.option("--mask-ratio", default=0.75, show_default=True)
+@click.option("--mask-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.75, show_default=True)
 @click.option("--focus-temperature", default=1.0, show_default=True, help="Focused masking: attention ** (1/T).")
 @click.option("--focus-uniform-mix", default=0.0, show_default=True, help="Focused masking: share of uniform weight.")
 @click.option("--recon-weight", default=0.5, show_default=True)
 @click.option("--mimic-weight", default=0.5, show_default=True)
 @click.option("--target-norm", type=click.Choice(["none", "layernorm", "l2"]), default="none", show_default=True)
-@click.option("--fuse-layers", default="", help="Encoder blocks whose visible tokens are summed, e.g. 4,8,12.")
-@click.option("--decoder-dim", default=512, show_default=True)
-@click.option("--decoder-depth", default=8, show_default=True)
-@click.option("--views", "views_per_image", default=2, show_default=True, help="Live/plain modes: views per image.")
-@click.option("--workers", default=4, show_default=True)
-@click.option("--shuffle-buffer", default=1000, show_default=True)
+@click.option("--fuse-layers", default="", callback=lambda ctx, p, v: _blocks(p, v),
+              help="Encoder blocks whose visible tokens are summed, e.g. 4,8,12.")
+@click.option("--decoder-dim", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--decoder-depth", type=click.IntRange(min=0), default=8, show_default=True)
+@click.option("--views", "views_per_image", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Live/plain modes: views per image.")
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--data-split", type=click.Choice(["shards", "samples"]), default="shards", show_default=True,
               help="shards: each process reads its own shards; samples: every process reads all shards and "
                    "keeps its slots, so global batches are the same at any process count.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
-@click.option("--save-every-steps", default=0, show_default=True, help="0: at each epoch's end only.")
+@click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="0: at each epoch's end only.")
 @click.option("--pixels-from-cache", is_flag=True,
               help="Read each view's pixels from the cache (extracted with --store-pixels), not from the tars.")
 @click.option("--compile", "compile_backend", type=click.Choice(["inductor", "eager", "aot_eager"]), default=None,
@@ -183,7 +206,7 @@ def pretrain(shards, out, feature_cache, target, teacher, model, epochs, batch_s
         shards=shards, out=out, model=model, feature_cache=feature_cache, target=target, teacher=teacher,
         epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
         weight_decay=weight_decay, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
-        fuse_layers=_ints(fuse_layers), views_per_image=views_per_image, workers=workers,
+        fuse_layers=fuse_layers, views_per_image=views_per_image, workers=workers,
         shuffle_buffer=shuffle_buffer, seed=seed, data_split=data_split, resume=resume,
         save_every_steps=save_every_steps, pixels_from_cache=pixels_from_cache, compile=compile_backend,
         progress=not no_progress, step_options=opts,
@@ -295,10 +318,11 @@ def export(checkpoint: str, out: str) -> None:
 @click.option("--train-shards", required=True, help="Labelled training tars ({key}.jpg + {key}.cls).")
 @click.option("--val-shards", required=True, help="Labelled validation tars (top-1/top-5 after each epoch).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--num-classes", default=1000, show_default=True)
-@click.option("--epochs", default=100, show_default=True)
-@click.option("--batch-size", default=64, show_default=True, help="Per process and micro-batch.")
-@click.option("--accum-steps", default=1, show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Per process and micro-batch.")
+@click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--blr", default=3e-4, show_default=True, help="lr = blr x effective batch / 256.")
 @click.option("--lr", type=float, default=None, help="Absolute peak lr (overrides --blr).")
 @click.option("--min-lr", default=1e-6, show_default=True)
@@ -317,12 +341,12 @@ def export(checkpoint: str, out: str) -> None:
               help="randaug: RandAugment + random erasing (MAE); light: crop and flip only.")
 @click.option("--rand-augment", default="rand-m9-mstd0.5-inc1", show_default=True)
 @click.option("--re-prob", default=0.25, show_default=True, help="Random erasing probability.")
-@click.option("--eval-batch-size", default=64, show_default=True)
-@click.option("--workers", default=4, show_default=True)
-@click.option("--shuffle-buffer", default=1000, show_default=True)
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
-@click.option("--save-every-steps", default=0, show_default=True, help="0: at each epoch's end only.")
+@click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True, help="0: at each epoch's end only.")
 @click.option("--no-progress", is_flag=True)
 def finetune(no_progress, **kwargs) -> None:
     """Fine-tune the pretrained encoder as a timm ViT classifier (MAE's recipe); top-1/top-5 per epoch."""
@@ -369,9 +393,10 @@ def _eval_options(f, ensemble: bool = False):
         click.option("--val-shards", required=True, help="Labelled validation tars."),
         click.option("--feature", type=click.Choice(["cls", "mean"]), default="cls", show_default=True,
                      help="[CLS] token or mean of the patch tokens."),
-        click.option("--batch-size", default=64, show_default=True, help="Images per encoder batch."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Images per encoder batch."),
         click.option("--device", default="cpu", show_default=True),
-        click.option("--workers", default=0, show_default=True),
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True),
         click.option("--results", type=click.Path(dir_okay=False),
                      help="JSON lines file to append to (default: RUN/eval.jsonl, else beside the checkpoint)."),
     ]

@@ -41,6 +41,7 @@ from mrmae.extract.pca_fit import ensure_pca_basis
 from mrmae.shared.shards import REPEATED_KEY, RawSample, expand_urls, local_file_size, read_shard_with_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format.pca import measured_fields
+from mrmae.shared.errors import OptionError
 from mrmae.shared.teachers import Teacher, TeacherOutput, build_teacher
 from mrmae.shared.views import PIXEL_CODECS, ImageDecodeError, View, ViewConfig, encode_view, normalize
 
@@ -397,10 +398,9 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     urls = (expand_urls(cfg.shards) if cfg.shards or base is None  # a recorded command is never run (--shards)
             else [base.recorded_source(s) for s in base.complete_shards])
     mine = [u for i, u in enumerate(urls) if i % world == rank]
+    check_options(cfg)  # before the teacher is built and anything is written
     teacher = build_teacher(cfg.teacher).to(device)
-    if cfg.dtype == "int8" and cfg.int8_group and teacher.dim % cfg.int8_group:
-        raise cf.CacheError(f"--int8-group {cfg.int8_group} does not divide the {teacher.dim} channels of "
-                            f"{cfg.teacher}: give a divisor, or 0 for one scale per token")
+    check_teacher_options(cfg, teacher)
     if cfg.decode_on_device:  # recorded: training may replay views from the tars only with PIL
         decoder = "nvjpeg" if torch.device(device).type == "cuda" else "torchvision"
         cfg = replace(cfg, views=replace(cfg.views, decoder=decoder))
@@ -438,6 +438,26 @@ def run_extraction(cfg: ExtractConfig) -> dict:
         del loader  # its workers end with the DataLoader's iterator
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
+
+
+def check_options(cfg: ExtractConfig) -> None:
+    """Refuse (OptionError naming the option) values that cannot work, before anything is written."""
+    for option, value, least in (("--views", cfg.views.per_image, 1), ("--batch-size", cfg.batch_size, 1),
+                                 ("--workers", cfg.workers, 0), ("--image-size", cfg.views.output_size, 1)):
+        if value < least:
+            raise OptionError(f"{option} {value}: must be at least {least}")
+    if any(i < 1 for i in cfg.layers):
+        raise OptionError(f"--layers {','.join(map(str, cfg.layers))}: blocks are numbered from 1")
+
+
+def check_teacher_options(cfg: ExtractConfig, teacher: Teacher) -> None:
+    """The options that depend on the teacher (its depth, its width), before anything is written."""
+    if beyond := [i for i in cfg.layers if i > teacher.depth]:
+        raise OptionError(f"--layers {','.join(map(str, cfg.layers))}: {cfg.teacher} has blocks 1..{teacher.depth}, "
+                          f"not {','.join(map(str, beyond))}")
+    if cfg.dtype == "int8" and cfg.int8_group and teacher.dim % cfg.int8_group:
+        raise cf.CacheError(f"--int8-group {cfg.int8_group} does not divide the {teacher.dim} channels of "
+                            f"{cfg.teacher}: give a divisor, or 0 for one scale per token")
 
 
 def _is_complete(root: str, manifest: cf.Manifest, url: str) -> bool:

@@ -85,6 +85,7 @@ class Teacher(nn.Module):
     patch_size: int
     num_prefix_tokens: int
     dim: int
+    depth: int  # transformer blocks: --layers counts them 1..depth
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -144,6 +145,7 @@ class ClipTeacher(Teacher):
         self.spec, self.patch_size, self.num_prefix_tokens = spec, patch, 1
         self.visual = model.visual
         self.dim = self.visual.ln_post.normalized_shape[0]
+        self.depth = len(self.visual.transformer.resblocks)
         mean = getattr(self.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(self.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -215,6 +217,7 @@ class TimmTeacher(Teacher):
         self.model = model
         self.num_prefix_tokens = model.num_prefix_tokens
         self.dim = model.embed_dim
+        self.depth = len(model.blocks)
         cfg = model.pretrained_cfg
         self.mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from mrmae.shared.errors import naming
 from mrmae.shared.views import normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.masking import focused_masking, random_masking
@@ -221,7 +222,7 @@ def model_num_patches(model: torch.nn.Module) -> int:
 
 
 def append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with naming(path), open(path, "a") as f:  # a full disk: an OSError naming the file
         f.write(json.dumps(record) + "\n")
 
 
@@ -230,4 +231,5 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    with naming(path):
+        path.write_text("".join(ln + "\n" for ln in lines))

@@ -33,6 +33,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from mrmae.shared.shards import expand_urls, first_copies, iter_samples
+from mrmae.shared.errors import naming
 from mrmae.shared.views import ImageDecodeError, decode_image, normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.restore import encode_all_tokens, num_prefix_tokens
@@ -198,7 +199,7 @@ def _split_features(model: torch.nn.Module, train_shards: str, val_shards: str, 
 def _append(results: str | Path, record: dict) -> None:
     path = Path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
+    with naming(path), path.open("a") as f:  # a full disk: an OSError naming the file
         f.write(json.dumps(record) + "\n")
 
 

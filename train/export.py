@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
+from mrmae.train.checkpoint import write_bytes
 from mrmae.train.models import MRMAE
 from mrmae.train.restore import load_student
 
@@ -101,5 +102,5 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> Exported:
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs),
                 "source_checkpoint": str(restored.weights), "mrmae_model": restored.run_config.get("model", "")}
-    save_file(tensors, str(out), metadata=metadata)
+    write_bytes(out, safetensors_bytes(tensors, metadata=metadata))  # a full disk: an OSError naming `out`
     return Exported(out, name, kwargs, len(tensors))

@@ -24,6 +24,7 @@ the uninterrupted run's batches, mixes and drop-path masks.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -33,7 +34,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mrmae.shared.errors import naming
 from mrmae.train import checkpoint as ckpt
+from mrmae.train.checkpoint import CheckpointError
 from mrmae.train.engine import NonFiniteLossError, append_metrics, epoch_passes, lr_at
 from mrmae.train.finetune_data import LabelledStream, sample_seed, seed_everything, train_transform
 
@@ -83,7 +86,7 @@ class FinetuneConfig:
 def encoder_source(checkpoint: str | Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """(timm model name, create_model kwargs, encoder tensors) from an `mrmae export` file or a
     pretrain checkpoint. Raises ExportError (one line) for students timm cannot express."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from mrmae.train.export import encoder_state_dict, timm_spec
@@ -91,10 +94,13 @@ def encoder_source(checkpoint: str | Path) -> tuple[str, dict, dict[str, torch.T
 
     path = Path(checkpoint)
     if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if "timm_model" in meta:  # written by `mrmae export`
-            return meta["timm_model"], json.loads(meta["timm_kwargs"]), load_file(str(path))
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if "timm_model" in meta:  # written by `mrmae export`
+                return meta["timm_model"], json.loads(meta["timm_kwargs"]), load_file(str(path))
+        except (SafetensorError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     restored = load_student(checkpoint)
     name, kwargs = timm_spec(restored.model)
     return name, kwargs, encoder_state_dict(restored.model)
@@ -115,8 +121,12 @@ def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float 
     name, kwargs, tensors = encoder_source(checkpoint)
     kwargs = {**kwargs, "num_classes": num_classes, "global_pool": global_pool, "drop_path_rate": drop_path}
     torch.manual_seed(seed)  # the new head's init
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:  # shapes of another model, or bad kwargs
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FinetuneError(f"{checkpoint}: encoder does not fit timm {name}: {first}") from None
     new = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if global_pool == "avg" else set())
     unused = {"norm.weight", "norm.bias"} if global_pool == "avg" else set()
     bad_missing, bad_unexpected = sorted(set(missing) - new), sorted(set(unexpected) - unused)
@@ -179,6 +189,34 @@ def _epoch_loss(metrics: Path, epoch: int) -> float:
     return sum(losses) / max(1, len(losses))
 
 
+def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict) -> ckpt.Fingerprint:
+    """What this fine-tuning starts from, what shapes its weights and what it trains on,
+    recorded in each checkpoint and compared by --resume (shards by file name)."""
+    from mrmae.extract.reader import expand_urls
+    from mrmae.train.restore import resolve_weights
+
+    path = Path(cfg.checkpoint)
+    weights = path if path.is_file() else resolve_weights(path)[0]
+    shape = {k: v for k, v in timm_kwargs.items() if k != "drop_path_rate"}  # drop path shapes no tensor
+    names = [n.rstrip("/").split("/")[-1] for n in expand_urls(cfg.train_shards)]
+    return ckpt.Fingerprint((
+        ckpt.fingerprint_field("task", "finetune", "finetune"),
+        ckpt.fingerprint_field("encoder", cfg.checkpoint, _file_sha256(weights)),
+        ckpt.fingerprint_field("model", f"{timm_name} ({cfg.num_classes} classes, {cfg.global_pool} pool)",
+                               [timm_name, shape]),
+        ckpt.fingerprint_field("data", f"{len(names)} shards {names[0] if names else ''}..{names[-1] if names else ''}"
+                               f", seed {cfg.seed}", {"shards": names, "seed": cfg.seed}),
+    ))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune; returns {checkpoint, metrics, steps, table, main_process}. Resumes with `resume`."""
     from accelerate import Accelerator
@@ -217,18 +255,20 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999), fused=cuda or None)
 
-    state, metrics = ckpt.start_or_resume(out, cfg.resume, model, optimizer, accelerator.is_main_process)
+    fingerprint = run_fingerprint(cfg, timm_name, timm_kwargs)
+    state, metrics = ckpt.start_or_resume(out, cfg.resume, model, optimizer, accelerator.is_main_process, fingerprint)
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.is_main_process:
         resolved = {"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs,
                     "base_lr": base_lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
                     "num_processes": accelerator.num_processes}
-        (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
+        with naming(out / "config.json"):
+            (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
 
     def save() -> Path | None:
         accelerator.wait_for_everyone()
-        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state,
-                                    {"task": "finetune"}) if accelerator.is_main_process else None
+        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state, {"task": "finetune"},
+                                    fingerprint) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         return path
 

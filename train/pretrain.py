@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mrmae.shared import shards
 from mrmae.shared.shards import expand_urls
 from mrmae.shared import cache_format as cf
+from mrmae.shared.errors import OptionError, naming
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
 from mrmae.train.engine import NonFiniteLossError, StepOptions, append_metrics, epoch_passes, lr_at, train_one_epoch
@@ -94,8 +95,67 @@ def open_targets(root: str, target: str | None) -> list[cf.FeatureCache]:
     (one mimic head each; the first one's attention drives focused masking)."""
     names = [n.strip() for n in (target or MAIN_TARGET).split(",") if n.strip()]
     if len(set(names)) != len(names):
-        raise ValueError(f"--target {target}: a teacher is named twice")
+        raise OptionError(f"--target {target}: a teacher is named twice")
     return [cf.FeatureCache(root, None if n == MAIN_TARGET else n) for n in names]
+
+
+def check_options(cfg: PretrainConfig) -> None:
+    """Refuse (OptionError naming the option) what cannot work, before anything is written."""
+    from mrmae.train.models import list_models, model_config
+
+    for option, value, least in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
+                                 ("--accum-steps", cfg.accum_steps, 1), ("--workers", cfg.workers, 0),
+                                 ("--views", cfg.views_per_image, 1), ("--decoder-dim", cfg.decoder_dim, 1),
+                                 ("--decoder-depth", cfg.decoder_depth, 0), ("--save-every-steps", cfg.save_every_steps, 0),
+                                 ("--shuffle-buffer", cfg.shuffle_buffer, 0)):
+        if value < least:
+            raise OptionError(f"{option} {value}: must be at least {least}")
+    if not 0.0 <= cfg.step_options.mask_ratio < 1.0:
+        raise OptionError(f"--mask-ratio {cfg.step_options.mask_ratio}: must be in [0, 1)")
+    if cfg.model not in list_models():
+        raise OptionError(f"--model {cfg.model}: unknown; known: {', '.join(list_models())}")
+    try:
+        model_config(cfg.model, fuse_layers=cfg.fuse_layers)
+    except ValueError as e:
+        raise OptionError(f"--fuse-layers {','.join(map(str, cfg.fuse_layers))}: {e}") from None
+    if cfg.target and not cfg.feature_cache:
+        raise OptionError("--target picks targets inside a cache: give --feature-cache too")
+    if cfg.feature_cache and cfg.teacher:
+        raise OptionError("give --feature-cache or --teacher, not both")
+    if cfg.pixels_from_cache and not cfg.feature_cache:
+        raise OptionError("--pixels-from-cache reads the views from a cache: give --feature-cache")
+    if cfg.step_options.mask == "focused" and not (cfg.feature_cache or cfg.teacher):
+        raise OptionError("--mask focused needs teacher attention: give --feature-cache or --teacher")
+
+
+def run_fingerprint(cfg: PretrainConfig, urls: list[str], caches: list[cf.FeatureCache], teacher,
+                    teacher_dims: tuple[int, ...]) -> ckpt.Fingerprint:
+    """What this run trains on and what shapes its weights, recorded in each checkpoint and
+    compared by --resume. Shards are named by file name, as the cache matches them, so a
+    run whose shards moved (another mount) still resumes; the targets are the cache's
+    configuration plus the recorded digest of each shard trained on."""
+    targets = [{"config": cache_fingerprint(c), "shards": [_shard_digest(c, u) for u in urls]} for c in caches]
+    names = [cf.shard_basename(u) for u in urls]
+    fuse = ",".join(map(str, cfg.fuse_layers)) or "last"
+    target = ",".join(n.strip() for n in (cfg.target or MAIN_TARGET).split(",") if n.strip())  # a head each
+    data = {"shards": names, "views_per_image": None if caches else cfg.views_per_image, "seed": cfg.seed,
+            "split": cfg.data_split, "pixels_from_cache": cfg.pixels_from_cache}
+    return ckpt.Fingerprint((
+        ckpt.fingerprint_field("task", "pretrain", "pretrain"),
+        ckpt.fingerprint_field("cache", cfg.feature_cache or "none", targets),
+        ckpt.fingerprint_field("teacher", cfg.teacher or "none", teacher.fingerprint if teacher else None),
+        ckpt.fingerprint_field("teacher_dim", ",".join(map(str, teacher_dims)), list(teacher_dims)),
+        ckpt.fingerprint_field("model", f"{cfg.model} (fuse {fuse}, decoder {cfg.decoder_dim}x{cfg.decoder_depth}, "
+                               f"target {target})",
+                               [cfg.model, list(cfg.fuse_layers), cfg.decoder_dim, cfg.decoder_depth, target]),
+        ckpt.fingerprint_field("data", f"{len(names)} shards {names[0] if names else ''}..{names[-1] if names else ''}, "
+                               f"seed {cfg.seed}, split {cfg.data_split}", data),
+    ))
+
+
+def _shard_digest(cache: cf.FeatureCache, url: str) -> list:
+    """(file name, sha256 of its stored group) of one shard in `cache`."""
+    return [cf.shard_basename(url), cache.shard(url).entry.sha256]
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
@@ -106,6 +166,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     from mrmae.train.models import create_model
 
     out = Path(cfg.out)
+    check_options(cfg)  # before anything is built, read or written
     cuda = torch.cuda.is_available()
     # cpu=True without CUDA: accelerate then sets up multi-process runs with gloo on CPU
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", gradient_accumulation_steps=cfg.accum_steps,
@@ -114,18 +175,13 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     urls = expand_urls(cfg.shards)
     caches = open_targets(cfg.feature_cache, cfg.target) if cfg.feature_cache else []
     cache, joint = (caches[0], tuple(caches[1:])) if caches else (None, ())
-    if cfg.target and cache is None:
-        raise ValueError("--target picks targets inside a cache: give --feature-cache too")
-    if cache is not None and cfg.teacher:
-        raise ValueError("give --feature-cache or --teacher, not both")
     teacher = build_teacher(cfg.teacher).to(accelerator.device) if cfg.teacher else None
     teacher_dim = cache.manifest.teacher.dim if cache else (teacher.dim if teacher else 0)
     joint_dims = tuple(c.manifest.teacher.dim for c in joint)
+    fingerprint = run_fingerprint(cfg, urls, caches, teacher, (teacher_dim, *joint_dims))
     model = create_model(cfg.model, teacher_dim=teacher_dim, joint_teacher_dims=joint_dims, fuse_layers=cfg.fuse_layers,
                          decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth)
     grid = model.grid_size
-    if cfg.pixels_from_cache and cache is None:
-        raise ValueError("--pixels-from-cache reads the views from a cache: give --feature-cache")
     for i, c in enumerate(caches):
         check_cache_fits(c, urls, grid, c.manifest.teacher.dim, model.img_size if cfg.pixels_from_cache and not i else 0)
     data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
@@ -149,7 +205,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
                                   fused=cuda or None)
-    state, metrics = ckpt.start_or_resume(out, cfg.resume, model, optimizer, accelerator.is_main_process)
+    state, metrics = ckpt.start_or_resume(out, cfg.resume, model, optimizer, accelerator.is_main_process, fingerprint)
     if cfg.compile:
         # In place (nn.Module.compile): parameter names, checkpoints and DDP are unchanged.
         model.compile(backend=cfg.compile)
@@ -163,7 +219,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                     "cache_fingerprint": cache_fingerprint(cache) if cache else None,
                     "teacher_weights_sha256": (cache.manifest.teacher.weights_sha256 if cache
                                                else teacher.fingerprint if teacher else None)}
-        (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
+        with naming(out / "config.json"):
+            (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
         writer = _tensorboard(out)
 
     def set_lr(step: int) -> float:
@@ -185,7 +242,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
             bar.update(1)
         if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-            _save(accelerator, out, model, optimizer, state)
+            _save(accelerator, out, model, optimizer, state, fingerprint)
 
     last_path = ckpt.latest_checkpoint(out)
     micro_per_epoch = steps_per_epoch * cfg.accum_steps
@@ -205,7 +262,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f"{e}; the last good checkpoint is {ckpt.latest_checkpoint(out)}") from None
         state.epoch, state.step_in_epoch = epoch + 1, 0
-        last_path = _save(accelerator, out, model, optimizer, state)
+        last_path = _save(accelerator, out, model, optimizer, state, fingerprint)
     bar.close()
     if accelerator.is_main_process and writer is not None:
         writer.close()
@@ -214,11 +271,12 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             "main_process": accelerator.is_main_process}
 
 
-def _save(accelerator, out: Path, model, optimizer, state: ckpt.TrainState) -> Path | None:
+def _save(accelerator, out: Path, model, optimizer, state: ckpt.TrainState, fingerprint: ckpt.Fingerprint
+          ) -> Path | None:
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
-        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state)
+        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state, fingerprint=fingerprint)
     accelerator.wait_for_everyone()
     return path
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mrmae.train.checkpoint import latest_checkpoint
+from mrmae.train.checkpoint import CheckpointError, latest_checkpoint
 from mrmae.train.models import MRMAEConfig, create_model, list_models, model_config
 
 
@@ -79,14 +80,40 @@ def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, d
 
 
 def load_student(checkpoint: str | Path) -> Restored:
-    """Load a student strictly from `checkpoint` (see resolve_weights), in eval mode on CPU."""
+    """Load a student strictly from `checkpoint` (see resolve_weights), in eval mode on CPU.
+    A file that is no safetensors file, a truncated one, or the weights of another model
+    are a CheckpointError naming the file."""
     weights, run_dir = resolve_weights(checkpoint)
-    run_config = json.loads((run_dir / "config.json").read_text()) if run_dir else {}
-    state = load_file(str(weights))
-    name, overrides = model_spec(state, run_config)
-    model = create_model(name, **overrides)
-    model.load_state_dict(state, strict=True)
+    run_config = read_run_config(run_dir) if run_dir else {}
+    state = read_weights(weights)
+    try:
+        name, overrides = model_spec(state, run_config)
+        model = create_model(name, **overrides)
+        model.load_state_dict(state, strict=True)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{weights}: not the weights of an mrmae student ({type(e).__name__}: {first})") from None
     return Restored(model.eval(), name, weights, run_dir, run_config)
+
+
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; CheckpointError naming it if it is none (or cut short)."""
+    try:
+        return load_file(str(weights))
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """A pretrain run's config.json; CheckpointError naming it if unreadable."""
+    path = run_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable run config ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a run config (a JSON object)")
+    return config
 
 
 def num_prefix_tokens(model: torch.nn.Module) -> int:

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from mrmae.shared.shards import expand_urls, first_copies, iter_samples
 from mrmae.shared import cache_format as cf
+from mrmae.shared.errors import naming
 from mrmae.shared.views import View, ViewError, decode_image, normalize, render_view_uint8
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.masking import focused_masking, random_masking
@@ -161,5 +162,6 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
         draw.text((PAD + 4, y + 4), key, fill="white", stroke_width=1, stroke_fill="black")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG")
+    with naming(out):  # a full disk: an OSError naming `out`
+        canvas.save(out, format="PNG")
     return out

@@ -1,0 +1,61 @@
+"""Errors both stages raise for the command line to print as one line.
+
+`OptionError`: an option (or a combination) that cannot work, found before anything is
+written. `naming(path)`: writes that fail (a full disk, a read-only or forbidden path)
+raise an OSError carrying the path, which the bare write() error (ENOSPC on a file that
+opened fine) does not. `one_line(exc)`: the message of an error re-raised by a DataLoader
+worker, without the worker's traceback that torch folds into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from typing import Iterator
+
+
+class OptionError(ValueError):
+    """An option value or combination that cannot work; the message names the option."""
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError without a file name (e.g. ENOSPC from write()) as one naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from e
+
+
+# torch.utils.data._utils.ExceptionWrapper.reraise: "Caught {Type} in DataLoader worker
+# process {n}.\nOriginal Traceback (most recent call last):\n  frames...\n{Type}: {message}"
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(: |$)")
+
+
+def worker_message(text: str) -> str | None:
+    """The original message inside torch's re-raised worker error text, or None if `text` is
+    not one. The last unindented lines after the last traceback are the final exception."""
+    if not _WORKER.match(text):
+        return None
+    tail = text.rsplit("Traceback (most recent call last):\n", 1)[-1].splitlines()
+    i = 0
+    while i < len(tail) and (tail[i].startswith(" ") or not tail[i]):  # the frames, indented
+        i += 1
+    final = "\n".join(tail[i:]).strip()
+    m = _EXC_LINE.match(final)
+    return final[m.end():].strip() if m else final
+
+
+def one_line(exc: BaseException) -> str:
+    """`exc` as the one line the CLI prints: an OSError as 'PATH: reason', a DataLoader
+    worker's error as its original message, anything else as its message's first line."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        other = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{exc.filename}{other}: {exc.strerror}"
+    text = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
+    text = worker_message(text) or text
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
