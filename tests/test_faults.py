@@ -499,6 +499,135 @@ def test_5_other_images_behind_the_same_name_stop_pretraining(tmp_path):
 
 # --- 6. --resume refuses another cache, teacher, model or data -------------------------
 
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from conftest import DINO_TINY, url_list  # noqa: E402
+
+from mrmae.cli import cli  # noqa: E402
+from mrmae.extract.runner import ExtractConfig, run_extraction  # noqa: E402
+from mrmae.shared.views import ViewConfig  # noqa: E402
+
+TINY_RUN = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "32", "--batch-size", "6",
+            "--workers", "0", "--no-progress", "--seed", "3", "--lr", "1e-3"]
+
+
+def _mrmae(args: list[str]):
+    """The real CLI in this process -> (exit code, stderr lines that are not warnings, result)."""
+    r = CliRunner().invoke(cli, args)
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("mrmae: warning")]
+    return r.exit_code, errors, r
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def two_shard_caches(demo_shards, tmp_path_factory):
+    """(shards, cache a, cache b: a's teacher and width with other views, wide: a 384-wide teacher)."""
+    root = tmp_path_factory.mktemp("resume")
+    shards = url_list(demo_shards[:2])
+    for name, teacher, seed in (("a", DINO_TINY, 3), ("b", DINO_TINY, 4), ("wide", "dino:vit_small_patch16_224", 3)):
+        run_extraction(ExtractConfig(shards=shards, out=str(root / name), teacher=teacher,
+                                     views=ViewConfig(per_image=2, seed=seed), batch_size=12, progress=False))
+    return shards, root / "a", root / "b", root / "wide"
+
+
+@pytest.fixture(scope="module")
+def trained_on_a(two_shard_caches, tmp_path_factory) -> Path:
+    """One epoch (2 steps) of the tiny student on cache a."""
+    shards, a, _, _ = two_shard_caches
+    out = tmp_path_factory.mktemp("run") / "run"
+    code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(out), *TINY_RUN])
+    assert code == 0, r.output + repr(r.exception)
+    return out
+
+
+@pytest.mark.parametrize("other", ["b", "wide"])
+def test_resume_with_another_cache_is_refused_before_anything_is_written(two_shard_caches, trained_on_a, tmp_path,
+                                                                         other):
+    shards, a, b, wide = two_shard_caches
+    run = tmp_path / "run"
+    shutil.copytree(trained_on_a, run)
+    before = _files(run)
+    cache = {"b": b, "wide": wide}[other]
+    code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(cache), "--out", str(run),
+                              *TINY_RUN, "--epochs", "2", "--resume"])
+    assert code == 1 and len(errors) == 1, r.output + repr(r.exception)
+    assert errors[0].startswith("mrmae: error: --resume: the checkpoint") and errors[0].endswith("field cache")
+    assert f"trained on cache {a} (fingerprint " in errors[0] and f"this run gives {cache} (" in errors[0]
+    assert _files(run) == before  # config.json, metrics and checkpoints untouched
+
+
+@pytest.mark.parametrize("change, field", [
+    (["--decoder-dim", "64"], "model"), (["--fuse-layers", "6,12"], "model"), (["--seed", "4"], "data"),
+    (["--target", "main,main2"], None), (["--pixels-from-cache"], None)])
+def test_resume_with_another_model_or_data_is_refused_naming_the_field(two_shard_caches, trained_on_a, tmp_path,
+                                                                       change, field):
+    shards, a, _, _ = two_shard_caches
+    run = tmp_path / "run"
+    shutil.copytree(trained_on_a, run)
+    before = _files(run)
+    code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run),
+                              *TINY_RUN, *change, "--epochs", "2", "--resume"])
+    assert code != 0 and len(errors) == 1, r.output + repr(r.exception)
+    if field:  # the others are refused earlier, as on a fresh run (no such target; no stored views)
+        assert errors[0].startswith("mrmae: error: --resume:") and errors[0].endswith(f"field {field}"), errors
+    assert _files(run) == before
+
+
+def test_resume_with_the_same_cache_moved_elsewhere_continues(two_shard_caches, trained_on_a, tmp_path):
+    shards, a, _, _ = two_shard_caches
+    run, moved = tmp_path / "run", tmp_path / "moved" / "a"
+    shutil.copytree(trained_on_a, run)
+    shutil.copytree(a, moved)
+    code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(moved), "--out", str(run),
+                              *TINY_RUN, "--epochs", "2", "--resume"])
+    assert code == 0 and not errors, r.output + repr(r.exception)
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_checkpoint_from_before_fingerprints_resumes_with_one_warning(two_shard_caches, trained_on_a, tmp_path):
+    shards, a, _, _ = two_shard_caches
+    run = tmp_path / "run"
+    shutil.copytree(trained_on_a, run)
+    state = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "state.json"
+    old = json.loads(state.read_text())
+    assert old["fingerprint"]["cache"]["shown"] == str(a)
+    state.write_text(json.dumps({k: v for k, v in old.items() if k != "fingerprint"}))
+    with pytest.warns(UserWarning) as caught:  # the CLI prints each as one `mrmae: warning:` line
+        code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run),
+                                  *TINY_RUN, "--epochs", "2", "--resume"])
+    assert code == 0 and not errors, r.output + repr(r.exception)
+    warned = [str(w.message) for w in caught if "before run fingerprints" in str(w.message)]
+    assert len(warned) == 1 and warned[0].startswith(f"{state.parent}: checkpoint from before run fingerprints")
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_finetune_resume_with_another_head_or_data_is_refused(demo_shards, tmp_path):
+    from test_finetune import FT, save_small_student
+
+    save_small_student(tmp_path / "student")
+    data = ["--checkpoint", str(tmp_path / "student"), "--train-shards", str(demo_shards[0]),
+            "--val-shards", str(demo_shards[0]), "--out", str(tmp_path / "ft")]
+    ft = [*FT[:FT.index("--epochs")], "--epochs", "1", *FT[FT.index("--epochs") + 2:]]
+    code, errors, r = _mrmae(["finetune", *data, *ft])
+    assert code == 0, r.output + repr(r.exception)
+    before = _files(tmp_path / "ft")
+    for change, field in ((["--num-classes", "12"], "model"), (["--seed", "4"], "data")):
+        args = [*data, *ft, *change, "--epochs", "2", "--resume"]
+        code, errors, r = _mrmae(["finetune", *args])
+        assert code == 1 and len(errors) == 1 and errors[0].endswith(f"field {field}"), r.output
+    assert _files(tmp_path / "ft") == before
+
+
 # --- 7. repeated keys and 16-bit images ------------------------------------------------
 
 def _jpeg(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
@@ -622,3 +751,164 @@ def test_7_sixteen_bit_and_other_modes_are_scaled_to_8_bits():
         assert decode_image(encoded(palette, transparency=0)).shape == (3, 8, 8)
 
 # --- 8. one line for every user error and environment fault ----------------------------
+
+import io  # noqa: E402
+import os  # noqa: E402
+import tarfile  # noqa: E402
+
+
+def _mrmae_process(args: list[str], sandbox: str = "", timeout: int = 300) -> tuple[int, list[str], str]:
+    """`python -m mrmae ARGS` as a real process (in a private mount namespace running `sandbox`
+    first, when given) -> (exit code, stderr lines that are not warnings, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mrmae", *args]
+    if sandbox:
+        script = f"{sandbox} && exec " + " ".join(f"'{c}'" for c in cmd)
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    errors = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("mrmae: warning")]
+    return p.returncode, errors, p.stderr
+
+
+def _can_mount() -> bool:
+    """Root in a kernel that lets it make a private mount namespace (to mount a full or read-only tmpfs)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs root and mount namespaces for a full/read-only fs")
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--views", "0"], "--views"), (["--batch-size", "0"], "--batch-size"), (["--layers", "99"], "--layers"),
+    (["--layers", "0"], "--layers"), (["--layers", "4,x"], "--layers"), (["--workers", "-1"], "--workers")])
+def test_extract_options_are_refused_before_anything_is_written(demo_shards, tmp_path, bad, option):
+    out = tmp_path / "cache"
+    code, errors, r = _mrmae(["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
+                              "--teacher", DINO_TINY, "--no-progress", *bad])
+    assert code != 0 and len(errors) == 1 and errors[0].startswith("mrmae: error: "), r.output
+    assert option in errors[0] and "Traceback" not in r.output
+    assert not out.exists()  # no manifest.json: the corrected rerun is not refused
+
+
+def test_layers_beyond_the_teacher_then_corrected_rerun_succeeds(demo_shards, tmp_path):
+    out = tmp_path / "cache"
+    args = ["extract-features", "--shards", str(demo_shards[0]), "--out", str(out), "--teacher", DINO_TINY,
+            "--no-progress", "--batch-size", "12"]
+    code, errors, _ = _mrmae([*args, "--layers", "4,13"])
+    assert code == 1 and errors == [f"mrmae: error: --layers 4,13: {DINO_TINY} has blocks 1..12, not 13"]
+    code, errors, r = _mrmae([*args, "--layers", "4,12"])
+    assert code == 0 and not errors, r.output
+    assert json.loads((out / "manifest.json").read_text())["teacher"]["layers"] == [4, 12]
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--batch-size", "0"], "--batch-size"), (["--epochs", "0"], "--epochs"), (["--accum-steps", "0"], "--accum-steps"),
+    (["--mask-ratio", "1.5"], "--mask-ratio"), (["--fuse-layers", "0"], "--fuse-layers"),
+    (["--fuse-layers", "4,13"], "--fuse-layers"), (["--fuse-layers", "4,x"], "--fuse-layers"),
+    (["--workers", "-1"], "--workers"), (["--model", "mrmae_vit_nope"], "--model")])
+def test_pretrain_options_are_refused_before_anything_is_written(demo_shards, tmp_path, bad, option):
+    out = tmp_path / "run"
+    code, errors, r = _mrmae(["pretrain", "--shards", str(demo_shards[0]), "--out", str(out), *TINY_RUN, *bad])
+    assert code != 0 and len(errors) == 1 and errors[0].startswith("mrmae: error: "), r.output
+    assert option in errors[0]
+    assert not out.exists()
+
+
+def _rename_one_key(src: Path, dst: Path) -> str:
+    """A copy of tar `src` with one sample's key changed (same length: the same size), as a
+    shard replaced since extraction would be; returns the new key."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as tout:
+        members = tin.getmembers()
+        old = members[0].name.split(".", 1)[0]
+        new = ("x" if old[0] != "x" else "y") + old[1:]  # a key no shard has
+        for m in members:
+            data = tin.extractfile(m).read()
+            if m.name.split(".", 1)[0] == old:
+                m.name = new + "." + m.name.split(".", 1)[1]
+            tout.addfile(m, io.BytesIO(data))
+    assert dst.stat().st_size == src.stat().st_size
+    return new
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line(demo_shards, two_shard_caches, tmp_path):
+    _, a, _, _ = two_shard_caches
+    (tmp_path / "moved").mkdir()
+    damaged = tmp_path / "moved" / demo_shards[1].name
+    shutil.copy(demo_shards[0], tmp_path / "moved" / demo_shards[0].name)
+    _rename_one_key(demo_shards[1], damaged)
+    shards = url_list([tmp_path / "moved" / demo_shards[0].name, damaged])
+    out = tmp_path / "run"
+    code, errors, stderr = _mrmae_process(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(out),
+                                           *TINY_RUN[:TINY_RUN.index("--workers")], "--workers", "2", "--no-progress"])
+    assert code == 1 and len(errors) == 1, stderr
+    assert errors[0].startswith("mrmae: error: ") and demo_shards[1].name in errors[0], errors
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr
+
+
+@needs_mount
+def test_full_disk_and_read_only_out_are_one_line_naming_the_path(demo_shards, tmp_path):
+    from _tiny_student import save_tiny_student
+
+    save_tiny_student(tmp_path / "student")
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir(), ro.mkdir()
+    encoder = full / "encoder.safetensors"  # 22 MB of tensors on a 1 MB file system
+    code, errors, stderr = _mrmae_process(["export", "--checkpoint", str(tmp_path / "student"), "--out", str(encoder)],
+                                          sandbox=f"mount -t tmpfs -o size=1m tmpfs {full}")
+    assert code == 1 and errors == [f"mrmae: error: {encoder}: No space left on device"], stderr
+    run = ro / "run"
+    code, errors, stderr = _mrmae_process(["pretrain", "--shards", str(demo_shards[0]), "--out", str(run),
+                                           *TINY_RUN], sandbox=f"mount -t tmpfs -o ro tmpfs {ro}")
+    assert code == 1 and errors == [f"mrmae: error: {run}: Read-only file system"], stderr
+
+
+@needs_mount
+def test_a_full_disk_during_pretraining_is_one_line_naming_the_checkpoint(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    code, errors, stderr = _mrmae_process(["pretrain", "--shards", str(demo_shards[0]), "--out", str(out),
+                                           *TINY_RUN], sandbox=f"mount -t tmpfs -o size=2m tmpfs {out}")
+    assert code == 1 and len(errors) == 1, stderr
+    assert errors[0] == f"mrmae: error: {out}/checkpoints/step00000001/model.safetensors: No space left on device"
+
+
+@pytest.mark.parametrize("kind", ["random file", "empty dir", "truncated", "another model"])
+def test_a_checkpoint_that_is_not_one_is_one_line_naming_it(demo_shards, two_shard_caches, tmp_path, kind):
+    import torch
+    from _tiny_student import save_tiny_student
+    from safetensors.torch import save_file
+
+    if kind == "random file":
+        bad = tmp_path / "notes.txt"
+        bad.write_bytes(os.urandom(5000))
+    elif kind == "empty dir":
+        bad = tmp_path / "empty"
+        bad.mkdir()
+    elif kind == "truncated":
+        save_tiny_student(tmp_path / "student")
+        bad = tmp_path / "cut.safetensors"
+        whole = next((tmp_path / "student" / "checkpoints").glob("step*/model.safetensors")).read_bytes()
+        bad.write_bytes(whole[: len(whole) // 2])
+    else:
+        bad = tmp_path / "other.safetensors"
+        save_file({"conv.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(10, 4)}, str(bad))
+    shards, a, _, _ = two_shard_caches
+    commands = {
+        "export": ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "e.safetensors")],
+        "eval": ["eval", "knn", "--checkpoint", str(bad), "--train-shards", str(demo_shards[0]), "--val-shards",
+                 str(demo_shards[0]), "--results", str(tmp_path / "eval.jsonl")],
+        "visualize": ["visualize", "--feature-cache", str(a), "--shards", shards, "--out", str(tmp_path / "v.png"),
+                      "--checkpoint", str(bad)],
+        "finetune": ["finetune", "--checkpoint", str(bad), "--train-shards", str(demo_shards[0]), "--val-shards",
+                     str(demo_shards[0]), "--out", str(tmp_path / "ft"), "--no-progress"],
+    }
+    for name, args in commands.items():
+        code, errors, r = _mrmae(args)
+        assert code == 1 and len(errors) == 1 and errors[0].startswith(f"mrmae: error: {bad}"), (name, r.output,
+                                                                                                 r.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [bad, *tmp_path.glob("student")])
+

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -95,18 +96,19 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, blob)
-    try:  # serialised in memory, written by Python: a full disk is then an OSError naming the file
-        write_bytes(tmp / "model.safetensors", safetensors_bytes(weights))
-        write_bytes(tmp / "optimizer.pt", blob.getvalue())
-        write_bytes(tmp / "state.json", json.dumps({**state.to_json(), **(extra or {})}, indent=1).encode())
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     final = root / name
+    files = {"model.safetensors": safetensors_bytes(weights), "optimizer.pt": blob.getvalue(),
+             "state.json": json.dumps({**state.to_json(), **(extra or {})}, indent=1).encode()}
+    for file, data in files.items():  # serialised in memory, written by Python: errors carry a path
+        try:
+            write_bytes(tmp / file, data)
+        except OSError as e:  # e.g. a full disk: named as the checkpoint file it would have become
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise type(e)(e.errno, e.strerror, str(final / file)) from e
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(root / "latest", name)
+    write_atomic(root / "latest", name.encode())
     for old in sorted(p for p in root.glob("step*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -118,10 +120,19 @@ def write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all (a temporary file renamed into place); an
+    OSError (full disk, read-only, forbidden) names `path` and leaves nothing behind."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_bytes(tmp, text.encode())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise type(e)(e.errno, e.strerror, str(path)) from e
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:

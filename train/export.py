@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from mrmae.train.checkpoint import write_bytes
+from mrmae.train.checkpoint import write_atomic
 from mrmae.train.models import MRMAE
 from mrmae.train.restore import load_student
 
@@ -102,5 +102,5 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> Exported:
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs),
                 "source_checkpoint": str(restored.weights), "mrmae_model": restored.run_config.get("model", "")}
-    write_bytes(out, safetensors_bytes(tensors, metadata=metadata))  # a full disk: an OSError naming `out`
+    write_atomic(out, safetensors_bytes(tensors, metadata=metadata))  # a full disk: an OSError naming `out`
     return Exported(out, name, kwargs, len(tensors))
