@@ -82,11 +82,9 @@ class TrainState:
 
 
 def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState, extra: dict | None = None, fingerprint: Fingerprint | None = None) -> Path:
-    """Write a checkpoint for `state` (and the run's `fingerprint`) and point `latest` at it;
-    returns its directory."""
-    if fingerprint is not None:
-        extra = {**(extra or {}), "fingerprint": fingerprint.to_json()}
+                    state: TrainState, extra: dict | None = None) -> Path:
+    """Write a checkpoint for `state` and point `latest` at it; returns its directory. `extra`
+    goes into state.json too (e.g. {"fingerprint": Fingerprint.to_json()})."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step{state.step:08d}"

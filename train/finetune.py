@@ -267,8 +267,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     def save() -> Path | None:
         accelerator.wait_for_everyone()
-        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state, {"task": "finetune"},
-                                    fingerprint) if accelerator.is_main_process else None
+        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state,
+                                    {"task": "finetune", "fingerprint": fingerprint.to_json()}
+                                    ) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         return path
 

@@ -276,7 +276,8 @@ def _save(accelerator, out: Path, model, optimizer, state: ckpt.TrainState, fing
     accelerator.wait_for_everyone()
     path = None
     if accelerator.is_main_process:
-        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state, fingerprint=fingerprint)
+        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state,
+                                    {"fingerprint": fingerprint.to_json()})
     accelerator.wait_for_everyone()
     return path
 
