@@ -368,9 +368,11 @@ def finetune(no_progress, **kwargs) -> None:
 @click.option("--shards", required=True, help="Source tars the cache was extracted from.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
 @click.option("--checkpoint", type=click.Path(exists=True), help="Add the student's reconstruction column.")
-@click.option("--num", default=4, show_default=True, help="Samples (rows).")
-@click.option("--view", "view_index", default=0, show_default=True, help="Which cached view of each sample.")
-@click.option("--mask-ratio", type=float, default=None, help="Default: the run's, else 0.75.")
+@click.option("--num", type=click.IntRange(min=1), default=4, show_default=True, help="Samples (rows).")
+@click.option("--view", "view_index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which cached view of each sample.")
+@click.option("--mask-ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Default: the run's, else 0.75.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the mask draws.")
 def visualize(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed) -> None:
     """PNG grid per sample: view, teacher [CLS] attention, focused and random masks, [reconstruction]."""
