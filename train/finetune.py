@@ -192,7 +192,7 @@ def _epoch_loss(metrics: Path, epoch: int) -> float:
 def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict) -> ckpt.Fingerprint:
     """What this fine-tuning starts from, what shapes its weights and what it trains on,
     recorded in each checkpoint and compared by --resume (shards by file name)."""
-    from mrmae.extract.reader import expand_urls
+    from mrmae.shared.shards import expand_urls
     from mrmae.train.restore import resolve_weights
 
     path = Path(cfg.checkpoint)
