@@ -24,6 +24,9 @@ class _OneLineErrors(click.Group):
         from mrmae.shared.teachers import TeacherError
         from mrmae.train.checkpoint import CheckpointError
         from mrmae.train.engine import NonFiniteLossError
+        from mrmae.train.evaluate import EvalError
+        from mrmae.train.export import ExportError
+        from mrmae.train.finetune import FinetuneError
 
         try:
             return super().invoke(ctx)
@@ -33,10 +36,17 @@ class _OneLineErrors(click.Group):
             click.echo(f"mrmae: error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except (CacheError, TeacherError, ShardReadError, SkippedSampleError, OSError, NonFiniteLossError,
-                OptionError, CheckpointError) as e:
+                OptionError, CheckpointError, EvalError, ExportError, FinetuneError) as e:
             # OSError: its path and reason (ENOSPC, EROFS, EACCES); a worker's error: its own message
             click.echo(f"mrmae: error: {one_line(e)}", err=True)
             sys.exit(1)
+
+
+def _one_line(err: Exception) -> str:
+    """A command's own error as one line (also when a DataLoader worker raised it)."""
+    from mrmae.shared.errors import one_line
+
+    return one_line(err)
 
 
 def _warnings_one_line() -> None:
@@ -304,7 +314,7 @@ def export(checkpoint: str, out: str) -> None:
     try:
         e = export_encoder(checkpoint, out)
     except ExportError as err:
-        click.echo(f"mrmae: error: {err}", err=True)
+        click.echo(f"mrmae: error: {_one_line(err)}", err=True)
         sys.exit(1)
     click.echo(f"wrote {e.num_tensors} tensors -> {e.path}")
     click.echo(f"timm model: {e.timm_model}")
@@ -356,7 +366,7 @@ def finetune(no_progress, **kwargs) -> None:
     try:
         r = run_finetune(FinetuneConfig(**kwargs, progress=not no_progress))
     except (ExportError, FinetuneError) as err:
-        click.echo(f"mrmae: error: {err}", err=True)
+        click.echo(f"mrmae: error: {_one_line(err)}", err=True)
         sys.exit(1)
     if r["main_process"]:
         click.echo(r["table"])
@@ -419,7 +429,7 @@ def _run_eval(protocol: str, checkpoint: str, results: str | None, **kwargs) -> 
     try:
         r = run_eval(protocol, restored.model, str(restored.weights), results=results, **kwargs)
     except EvalError as err:
-        click.echo(f"mrmae: error: {err}", err=True)
+        click.echo(f"mrmae: error: {_one_line(err)}", err=True)
         sys.exit(1)
     click.echo(r.table())
     click.echo(f"appended to {Path(results)}")
