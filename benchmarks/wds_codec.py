@@ -148,7 +148,7 @@ def main() -> None:
     n, L, C = out["features"].shape
     rng = np.random.default_rng(0)
     rows = {**out, "keys": [f"sample_{i // args.views:06d}" for i in range(n)],
-            "view": np.arange(n) % args.views, "crop": rng.integers(0, 500, size=(n, 4)), "flip": rng.random(n) < 0.5}
+            "view": np.arange(n) % args.views, "crop": rng.integers(1, 500, size=(n, 4)), "flip": rng.random(n) < 0.5}
     picks = [(rows["keys"][i], int(rows["view"][i])) for i in rng.choice(n, size=min(16, n), replace=False)]
 
     results = []

@@ -87,7 +87,7 @@ def test_writer_reader_round_trip_across_chunk_boundaries(tmp_path, dtype, rows)
     cls = rng.normal(size=(rows, C)).astype(np.float32)
     keys = [f"k{i // 2}" for i in range(rows)]
     view = np.arange(rows) % 2
-    crop = rng.integers(0, 500, size=(rows, 4))
+    crop = rng.integers(1, 500, size=(rows, 4))  # boxes: at least 1 px
     flip = rng.random(rows) < 0.5
     w = cf.ShardWriter(tmp_path, "/data/train-000.tar", rows + 7, C, L, dtype, layers=(3,))
     for a in range(0, rows, 3):  # uneven appends

@@ -237,7 +237,7 @@ def test_writers_store_k_wide_features_beside_full_width_cls_and_layers(tmp_path
     rng = np.random.default_rng(2)
     n, L, width = 5, 196, 24
     w = cf.open_shard_writer(backend, tmp_path, "/d/s.tar", n, width, L, "int8", layers=(2,), feature_dim=6)
-    w.append([f"k{i}" for i in range(n)], np.zeros(n), np.zeros((n, 4)), np.zeros(n, bool),
+    w.append([f"k{i}" for i in range(n)], np.zeros(n), np.tile([0, 0, 8, 8], (n, 1)), np.zeros(n, bool),
              rng.normal(size=(n, L, 6)), rng.random((n, L)), rng.normal(size=(n, width)),
              {2: rng.normal(size=(n, L, width))})
     path, _, _ = w.close({"source": "/d/s.tar", "num_samples": n})
