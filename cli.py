@@ -85,6 +85,23 @@ def _blocks(param: click.Parameter, text: str) -> tuple[int, ...]:
     return blocks
 
 
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A torch device this machine has (cpu, cuda, cuda:N, mps), or BadParameter naming the option."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise click.BadParameter(f"{value!r} is not a torch device (cpu, cuda, cuda:0, ...)", param=param) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{value!r}: this machine has no CUDA device", param=param)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise click.BadParameter(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA devices", param=param)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise click.BadParameter(f"{value!r}: MPS is not available here", param=param)
+    return value
+
+
 @cli.command("extract-features")
 @click.option("--shards", help="Input tars: a webdataset URL list or brace range (with --add-teacher: default "
               "the cache's own).")
@@ -101,7 +118,7 @@ def _blocks(param: click.Parameter, text: str) -> tuple[int, ...]:
               help="zarr: a Zarr v3 store; wds: one WebDataset tar per input shard.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Views per teacher batch.")
 @click.option("--seed", default=0, show_default=True, help="Global view seed.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader workers that decode and render.")
 @click.option("--layers", default="", callback=lambda ctx, p, v: _blocks(p, v),
@@ -260,7 +277,7 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
 @click.argument("cache_dir")
 @click.option("--recompute", default=8, show_default=True, help="Random views to re-render and rerun.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--sources", is_flag=True, help="Also re-hash every input shard (finds shards changed since).")
 @click.option("--repair", is_flag=True, help="Mark each damaged shard incomplete (its entry and bytes removed), so "
               "the next extract-features with the same --shards redoes just those shards.")
@@ -407,7 +424,7 @@ def _eval_options(f, ensemble: bool = False):
                      help="[CLS] token or mean of the patch tokens."),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Images per encoder batch."),
-        click.option("--device", default="cpu", show_default=True),
+        click.option("--device", default="cpu", show_default=True, callback=_device),
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True),
         click.option("--results", type=click.Path(dir_okay=False),
                      help="JSON lines file to append to (default: RUN/eval.jsonl, else beside the checkpoint)."),

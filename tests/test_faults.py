@@ -784,7 +784,8 @@ needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs root and mount 
 
 @pytest.mark.parametrize("bad, option", [
     (["--views", "0"], "--views"), (["--batch-size", "0"], "--batch-size"), (["--layers", "99"], "--layers"),
-    (["--layers", "0"], "--layers"), (["--layers", "4,x"], "--layers"), (["--workers", "-1"], "--workers")])
+    (["--layers", "0"], "--layers"), (["--layers", "4,x"], "--layers"), (["--workers", "-1"], "--workers"),
+    (["--device", "gpu"], "--device")])
 def test_extract_options_are_refused_before_anything_is_written(demo_shards, tmp_path, bad, option):
     out = tmp_path / "cache"
     code, errors, r = _mrmae(["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
