@@ -317,6 +317,24 @@ def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources
         sys.exit(2)
 
 
+@cache.command("clean")
+@click.argument("cache_dir")
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=24.0, show_default=True,
+              help="Hours since a leftover was last written (0: all; only when no writer runs).")
+@click.option("--dry-run", is_flag=True, help="List what would be removed, remove nothing.")
+def cache_clean(cache_dir: str, older_than: float, dry_run: bool) -> None:
+    """Remove temporaries of killed writers and groups no shard entry points to.
+
+    Writers never remove another writer's temporary (it may be live, on another machine),
+    so leftovers of killed runs stay until this command removes them."""
+    from mrmae.shared.cache_format import clean_cache
+
+    removed = clean_cache(cache_dir, older_than, dry_run)
+    for path in removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    click.echo(f"{len(removed)} leftovers {'found' if dry_run else 'removed'} (older than {older_than:g} h)")
+
+
 # --- export, visualize, eval: thin wrappers over train/export.py, visualize.py, evaluate.py ---
 
 

@@ -201,16 +201,16 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     ext = PIXEL_CODECS[cfg.store_pixels][2] if cfg.store_pixels else None
     writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
                                   cfg.dtype, cfg.layers, ext, feature_dim=cfg.pca, int8_group=cfg.int8_group)
-    cf.forget_shard(cfg.out, writer.group_path)  # an entry left from an earlier write no longer holds
-    failed = 0  # samples of `unique` that could not be rendered
+    # (an entry of an earlier write stays: it points to its own whole group until this
+    # shard's entry replaces it, so the shard never looks complete with other bytes)
+    failed: set[str] = set()  # keys of `unique` that could not be rendered
 
     def on_error(key: str, reason: str) -> None:
-        nonlocal failed
         if cfg.strict:
             raise SkippedSampleError(f"{url}: key {key}: {reason}")
         warnings.warn(f"skipping {url} key {key}: {reason}", stacklevel=1)
         skipped.append({"key": key, "reason": reason})
-        failed += 1
+        failed.add(key)
 
     behind = _WriteBehind()
     try:
@@ -221,12 +221,14 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
             behind.drain()
         except SkippedSampleError as e:
             raise SkippedSampleError(str(e) if str(e).startswith(url) else f"{url}: {e}") from e
-        kept = len(unique) - failed
-        _, digest, size = writer.close({"source": url, "num_samples": kept})
-        if geometry is not None and writer.rows != sum(len(v) for v in geometry.values()):
-            raise cf.CacheError(f"{url}: {writer.rows} views rendered where the cache holds "
+        kept = [s.key for s in unique if s.key not in failed]
+        if geometry is not None and len(kept) * n_views != sum(len(v) for v in geometry.values()):
+            raise cf.CacheError(f"{url}: {len(kept) * n_views} views rendered where the cache holds "
                                 f"{sum(len(v) for v in geometry.values())}: the shard changed since extraction")
-        entry = cf.ShardEntry(url, writer.group_path, kept, writer.rows,
+        # published only if the rows on disk are exactly kept samples x views, in order
+        digest, size = writer.finish({"source": url, "num_samples": len(kept)},
+                                     [(k, v) for k in kept for v in range(n_views)])
+        entry = cf.ShardEntry(url, writer.group_path, len(kept), writer.rows,
                               tuple(cf.Skipped(s["key"], s["reason"]) for s in skipped), "complete", digest, size,
                               local_file_size(url), source_sha256, round(time.time() - t0, 2))
         cf.commit_shard(cfg.out, writer, entry)
@@ -381,6 +383,18 @@ def process_rank() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
+def _write_errors_in_one_line(run: Callable[[ExtractConfig], dict]) -> Callable[[ExtractConfig], dict]:
+    """A full disk or a read-only `--out` ends the run as one CacheError naming the path."""
+
+    @functools.wraps(run)
+    def wrapped(cfg: ExtractConfig) -> dict:
+        with cf.writing(cfg.out):
+            return run(cfg)
+
+    return wrapped
+
+
+@_write_errors_in_one_line
 def run_extraction(cfg: ExtractConfig) -> dict:
     """Extract every shard of this process not yet complete in `cfg.out`; returns a summary.
 

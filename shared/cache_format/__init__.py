@@ -5,14 +5,15 @@ cache), one stored shard per input shard and, beside each complete one, its entr
 `shards/<name>.json`. The backend is named by the manifest's `storage.backend`
 (CACHE_FORMAT.md says the same for people):
 
-- `zarr` (default, `zarr_store`): a Zarr v3 store, one group `shards/<name>/` per shard,
-  one array per column;
-- `wds` (`wds_store`): one tar `shards/<name>.tar` per shard, one tar sample per view.
+- `zarr` (default, `zarr_store`): a Zarr v3 store, one group `shards/<name>.<sha>/` per
+  shard (named after its bytes), one array per column;
+- `wds` (`wds_store`): one tar `shards/<name>.<sha>.tar` per shard, one tar sample per view.
 
-Rows follow the source tar's sample order, views 0..K-1 per sample. A shard is written
-by exactly one process, locally under a temporary name, and renamed into place (or
-uploaded) when whole; its entry is written last, so a killed writer never leaves a shard
-that looks finished.
+Rows follow the source tar's sample order, views 0..K-1 per sample. A shard's writer
+works under a temporary name of its own, checks its rows, and publishes the group under
+its content-addressed name (renamed locally, uploaded to a URL; a writer that finds the
+same bytes there yields); its entry is written last, so a killed writer never leaves a
+shard that looks finished, and concurrent writers need no lock.
 `FeatureCache(root).shard(url)` reads either backend through one interface.
 
 With `extract-features --pca K` the stored `features` are K coefficients on a basis
@@ -20,8 +21,8 @@ fitted before the first shard and kept in `pca/basis.npz` (`pca`); `FeatureCache
 returns it, and the features are `coefficients @ basis + mean`.
 """
 
-from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, damaged_shards,
-                    list_targets, mark_incomplete, open_shard_writer, storage_section, target_name, target_root)
+from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, clean_cache,
+                    damaged_shards, list_targets, mark_incomplete, open_shard_writer, storage_section, target_name, target_root)
 from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, UncheckedCacheWarning, ViewTargets, dequantize,
                      dir_bytes, group_digest, quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
 from .manifest import (MANIFEST, Manifest, PcaInfo, ShardEntry, Skipped, StorageInfo, TeacherInfo, backend_of,
@@ -30,11 +31,11 @@ from .manifest import (MANIFEST, Manifest, PcaInfo, ShardEntry, Skipped, Storage
 from .pca import (PCA_FILE, PcaBasis, basis_from_covariance, decode_basis, encode_basis, project, read_basis_file,
                   reconstruct, store_basis, wait_for_basis)
 from .wds_store import WdsShard, WdsShardWriter, sample_name
-from .location import Location, is_url
+from .location import Location, is_url, writing
 from .zarr_store import ShardGroup, ShardWriter, compressor_for
 
 __all__ = [
-    "BACKENDS", "FORMAT_VERSION", "MANIFEST", "ROWS_PER_CHUNK", "CacheError", "FeatureCache", "Location", "ShardGroup",
+    "BACKENDS", "clean_cache", "writing", "FORMAT_VERSION", "MANIFEST", "ROWS_PER_CHUNK", "CacheError", "FeatureCache", "Location", "ShardGroup",
     "ShardWriter", "UncheckedCacheWarning", "ViewTargets", "WdsShard", "WdsShardWriter", "backend_of", "check_integrity",
     "codec_description", "commit_shard", "damaged_shards", "mark_incomplete", "compressor_for", "config_mismatch", "dequantize", "dir_bytes", "find_shard",
     "group_digest", "group_name", "is_url", "list_targets", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 
 import numpy as np
 
 from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
-from .location import Location, drop_staging, is_url, staging_dir
+from .location import Location, drop_staging, is_temp, is_url, staging_dir
 from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, check_group, entry_path, find_shard, forget_shard,
                        read_manifest, record_shard, runs_command)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
@@ -52,8 +53,9 @@ def storage_section(backend: str, dtype: str, pixels: str | None = None, pca: tu
 def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
                       dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None,
                       feature_dim: int | None = None, int8_group: int | None = None) -> ShardWriter | WdsShardWriter:
-    """The writer of one input shard for `backend`; both have append / close / abort, `name`,
-    `group_path` (the manifest entry's `group`), `final` (the finished local copy) and `rows`.
+    """The writer of one input shard for `backend`; both have append / finish / publish /
+    close / abort, `name`, `rows`, and once finished `digest`, `group_path` (the manifest
+    entry's `group`, named after the bytes) and `final` (where the group is published).
 
     For a cache at a URL the writer works in a local staging directory; `commit_shard`
     uploads what it wrote. `pixels`: the file extension of stored views, when stored.
@@ -75,17 +77,62 @@ def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_ro
     return writer
 
 
-def commit_shard(root: str | os.PathLike, writer: ShardWriter | WdsShardWriter, entry: ShardEntry) -> None:
-    """Make a closed writer's shard part of the cache: its bytes first, then its entry.
+def commit_shard(root: str | os.PathLike, writer: ShardWriter | WdsShardWriter, entry: ShardEntry) -> bool:
+    """Make a finished writer's shard part of the cache: its group first, then its entry.
 
-    A local writer has already renamed its group into place; a staged one is uploaded
-    here. Until the entry is written the shard is not in the cache, whatever a kill
-    leaves behind.
+    The group goes to its content-addressed name (a local rename, or an upload for a cache
+    at a URL); when the same bytes are there already this writer yields. The entry, written
+    last in one atomic replace, is the commit point: until it exists the shard is not in the
+    cache, whatever a kill leaves behind. An entry already recording this very group is left
+    as it is. Returns False when this writer yielded both. CACHE_FORMAT.md, "Concurrent writers".
     """
     if is_url(root):
-        Location(root).publish(writer.final, writer.group_path)
-        drop_staging(writer.root)
+        try:
+            published = Location(root).publish(writer.tmp, writer.group_path, writer.digest[0])
+        finally:
+            drop_staging(writer.root)
+    else:
+        published = writer.publish()
+    loc = Location(root)
+    try:  # (read as plain JSON: whatever is there, only this group and sha256 make it a yield)
+        recorded = json.loads(loc.read_bytes(entry_path(entry.group)))
+    except (FileNotFoundError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict) and (recorded.get("group"), recorded.get("sha256")) == (entry.group, entry.sha256):
+        return published
     record_shard(root, entry)
+    return True
+
+
+def clean_cache(root: str | os.PathLike, older_than_hours: float = 24.0, dry_run: bool = False) -> list[str]:
+    """Remove what no entry points to and no writer has touched for `older_than_hours`:
+    temporaries of killed writers (`shards/.tmp-*`, `.<file>.<writer>.tmp`) and published
+    groups no entry records (a shard redone with other bytes, a writer killed between its
+    group and its entry). Also in the caches of added teachers (`targets/<name>/`).
+
+    Writers never remove anything but their own temporary, since a temporary of another
+    may belong to a live writer on another machine; this explicit command is how the rest
+    goes. A live writer writes into its temporary at every batch, so an age of hours is
+    safe; age 0 removes everything unreferenced (only when no writer runs). Returns the
+    paths removed (with `dry_run`, that would be).
+    """
+    removed = []
+    for r in [str(root)] + [target_root(root, t) for t in list_targets(root)]:
+        loc = Location(r)
+        manifest = read_manifest(r)  # (also: refuse what is not a cache)
+        referenced = {s.group for s in manifest.shards}
+        candidates = [rel for rel in (f"shards/{n}" for n in loc.children("shards"))
+                      if rel not in referenced and (is_temp(rel) or not rel.endswith(".json"))]
+        candidates += [rel for d in ("", "pca") for rel in (f"{d}/{n}".lstrip("/") for n in loc.children(d))
+                       if is_temp(rel)]
+        for rel in candidates:
+            age = loc.age_hours(rel)
+            if (age is None and older_than_hours > 0) or (age is not None and age < older_than_hours):
+                continue
+            if not dry_run:
+                loc.remove(rel)
+            removed.append(loc.join(rel))
+    return removed
 
 
 def check_integrity(root: str | os.PathLike) -> list[str]:

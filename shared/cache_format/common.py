@@ -3,9 +3,13 @@ targets, and the digest of a stored shard (a Zarr group directory or a tar file)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
+import secrets
 import shutil
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,13 +225,108 @@ def dir_bytes(path: str | os.PathLike) -> int:
     return sum(size for _, size in Location(path).files(""))
 
 
-def remove_stale_temps(shards_dir: Path, name: str) -> None:
-    """Delete what a killed writer of shard `name` left (`.tmp-<name>-<pid>[.tar]`).
+# --- the writer's side: temporaries, row checks, publishing --------------------------------
+#
+# Many writers may work on one cache at once (processes of one run, reruns, other machines
+# on NFS or an object store), with no lock: each writes under a temporary name no other
+# writer can have, checks what it wrote, and publishes it under a name derived from its
+# bytes, so two writers of one shard publish the same group or one yields to the other.
+# CACHE_FORMAT.md, "Concurrent writers", says the same for people.
 
-    One process owns a shard at a time, so any temporary of this shard is stale.
+CONTENT_DIGITS = 16  # hex digits of a group's sha256 in its published name
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+def writer_token() -> str:
+    """`<host>-<pid>-<random>`: differs between any two writers, on one machine or many
+    (a pid alone repeats across machines sharing a file system, and after a restart)."""
+    return f"{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def writer_temp(shards_dir: Path, name: str, suffix: str = "") -> Path:
+    """Where one writer assembles shard `name`: `shards/.tmp-<name>-<host>-<pid>-<random><suffix>`.
+
+    No other writer ever creates, writes or removes this path; only `mrmae cache clean`
+    removes it once its writer is gone (see `clean_cache`).
     """
-    for stale in Path(shards_dir).glob(f".tmp-{name}-*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    return Path(shards_dir) / f".tmp-{name}-{writer_token()}{suffix}"
+
+
+def content_group(name: str, digest: str, suffix: str = "") -> str:
+    """The published path of shard `name` with these bytes: `shards/<name>.<sha256[:16]><suffix>`.
+
+    Two writers of one shard that wrote the same bytes publish to the same name (the second
+    yields); different bytes never share a name, so an entry always points to a whole group.
+    """
+    return f"shards/{name}.{digest[:CONTENT_DIGITS]}{suffix}"
+
+
+def check_rows(source: str, where: str, stored: list[tuple[str, int]], expected: list[tuple[str, int]]) -> None:
+    """Refuse to publish a shard that does not hold exactly the rows its entry will record.
+
+    `stored`: (key, view) of every row as read back from the finished temporary (so rows
+    lost on the way to the disk show, e.g. a missing chunk reading back as the fill value
+    ""); `expected`: the rows the shard must hold, kept samples x views, in order.
+    """
+    stop = f"; shard {source} not published"
+    if len(stored) != len(expected):
+        raise CacheError(f"{where}: {len(stored)} rows written, {len(expected)} expected (samples kept x views){stop}")
+    for i, (got, want) in enumerate(zip(stored, expected)):
+        if got[0] == "":
+            raise CacheError(f"{where}: row {i} has an empty key{stop}")
+        if got != want:
+            raise CacheError(f"{where}: row {i} holds key {got[0]!r} view {got[1]}, expected {want[0]!r} "
+                             f"view {want[1]}{stop}")
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or directory tree if it exists (what a writer does to its own temp)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _same_bytes(path: Path, digest: str) -> bool:
+    try:
+        return group_digest(path)[0] == digest
+    except FileNotFoundError:
+        return False
+
+
+def publish_local(tmp: Path, final: Path, digest: str) -> bool:
+    """Move a finished temporary group (a directory) or tar to its content-addressed `final`;
+    False when the same bytes are there already (this writer yields; its temp is removed).
+
+    A tar replaces whatever holds its name in one atomic rename: the same bytes (another
+    writer's; readers see no change) or damage. A directory cannot be swapped atomically,
+    and POSIX (and NFS) refuse to rename one onto a non-empty directory, so the first
+    writer wins; a group already there with other bytes than its name says is damage: it
+    is renamed aside to a name of this writer's, then removed, and these bytes take its place.
+    """
+    if not tmp.is_dir():
+        if _same_bytes(final, digest):
+            tmp.unlink()
+            return False
+        os.replace(tmp, final)
+        return True
+    for _ in range(4):
+        try:
+            os.rename(tmp, final)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if _same_bytes(final, digest):
+            remove_path(tmp)
+            return False
+        aside = tmp.with_name(tmp.name + "-damaged")
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:  # another writer moved it first: try again
+            continue
+        remove_path(aside)
+    raise CacheError(f"{final}: cannot publish the shard: the name keeps changing under this writer")

@@ -4,18 +4,74 @@ Writers only ever write local files. A shard is assembled in a local directory (
 itself when it is local, a staging directory when it is a URL) and then published whole;
 its manifest entry is written after its bytes, as one small object. Object stores have
 no rename and no locks, and a single PUT is atomic on all of them, so "a shard is
-complete exactly when its entry exists" holds everywhere without a lock.
+complete exactly when its entry exists" holds everywhere without a lock. Every file is
+replaced whole: locally (and through fsspec's local file system) a temporary of this
+writer's own is renamed into place; elsewhere one PUT.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
+import time
+from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Iterator
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .common import CacheError, group_digest, writer_token
+
+# Errors of a file system that will not take the cache's bytes: full, over quota, read-only,
+# not writable. Extraction reports them as one line naming the path (`writing`).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def writing(where: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk, a read-only or unwritable cache into a CacheError naming the path
+    (`mrmae: error: PATH: No space left on device (extracting into OUT)`), not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        what = e.strerror or os.strerror(e.errno)
+        msg = f"{e.filename}: {what} (extracting into {where})" if e.filename else \
+            f"{where}: {what} (while extracting into it)"
+        raise CacheError(msg) from e
+
+
+def temp_beside(path: str) -> str:
+    """A name for this writer's temporary copy of `path`, in its directory: `.<name>.<writer>.tmp`."""
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.{writer_token()}.tmp" if head else f".{name}.{writer_token()}.tmp"
+
+
+def is_temp(path: str) -> bool:
+    """Whether `path` names a writer's temporary: a shard's `.tmp-*` or a file's `.<name>.<writer>.tmp`."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _mtime(info: dict) -> float | None:
+    """A file's modification time from an fsspec `info` dict (each file system names it its own way)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created", "timeCreated"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
 
 
 def is_url(root: str | os.PathLike) -> bool:
@@ -60,13 +116,28 @@ class Location:
         """Replace `rel` atomically: a local temp file renamed into place, or one PUT."""
         if self.remote:
             self.fs.makedirs(self._full(rel).rsplit("/", 1)[0], exist_ok=True)  # local-style filesystems need it
-            self.fs.pipe_file(self._full(rel), data)
+            if self._renames:
+                tmp = temp_beside(self._full(rel))
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, self._full(rel))
+            else:
+                self.fs.pipe_file(self._full(rel), data)
             return
         path = Path(self.url) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        tmp = Path(temp_beside(str(path)))
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @property
+    def _renames(self) -> bool:
+        """Whether this URL's file system writes a file in place, visible half-written (fsspec's
+        local one, for file:// URLs), so that a whole file must be renamed into place; an
+        object store's PUT (and memory://) is atomic already."""
+        return isinstance(self.fs, LocalFileSystem)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Write `rel` unless it exists; True when this call wrote it.
@@ -82,9 +153,9 @@ class Location:
             return True
         path = Path(self.url) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
+        tmp = Path(temp_beside(str(path)))
         try:
+            tmp.write_bytes(data)
             os.link(tmp, path)
             return True
         except FileExistsError:
@@ -119,15 +190,52 @@ class Location:
                for p, info in found.items() if info.get("type") == "file"]
         return sorted(out, key=lambda f: PurePosixPath(f[0]).parts)
 
-    def publish(self, local: Path, rel: str) -> None:
-        """Upload a local file or directory tree to `rel` (replacing what is there)."""
-        self.remove(rel)
+    def publish(self, local: Path, rel: str, digest: str) -> bool:
+        """Upload a finished group (a local directory) or tar to its content-addressed `rel`;
+        False when the same bytes are there already (this writer yields).
+
+        Nothing is removed first: the name says the bytes, so a group there is either these
+        bytes (another writer's, perhaps being uploaded: each file is replaced whole by the
+        same bytes, so an entry's reader never sees a change) or damage, which this upload
+        overwrites, files the damage added included.
+        """
+        if self.exists(rel) and group_digest(self.join(rel))[0] == digest:
+            return False
         local = Path(local)
         pairs = [(local, self._full(rel))] if local.is_file() else [
             (f, self._full(f"{rel}/{f.relative_to(local).as_posix()}")) for f in sorted(local.rglob("*")) if f.is_file()]
         for src, dst in pairs:
             self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)  # local-style filesystems need it
-            self.fs.put_file(str(src), dst)
+            if self._renames:
+                tmp = temp_beside(dst)
+                self.fs.put_file(str(src), tmp)
+                self.fs.mv(tmp, dst)
+            else:
+                self.fs.put_file(str(src), dst)
+        if local.is_dir():
+            ours = {dst for _, dst in pairs}  # (another writer's temporaries are not damage)
+            for extra in [p for p in self.fs.find(self._full(rel)) if p not in ours and not is_temp(p)]:
+                self.fs.rm(extra)
+        return True
+
+    def children(self, rel: str) -> list[str]:
+        """Names of the entries directly under directory `rel` (hidden ones included); [] if absent."""
+        full = self._full(rel)
+        try:
+            listed = self.fs.ls(full, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(PurePosixPath(p).name for p in listed if p.rstrip("/") != full.rstrip("/"))
+
+    def age_hours(self, rel: str) -> float | None:
+        """Hours since anything under `rel` (a file, or any file of a directory tree) was
+        last written; None when the file system does not say."""
+        full = self._full(rel)
+        infos = [self.fs.info(full)]
+        if infos[0].get("type") == "directory":
+            infos += list(self.fs.find(full, detail=True, withdirs=True).values())
+        times = [t for t in map(_mtime, infos) if t is not None]
+        return (time.time() - max(times)) / 3600 if times else None
 
 
 def staging_dir() -> Path:

@@ -411,8 +411,10 @@ def backend_of(manifest: Manifest) -> str:
 
 
 def entry_path(group: str) -> str:
-    """Where a shard's entry lives, beside its group: shards/<name>.json."""
-    return re.sub(r"\.tar$", "", group) + ".json"
+    """Where a shard's entry lives, beside its group: shards/<name>.json for the group
+    shards/<name>.<sha256[:16]> (wds: .tar), named after its bytes (or shards/<name>, as
+    caches written before that were)."""
+    return re.sub(r"(\.[0-9a-f]{16})?(\.tar)?$", "", group, count=1) + ".json"
 
 
 def _read_json(loc: Location, name: str, what: str) -> Any:

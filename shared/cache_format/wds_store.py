@@ -30,8 +30,9 @@ import google_crc32c
 import numpy as np
 from numcodecs import Zstd
 
-from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, dequantize,
-                     group_digest, read_error, remove_stale_temps, stored_features, view_targets)
+from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, check_rows,
+                     content_group, dequantize, group_digest, publish_local, read_error, stored_features,
+                     view_targets, writer_temp)
 from .location import is_file, is_url, open_file
 from .manifest import ShardEntry, group_name
 
@@ -93,8 +94,10 @@ def _unseal(meta: dict) -> bool:
 
 
 class WdsShardWriter:
-    """Writes one input shard's views, in order, into `shards/.tmp-<name>-<pid>.tar`;
-    `close` renames it to `shards/<name>.tar`. Same interface as the Zarr `ShardWriter`.
+    """Writes one input shard's views, in order, into a temporary tar of its own,
+    `shards/.tmp-<name>-<host>-<pid>-<random>.tar`; `finish` checks it and names it after
+    its bytes (`shards/<name>.<sha256[:16]>.tar`), `publish` renames it there. Same
+    interface as the Zarr `ShardWriter`.
 
     Tar headers carry mtime 0, uid/gid 0 and mode 0444, so the same rows give the same
     bytes (and sha256) whoever writes them.
@@ -112,11 +115,12 @@ class WdsShardWriter:
         self.root, self.source, self.dtype, self.layers = Path(root), source, dtype, tuple(layers)
         self.shape = (grid_len, feature_dim or dim)  # of `features`
         self.name = group_name(source)
-        self.group_path = f"shards/{self.name}.tar"  # the manifest entry's `group`
-        self.final = self.root / self.group_path
-        self.tmp = self.root / "shards" / f".tmp-{self.name}-{os.getpid()}.tar"
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.final.parent, self.name)
+        self.group_path: str | None = None  # the manifest entry's `group`, known once `finish` has the bytes
+        self.final: Path | None = None  # root / group_path
+        self.digest: tuple[str, int] | None = None  # (sha256, bytes) of the finished tar
+        self.tmp = writer_temp(self.root / "shards", self.name, ".tar")
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._written: list[tuple[str, int]] = []  # (key, view) of every row appended, in order
         self._zstd = Zstd(level=ZSTD_LEVEL, checksum=True) if codec == "zstd" else None  # frame checksums
         self._suffix = ".npy.zst" if codec == "zstd" else ".npy"
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
@@ -174,22 +178,45 @@ class WdsShardWriter:
                 ("attention", self._encode(attention[r])), ("cls", self._encode(cls[r]))] + [
                 (m, self._encode(stored[m][r])) for m in extra]
             self._add_row(sample, meta, members, None if pixels is None else pixels[r])
+            self._written.append((key, v))
             self.rows += 1
 
-    def close(self, attrs: dict | None = None) -> tuple[Path, str, int]:
-        """Finish the tar and rename it into place; (path, sha256, bytes) for the manifest.
+    def finish(self, attrs: dict | None = None, expected: list[tuple[str, int]] | None = None) -> tuple[str, int]:
+        """Finish the tar, check it holds exactly `expected` rows ((key, view) in order; by
+        default those appended) and name it after its bytes; (sha256, bytes) for the entry.
 
         `attrs` (source, num_samples) are kept by the manifest entry only: a tar has no
         group attributes, and a tar under its final name is complete by construction.
         """
         self._tar.close()
-        digest, size = group_digest(self.tmp)
-        os.replace(self.tmp, self.final)
+        try:
+            stored = WdsShard(self.tmp, None)  # (read back before it has an entry)
+            rows = list(zip((str(k) for k in stored.keys), (int(v) for v in stored.views)))
+        except (OSError, CacheError) as e:  # the temporary was removed or damaged under this writer
+            raise CacheError(f"{self.tmp}: unreadable as written ({e}); shard {self.source} not published") from e
+        check_rows(self.source, str(self.tmp), rows, self._written if expected is None else expected)
+        self.digest = group_digest(self.tmp)
+        self.group_path = content_group(self.name, self.digest[0], ".tar")
+        self.final = self.root / self.group_path
+        return self.digest
+
+    def publish(self) -> bool:
+        """Rename the finished tar to `final`; False when the same bytes were there already."""
+        return publish_local(self.tmp, self.final, self.digest[0])
+
+    def close(self, attrs: dict | None = None, expected: list[tuple[str, int]] | None = None
+              ) -> tuple[Path, str, int]:
+        """`finish` then `publish`: (path, sha256, bytes) of the published tar."""
+        digest, size = self.finish(attrs, expected)
+        self.publish()
         return self.final, digest, size
 
     def abort(self) -> None:
+        """Remove this writer's temporary (never another writer's, never a published tar)."""
         try:
             self._tar.close()
+        except OSError:  # a full disk: the temporary goes anyway
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, dequantize,
-                     group_digest, int8_groups, read_error, remove_stale_temps, stored_features, view_targets)
+from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, check_rows,
+                     content_group, dequantize, group_digest, int8_groups, publish_local, read_error, remove_path,
+                     stored_features, view_targets, writer_temp)
 from .location import Location, is_url
 from .manifest import ShardEntry, group_name
 
@@ -63,7 +63,12 @@ READ_ROWS = 4 * ROWS_PER_CHUNK
 
 
 class ShardWriter:
-    """Writes one input shard's rows into a temporary group, renamed into place on close.
+    """Writes one input shard's rows into a temporary group of its own, published whole.
+
+    `finish` checks the rows on disk and names the group after its bytes (`group_path`:
+    `shards/<name>.<sha256[:16]>`); `publish` renames it there, or yields to the same
+    bytes already published by another writer; `close` does both; `abort` removes this
+    writer's temporary and nothing else (CACHE_FORMAT.md, "Concurrent writers").
 
     Rows arrive in order through `append`; they are buffered to whole chunks so every
     features chunk is written once (the small per-row arrays have larger chunks and are
@@ -81,10 +86,11 @@ class ShardWriter:
         self.root, self.source, self.dtype, self.layers = Path(root), source, dtype, layers
         self.int8_group = int8_group
         self.name = group_name(source)
-        self.group_path = f"shards/{self.name}"  # the manifest entry's `group`
-        self.final = self.root / self.group_path
-        self.tmp = self.root / "shards" / f".tmp-{self.name}-{os.getpid()}"
-        remove_stale_temps(self.final.parent, self.name)
+        self.group_path: str | None = None  # the manifest entry's `group`, known once `finish` has the bytes
+        self.final: Path | None = None  # root / group_path
+        self.digest: tuple[str, int] | None = None  # (sha256, bytes) of the finished group
+        self.tmp = writer_temp(self.root / "shards", self.name)
+        self._written: list[tuple[str, int]] = []  # (key, view) of every row appended, in order
         self.group = zarr.open_group(str(self.tmp), mode="w")
         n, L, C, r = max(max_rows, 1), grid_len, dim, ROWS_PER_CHUNK
         small = SMALL
@@ -137,6 +143,7 @@ class ShardWriter:
                 cols[f"{name}_scale"] = scale
         for k, v in cols.items():
             self._buffer[k].append(v)
+        self._written += [(str(k), int(v)) for k, v in zip(keys, view)]
         self._buffered += len(keys)
         if self._buffered >= ROWS_PER_CHUNK:
             self._flush(whole_chunks=True)
@@ -163,11 +170,10 @@ class ShardWriter:
             self._pixels[self._pixel_written:end] = np.frombuffer(bytes(self._pixel_buf[:n]), dtype=np.uint8)
             self._pixel_written, self._pixel_buf = end, self._pixel_buf[n:]
 
-    def close(self, attrs: dict) -> tuple[Path, str, int]:
-        """Write the remaining rows, cut the arrays, rename the group into place.
-
-        Returns (path, sha256, bytes) of the finished group, for the manifest.
-        """
+    def finish(self, attrs: dict, expected: list[tuple[str, int]] | None = None) -> tuple[str, int]:
+        """Write the remaining rows, cut the arrays, check the group on disk holds exactly
+        `expected` rows ((key, view) in order; by default those appended), and name it after
+        its bytes. Returns (sha256, bytes) of the group, for the manifest entry."""
         self._flush(whole_chunks=False)
         if self._pixels is not None:
             self._flush_pixels(final=True)
@@ -176,14 +182,36 @@ class ShardWriter:
         for arr in self.arrays.values():
             arr.resize((self.rows,) + arr.shape[1:])
         self.group.attrs.update({**attrs, "rows": self.rows, "status": "complete"})
-        digest, size = group_digest(self.tmp)
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
+        self._check_stored(self._written if expected is None else expected)
+        self.digest = group_digest(self.tmp)
+        self.group_path = content_group(self.name, self.digest[0])
+        self.final = self.root / self.group_path
+        return self.digest
+
+    def _check_stored(self, expected: list[tuple[str, int]]) -> None:
+        """Read the finished group back as readers will (every array checksummed and all its
+        chunks present) and require keys and views to be exactly `expected`."""
+        try:
+            stored = ShardGroup(self.tmp, None)  # (read back before it has an entry)
+            rows = list(zip((str(k) for k in stored.keys), (int(v) for v in stored.views)))
+        except (CacheError, OSError) as e:  # the temporary was removed or damaged under this writer
+            raise CacheError(f"{self.tmp}: unreadable as written ({e}); shard {self.source} not published") from e
+        check_rows(self.source, str(self.tmp), rows, expected)
+
+    def publish(self) -> bool:
+        """Rename the finished group to `final`; False when the same bytes were published
+        already (another writer's: this one yields)."""
+        return publish_local(self.tmp, self.final, self.digest[0])
+
+    def close(self, attrs: dict, expected: list[tuple[str, int]] | None = None) -> tuple[Path, str, int]:
+        """`finish` then `publish`: (path, sha256, bytes) of the published group."""
+        digest, size = self.finish(attrs, expected)
+        self.publish()
         return self.final, digest, size
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove this writer's temporary (never another writer's, never a published group)."""
+        remove_path(self.tmp)
 
 
 # --- reading ------------------------------------------------------------------------------
