@@ -95,7 +95,8 @@ def test_writer_reader_round_trip_across_chunk_boundaries(tmp_path, dtype, rows)
         w.append(keys[a:b], view[a:b], crop[a:b], flip[a:b], feats[a:b], att[a:b], cls[a:b], {3: extra[a:b]})
     path, digest, size = w.close({"source": "/data/train-000.tar"})
     assert (digest, size) == cf.group_digest(path) and size == sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    assert path.name == cf.group_name("/data/train-000.tar") and not list(tmp_path.glob("shards/.tmp-*"))
+    assert path.name == f"{cf.group_name('/data/train-000.tar')}.{digest[:16]}"  # named after its bytes
+    assert not list(tmp_path.glob("shards/.tmp-*"))
     g = cf.ShardGroup(path, {"source": "/data/train-000.tar"})
     assert len(g) == rows and list(g.keys) == keys
     block = g.read(slice(0, rows))

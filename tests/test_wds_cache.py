@@ -75,7 +75,9 @@ def test_wds_cache_holds_the_same_views_and_targets_as_zarr(caches, dtype):
     assert wm.storage.backend == "wds" and "zstd" in wm.storage.codec
     assert (wm.format_version, wm.teacher, wm.views) == (zm.format_version, zm.teacher, zm.views)
     for ze, we in zip(zm.shards, wm.shards, strict=True):
-        assert we.group == ze.group + ".tar" and (w_root / we.group).is_file()
+        # each named after its own bytes: shards/<name>.<sha256[:16]>[.tar]
+        assert cf.manifest.entry_path(we.group) == cf.manifest.entry_path(ze.group)
+        assert we.group == f"{ze.group.rsplit('.', 1)[0]}.{we.sha256[:16]}.tar" and (w_root / we.group).is_file()
         for k in ("source", "num_samples", "num_views", "skipped", "status"):
             assert getattr(ze, k) == getattr(we, k)
     layers = ["features"] + (["layer3"] if dtype == "float16" else [])
@@ -202,17 +204,19 @@ def test_a_training_epoch_reads_the_same_targets_from_either_backend(caches, dem
             assert torch.equal(z[k], w[k]), k
 
 
-def test_rerun_skips_complete_tars_and_removes_a_killed_writers_temp(caches, demo_shards, tmp_path):
+def test_rerun_skips_complete_tars_and_leaves_a_killed_writers_temp_to_cache_clean(caches, demo_shards, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(caches["wds-int8"], out)
     entry = cf.read_manifest(out).shards[0]
-    stale = out / "shards" / f".tmp-{Path(entry.group).stem}-99999.tar"
+    name = cf.group_name(entry.source)
+    stale = out / "shards" / f".tmp-{name}-otherhost-99999-0badcafe.tar"
     stale.write_bytes(b"half a tar")
     (out / entry.group).unlink()  # recorded complete but gone: redone whole
     stamp = (out / cf.read_manifest(out).shards[1].group).stat().st_mtime_ns
     summary = extract(url_list(demo_shards), out, "wds")
     assert summary["skipped_complete"] == 2 and summary["extracted"] == 1
-    assert not stale.exists() and cf.check_integrity(out) == []
+    assert stale.exists() and cf.check_integrity(out) == []  # a writer never removes another's temporary
+    assert cf.clean_cache(out, older_than_hours=0) == [str(stale)] and cf.check_integrity(out) == []
     assert (out / cf.read_manifest(out).shards[1].group).stat().st_mtime_ns == stamp
     assert cf.read_manifest(out).shards[0].sha256 == entry.sha256  # the same bytes again
 
