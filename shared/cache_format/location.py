@@ -41,8 +41,8 @@ def writing(where: str | os.PathLike) -> Iterator[None]:
         if e.errno not in _WRITE_ERRNOS:
             raise
         what = e.strerror or os.strerror(e.errno)
-        msg = f"{e.filename}: {what} (extracting into {where})" if e.filename else \
-            f"{where}: {what} (while extracting into it)"
+        path = e.filename or where
+        msg = f"{path}: {what}" + (f" (extracting into {where})" if str(path) != str(where) else "")
         raise CacheError(msg) from e
 
 
@@ -152,6 +152,8 @@ class Location:
             self.write_bytes(rel, data)
             return True
         path = Path(self.url) / rel
+        if path.exists():  # the common case, decided without writing (a read-only cache is no error here)
+            return False
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(temp_beside(str(path)))
         try:
