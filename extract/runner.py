@@ -399,7 +399,8 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     """Extract every shard of this process not yet complete in `cfg.out`; returns a summary.
 
     Under torchrun / accelerate launch, input shard i belongs to rank i % world_size: each
-    rank writes whole shards and their entries only, so no file has two writers and no lock
+    rank writes whole shards and their entries only (and a writer of a shard another run
+    published with the same bytes yields: CACHE_FORMAT.md, "concurrent writers"), so no lock
     or process group is needed; the cache is the same whatever the process count.
     """
     rank, world, local_rank = process_rank()

@@ -1,6 +1,6 @@
 """The WebDataset backend: one tar per input shard, one tar sample per view.
 
-    CACHE/shards/<name>.tar               written by exactly one process, renamed into place
+    CACHE/shards/<name>.<sha>.tar         named after its bytes, renamed into place when checked
         <sample>.meta.json                {key, view, crop: [top, left, height, width], flip}
         <sample>.features.npy.zst         [L, C] int8 (or float16)
         <sample>.scale.npy.zst            [L] or [L, G] float16, int8 only: value = features x scale

@@ -1,7 +1,7 @@
 """The Zarr v3 backend (default): one group per input shard, one array per column.
 
     CACHE/zarr.json               Zarr v3 root group
-    CACHE/shards/<name>/          one group per input shard, written by exactly one process
+    CACHE/shards/<name>.<sha>/    one group per input shard, named after its bytes (CACHE_FORMAT.md)
         keys [N] str  view [N] int16  crop [N,4] int32 (top,left,height,width)  flip [N] bool
         features [N,L,C] int8 + features_scale [N,L,G] float16 (G = C / int8_group; [N,L]
                                   with one scale per token)   (or float16 without scale)
