@@ -295,6 +295,61 @@ def test_a_group_whose_rows_were_lost_under_its_writer_is_never_published(tmp_pa
     assert not list(tmp_path.glob("shards/*"))
 
 
+def _synthetic_writer(backend: str, root: str, source: str = "/data/s.tar"):
+    """A writer of one shard holding 6 samples x 2 views of fixed rows."""
+    rng = np.random.default_rng(1)
+    w = cf.open_shard_writer(backend, root, source, 12, 8, 196, "int8")
+    w.append([f"k{i // 2}" for i in range(12)], np.arange(12) % 2, np.zeros((12, 4)), np.zeros(12, bool),
+             rng.normal(size=(12, 196, 8)).astype(np.float32), np.ones((12, 196)), np.ones((12, 8)))
+    return w
+
+
+def _entry(w, digest: str, size: int) -> dict:
+    return {"source": w.source, "group": w.group_path, "num_samples": 6, "num_views": 12, "skipped": [],
+            "status": "complete", "sha256": digest, "bytes": size, "source_bytes": None, "source_sha256": None,
+            "seconds": 0.0}
+
+
+@pytest.mark.parametrize("backend", cf.BACKENDS)
+@pytest.mark.parametrize("where", ["local", "file-url", "memory-url"])
+def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is_replaced(tmp_path, backend, where):
+    import uuid
+
+    import fsspec
+
+    root = {"local": str(tmp_path / "c"), "file-url": f"file://{tmp_path}/c",
+            "memory-url": f"memory://mrmae-race-{uuid.uuid4().hex}/c"}[where]
+    teacher = {"spec": "dino:synthetic", "family": "dino", "arch": "synthetic", "weights": None,
+               "weights_sha256": "0" * 64, "input_size": 224, "patch_size": 16, "grid": [14, 14], "dim": 8,
+               "mean": [0.5] * 3, "std": [0.5] * 3, "layers": []}
+    cf.init_cache(root, cf.new_manifest(teacher, ViewConfig(per_image=2).to_json(),
+                                        cf.storage_section(backend, "int8"), "test"))
+    first, second = _synthetic_writer(backend, root), _synthetic_writer(backend, root)  # both writing at once
+    a, b = first.finish({"source": first.source, "num_samples": 6}), second.finish({"source": first.source,
+                                                                                     "num_samples": 6})
+    assert a == b and first.group_path == second.group_path and first.tmp != second.tmp
+    assert cf.commit_shard(root, first, _entry(first, *a)) is True
+    assert cf.commit_shard(root, second, _entry(second, *b)) is False  # same bytes there: it yields
+    loc = cf.Location(root)
+    assert [e["group"] for e in cf.read_manifest(root)["shards"]] == [first.group_path]
+    assert loc.children("shards") == sorted([first.group_path.split("/")[1], f"{first.name}.json"])
+    assert cf.check_integrity(root) == []
+    # Damage under the group's name (a flipped byte; for Zarr a stray file too): a writer of
+    # those bytes puts them back instead of yielding to it.
+    fs, path = fsspec.core.url_to_fs(loc.join(first.group_path))
+    victim = sorted(p for p in fs.find(path) if "features" in p or p.endswith(".tar"))[-1]
+    data = bytearray(fs.cat_file(victim))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(victim, bytes(data))
+    if backend == "zarr":
+        fs.pipe_file(f"{path}/features/stray", b"x")
+    assert len(cf.check_integrity(root)) == 1
+    third = _synthetic_writer(backend, root)
+    assert cf.commit_shard(root, third, _entry(third, *third.finish({"source": third.source, "num_samples": 6})))
+    assert cf.check_integrity(root) == [] and loc.children("shards") == sorted(
+        [first.group_path.split("/")[1], f"{first.name}.json"])
+
+
 @contextlib.contextmanager
 def _tmpfs(path: Path, options: str):
     """A small tmpfs at `path` (root with CAP_SYS_ADMIN only: chmod means nothing to root)."""
