@@ -275,7 +275,7 @@ def test_a_group_whose_rows_were_lost_under_its_writer_is_never_published(tmp_pa
 
     def append(first: int, n: int) -> None:
         keys = [f"k{(first + i) // 2}" for i in range(n)]
-        writer.append(keys, np.arange(first, first + n) % 2, np.zeros((n, 4)), np.zeros(n, bool),
+        writer.append(keys, np.arange(first, first + n) % 2, np.tile([0, 0, 8, 8], (n, 1)), np.zeros(n, bool),
                       rng.normal(size=(n, 196, 8)).astype(np.float32), np.ones((n, 196)), np.ones((n, 8)))
 
     append(0, 16)
@@ -299,7 +299,7 @@ def _synthetic_writer(backend: str, root: str, source: str = "/data/s.tar"):
     """A writer of one shard holding 6 samples x 2 views of fixed rows."""
     rng = np.random.default_rng(1)
     w = cf.open_shard_writer(backend, root, source, 12, 8, 196, "int8")
-    w.append([f"k{i // 2}" for i in range(12)], np.arange(12) % 2, np.zeros((12, 4)), np.zeros(12, bool),
+    w.append([f"k{i // 2}" for i in range(12)], np.arange(12) % 2, np.tile([0, 0, 8, 8], (12, 1)), np.zeros(12, bool),
              rng.normal(size=(12, 196, 8)).astype(np.float32), np.ones((12, 196)), np.ones((12, 8)))
     return w
 
