@@ -180,7 +180,7 @@ def _writing_rows(out: Path, backend: str) -> bool:
 
 def _cache_rows(root: Path) -> dict[str, dict[str, np.ndarray]]:
     cache = cf.FeatureCache(root)
-    return {s["source"]: cache.shard(s["source"]).read(slice(None)) for s in cache.complete_shards}
+    return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 @pytest.mark.parametrize("backend", cf.BACKENDS)
@@ -212,22 +212,22 @@ def test_two_extractions_racing_on_one_shard_both_succeed_and_publish_one_whole_
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGCONT)
             p.kill() if p.poll() is None else None
-    entries = cf.read_manifest(out)["shards"]
-    assert len(entries) == 1 and all(e["status"] == "complete" for e in entries)
+    entries = cf.read_manifest(out).shards
+    assert len(entries) == 1 and all(e.status == "complete" for e in entries)
     stored = sorted(p.name for p in (out / "shards").iterdir())
-    assert stored == sorted([Path(e["group"]).name for e in entries] + [Path(cf.manifest.entry_path(e["group"])).name
+    assert stored == sorted([Path(e.group).name for e in entries] + [Path(cf.manifest.entry_path(e.group)).name
                                                                        for e in entries])  # no temps, no strays
     rows = _cache_rows(out)
     for e in entries:  # exactly its rows, each with its key, views 0, 1 in order
-        keys, views = [str(k) for k in rows[e["source"]]["keys"]], list(rows[e["source"]]["view"])
-        assert len(keys) == e["num_views"] == 2 * e["num_samples"] and all(keys)
-        assert keys[::2] == keys[1::2] and views == [0, 1] * e["num_samples"]
+        keys, views = [str(k) for k in rows[e.source]["keys"]], list(rows[e.source]["view"])
+        assert len(keys) == e.num_views == 2 * e.num_samples and all(keys)
+        assert keys[::2] == keys[1::2] and views == [0, 1] * e.num_samples
     r = CliRunner().invoke(cli, ["cache", "verify", str(out), "--recompute", "0"])
     assert r.exit_code == 0 and "integrity: OK" in r.output, r.output
     single = tmp_path / "single"  # the same shards, one process, nobody racing
     run_extraction(ExtractConfig(shards=urls, out=str(single), teacher=DINO_TINY, views=ViewConfig(per_image=2),
                                  format=backend, batch_size=4, progress=False))
-    same = lambda m: sorted((e["source"], e["group"], e["sha256"]) for e in m["shards"])  # noqa: E731
+    same = lambda m: sorted((e.source, e.group, e.sha256) for e in m.shards)  # noqa: E731
     assert same(cf.read_manifest(out)) == same(cf.read_manifest(single))  # the same bytes, named alike
     for src, cols in _cache_rows(single).items():
         for col, value in cols.items():
@@ -240,19 +240,19 @@ def test_a_writer_leaves_foreign_temps_and_cache_clean_removes_only_leftovers(de
         shards=str(demo_shards[0]), out=str(out), teacher=DINO_TINY, views=ViewConfig(per_image=2), batch_size=4,
         progress=False))
     extract()
-    (entry,) = cf.read_manifest(out)["shards"]
-    name, shards = cf.group_name(entry["source"]), out / "shards"
+    (entry,) = cf.read_manifest(out).shards
+    name, shards = cf.group_name(entry.source), out / "shards"
     live = shards / f".tmp-{name}-otherhost-4242-0badcafe"  # a writer on another machine, writing now
     (live / "features").mkdir(parents=True)
     (live / "features" / "zarr.json").write_text("{}")
     dead = shards / f".tmp-{name}-thishost-17-deadbeef.tar"  # a writer killed two days ago
     dead.write_bytes(b"half a tar")
     stray = shards / f"{name}.0123456789abcdef"  # published by a writer killed before its entry
-    shutil.copytree(out / entry["group"], stray)
+    shutil.copytree(out / entry.group, stray)
     old = time.time() - 48 * 3600
     for p in [dead, stray, *stray.rglob("*")]:
         os.utime(p, (old, old))
-    (out / entry["group"]).rename(out / "gone")  # recorded complete but missing: redone by the next run
+    (out / entry.group).rename(out / "gone")  # recorded complete but missing: redone by the next run
     shutil.rmtree(out / "gone")
     assert extract()["extracted"] == 1
     assert live.exists() and dead.exists() and stray.exists()  # a writer removes nothing but its own temp
@@ -264,8 +264,8 @@ def test_a_writer_leaves_foreign_temps_and_cache_clean_removes_only_leftovers(de
     assert live.exists() and not dead.exists() and not stray.exists()
     r = runner.invoke(cli, ["cache", "clean", str(out), "--older-than", "0"])  # no writer running now
     assert r.exit_code == 0 and not live.exists(), r.output
-    assert sorted(p.name for p in shards.iterdir()) == sorted([Path(entry["group"]).name, f"{name}.json"])
-    assert cf.check_integrity(out) == [] and cf.read_manifest(out)["shards"][0]["sha256"] == entry["sha256"]
+    assert sorted(p.name for p in shards.iterdir()) == sorted([Path(entry.group).name, f"{name}.json"])
+    assert cf.check_integrity(out) == [] and cf.read_manifest(out).shards[0].sha256 == entry.sha256
 
 
 @pytest.mark.parametrize("backend", cf.BACKENDS)
@@ -304,10 +304,8 @@ def _synthetic_writer(backend: str, root: str, source: str = "/data/s.tar"):
     return w
 
 
-def _entry(w, digest: str, size: int) -> dict:
-    return {"source": w.source, "group": w.group_path, "num_samples": 6, "num_views": 12, "skipped": [],
-            "status": "complete", "sha256": digest, "bytes": size, "source_bytes": None, "source_sha256": None,
-            "seconds": 0.0}
+def _entry(w, digest: str, size: int) -> cf.ShardEntry:
+    return cf.ShardEntry(w.source, w.group_path, 6, 12, (), "complete", digest, size)
 
 
 @pytest.mark.parametrize("backend", cf.BACKENDS)
@@ -322,7 +320,7 @@ def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is
     teacher = {"spec": "dino:synthetic", "family": "dino", "arch": "synthetic", "weights": None,
                "weights_sha256": "0" * 64, "input_size": 224, "patch_size": 16, "grid": [14, 14], "dim": 8,
                "mean": [0.5] * 3, "std": [0.5] * 3, "layers": []}
-    cf.init_cache(root, cf.new_manifest(teacher, ViewConfig(per_image=2).to_json(),
+    cf.init_cache(root, cf.new_manifest(teacher, ViewConfig(per_image=2),
                                         cf.storage_section(backend, "int8"), "test"))
     first, second = _synthetic_writer(backend, root), _synthetic_writer(backend, root)  # both writing at once
     a, b = first.finish({"source": first.source, "num_samples": 6}), second.finish({"source": first.source,
@@ -331,7 +329,7 @@ def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is
     assert cf.commit_shard(root, first, _entry(first, *a)) is True
     assert cf.commit_shard(root, second, _entry(second, *b)) is False  # same bytes there: it yields
     loc = cf.Location(root)
-    assert [e["group"] for e in cf.read_manifest(root)["shards"]] == [first.group_path]
+    assert [e.group for e in cf.read_manifest(root).shards] == [first.group_path]
     assert loc.children("shards") == sorted([first.group_path.split("/")[1], f"{first.name}.json"])
     assert cf.check_integrity(root) == []
     # Damage under the group's name (a flipped byte; for Zarr a stray file too): a writer of
@@ -374,7 +372,7 @@ def test_a_full_disk_during_extraction_is_one_line_naming_the_path(demo_shards, 
         assert r.exit_code == 1, r.output
         (line,) = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error:")]
         assert "No space left on device" in line and str(out) in line and "Traceback" not in r.output
-        assert cf.read_manifest(out)["shards"] == [] and not list((out / "shards").glob(".tmp-*"))
+        assert cf.read_manifest(out).shards == () and not list((out / "shards").glob(".tmp-*"))
 
 
 def test_a_read_only_out_is_one_line_naming_the_path(demo_shards, tmp_path):
@@ -388,7 +386,7 @@ def test_a_read_only_out_is_one_line_naming_the_path(demo_shards, tmp_path):
         assert r.exit_code == 1, r.output
         (line,) = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error:")]
         assert ("Read-only file system" in line or "Permission denied" in line) and str(out / "shards") in line
-        assert "Traceback" not in r.output and len(cf.read_manifest(out)["shards"]) == 1
+        assert "Traceback" not in r.output and len(cf.read_manifest(out).shards) == 1
 
 
 # --- 3. every chunk read is checked; damage is found and repaired ----------------------
