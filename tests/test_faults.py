@@ -511,7 +511,8 @@ def test_s3_damaged_wds_member_stops_pretraining_in_one_line(demo_shards, caches
     lines = _pretrain3(str(demo_shards[0]), cache, tmp_path / "o")
     assert len(lines) == 1 and lines[0].startswith("mrmae: error: "), lines
     assert str(tar) in lines[0], lines[0]
-    want = "no features member" if member.startswith("missing") else f".{member.split('.')[0]}"
+    want = "sample demo_00000000_v0 (row 0) has no features member" if member.startswith("missing") \
+        else f".{member.split('.')[0]}"
     assert want in lines[0], lines[0]
     assert _nothing_trained3(tmp_path / "o")
 

@@ -278,15 +278,15 @@ def _read_index(path: str) -> tuple[list[str], dict[str, np.ndarray]]:
         members[-1][member] = (offset, size, int(ext == "npy.zst"))  # (pixels: stored_pixels reads them as is)
     if len(set(names)) != len(names):
         raise CacheError(f"{path}: a sample's members are not consecutive")
+    every = set().union(*members, ("meta", "features", "attention", "cls") if members else ())
     index = {}
-    for member in (members[0] if members else {}):
+    for member in sorted(every):  # every sample has every member: a missing one is named
         try:
             index[member] = np.array([m[member] for m in members], dtype=np.int64).reshape(-1, 3)
         except KeyError:
-            raise CacheError(f"{path}: some samples have no {member} member") from None
-    for required in ("meta", "features", "attention", "cls"):
-        if members and required not in index:
-            raise CacheError(f"{path}: samples have no {required} member")
+            row = next(i for i, m in enumerate(members) if member not in m)
+            raise CacheError(f"{path}: sample {names[row]} (row {row}) has no {member} member; "
+                             "run `mrmae cache verify --repair`") from None
     return names, index
 
 
