@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mrmae.extract.device_decode import image_size
+from mrmae.shared.cache_format import CacheError
 from mrmae.shared.shards import RawSample
-from mrmae.shared.views import (ImageDecodeError, View, ViewConfig, decode_image, encode_view, render_view_uint8,
-                                sample_views)
+from mrmae.shared.views import (ImageDecodeError, View, ViewConfig, ViewError, check_view, decode_image, encode_view,
+                                render_view_uint8, sample_views)
 
 
 @dataclass
@@ -63,6 +64,13 @@ def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int,
         return empty
     if views is None:
         views = sample_views(sample.key, image.shape[1], image.shape[2], cfg)
+    else:  # replayed from a cache: a box that does not fit is another image, or a damaged cache
+        for v in views:
+            try:
+                check_view(v, image.shape[1], image.shape[2])
+            except ViewError as e:
+                raise CacheError(f"key {sample.key}: cached {e}: not the image its views were drawn on, or a "
+                                 "damaged cache (`mrmae cache verify`)") from None
     pixels = torch.stack([render_view_uint8(image, v, input_size) for v in views])
     crops = np.array([v.box for v in views], dtype=np.int32)
     flips = np.array([v.flip for v in views], dtype=bool)

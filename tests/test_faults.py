@@ -596,6 +596,28 @@ def test_s3_format_3_cache_trains_with_one_warning_and_checked_crops(demo_shards
     assert _nothing_trained3(tmp_path / "o3")
 
 
+def test_s3_a_cached_crop_outside_its_image_stops_add_teacher_in_one_line(demo_shards, caches3, tmp_path):
+    """--add-teacher replays the cache's views: a box that does not fit the decoded image
+    (here written through zarr, so its checksum is valid) is one line naming the key."""
+    from click.testing import CliRunner
+    from conftest import DINO_TINY
+
+    from mrmae.cli import cli
+
+    cache = tmp_path / "c"
+    shutil.copytree(caches3["zarr"], cache)
+
+    def wide(boxes):
+        boxes[:, 3] = 100_000
+
+    _set_crops3(cache, wide)
+    r = CliRunner().invoke(cli, ["extract-features", "--out", str(cache), "--add-teacher", DINO_TINY, "--name", "again",
+                                 "--shards", str(demo_shards[0]), "--no-progress"])
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert "key demo_" in lines[0] and "is not inside the" in lines[0], lines[0]
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
 def test_s3_verify_repair_then_extraction_redoes_only_the_damaged_shard(demo_shards, tmp_path, fmt):
     """`cache verify --repair` marks the damaged shard incomplete; the next extraction
