@@ -1,4 +1,4 @@
-"""Cache format v2: the one package that reads and writes a teacher-feature cache.
+"""Cache format v4: the one package that reads and writes a teacher-feature cache.
 
 A cache is a directory, local or at an fsspec URL, with `manifest.json` (what made the
 cache), one stored shard per input shard and, beside each complete one, its entry
@@ -14,7 +14,10 @@ works under a temporary name of its own, checks its rows, and publishes the grou
 its content-addressed name (renamed locally, uploaded to a URL; a writer that finds the
 same bytes there yields); its entry is written last, so a killed writer never leaves a
 shard that looks finished, and concurrent writers need no lock.
-`FeatureCache(root).shard(url)` reads either backend through one interface.
+`FeatureCache(root).shard(url)` reads either backend through one interface, checking every
+chunk or member as it is read (format 4: crc32c codec on every Zarr array, every chunk
+present; zstd frame checksums and sealed meta.json in a wds tar); a format 2 or 3 cache
+reads unchecked, with one warning per process.
 
 With `extract-features --pca K` the stored `features` are K coefficients on a basis
 fitted before the first shard and kept in `pca/basis.npz` (`pca`); `FeatureCache.pca()`
