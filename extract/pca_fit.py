@@ -59,7 +59,7 @@ class CovarianceAccumulator:
 
 
 def fit_pca_basis(urls: list[str], teacher: Teacher, cfg,
-                  geometry_of: Callable[[str], dict[str, list[View]] | None]) -> cf.PcaBasis:
+                  geometry_of: Callable[[str, list], dict[str, list[View]] | None]) -> cf.PcaBasis:
     """Fit the cache's basis on the teacher's float32 tokens of the first `cfg.pca_fit_views`
     views, in input-URL order and tar order within a shard (the same views on every rank and
     every run: a fixed, deterministic sample). Samples that do not render are left out here;
@@ -75,8 +75,9 @@ def fit_pca_basis(urls: list[str], teacher: Teacher, cfg,
         for url in urls:
             if views >= want:
                 break
-            geometry = geometry_of(url)
-            unique, _ = _unique_samples(read_shard(url), geometry)
+            samples = read_shard(url)
+            geometry = geometry_of(url, samples)  # (replayed views: their images proven first)
+            unique, _ = _unique_samples(samples, geometry)
             with torch.no_grad():
                 for batch in _teacher_batches(unique, loader, cfg, geometry, on_error=lambda key, reason: None):
                     batch = batch[:want - views]  # exactly N views, whatever the batch size
@@ -96,7 +97,7 @@ def fit_pca_basis(urls: list[str], teacher: Teacher, cfg,
 
 
 def ensure_pca_basis(cfg, teacher: Teacher, urls: list[str], rank: int,
-                     geometry_of: Callable[[str], dict[str, list[View]] | None]) -> tuple[cf.PcaBasis, str]:
+                     geometry_of: Callable[[str, list], dict[str, list[View]] | None]) -> tuple[cf.PcaBasis, str]:
     """The cache's stored basis and its sha256, fitting and storing it first if absent.
 
     Every process of a local cache fits and offers its basis; the first to finish wins

@@ -124,6 +124,22 @@ def replayed_views(group: cf.ShardGroup | cf.WdsShard) -> dict[str, list[View]]:
     return views
 
 
+def replay_geometry(cache: cf.FeatureCache, url: str, samples: list[RawSample]) -> dict[str, list[View]]:
+    """The cached views of shard `url` to replay for another teacher, after proving that
+    `samples` (the shard as read now) hold the images they were drawn on: each key's image
+    against its rows' recorded sha256, before any view is rendered (one CacheError naming
+    the shard and the first key whose image differs)."""
+    group = cache.shard(url)
+    views = replayed_views(group)
+    if group.image_digests() is not None:
+        seen: set[str] = set()
+        for s in samples:
+            if s.key in views and s.key not in seen:  # the first copy of a key is the one extracted
+                seen.add(s.key)
+                cf.check_image(url, s.key, s.image, group.image_digest(group.row(s.key, 0)), str(cache.root))
+    return views
+
+
 def _unique_samples(samples: list[RawSample], geometry: dict[str, list[View]] | None
                     ) -> tuple[list[RawSample], list[dict]]:
     """(samples to render, skipped entries): a repeated key would make rows ambiguous, so
@@ -197,6 +213,9 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     samples, source_sha256 = read or read_shard_with_digest(url)
     unique, skipped = _unique_samples(samples, geometry)
     _report_repeats(url, skipped, cfg.strict)  # before anything of the shard is written
+    # each row records the sha256 of the image file its views are rendered from, so training
+    # can prove a sample's image before rendering it (a shard's sha256 is known only at its end)
+    digests = {s.key: cf.image_sha256(s.image) for s in unique}
     n_views = cfg.views.per_image
     ext = PIXEL_CODECS[cfg.store_pixels][2] if cfg.store_pixels else None
     writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
@@ -217,7 +236,7 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
         try:
             loader = loader or render_loader(cfg, teacher.input_size)
             for batch in _teacher_batches(unique, loader, cfg, geometry, on_error):
-                behind.submit(_write_batch, _device_batch(batch, teacher, cfg, pca), cfg, writer, bar)
+                behind.submit(_write_batch, _device_batch(batch, teacher, cfg, pca), cfg, writer, bar, digests)
             behind.drain()
         except SkippedSampleError as e:
             raise SkippedSampleError(str(e) if str(e).startswith(url) else f"{url}: {e}") from e
@@ -363,8 +382,8 @@ def _encoder_pool() -> ThreadPoolExecutor:
 
 
 def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
-                 bar: tqdm | None) -> None:
-    """Append one batch to the shard (on the write thread)."""
+                 bar: tqdm | None, digests: dict[str, bytes]) -> None:
+    """Append one batch to the shard (on the write thread); `digests`: key -> sha256 of its image."""
     if b.ready is not None:
         b.ready.synchronize()
     np_ = lambda v: tuple(t.numpy() for t in v) if isinstance(v, tuple) else v.numpy()  # noqa: E731
@@ -372,7 +391,8 @@ def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.ShardWriter | cf.
     if isinstance(pixels, torch.Tensor):  # ~2-20 ms a view: one thread would bound the device path
         pixels = list(_encoder_pool().map(lambda p: encode_view(p, cfg.store_pixels), pixels))
     writer.append(list(b.keys), np.array(b.views), np.stack(b.crops), np.array(b.flips), np_(b.features),
-                  np_(b.attention), np_(b.cls), {i: np_(t) for i, t in b.layers.items()}, pixels=pixels)
+                  np_(b.attention), np_(b.cls), {i: np_(t) for i, t in b.layers.items()}, pixels=pixels,
+                  image_sha256=[digests[k] for k in b.keys])
     if bar is not None:
         bar.update(len(b.keys))
 
@@ -424,7 +444,8 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     run_cfg = replace(cfg, device=device)
     pca = None
     if cfg.pca:
-        geometry_of = (lambda u: replayed_views(base.shard(u))) if base is not None else (lambda u: None)
+        geometry_of = (lambda u, samples: replay_geometry(base, u, samples)) if base is not None else \
+            (lambda u, samples: None)
         basis, digest = ensure_pca_basis(run_cfg, teacher, urls, rank, geometry_of)
         fitted = replace(wanted.storage.pca, **measured_fields(basis, digest))
         wanted = replace(wanted, storage=replace(wanted.storage, pca=fitted))
@@ -443,8 +464,8 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     loader = render_loader(run_cfg, teacher.input_size)
     try:
         for url, read in _read_ahead(todo):
-            entry = extract_shard(url, teacher, run_cfg, bar, replayed_views(base.shard(url)) if base else None, pca,
-                                  loader, read)
+            geometry = replay_geometry(base, url, read[0]) if base is not None else None
+            entry = extract_shard(url, teacher, run_cfg, bar, geometry, pca, loader, read)
             summary["extracted"] += 1
             summary["views"] += entry.num_views
             summary["samples_skipped"] += len(entry.skipped)

@@ -190,6 +190,8 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
             key, crop, flip = str(rec["keys"][0]), rec["crop"][0], bool(rec["flip"][0])
             if key not in images or images[key].image is None:
                 raise cf.CacheError(f"{source}: key {key} is in the cache but not in the shard")
+            # the image the view was rendered from, not another behind the same key
+            cf.check_image(source, key, images[key].image, group.image_digest(row), str(cache.root))
             view = View(*(int(c) for c in crop), flip=flip)
             x = render_view(decode_image(images[key].image), view, teacher.input_size, teacher.mean, teacher.std)
             out = teacher(x[None].to(device), layers=layers)

@@ -743,39 +743,134 @@ def test_5_plain_live_and_finetune_count_pipe_and_url_shards(demo_shards, tmp_pa
             if "loss" in m] == [1, 2, 3]  # 12 images / batch 4
 
 
-def test_5_other_images_behind_the_same_name_stop_pretraining(tmp_path):
-    """A cache extracted from shard A; pretraining on `pipe:cat B`, B holding the same file
-    and key names with other images: one line naming the shard, non-zero exit."""
-    import subprocess
-    import sys
-
-    import fsspec
-    from click.testing import CliRunner
+def _other_images(tmp_path, n: int = 12):
+    """(shard A, shard B, cache of A): B has A's file name and keys, other images."""
     from conftest import DINO_TINY
 
-    from mrmae.cli import cli
     from mrmae.demo import write_demo_shards
     from mrmae.extract.runner import ExtractConfig, run_extraction
     from mrmae.shared.views import ViewConfig
 
-    a = write_demo_shards(tmp_path / "a", num_images=6, shard_size=6, seed=0)[0]
-    b = write_demo_shards(tmp_path / "b", num_images=6, shard_size=6, seed=1)[0]
+    a = write_demo_shards(tmp_path / "a", num_images=n, shard_size=n, seed=0)[0]
+    b = write_demo_shards(tmp_path / "b", num_images=n, shard_size=n, seed=1)[0]
     assert a.name == b.name and a.read_bytes() != b.read_bytes()
     cache = tmp_path / "cache"
-    run_extraction(ExtractConfig(shards=str(a), out=str(cache), teacher=DINO_TINY, views=ViewConfig(per_image=2),
+    run_extraction(ExtractConfig(shards=str(a), out=str(cache), teacher=DINO_TINY, views=ViewConfig(per_image=1),
                                  batch_size=12, progress=False))
-    args = ["pretrain", "--feature-cache", str(cache), *TINY_PRETRAIN]
+    return a, b, cache
+
+
+def test_5_other_images_behind_the_same_name_stop_pretraining_before_any_step(tmp_path):
+    """A cache extracted from shard A; pretraining (a real process) on `pipe:cat B`, B holding
+    the same file and key names with other images: one line naming the shard and its FIRST
+    key, before any step (no metrics line, no checkpoint; with the shard-level sha256 alone,
+    a batch of B's images trained before the shard's end). At a URL alike."""
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    import fsspec
+    from click.testing import CliRunner
+
+    from mrmae.cli import cli
+
+    a, b, cache = _other_images(tmp_path)
+    args = ["pretrain", "--feature-cache", str(cache), *TINY_PRETRAIN, "--shuffle-buffer", "0",
+            "--save-every-steps", "1"]
     r = CliRunner().invoke(cli, [*args, "--shards", f"pipe:cat {a}", "--out", str(tmp_path / "ok")])
     assert r.exit_code == 0, r.output + repr(r.exception)  # the extracted bytes, piped: trains
-    r = subprocess.run([sys.executable, "-m", "mrmae", *args, "--shards", f"pipe:cat {b}", "--out",
-                        str(tmp_path / "other")], capture_output=True, text=True, timeout=120)
+    assert len((tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()) == 2
+    out = tmp_path / "other"
+    r = subprocess.run([sys.executable, "-m", "mrmae", *args, "--shards", f"pipe:cat {b}", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
     assert r.returncode != 0 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert errors[0].startswith(f"mrmae: error: pipe:cat {b}: not the shard extracted into {cache}")
+    assert errors[0].startswith(f"mrmae: error: pipe:cat {b}: key demo_00000000: image differs from the one "
+                                f"extracted into {cache}"), errors[0]
+    written = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
+    assert set(written) <= {"config.json", "metrics.jsonl"}, sorted(written)  # no checkpoint
+    assert "metrics.jsonl" not in written or written["metrics.jsonl"].read_text() == ""  # no step
     with fsspec.open(f"memory://faults-5b/{b.name}", "wb") as f:  # a URL: no size to compare, only bytes
         f.write(b.read_bytes())
     r = CliRunner().invoke(cli, [*args, "--shards", f"memory://faults-5b/{b.name}", "--out", str(tmp_path / "url")])
-    assert _error_line(r).startswith(f"mrmae: error: memory://faults-5b/{b.name}: not the shard extracted into")
+    assert _error_line(r).startswith(f"mrmae: error: memory://faults-5b/{b.name}: key demo_00000000: image differs")
+    # A's images, another label member: the images pass, the shard's sha256 stops it
+    relabelled = tmp_path / "c" / a.name
+    relabelled.parent.mkdir()
+    with tarfile.open(a) as src, tarfile.open(relabelled, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            data = b"99" if m.name.endswith(".cls") else data
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    r = CliRunner().invoke(cli, [*args, "--shards", f"pipe:cat {relabelled}", "--out", str(tmp_path / "cls")])
+    assert _error_line(r).startswith(f"mrmae: error: pipe:cat {relabelled}: not the shard extracted into {cache}")
+
+
+def test_5_add_teacher_refuses_other_images_behind_the_same_name(tmp_path):
+    """--add-teacher --shards B replays A's views: B's first image is refused before any view
+    is rendered, one line naming the shard and key; no target shard is written."""
+    from click.testing import CliRunner
+    from conftest import DINO_TINY
+
+    from mrmae.cli import cli
+
+    a, b, cache = _other_images(tmp_path, n=6)
+    r = CliRunner().invoke(cli, ["extract-features", "--out", str(cache), "--add-teacher", DINO_TINY, "--name", "t",
+                                 "--shards", str(b), "--no-progress"])
+    assert _error_line(r).startswith(f"mrmae: error: {b}: key demo_00000000: image differs from the one extracted "
+                                     f"into {cache}")
+    assert not list((cache / "targets" / "t").glob("shards/*"))
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_5_rows_record_their_image_sha256(demo_shards, tmp_path, backend):
+    """Every row records the sha256 of the image file its view was rendered from (Zarr:
+    array image_sha256 [N, 32] uint8 with a crc32c; wds: sealed meta.json field); a damaged
+    digest is one line naming the shard."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from conftest import DINO_TINY
+
+    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.shared import cache_format as cf
+    from mrmae.shared.shards import read_shard
+    from mrmae.shared.views import ViewConfig
+
+    cache = tmp_path / "cache"
+    run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(cache), teacher=DINO_TINY, format=backend,
+                                 views=ViewConfig(per_image=2), batch_size=12, progress=False))
+    group = cf.FeatureCache(str(cache)).shard(str(demo_shards[0]))
+    images = {s.key: hashlib.sha256(s.image).digest() for s in read_shard(str(demo_shards[0]))}
+    digests = group.image_digests()
+    assert digests.dtype == np.uint8 and digests.shape == (12, 32)
+    assert [group.image_digest(i) for i in range(12)] == [images[str(k)] for k in group.keys]
+    if backend == "zarr":
+        meta = json.loads((Path(group.path) / "image_sha256" / "zarr.json").read_text())
+        assert "crc32c" in [c["name"] for c in meta["codecs"]]
+        chunk = Path(group.path) / "image_sha256" / "c" / "0" / "0"
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+        with pytest.raises(cf.CacheError, match=r"array image_sha256, all rows: unreadable chunk"):
+            cf.ShardGroup(group.path, group.entry).image_digests()
+    else:  # the field is sealed: another digest fails meta.json's crc32c
+        import tarfile
+
+        with tarfile.open(group.path) as tf:
+            first = next(m for m in tf.getmembers() if m.name.endswith(".meta.json"))
+            assert json.loads(tf.extractfile(first).read())["image_sha256"] == images[str(group.keys[0])].hex()
+        raw = bytearray(Path(group.path).read_bytes())
+        at = raw.index(images[str(group.keys[0])].hex().encode())
+        raw[at] = ord("0") if raw[at] != ord("0") else ord("1")
+        Path(group.path).write_bytes(bytes(raw))
+        with pytest.raises(cf.CacheError, match=r"meta.json, row 0: checksum mismatch"):
+            cf.WdsShard(group.path, group.entry).image_digests()
+
 
 # --- 6. --resume refuses another cache, teacher, model or data -------------------------
 

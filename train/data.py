@@ -140,9 +140,23 @@ class ViewJoiner:
                 return None  # undecodable or without an image at extraction: no rows
             raise cf.CacheError(f"{url}: key {s.key} has no rows in the cache {self.cache.root} "
                                 "(shard changed since extraction?)") from None
+        self._check_image(url, s, v, [(self.cache, group, row), *zip(self.joint, joint, [None] * len(joint))])
         out.update(self._targets(group, row, s.key))
         out.update(self._joint_targets(joint, s.key, v, url))
         return out
+
+    @staticmethod
+    def _check_image(url: str, s: TarSample, view: int, rows: list[tuple[cf.FeatureCache, object, int | None]]) -> None:
+        """The sample's image must be the file its cached views were rendered from, in every
+        cache (row None: look it up by key and view): checked before the sample goes on to be
+        rendered and trained on, so other images behind the same shard and key names stop
+        training at the first sample (the shard's sha256, `_check_identity`, only at its end)."""
+        digest = None
+        for cache, group, row in rows:
+            recorded = group.image_digest(group.row(s.key, view) if row is None else row)
+            if recorded is not None:
+                digest = digest or cf.image_sha256(s.image)
+                cf.check_image(url, s.key, s.image, recorded, str(cache.root), digest)
 
     @staticmethod
     def _check_identity(url: str, cache: cf.FeatureCache, group, sha256: str | None) -> None:

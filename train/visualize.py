@@ -107,6 +107,8 @@ def _samples(cache: cf.FeatureCache, shards: str, view_index: int, num: int):
             if image is None or (key in skipped and not _has_row(group, key, view_index)):
                 continue  # no rows: skipped at extraction (a repeated key's first copy has them)
             t = group.get(key, view_index)
+            # the image its view was rendered from (a cache without per-row digests: not checked)
+            cf.check_image(url, key, image, group.image_digest(group.row(key, view_index)), str(cache.root))
             try:
                 view = render_view_uint8(decode_image(image), View(*t.crop, flip=t.flip), size)
             except ViewError as e:  # the cached box does not fit its image: damage, or another image

@@ -184,6 +184,66 @@ def check_pixels_given(source: str, stores: bool, pixels: list[bytes] | None, ro
         raise ValueError(f"{source}: pixels must be given for every row exactly when the cache stores them")
 
 
+IMAGE_DIGEST_BYTES = 32  # sha256 of a row's source image file, as extraction read it
+
+
+def image_sha256(image: bytes | None) -> bytes:
+    """The digest a row records of the image its views were rendered from (32 bytes; of
+    b"" for a sample without an image, which then never matches a recorded image)."""
+    return hashlib.sha256(image or b"").digest()
+
+
+def image_digests(source: str, digests: list[bytes] | np.ndarray | None, rows: int) -> np.ndarray | None:
+    """A writer's `append` argument -> uint8 [rows, 32] (or None: the rows record none)."""
+    if digests is None:
+        return None
+    if isinstance(digests, list):  # 32-byte digests, one a row
+        if any(len(d) != IMAGE_DIGEST_BYTES for d in digests):
+            raise ValueError(f"{source}: an image digest is not {IMAGE_DIGEST_BYTES} bytes")
+        digests = np.frombuffer(b"".join(digests), np.uint8)
+    out = np.asarray(digests, dtype=np.uint8).reshape(-1, IMAGE_DIGEST_BYTES)
+    if len(out) != rows:
+        raise ValueError(f"{source}: {len(out)} image digests for {rows} rows")
+    return out
+
+
+class DigestColumn:
+    """A writer's image digests: given for every row or for none (a shard that records some
+    rows' images would check only those)."""
+
+    def __init__(self, source: str):
+        self.source, self.parts, self.rows, self.missing = source, [], 0, 0
+
+    def add(self, digests: list[bytes] | np.ndarray | None, rows: int) -> None:
+        column = image_digests(self.source, digests, rows)
+        if column is None:
+            self.missing += rows
+        else:
+            self.parts.append(column)
+            self.rows += rows
+        if self.missing and self.rows:
+            raise ValueError(f"{self.source}: image digests must be given for every row or for none")
+
+    def column(self) -> np.ndarray | None:
+        """uint8 [N, 32] of every row appended, or None when they record no images."""
+        if not self.rows:
+            return None
+        return np.concatenate(self.parts)
+
+
+def check_image(where: str, key: str, image: bytes | None, recorded: bytes | None, cache: str,
+                digest: bytes | None = None) -> None:
+    """The image a cached view is replayed from (`digest`: its sha256, when known already)
+    must be the one it was rendered from at extraction: `recorded` (None: the cache predates
+    per-row digests, only the shard's sha256 is checked). One CacheError naming `where` and key."""
+    if recorded is None:
+        return
+    digest = digest if digest is not None else image_sha256(image)
+    if digest != recorded:
+        raise CacheError(f"{where}: key {key}: image differs from the one extracted into {cache} (sha256 "
+                         f"{digest.hex()[:16]}..., {recorded.hex()[:16]}... when extracted): same key, other image")
+
+
 def view_targets(reader, key: str, view: int) -> ViewTargets:
     """One row of a shard reader (either backend: `row` and `read`) as ViewTargets."""
     i = reader.row(key, view)

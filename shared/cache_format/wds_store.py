@@ -1,7 +1,8 @@
 """The WebDataset backend: one tar per input shard, one tar sample per view.
 
     CACHE/shards/<name>.<sha>.tar         named after its bytes, renamed into place when checked
-        <sample>.meta.json                {key, view, crop: [top, left, height, width], flip}
+        <sample>.meta.json                {key, view, crop: [top, left, height, width], flip,
+                                           image_sha256: hex sha256 of the source image file}
         <sample>.features.npy.zst         [L, C] int8 (or float16)
         <sample>.scale.npy.zst            [L] or [L, G] float16, int8 only: value = features x scale
         <sample>.attention.npy.zst        [L] float16
@@ -30,8 +31,8 @@ import google_crc32c
 import numpy as np
 from numcodecs import Zstd
 
-from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, check_rows,
-                     content_group, dequantize, group_digest, publish_local, read_error, stored_features,
+from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
+                     check_pixels_given, check_rows, content_group, dequantize, group_digest, publish_local, read_error, stored_features,
                      view_targets, writer_temp)
 from .location import is_file, is_url, open_file
 from .manifest import ShardEntry, group_name
@@ -40,6 +41,7 @@ ZSTD_LEVEL = 3
 MEMBER_CODECS = ("zstd", "none")  # each .npy member compressed alone (.npy.zst), or stored as is
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MEMBER = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)\.(npy|npy\.zst|json|png|webp|jpg)")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _GEOMETRY_BYTES = 2 + 16 + 1  # view int16, crop 4 x int32, flip bool: as the Zarr backend counts them
 
 
@@ -126,6 +128,7 @@ class WdsShardWriter:
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
         self._names: set[str] = set()
         self._pixels = pixels  # file extension of stored views (`<sample>.pixels.<ext>`), or None
+        self._digests = DigestColumn(source)  # every row's image sha256, or none (checked by `finish`)
         self.rows = 0
 
     def _add(self, name: str, data: bytes) -> None:
@@ -151,11 +154,16 @@ class WdsShardWriter:
 
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
                features: np.ndarray | tuple, attention: np.ndarray, cls: np.ndarray,
-               layers: dict[int, np.ndarray | tuple] | None = None, pixels: list[bytes] | None = None) -> None:
+               layers: dict[int, np.ndarray | tuple] | None = None, pixels: list[bytes] | None = None,
+               image_sha256: list[bytes] | np.ndarray | None = None) -> None:
         """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
         [n, L, K] in a PCA cache, or that already quantised: an (int8, float16 scale) pair from
-        `quantize_int8_torch`, as layers too; pixels: each row's encoded view, when stored)."""
+        `quantize_int8_torch`, as layers too; pixels: each row's encoded view, when stored;
+        image_sha256: [n] 32-byte sha256 of each row's source image file, for every row or none)."""
         check_pixels_given(self.source, self._pixels is not None, pixels, len(keys))
+        first = self._digests.rows
+        self._digests.add(image_sha256, len(keys))
+        digests = self._digests.parts[-1] if self._digests.rows > first else None
         stored: dict[str, np.ndarray] = {}
         for name, value in [("features", features)] + [(f"layer{i}", (layers or {})[i]) for i in self.layers]:
             stored[name], scale = stored_features(value, self.dtype, self.int8_group)
@@ -174,6 +182,8 @@ class WdsShardWriter:
                 raise CacheError(f"{self.source}: key {key!r} view {v} written twice")
             self._names.add(sample)
             meta = {"key": key, "view": v, "crop": [int(c) for c in crop[r]], "flip": bool(flip[r])}
+            if digests is not None:  # sealed with the rest of meta.json
+                meta["image_sha256"] = digests[r].tobytes().hex()
             members = [(m, self._encode(stored[m][r])) for m in order] + [
                 ("attention", self._encode(attention[r])), ("cls", self._encode(cls[r]))] + [
                 (m, self._encode(stored[m][r])) for m in extra]
@@ -192,9 +202,13 @@ class WdsShardWriter:
         try:
             stored = WdsShard(self.tmp, None)  # (read back before it has an entry)
             rows = list(zip((str(k) for k in stored.keys), (int(v) for v in stored.views)))
+            digests, given = stored.image_digests(), self._digests.column()
         except (OSError, CacheError) as e:  # the temporary was removed or damaged under this writer
             raise CacheError(f"{self.tmp}: unreadable as written ({e}); shard {self.source} not published") from e
         check_rows(self.source, str(self.tmp), rows, self._written if expected is None else expected)
+        if (digests is None) != (given is None) or (given is not None and not np.array_equal(digests, given)):
+            raise CacheError(f"{self.tmp}: image_sha256 in meta.json is not as written; shard {self.source} "
+                             "not published")
         self.digest = group_digest(self.tmp)
         self.group_path = content_group(self.name, self.digest[0], ".tar")
         self.final = self.root / self.group_path
@@ -290,6 +304,19 @@ def _read_index(path: str) -> tuple[list[str], dict[str, np.ndarray]]:
     return names, index
 
 
+def _digest_column(path: str, metas: list[dict]) -> np.ndarray | None:
+    """Every meta.json's `image_sha256` -> uint8 [N, 32], or None when no row records one;
+    some rows without it, or one that is not 64 lower-case hex digits, is damage."""
+    given = [m.get("image_sha256") for m in metas]
+    if not any(d is not None for d in given):
+        return None
+    for row, d in enumerate(given):
+        if not (isinstance(d, str) and _HEX_DIGEST.fullmatch(d)):
+            raise CacheError(f"{path}: row {row}: meta.json image_sha256 {str(d)[:80]!r} is no sha256 (64 hex "
+                             "digits); run `mrmae cache verify --repair`")
+    return np.frombuffer(bytes.fromhex("".join(given)), np.uint8).reshape(len(metas), IMAGE_DIGEST_BYTES)
+
+
 class WdsShard:
     """Read access to one shard's tar, with the interface of the Zarr `ShardGroup`.
 
@@ -313,6 +340,7 @@ class WdsShard:
         self._loaded = False
         self._block: tuple[int, int, bytes] | None = None  # (first row, end row, bytes from _lo[first])
         self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._image_sha256: np.ndarray | None = None
 
     def _load(self) -> None:
         if self._loaded:
@@ -340,6 +368,7 @@ class WdsShard:
         check_crops(f"{self.path}: meta.json crop", self._crop)
         self._crop = self._crop.astype(np.int32)
         self._flip = np.array([m["flip"] for m in metas], dtype=bool)
+        self._image_sha256 = _digest_column(self.path, metas)
         spans = np.stack(list(index.values())) if index else np.zeros((0, n, 3), np.int64)
         self._lo = spans[..., 0].min(axis=0) if n else np.zeros(0, np.int64)  # first data byte of each row
         self._hi = (spans[..., 0] + spans[..., 1]).max(axis=0) if n else np.zeros(0, np.int64)  # past its last
@@ -456,6 +485,17 @@ class WdsShard:
             attention = np.stack(attention).astype(np.float32) if attention else np.zeros((0, 0), np.float32)
             self._geometry = (self._crop, self._flip, attention)
         return self._geometry
+
+    def image_digests(self) -> np.ndarray | None:
+        """uint8 [N, 32]: the sha256 of the source image file each row was rendered from
+        (meta.json `image_sha256`); None for a cache written before rows recorded it."""
+        self._load()
+        return self._image_sha256
+
+    def image_digest(self, i: int) -> bytes | None:
+        """Row i's recorded image sha256 (32 bytes), or None (`image_digests`)."""
+        digests = self.image_digests()
+        return None if digests is None else digests[i].tobytes()
 
     def features_row(self, i: int, layer: str = "features") -> np.ndarray:
         """Features of one row [L, C] float32."""

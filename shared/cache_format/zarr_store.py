@@ -8,6 +8,7 @@
         attention [N,L] float16   cls [N,C] float16   layer<i> [N,L,C] (+ layer<i>_scale)
         pixels [bytes] uint8 + pixels_offsets [N+1] int64     (--store-pixels: row i's image
                                   file is pixels[offsets[i]:offsets[i+1]])
+        image_sha256 [N,32] uint8 sha256 of the source image file row i's view was rendered from
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from .common import (ROWS_PER_CHUNK, CacheError, ViewTargets, check_crops, check_pixels_given, check_rows,
-                     content_group, dequantize, group_digest, int8_groups, publish_local, read_error, remove_path,
+from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
+                     check_pixels_given, check_rows, content_group, dequantize, group_digest, int8_groups, publish_local, read_error, remove_path,
                      stored_features, view_targets, writer_temp)
 from .location import Location, is_url
 from .manifest import ShardEntry, group_name
@@ -122,14 +123,18 @@ class ShardWriter:
                           config=ALL_CHUNKS) \
             if pixels else None
         self._pixel_offsets, self._pixel_buf, self._pixel_written = [0], bytearray(), 0
+        self._digests = DigestColumn(source)  # image_sha256: written whole by `finish` (32 bytes a row)
 
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray,
                features: np.ndarray | tuple, attention: np.ndarray, cls: np.ndarray,
-               layers: dict[int, np.ndarray | tuple] | None = None, pixels: list[bytes] | None = None) -> None:
+               layers: dict[int, np.ndarray | tuple] | None = None, pixels: list[bytes] | None = None,
+               image_sha256: list[bytes] | np.ndarray | None = None) -> None:
         """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
         [n, L, K] in a PCA cache, or that already quantised: an (int8, float16 scale) pair from
-        `quantize_int8_torch`, as layers too; pixels: each row's encoded view, when stored)."""
+        `quantize_int8_torch`, as layers too; pixels: each row's encoded view, when stored;
+        image_sha256: [n] 32-byte sha256 of each row's source image file, for every row or none)."""
         check_pixels_given(self.source, self._pixels is not None, pixels, len(keys))
+        self._digests.add(image_sha256, len(keys))
         for data in pixels or []:
             self._pixel_buf += data
             self._pixel_offsets.append(self._pixel_offsets[-1] + len(data))
@@ -181,6 +186,10 @@ class ShardWriter:
             self.group.create_array("pixels_offsets", data=offsets, chunks=(len(offsets),), **SMALL)
         for arr in self.arrays.values():
             arr.resize((self.rows,) + arr.shape[1:])
+        digests = self._digests.column()
+        if digests is not None:
+            self.group.create_array("image_sha256", data=digests, chunks=(max(len(digests), 1), IMAGE_DIGEST_BYTES),
+                                    **SMALL)
         self.group.attrs.update({**attrs, "rows": self.rows, "status": "complete"})
         self._check_stored(self._written if expected is None else expected)
         self.digest = group_digest(self.tmp)
@@ -194,9 +203,13 @@ class ShardWriter:
         try:
             stored = ShardGroup(self.tmp, None)  # (read back before it has an entry)
             rows = list(zip((str(k) for k in stored.keys), (int(v) for v in stored.views)))
+            digests = stored.image_digests()
         except (CacheError, OSError) as e:  # the temporary was removed or damaged under this writer
             raise CacheError(f"{self.tmp}: unreadable as written ({e}); shard {self.source} not published") from e
         check_rows(self.source, str(self.tmp), rows, expected)
+        given = self._digests.column()
+        if (digests is None) != (given is None) or (given is not None and not np.array_equal(digests, given)):
+            raise CacheError(f"{self.tmp}: array image_sha256 is not as written; shard {self.source} not published")
 
     def publish(self) -> bool:
         """Rename the finished group to `final`; False when the same bytes were published
@@ -278,6 +291,7 @@ class ShardGroup:
         self._pixel_offsets: np.ndarray | None = None
         self._pixel_block: tuple[int, int, bytes] | None = None  # (first row, end row, their bytes)
         self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._image_sha256: np.ndarray | None = None
 
     def _check_chunks(self) -> None:
         """Prove every array checksummed and whole: every chunk was written, empty or not,
@@ -342,6 +356,25 @@ class ShardGroup:
                               self._get("attention", slice(None)).astype(np.float32))
         return self._geometry
 
+    def image_digests(self) -> np.ndarray | None:
+        """uint8 [N, 32]: the sha256 of the source image file each row was rendered from,
+        read once; None for a cache written before rows recorded it (only the shard's
+        sha256 identifies its source then)."""
+        if self._image_sha256 is None:
+            if "image_sha256" not in self.group:
+                return None
+            digests = np.asarray(self._get("image_sha256", slice(None)))
+            if digests.dtype != np.uint8 or digests.shape != (len(self), IMAGE_DIGEST_BYTES):
+                raise CacheError(f"{self.path}: array image_sha256 is {digests.dtype} {list(digests.shape)}, "
+                                 f"not uint8 [{len(self)}, {IMAGE_DIGEST_BYTES}]; run `mrmae cache verify --repair`")
+            self._image_sha256 = digests
+        return self._image_sha256
+
+    def image_digest(self, i: int) -> bytes | None:
+        """Row i's recorded image sha256 (32 bytes), or None (`image_digests`)."""
+        digests = self.image_digests()
+        return None if digests is None else digests[i].tobytes()
+
     def stored_row(self, i: int, layer: str = "features") -> tuple[np.ndarray, np.ndarray | None]:
         """Features of one row as stored: (int8 [L, C], float16 scale [L] or [L, G]) or (float16 [L, C], None).
 
@@ -381,6 +414,7 @@ class ShardGroup:
         return view_targets(self, key, view)
 
     def logical_bytes(self) -> int:
-        """Bytes of the group's arrays before compression (keys and stored views not counted)."""
+        """Bytes of the group's arrays before compression (keys, stored views and image digests
+        not counted, as the wds backend counts them)."""
         return sum(a.nbytes for name, a in self.group.arrays() if a.dtype.kind != "T"
-                   and str(a.dtype) != "StringDType()" and not name.startswith("pixels"))
+                   and str(a.dtype) != "StringDType()" and not name.startswith(("pixels", "image_sha256")))
