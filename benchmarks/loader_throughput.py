@@ -14,6 +14,9 @@ so images/s is what one CPU core delivers per loader:
 - cached_unchecked (--checksums): the cached loader over a copy of the same cache as
   format 3 wrote it (no crc32c codec on any array, no chunk count at open): what the
   checksums of format 4 cost, measured side by side in the same run;
+- cached_undigested (--image-digests): the cached loader over a copy of the same cache
+  without the per-row `image_sha256` arrays: what checking each sample's image against
+  its recorded sha256 (before it is rendered) costs, side by side in the same run;
 - plain: MAE's own input pipeline over webdataset: `wds.WebDataset` -> shuffle ->
   `decode("pil")` -> torchvision `RandomResizedCrop(224, scale=(0.2, 1.0), bicubic)`,
   `RandomHorizontalFlip`, `ToTensor`, `Normalize` -> `batched`. No targets.
@@ -30,6 +33,7 @@ Run (about 2 minutes on 2 idle cores with the defaults, most of it making the ca
 
     .venv/bin/python benchmarks/loader_throughput.py
     .venv/bin/python benchmarks/loader_throughput.py --checksums --pixels none --reps 3  # the checksums' cost
+    .venv/bin/python benchmarks/loader_throughput.py --image-digests --pixels none --reps 3  # the image check's
     .venv/bin/python benchmarks/loader_throughput.py --images 32 --views 1 --reps 1 --budget 5  # ~40 s
 
 Writes benchmarks/results/loader_throughput.json (or --name, or --out PATH).
@@ -55,7 +59,7 @@ from _common import ForeignCpu, machine_facts, make_shards, table, warn_if_busy,
 from mrmae.shared import cache_format as cf
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, StudentStream
 
-LOADERS = ("cached", "cached_unchecked", "cached_pixels", "plain")
+LOADERS = ("cached", "cached_unchecked", "cached_undigested", "cached_pixels", "plain")
 
 
 def unchecked_copy(cache_root: str | Path, dst: str | Path) -> Path:
@@ -79,6 +83,17 @@ def unchecked_copy(cache_root: str | Path, dst: str | Path) -> Path:
     manifest = json.loads((dst / cf.MANIFEST).read_text())
     manifest["format_version"] = 3
     (dst / cf.MANIFEST).write_text(json.dumps(manifest))
+    return dst
+
+
+def undigested_copy(cache_root: str | Path, dst: str | Path) -> Path:
+    """A copy of a Zarr cache whose groups lack the `image_sha256` array (as an earlier
+    format 4 writer left them): its reader checks only each shard's sha256, no image."""
+    import shutil
+
+    dst = Path(shutil.copytree(cache_root, dst))
+    for entry in cf.read_manifest(dst).shards:
+        shutil.rmtree(dst / entry.group / "image_sha256")
     return dst
 
 
@@ -155,24 +170,26 @@ def loader_rate(dataset: torch.utils.data.IterableDataset, workers: int = 1, war
 
 def measure_loaders(urls: list[str], cache_root: str | Path, batch_size: int, budget_s: float,
                     warmup_batches: int = 1, reps: int = 1, workers: int = 1,
-                    unchecked_root: str | Path | None = None) -> dict:
+                    unchecked_root: str | Path | None = None, undigested_root: str | Path | None = None) -> dict:
     """The loaders over the same shards, order rotating per rep; medians and ratios to plain.
     `cached_pixels` runs only when the cache stores views (--store-pixels), `cached_unchecked`
-    only when `unchecked_root` (an `unchecked_copy` of the cache) is given."""
+    only when `unchecked_root` (an `unchecked_copy` of the cache) is given, `cached_undigested`
+    only when `undigested_root` (an `undigested_copy`) is."""
     cache = cf.FeatureCache(cache_root)
     unchecked = None
     if unchecked_root is not None:
         with warnings.catch_warnings():  # its one "no checksums" warning: that is the point here
             warnings.simplefilter("ignore", cf.UncheckedCacheWarning)
             unchecked = cf.FeatureCache(unchecked_root)
+    undigested = cf.FeatureCache(undigested_root) if undigested_root is not None else None
+    caches = {"cached": cache, "cached_pixels": cache, "cached_unchecked": unchecked, "cached_undigested": undigested}
     names = [n for n in LOADERS if (n != "cached_pixels" or cache.manifest.storage.pixels)
-             and (n != "cached_unchecked" or unchecked is not None)]
+             and (n == "plain" or caches[n] is not None)]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             dataset = (plain_mae_loader(urls, batch_size) if name == "plain"
-                       else cached_loader(urls, unchecked if name == "cached_unchecked" else cache, batch_size,
-                                          pixels=name == "cached_pixels"))
+                       else cached_loader(urls, caches[name], batch_size, pixels=name == "cached_pixels"))
             runs[name].append(loader_rate(dataset, workers, warmup_batches, budget_s))
     out: dict = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in rs), "reps": rs}
                  for name, rs in runs.items()}
@@ -182,6 +199,11 @@ def measure_loaders(urls: list[str], cache_root: str | Path, batch_size: int, bu
         out["ratio_cached_over_cached_unchecked"] = out["cached"]["images_per_s"] / out["cached_unchecked"]["images_per_s"]
         out["ratio_cached_over_cached_unchecked_per_rep"] = [
             a["images_per_s"] / b["images_per_s"] for a, b in zip(runs["cached"], runs["cached_unchecked"])]
+    if undigested is not None:
+        out["ratio_cached_over_cached_undigested"] = \
+            out["cached"]["images_per_s"] / out["cached_undigested"]["images_per_s"]
+        out["ratio_cached_over_cached_undigested_per_rep"] = [
+            a["images_per_s"] / b["images_per_s"] for a, b in zip(runs["cached"], runs["cached_undigested"])]
     out["params"] = {"batch_size": batch_size, "workers": workers, "warmup_batches": warmup_batches,
                      "budget_s": budget_s, "reps": reps, "teacher_dim": cache.manifest.teacher.dim}
     return out
@@ -227,6 +249,8 @@ def main() -> None:
                    help="--store-pixels codec of the cache (none: no cached_pixels loader)")
     p.add_argument("--checksums", action="store_true",
                    help="also run cached_unchecked: the same cache without its crc32c codecs (format 3)")
+    p.add_argument("--image-digests", action="store_true",
+                   help="also run cached_undigested: the same cache without its per-row image_sha256 arrays")
     p.add_argument("--name", default="loader_throughput", help="results/<name>.json")
     p.add_argument("--out", help="write the JSON here instead of results/<name>.json")
     args = p.parse_args()
@@ -246,10 +270,11 @@ def main() -> None:
                                      store_pixels=None if args.pixels == "none" else args.pixels))
         codecs = measure_pixel_codecs(urls[0])
         unchecked = unchecked_copy(cache, Path(tmp) / "cache-unchecked") if args.checksums else None
+        undigested = undigested_copy(cache, Path(tmp) / "cache-undigested") if args.image_digests else None
         print(f"{args.images} images, cache of {args.images * args.views} views ({args.teacher}) "
               f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
         result = measure_loaders(urls, cache, args.batch_size, args.budget, args.warmup_batches, args.reps,
-                                 unchecked_root=unchecked)
+                                 unchecked_root=unchecked, undigested_root=undigested)
     total_s, foreign = time.perf_counter() - t_start, other.seconds()
     facts["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     command = " ".join(["benchmarks/loader_throughput.py", *sys.argv[1:]])
@@ -266,6 +291,8 @@ def main() -> None:
     rows += [[f"ratio {name}/plain", result[f"ratio_{name}_over_plain"], "-", "-"] for name in names[:-1]]
     if "cached_unchecked" in result:
         rows.append(["ratio cached/cached_unchecked", result["ratio_cached_over_cached_unchecked"], "-", "-"])
+    if "cached_undigested" in result:
+        rows.append(["ratio cached/cached_undigested", result["ratio_cached_over_cached_undigested"], "-", "-"])
     print(table(["loader", "images/s per worker", "start-up s", "images timed"], rows))
     print(f"\nstored views ({codecs['views']} views of {codecs['size']} px; error against the rendered view, 0-255)")
     print(table(["codec", "KB/view", "encode ms", "decode ms", "max abs err", "mean abs err"],
