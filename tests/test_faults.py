@@ -808,9 +808,10 @@ def test_5_other_images_behind_the_same_name_stop_pretraining_before_any_step(tm
     assert _error_line(r).startswith(f"mrmae: error: pipe:cat {relabelled}: not the shard extracted into {cache}")
 
 
-def test_5_add_teacher_refuses_other_images_behind_the_same_name(tmp_path):
+def test_5_add_teacher_verify_and_visualize_refuse_other_images_behind_the_same_name(tmp_path):
     """--add-teacher --shards B replays A's views: B's first image is refused before any view
-    is rendered, one line naming the shard and key; no target shard is written."""
+    is rendered, one line naming the shard and key; no target shard is written. `cache
+    verify --shards B` and `visualize --shards B` alike."""
     from click.testing import CliRunner
     from conftest import DINO_TINY
 
@@ -822,6 +823,12 @@ def test_5_add_teacher_refuses_other_images_behind_the_same_name(tmp_path):
     assert _error_line(r).startswith(f"mrmae: error: {b}: key demo_00000000: image differs from the one extracted "
                                      f"into {cache}")
     assert not list((cache / "targets" / "t").glob("shards/*"))
+    # cache verify's re-rendering and visualize replay views from B alike: refused, naming the key
+    r = CliRunner().invoke(cli, ["cache", "verify", str(cache), "--recompute", "2", "--shards", str(b)])
+    assert f"{b}: key demo_0000000" in _error_line(r) and "image differs from the one extracted" in _error_line(r)
+    r = CliRunner().invoke(cli, ["visualize", "--feature-cache", str(cache), "--shards", str(b), "--num", "1",
+                                 "--out", str(tmp_path / "v.png")])
+    assert _error_line(r).startswith(f"mrmae: error: {b}: key demo_00000000: image differs from the one extracted")
 
 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
