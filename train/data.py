@@ -140,10 +140,10 @@ class ViewJoiner:
                 return None  # undecodable or without an image at extraction: no rows
             raise cf.CacheError(f"{url}: key {s.key} has no rows in the cache {self.cache.root} "
                                 "(shard changed since extraction?)") from None
-        self._check_image(url, s, v, [(self.cache, group, row), *zip(self.joint, joint, [None] * len(joint))])
         out.update(self._targets(group, row, s.key))
-        out.update(self._joint_targets(joint, s.key, v, url))
-        return out
+        out.update(self._joint_targets(joint, s.key, v, url))  # (a joint cache's missing row: named there)
+        self._check_image(url, s, v, [(self.cache, group, row), *zip(self.joint, joint, [None] * len(joint))])
+        return out  # (rendered, shuffled and batched only from here)
 
     @staticmethod
     def _check_image(url: str, s: TarSample, view: int, rows: list[tuple[cf.FeatureCache, object, int | None]]) -> None:
