@@ -130,6 +130,142 @@ def test_runs_command_knows_what_would_start_a_program():
         assert not cf.runs_command(source), source
 
 
+# hostile1: links out of the cache, crafted JSON and counts, crafted wds meta.json
+
+
+def _link_out(root, tmp_path, what):
+    """Move one of the cache's files (the group, a chunk of it, an entry) out of the cache
+    and leave a symbolic link to it in its place; -> the outside copy."""
+    group = next(p for p in (root / "shards").iterdir() if p.is_dir())
+    inside = {"group": group, "chunk": group / "features" / "c" / "0" / "0" / "0",
+              "entry": next((root / "shards").glob("*.json"))}[what]
+    outside = tmp_path / "outside" / what
+    outside.parent.mkdir(exist_ok=True)
+    shutil.move(inside, outside)
+    inside.symlink_to(outside, target_is_directory=outside.is_dir())
+    return outside
+
+
+@pytest.mark.parametrize("what", ["group", "chunk", "entry"])
+def test_a_symbolic_link_out_of_the_cache_is_never_followed(small_cache, demo_shards, tmp_path, what):
+    """A group, one of its chunk files or an entry that is a link out of the cache (the
+    same bytes, readable) is refused in one line naming it, by info and pretraining;
+    `verify --repair` removes the link and never what it points to. A cache root that is
+    itself a link reads as usual."""
+    root = tmp_path / "c"
+    shutil.copytree(small_cache, root)
+    outside = _link_out(root, tmp_path, what)
+    runner = CliRunner()
+    for args in (["cache", "info", str(root)],
+                 ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
+                  str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"]):
+        _one_line_error(runner.invoke(cli, args), "symbolic link out of the cache", str(outside))
+    assert not (tmp_path / "run" / "config.json").exists()
+    if what != "entry":  # (an entry link stops every reader of the manifest, repair included)
+        r = runner.invoke(cli, ["cache", "verify", str(root), "--recompute", "0", "--repair"])
+        assert r.exit_code == 2 and "symbolic link out of the cache" in r.output, r.output
+        assert not cf.read_manifest(root).shards and outside.exists()
+    (tmp_path / "link").symlink_to(small_cache, target_is_directory=True)
+    r = runner.invoke(cli, ["cache", "verify", str(tmp_path / "link"), "--recompute", "0"])
+    assert r.exit_code == 0 and "integrity: OK" in r.output, r.output
+
+
+@pytest.mark.parametrize("text, what", [
+    ('{"num_views": 12, "num_views": 99', "unreadable shard entry (key 'num_views' appears twice"),
+    ("[" * 100000, "unreadable shard entry (nested too deeply)")])
+def test_a_repeated_key_or_deep_nesting_in_an_entry_is_one_line(small_cache, tmp_path, text, what):
+    """json.loads would keep the last of two copies of a key silently, and nesting deep
+    enough raises a RecursionError traceback: both are one line naming the entry file."""
+    root, entry_file = _crafted(small_cache, tmp_path)
+    body = entry_file.read_text()
+    entry_file.write_text(text + ", " + body[1:] if text.startswith("{") else text)
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), str(entry_file), what)
+
+
+@pytest.mark.parametrize("fields, key", [({"bytes": 10**400}, "bytes"), ({"num_samples": 10**30}, "num_samples"),
+                                         ({"num_views": 13}, "num_views"), ({"num_views": 0}, "num_views")])
+def test_a_huge_or_inconsistent_count_in_an_entry_is_refused(small_cache, demo_shards, tmp_path, fields, key):
+    """Counts set the length of every training epoch (num_samples) and the sizes `cache
+    info` divides: a count beyond 64 bits, or num_views other than num_samples x views per
+    image, is one line naming the entry file and the key, in info and pretraining."""
+    root, entry_file = _crafted(small_cache, tmp_path, **fields)
+    for args in (["cache", "info", str(root)],
+                 ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
+                  str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"]):
+        _one_line_error(CliRunner().invoke(cli, args), f"{entry_file}: {key}: ")
+
+
+def test_consistent_counts_other_than_the_stored_rows_are_refused(small_cache, demo_shards, tmp_path):
+    """num_samples 5 and num_views 10 agree with each other but not with the 12 rows the
+    group holds: the reader says so, naming the group, before any step."""
+    root, entry_file = _crafted(small_cache, tmp_path, num_samples=5, num_views=10)
+    r = CliRunner().invoke(cli, ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
+                                 str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"])
+    _one_line_error(r, "12 rows stored, its entry records num_views 10")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_two_entries_claiming_one_source_are_refused(small_cache, tmp_path):
+    """A second entry (another group's name) whose source is the first one's: readers would
+    pick either group for that shard; info, verify and extraction refuse it naming both."""
+    root = tmp_path / "c"
+    shutil.copytree(small_cache, root)
+    first = next((root / "shards").glob("*.json"))
+    group = next(p for p in (root / "shards").iterdir() if p.is_dir())
+    twin = group.with_name("twin-00000000." + group.name.split(".")[-1])
+    shutil.copytree(group, twin)
+    entry = json.loads(first.read_text())
+    (root / "shards" / "twin-00000000.json").write_text(json.dumps({**entry, "group": f"shards/{twin.name}"}))
+    for args in (["cache", "info", str(root)], ["cache", "verify", str(root), "--recompute", "0"],
+                 ["extract-features", "--shards", entry["source"], "--out", str(root), "--teacher", DINO_TINY,
+                  "--no-progress"]):
+        _one_line_error(CliRunner().invoke(cli, args), "is also the source of", str(first),
+                        str(root / "shards" / "twin-00000000.json"))
+
+
+@pytest.fixture(scope="module")
+def small_wds_cache(demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wds1") / "c"
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
+                                 "--teacher", DINO_TINY, "--format", "wds", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda m: "a string", "expected a JSON object"), (lambda m: {**m, "key": 5}, "key: wrong type"),
+    (lambda m: {**m, "flip": "yes"}, "flip: wrong type"), (lambda m: {**m, "crop": [0, 0, 10**30, 1]}, "crop: wrong"),
+    (lambda m: {**m, "crop": [[1, 2], [3, 4]]}, "crop: wrong"), (lambda m: {**m, "extra": {}}, "'extra': unknown"),
+    (lambda m: {**m, "checksums": "x"}, "checksums: wrong"), (lambda m: None, "nested too deeply")])
+def test_a_crafted_wds_meta_json_is_one_line(small_wds_cache, tmp_path, change, what):
+    """A meta.json whose fields have other types or ranges than the writer's, sealed with a
+    matching crc32c (and the tar's new sha256 recorded, so only the reader stands in the
+    way), is one line naming the tar and the member, never a traceback or a wrong flip."""
+    import io
+    import tarfile
+
+    from mrmae.shared.cache_format.wds_store import _seal
+
+    root = tmp_path / "c"
+    shutil.copytree(small_wds_cache, root)
+    entry = cf.read_manifest(root).shards[0]
+    tar = root / entry.group
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    meta = json.loads(members[0][1])
+    meta.pop("crc32c")
+    new = change(meta)
+    members[0] = (members[0][0], b"[" * 100000 if new is None else _seal(new) if isinstance(new, dict)
+                  else json.dumps(new).encode())
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as tf:
+        for m, data in members:
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    digest, size = cf.group_digest(tar)
+    cf.record_shard(root, cf.ShardEntry(**{**entry.__dict__, "sha256": digest, "bytes": size}))
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), f"{tar}: member {members[0][0].name}", what)
+
+
 # --- 2. concurrent writers on one --out lose nothing -----------------------------------
 
 import contextlib  # noqa: E402

@@ -11,12 +11,13 @@ import re
 import numpy as np
 
 from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
-from .location import Location, drop_staging, is_temp, is_url, staging_dir
+from .location import Location, check_inside, drop_staging, is_temp, is_url, link_out_of, staging_dir
 from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, check_group, entry_path, find_shard, forget_shard,
                        read_manifest, record_shard, runs_command)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
 from .wds_store import WdsShard, WdsShardWriter, wds_codec_description
-from .zarr_store import ShardGroup, ShardWriter, zarr_codec_description
+from .zarr_store import ShardGroup, ShardWriter, group_listing, zarr_codec_description
+
 
 _WRITERS = {"zarr": ShardWriter, "wds": WdsShardWriter}
 _READERS = {"zarr": ShardGroup, "wds": WdsShard}
@@ -94,11 +95,12 @@ def commit_shard(root: str | os.PathLike, writer: ShardWriter | WdsShardWriter, 
     else:
         published = writer.publish()
     loc = Location(root)
-    try:  # (read as plain JSON: whatever is there, only this group and sha256 make it a yield)
+    try:  # (read as plain JSON: whatever is there, only this source, group and sha256 make it a yield)
         recorded = json.loads(loc.read_bytes(entry_path(entry.group)))
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, RecursionError):
         recorded = None
-    if isinstance(recorded, dict) and (recorded.get("group"), recorded.get("sha256")) == (entry.group, entry.sha256):
+    mine = (entry.source, entry.group, entry.sha256)
+    if isinstance(recorded, dict) and tuple(recorded.get(k) for k in ("source", "group", "sha256")) == mine:
         return published
     record_shard(root, entry)
     return True
@@ -163,13 +165,23 @@ def damaged_shards(root: str | os.PathLike, manifest: Manifest | None = None) ->
     from the sha256 recorded when it was written."""
     loc = Location(root)
     damaged = []
-    for entry in (manifest or read_manifest(root)).shards:
+    manifest = manifest or read_manifest(root)
+    for entry in manifest.shards:
         if not entry.complete:
             continue
         path = loc.join(entry.group)
         if not loc.exists(entry.group):
             damaged.append((entry, f"{path}: group of {entry.source} is missing"))
             continue
+        if (real := link_out_of(loc.url, path)) is not None:  # never read: repair removes the link alone
+            damaged.append((entry, f"{path}: a symbolic link out of the cache (to {real}), never followed"))
+            continue
+        if not is_url(path) and manifest.backend == "zarr":
+            try:  # a chunk file linked out of the group: damage, not bytes to hash
+                group_listing(path)
+            except CacheError as e:
+                damaged.append((entry, str(e)))
+                continue
         digest, size = group_digest(path)
         if entry.sha256 is not None and digest != entry.sha256:
             what = f"{size} bytes, recorded {entry.bytes}" if size != entry.bytes else "same size"
@@ -231,6 +243,7 @@ class FeatureCache:
 
     def _open(self, entry: ShardEntry) -> ShardGroup | WdsShard:
         check_group(entry.group, self.backend, self.root)  # read_manifest checked it; never read outside
+        check_inside(self.root, self.location.join(entry.group))  # (nor through a symbolic link)
         return _READERS[self.backend](self.location.join(entry.group), entry, checked=self.checked)
 
     def shard(self, source: str) -> ShardGroup | WdsShard:

@@ -78,6 +78,25 @@ def is_url(root: str | os.PathLike) -> bool:
     return "://" in str(root)
 
 
+def link_out_of(root: str | os.PathLike, path: str | os.PathLike) -> str | None:
+    """Where local `path` really is when a symbolic link on its way leads out of the
+    directory `root` (both resolved, so a cache root that is itself a link is fine); None
+    when it stays inside, or for URLs, which have no links."""
+    if is_url(root) or is_url(path):
+        return None
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return None if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep) else real
+
+
+def check_inside(root: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Refuse to read `path` (a cache's file or group) when a symbolic link leads it out of
+    the cache `root`: nothing recorded in a cache is followed out of it."""
+    real = link_out_of(root, path)
+    if real is not None:
+        raise CacheError(f"{path}: a symbolic link out of the cache {root} (to {real}), never followed; "
+                         "put the files themselves there, or remove the link")
+
+
 class Location:
     """A cache root and the file operations the cache needs, local or remote.
 

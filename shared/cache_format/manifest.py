@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 from ..views import PIXEL_CODECS, ViewConfig
 from .common import FORMAT_VERSION, READABLE_VERSIONS, CacheError
-from .location import Location
+from .location import Location, check_inside
 from .pca import MEASURED_FIELDS
 
 MANIFEST = "manifest.json"
@@ -39,6 +39,7 @@ INTERPOLATIONS = ("bicubic",)  # what render_view replays
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _REQUIRED = object()
+_MAX_INT = 2**63 - 1  # no count, size or offset a writer records is larger (10**400 would overflow a float)
 
 
 # --- checked reading of one JSON object ----------------------------------------------------
@@ -82,8 +83,9 @@ class _Fields:
         v = self.take(key, default)
         if v is None and nullable:
             return None
-        if not _is_int(v) or (minimum is not None and v < minimum):
-            self.fail(key, f"expected an integer{'' if minimum is None else f' >= {minimum}'}, got {_show(v)}")
+        if not _is_int(v) or (minimum is not None and v < minimum) or abs(v) > _MAX_INT:
+            self.fail(key, f"expected an integer{'' if minimum is None else f' >= {minimum}'} (64-bit), "
+                           f"got {_show(v)}")
         return v
 
     def number(self, key: str, low: float = -math.inf, high: float = math.inf, default: Any = _REQUIRED,
@@ -127,7 +129,7 @@ class _Fields:
 
     def ints(self, key: str, length: int | None = None, minimum: int = 0, default: Any = _REQUIRED) -> tuple[int, ...]:
         v = self.items(key, length, default)
-        if not all(_is_int(x) and x >= minimum for x in v):
+        if not all(_is_int(x) and minimum <= x <= _MAX_INT for x in v):
             self.fail(key, f"expected integers >= {minimum}, got {_show(v)}")
         return tuple(v)
 
@@ -353,6 +355,14 @@ class ShardEntry:
         return _to_json(self)
 
 
+def check_row_count(path: str, entry: ShardEntry | None, rows: int) -> None:
+    """A stored shard holds exactly the rows its entry records (`entry` None or no
+    ShardEntry: a writer reading back its own temporary, which has none yet)."""
+    if isinstance(entry, ShardEntry) and rows != entry.num_views:
+        raise CacheError(f"{path}: {rows} rows stored, its entry records num_views {entry.num_views}; "
+                         "run `mrmae cache verify --repair`")
+
+
 def check_group(group: str, backend: str, where: str, name: str | None = None) -> None:
     """Refuse a group path that is not a stored shard inside the cache: `shards/<safe name>`
     (wds: `shards/<safe name>.tar`) and, when the entry's own file `name` is known, the
@@ -417,30 +427,68 @@ def entry_path(group: str) -> str:
     return re.sub(r"(\.[0-9a-f]{16})?(\.tar)?$", "", group, count=1) + ".json"
 
 
-def _read_json(loc: Location, name: str, what: str) -> Any:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):  # json.loads would keep the last copy, silently
+        raise ValueError(f"key {_show(next(k for k in keys if keys.count(k) > 1))} appears twice in one object")
+    return dict(pairs)
+
+
+def load_json(blob: bytes, where: str, what: str) -> Any:
+    """A cache's JSON file (`where` names it) -> its value; a key repeated in one object,
+    nesting too deep for the parser, or bytes that are no JSON: one CacheError."""
     try:
-        return json.loads(loc.read_bytes(name))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{loc.join(name)}: unreadable {what} ({e})") from e
+        return json.loads(blob, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise CacheError(f"{where}: unreadable {what} (nested too deeply)") from None
+    except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError, a repeated key)
+        raise CacheError(f"{where}: unreadable {what} ({e})") from e
+
+
+def _read_json(loc: Location, name: str, what: str) -> Any:
+    return load_json(loc.read_bytes(name), loc.join(name), what)
 
 
 def read_manifest(root: str | os.PathLike) -> Manifest:
     """manifest.json plus, under `shards`, the entry of every shard (sorted by group), all checked."""
     loc = Location(root)
+    check_inside(loc.url, loc.join(MANIFEST))
     try:
         obj = _read_json(loc, MANIFEST, "manifest")
     except FileNotFoundError:
         raise CacheError(f"{root}: not a feature cache (no {MANIFEST})") from None
     manifest = Manifest.from_json(obj, loc.join(MANIFEST))
     names = loc.glob("shards/*.json")
+    for name in names:
+        check_inside(loc.url, loc.join(name))
     entries = []
     for name, blob in zip(names, loc.read_many(names)):
-        try:
-            obj = json.loads(blob)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheError(f"{loc.join(name)}: unreadable shard entry ({e})") from e
-        entries.append(ShardEntry.from_json(obj, loc.join(name), name, manifest.backend))
+        entry = ShardEntry.from_json(load_json(blob, loc.join(name), "shard entry"), loc.join(name), name,
+                                     manifest.backend)
+        _check_entry_in(manifest, entry, loc.join(name))
+        entries.append(entry)
+    _check_sources_unique(loc, entries)
     return dataclasses.replace(manifest, shards=tuple(sorted(entries, key=lambda s: s.group)))
+
+
+def _check_entry_in(manifest: Manifest, entry: ShardEntry, where: str) -> None:
+    """An entry's counts agree with its cache: K views of each kept sample (a crafted count
+    would set the length of every training epoch)."""
+    if entry.num_views != entry.num_samples * manifest.views.per_image:
+        raise CacheError(f"{where}: num_views: {entry.num_views} is not num_samples {entry.num_samples} x "
+                         f"{manifest.views.per_image} views per image")
+
+
+def _check_sources_unique(loc: Location, entries: list[ShardEntry]) -> None:
+    """One entry per source: two claiming one input shard would leave readers to pick either
+    group (another shard's targets), so neither is trusted."""
+    seen: dict[str, ShardEntry] = {}
+    for e in entries:
+        if e.source in seen:
+            first, second = (loc.join(entry_path(x.group)) for x in (seen[e.source], e))
+            raise CacheError(f"{second}: source: {_show(e.source)} is also the source of {first}: "
+                             "one entry per input shard")
+        seen[e.source] = e
 
 
 def _empty_zarr_group() -> bytes:

@@ -35,7 +35,7 @@ from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColum
                      check_pixels_given, check_rows, content_group, dequantize, group_digest, publish_local, read_error, stored_features,
                      view_targets, writer_temp)
 from .location import is_file, is_url, open_file
-from .manifest import ShardEntry, group_name
+from .manifest import ShardEntry, check_row_count, group_name, load_json
 
 ZSTD_LEVEL = 3
 MEMBER_CODECS = ("zstd", "none")  # each .npy member compressed alone (.npy.zst), or stored as is
@@ -90,6 +90,30 @@ def _unseal(meta: dict) -> bool:
     the field order, and the fields are ints, bools, strings and lists: the same text)."""
     seal = meta.pop("crc32c", None)
     return seal is not None and seal == crc32c(json.dumps(meta).encode())
+
+
+_META_FIELDS = {"key", "view", "crop", "flip", "checksums", "crc32c"}
+
+
+def _check_meta(meta, where: str) -> None:
+    """One view's meta.json as the writer makes it: key (text), view (0..32767), crop (4
+    integers), flip (bool), checksums ({member: crc32c}), crc32c; anything else (a crafted
+    or foreign file whose own crc32c was recomputed) is one CacheError naming `where`."""
+    def is_int(v, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    if not isinstance(meta, dict):
+        raise CacheError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    checks = {"key": lambda v: isinstance(v, str), "view": lambda v: is_int(v, 0, 2**15 - 1),
+              "crop": lambda v: isinstance(v, list) and len(v) == 4 and all(is_int(c, -2**31, 2**31 - 1) for c in v),
+              "flip": lambda v: isinstance(v, bool),
+              "checksums": lambda v: isinstance(v, dict) and all(is_int(c, 0, 2**32 - 1) for c in v.values()),
+              "crc32c": lambda v: is_int(v, 0, 2**32 - 1)}
+    for field in sorted(set(meta) | {"key", "view", "crop", "flip"}):
+        if field not in _META_FIELDS:
+            raise CacheError(f"{where}: {field!r}: unknown field")
+        if field not in meta or not checks[field](meta[field]):
+            raise CacheError(f"{where}: {field}: {'missing' if field not in meta else 'wrong type or range'}")
 
 
 # --- writing one shard tar ----------------------------------------------------------------
@@ -347,8 +371,10 @@ class WdsShard:
             return
         try:
             names, index = _read_index(self.path)
-            metas = [json.loads(self._pread(int(o), int(s))) for o, s, _ in index.get("meta", [])]
+            metas = [load_json(self._pread(int(o), int(s)), f"{self.path}: member {name}.meta.json", "meta.json")
+                     for name, (o, s, _) in zip(names, index.get("meta", []))]
             for row, (name, meta) in enumerate(zip(names, metas)):
+                _check_meta(meta, f"{self.path}: member {name}.meta.json, row {row}")
                 if not _unseal(meta) and self.checked:
                     raise CacheError(f"{self.path}: member {name}.meta.json, row {row}: checksum mismatch (or none); "
                                      "run `mrmae cache verify --repair`")
@@ -361,6 +387,7 @@ class WdsShard:
         except (OSError, tarfile.TarError, ValueError, KeyError, TypeError) as e:
             raise CacheError(f"{self.path}: unreadable shard tar ({type(e).__name__}: {e})") from e
         n = len(metas)
+        check_row_count(self.path, self.entry, n)
         self._names, self._index, self._checksums = names, index, checksums
         self._keys = np.array([m["key"] for m in metas], dtype=str)
         self._views = np.array([m["view"] for m in metas], dtype=np.int16)

@@ -25,8 +25,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
                      check_pixels_given, check_rows, content_group, dequantize, group_digest, int8_groups, publish_local, read_error, remove_path,
                      stored_features, view_targets, writer_temp)
-from .location import Location, is_url
-from .manifest import ShardEntry, group_name
+from .location import Location, check_inside, is_url
+from .manifest import ShardEntry, check_row_count, group_name
 
 # --- codecs -----------------------------------------------------------------------------
 
@@ -230,15 +230,20 @@ class ShardWriter:
 # --- reading ------------------------------------------------------------------------------
 
 
-def _listing(path: str) -> set[str]:
+def group_listing(path: str) -> set[str]:
     """Every file under a group, relative to it ("/"-separated): os.walk locally (twice as
     fast as fsspec's find), one fsspec listing at a URL."""
     if is_url(path):
         return {rel for rel, _ in Location(path).files("")}
-    out = set()
-    for folder, _, files in os.walk(path):
-        rel = os.path.relpath(folder, path).replace(os.sep, "/")
-        out.update(f if rel == "." else f"{rel}/{f}" for f in files)
+    out, folders = set(), [""]
+    while folders:  # (scandir knows links without a stat: a file linked out of the group is refused)
+        folder = folders.pop()
+        with os.scandir(os.path.join(path, folder)) as it:
+            for e in it:
+                rel = f"{folder}/{e.name}" if folder else e.name
+                if e.is_symlink():
+                    check_inside(path, e.path)
+                (folders.append(rel) if e.is_dir(follow_symlinks=False) else out.add(rel))
     return out
 
 
@@ -285,6 +290,7 @@ class ShardGroup:
             raise CacheError(f"{path}: unreadable shard group ({type(e).__name__}: {e})") from e
         self.keys = np.array([str(k) for k in self._get("keys", slice(None))])
         self.views = np.asarray(self._get("view", slice(None)))
+        check_row_count(self.path, entry, len(self.keys))
         self.quantized = "features_scale" in self.group
         self._row: dict[tuple[str, int], int] = {(k, int(v)): i for i, (k, v) in enumerate(zip(self.keys, self.views))}
         self._block: tuple | None = None  # (first row, layer, stored values, scale or None)
@@ -299,7 +305,7 @@ class ShardGroup:
         values). One listing of the group and its arrays' zarr.json (the Zarr v3 spec's
         fields), read as plain files: the check costs no round trips through zarr's event
         loop, which a loader worker on a busy machine pays a thread switch for, per shard."""
-        stored = _listing(self.path)
+        stored = group_listing(self.path)
         names = sorted(rel.split("/")[0] for rel in stored if rel.count("/") == 1 and rel.endswith("/zarr.json"))
         for name, blob in zip(names, Location(self.path).read_many([f"{n}/zarr.json" for n in names])):
             meta = json.loads(blob)
