@@ -92,12 +92,12 @@ def _unseal(meta: dict) -> bool:
     return seal is not None and seal == crc32c(json.dumps(meta).encode())
 
 
-_META_FIELDS = {"key", "view", "crop", "flip", "checksums", "crc32c"}
+_META_FIELDS = {"key", "view", "crop", "flip", "checksums", "image_sha256", "crc32c"}
 
 
 def _check_meta(meta, where: str) -> None:
     """One view's meta.json as the writer makes it: key (text), view (0..32767), crop (4
-    integers), flip (bool), checksums ({member: crc32c}), crc32c; anything else (a crafted
+    integers), flip (bool), checksums ({member: crc32c}), image_sha256, crc32c; anything else (a crafted
     or foreign file whose own crc32c was recomputed) is one CacheError naming `where`."""
     def is_int(v, lo: int, hi: int) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
@@ -108,6 +108,7 @@ def _check_meta(meta, where: str) -> None:
               "crop": lambda v: isinstance(v, list) and len(v) == 4 and all(is_int(c, -2**31, 2**31 - 1) for c in v),
               "flip": lambda v: isinstance(v, bool),
               "checksums": lambda v: isinstance(v, dict) and all(is_int(c, 0, 2**32 - 1) for c in v.values()),
+              "image_sha256": lambda v: isinstance(v, str),  # (its digits: _digest_column)
               "crc32c": lambda v: is_int(v, 0, 2**32 - 1)}
     for field in sorted(set(meta) | {"key", "view", "crop", "flip"}):
         if field not in _META_FIELDS:
