@@ -17,6 +17,8 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -134,21 +136,47 @@ def write_atomic(path: str | Path, data: bytes) -> None:
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
+    """The checkpoint `OUT/checkpoints/latest` names, or None when there is no pointer.
+
+    The pointer must name a complete checkpoint directory beside it (`stepNNNNNNNN`): a
+    pointer to anything else (`../../etc`, an absolute path, a deleted checkpoint) is a
+    CheckpointError, never followed out of the run and never read as "no checkpoint"
+    (which would make `--resume` start over and discard the run)."""
     pointer = Path(out) / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: unreadable ({type(e).__name__}: {e})") from None
+    if not _STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer}: names {name[:80]!r}, not a checkpoint directory beside it (stepNNNNNNNN)")
+    path = pointer.parent / name
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{pointer}: names {name}, which is not a complete checkpoint ({path}/state.json missing)")
+    return path
+
+
+_STEP_NAME = re.compile(r"step\d{8,}")
+_STATE_LIMIT = 10**12  # no run takes this many steps: a larger value is a damaged or crafted state.json
 
 
 def read_state(path: Path) -> dict:
-    """The state.json of the checkpoint directory `path` (CheckpointError naming it if unreadable)."""
+    """The state.json of the checkpoint directory `path` (CheckpointError naming it and the
+    key if unreadable): epoch, step and step_in_epoch must be integers in [0, 1e12]."""
     f = path / "state.json"
     try:
         s = json.loads(f.read_text())
-        TrainState(int(s["epoch"]), int(s["step"]), int(s["step_in_epoch"]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: not a checkpoint's state ({type(e).__name__}: {e})") from None
+    if not isinstance(s, dict):
+        raise CheckpointError(f"{f}: not a checkpoint's state (a JSON object)")
+    for key in ("epoch", "step", "step_in_epoch"):
+        v = s.get(key)
+        if type(v) is not int or not 0 <= v <= _STATE_LIMIT:  # not bool, str or float: a crafted file
+            raise CheckpointError(f"{f}: key {key} is {v!r}, not a step count (an integer from 0)")
+    if s["step_in_epoch"] > s["step"]:
+        raise CheckpointError(f"{f}: key step_in_epoch {s['step_in_epoch']} exceeds step {s['step']}")
     return s
 
 
@@ -172,21 +200,56 @@ def check_resume(path: Path, run: Fingerprint) -> None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainState:
     """Restore model (strictly), optimiser and RNG state from `path`; returns the train state.
-    Anything unreadable or not fitting is a CheckpointError naming the file."""
+    Anything unreadable or not fitting is a CheckpointError naming the file (and the keys)."""
     s = read_state(path)
     weights, opt = path / "model.safetensors", path / "optimizer.pt"
     try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
-    except (OSError, SafetensorError, RuntimeError) as e:
+        tensors = load_file(str(weights))
+    except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{weights}: {_first_line(e)}") from None
+    _check_tensors(weights, tensors, model.state_dict())
     try:
-        blob = torch.load(opt, map_location="cpu", weights_only=True)
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:  # e.g. a dtype the parameter cannot take
+        raise CheckpointError(f"{weights}: {_first_line(e)}") from None
+    try:  # weights_only: a crafted pickle is refused (UnpicklingError), never run
+        with warnings.catch_warnings():  # torch's "Detected pickle protocol N ... file an issue" for foreign pickles
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            blob = torch.load(opt, map_location="cpu", weights_only=True)
         if optimizer is not None:
             optimizer.load_state_dict(blob["optimizer"])
+            _check_optimizer_state(opt, optimizer)
         torch.set_rng_state(blob["torch_rng"])
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: not something to suggest
+        raise CheckpointError(f"{opt}: holds more than tensors and plain containers; refused, not unpickled "
+                              "(an optimizer.pt that mrmae wrote never does)") from None
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise CheckpointError(f"{opt}: {_first_line(e)}") from None
     return TrainState(s["epoch"], s["step"], s["step_in_epoch"])
+
+
+def _check_tensors(weights: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming `weights` and the first keys that are missing, unexpected or
+    of another shape than the model's (load_state_dict would say so in many lines)."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k} {tuple(tensors[k].shape)} (model {tuple(v.shape)})" for k, v in expected.items()
+              if k in tensors and tensors[k].shape != v.shape]
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", shapes)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise CheckpointError(f"{weights}: not this run's model: {what} {', '.join(keys[:3])}{more}")
+
+
+def _check_optimizer_state(opt: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Each parameter's moment tensors must have the parameter's shape: torch does not check
+    on load, and a crafted or foreign optimizer.pt would fail (or broadcast) mid-step."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.ndim > 0 and value.shape != p.shape:
+                    raise ValueError(f"optimiser state {name} {tuple(value.shape)} for a parameter "
+                                     f"{tuple(p.shape)}: not this model's optimiser")
 
 
 def _first_line(e: BaseException) -> str:
@@ -194,14 +257,46 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+_HELD: dict[str, int] = {}  # run directories this process holds (a descriptor with an flock each)
+
+
+def hold_run(out: Path) -> None:
+    """Take an exclusive lock on the run directory `out` for the rest of this process, so a
+    second run started on the same --out stops in one line instead of interleaving its
+    metrics, config and checkpoints with this one's. The kernel releases the lock when the
+    process ends, killed or not; a file system without flock (some network mounts) runs
+    unlocked. Reentrant within a process (a test or notebook running several runs)."""
+    import fcntl
+
+    key = str(out.resolve())
+    if key in _HELD:
+        return
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CheckpointError(f"{out}: another run is training into this --out (it holds its lock); "
+                              "wait for it or give another --out") from None
+    except OSError:  # flock not supported here: nothing to hold
+        os.close(fd)
+        return
+    _HELD[key] = fd
+
+
 def start_or_resume(out: Path, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     is_main: bool, fingerprint: Fingerprint | None = None) -> tuple[TrainState, Path]:
     """(state, OUT/metrics.jsonl) for a run: with `resume` and a checkpoint, check it was
     trained with `fingerprint` (before any weight or file is touched), load it and cut the
     metrics to its step (the resumed run recomputes the rest); else a fresh start, with an
-    empty metrics file. Only the main process touches files."""
+    empty metrics file. Only the main process touches files, and it first takes the run's
+    lock (`hold_run`)."""
     out = Path(out)
     metrics = out / "metrics.jsonl"
+    if is_main:
+        with naming(out):
+            out.mkdir(parents=True, exist_ok=True)
+        hold_run(out)
     if resume and (last := latest_checkpoint(out)) is not None:
         if fingerprint is not None:
             check_resume(last, fingerprint)
@@ -212,6 +307,5 @@ def start_or_resume(out: Path, resume: bool, model: torch.nn.Module, optimizer: 
             truncate_metrics(metrics, state.step)
         return state, metrics
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
         metrics.unlink(missing_ok=True)
     return TrainState(), metrics

@@ -227,9 +227,20 @@ def append_metrics(path: Path, record: dict) -> None:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past `last_step` (a resumed run recomputes them)."""
+    """Drop records past `last_step` (a resumed run recomputes them), and lines that are no
+    record: the torn last line of a run killed while appending one (or other damage)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
     with naming(path):
-        path.write_text("".join(ln + "\n" for ln in lines))
+        text = path.read_text(errors="replace")
+    kept = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line)
+    with naming(path):
+        path.write_text("".join(ln + "\n" for ln in kept))
