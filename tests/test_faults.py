@@ -1146,6 +1146,150 @@ def test_finetune_resume_with_another_head_or_data_is_refused(demo_shards, tmp_p
     assert _files(tmp_path / "ft") == before
 
 
+# hostile2: the checkpoint's own files, crafted or damaged, and a second run on one --out
+
+import os  # noqa: E402
+
+def _resumable(trained_on_a, tmp_path) -> tuple[Path, Path]:
+    """A copy of the trained run -> (run dir, its latest checkpoint dir)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_on_a, run)
+    return run, run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def _resume_a(two_shard_caches, run):
+    shards, a, _, _ = two_shard_caches
+    return _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run), *TINY_RUN,
+                   "--epochs", "2", "--resume"])
+
+
+@pytest.mark.parametrize("pointer", ["../../outside/checkpoints/step00000002", "/etc", "step00000001", "step0000\n2"])
+def test_6_a_latest_pointer_elsewhere_is_refused_never_followed_nor_a_fresh_start(two_shard_caches, trained_on_a,
+                                                                                   tmp_path, pointer):
+    """`latest` naming a checkpoint outside the run (another run beside it, /etc), one that
+    is gone or garbage: --resume, export and eval stop in one line naming it; the run is
+    neither trained from the other checkpoint nor restarted from scratch (metrics kept)."""
+    run, _ = _resumable(trained_on_a, tmp_path)
+    shutil.copytree(trained_on_a, tmp_path / "outside")  # a real checkpoint that `..` would reach
+    (run / "checkpoints" / "latest").write_text(pointer)
+    before = _files(run)
+    code, errors, r = _resume_a(two_shard_caches, run)
+    assert code == 1 and len(errors) == 1, r.output + repr(r.exception)
+    assert errors[0].startswith(f"mrmae: error: {run}/checkpoints/latest: names "), errors
+    assert _files(run) == before
+    code, errors, r = _mrmae(["export", "--checkpoint", str(run), "--out", str(tmp_path / "e.safetensors")])
+    assert code == 1 and len(errors) == 1 and f"{run}/checkpoints/latest: names" in errors[0], r.output
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+@pytest.mark.parametrize("key, value", [("epoch", "1"), ("epoch", -5), ("step", 10**18), ("step_in_epoch", True),
+                                        ("step", 1.5), ("step_in_epoch", None)])
+def test_6_a_crafted_state_json_is_one_line_naming_the_key(two_shard_caches, trained_on_a, tmp_path, key, value):
+    run, last = _resumable(trained_on_a, tmp_path)
+    state = json.loads((last / "state.json").read_text())
+    state[key] = value
+    (last / "state.json").write_text(json.dumps(state))
+    before = _files(run)
+    code, errors, r = _resume_a(two_shard_caches, run)
+    assert code == 1 and errors == [f"mrmae: error: {last}/state.json: key {key} is {value!r}, not a step count "
+                                    "(an integer from 0)"], r.output + repr(r.exception)
+    assert _files(run) == before
+
+
+def test_6_an_optimizer_pt_that_is_a_pickle_is_refused_unpickled(two_shard_caches, trained_on_a, tmp_path):
+    """A pickle whose loading would run a command, and a real torch file whose moment
+    tensors do not fit the parameters: one line naming optimizer.pt; nothing runs."""
+    import pickle
+
+    import torch
+
+    run, last = _resumable(trained_on_a, tmp_path)
+    marker = tmp_path / "ran"
+
+    class Bomb:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (last / "optimizer.pt").write_bytes(pickle.dumps({"optimizer": Bomb()}))
+    code, errors, r = _resume_a(two_shard_caches, run)
+    assert code == 1 and errors == [f"mrmae: error: {last}/optimizer.pt: holds more than tensors and plain "
+                                    "containers; refused, not unpickled (an optimizer.pt that mrmae wrote never does)"]
+    assert not marker.exists() and "weights_only=False" not in r.output
+    run, last = _resumable(trained_on_a, tmp_path / "b")
+    blob = torch.load(last / "optimizer.pt", weights_only=True)
+    for s in blob["optimizer"]["state"].values():
+        s["exp_avg"] = torch.zeros(1)  # would broadcast into the update, or fail mid-step
+    torch.save(blob, last / "optimizer.pt")
+    code, errors, r = _resume_a(two_shard_caches, run)
+    assert code == 1 and len(errors) == 1, r.output + repr(r.exception)
+    assert errors[0].startswith(f"mrmae: error: {last}/optimizer.pt: optimiser state exp_avg (1,) for a parameter")
+
+
+@pytest.mark.parametrize("change, words", [("extra", "unexpected evil"), ("missing", "missing cls_token"),
+                                           ("misshaped", "misshaped cls_token (1, 1, 7)"), ("header", "header too large")])
+def test_6_model_safetensors_not_this_model_names_the_tensor(two_shard_caches, trained_on_a, tmp_path, change, words):
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run, last = _resumable(trained_on_a, tmp_path)
+    weights = last / "model.safetensors"
+    tensors = load_file(str(weights))
+    if change == "header":  # a header length of 4 EiB: refused, never allocated
+        weights.write_bytes(struct.pack("<Q", 2**62) + weights.read_bytes()[8:])
+    else:
+        if change == "extra":
+            tensors["evil"] = torch.zeros(3)
+        elif change == "missing":
+            del tensors["cls_token"]
+        else:
+            tensors["cls_token"] = torch.zeros(1, 1, 7)
+        save_file(tensors, str(weights))
+    before = _files(run)
+    code, errors, r = _resume_a(two_shard_caches, run)
+    assert code == 1 and len(errors) == 1, r.output + repr(r.exception)
+    assert errors[0].startswith(f"mrmae: error: {weights}: ") and words in errors[0], errors
+    assert _files(run) == before
+
+
+def test_6_a_metrics_line_torn_by_a_kill_resumes(two_shard_caches, trained_on_a, tmp_path):
+    """SIGKILL while appending a metrics line leaves half a JSON line; --resume drops it."""
+    run, _ = _resumable(trained_on_a, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "step": 3, "lo')
+    code, errors, r = _resume_a(two_shard_caches, run)
+    assert code == 0 and not errors, r.output + repr(r.exception)
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_6_a_second_run_on_the_same_out_is_refused_while_the_first_trains(two_shard_caches, tmp_path):
+    """Two pretrain runs on one --out would interleave metrics and checkpoints and both
+    exit 0; the second stops in one line and touches nothing of the first."""
+    import time
+
+    shards, a, _, _ = two_shard_caches
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "mrmae", "pretrain", "--shards", shards, "--feature-cache", str(a),
+                              "--out", str(run), *TINY_RUN, "--epochs", "200"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended early"
+        code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run),
+                                  *TINY_RUN, "--seed", "9"])
+        assert code == 1 and errors == [f"mrmae: error: {run}: another run is training into this --out (it holds "
+                                        "its lock); wait for it or give another --out"], r.output + repr(r.exception)
+        assert json.loads((run / "config.json").read_text())["seed"] == 3  # the first run's, not overwritten
+    finally:
+        first.kill()
+        first.wait()
+    code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run), *TINY_RUN])
+    assert code == 0, r.output + repr(r.exception)  # the killed run's lock went with it
+
+
 # --- 7. repeated keys and 16-bit images ------------------------------------------------
 
 def _jpeg(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
