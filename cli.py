@@ -102,6 +102,20 @@ def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def _number(low: float, high: float = float("inf"), low_open: bool = False):
+    """A click callback: the float option's value must be finite and in [low, high] ((low,
+    high] with `low_open`); NaN passes click's FloatRange and every comparison."""
+    import math
+
+    def check(ctx: click.Context, param: click.Parameter, value):
+        if value is not None and (not math.isfinite(value) or not low <= value <= high or (low_open and value == low)):
+            where = f"above {low:g}" if low_open else f"at least {low:g}"
+            raise click.BadParameter(f"{value}: must be a finite number {where}"
+                                     + (f" and at most {high:g}" if high != float("inf") else ""), param=param)
+        return value
+    return check
+
+
 @cli.command("extract-features")
 @click.option("--shards", help="Input tars: a webdataset URL list or brace range (with --add-teacher: default "
               "the cache's own).")
@@ -472,8 +486,9 @@ def _run_eval(protocol: str, checkpoint: str, results: str | None, **kwargs) -> 
 
 @eval_group.command("knn")
 @_eval_options
-@click.option("--k", default=20, show_default=True, help="Neighbours.")
-@click.option("--temperature", default=0.07, show_default=True, help="Vote weight exp(cosine / T).")
+@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours.")
+@click.option("--temperature", default=0.07, show_default=True, callback=_number(0, low_open=True),
+              help="Vote weight exp(cosine / T).")
 def eval_knn(checkpoint, results, **kwargs) -> None:
     """Weighted k-nearest-neighbour classification (cosine, DINO's voting)."""
     _run_eval("knn", checkpoint, results, **kwargs)
@@ -481,9 +496,11 @@ def eval_knn(checkpoint, results, **kwargs) -> None:
 
 @eval_group.command("linear-probe")
 @_eval_options
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--lr", default=0.1, show_default=True, help="SGD lr (momentum 0.9, cosine decay).")
-@click.option("--probe-batch-size", default=256, show_default=True, help="Features per probe step.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", default=0.1, show_default=True, callback=_number(0, low_open=True),
+              help="SGD lr (momentum 0.9, cosine decay).")
+@click.option("--probe-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Features per probe step.")
 @click.option("--seed", default=0, show_default=True)
 def eval_linear_probe(checkpoint, results, **kwargs) -> None:
     """BatchNorm (no affine) + linear classifier on frozen features."""
@@ -493,11 +510,12 @@ def eval_linear_probe(checkpoint, results, **kwargs) -> None:
 @eval_group.command("ensemble")
 @(lambda f: _eval_options(f, ensemble=True))
 @click.option("--protocol", type=click.Choice(["knn", "linear-probe"]), default="knn", show_default=True)
-@click.option("--k", default=20, show_default=True, help="kNN: neighbours.")
-@click.option("--temperature", default=0.07, show_default=True, help="kNN: vote weight exp(cosine / T).")
-@click.option("--epochs", default=10, show_default=True, help="Linear probe epochs.")
-@click.option("--lr", default=0.1, show_default=True, help="Linear probe SGD lr.")
-@click.option("--probe-batch-size", default=256, show_default=True)
+@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="kNN: neighbours.")
+@click.option("--temperature", default=0.07, show_default=True, callback=_number(0, low_open=True),
+              help="kNN: vote weight exp(cosine / T).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Linear probe epochs.")
+@click.option("--lr", default=0.1, show_default=True, callback=_number(0, low_open=True), help="Linear probe SGD lr.")
+@click.option("--probe-batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def eval_ensemble(checkpoint, results, protocol, **kwargs) -> None:
     """Average the class probabilities of separately pretrained models (the paper's "Sep." row)."""

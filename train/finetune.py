@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -217,6 +218,31 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_numbers(cfg: FinetuneConfig) -> None:
+    """The float options of a fine-tuning run and its RandAugment policy, before anything is
+    built or written (OptionError naming the first bad one: NaN passes click's ranges)."""
+    from mrmae.shared.errors import OptionError
+    from mrmae.train.finetune_data import train_transform
+    from mrmae.train.pretrain import number_option
+
+    for option, value, low, high, low_open in (
+            ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
+            ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False),
+            ("weight-decay", cfg.weight_decay, 0.0, math.inf, False), ("layer-decay", cfg.layer_decay, 0.0, 1.0, True),
+            ("drop-path", cfg.drop_path, 0.0, 1.0, False), ("mixup", cfg.mixup, 0.0, math.inf, False),
+            ("cutmix", cfg.cutmix, 0.0, math.inf, False), ("mixup-prob", cfg.mixup_prob, 0.0, 1.0, False),
+            ("mixup-switch-prob", cfg.mixup_switch_prob, 0.0, 1.0, False), ("smoothing", cfg.smoothing, 0.0, 1.0, False),
+            ("re-prob", cfg.re_prob, 0.0, 1.0, False)):
+        number_option(option, value, low, high, low_open=low_open)
+    if cfg.drop_path >= 1.0 or cfg.smoothing >= 1.0:
+        raise OptionError(f"--{'drop-path' if cfg.drop_path >= 1 else 'smoothing'} must be below 1")
+    if cfg.augment == "randaug":
+        try:
+            train_transform(224, cfg.augment, cfg.rand_augment, cfg.re_prob)
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            raise OptionError(f"--rand-augment {cfg.rand_augment}: not a timm RandAugment policy ({e})") from None
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune; returns {checkpoint, metrics, steps, table, main_process}. Resumes with `resume`."""
     from accelerate import Accelerator
@@ -227,6 +253,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from mrmae.shared.shards import expand_urls
     from mrmae.train.pretrain import count_samples
 
+    check_numbers(cfg)
     out, cuda = Path(cfg.out), torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", gradient_accumulation_steps=cfg.accum_steps,
                               cpu=not cuda)

@@ -25,6 +25,7 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.errors import OptionError, naming
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
+from mrmae.train.masking import num_visible
 from mrmae.train.engine import NonFiniteLossError, StepOptions, append_metrics, epoch_passes, lr_at, train_one_epoch
 
 
@@ -110,14 +111,22 @@ def check_options(cfg: PretrainConfig) -> None:
                                  ("--shuffle-buffer", cfg.shuffle_buffer, 0)):
         if value < least:
             raise OptionError(f"{option} {value}: must be at least {least}")
-    if not 0.0 <= cfg.step_options.mask_ratio < 1.0:
-        raise OptionError(f"--mask-ratio {cfg.step_options.mask_ratio}: must be in [0, 1)")
+    check_numbers(cfg)
     if cfg.model not in list_models():
         raise OptionError(f"--model {cfg.model}: unknown; known: {', '.join(list_models())}")
     try:
-        model_config(cfg.model, fuse_layers=cfg.fuse_layers)
+        config = model_config(cfg.model, fuse_layers=cfg.fuse_layers)
     except ValueError as e:
         raise OptionError(f"--fuse-layers {','.join(map(str, cfg.fuse_layers))}: {e}") from None
+    tokens = (config.img_size // config.patch_size) ** 2
+    if num_visible(tokens, cfg.step_options.mask_ratio) >= tokens:  # nothing masked: L_R is a mean over nothing
+        raise OptionError(f"--mask-ratio {cfg.step_options.mask_ratio}: masks none of {cfg.model}'s {tokens} patches")
+    urls = expand_urls(cfg.shards)
+    if not urls:
+        raise OptionError(f"--shards {cfg.shards!r}: names no shard")
+    if len(set(urls)) != len(urls):  # e.g. overlapping brace ranges: those samples would count twice an epoch
+        twice = next(u for u in urls if urls.count(u) > 1)
+        raise OptionError(f"--shards: {twice} is listed twice")
     if cfg.target and not cfg.feature_cache:
         raise OptionError("--target picks targets inside a cache: give --feature-cache too")
     if cfg.feature_cache and cfg.teacher:
@@ -126,6 +135,36 @@ def check_options(cfg: PretrainConfig) -> None:
         raise OptionError("--pixels-from-cache reads the views from a cache: give --feature-cache")
     if cfg.step_options.mask == "focused" and not (cfg.feature_cache or cfg.teacher):
         raise OptionError("--mask focused needs teacher attention: give --feature-cache or --teacher")
+
+
+def number_option(option: str, value: float | None, low: float, high: float = math.inf, *,
+                  low_open: bool = False) -> None:
+    """OptionError naming `option` unless `value` (when given) is a finite number in
+    [low, high] (or (low, high] with `low_open`): NaN passes click's ranges and every
+    comparison, and trains on NaN or records a meaningless result."""
+    if value is None:
+        return
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        where = (f"above {low:g}" if low_open else f"from {low:g}") if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise OptionError(f"--{option} {value}: must be a finite number {where}"
+                          + (" (at most --epochs)" if option == "warmup-epochs" else ""))
+
+
+def check_numbers(cfg: PretrainConfig) -> None:
+    """The float options of a pretraining run (OptionError naming the first bad one)."""
+    o = cfg.step_options
+    for option, value, low, high, low_open in (
+            ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
+            ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("weight-decay", cfg.weight_decay, 0.0, math.inf, False),
+            ("warmup-epochs", cfg.warmup_epochs, 0.0, cfg.epochs, False), ("mask-ratio", o.mask_ratio, 0.0, 1.0, False),
+            ("focus-temperature", o.focus_temperature, 0.0, math.inf, True),
+            ("focus-uniform-mix", o.focus_uniform_mix, 0.0, 1.0, False),
+            ("recon-weight", o.recon_weight, 0.0, math.inf, False), ("mimic-weight", o.mimic_weight, 0.0, math.inf, False)):
+        number_option(option, value, low, high, low_open=low_open)
+    if o.mask_ratio >= 1.0:
+        raise OptionError(f"--mask-ratio {o.mask_ratio}: must be below 1")
+    if o.recon_weight == 0 and o.mimic_weight == 0:
+        raise OptionError("--recon-weight 0 --mimic-weight 0: the loss would be zero; give one of them a weight")
 
 
 def run_fingerprint(cfg: PretrainConfig, urls: list[str], caches: list[cf.FeatureCache], teacher,
