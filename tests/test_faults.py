@@ -1575,3 +1575,51 @@ def test_a_checkpoint_that_is_not_one_is_one_line_naming_it(demo_shards, two_sha
                                                                                                  r.exception)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [bad, *tmp_path.glob("student")])
 
+
+
+# hostile2: float options (NaN passes click's ranges), shard lists, eval and finetune options
+
+@pytest.mark.parametrize("bad, option", [
+    (["--lr", "nan"], "--lr nan"), (["--lr", "-1"], "--lr -1.0"), (["--blr", "inf"], "--blr inf"),
+    (["--min-lr", "nan"], "--min-lr nan"), (["--weight-decay", "nan"], "--weight-decay nan"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs nan"), (["--warmup-epochs", "10"], "(at most --epochs)"),
+    (["--mask-ratio", "0"], "--mask-ratio 0.0: masks none of"), (["--mask-ratio", "nan"], "--mask-ratio nan"),
+    (["--focus-temperature", "0"], "--focus-temperature 0.0"), (["--focus-uniform-mix", "2"], "--focus-uniform-mix 2.0"),
+    (["--recon-weight", "-1"], "--recon-weight -1.0"), (["--recon-weight", "0", "--mimic-weight", "0"], "loss would be zero"),
+    (["--shards", "::"], "--shards '::': names no shard"), (["--shards", "TWICE"], "is listed twice")])
+def test_8_pretrain_numbers_and_shard_lists_are_refused_before_anything_is_written(demo_shards, tmp_path, bad, option):
+    out = tmp_path / "run"
+    bad = [url_list([demo_shards[0], demo_shards[1], demo_shards[0]]) if b == "TWICE" else b for b in bad]
+    code, errors, r = _mrmae(["pretrain", "--shards", str(demo_shards[0]), "--out", str(out), *TINY_RUN, *bad])
+    assert code == 1 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--lr", "nan"], "--lr nan"), (["--drop-path", "1.5"], "--drop-path 1.5"), (["--layer-decay", "-1"], "--layer-decay"),
+    (["--smoothing", "nan"], "--smoothing nan"), (["--re-prob", "2"], "--re-prob 2.0"), (["--mixup", "nan"], "--mixup nan"),
+    (["--rand-augment", "garbage"], "--rand-augment garbage: not a timm RandAugment policy")])
+def test_8_finetune_numbers_are_refused_before_anything_is_written(demo_shards, tmp_path, bad, option):
+    from _tiny_student import save_tiny_student
+
+    save_tiny_student(tmp_path / "student")
+    out = tmp_path / "ft"
+    code, errors, r = _mrmae(["finetune", "--checkpoint", str(tmp_path / "student"), "--train-shards", str(demo_shards[0]),
+                              "--val-shards", str(demo_shards[1]), "--out", str(out), "--no-progress", *bad])
+    assert code == 1 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("protocol, bad, option", [
+    ("knn", ["--k", "0"], "'--k'"), ("knn", ["--temperature", "nan"], "'--temperature'"),
+    ("knn", ["--temperature", "0"], "'--temperature'"), ("linear-probe", ["--epochs", "0"], "'--epochs'"),
+    ("linear-probe", ["--lr", "nan"], "'--lr'"), ("linear-probe", ["--probe-batch-size", "0"], "'--probe-batch-size'")])
+def test_8_eval_options_that_would_record_a_meaningless_result_are_refused(demo_shards, tmp_path, protocol, bad, option):
+    from _tiny_student import save_tiny_student
+
+    save_tiny_student(tmp_path / "student")
+    results = tmp_path / "eval.jsonl"
+    code, errors, r = _mrmae(["eval", protocol, "--checkpoint", str(tmp_path / "student"), "--train-shards",
+                              str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--results", str(results), *bad])
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
+    assert not results.exists()
