@@ -73,6 +73,15 @@ class Fingerprint:
             raise CheckpointError(f"{where}: unreadable fingerprint ({e!r})") from None
 
 
+def batch_field(batch_size: int, accum_steps: int, processes: int) -> FingerprintField:
+    """The images per optimiser step: a checkpoint's step count, lr schedule and data
+    position (batches to skip) are in its units, so a resumed run with another effective
+    batch would skip the wrong samples and end its schedule early or late."""
+    eff = batch_size * accum_steps * processes
+    return fingerprint_field("batch", f"{eff} images per step (--batch-size {batch_size} x --accum-steps "
+                             f"{accum_steps} x {processes} processes)", eff)
+
+
 @dataclass
 class TrainState:
     epoch: int = 0  # the epoch in progress

@@ -283,6 +283,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999), fused=cuda or None)
 
     fingerprint = run_fingerprint(cfg, timm_name, timm_kwargs)
+    fingerprint = ckpt.Fingerprint((*fingerprint.fields,
+                                    ckpt.batch_field(cfg.batch_size, cfg.accum_steps, accelerator.num_processes)))
     state, metrics = ckpt.start_or_resume(out, cfg.resume, model, optimizer, accelerator.is_main_process, fingerprint)
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.is_main_process:

@@ -218,6 +218,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     teacher_dim = cache.manifest.teacher.dim if cache else (teacher.dim if teacher else 0)
     joint_dims = tuple(c.manifest.teacher.dim for c in joint)
     fingerprint = run_fingerprint(cfg, urls, caches, teacher, (teacher_dim, *joint_dims))
+    fingerprint = ckpt.Fingerprint((*fingerprint.fields,
+                                    ckpt.batch_field(cfg.batch_size, cfg.accum_steps, accelerator.num_processes)))
     model = create_model(cfg.model, teacher_dim=teacher_dim, joint_teacher_dims=joint_dims, fuse_layers=cfg.fuse_layers,
                          decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth)
     grid = model.grid_size
