@@ -1290,6 +1290,24 @@ def test_6_a_second_run_on_the_same_out_is_refused_while_the_first_trains(two_sh
     assert code == 0, r.output + repr(r.exception)  # the killed run's lock went with it
 
 
+def test_6_resume_with_another_effective_batch_is_refused_the_same_one_continues(two_shard_caches, trained_on_a,
+                                                                                   tmp_path):
+    """Steps, the lr schedule and the data position (batches skipped) are in the
+    checkpoint's images per step: --batch-size 3 is refused naming the field; 3 x
+    --accum-steps 2 is the same 6 images per step and continues."""
+    shards, a, _, _ = two_shard_caches
+    run, _ = _resumable(trained_on_a, tmp_path)
+    before = _files(run)
+    args = ["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run), *TINY_RUN, "--epochs", "2",
+            "--resume", "--batch-size", "3"]
+    code, errors, r = _mrmae(args)
+    assert code == 1 and len(errors) == 1 and errors[0].endswith("field batch"), r.output + repr(r.exception)
+    assert "this run gives 3 images per step (--batch-size 3 x --accum-steps 1 x 1 processes)" in errors[0]
+    assert _files(run) == before
+    code, errors, r = _mrmae([*args, "--accum-steps", "2"])
+    assert code == 0 and not errors, r.output + repr(r.exception)
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
 # --- 7. repeated keys and 16-bit images ------------------------------------------------
 
 def _jpeg(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
