@@ -171,6 +171,10 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
         raise click.UsageError("--shards is required with --teacher")
     if pca_fit_views is not None and pca_rank is None:
         raise click.UsageError("--pca-fit-views goes with --pca")
+    if target is not None and not add_teacher:
+        raise click.UsageError("--name goes with --add-teacher")
+    if target == "main":  # (pretrain's --target main is the teacher that drew the views: this one could never be chosen)
+        raise click.UsageError("--name main: 'main' is what --target calls the teacher that drew the views; give another")
     where = cf.target_root(out, target or cf.target_name(add_teacher)) if add_teacher else out
     cfg = ExtractConfig(
         shards=shards or [], out=where, teacher=teacher or add_teacher, dtype=dtype, int8_group=int8_group or None,

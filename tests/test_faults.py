@@ -146,23 +146,25 @@ def _link_out(root, tmp_path, what):
     return outside
 
 
-@pytest.mark.parametrize("what", ["group", "chunk", "entry"])
-def test_a_symbolic_link_out_of_the_cache_is_never_followed(small_cache, demo_shards, tmp_path, what):
+@pytest.mark.parametrize("what, url", [("group", False), ("chunk", False), ("entry", False), ("group", True),
+                                       ("chunk", True)])
+def test_a_symbolic_link_out_of_the_cache_is_never_followed(small_cache, demo_shards, tmp_path, what, url):
     """A group, one of its chunk files or an entry that is a link out of the cache (the
-    same bytes, readable) is refused in one line naming it, by info and pretraining;
-    `verify --repair` removes the link and never what it points to. A cache root that is
-    itself a link reads as usual."""
+    same bytes, readable) is refused in one line naming it, by info and pretraining, also
+    at a file:// URL (fsspec follows links); `verify --repair` removes the link and never
+    what it points to. A cache root that is itself a link reads as usual."""
     root = tmp_path / "c"
     shutil.copytree(small_cache, root)
     outside = _link_out(root, tmp_path, what)
     runner = CliRunner()
-    for args in (["cache", "info", str(root)],
-                 ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
+    given = root.as_uri() if url else str(root)
+    for args in (["cache", "info", given],
+                 ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", given, "--out",
                   str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"]):
         _one_line_error(runner.invoke(cli, args), "symbolic link out of the cache", str(outside))
     assert not (tmp_path / "run" / "config.json").exists()
     if what != "entry":  # (an entry link stops every reader of the manifest, repair included)
-        r = runner.invoke(cli, ["cache", "verify", str(root), "--recompute", "0", "--repair"])
+        r = runner.invoke(cli, ["cache", "verify", given, "--recompute", "0", "--repair"])
         assert r.exit_code == 2 and "symbolic link out of the cache" in r.output, r.output
         assert not cf.read_manifest(root).shards and outside.exists()
     (tmp_path / "link").symlink_to(small_cache, target_is_directory=True)
@@ -1641,3 +1643,20 @@ def test_8_eval_options_that_would_record_a_meaningless_result_are_refused(demo_
                               str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--results", str(results), *bad])
     assert code == 2 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
     assert not results.exists()
+
+
+# hostile1: extract-features options
+
+def test_add_teacher_name_main_and_name_without_add_teacher_are_refused(small_cache, tmp_path):
+    """`--target main` is the teacher that drew the views, so targets added under the name
+    main could never be trained on; and --name without --add-teacher would be ignored.
+    Both are one line naming the option, before anything is written."""
+    root = tmp_path / "c"
+    shutil.copytree(small_cache, root)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["extract-features", "--out", str(root), "--add-teacher", DINO_TINY, "--name", "main",
+                            "--no-progress"])
+    assert r.exit_code == 2 and "--name main" in r.output and not (root / "targets").exists(), r.output
+    r = runner.invoke(cli, ["extract-features", "--shards", "x.tar", "--out", str(tmp_path / "new"), "--teacher",
+                            DINO_TINY, "--name", "t", "--no-progress"])
+    assert r.exit_code == 2 and "--name goes with --add-teacher" in r.output and not (tmp_path / "new").exists()

@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
-from .location import Location, check_inside, drop_staging, is_temp, is_url, link_out_of, staging_dir
+from .location import Location, check_inside, drop_staging, is_temp, is_url, link_out_of, local_path, staging_dir
 from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, check_group, entry_path, find_shard, forget_shard,
                        read_manifest, record_shard, runs_command)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
@@ -176,7 +176,7 @@ def damaged_shards(root: str | os.PathLike, manifest: Manifest | None = None) ->
         if (real := link_out_of(loc.url, path)) is not None:  # never read: repair removes the link alone
             damaged.append((entry, f"{path}: a symbolic link out of the cache (to {real}), never followed"))
             continue
-        if not is_url(path) and manifest.backend == "zarr":
+        if manifest.backend == "zarr" and local_path(path) is not None:
             try:  # a chunk file linked out of the group: damage, not bytes to hash
                 group_listing(path)
             except CacheError as e:

@@ -78,11 +78,20 @@ def is_url(root: str | os.PathLike) -> bool:
     return "://" in str(root)
 
 
+def local_path(path: str | os.PathLike) -> str | None:
+    """A local path, or a URL's path on the local file system (file://), else None."""
+    if not is_url(path):
+        return str(path)
+    fs, local = fsspec.core.url_to_fs(str(path))
+    return local if isinstance(fs, LocalFileSystem) else None
+
+
 def link_out_of(root: str | os.PathLike, path: str | os.PathLike) -> str | None:
     """Where local `path` really is when a symbolic link on its way leads out of the
     directory `root` (both resolved, so a cache root that is itself a link is fine); None
-    when it stays inside, or for URLs, which have no links."""
-    if is_url(root) or is_url(path):
+    when it stays inside, or for URLs other than file://, whose stores have no links."""
+    root, path = local_path(root), local_path(path)
+    if root is None or path is None:
         return None
     real_root, real = os.path.realpath(root), os.path.realpath(path)
     return None if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep) else real

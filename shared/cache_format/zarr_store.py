@@ -25,7 +25,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
                      check_pixels_given, check_rows, content_group, dequantize, group_digest, int8_groups, publish_local, read_error, remove_path,
                      stored_features, view_targets, writer_temp)
-from .location import Location, check_inside, is_url
+from .location import Location, check_inside, local_path
 from .manifest import ShardEntry, check_row_count, group_name
 
 # --- codecs -----------------------------------------------------------------------------
@@ -231,11 +231,12 @@ class ShardWriter:
 
 
 def group_listing(path: str) -> set[str]:
-    """Every file under a group, relative to it ("/"-separated): os.walk locally (twice as
+    """Every file under a group, relative to it ("/"-separated): os.scandir locally (twice as
     fast as fsspec's find), one fsspec listing at a URL."""
-    if is_url(path):
+    local = local_path(path)  # (file:// URLs too: fsspec would follow a link without saying)
+    if local is None:
         return {rel for rel, _ in Location(path).files("")}
-    out, folders = set(), [""]
+    path, out, folders = local, set(), [""]
     while folders:  # (scandir knows links without a stat: a file linked out of the group is refused)
         folder = folders.pop()
         with os.scandir(os.path.join(path, folder)) as it:
