@@ -111,6 +111,7 @@ def test_a_wrong_field_in_an_entry_is_one_line_naming_file_and_key(small_cache, 
 
 
 @pytest.mark.parametrize("section, key, value", [("teacher", "dim", "x"), ("teacher", "grid", [14]),
+                                                  ("teacher", "dim", 10**9), ("teacher", "grid", [14, 2**40]),
                                                   ("storage", "dtype", "int4"), ("storage", "backend", "tar"),
                                                   ("views", "per_image", 0), ("teacher", "weights_sha256", "ab")])
 def test_a_wrong_field_in_the_manifest_is_one_line_naming_the_key(small_cache, tmp_path, section, key, value):
@@ -223,6 +224,26 @@ def test_two_entries_claiming_one_source_are_refused(small_cache, tmp_path):
                   "--no-progress"]):
         _one_line_error(CliRunner().invoke(cli, args), "is also the source of", str(first),
                         str(root / "shards" / "twin-00000000.json"))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_a_manifest_width_other_than_the_stored_rows_is_one_line(small_cache, small_wds_cache, demo_shards, tmp_path,
+                                                                 fmt):
+    """manifest.json says teacher.dim 384, the groups hold 192-wide rows (another cache's
+    manifest copied over, or an edit): the reader names the group and both shapes, never a
+    shape error in a training step; a Zarr group says so before pretraining writes anything."""
+    root = tmp_path / "c"
+    shutil.copytree(small_cache if fmt == "zarr" else small_wds_cache, root)
+    manifest = json.loads((root / cf.MANIFEST).read_text())
+    manifest["teacher"]["dim"] = 384
+    (root / cf.MANIFEST).write_text(json.dumps(manifest))
+    group = root / cf.read_manifest(root).shards[0].group
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), str(group), "192]", "384]")
+    r = CliRunner().invoke(cli, ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
+                                 str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"])
+    _one_line_error(r, str(group), "192]", "384]")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert fmt == "wds" or not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")

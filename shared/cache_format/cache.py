@@ -244,7 +244,15 @@ class FeatureCache:
     def _open(self, entry: ShardEntry) -> ShardGroup | WdsShard:
         check_group(entry.group, self.backend, self.root)  # read_manifest checked it; never read outside
         check_inside(self.root, self.location.join(entry.group))  # (nor through a symbolic link)
-        return _READERS[self.backend](self.location.join(entry.group), entry, checked=self.checked)
+        return _READERS[self.backend](self.location.join(entry.group), entry, checked=self.checked,
+                                      shapes=self.row_shapes())
+
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One row's shape of the arrays every shard stores, as the manifest says: features
+        [L, C] ([L, K] coefficients in a PCA cache), attention [L], cls [C]."""
+        t = self.manifest.teacher
+        tokens, pca = t.grid[0] * t.grid[1], self.manifest.storage.pca
+        return {"features": (tokens, pca.rank if pca else t.dim), "attention": (tokens,), "cls": (t.dim,)}
 
     def shard(self, source: str) -> ShardGroup | WdsShard:
         entry = find_shard(self.manifest, source)

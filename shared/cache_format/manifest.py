@@ -40,6 +40,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _REQUIRED = object()
 _MAX_INT = 2**63 - 1  # no count, size or offset a writer records is larger (10**400 would overflow a float)
+# Far above any teacher (ViT-22B: width 6144), far below what would make pretraining allocate
+# terabytes for a mimic head before any shard is read.
+_MAX_DIM, _MAX_SIDE = 65536, 65536
 
 
 # --- checked reading of one JSON object ----------------------------------------------------
@@ -79,13 +82,14 @@ class _Fields:
             self.fail(key, "missing")
         return default
 
-    def integer(self, key: str, minimum: int | None = 0, default: Any = _REQUIRED, nullable: bool = False) -> int | None:
+    def integer(self, key: str, minimum: int | None = 0, default: Any = _REQUIRED, nullable: bool = False,
+                maximum: int = _MAX_INT) -> int | None:
         v = self.take(key, default)
         if v is None and nullable:
             return None
-        if not _is_int(v) or (minimum is not None and v < minimum) or abs(v) > _MAX_INT:
-            self.fail(key, f"expected an integer{'' if minimum is None else f' >= {minimum}'} (64-bit), "
-                           f"got {_show(v)}")
+        if not _is_int(v) or (minimum is not None and v < minimum) or abs(v) > maximum:
+            self.fail(key, f"expected an integer{'' if minimum is None else f' >= {minimum}'} and <= "
+                           f"{'2^63 - 1' if maximum == _MAX_INT else maximum}, got {_show(v)}")
         return v
 
     def number(self, key: str, low: float = -math.inf, high: float = math.inf, default: Any = _REQUIRED,
@@ -127,10 +131,11 @@ class _Fields:
             self.fail(key, f"expected {length} numbers >= {low}, got {_show(v)}")
         return tuple(v)
 
-    def ints(self, key: str, length: int | None = None, minimum: int = 0, default: Any = _REQUIRED) -> tuple[int, ...]:
+    def ints(self, key: str, length: int | None = None, minimum: int = 0, default: Any = _REQUIRED,
+             maximum: int = _MAX_INT) -> tuple[int, ...]:
         v = self.items(key, length, default)
-        if not all(_is_int(x) and minimum <= x <= _MAX_INT for x in v):
-            self.fail(key, f"expected integers >= {minimum}, got {_show(v)}")
+        if not all(_is_int(x) and minimum <= x <= maximum for x in v):
+            self.fail(key, f"expected integers in [{minimum}, {maximum}], got {_show(v)}")
         return tuple(v)
 
     def section(self, key: str, nullable: bool = False, default: Any = _REQUIRED) -> _Fields | None:
@@ -176,8 +181,9 @@ class TeacherInfo:
     @classmethod
     def from_fields(cls, f: _Fields) -> TeacherInfo:
         info = cls(f.text("spec"), f.text("family", FAMILIES), f.text("arch"), f.text("weights", nullable=True),
-                   f.sha256("weights_sha256"), f.integer("input_size", 1), f.integer("patch_size", 1),
-                   f.ints("grid", 2, minimum=1), f.integer("dim", 1), f.numbers("mean", 3),
+                   f.sha256("weights_sha256"), f.integer("input_size", 1, maximum=_MAX_SIDE),
+                   f.integer("patch_size", 1, maximum=_MAX_SIDE), f.ints("grid", 2, minimum=1, maximum=_MAX_SIDE),
+                   f.integer("dim", 1, maximum=_MAX_DIM), f.numbers("mean", 3),
                    f.numbers("std", 3, low=1e-12), f.ints("layers", minimum=1, default=[]))
         f.done()
         return info

@@ -352,12 +352,14 @@ class WdsShard:
     read per block and one decode per row.
     """
 
-    def __init__(self, path: str | os.PathLike, entry: ShardEntry, checked: bool = True):
+    def __init__(self, path: str | os.PathLike, entry: ShardEntry, checked: bool = True,
+                 shapes: dict[str, tuple[int, ...]] | None = None):
         """`checked` (a format 4 cache): every meta.json carries its own crc32c, every
         `.npy.zst` member a zstd frame checksum and every other member a crc32c in its
         meta.json; each is verified as it is read, and damage is a CacheError naming the
         tar, the member and the row."""
         self.path, self.entry, self.checked = str(path), entry, checked
+        self._shapes = shapes or {}  # a member's array shape, from the manifest (as the Zarr reader's `shapes`)
         if not is_file(self.path):
             raise CacheError(f"{self.path}: shard tar is missing")
         self._file = None
@@ -456,10 +458,15 @@ class WdsShard:
                 self._verify(data, compressed, row, member)
             if compressed:
                 data = self._zstd.decode(data)
-            return np.load(io.BytesIO(data), allow_pickle=False)
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
         except Exception as e:
             raise CacheError(f"{self.path}: member {self._names[row]}.{member}, row {row}: unreadable "
                              f"({read_error(e)}); run `mrmae cache verify --repair`") from e
+        want = self._shapes.get(member)
+        if want is not None and tuple(arr.shape) != tuple(want):
+            raise CacheError(f"{self.path}: member {self._names[row]}.{member}, row {row}: shape {list(arr.shape)}, "
+                             f"the manifest's teacher gives {list(want)}")
+        return arr
 
     def _member(self, name: str) -> np.ndarray:
         try:

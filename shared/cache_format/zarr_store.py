@@ -278,13 +278,23 @@ class ShardGroup:
     array and the rows, never fill values or flipped targets.
     """
 
-    def __init__(self, path: str | os.PathLike, entry: ShardEntry, checked: bool = True):
+    def __init__(self, path: str | os.PathLike, entry: ShardEntry, checked: bool = True,
+                 shapes: dict[str, tuple[int, ...]] | None = None):
+        """`shapes`: what one row of some arrays must be, from the manifest (features [L,
+        C or K], attention [L], cls [C]): a group of another teacher's shapes is refused here,
+        not a shape error inside a training step."""
         self.path, self.entry, self.checked = str(path), entry, checked
         self._arrays: dict[str, zarr.Array] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}  # from the arrays' zarr.json, when checked
         try:
             if checked:
                 self._check_chunks()
             self.group = zarr.open_group(str(path), mode="r")
+            for name, want in (shapes or {}).items():
+                got = self._shapes.get(name) or tuple(self.group[name].shape)
+                if tuple(got[1:]) != tuple(want):
+                    raise CacheError(f"{path}: array {name} stores rows of shape {list(got[1:])}, the manifest's "
+                                     f"teacher gives {list(want)}: not this cache's group, or a damaged manifest")
         except CacheError:
             raise
         except Exception as e:
@@ -312,6 +322,7 @@ class ShardGroup:
             meta = json.loads(blob)
             if meta.get("node_type") != "array":
                 continue
+            self._shapes[name] = tuple(meta.get("shape", ()))
             if "crc32c" not in [c.get("name") for c in meta.get("codecs", [])]:
                 raise CacheError(f"{self.path}: array {name} has no crc32c codec, as every array of a format 4 "
                                  "cache has: damaged or rewritten; run `mrmae cache verify --repair`")
