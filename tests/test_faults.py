@@ -427,6 +427,23 @@ def test_a_writer_leaves_foreign_temps_and_cache_clean_removes_only_leftovers(de
     assert cf.check_integrity(out) == [] and cf.read_manifest(out).shards[0].sha256 == entry.sha256
 
 
+def test_cache_clean_never_removes_the_input_tars_beside_the_groups(demo_shards, tmp_path):
+    """--out DATA with the inputs in DATA/shards/ (as many datasets lay them out): the cache
+    and the tars share shards/. `cache clean --older-than 0` removes only what writers name
+    (temporaries, groups named after their bytes), never the tars no entry points to."""
+    data = tmp_path / "data"
+    (data / "shards").mkdir(parents=True)
+    tars = [Path(shutil.copy(p, data / "shards")) for p in demo_shards[:2]]
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", "::".join(map(str, tars)), "--out", str(data),
+                                 "--teacher", DINO_TINY, "--format", "wds", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    stray = data / "shards" / "x-01234567.0123456789abcdef.tar"  # a killed writer's group, published
+    stray.write_bytes(b"a tar")
+    r = CliRunner().invoke(cli, ["cache", "clean", str(data), "--older-than", "0"])
+    assert r.exit_code == 0 and "1 leftovers removed" in r.output and not stray.exists(), r.output
+    assert all(t.exists() for t in tars) and cf.check_integrity(data) == []
+
+
 @pytest.mark.parametrize("backend", cf.BACKENDS)
 def test_a_group_whose_rows_were_lost_under_its_writer_is_never_published(tmp_path, backend):
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from .common import ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
+from .common import CONTENT_DIGITS, ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
 from .location import Location, check_inside, drop_staging, is_temp, is_url, link_out_of, local_path, staging_dir
 from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, check_group, entry_path, find_shard, forget_shard,
                        read_manifest, record_shard, runs_command)
@@ -110,7 +110,9 @@ def clean_cache(root: str | os.PathLike, older_than_hours: float = 24.0, dry_run
     """Remove what no entry points to and no writer has touched for `older_than_hours`:
     temporaries of killed writers (`shards/.tmp-*`, `.<file>.<writer>.tmp`) and published
     groups no entry records (a shard redone with other bytes, a writer killed between its
-    group and its entry). Also in the caches of added teachers (`targets/<name>/`).
+    group and its entry), by their names alone: nothing else in `shards/` is touched (a user
+    whose --out is the parent of the input tars keeps them). Also in the caches of added
+    teachers (`targets/<name>/`).
 
     Writers never remove anything but their own temporary, since a temporary of another
     may belong to a live writer on another machine; this explicit command is how the rest
@@ -123,8 +125,12 @@ def clean_cache(root: str | os.PathLike, older_than_hours: float = 24.0, dry_run
         loc = Location(r)
         manifest = read_manifest(r)  # (also: refuse what is not a cache)
         referenced = {s.group for s in manifest.shards}
+        # only what a writer names: temporaries and groups named after their bytes; anything
+        # else in shards/ (the input tars, when --out was their parent directory) is the user's
+        suffix = r"\.tar" if manifest.backend == "wds" else ""
+        published = re.compile(rf"[A-Za-z0-9._-]+\.[0-9a-f]{{{CONTENT_DIGITS}}}{suffix}")
         candidates = [rel for rel in (f"shards/{n}" for n in loc.children("shards"))
-                      if rel not in referenced and (is_temp(rel) or not rel.endswith(".json"))]
+                      if rel not in referenced and (is_temp(rel) or published.fullmatch(rel[len("shards/"):]))]
         candidates += [rel for d in ("", "pca") for rel in (f"{d}/{n}".lstrip("/") for n in loc.children(d))
                        if is_temp(rel)]
         for rel in candidates:
