@@ -434,6 +434,7 @@ def run_extraction(cfg: ExtractConfig) -> dict:
             else [base.recorded_source(s) for s in base.complete_shards])
     mine = [u for i, u in enumerate(urls) if i % world == rank]
     check_options(cfg)  # before the teacher is built and anything is written
+    check_shard_list(urls, cfg.shards)
     teacher = build_teacher(cfg.teacher).to(device)
     check_teacher_options(cfg, teacher)
     if cfg.decode_on_device:  # recorded: training may replay views from the tars only with PIL
@@ -484,6 +485,16 @@ def check_options(cfg: ExtractConfig) -> None:
             raise OptionError(f"{option} {value}: must be at least {least}")
     if any(i < 1 for i in cfg.layers):
         raise OptionError(f"--layers {','.join(map(str, cfg.layers))}: blocks are numbered from 1")
+
+
+def check_shard_list(urls: list[str], given: str | list[str]) -> None:
+    """--shards names at least one shard, each once: a shard listed twice (overlapping brace
+    ranges) would be extracted twice and counted twice in the summary."""
+    if given and not urls:
+        raise OptionError(f"--shards {given!r}: names no shard")
+    if len(set(urls)) != len(urls):
+        twice = next(u for u in urls if urls.count(u) > 1)
+        raise OptionError(f"--shards: {twice} is listed twice")
 
 
 def check_teacher_options(cfg: ExtractConfig, teacher: Teacher) -> None:

@@ -36,6 +36,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import braceexpand
 
+from .errors import OptionError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -83,16 +85,33 @@ class RawSample:
 
 # --- URLs and sources -------------------------------------------------------------------
 
+MAX_URLS = 1_000_000  # shards in one list: 1000x ImageNet's usual 1024; a range past it is a typo
+
+
 def expand_urls(urls: str | list[str]) -> list[str]:
     """A webdataset-style URL list -> shard URLs: items separated by `::`, each with brace
-    ranges and alternatives expanded ('a-{000..002}.tar::b.tar' -> a-000, a-001, a-002, b)."""
+    ranges and alternatives expanded ('a-{000..002}.tar::b.tar' -> a-000, a-001, a-002, b).
+    More than MAX_URLS is an OptionError (`{0..99999999}` would take minutes and ~10 GB)."""
     items = urls if isinstance(urls, list) else [urls]
     out: list[str] = []
     for item in items:
         for part in str(item).split("::"):
-            if part:
-                out.extend(braceexpand.braceexpand(part))
+            if not part:
+                continue
+            # (braceexpand builds a numeric range whole, however wide: count before expanding)
+            if len(out) + _range_product(part) > MAX_URLS:
+                shown = part if len(part) <= 80 else part[:77] + "..."
+                raise OptionError(f"shard list {shown!r}: more than {MAX_URLS:,} shards (a brace range too wide?)")
+            out.extend(braceexpand.braceexpand(part))
     return out
+
+
+def _range_product(part: str) -> int:
+    """How many URLs the numeric brace ranges of `part` make together ({000..999}: 1000)."""
+    n = 1
+    for a, b, step in re.findall(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}", part):
+        n *= abs(int(b) - int(a)) // max(abs(int(step or 1)), 1) + 1
+    return n
 
 
 def is_url(url: str) -> bool:

@@ -1698,3 +1698,19 @@ def test_add_teacher_name_main_and_name_without_add_teacher_are_refused(small_ca
     r = runner.invoke(cli, ["extract-features", "--shards", "x.tar", "--out", str(tmp_path / "new"), "--teacher",
                             DINO_TINY, "--name", "t", "--no-progress"])
     assert r.exit_code == 2 and "--name goes with --add-teacher" in r.output and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("shards, what", [("TWICE", "is listed twice"), ("::", "names no shard"),
+                                          ("WIDE", "more than 1,000,000 shards")])
+def test_extract_shard_lists_listed_twice_empty_or_too_wide_are_refused(demo_shards, tmp_path, shards, what):
+    """A shard listed twice was extracted twice and counted twice; `::` names nothing; a
+    brace range of 10^8 (a typo) made braceexpand build 10^8 strings (~10 GB, minutes)
+    before anything was said: each is one line, before anything is written."""
+    given = {"TWICE": f"{demo_shards[0]}::{demo_shards[0]}",
+             "WIDE": str(demo_shards[0]).replace("000000.tar", "{0000000000..0099999999}.tar")}.get(shards, shards)
+    for args in (["extract-features", "--shards", given, "--out", str(tmp_path / "c"), "--teacher", DINO_TINY,
+                  "--no-progress"], ["pretrain", "--shards", given, "--out", str(tmp_path / "r"), "--model",
+                                     "mrmae_vit_tiny_patch16", "--no-progress"]):
+        r = CliRunner().invoke(cli, args)
+        _one_line_error(r, what)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
