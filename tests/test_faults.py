@@ -12,6 +12,7 @@ import pytest
 # --- 1. nothing recorded in a cache is executed or followed out of it -------------------
 
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -244,6 +245,19 @@ def test_a_manifest_width_other_than_the_stored_rows_is_one_line(small_cache, sm
     _one_line_error(r, str(group), "192]", "384]")
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert fmt == "wds" or not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs a character device")
+def test_a_recorded_source_that_is_a_device_is_never_read(small_cache, tmp_path):
+    """An entry whose source is /dev/zero (or a FIFO): `verify --sources` hashed it forever,
+    `--add-teacher` read it; both now refuse in one line asking for --shards."""
+    root, entry_file = _crafted(small_cache, tmp_path, source="/dev/zero")
+    r = subprocess.run([sys.executable, "-m", "mrmae", "cache", "verify", str(root), "--recompute", "0", "--sources"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a regular file" in r.stderr, r.stderr
+    assert str(entry_file) in r.stderr and "--shards" in r.stderr
+    _one_line_error(CliRunner().invoke(cli, ["extract-features", "--out", str(root), "--add-teacher", DINO_TINY,
+                                             "--name", "t", "--no-progress"]), "not a regular file", "--shards")
 
 
 @pytest.fixture(scope="module")

@@ -270,11 +270,15 @@ class FeatureCache:
         """`entry.source`, to be opened again (`cache verify`, `--add-teacher`). Refused, in
         one line asking for --shards, when opening it would run a program (`runs_command`):
         mrmae runs a command only when the user gives it on the command line."""
+        shown = entry.source if len(entry.source) <= 60 else entry.source[:57] + "..."
         if runs_command(entry.source):
-            shown = entry.source if len(entry.source) <= 60 else entry.source[:57] + "..."
             raise CacheError(f"{self.location.join(entry_path(entry.group))}: the recorded source {shown!r} is a "
                              "command, which mrmae runs only when given on the command line: give the shards "
                              "with --shards")
+        path = local_path(entry.source)  # a device or a FIFO (/dev/zero) would be read, and hashed, forever
+        if path is not None and os.path.exists(path) and not os.path.isfile(path):
+            raise CacheError(f"{self.location.join(entry_path(entry.group))}: the recorded source {shown!r} is not "
+                             "a regular file: give the shards with --shards")
         return entry.source
 
     def get(self, source: str, key: str, view: int) -> ViewTargets:
