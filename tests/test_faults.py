@@ -260,6 +260,41 @@ def test_a_recorded_source_that_is_a_device_is_never_read(small_cache, tmp_path)
                                              "--name", "t", "--no-progress"]), "not a regular file", "--shards")
 
 
+@pytest.mark.parametrize("damage", ["complex mean", "nan basis", "float fit_views"])
+def test_a_crafted_pca_basis_with_a_matching_sha256_is_refused(demo_shards, tmp_path, damage):
+    """pca/basis.npz rewritten with a complex mean (cast to float32 silently), a NaN in the
+    basis, or a float count, and its sha256 updated in the manifest: pretraining refuses it
+    in one line naming the file and the member, before writing anything."""
+    import hashlib
+    import io
+
+    import numpy as np
+
+    root = tmp_path / "c"
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--out", str(root),
+                                 "--teacher", DINO_TINY, "--pca", "8", "--pca-fit-views", "8", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    with np.load(root / "pca" / "basis.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    member = {"complex mean": "mean", "nan basis": "basis", "float fit_views": "fit_views"}[damage]
+    if damage == "complex mean":
+        arrays["mean"] = arrays["mean"].astype(np.complex64)
+    elif damage == "nan basis":
+        arrays["basis"][0, 0] = np.nan
+    else:
+        arrays["fit_views"] = np.array(8.5)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (root / "pca" / "basis.npz").write_bytes(buf.getvalue())
+    manifest = json.loads((root / cf.MANIFEST).read_text())
+    manifest["storage"]["pca"]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    (root / cf.MANIFEST).write_text(json.dumps(manifest))
+    r = CliRunner().invoke(cli, ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
+                                 str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"])
+    _one_line_error(r, str(root / "pca" / "basis.npz"), f"{member}.npy")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 @pytest.fixture(scope="module")
 def small_wds_cache(demo_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("wds1") / "c"

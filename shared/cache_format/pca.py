@@ -122,11 +122,18 @@ def decode_basis(data: bytes, where: str = PCA_FILE) -> PcaBasis:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             a = {name: z[name] for name in _MEMBERS}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, MemoryError, zipfile.BadZipFile) as e:
         raise CacheError(f"{where}: unreadable PCA basis ({type(e).__name__}: {e})") from e
     basis, mean = a["basis"], a["mean"]
     if basis.ndim != 2 or mean.shape != (basis.shape[1],) or a["variance"].shape != (basis.shape[0],):
         raise CacheError(f"{where}: PCA basis of shape {basis.shape} with mean {mean.shape}: inconsistent")
+    for name in ("mean", "basis", "variance", "total_variance"):  # (a complex mean cast to float32 silently)
+        if a[name].dtype.kind != "f" or not np.isfinite(a[name]).all():
+            raise CacheError(f"{where}: {name}.npy: expected finite real numbers, got {a[name].dtype} "
+                             f"{'with non-finite values' if a[name].dtype.kind == 'f' else ''}".rstrip())
+    for name in ("fit_views", "fitted_views"):
+        if a[name].dtype.kind not in "iu" or a[name].shape != ():
+            raise CacheError(f"{where}: {name}.npy: expected one integer, got {a[name].dtype} {a[name].shape}")
     return PcaBasis(mean=mean.astype(np.float32), basis=basis.astype(np.float32), variance=a["variance"],
                     total_variance=float(a["total_variance"]), fit_views=int(a["fit_views"]),
                     fitted_views=int(a["fitted_views"]))
