@@ -452,6 +452,7 @@ def run_extraction(cfg: ExtractConfig) -> dict:
         wanted = replace(wanted, storage=replace(wanted.storage, pca=fitted))
         pca = (torch.from_numpy(basis.mean).to(device), torch.from_numpy(basis.basis).to(device))
     cf.init_cache(cfg.out, wanted)
+    check_compatible(cfg.out, wanted)  # again: a run started beside this one may have made the cache since
     manifest = cf.read_manifest(cfg.out)
     if cfg.pca and (manifest.storage.pca is None or manifest.storage.pca.sha256 != digest):
         raise cf.CacheError(f"{cf.Location(cfg.out).join(cf.PCA_FILE)}: not the basis the manifest records "

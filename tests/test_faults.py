@@ -391,6 +391,43 @@ def _cache_rows(root: Path) -> dict[str, dict[str, np.ndarray]]:
     return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
+def test_a_run_that_loses_the_manifest_race_to_another_configuration_writes_nothing(demo_shards, tmp_path):
+    """Two runs with other --views started on one new --out: both find no manifest; the
+    first to create it wins. The other (held in its PCA fit by a gated source, past its
+    first check) used to write its 2-view shards into the 3-view cache, making every later
+    read fail; it now refuses in one line and writes nothing."""
+    out, gate = tmp_path / "c", tmp_path / "gate"
+    cmd = lambda views, url: [sys.executable, "-m", "mrmae", "extract-features", "--shards", url,  # noqa: E731
+                              "--out", str(out), "--teacher", DINO_TINY, "--views", views, "--pca", "8",
+                              "--pca-fit-views", "8", "--no-progress"]
+    held = subprocess.Popen(cmd("2", _gated(demo_shards[0])), env={**os.environ, _GATE: str(gate)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not _gate_waiting(demo_shards[0]):  # its PCA fit reads the shard: past its first check
+            assert time.time() < deadline and held.poll() is None, held.communicate()
+            time.sleep(0.2)
+        first = subprocess.run(cmd("3", str(demo_shards[1])), capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr
+        gate.touch()
+        _, err = held.communicate(timeout=300)
+    finally:
+        held.kill()
+    assert held.returncode == 1 and "views.per_image: cache has 3, asked for 2" in err, err
+    assert [e.num_views for e in cf.read_manifest(out).shards] == [18]
+
+
+def _gate_waiting(tar: Path) -> bool:
+    """Whether a gated `pipe:` of `tar` runs (its shell waits for the gate)."""
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"exec cat " + str(tar).encode() in p.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 @pytest.mark.parametrize("backend", cf.BACKENDS)
 def test_two_extractions_racing_on_one_shard_both_succeed_and_publish_one_whole_group(tmp_path, backend):
     """Writer A is stopped (SIGSTOP) with rows in its temporary; writer B, started with it,
