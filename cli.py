@@ -32,6 +32,9 @@ class _OneLineErrors(click.Group):
             return super().invoke(ctx)
         except click.exceptions.NoArgsIsHelpError:
             raise
+        except KeyboardInterrupt as e:  # Ctrl-C: one line (where to resume from), not click's "Aborted!"
+            click.echo(f"mrmae: interrupted{f': {e}' if str(e) else ''}", err=True)
+            sys.exit(130)
         except click.UsageError as e:  # a bad option value or combination: one line, not usage + hint
             click.echo(f"mrmae: error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
@@ -47,6 +50,20 @@ def _one_line(err: Exception) -> str:
     from mrmae.shared.errors import one_line
 
     return one_line(err)
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a training run; the message says which checkpoint `--resume` continues from."""
+
+    def __init__(self, out: str) -> None:
+        from mrmae.train.checkpoint import CheckpointError, latest_checkpoint
+
+        try:
+            last = latest_checkpoint(out)
+        except (CheckpointError, OSError):
+            last = None
+        super().__init__(f"the last checkpoint is {last}; rerun the same command with --resume to continue"
+                         if last else f"no checkpoint in {out} yet")
 
 
 def _warnings_one_line() -> None:
@@ -256,7 +273,10 @@ def pretrain(shards, out, feature_cache, target, teacher, model, epochs, batch_s
         save_every_steps=save_every_steps, pixels_from_cache=pixels_from_cache, compile=compile_backend,
         progress=not no_progress, step_options=opts,
     )
-    r = run_pretrain(cfg)
+    try:
+        r = run_pretrain(cfg)
+    except KeyboardInterrupt:
+        raise _Interrupted(out) from None
     if r["main_process"]:  # one summary per run, not one per process
         click.echo(f"{r['steps']} steps; checkpoint: {r['checkpoint']}; metrics: {r['metrics']}")
 
@@ -418,6 +438,8 @@ def finetune(no_progress, **kwargs) -> None:
 
     try:
         r = run_finetune(FinetuneConfig(**kwargs, progress=not no_progress))
+    except KeyboardInterrupt:
+        raise _Interrupted(kwargs["out"]) from None
     except (ExportError, FinetuneError) as err:
         click.echo(f"mrmae: error: {_one_line(err)}", err=True)
         sys.exit(1)

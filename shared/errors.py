@@ -59,3 +59,13 @@ def one_line(exc: BaseException) -> str:
     text = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
     text = worker_message(text) or text
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def worker_ignores_interrupt(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C reaches the whole process group, and a worker
+    that dies of it before the main process sees its own KeyboardInterrupt makes torch
+    raise "DataLoader worker exited unexpectedly" with a traceback instead. Workers ignore
+    SIGINT; the main process stops them when it ends."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

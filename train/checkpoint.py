@@ -269,17 +269,18 @@ def _first_line(e: BaseException) -> str:
 _HELD: dict[str, int] = {}  # run directories this process holds (a descriptor with an flock each)
 
 
-def hold_run(out: Path) -> None:
+def hold_run(out: Path) -> bool:
     """Take an exclusive lock on the run directory `out` for the rest of this process, so a
     second run started on the same --out stops in one line instead of interleaving its
     metrics, config and checkpoints with this one's. The kernel releases the lock when the
     process ends, killed or not; a file system without flock (some network mounts) runs
-    unlocked. Reentrant within a process (a test or notebook running several runs)."""
+    unlocked. Reentrant within a process (a test or notebook running several runs).
+    Returns whether the lock is held."""
     import fcntl
 
     key = str(out.resolve())
     if key in _HELD:
-        return
+        return True
     fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -289,8 +290,20 @@ def hold_run(out: Path) -> None:
                               "wait for it or give another --out") from None
     except OSError:  # flock not supported here: nothing to hold
         os.close(fd)
-        return
+        return False
     _HELD[key] = fd
+    return True
+
+
+def remove_interrupted_saves(out: Path) -> None:
+    """Remove what saves cut short by Ctrl-C or a kill left in OUT/checkpoints (a whole
+    model and optimiser each): called with the run's lock held, when no other save can be live."""
+    root = out / "checkpoints"
+    for leftover in [*root.glob(".tmp-step*"), *root.glob(".latest.*.tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def start_or_resume(out: Path, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -305,7 +318,8 @@ def start_or_resume(out: Path, resume: bool, model: torch.nn.Module, optimizer: 
     if is_main:
         with naming(out):
             out.mkdir(parents=True, exist_ok=True)
-        hold_run(out)
+        if hold_run(out):
+            remove_interrupted_saves(out)
     if resume and (last := latest_checkpoint(out)) is not None:
         if fingerprint is not None:
             check_resume(last, fingerprint)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mrmae.shared import shards
 from mrmae.shared.shards import expand_urls
 from mrmae.shared import cache_format as cf
-from mrmae.shared.errors import OptionError, naming
+from mrmae.shared.errors import OptionError, naming, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
 from mrmae.train.masking import num_visible
@@ -235,7 +235,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                   (torch.from_numpy(p[0]).to(accelerator.device), torch.from_numpy(p[1]).to(accelerator.device))
                   for c in caches]
     stream = StudentStream(data_cfg, cache, joint)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
+                                         worker_init_fn=worker_ignores_interrupt)
     # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
     # or repeat samples; the stream splits shards by node and worker itself.
 
