@@ -1434,6 +1434,41 @@ def test_6_resume_with_another_effective_batch_is_refused_the_same_one_continues
     assert code == 0 and not errors, r.output + repr(r.exception)
     assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
+def test_6_ctrl_c_during_pretraining_is_one_line_and_resumes(two_shard_caches, tmp_path):
+    """Ctrl-C (SIGINT to the process group: the run and its DataLoader workers) prints one
+    line naming the checkpoint to resume from, exit 130; the rerun with --resume removes
+    what an interrupted save left (a whole model and optimiser) and finishes."""
+    import signal
+    import time
+
+    shards, a, _, _ = two_shard_caches
+    run = tmp_path / "run"
+    args = ["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run), *TINY_RUN, "--workers", "2"]
+    p = subprocess.Popen([sys.executable, "-m", "mrmae", *args, "--epochs", "200"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "latest").exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGINT)
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    errors = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("mrmae: warning")]
+    assert p.returncode == 130 and len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert re.fullmatch(f"mrmae: interrupted: the last checkpoint is {run}/checkpoints/step\\d{{8}}; rerun the same "
+                        "command with --resume to continue", errors[0]), errors
+    (run / "checkpoints" / ".tmp-step00000999-12345").mkdir()  # what a save cut short leaves
+    (run / "checkpoints" / ".tmp-step00000999-12345" / "optimizer.pt").write_bytes(b"half")
+    last = int(errors[0].split("/checkpoints/step")[1][:8])
+    epochs = last // 2 + 1
+    code, errors, r = _mrmae([*args, "--workers", "0", "--epochs", str(epochs), "--resume"])
+    assert code == 0 and not errors, r.output + repr(r.exception)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step" + f"{2 * epochs:08d}"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
 # --- 7. repeated keys and 16-bit images ------------------------------------------------
 
 def _jpeg(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
