@@ -65,7 +65,9 @@ def worker_ignores_interrupt(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: Ctrl-C reaches the whole process group, and a worker
     that dies of it before the main process sees its own KeyboardInterrupt makes torch
     raise "DataLoader worker exited unexpectedly" with a traceback instead. Workers ignore
-    SIGINT; the main process stops them when it ends."""
+    SIGINT (one that arrived while the loader forked them, blocked then, is discarded); the
+    main process stops them when it ends."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -36,6 +36,7 @@ from mrmae.shared.shards import expand_urls, first_copies, iter_samples
 from mrmae.shared.errors import naming, worker_ignores_interrupt
 from mrmae.shared.views import ImageDecodeError, decode_image, normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.train.engine import InterruptibleLoader
 from mrmae.train.restore import encode_all_tokens, num_prefix_tokens
 
 FEATURES = ("cls", "mean")
@@ -83,7 +84,7 @@ def extract_features(model: torch.nn.Module, shards: str | list[str], feature: s
         raise EvalError(f"{type(model).__name__} has no [CLS] token: use --feature mean")
     model = model.to(device).eval()
     data = LabelledImages(expand_urls(shards), model.cfg.img_size)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+    loader = InterruptibleLoader(data, batch_size=batch_size, num_workers=workers,
                                          worker_init_fn=worker_ignores_interrupt)
     feats, labels = [], []
     for pixels, y in loader:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from mrmae.shared.errors import naming, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.checkpoint import CheckpointError
-from mrmae.train.engine import NonFiniteLossError, append_metrics, epoch_passes, lr_at
+from mrmae.train.engine import InterruptibleLoader, NonFiniteLossError, append_metrics, epoch_passes, lr_at
 from mrmae.train.finetune_data import LabelledStream, sample_seed, seed_everything, train_transform
 
 POOLS = ("avg", "token")
@@ -150,7 +150,7 @@ def evaluate(model: torch.nn.Module, shards: str, img_size: int, num_classes: in
 
     rank, world = accelerator.process_index, accelerator.num_processes
     data = LabelledImages(expand_urls(shards)[rank::world], img_size)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+    loader = InterruptibleLoader(data, batch_size=batch_size, num_workers=workers,
                                          worker_init_fn=worker_ignores_interrupt)
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top1, top5, loss sum, n
@@ -267,7 +267,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     img_size = int(timm_kwargs.get("img_size", 224))
     stream = LabelledStream(cfg.train_shards, cfg.batch_size, train_transform(img_size, cfg.augment, cfg.rand_augment,
                             cfg.re_prob), cfg.seed, cfg.shuffle_buffer)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
+    loader = InterruptibleLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
                                          worker_init_fn=worker_ignores_interrupt)
     # Not accelerator.prepare(loader): the stream splits shards by node and worker itself.
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,

@@ -26,7 +26,8 @@ from mrmae.shared.errors import OptionError, naming, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
 from mrmae.train.masking import num_visible
-from mrmae.train.engine import NonFiniteLossError, StepOptions, append_metrics, epoch_passes, lr_at, train_one_epoch
+from mrmae.train.engine import (InterruptibleLoader, NonFiniteLossError, StepOptions, append_metrics, epoch_passes,
+                                lr_at, train_one_epoch)
 
 
 @dataclass
@@ -235,7 +236,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                   (torch.from_numpy(p[0]).to(accelerator.device), torch.from_numpy(p[1]).to(accelerator.device))
                   for c in caches]
     stream = StudentStream(data_cfg, cache, joint)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
+    loader = InterruptibleLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
                                          worker_init_fn=worker_ignores_interrupt)
     # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
     # or repeat samples; the stream splits shards by node and worker itself.
