@@ -1835,3 +1835,15 @@ def test_extract_shard_lists_listed_twice_empty_or_too_wide_are_refused(demo_sha
         r = CliRunner().invoke(cli, args)
         _one_line_error(r, what)
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_cache_url_of_an_unknown_or_uninstalled_scheme_is_one_line(demo_shards, tmp_path):
+    """`--out s3://...` without s3fs (or a scheme fsspec does not know) was a traceback from
+    fsspec; it is one line naming the URL, for extraction, info and pretraining."""
+    url = "nosuchscheme://bucket/cache"
+    for args in (["extract-features", "--shards", str(demo_shards[0]), "--out", url, "--teacher", DINO_TINY,
+                  "--no-progress"], ["cache", "info", url],
+                 ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", url, "--out", str(tmp_path / "r"),
+                  "--model", "mrmae_vit_tiny_patch16", "--no-progress"]):
+        _one_line_error(CliRunner().invoke(cli, args), url, "cannot open this URL")
+    assert not (tmp_path / "r").exists()

@@ -115,7 +115,10 @@ class Location:
     def __init__(self, root: str | os.PathLike):
         self.url = str(root).rstrip("/") if is_url(root) else str(Path(root))
         self.remote = is_url(root)
-        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:  # an unknown scheme, or its package (s3fs, gcsfs) not installed
+            raise CacheError(f"{self.url}: cannot open this URL ({e})") from None
 
     def __str__(self) -> str:
         return self.url
