@@ -260,8 +260,17 @@ def test_a_recorded_source_that_is_a_device_is_never_read(small_cache, tmp_path)
                                              "--name", "t", "--no-progress"]), "not a regular file", "--shards")
 
 
+@pytest.fixture(scope="module")
+def small_pca_cache(demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pca1") / "c"
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
+                                 "--teacher", DINO_TINY, "--pca", "8", "--pca-fit-views", "8", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
 @pytest.mark.parametrize("damage", ["complex mean", "nan basis", "float fit_views"])
-def test_a_crafted_pca_basis_with_a_matching_sha256_is_refused(demo_shards, tmp_path, damage):
+def test_a_crafted_pca_basis_with_a_matching_sha256_is_refused(small_pca_cache, demo_shards, tmp_path, damage):
     """pca/basis.npz rewritten with a complex mean (cast to float32 silently), a NaN in the
     basis, or a float count, and its sha256 updated in the manifest: pretraining refuses it
     in one line naming the file and the member, before writing anything."""
@@ -271,9 +280,7 @@ def test_a_crafted_pca_basis_with_a_matching_sha256_is_refused(demo_shards, tmp_
     import numpy as np
 
     root = tmp_path / "c"
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--out", str(root),
-                                 "--teacher", DINO_TINY, "--pca", "8", "--pca-fit-views", "8", "--no-progress"])
-    assert r.exit_code == 0, r.output
+    shutil.copytree(small_pca_cache, root)
     with np.load(root / "pca" / "basis.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     member = {"complex mean": "mean", "nan basis": "basis", "float fit_views": "fit_views"}[damage]
