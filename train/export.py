@@ -99,6 +99,9 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> Exported:
     name, kwargs = timm_spec(restored.model)
     tensors = encoder_state_dict(restored.model)
     out = Path(out)
+    if out.resolve().parent == restored.weights.resolve().parent:  # e.g. --out .../stepN/model.safetensors
+        raise ExportError(f"--out {out}: inside the checkpoint {restored.weights.parent}, whose files it would "
+                          "replace; write the encoder elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs),
                 "source_checkpoint": str(restored.weights), "mrmae_model": restored.run_config.get("model", "")}

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from mrmae.shared.shards import expand_urls, first_copies, iter_samples
 from mrmae.shared import cache_format as cf
-from mrmae.shared.errors import naming
+from mrmae.shared.errors import OptionError, naming
 from mrmae.shared.views import View, ViewError, decode_image, normalize, render_view_uint8
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.masking import focused_masking, random_masking
@@ -122,6 +122,9 @@ def _samples(cache: cf.FeatureCache, shards: str, view_index: int, num: int):
 def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: str | None = None, num: int = 4,
                 view_index: int = 0, mask_ratio: float | None = None, seed: int = 0) -> Path:
     """Draw the figure (module docstring) for the first `num` samples and write it as PNG to `out`."""
+    if "://" not in str(feature_cache) and Path(out).resolve().is_relative_to(Path(feature_cache).resolve()):
+        raise OptionError(f"--out {out}: inside the cache {feature_cache}, whose files it would replace; "
+                          "write the picture elsewhere")
     cache = cf.FeatureCache(feature_cache)
     model, train_mask, focus = None, "random", {"temperature": 1.0, "uniform_mix": 0.0}
     if checkpoint is not None:
