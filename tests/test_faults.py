@@ -1854,3 +1854,24 @@ def test_a_cache_url_of_an_unknown_or_uninstalled_scheme_is_one_line(demo_shards
                   "--model", "mrmae_vit_tiny_patch16", "--no-progress"]):
         _one_line_error(CliRunner().invoke(cli, args), url, "cannot open this URL")
     assert not (tmp_path / "r").exists()
+
+
+def test_8_export_and_visualize_never_write_over_the_checkpoint_or_the_cache(two_shard_caches, trained_on_a, tmp_path):
+    """`export --out` onto the checkpoint's own model.safetensors replaced the run's weights
+    with the encoder, and `visualize --out CACHE/manifest.json` the manifest with a PNG,
+    both exiting 0; each is one line naming --out now, and nothing is written."""
+    shards, a, _, _ = two_shard_caches
+    run = tmp_path / "run"
+    shutil.copytree(trained_on_a, run)
+    cache = tmp_path / "cache"
+    shutil.copytree(a, cache)
+    before = {**_files(run), **_files(cache)}
+    weights = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "model.safetensors"
+    code, errors, r = _mrmae(["export", "--checkpoint", str(run), "--out", str(weights)])
+    assert code == 1 and errors == [f"mrmae: error: --out {weights}: inside the checkpoint {weights.parent}, whose "
+                                    "files it would replace; write the encoder elsewhere"], r.output
+    code, errors, r = _mrmae(["visualize", "--feature-cache", str(cache), "--shards", shards, "--out",
+                              str(cache / "manifest.json")])
+    assert code == 1 and errors == [f"mrmae: error: --out {cache / 'manifest.json'}: inside the cache {cache}, whose "
+                                    "files it would replace; write the picture elsewhere"], r.output
+    assert {**_files(run), **_files(cache)} == before
