@@ -118,7 +118,10 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_atomic(root / "latest", name.encode())
-    for old in sorted(p for p in root.glob("step*") if p.is_dir())[:-KEEP]:
+    # Never the one just written: a fresh run over an older, longer one's checkpoints saves
+    # lower step numbers, and pruning by name alone deleted the checkpoint `latest` names.
+    others = sorted(p for p in root.glob("step*") if p.is_dir() and p.name != name)
+    for old in others[:len(others) - (KEEP - 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -226,6 +226,10 @@ def check_numbers(cfg: FinetuneConfig) -> None:
     from mrmae.train.finetune_data import train_transform
     from mrmae.train.pretrain import number_option
 
+    source = Path(cfg.checkpoint).resolve()
+    if source == Path(cfg.out).resolve() or Path(cfg.out).resolve() in source.parents:
+        raise OptionError(f"--out {cfg.out}: holds the --checkpoint {cfg.checkpoint} (its config.json, metrics and "
+                          "checkpoints would be replaced); give the fine-tuning its own --out")
     for option, value, low, high, low_open in (
             ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
             ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False),
