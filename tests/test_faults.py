@@ -1875,3 +1875,27 @@ def test_8_export_and_visualize_never_write_over_the_checkpoint_or_the_cache(two
     assert code == 1 and errors == [f"mrmae: error: --out {cache / 'manifest.json'}: inside the cache {cache}, whose "
                                     "files it would replace; write the picture elsewhere"], r.output
     assert {**_files(run), **_files(cache)} == before
+
+
+def test_8_a_fresh_run_over_older_checkpoints_keeps_its_own_and_finetune_keeps_off_the_pretrain_run(
+        two_shard_caches, trained_on_a, tmp_path):
+    """A run started without --resume on an --out holding a longer run's checkpoints saves
+    lower step numbers; pruning by name deleted the one `latest` had just been pointed
+    at. And `finetune --out` the pretrain run it reads would replace that run's config and
+    checkpoints: one line naming --out."""
+    shards, a, _, _ = two_shard_caches
+    run = tmp_path / "run"
+    shutil.copytree(trained_on_a, run)
+    for step in (7, 9):  # an older run's later checkpoints
+        shutil.copytree(run / "checkpoints" / "step00000002", run / "checkpoints" / f"step{step:08d}")
+    code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run), *TINY_RUN,
+                              "--save-every-steps", "1"])
+    assert code == 0 and not errors, r.output + repr(r.exception)
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    assert (run / "checkpoints" / "step00000002" / "state.json").is_file()
+    before = _files(run)
+    code, errors, r = _mrmae(["finetune", "--checkpoint", str(run), "--train-shards", str(shards),
+                              "--val-shards", str(shards), "--out", str(run), "--no-progress"])
+    assert code == 1 and errors == [f"mrmae: error: --out {run}: holds the --checkpoint {run} (its config.json, metrics "
+                                    "and checkpoints would be replaced); give the fine-tuning its own --out"], r.output
+    assert _files(run) == before
