@@ -173,16 +173,23 @@ _STEP_NAME = re.compile(r"step\d{8,}")
 _STATE_LIMIT = 10**12  # no run takes this many steps: a larger value is a damaged or crafted state.json
 
 
+def read_json_object(f: Path, what: str) -> dict:
+    """A JSON object from file `f` (state.json, a run's config.json); CheckpointError naming
+    the file, as `what` it is not, when unreadable or not an object."""
+    try:
+        obj = json.loads(f.read_text())
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise CheckpointError(f"{f}: not {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{f}: not {what} (a JSON object)")
+    return obj
+
+
 def read_state(path: Path) -> dict:
     """The state.json of the checkpoint directory `path` (CheckpointError naming it and the
     key if unreadable): epoch, step and step_in_epoch must be integers in [0, 1e12]."""
     f = path / "state.json"
-    try:
-        s = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: not a checkpoint's state ({type(e).__name__}: {e})") from None
-    if not isinstance(s, dict):
-        raise CheckpointError(f"{f}: not a checkpoint's state (a JSON object)")
+    s = read_json_object(f, "a checkpoint's state")
     for key in ("epoch", "step", "step_in_epoch"):
         v = s.get(key)
         if type(v) is not int or not 0 <= v <= _STATE_LIMIT:  # not bool, str or float: a crafted file

@@ -10,7 +10,6 @@ the checkpoint's width and depth is assumed, without fusion (with a warning).
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mrmae.train.checkpoint import CheckpointError, latest_checkpoint
+from mrmae.train.checkpoint import CheckpointError, latest_checkpoint, read_json_object
 from mrmae.train.models import MRMAEConfig, create_model, list_models, model_config
 
 
@@ -106,14 +105,7 @@ def read_weights(weights: Path) -> dict[str, torch.Tensor]:
 
 def read_run_config(run_dir: Path) -> dict:
     """A pretrain run's config.json; CheckpointError naming it if unreadable."""
-    path = run_dir / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable run config ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: not a run config (a JSON object)")
-    return config
+    return read_json_object(run_dir / "config.json", "a run config")
 
 
 def num_prefix_tokens(model: torch.nn.Module) -> int:
