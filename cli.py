@@ -466,6 +466,18 @@ def visualize(feature_cache, shards, out, checkpoint, num, view_index, mask_rati
     click.echo(str(render_grid(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed)))
 
 
+@cli.command("report")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Directory for report.md, report.csv and curves.png (created).")
+def report(runs: tuple[str, ...], out: str) -> None:
+    """One table row per RUN (model, mask, fusion, targets, weights, final losses, eval results) and their loss curves."""
+    from mrmae.train.report import ReportConfig, run_report
+
+    written = run_report(ReportConfig(runs=runs, out=out))
+    click.echo(written.markdown.read_text())
+    click.echo(f"wrote {written.markdown}, {written.csv}, {written.curves}")
+
+
 @cli.group("eval")
 def eval_group() -> None:
     """Frozen-encoder evaluation: kNN and linear probe on labelled shards ({key}.cls)."""

@@ -1,0 +1,473 @@
+"""`mrmae report RUN... --out DIR`: an ablation's runs side by side, as a table and a picture.
+
+Reads what the runs wrote (never their checkpoints):
+
+- RUN/config.json: the resolved options (model, mask, fusion, targets, loss weights);
+- RUN/metrics.jsonl: one record per optimiser step (`epoch`, `step`, `loss_recon`,
+  `loss_mimic`, ...), and for fine-tuning runs one per epoch with `top1`/`top5`;
+- RUN/eval.jsonl (when present): the results `mrmae eval` appended.
+
+Writes, each under a temporary name and then renamed (a half-written file never takes
+the final name):
+
+- DIR/report.md: a header line saying how the columns are computed, one markdown table
+  (one row per run, columns as `RunSummary` describes them), a link to the picture;
+- DIR/report.csv: the same columns and rows (csv module), numbers at full precision;
+- DIR/curves.png: L_R and L_M per step, one line per run, two panels (matplotlib, Agg).
+
+Files are read line by line; a metrics or eval line is at most `LINE_LIMIT` bytes. A
+truncated last line (a run killed while appending it) is skipped with one warning; any
+other line that is not a JSON object is refused, naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import warnings
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+from mrmae.shared.errors import OptionError, naming
+from mrmae.train.checkpoint import read_json_object
+
+LINE_LIMIT = 1 << 20  # bytes; a metrics record is ~200: a longer line is damage, not a record
+CONFIG_LIMIT = 16 << 20  # bytes; a resolved config is a few KiB
+CONVVIT_PREFIX = "mrmae_convvit_"  # the ConvViT family of the model registry (train/convvit.py)
+
+FINAL_LOSS_NOTE = ("final L_R / final L_M: the mean of loss_recon / loss_mimic over the logged steps of the run's "
+                   "last epoch in metrics.jsonl")
+EVAL_NOTE = ("eval columns: top-1 (%) from RUN/eval.jsonl, the last line per protocol and feature; finetune "
+             "top1/top5: the last evaluated epoch in metrics.jsonl; blank: not measured")
+
+
+class ReportError(OptionError):
+    """A RUN or --out the report cannot use, or a run file it cannot read; names the path."""
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    runs: tuple[str, ...]  # run directories (each with a config.json), as given
+    out: str  # the directory the report goes to (created)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    markdown: Path
+    csv: Path
+    curves: Path
+
+
+@dataclass
+class Curve:
+    """One run's logged losses: recon [T] at recon_steps [T], mimic [U] at mimic_steps [U]
+    (U = 0 when the run mimicked nothing). Compact arrays: a long run logs 10^6 steps."""
+
+    recon_steps: array = field(default_factory=lambda: array("d"))
+    recon: array = field(default_factory=lambda: array("d"))
+    mimic_steps: array = field(default_factory=lambda: array("d"))
+    mimic: array = field(default_factory=lambda: array("d"))
+
+
+@dataclass
+class RunSummary:
+    """One row of the report. None is a blank cell (not measured, not recorded, not applicable)."""
+
+    run: str  # a short unique name: the shortest tail of the run's path that no other run shares
+    path: str  # the run directory as given on the command line
+    task: str  # "pretrain" or "finetune" (config.json `task`; pretrain runs record none)
+    model: str | None  # registry name; fine-tuning: the timm model and the checkpoint it started from
+    mask: str | None  # "random 0.75" / "focused 0.75" (+ T and uniform mix when not 1 and 0)
+    fusion: str | None  # fused encoder blocks, "last" when none; ConvViT: "stages+" (stage-1/2 always fused)
+    targets: str | None  # "TARGET @ CACHE" (cached), "live SPEC", "none (MAE)"; + target norm, PCA rank
+    weights: str | None  # recon/mimic loss weights; plain MAE and mimic weight 0 train on L_R alone: "1/0"
+    epochs: str | None  # epochs with logged steps; "N of M" when the run stopped before its M epochs
+    steps: int | None  # the last logged optimiser step
+    final_recon: float | None  # FINAL_LOSS_NOTE
+    final_mimic: float | None  # FINAL_LOSS_NOTE; None for runs that mimic nothing
+    results: dict[str, float] = field(default_factory=dict)  # eval column name -> value (EVAL_NOTE)
+
+
+FIXED_COLUMNS = ("run", "task", "model", "mask", "fusion", "targets", "loss weights (recon/mimic)", "epochs",
+                 "steps", "final L_R", "final L_M")
+
+
+def row_cells(s: RunSummary, eval_columns: list[str]) -> list:
+    """The row's values in column order (FIXED_COLUMNS, eval columns, "path"); None for blank."""
+    fixed = [s.run, s.task, s.model, s.mask, s.fusion, s.targets, s.weights, s.epochs, s.steps,
+             s.final_recon, s.final_mimic]
+    return [*fixed, *(s.results.get(c) for c in eval_columns), s.path]
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each JSON-object line of `path`, read line by line. Blank lines
+    are skipped; a last line without its newline that does not parse (a kill mid-append) is
+    skipped with a warning; any other bad line raises ReportError naming file and line."""
+    with naming(path), open(path, "rb") as f:
+        for number, line in enumerate(_lines(f, path), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = _json_object(line)
+            except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to be a record
+                if not line.endswith(b"\n"):  # only the last line can lack its newline
+                    warnings.warn(f"{path} line {number}: truncated last line skipped (a run killed while "
+                                  "writing it?)")
+                    return
+                raise ReportError(f"{path} line {number}: not a JSON object ({e})") from None
+            yield number, obj
+
+
+def _lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
+    number = 0
+    while line := f.readline(LINE_LIMIT + 1):
+        number += 1
+        if len(line) > LINE_LIMIT:
+            raise ReportError(f"{path} line {number}: longer than {LINE_LIMIT} bytes, not a record")
+        yield line
+
+
+def _json_object(line: bytes) -> dict:
+    obj = json.loads(line)  # ValueError (UnicodeDecodeError, JSONDecodeError) for garbage
+    if not isinstance(obj, dict):
+        raise ValueError(f"a JSON {type(obj).__name__}")
+    return obj
+
+
+def finite(record: dict, key: str, where: str) -> float | None:
+    """record[key] as a float (None when absent); ReportError naming `where` and the key
+    unless it is a finite number (bools are not numbers here)."""
+    value = record.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ReportError(f"{where}: key {key} is {value!r}, not a finite number")
+    return float(value)
+
+
+def integer(record: dict, key: str, where: str) -> int | None:
+    """record[key] as an int from 0 (None when absent), else ReportError naming `where` and the key."""
+    value = record.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise ReportError(f"{where}: key {key} is {value!r}, not a count (an integer from 0)")
+    return value
+
+
+@dataclass
+class _Metrics:
+    """What the report takes from one metrics.jsonl."""
+
+    last_epoch: int | None = None
+    last_step: int | None = None
+    per_epoch: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [n recon, sum, n mimic, sum]
+    top: tuple[float | None, float | None] = (None, None)  # the last evaluated epoch's (top1, top5)
+    curve: Curve = field(default_factory=Curve)
+
+    def final(self) -> tuple[float | None, float | None]:
+        """(mean loss_recon, mean loss_mimic) over the last epoch with logged losses (FINAL_LOSS_NOTE)."""
+        if not self.per_epoch:
+            return None, None
+        n_recon, recon, n_mimic, mimic = self.per_epoch[max(self.per_epoch)]
+        return (recon / n_recon if n_recon else None), (mimic / n_mimic if n_mimic else None)
+
+
+def read_metrics(path: Path, mimics: bool) -> _Metrics:
+    """Epochs, last step, per-epoch loss sums, final top-1/top-5 and the loss curves of a
+    metrics.jsonl; `mimics` False: loss_mimic is ignored (a plain run logs a placeholder 0)."""
+    m = _Metrics()
+    for line, r in read_jsonl(path):
+        where = f"{path} line {line}"
+        epoch, step = integer(r, "epoch", where), integer(r, "step", where)
+        if epoch is not None:
+            m.last_epoch = epoch if m.last_epoch is None else max(epoch, m.last_epoch)
+        if step is not None:
+            m.last_step = step if m.last_step is None else max(step, m.last_step)
+        if (top1 := finite(r, "top1", where)) is not None:  # a fine-tuning epoch's evaluation
+            m.top = (top1, finite(r, "top5", where))
+        recon, mimic = finite(r, "loss_recon", where), finite(r, "loss_mimic", where)
+        if epoch is None or step is None:
+            continue
+        if recon is not None:
+            sums = m.per_epoch.setdefault(epoch, [0, 0.0, 0, 0.0])
+            sums[0], sums[1] = sums[0] + 1, sums[1] + recon
+            m.curve.recon_steps.append(step)
+            m.curve.recon.append(recon)
+        if mimics and mimic is not None:
+            sums = m.per_epoch.setdefault(epoch, [0, 0.0, 0, 0.0])
+            sums[2], sums[3] = sums[2] + 1, sums[3] + mimic
+            m.curve.mimic_steps.append(step)
+            m.curve.mimic.append(mimic)
+    return m
+
+
+def read_evals(path: Path) -> dict[str, float]:
+    """'PROTOCOL FEATURE top1' -> top-1 of an eval.jsonl, the last line per protocol and
+    feature winning; keys in the order they first appear."""
+    results: dict[str, float] = {}
+    for line, r in read_jsonl(path):
+        where = f"{path} line {line}"
+        protocol, feature = r.get("protocol"), r.get("feature")
+        if not isinstance(protocol, str) or not isinstance(feature, str):
+            raise ReportError(f"{where}: no protocol and feature (not a line `mrmae eval` writes)")
+        top1 = finite(r, "top1", where)
+        if top1 is None:
+            raise ReportError(f"{where}: no top1 (not a line `mrmae eval` writes)")
+        results[f"{protocol} {feature} top1"] = top1
+    return results
+
+
+# --- what a run is, from its config.json ------------------------------------------------------
+
+
+def text(record: dict, key: str, where: str) -> str | None:
+    """record[key] as a string (None when absent or null), else ReportError naming the key."""
+    value = record.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ReportError(f"{where}: key {key} is {value!r}, not a string")
+    return value
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The config.json columns of a row (see RunSummary) and whether the run mimics."""
+
+    task: str
+    model: str | None
+    mask: str | None = None
+    fusion: str | None = None
+    targets: str | None = None
+    weights: str | None = None
+    epochs: int | None = None  # planned
+    mimics: bool = False
+
+
+def describe_config(cfg: dict, where: str) -> _Setup:
+    """A run's setup from its resolved config.json (`where` names the file in errors)."""
+    task = text(cfg, "task", where) or "pretrain"  # pretrain runs record no task
+    epochs = integer(cfg, "epochs", where)
+    if task == "finetune":
+        timm_model, start = text(cfg, "timm_model", where), text(cfg, "checkpoint", where)
+        return _Setup(task, f"{timm_model or '?'} from {start}" if start else timm_model, epochs=epochs)
+    opts = cfg.get("step_options") or {}
+    if not isinstance(opts, dict):
+        raise ReportError(f"{where}: key step_options is {opts!r}, not an object")
+    where_opts = f"{where} step_options"
+    model = text(cfg, "model", where)
+    cache, teacher = text(cfg, "feature_cache", where), text(cfg, "teacher", where)
+    recon_w, mimic_w = finite(opts, "recon_weight", where_opts), finite(opts, "mimic_weight", where_opts)
+    mimics = bool(cache or teacher) and mimic_w != 0  # else the loss is L_R alone (student.py)
+    weights = "1/0" if not mimics else None if recon_w is None or mimic_w is None else f"{recon_w:g}/{mimic_w:g}"
+    return _Setup(task, model, describe_mask(opts, where_opts), describe_fusion(cfg, model, where),
+                  describe_targets(cfg, opts, where), weights, epochs, mimics)
+
+
+def describe_mask(opts: dict, where: str) -> str | None:
+    """'random 0.75', 'focused 0.75', with T and uniform mix of focused masking when not 1 and 0."""
+    mask, ratio = text(opts, "mask", where), finite(opts, "mask_ratio", where)
+    if mask is None:
+        return None
+    shown = mask if ratio is None else f"{mask} {ratio:g}"
+    if mask == "focused":
+        temperature, mix = finite(opts, "focus_temperature", where), finite(opts, "focus_uniform_mix", where)
+        shown += f" T={temperature:g}" if temperature not in (None, 1.0) else ""
+        shown += f" mix={mix:g}" if mix not in (None, 0.0) else ""
+    return shown
+
+
+def describe_fusion(cfg: dict, model: str | None, where: str) -> str | None:
+    """Fused encoder blocks ('4,8,12'), 'last' when none; a ConvViT student always adds its
+    stage-1/2 outputs (train/convvit.py): 'stages+4,8,11', 'stages+last'."""
+    layers = cfg.get("fuse_layers")
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or any(type(b) is not int for b in layers):
+        raise ReportError(f"{where}: key fuse_layers is {layers!r}, not a list of block numbers")
+    blocks = ",".join(map(str, layers)) or "last"
+    return f"stages+{blocks}" if model and model.startswith(CONVVIT_PREFIX) else blocks
+
+
+def describe_targets(cfg: dict, opts: dict, where: str) -> str:
+    """'TARGET @ CACHE' (cached; TARGET 'main' = the teacher that drew the views), 'live SPEC',
+    'none (MAE)'; then the target norm when not none and the PCA rank of low-rank caches."""
+    cache, teacher = text(cfg, "feature_cache", where), text(cfg, "teacher", where)
+    if not cache and not teacher:
+        return "none (MAE)"
+    shown = f"{text(cfg, 'target', where) or 'main'} @ {cache}" if cache else f"live {teacher}"
+    norm = text(opts, "target_norm", f"{where} step_options")
+    shown += f", {norm} norm" if norm not in (None, "none") else ""
+    pca = cfg.get("target_pca") if isinstance(cfg.get("target_pca"), list) else []
+    ranks = [str(p["rank"]) for p in pca if isinstance(p, dict) and type(p.get("rank")) is int]
+    return shown + (f", PCA rank {'/'.join(ranks)}" if ranks else "")
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def check_runs(runs: tuple[str, ...], out: str) -> list[Path]:
+    """The run directories, refused (ReportError naming the path) when one is not a run, is
+    given twice, or when `out` lies inside a run's checkpoints."""
+    if not runs:
+        raise ReportError("give at least one RUN directory")
+    seen: dict[Path, str] = {}
+    for run in runs:
+        path = Path(run)
+        if not path.is_dir():
+            raise ReportError(f"{run}: not a run directory ({'a file' if path.exists() else 'no such directory'})")
+        if not (path / "config.json").is_file():
+            raise ReportError(f"{run}: not a run directory (no config.json)")
+        if path.resolve() in seen:
+            raise ReportError(f"{run}: the same run as {seen[path.resolve()]}, given twice")
+        seen[path.resolve()] = run
+    target = Path(out).resolve()
+    for resolved, run in seen.items():
+        if target.is_relative_to(resolved / "checkpoints"):
+            raise ReportError(f"--out {out}: inside the checkpoints of run {run}; give another directory")
+    return [Path(r) for r in runs]
+
+
+def short_names(paths: list[Path]) -> list[str]:
+    """The shortest tails of the (resolved) paths that tell the runs apart: r/mae, r/focused ->
+    mae, focused; a/run, b/run -> a/run, b/run."""
+    parts = [p.resolve().parts for p in paths]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(pp[-k:]) for pp in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]  # (resolved paths of distinct runs always differ before this)
+
+
+def load_run(path: Path, name: str) -> tuple[RunSummary, Curve]:
+    """The row and the loss curves of the run directory `path`."""
+    config = path / "config.json"
+    with naming(config):
+        if config.stat().st_size > CONFIG_LIMIT:
+            raise ReportError(f"{config}: larger than {CONFIG_LIMIT} bytes, not a run config")
+    try:
+        setup = describe_config(read_json_object(config, "a run config"), str(config))
+    except RecursionError:  # json's parser on "[[[[..."
+        raise ReportError(f"{config}: not a run config (nested too deeply)") from None
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        m = read_metrics(metrics, setup.mimics)
+    else:
+        m = _Metrics()
+        warnings.warn(f"{metrics}: no such file (no step logged yet); the row of {path} has no losses")
+    results = read_evals(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else {}
+    if setup.task == "finetune":
+        for key, value in zip(("finetune top1", "finetune top5"), m.top):
+            if value is not None:
+                results[key] = value
+    reached = None if m.last_epoch is None else m.last_epoch + 1
+    epochs = (None if reached is None else
+              f"{reached} of {setup.epochs}" if setup.epochs is not None and reached < setup.epochs else str(reached))
+    final_recon, final_mimic = m.final()
+    summary = RunSummary(name, str(path), setup.task, setup.model, setup.mask, setup.fusion, setup.targets,
+                         setup.weights, epochs, m.last_step, final_recon, final_mimic, results)
+    return summary, m.curve
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """A temporary path beside `final`, renamed to it when the block ends without error (and
+    removed when it does not): a report file is whole or absent, never half-written."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with naming(final):
+            os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cell(column: str, value) -> str:
+    """A markdown cell: blank for None, losses to 4 significant digits, accuracies to 2 decimals."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if column.startswith("final ") else f"{value:.2f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    """report.md: what the columns mean, the table, the picture."""
+    lines = [f"# mrmae report: {len(rows)} runs", "", f"{FINAL_LOSS_NOTE}. {EVAL_NOTE}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c, v) for c, v in zip(header, row)) + " |" for row in rows]
+    return "\n".join([*lines, "", "![L_R and L_M per step](curves.png)", ""])
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    """report.csv: the same columns; numbers at full precision, blank cells empty."""
+    with atomic_path(path) as tmp, naming(tmp), open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+
+
+def write_text(path: Path, content: str) -> None:
+    with atomic_path(path) as tmp, naming(tmp):
+        tmp.write_text(content)
+
+
+def draw_curves(path: Path, names: list[str], curves: list[Curve]) -> None:
+    """curves.png: L_R (left) and L_M (right) against the step, one line per run (a run's
+    colour is the same in both panels); log y when every drawn value is positive."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazily: `mrmae --help` stays fast
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(13, 5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg canvas, whatever backend matplotlib would pick
+    for ax, kind in zip(fig.subplots(1, 2), ("recon", "mimic")):
+        drawn = []
+        for i, (name, c) in enumerate(zip(names, curves)):
+            steps, values = (c.recon_steps, c.recon) if kind == "recon" else (c.mimic_steps, c.mimic)
+            if values:
+                ax.plot(steps, values, color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[i // 10 % 4],
+                        marker="o" if len(values) <= 50 else None, markersize=3, linewidth=1.2, label=name)
+                drawn.append(min(values))
+        title = "reconstruction loss L_R" if kind == "recon" else "mimic loss L_M"
+        ax.set(xlabel="optimiser step", ylabel=f"loss_{kind} (metrics.jsonl)", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        if drawn:
+            if min(drawn) > 0:
+                ax.set_yscale("log")
+                for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 1.05, not 1.05x10^0
+                    axis(FuncFormatter(lambda v, _: f"{v:.3g}"))
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no run logged this loss", transform=ax.transAxes, ha="center", va="center")
+    with atomic_path(path) as tmp, naming(tmp):
+        fig.savefig(tmp, format="png")
+
+
+def run_report(cfg: ReportConfig) -> ReportPaths:
+    """Read every run (all checks before anything is written), then write report.md,
+    report.csv and curves.png into cfg.out; returns their paths."""
+    paths = check_runs(cfg.runs, cfg.out)
+    loaded = [load_run(p, n) for p, n in zip(paths, short_names(paths))]
+    summaries, curves = [s for s, _ in loaded], [c for _, c in loaded]
+    eval_columns = list(dict.fromkeys(k for s in summaries for k in s.results))  # first-seen order
+    header = [*FIXED_COLUMNS, *eval_columns, "path"]
+    rows = [row_cells(s, eval_columns) for s in summaries]
+    out = Path(cfg.out)
+    with naming(out):
+        out.mkdir(parents=True, exist_ok=True)
+    written = ReportPaths(out / "report.md", out / "report.csv", out / "curves.png")
+    draw_curves(written.curves, [s.run for s in summaries], curves)
+    write_csv(written.csv, header, rows)
+    write_text(written.markdown, markdown(header, rows))
+    return written
