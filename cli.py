@@ -381,18 +381,19 @@ def cache_clean(cache_dir: str, older_than: float, dry_run: bool) -> None:
               help="A pretrain run dir (latest checkpoint), a checkpoint dir or its model.safetensors.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
 def export(checkpoint: str, out: str) -> None:
-    """Write the student's encoder as a timm VisionTransformer state dict (no head, global_pool='token')."""
-    from mrmae.train.export import ExportError, export_encoder
+    """Write the student's encoder as a timm model's weights (mrmae_vit_* / mrmae_convvit_*, no head).
 
-    try:
-        e = export_encoder(checkpoint, out)
-    except ExportError as err:
-        click.echo(f"mrmae: error: {_one_line(err)}", err=True)
-        sys.exit(1)
+    `import mrmae` registers those models with timm; the printed call loads the file strictly."""
+    from mrmae.train.export import export_encoder
+
+    e = export_encoder(checkpoint, out)
+    if e.encoder.note:
+        click.echo(f"mrmae: note: {e.encoder.note}", err=True)
     click.echo(f"wrote {e.num_tensors} tensors -> {e.path}")
-    click.echo(f"timm model: {e.timm_model}")
-    click.echo(f"timm kwargs: {json.dumps(e.timm_kwargs)}")
-    click.echo(f"load with: {e.create_call()}")
+    click.echo(f"timm model: {e.encoder.timm_model}")
+    click.echo(f"preprocessing: mean {e.pretrained_cfg['mean']}, std {e.pretrained_cfg['std']}, "
+               f"{e.pretrained_cfg['interpolation']}, crop_pct {e.pretrained_cfg['crop_pct']}")
+    click.echo(f"load with: import mrmae, timm; model = {e.create_call()}")
 
 
 @cli.command("finetune")
@@ -486,12 +487,15 @@ def eval_group() -> None:
 def _eval_options(f, ensemble: bool = False):
     options = [
         click.option("--checkpoint", "checkpoint", required=True, type=click.Path(exists=True), multiple=ensemble,
-                     help="A pretrain run dir, a checkpoint dir or its model.safetensors"
+                     help="A pretrain run dir, a checkpoint dir, its model.safetensors or an `mrmae export` file"
                           + (" (once per member: --checkpoint A --checkpoint B)." if ensemble else ".")),
         click.option("--train-shards", required=True, help="Labelled training tars (webdataset URL list)."),
         click.option("--val-shards", required=True, help="Labelled validation tars."),
-        click.option("--feature", type=click.Choice(["cls", "mean"]), default="cls", show_default=True,
-                     help="[CLS] token or mean of the patch tokens."),
+        click.option("--feature", type=click.Choice(["auto", "cls", "mean"]), default="auto", show_default=True,
+                     help="[CLS] token or mean of the patch tokens (auto: cls where there is one, else mean)."),
+        click.option("--fused", is_flag=True,
+                     help="Probe the student's fused pretraining latent (--fuse-layers sum, a ConvViT's stage-1/2 "
+                          "maps) instead of the encoder (last block, final norm); needs a pretrain checkpoint."),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Images per encoder batch."),
         click.option("--device", default="cpu", show_default=True, callback=_device),
@@ -504,20 +508,15 @@ def _eval_options(f, ensemble: bool = False):
     return f
 
 
-def _run_eval(protocol: str, checkpoint: str, results: str | None, **kwargs) -> None:
+def _run_eval(protocol: str, checkpoint: str, results: str | None, fused: bool, **kwargs) -> None:
     from pathlib import Path
 
-    from mrmae.train.evaluate import EvalError, run_eval
-    from mrmae.train.restore import load_student
+    from mrmae.train.evaluate import load_frozen, run_eval
 
-    restored = load_student(checkpoint)
+    frozen = load_frozen(checkpoint, fused)
     if results is None:
-        results = str((restored.run_dir or restored.weights.parent) / "eval.jsonl")
-    try:
-        r = run_eval(protocol, restored.model, str(restored.weights), results=results, **kwargs)
-    except EvalError as err:
-        click.echo(f"mrmae: error: {_one_line(err)}", err=True)
-        sys.exit(1)
+        results = str((frozen.run_dir or frozen.weights.parent) / "eval.jsonl")
+    r = run_eval(protocol, frozen, results=results, **kwargs)
     click.echo(r.table())
     click.echo(f"appended to {Path(results)}")
 
@@ -555,18 +554,14 @@ def eval_linear_probe(checkpoint, results, **kwargs) -> None:
 @click.option("--lr", default=0.1, show_default=True, callback=_number(0, low_open=True), help="Linear probe SGD lr.")
 @click.option("--probe-batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def eval_ensemble(checkpoint, results, protocol, **kwargs) -> None:
+def eval_ensemble(checkpoint, results, protocol, fused, **kwargs) -> None:
     """Average the class probabilities of separately pretrained models (the paper's "Sep." row)."""
-    from pathlib import Path
-
-    from mrmae.train.evaluate import run_ensemble
-    from mrmae.train.restore import load_student
+    from mrmae.train.evaluate import load_frozen, run_ensemble
 
     if len(checkpoint) < 2:
         raise click.UsageError("an ensemble needs two or more --checkpoint")
-    members = [(str(r.weights), r.model) for r in map(load_student, checkpoint)]
-    results = results or str(Path(checkpoint[0]) / "eval.jsonl" if Path(checkpoint[0]).is_dir()
-                              else Path(checkpoint[0]).parent / "eval.jsonl")
+    members = [load_frozen(c, fused) for c in checkpoint]
+    results = results or str((members[0].run_dir or members[0].weights.parent) / "eval.jsonl")
     r = run_ensemble(protocol, members, results=results, **kwargs)
     for m in r.record["members"]:
         click.echo(f"member {m['checkpoint']}: top1 {m['top1']:.2f}")

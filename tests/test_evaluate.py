@@ -124,3 +124,34 @@ def test_ensemble_averages_the_members_probabilities(demo_shards, tmp_path):
     r = CliRunner().invoke(cli, ["eval", "ensemble", "--checkpoint", str(a), "--train-shards", shards,
                                  "--val-shards", shards])
     assert r.exit_code != 0 and "two or more --checkpoint" in r.output
+
+
+def test_eval_takes_an_export_a_run_or_a_checkpoint_alike_and_fused_on_request(demo_shards, tmp_path):
+    """A fused ConvViT student: `eval knn` on its export equals `eval knn` on its run (the
+    encoder: last block, final norm; mean feature, there is no [CLS]); `--fused` probes the
+    pretraining latent instead, which only a student checkpoint holds."""
+    from test_finetune import save_small_convvit
+
+    save_small_convvit(tmp_path / "run")
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e.st")])
+    assert r.exit_code == 0, r.output
+    data = ["--train-shards", url_list(demo_shards[:2]), "--val-shards", str(demo_shards[2]), "--k", "3",
+            "--results", str(tmp_path / "r.jsonl")]
+    for source in (tmp_path / "e.st", tmp_path / "run", tmp_path / "run" / "checkpoints" / "step00000001",
+                   tmp_path / "run" / "checkpoints" / "step00000001" / "model.safetensors"):
+        _eval(["knn", "--checkpoint", str(source), *data])
+    _eval(["knn", "--checkpoint", str(tmp_path / "run"), "--fused", *data])
+    recs = [json.loads(ln) for ln in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["feature"], r["fused"]) for r in recs] == [("mean", False)] * 4 + [("mean", True)]
+    assert len({(r["top1"], r["top5"]) for r in recs[:4]}) == 1  # the same encoder, whatever the source
+
+    from mrmae.train.evaluate import extract_features, load_frozen
+
+    shard = str(demo_shards[2])
+    plain = extract_features(load_frozen(tmp_path / "e.st"), shard)[0]
+    torch.testing.assert_close(extract_features(load_frozen(tmp_path / "run"), shard)[0], plain)
+    assert (extract_features(load_frozen(tmp_path / "run", fused=True), shard)[0] - plain).abs().max() > 1e-3
+
+    for args, message in ((["--fused"], "an exported encoder keeps no fusion"), (["--feature", "cls"], "no [CLS]")):
+        r = CliRunner().invoke(cli, ["eval", "knn", "--checkpoint", str(tmp_path / "e.st"), *data, *args])
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output

@@ -94,7 +94,7 @@ def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_pat
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
 
     # the encoder was loaded whole, and training moved both the new head and the encoder
-    init, _, _ = build_classifier(student, 16, seed=3)
+    init, _ = build_classifier(student, 16, seed=3)
     start, final = init.state_dict(), load_file(str(ckpt.latest_checkpoint(tmp_path / "whole") / "model.safetensors"))
     encoder = load_file(str(student / "checkpoints" / "step00000001" / "model.safetensors"))
     assert torch.equal(start["blocks.0.attn.qkv.weight"], encoder["blocks.0.attn.qkv.weight"])
@@ -107,15 +107,16 @@ def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_pat
 def test_exported_encoder_loads_and_only_head_keys_may_be_missing(student, tmp_path):
     r = CliRunner().invoke(cli, ["export", "--checkpoint", str(student), "--out", str(tmp_path / "e.safetensors")])
     assert r.exit_code == 0, r.output
-    from_run, _, _ = build_classifier(student, 5, seed=1)
-    from_file, name, kwargs = build_classifier(tmp_path / "e.safetensors", 5, seed=1)
-    assert name == "vit_tiny_patch16_224" and kwargs["img_size"] == 64 and kwargs["num_classes"] == 5
+    from_run, _ = build_classifier(student, 5, seed=1)
+    from_file, encoder = build_classifier(tmp_path / "e.safetensors", 5, seed=1)
+    assert encoder.timm_model == "mrmae_vit_tiny_patch16" and encoder.timm_kwargs["img_size"] == 64
+    assert from_file.num_classes == 5
     a, b = from_run.state_dict(), from_file.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "norm.weight" not in a and "fc_norm.weight" in a  # 'avg': fc_norm replaces the final norm
 
     # --global-pool token keeps the final norm: the features are the student's own
-    token, _, _ = build_classifier(student, 5, global_pool="token")
+    token, _ = build_classifier(student, 5, global_pool="token")
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     from mrmae.train.restore import load_student
 
@@ -124,8 +125,8 @@ def test_exported_encoder_loads_and_only_head_keys_may_be_missing(student, tmp_p
                                    atol=1e-5, rtol=0)
 
     partial = {k: v for k, v in load_file(str(tmp_path / "e.safetensors")).items() if k != "blocks.3.mlp.fc1.bias"}
-    save_file(partial, str(tmp_path / "partial.safetensors"), metadata={"timm_model": name, "timm_kwargs": json.dumps(
-        {**kwargs, "num_classes": 0, "global_pool": "token"})})
+    save_file(partial, str(tmp_path / "partial.safetensors"), metadata={"timm_model": encoder.timm_model,
+                                                                        "timm_kwargs": json.dumps(encoder.timm_kwargs)})
     with pytest.raises(FinetuneError, match=r"missing \['blocks.3.mlp.fc1.bias'\]"):
         build_classifier(tmp_path / "partial.safetensors", 5)
 
@@ -138,16 +139,59 @@ def _one_error_line(r) -> str:
 
 def test_unusable_students_and_options_are_refused_in_one_line(student, demo_shards, tmp_path):
     data = ["--train-shards", str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--out", str(tmp_path / "o")]
-    save_tiny_student(tmp_path / "fused", fuse_layers=(4, 8, 12))
-    line = _one_error_line(finetune(["--checkpoint", str(tmp_path / "fused"), *data, *FT]))
-    assert "this student fuses blocks 4,8,12" in line
-    if (Path(__file__).parents[1] / "train" / "convvit.py").exists():
-        conv = create_model("mrmae_convvit_tiny", decoder_depth=1, decoder_embed_dim=64)
-        save_checkpoint(tmp_path / "conv", conv, torch.optim.AdamW(conv.parameters()), TrainState())
-        (tmp_path / "conv" / "config.json").write_text(json.dumps({"model": "mrmae_convvit_tiny", "fuse_layers": []}))
-        line = _one_error_line(finetune(["--checkpoint", str(tmp_path / "conv"), *data, *FT]))
-        assert "only ViT students export to timm's VisionTransformer" in line
     line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--batch-size", "3"]))
     assert "--batch-size 3 is odd" in line
     line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--num-classes", "1"]))
     assert ">= --num-classes 1" in line
+
+
+def save_small_convvit(out: Path, fuse_layers: tuple[int, ...] = (4, 8, 11), seed: int = 0):
+    """A tiny ConvViT student at 64 px with --fuse-layers, saved as a pretrain run saves it."""
+    torch.manual_seed(seed)
+    model = create_model("mrmae_convvit_tiny", img_size=64, teacher_dim=192, decoder_embed_dim=64, decoder_depth=1,
+                         fuse_layers=fuse_layers)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_checkpoint(out, model, torch.optim.AdamW(model.parameters()), TrainState(epoch=1, step=1))
+    (out / "config.json").write_text(json.dumps({"model": "mrmae_convvit_tiny", "fuse_layers": list(fuse_layers)}))
+    return model.eval()
+
+
+def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, tmp_path):
+    """The paper's main student (ConvViT, fused) fine-tunes: stage and block weights come from
+    the student, fc_norm and the head are new, the fusion convs are left out with one note."""
+    student = save_small_convvit(tmp_path / "conv")
+    data = ["--train-shards", url_list(demo_shards[:2]), "--val-shards", str(demo_shards[2])]
+    ft = [a if a != "2" or i == 0 or FT[i - 1] != "--epochs" else "1" for i, a in enumerate(FT)]  # one epoch
+    r = finetune(["--checkpoint", str(tmp_path / "conv"), *data, *ft, "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("mrmae: note: ")]
+    assert len(notes) == 1 and "stage-1/2 maps and blocks 4,8,11" in notes[0]
+    evals = [m for m in records(tmp_path / "ft") if "top1" in m]
+    assert [(m["epoch"], m["n_val"]) for m in evals] == [(0, 6)]
+
+    model, encoder = build_classifier(tmp_path / "conv", 16, seed=3)
+    assert type(model).__name__ == "ConvViT" and encoder.timm_model == "mrmae_convvit_tiny"
+    state = model.state_dict()
+    assert torch.equal(state["stage1.0.dwconv.weight"], student.stage1[0].dwconv.weight)
+    assert torch.equal(state["blocks.10.attn.qkv.weight"], student.blocks[10].attn.qkv.weight)
+    assert "fc_norm.weight" in state and "norm.weight" not in state and not any(k.startswith("fuse") for k in state)
+    line = _one_error_line(finetune(["--checkpoint", str(tmp_path / "conv"), *data, *ft, "--global-pool", "token",
+                                     "--out", str(tmp_path / "tok")]))
+    assert "no [CLS] token" in line
+
+    # layer-wise lr decay: the conv stages decay most, then each block, the head not at all
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale["head.weight"] == 1.0 and scale["blocks.10.attn.qkv.weight"] == 0.5
+    assert scale["stage2.0.pw1.weight"] == 0.5 ** 13 and scale["embed1.proj.weight"] == 0.5 ** 14
+
+
+def test_a_fused_vit_fine_tunes_its_last_block_with_a_note(demo_shards, tmp_path):
+    save_tiny_student(tmp_path / "fused", fuse_layers=(4, 8, 12))
+    model, encoder = build_classifier(tmp_path / "fused", 16)
+    assert encoder.note and "blocks 4,8,12" in encoder.note and model.num_classes == 16

@@ -30,9 +30,9 @@ from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import Block
 
+from mrmae.train.backbones import CONVVIT_ARCHS, MaskedConvBlock, StridedEmbed  # noqa: F401 (ARCHS re-exported)
 from mrmae.train.masking import blockwise_visible_maps
 from mrmae.train.student import MaskedStudent, check_fuse_layers, gather_visible, sincos_pos_embed
 
@@ -78,48 +78,6 @@ class ConvViTConfig:
     def depth(self) -> int:
         """Number of transformer blocks, the ones `fuse_layers` counts (as MRMAEConfig.depth)."""
         return self.depths[2]
-
-
-class StridedEmbed(nn.Module):
-    """Non-overlapping k x k conv with stride k, LayerNorm over channels, GELU.
-
-    [B, Cin, H, W] -> [B, Cout, H/k, W/k]. Each output cell sees exactly one k x k input block.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, k: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_dim, out_dim, k, stride=k)
-        self.norm = LayerNorm2d(out_dim, eps=1e-6)
-        self.act = nn.GELU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.proj(x)))
-
-
-class MaskedConvBlock(nn.Module):
-    """A transformer-style block with a masked depth-wise conv in place of attention.
-
-    forward(x [B, C, H, W], visible [B, 1, H, W] float, 1 = visible) -> [B, C, H, W]:
-        x = x + pw2(dwconv(visible * pw1(LN(x))))      pw = 1x1 conv, dwconv = k x k depth-wise
-        x = x + mlp(LN(x))                             mlp = 1x1 conv, GELU, 1x1 conv
-    The depth-wise conv is the block's only spatial op; zeroing its input at masked
-    positions means a visible output reads visible inputs only.
-    """
-
-    def __init__(self, dim: int, mlp_ratio: float, kernel_size: int = 5) -> None:
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm1 = LayerNorm2d(dim, eps=1e-6)
-        self.pw1 = nn.Conv2d(dim, dim, 1)
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.pw2 = nn.Conv2d(dim, dim, 1)
-        self.norm2 = LayerNorm2d(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1))
-
-    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        h = self.pw1(self.norm1(x))
-        x = x + self.pw2(self.dwconv(h * visible.to(h.dtype)))
-        return x + self.mlp(self.norm2(x))
 
 
 class MRConvViT(MaskedStudent):
@@ -228,17 +186,3 @@ class MRConvViT(MaskedStudent):
         multi_scale = (self.fuse1(x1) + self.fuse2(x2)).flatten(2).transpose(1, 2)  # [B, N, D]
         latent = self.norm(fused + gather_visible(multi_scale, ids_keep))
         return latent, latent
-
-
-# name -> ConvViTConfig fields. Base is ConvMAE's ConvViT-B (the MR-MAE paper's student);
-# small / large / huge follow ConvMAE's scaled variants (conv stages of large and huge use MLP
-# ratio 8); tiny is ours, stage 3 as wide as ViT-Ti, for tests and demos.
-CONVVIT_ARCHS: dict[str, dict] = {
-    "mrmae_convvit_tiny": dict(embed_dims=(64, 128, 192), depths=(2, 2, 11), num_heads=3),
-    "mrmae_convvit_small": dict(embed_dims=(128, 256, 384), depths=(2, 2, 11), num_heads=6),
-    "mrmae_convvit_base": dict(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12),
-    "mrmae_convvit_large": dict(embed_dims=(384, 768, 1024), depths=(2, 2, 23), num_heads=16,
-                                mlp_ratios=(8.0, 8.0, 4.0)),
-    "mrmae_convvit_huge": dict(embed_dims=(768, 1024, 1280), depths=(2, 2, 31), num_heads=16,
-                               mlp_ratios=(8.0, 8.0, 4.0)),
-}

@@ -2,9 +2,12 @@
 
 Images (`{key}.jpg`, label in `{key}.cls`) get MAE's evaluation transform: bicubic resize
 of the shorter side to img_size / 0.875 (256 for 224), centre crop img_size, ImageNet
-mean/std. The frozen encoder sees every patch (no masking) and gives one feature per
-image: the [CLS] token (`cls`) or the mean of the patch tokens (`mean`), both taken
-after the encoder's final norm (for a fused student, after the norm of the fused sum).
+mean/std. The frozen encoder (`load_frozen`: an export file or any student checkpoint)
+sees every patch and gives one feature per image: the [CLS] token (`cls`) or the mean of
+the patch tokens (`mean`; `auto`: cls where there is one), after the final norm. The
+encoder is the exported one (the last block, then the final norm); `fused` probes a
+student's pretraining latent instead (its `--fuse-layers` sum and, for a ConvViT, the
+stage-1/2 maps added, then the norm).
 
 - kNN (DINO's protocol): cosine similarity of L2-normalised features, the k nearest
   training features vote for their labels with weight exp(similarity / T).
@@ -37,9 +40,9 @@ from mrmae.shared.errors import naming, worker_ignores_interrupt
 from mrmae.shared.views import ImageDecodeError, decode_image, normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.engine import InterruptibleLoader
-from mrmae.train.restore import encode_all_tokens, num_prefix_tokens
+from mrmae.train.restore import encode_all_tokens, load_student
 
-FEATURES = ("cls", "mean")
+FEATURES = ("auto", "cls", "mean")
 
 
 class EvalError(ValueError):
@@ -73,22 +76,67 @@ class LabelledImages(torch.utils.data.IterableDataset):
                     continue
 
 
-@torch.no_grad()
-def extract_features(model: torch.nn.Module, shards: str | list[str], feature: str = "cls", batch_size: int = 64,
-                     device: str = "cpu", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features of all labelled images of `shards` -> (features [M, D] float32, labels [M] long)."""
+class FusedFeatures(torch.nn.Module):
+    """A student's pretraining latent, every patch visible, behind timm's `forward_features`."""
+
+    def __init__(self, student: torch.nn.Module) -> None:
+        super().__init__()
+        self.student, self.num_prefix_tokens, self.img_size = student, student.num_prefix_tokens, student.img_size
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        return encode_all_tokens(self.student, imgs)
+
+
+@dataclass
+class Frozen:
+    model: torch.nn.Module  # has forward_features(imgs) -> [B, k+N, D], num_prefix_tokens
+    weights: Path  # the file read
+    run_dir: Path | None
+    img_size: int
+
+
+def load_frozen(source: str | Path, fused: bool = False) -> Frozen:
+    """The encoder to probe from an export file or a student checkpoint (see `export.read_encoder`);
+    `fused`: the student's fused pretraining latent (a student checkpoint only)."""
+    from mrmae.train.export import read_encoder, read_export
+
+    if fused:
+        path = Path(source)
+        if path.is_file() and read_export(path) is not None:
+            raise EvalError(f"{source}: an exported encoder keeps no fusion; give the pretrain run or checkpoint "
+                            "for --fused")
+        r = load_student(source)
+        return Frozen(FusedFeatures(r.model).eval(), r.weights, r.run_dir, r.model.img_size)
+    encoder = read_encoder(source)
+    model = encoder.load()
+    return Frozen(model, encoder.weights, encoder.run_dir, int(encoder.timm_kwargs.get("img_size", 224)))
+
+
+def resolve_feature(feature: str, model: torch.nn.Module) -> str:
+    """`auto` -> `cls` for an encoder with a [CLS] token, else `mean`; EvalError for `cls` without one."""
     if feature not in FEATURES:
         raise EvalError(f"feature must be one of {FEATURES}, got {feature!r}")
-    k = num_prefix_tokens(model)
+    k = int(getattr(model, "num_prefix_tokens", 1))
+    if feature == "auto":
+        return "cls" if k == 1 else "mean"
     if feature == "cls" and k != 1:
-        raise EvalError(f"{type(model).__name__} has no [CLS] token: use --feature mean")
-    model = model.to(device).eval()
-    data = LabelledImages(expand_urls(shards), model.cfg.img_size)
+        name = type(getattr(model, "student", model)).__name__
+        raise EvalError(f"{name} has no [CLS] token: use --feature mean")
+    return feature
+
+
+@torch.no_grad()
+def extract_features(frozen: Frozen, shards: str | list[str], feature: str = "auto", batch_size: int = 64,
+                     device: str = "cpu", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of all labelled images of `shards` -> (features [M, D] float32, labels [M] long)."""
+    model = frozen.model.to(device).eval()
+    feature, k = resolve_feature(feature, model), int(getattr(model, "num_prefix_tokens", 1))
+    data = LabelledImages(expand_urls(shards), frozen.img_size)
     loader = InterruptibleLoader(data, batch_size=batch_size, num_workers=workers,
-                                         worker_init_fn=worker_ignores_interrupt)
+                                 worker_init_fn=worker_ignores_interrupt)
     feats, labels = [], []
     for pixels, y in loader:
-        tokens = encode_all_tokens(model, pixels.to(device))  # [B, k+N, D]
+        tokens = model.forward_features(pixels.to(device))  # [B, k+N, D], after the final norm
         feats.append((tokens[:, 0] if feature == "cls" else tokens[:, k:].mean(1)).float().cpu())
         labels.append(y.long())
     if not feats:
@@ -159,7 +207,8 @@ class EvalResult:
         cols = ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5"]
         r = self.record
         setting = f"k={r['k']} T={r['temperature']}" if "k" in r else f"epochs={r['epochs']} lr={r['lr']}"
-        row = [r["protocol"], r["feature"], setting, str(r["n_train"]), str(r["n_val"]), str(r["num_classes"]),
+        feature = r["feature"] if isinstance(r["feature"], str) else "/".join(r["feature"])
+        row = [r["protocol"], feature + (" (fused)" if r.get("fused") else ""), setting, str(r["n_train"]), str(r["n_val"]), str(r["num_classes"]),
                f"{r['top1']:.2f}", f"{r['top5']:.2f}"]
         widths = [max(len(c), len(v)) for c, v in zip(cols, row)]
         return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (cols, row))
@@ -190,7 +239,7 @@ def _settings(protocol: str, k: int, temperature: float, epochs: int, lr: float,
     return dict(epochs=epochs, lr=lr, batch_size=probe_batch_size, seed=seed)
 
 
-def _split_features(model: torch.nn.Module, train_shards: str, val_shards: str, feature: str, batch_size: int,
+def _split_features(model: Frozen, train_shards: str, val_shards: str, feature: str, batch_size: int,
                     device: str, workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     xtr, ytr = extract_features(model, train_shards, feature, batch_size, device, workers)
     same = expand_urls(val_shards) == expand_urls(train_shards)  # e.g. a sanity check on the training set
@@ -205,17 +254,17 @@ def _append(results: str | Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def run_eval(protocol: str, model: torch.nn.Module, checkpoint: str, train_shards: str, val_shards: str,
-             results: str | Path, feature: str = "cls", batch_size: int = 64, device: str = "cpu", workers: int = 0, k: int = 20,
+def run_eval(protocol: str, model: Frozen, train_shards: str, val_shards: str,
+             results: str | Path, feature: str = "auto", batch_size: int = 64, device: str = "cpu", workers: int = 0, k: int = 20,
              temperature: float = 0.07, epochs: int = 10, lr: float = 0.1, probe_batch_size: int = 256,
              seed: int = 0) -> EvalResult:
     """Extract features of both splits, run `protocol` ('knn' | 'linear-probe'), append the result."""
-    return run_ensemble(protocol, [(str(checkpoint), model)], train_shards, val_shards, results, feature, batch_size,
+    return run_ensemble(protocol, [model], train_shards, val_shards, results, feature, batch_size,
                         device, workers, k, temperature, epochs, lr, probe_batch_size, seed)
 
 
-def run_ensemble(protocol: str, members: list[tuple[str, torch.nn.Module]], train_shards: str, val_shards: str,
-                 results: str | Path, feature: str = "cls", batch_size: int = 64, device: str = "cpu",
+def run_ensemble(protocol: str, members: list[Frozen], train_shards: str, val_shards: str,
+                 results: str | Path, feature: str = "auto", batch_size: int = 64, device: str = "cpu",
                  workers: int = 0, k: int = 20, temperature: float = 0.07, epochs: int = 10, lr: float = 0.1,
                  probe_batch_size: int = 256, seed: int = 0) -> EvalResult:
     """`protocol` on each member's frozen features, then the mean of their class
@@ -224,8 +273,10 @@ def run_ensemble(protocol: str, members: list[tuple[str, torch.nn.Module]], trai
     t0 = time.time()
     settings = _settings(protocol, k, temperature, epochs, lr, probe_batch_size, seed)
     probs, each, labels = [], [], None
-    for checkpoint, model in members:
-        xtr, ytr, xva, yva = _split_features(model, train_shards, val_shards, feature, batch_size, device, workers)
+    features = [resolve_feature(feature, m.model) for m in members]
+    for frozen, feature in zip(members, features):
+        checkpoint = str(frozen.weights)
+        xtr, ytr, xva, yva = _split_features(frozen, train_shards, val_shards, feature, batch_size, device, workers)
         if labels is not None and not torch.equal(labels[1], yva):
             raise EvalError(f"{checkpoint}: read other validation labels than the first member")
         labels = (ytr, yva)
@@ -239,8 +290,10 @@ def run_ensemble(protocol: str, members: list[tuple[str, torch.nn.Module]], trai
         warnings.warn(f"{len(unseen)} validation classes have no training image")
     width = max(p.shape[1] for p in probs)
     mean = torch.stack([F.pad(p, (0, width - p.shape[1])) for p in probs]).mean(0)
-    record = {"protocol": protocol if len(members) == 1 else f"{protocol}-ensemble", "feature": feature,
-              "checkpoint": members[0][0] if len(members) == 1 else [c for c, _ in members],
+    record = {"protocol": protocol if len(members) == 1 else f"{protocol}-ensemble",
+              "feature": features[0] if len(set(features)) == 1 else features,
+              "fused": any(isinstance(m.model, FusedFeatures) for m in members),
+              "checkpoint": str(members[0].weights) if len(members) == 1 else [str(m.weights) for m in members],
               "train_shards": train_shards, "val_shards": val_shards, "n_train": len(ytr), "n_val": len(yva),
               "num_classes": width, **settings}
     if len(members) > 1:

@@ -1,29 +1,21 @@
-"""`mrmae export`: the student's encoder as a timm VisionTransformer state dict (safetensors).
+"""`mrmae export`: the student's encoder as a timm model's weights (safetensors).
 
-The encoder is a ViT that timm's `VisionTransformer` computes exactly: timm pre-norm
-`Block`s, a conv `PatchEmbed`, a class token, a final LayerNorm (eps 1e-6). MR-MAE's fixed
-sin-cos position embedding (cls slot zero) is written as the ordinary learnable
-`pos_embed` tensor [1, 1+N, D], which timm adds to cat(cls, patches) just as the student
-does. The decoder, mask token and mimic head are dropped.
+Every student exports: a ViT to timm's VisionTransformer, a ConvViT to `backbones.ConvViT`,
+both registered with timm as `mrmae_*` by `import mrmae` (`train/backbones.py`). The file
+loads strictly with
 
-The exported model has no head (`num_classes=0`) and `global_pool='token'`: timm's
-`forward_head` then returns the [CLS] token after the final norm, the feature MAE's linear
-probe reads. (`'avg'` would make timm add an `fc_norm` the student never trained.)
-`forward_features` returns all normed tokens [B, 1+N, D], equal to the student's encoder
-with every patch visible.
+    timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))
 
-Load it with:
+(NAME, any non-default kwargs and PATH, absolute, are printed and stored in the file's
+metadata as `load_with`). The decoder, mask token, mimic heads and the fusion convs are
+dropped: fusion (`--fuse-layers`, and a ConvViT's stage-1/2 maps added to its latent) is a
+pretraining device; the exported encoder is what MAE and ConvMAE fine-tune, the last
+block, then the final norm. For a ViT that is the student's encoder with every patch
+visible; its fixed sin-cos position embedding (cls slot zero) is written as timm's
+`pos_embed` tensor [1, 1+N, D].
 
-    timm.create_model(NAME, pretrained=True, num_classes=0, **KWARGS,
-                      pretrained_cfg_overlay=dict(file=PATH, num_classes=0))
-
-(`num_classes=0` in the overlay too: otherwise timm assumes a 1000-class head was dropped
-and loads non-strictly.) NAME and KWARGS are printed and stored in the file's metadata
-(`timm_model`, `timm_kwargs` as JSON).
-
-Students trained with `--fuse-layers` (final norm applied to a sum of several blocks'
-outputs) are refused: timm's VisionTransformer cannot express that sum. So are students
-that are not plain ViTs (the ConvViT).
+`read_encoder` gives the same encoder from an export file or from any student checkpoint
+(run dir, checkpoint dir, model.safetensors): `finetune` and `eval` start from it.
 """
 
 from __future__ import annotations
@@ -33,77 +25,179 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from mrmae.train.checkpoint import write_atomic
-from mrmae.train.models import MRMAE
-from mrmae.train.restore import load_student
+from mrmae.train.checkpoint import CheckpointError, write_atomic
+from mrmae.train.restore import Restored, load_student, read_weights
 
-# timm's registered ViT of the same width, depth and heads (huge: timm's is patch 14; the
-# kwargs below set the patch size explicitly, so any name whose defaults we override works).
-_TIMM_NAMES = {
-    (192, 12, 3): "vit_tiny_patch16_224",
-    (384, 12, 6): "vit_small_patch16_224",
-    (768, 12, 12): "vit_base_patch16_224",
-    (1024, 24, 16): "vit_large_patch16_224",
-    (1280, 32, 16): "vit_huge_patch14_224",
-}
+# Student tensors the exported encoder keeps, by family (pos_embed is a buffer, kept too).
+_VIT_KEYS = ("patch_embed.", "blocks.", "norm.", "cls_token", "pos_embed")
+_CONVVIT_KEYS = ("embed1.", "stage1.", "embed2.", "stage2.", "embed3.", "token_proj.", "blocks.", "norm.", "pos_embed")
+# What an export file's metadata may ask timm to build: our models, and timm's own ViTs that
+# earlier exports named; and only architecture arguments (no checkpoint_path, no pretrained_cfg).
+_OLD_TIMM_NAMES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
+                   "vit_huge_patch14_224")
+_ARCH_KWARGS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token",
+                "global_pool", "num_classes", "embed_dims", "depths", "mlp_ratios", "kernel_size"}
 
 
 class ExportError(ValueError):
-    """A student that timm's VisionTransformer cannot represent."""
+    """A file or student that cannot become a timm encoder (one line, naming the file)."""
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """A pretrained encoder as timm builds it, and where it came from."""
+
+    timm_model: str  # registered timm name, e.g. mrmae_convvit_base
+    timm_kwargs: dict  # architecture arguments for timm.create_model (all of them)
+    tensors: dict[str, torch.Tensor]  # the encoder's weights under the timm model's names
+    weights: Path  # the file they were read from
+    run_dir: Path | None  # the pretrain run, when read from one
+    note: str | None = None  # one line when pretraining fused what the encoder leaves out
+
+    def create(self, **overrides) -> torch.nn.Module:
+        """The timm model, randomly initialised (`overrides`: num_classes, drop_path_rate, ...)."""
+        import timm
+
+        import mrmae  # noqa: F401  (registers the mrmae_* models with timm)
+
+        return timm.create_model(self.timm_model, pretrained=False, **{**self.timm_kwargs, **overrides})
+
+    def load(self) -> torch.nn.Module:
+        """The timm model with these weights loaded strictly, in eval mode."""
+        model = self.create()
+        try:
+            model.load_state_dict(self.tensors, strict=True)
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or ["mismatch"])[0]
+            raise ExportError(f"{self.weights}: does not fit timm {self.timm_model}: {first}") from None
+        return model.eval()
+
+
+def fusion_note(model: torch.nn.Module) -> str | None:
+    """The line that says what of a fused student the encoder leaves out (None: nothing)."""
+    fuse = tuple(model.fuse_layers)
+    blocks = f"blocks {','.join(map(str, fuse))} (--fuse-layers)" if len(fuse) > 1 else ""
+    convvit = hasattr(model, "fuse1")
+    if not blocks and not convvit:
+        return None
+    what = " and ".join(filter(None, ["the stage-1/2 maps" if convvit else "", blocks]))
+    return (f"pretraining fused {what} into the latent; the encoder is the last block, then the final norm, as MAE "
+            "and ConvMAE fine-tune (`mrmae eval --fused` probes the fused features)")
+
+
+def student_encoder(restored: Restored) -> Encoder:
+    """The encoder of a restored student, under its timm model's names."""
+    model, c = restored.model, restored.model.cfg
+    if hasattr(model, "fuse1"):  # ConvViT
+        keep = _CONVVIT_KEYS
+        kwargs = dict(img_size=c.img_size, embed_dims=list(c.embed_dims), depths=list(c.depths),
+                      num_heads=c.num_heads, mlp_ratios=list(c.mlp_ratios), kernel_size=c.kernel_size)
+    else:
+        keep = _VIT_KEYS
+        kwargs = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
+                      num_heads=c.num_heads, mlp_ratio=c.mlp_ratio)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(keep)}
+    return Encoder(restored.name, kwargs, tensors, restored.weights, restored.run_dir, fusion_note(model))
+
+
+def read_export(path: Path) -> Encoder | None:
+    """An `mrmae export` file's encoder; None when `path` is a safetensors file without export metadata."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if "timm_model" not in meta:
+        return None
+    name = meta["timm_model"]
+    try:
+        kwargs = json.loads(meta.get("timm_kwargs", "{}"))
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict) or set(kwargs) - _ARCH_KWARGS:
+        raise ExportError(f"{path}: its timm_kwargs metadata is not a set of architecture arguments")
+    if not (name.startswith(("mrmae_vit_", "mrmae_convvit_")) or name in _OLD_TIMM_NAMES):
+        raise ExportError(f"{path}: names timm model {name!r}, not an mrmae encoder")
+    kwargs.pop("num_classes", None)  # earlier exports stored num_classes=0: the caller decides the head
+    encoder = Encoder(name, kwargs, read_weights(path), path, None, meta.get("fusion_note") or None)
+    _check_fits(encoder)
+    return encoder
+
+
+def _check_fits(encoder: Encoder) -> None:
+    """ExportError unless the file's tensors are those of the model its metadata describes, checked
+    on the meta device (no memory), so crafted sizes build nothing large and a mismatch is one line."""
+    numbers = [v for x in encoder.timm_kwargs.values() for v in (x if isinstance(x, list) else [x])
+               if not isinstance(v, (str, bool))]
+    if any(not isinstance(v, (int, float)) or not 0 < v <= 8192 for v in numbers):
+        raise ExportError(f"{encoder.weights}: its timm_kwargs hold a size out of range")
+    try:
+        with torch.device("meta"):
+            expected = encoder.create().state_dict()
+    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as e:
+        raise ExportError(f"{encoder.weights}: timm {encoder.timm_model} cannot be built from its timm_kwargs "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for key, tensor in encoder.tensors.items():
+        if key not in expected or expected[key].shape != tensor.shape:
+            raise ExportError(f"{encoder.weights}: tensor {key} {tuple(tensor.shape)} is not in timm "
+                              f"{encoder.timm_model} as its metadata describes it")
+
+
+def read_encoder(source: str | Path) -> Encoder:
+    """The encoder of an `mrmae export` file, or of a student checkpoint (a run dir, a
+    checkpoint dir or its model.safetensors)."""
+    path = Path(source)
+    if path.is_file() and (encoder := read_export(path)) is not None:
+        return encoder
+    return student_encoder(load_student(source))
 
 
 @dataclass
 class Exported:
-    path: Path
-    timm_model: str
-    timm_kwargs: dict
-    num_tensors: int
+    path: Path  # absolute
+    encoder: Encoder
+    pretrained_cfg: dict
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.encoder.tensors)
 
     def create_call(self) -> str:
-        """The timm.create_model call that loads the file (strictly), as Python source."""
-        kw = "".join(f", {k}={v!r}" for k, v in self.timm_kwargs.items())
-        return (f"timm.create_model({self.timm_model!r}, pretrained=True{kw}, "
-                f"pretrained_cfg_overlay=dict(file={str(self.path)!r}, num_classes=0))")
+        """The timm.create_model call that loads the file strictly, as Python source."""
+        from mrmae.train.backbones import registered_kwargs
+
+        defaults = registered_kwargs(self.encoder.timm_model)
+        extra = {k: v for k, v in self.encoder.timm_kwargs.items() if _plain(defaults.get(k)) != _plain(v)}
+        kw = "".join(f", {k}={v!r}" for k, v in extra.items())
+        size = "" if self.encoder.timm_kwargs.get("img_size", 224) == 224 else \
+            f", input_size={tuple(self.pretrained_cfg['input_size'])!r}"
+        return (f"timm.create_model({self.encoder.timm_model!r}, pretrained=True{kw}, "
+                f"pretrained_cfg_overlay=dict(file={str(self.path)!r}{size}))")
 
 
-def timm_spec(model: torch.nn.Module) -> tuple[str, dict]:
-    """(timm model name, create_model kwargs) building a VisionTransformer like `model`'s encoder."""
-    if not isinstance(model, MRMAE):
-        raise ExportError(f"only ViT students export to timm's VisionTransformer, not {type(model).__name__}")
-    c = model.cfg
-    if len(model.fuse_layers) > 1 or model.fuse_layers[0] != c.depth:
-        raise ExportError(f"this student fuses blocks {','.join(map(str, model.fuse_layers))} (--fuse-layers): "
-                          "timm's VisionTransformer has no such sum; evaluate it with `mrmae eval` instead")
-    name = _TIMM_NAMES.get((c.embed_dim, c.depth, c.num_heads), "vit_base_patch16_224")
-    kwargs = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
-                  num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=True, class_token=True,
-                  global_pool="token", num_classes=0)
-    return name, kwargs
-
-
-def encoder_state_dict(model: MRMAE) -> dict[str, torch.Tensor]:
-    """The encoder's tensors under timm VisionTransformer names (keys match one to one:
-    both use timm's PatchEmbed and Block; pos_embed [1, 1+N, D] includes the cls slot)."""
-    keep = ("patch_embed.", "blocks.", "norm.")
-    out = {k: v for k, v in model.state_dict().items() if k.startswith(keep)}
-    out["cls_token"] = model.cls_token.detach()
-    out["pos_embed"] = model.pos_embed.detach()
-    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+def _plain(value):
+    """Tuples and lists compare alike (JSON metadata turns tuples into lists)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def export_encoder(checkpoint: str | Path, out: str | Path) -> Exported:
-    """Write the student's encoder of `checkpoint` to `out` (safetensors, timm names)."""
-    restored = load_student(checkpoint)
-    name, kwargs = timm_spec(restored.model)
-    tensors = encoder_state_dict(restored.model)
-    out = Path(out)
-    if out.resolve().parent == restored.weights.resolve().parent:  # e.g. --out .../stepN/model.safetensors
-        raise ExportError(f"--out {out}: inside the checkpoint {restored.weights.parent}, whose files it would "
+    """Write the encoder of `checkpoint` (see `read_encoder`) to `out` (safetensors, timm names)."""
+    from mrmae.train.backbones import pretrained_cfg
+
+    encoder = read_encoder(checkpoint)
+    out = Path(out).resolve()
+    if out.parent == encoder.weights.resolve().parent:  # e.g. --out .../stepN/model.safetensors
+        raise ExportError(f"--out {out}: inside the checkpoint {encoder.weights.parent}, whose files it would "
                           "replace; write the encoder elsewhere")
+    first_conv = "embed1.proj" if "convvit" in encoder.timm_model else "patch_embed.proj"
+    cfg = pretrained_cfg(first_conv, int(encoder.timm_kwargs.get("img_size", 224)))
+    exported = Exported(out, encoder, cfg)
+    metadata = {"format": "pt", "timm_model": encoder.timm_model, "timm_kwargs": json.dumps(encoder.timm_kwargs),
+                "pretrained_cfg": json.dumps(cfg), "load_with": exported.create_call(),
+                "source_checkpoint": str(encoder.weights.resolve()), "fusion_note": encoder.note or ""}
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs),
-                "source_checkpoint": str(restored.weights), "mrmae_model": restored.run_config.get("model", "")}
-    write_atomic(out, safetensors_bytes(tensors, metadata=metadata))  # a full disk: an OSError naming `out`
-    return Exported(out, name, kwargs, len(tensors))
+    write_atomic(out, safetensors_bytes(encoder.tensors, metadata=metadata))  # a full disk: an OSError naming `out`
+    return exported

@@ -1,7 +1,8 @@
-"""`mrmae finetune`: end-to-end classification fine-tuning of a pretrained encoder (timm ViT).
+"""`mrmae finetune`: end-to-end classification fine-tuning of a pretrained encoder.
 
-The encoder is the one `mrmae export` writes (same names, same weights), loaded into a
-timm `VisionTransformer` with a new head. The recipe is the MR-MAE paper's (section 4.1:
+The encoder is the one `mrmae export` writes (same names, same weights), loaded into its
+timm model (`train/backbones.py`: timm's VisionTransformer for a ViT student, the ConvViT
+for a ConvViT one) with a new head. The recipe is the MR-MAE paper's (section 4.1:
 100 epochs, 5 warm-up, AdamW, weight decay 0.05, lr 3e-4, layer decay 0.6, drop path 0.2)
 on MAE's fine-tuning protocol for what the paper leaves unsaid: AdamW (0.9, 0.999), no
 decay on norms, biases, pos/cls tokens, lr = blr x effective batch / 256 (the paper's
@@ -28,9 +29,11 @@ import hashlib
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -40,6 +43,9 @@ from mrmae.train import checkpoint as ckpt
 from mrmae.train.checkpoint import CheckpointError
 from mrmae.train.engine import InterruptibleLoader, NonFiniteLossError, append_metrics, epoch_passes, lr_at
 from mrmae.train.finetune_data import LabelledStream, sample_seed, seed_everything, train_transform
+
+if TYPE_CHECKING:
+    from mrmae.train.export import Encoder
 
 POOLS = ("avg", "token")
 
@@ -84,60 +90,43 @@ class FinetuneConfig:
     progress: bool = True
 
 
-def encoder_source(checkpoint: str | Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
-    """(timm model name, create_model kwargs, encoder tensors) from an `mrmae export` file or a
-    pretrain checkpoint. Raises ExportError (one line) for students timm cannot express."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    from mrmae.train.export import encoder_state_dict, timm_spec
-    from mrmae.train.restore import load_student
-
-    path = Path(checkpoint)
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            if "timm_model" in meta:  # written by `mrmae export`
-                return meta["timm_model"], json.loads(meta["timm_kwargs"]), load_file(str(path))
-        except (SafetensorError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    restored = load_student(checkpoint)
-    name, kwargs = timm_spec(restored.model)
-    return name, kwargs, encoder_state_dict(restored.model)
-
-
 def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float = 0.1, global_pool: str = "avg",
-                     seed: int = 0) -> tuple[torch.nn.Module, str, dict]:
-    """A timm VisionTransformer with the pretrained encoder and a new head -> (model, name, kwargs).
+                     seed: int = 0) -> tuple[torch.nn.Module, "Encoder"]:
+    """The pretrained encoder (`export.read_encoder`: an export file or any student checkpoint)
+    as a timm classifier with a new head -> (model, encoder).
 
-    Loaded non-strictly, but only the new head (and with 'avg' pooling the new fc_norm) may be
-    missing, and only the final norm 'avg' pooling replaces may be left over: any other
-    mismatch is an error naming the keys (a half-loaded encoder would fine-tune silently).
+    ViT: timm's VisionTransformer; ConvViT: `backbones.ConvViT` (no [CLS] token: 'avg' only).
+    With 'avg' pooling a new `fc_norm` follows the pooling and the final `norm` goes, as in
+    MAE's and ConvMAE's fine-tuning. Loaded non-strictly, but only the new head and fc_norm
+    may be missing and only that final norm left over: any other mismatch is an error
+    naming the keys (a half-loaded encoder would fine-tune silently).
     """
-    import timm
+    from mrmae.train.export import read_encoder
 
     if global_pool not in POOLS:
         raise FinetuneError(f"global pool must be one of {POOLS}, got {global_pool!r}")
-    name, kwargs, tensors = encoder_source(checkpoint)
-    kwargs = {**kwargs, "num_classes": num_classes, "global_pool": global_pool, "drop_path_rate": drop_path}
+    encoder = read_encoder(checkpoint)
+    if global_pool == "token" and "convvit" in encoder.timm_model:
+        raise FinetuneError(f"{checkpoint}: a ConvViT has no [CLS] token to pool: use --global-pool avg")
+    pool = dict(fc_norm=True) if "convvit" in encoder.timm_model else {}  # timm's ViT: implied by 'avg'
     torch.manual_seed(seed)  # the new head's init
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        model = encoder.create(num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path,
+                               **(pool if global_pool == "avg" else {}))
+        missing, unexpected = model.load_state_dict(encoder.tensors, strict=False)
     except (RuntimeError, TypeError, ValueError, KeyError) as e:  # shapes of another model, or bad kwargs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FinetuneError(f"{checkpoint}: encoder does not fit timm {name}: {first}") from None
+        raise FinetuneError(f"{checkpoint}: encoder does not fit timm {encoder.timm_model}: {first}") from None
     new = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if global_pool == "avg" else set())
     unused = {"norm.weight", "norm.bias"} if global_pool == "avg" else set()
     bad_missing, bad_unexpected = sorted(set(missing) - new), sorted(set(unexpected) - unused)
     if bad_missing or bad_unexpected:
-        raise FinetuneError(f"{checkpoint}: encoder does not fit timm {name}: missing {bad_missing[:5]}, "
-                            f"unexpected {bad_unexpected[:5]}")
+        raise FinetuneError(f"{checkpoint}: encoder does not fit timm {encoder.timm_model}: missing "
+                            f"{bad_missing[:5]}, unexpected {bad_unexpected[:5]}")
     with torch.no_grad():  # MAE's head init: near-zero logits, so early gradients barely stir the encoder
         torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
         torch.nn.init.zeros_(model.head.bias)
-    return model, name, kwargs
+    return model, encoder
 
 
 @torch.no_grad()
@@ -266,8 +255,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if mixing and cfg.batch_size % 2:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is odd: Mixup/CutMix pair the rows of a batch "
                             "(use an even size, or --mixup 0 --cutmix 0)")
-    model, timm_name, timm_kwargs = build_classifier(cfg.checkpoint, cfg.num_classes, cfg.drop_path,
-                                                     cfg.global_pool, cfg.seed)
+    model, encoder = build_classifier(cfg.checkpoint, cfg.num_classes, cfg.drop_path, cfg.global_pool, cfg.seed)
+    if encoder.note and accelerator.is_main_process:
+        tqdm.write(f"mrmae: note: {encoder.note}", file=sys.stderr)
+    timm_name, timm_kwargs = encoder.timm_model, {**encoder.timm_kwargs, "num_classes": cfg.num_classes,
+                                                  "global_pool": cfg.global_pool}
     img_size = int(timm_kwargs.get("img_size", 224))
     stream = LabelledStream(cfg.train_shards, cfg.batch_size, train_transform(img_size, cfg.augment, cfg.rand_augment,
                             cfg.re_prob), cfg.seed, cfg.shuffle_buffer)

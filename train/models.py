@@ -17,7 +17,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from mrmae.train.convvit import CONVVIT_ARCHS, ConvViTConfig, MRConvViT
+from mrmae.train.backbones import CONVVIT_ARCHS, VIT_ARCHS
+from mrmae.train.convvit import ConvViTConfig, MRConvViT
 from mrmae.train.student import MaskedStudent, check_fuse_layers, gather_visible, sincos_pos_embed
 
 @dataclass(frozen=True)
@@ -113,21 +114,13 @@ class MRMAE(MaskedStudent):
 
 # --- registry ----------------------------------------------------------------------------
 
-_ARCHS: dict[str, dict] = {
-    "mrmae_vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
-    "mrmae_vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
-    "mrmae_vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
-    "mrmae_vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16),
-    "mrmae_vit_huge_patch16": dict(embed_dim=1280, depth=32, num_heads=16),  # MAE's huge uses patch 14
-}
-
 # The papers list "88M" for every base-size encoder (ViT-B, ConvViT-B, Swin-B alike).
 PAPER_BASE_PARAMS = 88e6
 
 
 def _registry() -> dict[str, tuple[type, type, dict]]:
     """name -> (model class, config class, config fields), ViT entries first."""
-    vit = {n: (MRMAE, MRMAEConfig, dict(patch_size=16, **a)) for n, a in _ARCHS.items()}
+    vit = {n: (MRMAE, MRMAEConfig, dict(patch_size=16, **a)) for n, a in VIT_ARCHS.items()}
     return {**vit, **{n: (MRConvViT, ConvViTConfig, a) for n, a in CONVVIT_ARCHS.items()}}
 
 

@@ -75,6 +75,8 @@ def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, d
         patch = state["patch_embed.proj.weight"].shape[-1]
         overrides.update(embed_dim=dim, depth=depth, patch_size=patch,
                          img_size=math.isqrt(state["pos_embed"].shape[1] - 1) * patch)
+    else:  # a ConvViT: its input size is in its pos-embed (one token per 16 x 16 patch, no cls slot)
+        overrides.update(img_size=math.isqrt(state["pos_embed"].shape[1]) * 16)
     return name, overrides
 
 
