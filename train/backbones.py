@@ -128,7 +128,8 @@ class ConvViT(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = d
         self.num_prefix_tokens = 0
         self.grad_checkpointing = False
-        rates = torch.linspace(0, drop_path_rate, l1 + l2 + l3).tolist()  # stochastic depth, deeper = more
+        n = l1 + l2 + l3  # stochastic depth rising linearly with depth (plain floats: builds on the meta device)
+        rates = [drop_path_rate * i / max(1, n - 1) for i in range(n)]
         self.embed1 = StridedEmbed(in_chans, d1, 4)
         self.stage1 = nn.ModuleList(MaskedConvBlock(d1, r1, kernel_size, rates[i]) for i in range(l1))
         self.embed2 = StridedEmbed(d1, d2, 2)

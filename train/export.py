@@ -137,7 +137,7 @@ def _check_fits(encoder: Encoder) -> None:
     try:
         with torch.device("meta"):
             expected = encoder.create().state_dict()
-    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as e:
+    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError, NotImplementedError) as e:
         raise ExportError(f"{encoder.weights}: timm {encoder.timm_model} cannot be built from its timm_kwargs "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     for key, tensor in encoder.tensors.items():
