@@ -111,7 +111,7 @@ def test_report_rows_losses_evals_and_curves(runs, tmp_path):
     ft = [r for r in records(runs["ft"] / "metrics.jsonl") if "top1" in r][-1]
     assert (float(by["ft"]["finetune top1"]), float(by["ft"]["finetune top5"])) == \
         pytest.approx((ft["top1"], ft["top5"]))
-    assert by["ft"]["task"] == "finetune" and by["ft"]["model"].startswith("vit_tiny_patch16_224 from ")
+    assert by["ft"]["task"] == "finetune" and by["ft"]["model"].startswith("mrmae_vit_tiny_patch16 from ")
     assert "last epoch" in (out / "report.md").read_text().splitlines()[2]  # the header says how losses are taken
     check_curves(out / "curves.png")
 
