@@ -10,6 +10,7 @@ import warnings
 import click
 
 from mrmae import __version__
+from mrmae.train.recipe import config_option
 
 
 class _OneLineErrors(click.Group):
@@ -209,6 +210,7 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
 
 
 @cli.command("pretrain")
+@config_option
 @click.option("--shards", required=True, help="Source tars (the ones the cache was extracted from).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--feature-cache", help="Train from this cache (a directory or an fsspec URL).")
@@ -219,7 +221,10 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Per process and micro-batch.")
-@click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True, help="Gradient accumulation.")
+@click.option("--accum-steps", type=click.IntRange(min=1), default=None,
+              help="Gradient accumulation (default 1, or what --effective-batch asks).")
+@click.option("--effective-batch", type=click.IntRange(min=1), default=None,
+              help="Images per optimiser step (the paper's 1024): --accum-steps = N / (--batch-size x processes).")
 @click.option("--blr", default=1.5e-4, show_default=True, help="lr = blr x effective batch / 256.")
 @click.option("--lr", type=float, default=None, help="Absolute lr (overrides --blr).")
 @click.option("--min-lr", default=0.0, show_default=True)
@@ -252,33 +257,30 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
 @click.option("--compile", "compile_backend", type=click.Choice(["inductor", "eager", "aot_eager"]), default=None,
               help="torch.compile the student (inductor: the fast one; a GPU gains most).")
 @click.option("--no-progress", is_flag=True)
-def pretrain(shards, out, feature_cache, target, teacher, model, epochs, batch_size, accum_steps, blr, lr, min_lr,
-             warmup_epochs, weight_decay, mask, mask_ratio, focus_temperature, focus_uniform_mix, recon_weight,
-             mimic_weight, target_norm, fuse_layers, decoder_dim, decoder_depth, views_per_image, workers,
-             shuffle_buffer, seed, data_split, resume, save_every_steps, pixels_from_cache, compile_backend,
-             no_progress) -> None:
+def pretrain(no_progress, **params) -> None:
     """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
-    from mrmae.train.engine import StepOptions
-    from mrmae.train.pretrain import PretrainConfig, run_pretrain
+    from mrmae.train.pretrain import run_pretrain
 
-    opts = StepOptions(mask=mask, mask_ratio=mask_ratio, focus_temperature=focus_temperature,
-                       focus_uniform_mix=focus_uniform_mix, recon_weight=recon_weight, mimic_weight=mimic_weight,
-                       target_norm=target_norm, seed=seed)
-    cfg = PretrainConfig(
-        shards=shards, out=out, model=model, feature_cache=feature_cache, target=target, teacher=teacher,
-        epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
-        weight_decay=weight_decay, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
-        fuse_layers=fuse_layers, views_per_image=views_per_image, workers=workers,
-        shuffle_buffer=shuffle_buffer, seed=seed, data_split=data_split, resume=resume,
-        save_every_steps=save_every_steps, pixels_from_cache=pixels_from_cache, compile=compile_backend,
-        progress=not no_progress, step_options=opts,
-    )
+    cfg = pretrain_config(progress=not no_progress, **params)
     try:
         r = run_pretrain(cfg)
     except KeyboardInterrupt:
-        raise _Interrupted(out) from None
+        raise _Interrupted(cfg.out) from None
     if r["main_process"]:  # one summary per run, not one per process
         click.echo(f"{r['steps']} steps; checkpoint: {r['checkpoint']}; metrics: {r['metrics']}")
+
+
+def pretrain_config(progress: bool = True, **params):
+    """The PretrainConfig of `mrmae pretrain`'s parsed options (click's parameter names, as
+    in `ctx.params`, less --no-progress)."""
+    from mrmae.train.engine import StepOptions
+    from mrmae.train.pretrain import PretrainConfig
+
+    step = {k: params.pop(k) for k in ("mask", "mask_ratio", "focus_temperature", "focus_uniform_mix",
+                                       "recon_weight", "mimic_weight", "target_norm")}
+    compile_backend = params.pop("compile_backend")
+    return PretrainConfig(**params, compile=compile_backend, progress=progress,
+                          step_options=StepOptions(**step, seed=params["seed"]))
 
 
 @cli.command("models")
@@ -397,6 +399,7 @@ def export(checkpoint: str, out: str) -> None:
 
 
 @cli.command("finetune")
+@config_option
 @click.option("--checkpoint", required=True, type=click.Path(exists=True),
               help="A pretrain run dir, a checkpoint dir, its model.safetensors, or an `mrmae export` file.")
 @click.option("--train-shards", required=True, help="Labelled training tars ({key}.jpg + {key}.cls).")
@@ -406,7 +409,10 @@ def export(checkpoint: str, out: str) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Per process and micro-batch.")
-@click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--accum-steps", type=click.IntRange(min=1), default=None,
+              help="Gradient accumulation (default 1, or what --effective-batch asks).")
+@click.option("--effective-batch", type=click.IntRange(min=1), default=None,
+              help="Images per optimiser step (the paper's 1024): --accum-steps = N / (--batch-size x processes).")
 @click.option("--blr", default=3e-4, show_default=True, help="lr = blr x effective batch / 256.")
 @click.option("--lr", type=float, default=None, help="Absolute peak lr (overrides --blr).")
 @click.option("--min-lr", default=1e-6, show_default=True)

@@ -1768,7 +1768,7 @@ def test_a_checkpoint_that_is_not_one_is_one_line_naming_it(demo_shards, two_sha
 @pytest.mark.parametrize("bad, option", [
     (["--lr", "nan"], "--lr nan"), (["--lr", "-1"], "--lr -1.0"), (["--blr", "inf"], "--blr inf"),
     (["--min-lr", "nan"], "--min-lr nan"), (["--weight-decay", "nan"], "--weight-decay nan"),
-    (["--warmup-epochs", "nan"], "--warmup-epochs nan"), (["--warmup-epochs", "10"], "(at most --epochs)"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs nan"), (["--warmup-epochs", "10"], "--warmup-epochs 10: must be below --epochs 1"),
     (["--mask-ratio", "0"], "--mask-ratio 0.0: masks none of"), (["--mask-ratio", "nan"], "--mask-ratio nan"),
     (["--focus-temperature", "0"], "--focus-temperature 0.0"), (["--focus-uniform-mix", "2"], "--focus-uniform-mix 2.0"),
     (["--recon-weight", "-1"], "--recon-weight -1.0"), (["--recon-weight", "0", "--mimic-weight", "0"], "loss would be zero"),

@@ -31,7 +31,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,7 @@ from mrmae.train import checkpoint as ckpt
 from mrmae.train.checkpoint import CheckpointError
 from mrmae.train.engine import InterruptibleLoader, NonFiniteLossError, append_metrics, epoch_passes, lr_at
 from mrmae.train.finetune_data import LabelledStream, sample_seed, seed_everything, train_transform
+from mrmae.train.recipe import RecipeFile
 
 if TYPE_CHECKING:
     from mrmae.train.export import Encoder
@@ -63,7 +64,8 @@ class FinetuneConfig:
     num_classes: int = 1000
     epochs: int = 100
     batch_size: int = 64  # per process, per micro-batch
-    accum_steps: int = 1
+    accum_steps: int | None = None  # None: 1, or what effective_batch asks (pretrain.resolve_accum_steps)
+    effective_batch: int | None = None  # images per optimiser step, whatever the process count
     blr: float = 3e-4  # the paper's section 4.1
     lr: float | None = None  # absolute; default blr x effective batch / 256
     min_lr: float = 1e-6
@@ -88,6 +90,7 @@ class FinetuneConfig:
     save_every_steps: int = 0  # 0: at the end of each epoch only
     samples_per_epoch: int | None = None  # default: counted from the tar headers
     progress: bool = True
+    config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
 
 
 def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float = 0.1, global_pool: str = "avg",
@@ -213,7 +216,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
     built or written (OptionError naming the first bad one: NaN passes click's ranges)."""
     from mrmae.shared.errors import OptionError
     from mrmae.train.finetune_data import train_transform
-    from mrmae.train.pretrain import number_option
+    from mrmae.train.pretrain import check_warmup, number_option
 
     source = Path(cfg.checkpoint).resolve()
     if source == Path(cfg.out).resolve() or Path(cfg.out).resolve() in source.parents:
@@ -228,6 +231,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
             ("mixup-switch-prob", cfg.mixup_switch_prob, 0.0, 1.0, False), ("smoothing", cfg.smoothing, 0.0, 1.0, False),
             ("re-prob", cfg.re_prob, 0.0, 1.0, False)):
         number_option(option, value, low, high, low_open=low_open)
+    check_warmup(cfg.warmup_epochs, cfg.epochs)
     if cfg.drop_path >= 1.0 or cfg.smoothing >= 1.0:
         raise OptionError(f"--{'drop-path' if cfg.drop_path >= 1 else 'smoothing'} must be below 1")
     if cfg.augment == "randaug":
@@ -245,12 +249,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from timm.optim import param_groups_layer_decay
 
     from mrmae.shared.shards import expand_urls
-    from mrmae.train.pretrain import count_samples
+    from mrmae.train.pretrain import check_epoch_fits, count_samples, resolve_accum_steps
 
     check_numbers(cfg)
     out, cuda = Path(cfg.out), torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", gradient_accumulation_steps=cfg.accum_steps,
-                              cpu=not cuda)
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    cfg = replace(cfg, accum_steps=resolve_accum_steps(cfg.batch_size, cfg.accum_steps, cfg.effective_batch,
+                                                       accelerator.num_processes))
+    accelerator.gradient_accumulation_steps = cfg.accum_steps  # known once the process count is
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     if mixing and cfg.batch_size % 2:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is odd: Mixup/CutMix pair the rows of a batch "
@@ -275,6 +281,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     eff_batch = cfg.batch_size * cfg.accum_steps * accelerator.num_processes
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     samples = cfg.samples_per_epoch or count_samples(expand_urls(cfg.train_shards), None)
+    check_epoch_fits(cfg, accelerator.num_processes, samples,
+                     "samples_per_epoch" if cfg.samples_per_epoch else "counted in --train-shards")
     steps_per_epoch = max(1, samples // eff_batch)  # full batches only
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)

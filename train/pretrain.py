@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from mrmae.shared.errors import OptionError, naming, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
 from mrmae.train.masking import num_visible
+from mrmae.train.recipe import RecipeFile
 from mrmae.train.engine import (InterruptibleLoader, NonFiniteLossError, StepOptions, append_metrics, epoch_passes,
                                 lr_at, train_one_epoch)
 
@@ -40,7 +41,8 @@ class PretrainConfig:
     teacher: str | None = None
     epochs: int = 1
     batch_size: int = 64  # per process, per micro-batch
-    accum_steps: int = 1
+    accum_steps: int | None = None  # None: 1, or what effective_batch asks (`resolve_accum_steps`)
+    effective_batch: int | None = None  # images per optimiser step, whatever the process count
     blr: float = 1.5e-4
     lr: float | None = None  # absolute; default blr x effective batch / 256
     min_lr: float = 0.0
@@ -61,6 +63,7 @@ class PretrainConfig:
     data_split: str = "shards"  # "shards" (each rank reads its shards) | "samples" (exact at any world size)
     progress: bool = True
     step_options: StepOptions = field(default_factory=StepOptions)
+    config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
 
 
 def count_samples(urls: list[str], cache: cf.FeatureCache | None) -> int:
@@ -106,7 +109,7 @@ def check_options(cfg: PretrainConfig) -> None:
     from mrmae.train.models import list_models, model_config
 
     for option, value, least in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
-                                 ("--accum-steps", cfg.accum_steps, 1), ("--workers", cfg.workers, 0),
+                                 ("--workers", cfg.workers, 0),
                                  ("--views", cfg.views_per_image, 1), ("--decoder-dim", cfg.decoder_dim, 1),
                                  ("--decoder-depth", cfg.decoder_depth, 0), ("--save-every-steps", cfg.save_every_steps, 0),
                                  ("--shuffle-buffer", cfg.shuffle_buffer, 0)):
@@ -117,8 +120,12 @@ def check_options(cfg: PretrainConfig) -> None:
         raise OptionError(f"--model {cfg.model}: unknown; known: {', '.join(list_models())}")
     try:
         config = model_config(cfg.model, fuse_layers=cfg.fuse_layers)
-    except ValueError as e:
-        raise OptionError(f"--fuse-layers {','.join(map(str, cfg.fuse_layers))}: {e}") from None
+    except ValueError as e:  # the list was written for another depth (4,8,12 is a ViT-B's, 4,8,11 a ConvViT's)
+        plain = model_config(cfg.model)
+        conv = hasattr(plain, "depths")  # a ConvViT: the list counts its stage-3 transformer blocks
+        depth, blocks = (plain.depths[-1], "transformer blocks (stage 3)") if conv else (plain.depth, "blocks")
+        raise OptionError(f"--fuse-layers {','.join(map(str, cfg.fuse_layers))}: {cfg.model} has {depth} {blocks}; "
+                          f"{e}") from None
     tokens = (config.img_size // config.patch_size) ** 2
     if num_visible(tokens, cfg.step_options.mask_ratio) >= tokens:  # nothing masked: L_R is a mean over nothing
         raise OptionError(f"--mask-ratio {cfg.step_options.mask_ratio}: masks none of {cfg.model}'s {tokens} patches")
@@ -147,8 +154,48 @@ def number_option(option: str, value: float | None, low: float, high: float = ma
         return
     if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
         where = (f"above {low:g}" if low_open else f"from {low:g}") if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        raise OptionError(f"--{option} {value}: must be a finite number {where}"
-                          + (" (at most --epochs)" if option == "warmup-epochs" else ""))
+        raise OptionError(f"--{option} {value}: must be a finite number {where}")
+
+
+def check_warmup(warmup_epochs: float, epochs: int) -> None:
+    """A warm-up as long as the run never reaches the peak lr, and a longer one trains the
+    whole run at a fraction of it: refused (0, no warm-up, is fine)."""
+    if warmup_epochs > 0 and warmup_epochs >= epochs:
+        raise OptionError(f"--warmup-epochs {warmup_epochs:g}: must be below --epochs {epochs} (a warm-up of the "
+                          "whole run or longer never reaches the peak lr)")
+
+
+def resolve_accum_steps(batch_size: int, accum_steps: int | None, effective_batch: int | None,
+                        processes: int) -> int:
+    """The gradient accumulation steps of a run: --accum-steps (default 1) or, with
+    --effective-batch N, N / (batch_size x processes), so a recipe's batch holds on any number
+    of GPUs. OptionError when N is no multiple of that, or --accum-steps asks for another."""
+    for option, value in (("--accum-steps", accum_steps), ("--effective-batch", effective_batch)):
+        if value is not None and value < 1:
+            raise OptionError(f"{option} {value}: must be at least 1")
+    if effective_batch is None:
+        return accum_steps or 1
+    per_micro = batch_size * processes
+    if effective_batch % per_micro:
+        raise OptionError(f"--effective-batch {effective_batch}: not a multiple of --batch-size {batch_size} x "
+                          f"{processes} processes = {per_micro} images per micro-step; change --batch-size "
+                          "or the process count")
+    derived = effective_batch // per_micro
+    if accum_steps is not None and accum_steps != derived:
+        raise OptionError(f"--accum-steps {accum_steps}: --effective-batch {effective_batch} at --batch-size "
+                          f"{batch_size} x {processes} processes needs --accum-steps {derived}; give one of the two")
+    return derived
+
+
+def check_epoch_fits(cfg, processes: int, samples: int, counted_in: str) -> None:
+    """An optimiser step of more images than an epoch has would repeat samples within the
+    step and make the epoch one step long (`cfg`: a PretrainConfig or FinetuneConfig)."""
+    eff = cfg.batch_size * cfg.accum_steps * processes
+    if eff > samples:
+        named = f"--effective-batch {eff}" if cfg.effective_batch else f"--batch-size {cfg.batch_size}"
+        raise OptionError(f"{named}: {eff} images per step (--batch-size {cfg.batch_size} x --accum-steps "
+                          f"{cfg.accum_steps} x {processes} processes) is more than the {samples} samples of an "
+                          f"epoch ({counted_in})")
 
 
 def check_numbers(cfg: PretrainConfig) -> None:
@@ -157,11 +204,12 @@ def check_numbers(cfg: PretrainConfig) -> None:
     for option, value, low, high, low_open in (
             ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
             ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("weight-decay", cfg.weight_decay, 0.0, math.inf, False),
-            ("warmup-epochs", cfg.warmup_epochs, 0.0, cfg.epochs, False), ("mask-ratio", o.mask_ratio, 0.0, 1.0, False),
+            ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False), ("mask-ratio", o.mask_ratio, 0.0, 1.0, False),
             ("focus-temperature", o.focus_temperature, 0.0, math.inf, True),
             ("focus-uniform-mix", o.focus_uniform_mix, 0.0, 1.0, False),
             ("recon-weight", o.recon_weight, 0.0, math.inf, False), ("mimic-weight", o.mimic_weight, 0.0, math.inf, False)):
         number_option(option, value, low, high, low_open=low_open)
+    check_warmup(cfg.warmup_epochs, cfg.epochs)
     if o.mask_ratio >= 1.0:
         raise OptionError(f"--mask-ratio {o.mask_ratio}: must be below 1")
     if o.recon_weight == 0 and o.mimic_weight == 0:
@@ -209,8 +257,10 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     check_options(cfg)  # before anything is built, read or written
     cuda = torch.cuda.is_available()
     # cpu=True without CUDA: accelerate then sets up multi-process runs with gloo on CPU
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", gradient_accumulation_steps=cfg.accum_steps,
-                              cpu=not cuda)
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    cfg = replace(cfg, accum_steps=resolve_accum_steps(cfg.batch_size, cfg.accum_steps, cfg.effective_batch,
+                                                       accelerator.num_processes))
+    accelerator.gradient_accumulation_steps = cfg.accum_steps  # known once the process count is
     torch.manual_seed(cfg.seed)
     urls = expand_urls(cfg.shards)
     caches = open_targets(cfg.feature_cache, cfg.target) if cfg.feature_cache else []
@@ -244,6 +294,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     eff_batch = cfg.batch_size * cfg.accum_steps * accelerator.num_processes
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     samples = cfg.samples_per_epoch or count_samples(urls, cache)
+    check_epoch_fits(cfg, accelerator.num_processes, samples, "samples_per_epoch" if cfg.samples_per_epoch else
+                     "counted in --feature-cache" if cache else "counted in --shards")
     steps_per_epoch = max(1, (math.ceil if cfg.data_split == "shards" else math.floor)(samples / eff_batch))
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
