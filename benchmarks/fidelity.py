@@ -17,9 +17,13 @@ Needs scikit-learn for its bundled digits set: `.venv/bin/pip install scikit-lea
 4. Students (`mrmae_vit_tiny_patch16`, small decoder), one budget for all: plain MAE (no
    cache), MR-MAE random masking, MR-MAE focused masking, mimic-only (L_R weight 0), per
    seed (the seed sets the init, the sample order, which cached view, the masks).
-5. Frozen features (MAE's eval transform, the [CLS] token and the mean patch token, after
-   the final norm), then the package's linear probe and kNN (train/evaluate.py), trained on
-   the student split, scored on val. References: the untrained students and the teacher.
+5. Frozen features of the encoder `mrmae export` writes and `mrmae eval` probes (MAE's eval
+   transform, the [CLS] token and the mean patch token, after the final norm; a ConvViT has
+   no [CLS]), then the package's linear probe and kNN (train/evaluate.py), trained on the
+   student split, scored on val. References: the untrained students and the teacher.
+6. With --finetune-epochs N, each pretrained student is also fine-tuned end to end for N
+   epochs (`run_finetune`, the paper's recipe at this scale) on the student split and
+   scored on val.
 
 Writes benchmarks/results/fidelity.json (every run) and prints the table last.
 """
@@ -54,15 +58,18 @@ from mrmae.train.engine import StepOptions  # noqa: E402
 from mrmae.train.evaluate import LabelledImages, class_probabilities, topk_accuracy  # noqa: E402
 from mrmae.train.models import create_model  # noqa: E402
 from mrmae.train.pretrain import PretrainConfig, run_pretrain  # noqa: E402
-from mrmae.train.restore import encode_all_tokens, load_student  # noqa: E402
+from mrmae.train.restore import encode_all_tokens  # noqa: E402
 
 STUDENT = "mrmae_vit_tiny_patch16"
 TEACHER_ARCH = "test_vit"  # a timm registry name: the same spec works from the CLI
-VARIANTS: dict[str, tuple[bool, dict]] = {  # name -> (reads the cache, StepOptions)
-    "plain MAE": (False, {}),
-    "MR-MAE random": (True, {"mask": "random"}),
-    "MR-MAE focused": (True, {"mask": "focused"}),
-    "mimic-only": (True, {"mask": "random", "recon_weight": 0.0, "mimic_weight": 1.0}),
+VARIANTS: dict[str, tuple[bool, dict, dict]] = {  # name -> (reads the cache, StepOptions, PretrainConfig fields)
+    "plain MAE": (False, {}, {}),
+    "MR-MAE random": (True, {"mask": "random"}, {}),
+    "MR-MAE focused": (True, {"mask": "focused"}, {}),
+    "mimic-only": (True, {"mask": "random", "recon_weight": 0.0, "mimic_weight": 1.0}, {}),
+    # the paper's main model (table 3, last row) at tiny size: masked conv stages, focused, fused
+    "MR-MAE ConvViT focused+fused": (True, {"mask": "focused"},
+                                     {"model": "mrmae_convvit_tiny", "fuse_layers": (4, 8, 11)}),
 }
 METRICS = ("linear-probe/mean", "linear-probe/cls", "knn/mean", "knn/cls")
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # normalised pixels [B,3,224,224] -> tokens [B,1+N,D]
@@ -177,15 +184,68 @@ def probe(encode: Encoder, train: tuple[torch.Tensor, torch.Tensor], val: tuple[
     feats = []
     for pixels, _ in (train, val):  # as evaluate.extract_features, both pools from one pass
         tokens = torch.cat([encode(pixels[i:i + 64]) for i in range(0, len(pixels), 64)])
-        feats.append({"cls": tokens[:, 0].float(), "mean": tokens[:, 1:].mean(1).float()})
+        k = tokens.shape[1] - 196  # prefix tokens: 1 [CLS] for the ViT, none for the ConvViT (224 px, 14 x 14)
+        feats.append({"cls": tokens[:, 0].float() if k else None, "mean": tokens[:, k:].mean(1).float()})
     out = {}
     for m in METRICS:
         proto, feat = m.split("/")
+        if feats[0][feat] is None:
+            out[m] = None
+            continue
         with torch.enable_grad():  # the probe trains
             p = class_probabilities(proto, feats[0][feat], train[1], feats[1][feat], 10, epochs=probe_epochs,
                                     lr=0.1, seed=0)
         out[m] = topk_accuracy(p, val[1], (1,))[0]
     return out
+
+
+def _mean_std(values: list) -> tuple[float, float] | None:
+    """(mean, sample std) of the measured values; None when none was measured (n/a)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def pretrain_and_score(variant: str, seed: int, a: argparse.Namespace, root: Path, shards: dict, cache: str,
+                       train_px: tuple, val_px: tuple) -> dict:
+    """Pretrain one variant with one seed, probe its exported encoder, fine-tune it (--finetune-epochs)."""
+    from mrmae.train.export import read_encoder
+
+    cached, opts, fields = VARIANTS[variant]
+    out = root / "runs" / f"{variant.replace(' ', '_').replace('+', '_')}-s{seed}"
+    cfg = PretrainConfig(shards=shards["student"], out=str(out), model=fields.get("model", STUDENT),
+                         fuse_layers=fields.get("fuse_layers", ()), feature_cache=cache if cached else None,
+                         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, warmup_epochs=a.warmup_epochs,
+                         decoder_dim=a.decoder_dim, decoder_depth=a.decoder_depth, views_per_image=a.views,
+                         seed=seed, progress=False, step_options=StepOptions(seed=seed, **opts))
+    t = time.time()
+    res = run_pretrain(cfg)
+    train_s = time.time() - t
+    last = json.loads(Path(res["metrics"]).read_text().splitlines()[-1])
+    encoder = read_encoder(res["checkpoint"]).load()  # what `mrmae export` writes and `mrmae eval` probes
+    row = {"variant": variant, "seed": seed, "steps": res["steps"], "pretrain_s": round(train_s, 1),
+           **{k: last.get(k) for k in ("loss", "loss_recon", "loss_mimic")},
+           **probe(encoder.forward_features, train_px, val_px, a.probe_epochs), "finetune": None}
+    if a.finetune_epochs:
+        row["finetune"], row["finetune_s"] = finetune_top1(res["checkpoint"], out, seed, a, shards)
+    return row
+
+
+def finetune_top1(checkpoint: str, run: Path, seed: int, a: argparse.Namespace, shards: dict) -> tuple[float, float]:
+    """Val top-1 (%) after --finetune-epochs of the paper's fine-tuning recipe (layer decay 0.6,
+    drop path 0.2 with Mixup/CutMix/RandAugment off: 445 images), and the seconds it took."""
+    from mrmae.train.finetune import FinetuneConfig, run_finetune
+
+    cfg = FinetuneConfig(checkpoint=checkpoint, train_shards="::".join(shards["student"]),
+                         val_shards="::".join(shards["val"]), out=str(run.with_name(run.name + "-ft")),
+                         num_classes=10, epochs=a.finetune_epochs, batch_size=a.batch_size, lr=a.lr,
+                         warmup_epochs=min(1.0, a.finetune_epochs / 4), mixup=0.0, cutmix=0.0, smoothing=0.1,
+                         augment="light", seed=seed, progress=False)
+    t = time.time()
+    res = run_finetune(cfg)
+    evals = [json.loads(ln) for ln in Path(res["metrics"]).read_text().splitlines() if '"top1"' in ln]
+    return evals[-1]["top1"], round(time.time() - t, 1)
 
 
 def main() -> None:
@@ -205,6 +265,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--probe-epochs", type=int, default=100)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune each student N epochs (0: no)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; with a test suite on the other core, 2 threads ran 1.4-8x slower than 1")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/fidelity.json)")
@@ -243,41 +304,30 @@ def main() -> None:
     for seed in seeds:  # the floor: the same student, untrained
         torch.manual_seed(seed)
         m = create_model(STUDENT, decoder_embed_dim=a.decoder_dim, decoder_depth=a.decoder_depth).eval()
-        rows.append({"variant": "untrained student", "seed": seed,
+        rows.append({"variant": "untrained student", "seed": seed, "finetune": None,
                      **probe(lambda x: encode_all_tokens(m, x), train_px, val_px, a.probe_epochs)})
         log(f"untrained seed {seed}: {rows[-1]}")
 
     for variant in variants:
-        cached, opts = VARIANTS[variant]
         for seed in seeds:
-            cfg = PretrainConfig(shards=shards["student"], out=str(root / "runs" / f"{variant.replace(' ', '_')}-s{seed}"),
-                                 model=STUDENT, feature_cache=cache if cached else None, epochs=a.epochs,
-                                 batch_size=a.batch_size, lr=a.lr, warmup_epochs=a.warmup_epochs,
-                                 decoder_dim=a.decoder_dim, decoder_depth=a.decoder_depth, views_per_image=a.views,
-                                 seed=seed, progress=False, step_options=StepOptions(seed=seed, **opts))
-            t = time.time()
-            res = run_pretrain(cfg)
-            train_s = time.time() - t
-            last = json.loads(Path(res["metrics"]).read_text().splitlines()[-1])
-            model = load_student(res["checkpoint"]).model
-            r = probe(lambda x: encode_all_tokens(model, x), train_px, val_px, a.probe_epochs)
-            rows.append({"variant": variant, "seed": seed, "steps": res["steps"], "pretrain_s": round(train_s, 1),
-                         **{k: last.get(k) for k in ("loss", "loss_recon", "loss_mimic")}, **r})
-            log(f"{variant} seed {seed}: {res['steps']} steps in {train_s:.0f}s, last loss {last['loss']:.4f}; {r}")
+            rows.append(pretrain_and_score(variant, seed, a, root, shards, cache, train_px, val_px))
+            log(f"{variant} seed {seed}: {rows[-1]}")
 
+    columns = (*METRICS, "finetune")
     summary, table_rows = {}, []
     for variant in ["untrained student"] + variants:
         runs = [r for r in rows if r["variant"] == variant]
-        stats = {m: (statistics.mean(r[m] for r in runs), statistics.stdev(r[m] for r in runs) if len(runs) > 1
-                     else 0.0) for m in METRICS}
-        summary[variant] = {m: {"mean": mu, "std": sd} for m, (mu, sd) in stats.items()}
-        table_rows.append([variant, len(runs)] + [f"{mu:.1f} ± {sd:.1f}" for mu, sd in stats.values()])
-    table_rows.append(["teacher (frozen, reference)", 1] + [f"{ref_teacher[m]:.1f}" for m in METRICS])
+        stats = {m: _mean_std([r[m] for r in runs]) for m in columns}
+        summary[variant] = {m: None if st is None else {"mean": st[0], "std": st[1]} for m, st in stats.items()}
+        table_rows.append([variant, len(runs)] + ["n/a" if st is None else f"{st[0]:.1f} ± {st[1]:.1f}"
+                                                  for st in stats.values()])
+    table_rows.append(["teacher (frozen, reference)", 1] + [f"{ref_teacher[m]:.1f}" for m in METRICS] + ["n/a"])
     payload = {"machine": facts, "args": vars(a), "splits": sizes, "extract_s": round(extract_s, 1),
                "teacher": {"arch": TEACHER_ARCH, "head_val_top1": teacher_acc, "frozen_features": ref_teacher},
                "runs": rows, "summary": summary, "wall_s": round(time.time() - T0, 1)}
     log(f"wrote {write_json('fidelity', payload, a.out)}")
-    print(table(["variant", "seeds"] + [f"{m} top-1 %" for m in METRICS], table_rows))
+    print(table(["variant", "seeds"] + [f"{m} top-1 %" for m in METRICS]
+                + [f"fine-tuned {a.finetune_epochs} ep top-1 %"], table_rows))
     if tmp is not None:
         tmp.cleanup()
 

@@ -278,7 +278,7 @@ def test_pretrain_plain_mae_through_main(demo_shards, tmp_path):
     assert not isinstance(fresh, MRMAE) and "fuse1.weight" in state
 
 
-def test_pretrain_from_a_cache_with_focused_masking_and_fusion(demo_shards, tmp_path):
+def test_paper_model_end_to_end_cache_focused_fused_pretrain_export_knn_finetune(demo_shards, tmp_path):
     from mrmae.extract.runner import ExtractConfig, run_extraction
     from mrmae.shared.views import ViewConfig
 
@@ -296,3 +296,32 @@ def test_pretrain_from_a_cache_with_focused_masking_and_fusion(demo_shards, tmp_
         assert row["loss"] == pytest.approx(0.5 * row["loss_recon"] + 0.5 * row["loss_mimic"], rel=1e-5)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["fuse_layers"] == [4, 8, 11] and cfg["teacher_dim"] == 192
+
+    # ... and on to the end, as issue 13 asks of the paper's main model: export, plain timm
+    # with the students' preprocessing, kNN from the export, one epoch of fine-tuning.
+    import timm
+
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(out), "--out", str(tmp_path / "enc.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "mrmae: note: pretraining fused the stage-1/2 maps and blocks 4,8,11" in r.stderr
+    call = next(ln for ln in r.stdout.splitlines() if ln.startswith("load with: ")).split("model = ", 1)[1]
+    model = eval(call, {"timm": timm})  # the printed call, as printed
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert (data_cfg["mean"], data_cfg["std"]) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 192)  # a backbone: num_classes 0
+
+    knn = ["eval", "knn", "--checkpoint", str(tmp_path / "enc.safetensors"), "--train-shards", str(demo_shards[1]),
+           "--val-shards", str(demo_shards[2]), "--k", "3", "--results", str(tmp_path / "eval.jsonl")]
+    r = CliRunner().invoke(cli, knn)
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "eval.jsonl").read_text())
+    assert (rec["feature"], rec["n_train"], rec["n_val"]) == ("mean", 6, 6) and 0 <= rec["top1"] <= 100
+
+    ft = ["finetune", "--checkpoint", str(tmp_path / "enc.safetensors"), "--train-shards", str(demo_shards[1]),
+          "--val-shards", str(demo_shards[2]), "--out", str(tmp_path / "ft"), "--num-classes", "16", "--epochs", "1",
+          "--batch-size", "2", "--warmup-epochs", "0", "--workers", "0", "--no-progress"]
+    r = CliRunner().invoke(cli, ft)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    evals = [m for m in metrics(tmp_path / "ft") if "top1" in m]
+    assert len(evals) == 1 and evals[0]["n_val"] == 6
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["timm_model"] == "mrmae_convvit_tiny"
