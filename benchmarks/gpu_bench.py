@@ -8,7 +8,7 @@ One process, one card, one run, so every ratio compares figures measured side by
 - render_workers / render_device: the extraction's input side alone (tar reading, view
   rendering in the DataLoader workers; + nvjpeg decode and device rendering), no teacher;
 - render_one_by_one / render_exact: the device renderers alone on one batch of decoded
-  images (torchvision per view vs extract/batch_render.py's batched exact matmuls);
+  images (torchvision per view vs shared/batch_render.py's batched exact matmuls);
 - extraction: `run_extraction` end to end with --device cuda (read tar, decode, render,
   teacher, int8 quantise, compress, write Zarr) over demo shards of ImageNet-sized JPEGs
   (~200-600 px a side, `mrmae.demo.write_demo_shards`) after one warm-up shard;
@@ -196,10 +196,10 @@ def bench_render(shards: list[Path], s: Settings, on_device: bool = False) -> di
 
 def bench_render_kernels(shards: list[Path], s: Settings) -> dict:
     """The device renderers alone on one teacher batch of views, images decoded on the device
-    beforehand: torchvision view by view (the old path) vs extract/batch_render.render_exact
+    beforehand: torchvision view by view (the old path) vs shared/batch_render.render_exact
     (batched integer-exact matmuls, the path now), timed on the same views; and the share
     of each one's pixels that differ from the CPU render (exact: 0 by construction)."""
-    from mrmae.extract.batch_render import render_exact, render_one_by_one
+    from mrmae.shared.batch_render import render_exact, render_one_by_one
     from mrmae.extract.device_decode import decode_batch
     from mrmae.shared.shards import read_shard
 

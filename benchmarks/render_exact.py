@@ -2,8 +2,8 @@
 
 Demo JPEGs (ImageNet-sized, `make_shards`) decoded once onto --device, two extraction
 views each; then, alternating per repetition, views/s of
-- one_by_one: torchvision's resized_crop view by view (extract/batch_render.render_one_by_one),
-- exact: the batched integer-exact matmuls (extract/batch_render.render_exact),
+- one_by_one: torchvision's resized_crop view by view (shared/batch_render.render_one_by_one),
+- exact: the batched integer-exact matmuls (shared/batch_render.render_exact),
 and whether each equals the CPU reference render pixel for pixel.
 
     .venv/bin/python benchmarks/render_exact.py                  # CPU, ~30 s on 2 cores
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
-    from mrmae.extract.batch_render import render_exact, render_one_by_one
+    from mrmae.shared.batch_render import render_exact, render_one_by_one
     from mrmae.shared.shards import read_shard
     from mrmae.shared.views import decode_image
 

@@ -4,7 +4,7 @@ On a GPU one CPU core decodes and crops ~400 ImageNet JPEGs a second while the t
 runs ~8,700 views a second (../shared/reference/ANCHORS.md): the CPU is the bottleneck.
 With this path the DataLoader workers only read each image's header (its size, to draw
 the views) and the main process decodes a whole teacher batch at once with
-`torchvision.io.decode_jpeg(..., device="cuda")` (nvjpeg); extract/batch_render.py then
+`torchvision.io.decode_jpeg(..., device="cuda")` (nvjpeg); shared/batch_render.py then
 crops, resizes and flips on the device, pixel for pixel as the CPU would.
 
 nvjpeg does not give PIL's pixels (up to 64 levels apart on a pixel; teacher tokens down

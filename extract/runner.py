@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from mrmae import __version__
-from mrmae.extract.batch_render import render_batch
+from mrmae.shared.batch_render import render_batch
 from mrmae.extract.device_decode import decode_batch
 from mrmae.extract.mapper import RenderedSample, RenderLoader
 from mrmae.extract.pca_fit import ensure_pca_basis

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrmae.extract import batch_render
-from mrmae.extract.batch_render import pass_weights, render_batch, render_exact
+from mrmae.shared import batch_render
+from mrmae.shared.batch_render import pass_weights, render_batch, render_exact
 from mrmae.shared.shards import read_shard
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view_uint8, sample_views
 

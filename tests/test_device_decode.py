@@ -13,7 +13,7 @@ from conftest import DINO_TINY
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.batch_render import render_batch
+from mrmae.shared.batch_render import render_batch
 from mrmae.extract.device_decode import decode_batch, image_size
 from mrmae.shared.shards import read_shard
 from mrmae.extract.runner import ExtractConfig, run_extraction
