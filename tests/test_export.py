@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from _tiny_student import save_tiny_student
+from _tiny_student import save_tiny_convvit, save_tiny_student
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mrmae.cli import cli
-from mrmae.train.checkpoint import TrainState, save_checkpoint
 from mrmae.train.models import create_model
 from mrmae.train.restore import encode_all_tokens, load_student
 
@@ -37,18 +36,6 @@ def _printed_model(stdout: str) -> torch.nn.Module:
     line = next(ln for ln in stdout.splitlines() if ln.startswith("load with: "))
     call = line.split("model = ", 1)[1]
     return eval(call, {"timm": timm}).eval()  # our own output, in a test
-
-
-def _save_convvit(out: Path, fuse_layers: tuple[int, ...] = ()) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_model("mrmae_convvit_tiny", teacher_dim=192, decoder_embed_dim=64, decoder_depth=1,
-                         fuse_layers=fuse_layers)
-    with torch.no_grad():  # every weight away from its init, so a wrong or missing tensor shows
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    save_checkpoint(out, model, torch.optim.AdamW(model.parameters()), TrainState(epoch=1, step=1))
-    (out / "config.json").write_text(json.dumps({"model": "mrmae_convvit_tiny", "fuse_layers": list(fuse_layers)}))
-    return model.eval()
 
 
 def test_vit_export_loads_by_the_printed_call_with_the_students_preprocessing(tmp_path, monkeypatch):
@@ -98,7 +85,7 @@ def test_fused_vit_exports_its_last_block_and_says_so(tmp_path):
 
 
 def test_convvit_export_is_the_students_backbone_in_timm(tmp_path):
-    student = _save_convvit(tmp_path / "run", fuse_layers=(4, 8, 11))
+    student = save_tiny_convvit(tmp_path / "run", fuse_layers=(4, 8, 11))
     out = tmp_path / "conv.safetensors"
     stdout, stderr = _export(tmp_path / "run", out)
     assert "timm model: mrmae_convvit_tiny" in stdout and "the stage-1/2 maps and blocks 4,8,11" in stderr
@@ -122,7 +109,7 @@ def test_convvit_export_is_the_students_backbone_in_timm(tmp_path):
 
 def test_import_mrmae_registers_the_models_for_plain_timm(tmp_path):
     """In a fresh interpreter, `import mrmae` before timm (the hook) loads an export strictly."""
-    _save_convvit(tmp_path / "run")
+    save_tiny_convvit(tmp_path / "run")
     out = tmp_path / "conv.safetensors"
     _export(tmp_path / "run", out)
     code = ("import mrmae, timm, torch\n"

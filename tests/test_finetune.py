@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_student import NAME, save_tiny_student
+from _tiny_student import NAME, save_tiny_convvit, save_tiny_student
 from click.testing import CliRunner
 from conftest import url_list
 from safetensors.torch import load_file, save_file
@@ -145,17 +145,9 @@ def test_unusable_students_and_options_are_refused_in_one_line(student, demo_sha
     assert ">= --num-classes 1" in line
 
 
-def save_small_convvit(out: Path, fuse_layers: tuple[int, ...] = (4, 8, 11), seed: int = 0):
+def save_small_convvit(out: Path, fuse_layers: tuple[int, ...] = (4, 8, 11)):
     """A tiny ConvViT student at 64 px with --fuse-layers, saved as a pretrain run saves it."""
-    torch.manual_seed(seed)
-    model = create_model("mrmae_convvit_tiny", img_size=64, teacher_dim=192, decoder_embed_dim=64, decoder_depth=1,
-                         fuse_layers=fuse_layers)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    save_checkpoint(out, model, torch.optim.AdamW(model.parameters()), TrainState(epoch=1, step=1))
-    (out / "config.json").write_text(json.dumps({"model": "mrmae_convvit_tiny", "fuse_layers": list(fuse_layers)}))
-    return model.eval()
+    return save_tiny_convvit(out, fuse_layers, img_size=64)
 
 
 def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, tmp_path):
