@@ -168,11 +168,14 @@ def _number(low: float, high: float = float("inf"), low_open: bool = False):
 @click.option("--decode-on-device", is_flag=True,
               help="Decode JPEGs (nvjpeg on CUDA) and render views on --device; workers only read headers. "
                    "Training then needs --store-pixels / --pixels-from-cache (other decoder than PIL).")
+@click.option("--render-on-device/--no-render-on-device", default=None,
+              help="Workers only decode (PIL) and --device renders the views, pixel for pixel as the workers "
+                   "would: the same cache.  [default: on when --device is CUDA]")
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
 @click.option("--no-progress", is_flag=True)
 def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, int8_group, cache_format, batch_size, seed,
-                     device, workers, layers, image_size, store_pixels, decode_on_device, pca_rank, pca_fit_views, strict,
-                     no_progress) -> None:
+                     device, workers, layers, image_size, store_pixels, decode_on_device, render_on_device, pca_rank,
+                     pca_fit_views, strict, no_progress) -> None:
     """Run TEACHER once over --views augmented views of each image and cache its targets.
 
     With --add-teacher SPEC instead, run SPEC over the views already in the cache --out (its
@@ -200,7 +203,7 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
         batch_size=batch_size, device=device, workers=workers, layers=layers,
         strict=strict, views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size),
         progress=not no_progress, views_from=out if add_teacher else None, store_pixels=store_pixels,
-        decode_on_device=decode_on_device,
+        decode_on_device=decode_on_device, render_on_device=render_on_device,
         pca=pca_rank, **({"pca_fit_views": pca_fit_views} if pca_fit_views is not None else {}),
     )
     s = run_extraction(cfg)

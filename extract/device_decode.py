@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from mrmae.shared.views import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
+from mrmae.shared.views import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, decoder_error
 
 DECODERS = ("pil", "nvjpeg")
 
@@ -35,7 +35,7 @@ def image_size(data: bytes) -> tuple[int, int]:
             width, height = im.size
             kind = im.format
     except Exception as e:  # PIL raises many types
-        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+        raise ImageDecodeError(decoder_error(e)) from e
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageDecodeError(f"image of {width}x{height} px exceeds {MAX_IMAGE_PIXELS} px")
     if kind is None:

@@ -5,8 +5,11 @@ complete is skipped; any other is rewritten whole. Stream shapes through one sha
 
     RawSample (bytes)              reader, on a thread one shard ahead (`_read_ahead`)
     RenderedSample (K uint8 views) mapper, DataLoader workers started once per run
-                                   (`RenderLoader`), 8 samples a task, tar order kept
+                                   (`RenderLoader`), 8 samples a task, tar order kept;
+                                   --render-on-device: the PIL-decoded image [3, H, W] and
+                                   K view boxes instead of the views
     [B, 3, S, S] uint8 -> float    teacher batches of exactly `batch_size` views, on the device
+                                   (--render-on-device: rendered there, `_device_views`)
     int8 [B, L, C] + scales ...    stored form made on the device (--pca K: [B, L, K] first),
                                    copied to the host without blocking (`_device_batch`)
     rows                           shard writer on a write-behind thread (`_WriteBehind`;
@@ -69,9 +72,20 @@ class ExtractConfig:
     progress: bool = True
     views_from: str | None = None  # add a teacher: replay this cache's views (out = its targets/<name>)
     decode_on_device: bool = False  # decode (nvjpeg on CUDA) and render on `device` (extract/device_decode.py)
+    # workers decode with PIL, `device` renders (batch_render: the same pixels, the same cache);
+    # None: on when `device` is CUDA (and not decode_on_device). See `renders_on_device`.
+    render_on_device: bool | None = None
     store_pixels: str | None = None  # also store each view at the student's size, in this codec (views.PIXEL_CODECS)
     pca: int | None = None  # store K PCA coefficients per token instead of the C-wide features
     pca_fit_views: int = 2048  # the basis is fitted on the first N views in input order
+
+    @property
+    def renders_on_device(self) -> bool:
+        """Whether the main process renders PIL-decoded images on `device` (render_on_device,
+        by default on CUDA only: on a CPU the workers' render is the same work, in parallel)."""
+        if self.render_on_device is None:
+            return torch.device(self.device).type == "cuda" and not self.decode_on_device
+        return self.render_on_device
 
 
 def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> cf.Manifest:
@@ -103,9 +117,12 @@ class _Batcher:
         self.items: list[tuple[str, int, np.ndarray, bool, torch.Tensor, bytes | None, bytes | None]] = []
 
     def add(self, s: RenderedSample) -> None:
-        for v in range(len(s.crops)):  # item 6: the undecoded image, with --decode-on-device
+        # item 6, the image the device renders from: bytes (--decode-on-device), or the
+        # decoded uint8 [3, H, W] (--render-on-device); a batch holds <= size / K + 1 of them
+        image = s.decoded if s.decoded is not None else s.image
+        for v in range(len(s.crops)):
             self.items.append((s.key, v, s.crops[v], bool(s.flips[v]), s.pixels[v],
-                               s.encoded[v] if s.encoded is not None else None, s.image))
+                               s.encoded[v] if s.encoded is not None else None, image))
 
     def take(self, final: bool = False):
         while len(self.items) >= self.size or (final and self.items):
@@ -171,9 +188,11 @@ def _report_repeats(url: str, skipped: list[dict], strict: bool) -> None:
 
 
 def render_loader(cfg: ExtractConfig, input_size: int) -> RenderLoader:
-    """The workers that render views for `cfg`, for as many shards as the run has."""
-    codec = None if cfg.decode_on_device else cfg.store_pixels  # on the device path _write_batch encodes
-    return RenderLoader(cfg.views, input_size, cfg.workers, codec, cfg.decode_on_device)
+    """The workers that render views for `cfg` (or only decode them, or read headers: the
+    device renders), for as many shards as the run has."""
+    work = "header" if cfg.decode_on_device else "decode" if cfg.renders_on_device else "render"
+    codec = cfg.store_pixels if work == "render" else None  # on the device paths _write_batch encodes
+    return RenderLoader(cfg.views, input_size, cfg.workers, codec, work)
 
 
 def _teacher_batches(unique: list[RawSample], loader: RenderLoader, cfg: ExtractConfig,
@@ -299,25 +318,57 @@ class _WriteBehind:
 
 
 def _device_views(batch: list, sizes: tuple[int, ...], device: str) -> list[torch.Tensor]:
-    """--decode-on-device: the batch's images decoded once each on `device`, its views
-    rendered there at each size -> [uint8 [B, 3, size, size] per size]."""
-    keys = list(dict.fromkeys(item[0] for item in batch))
+    """The batch's views rendered on `device` at each size -> [uint8 [B, 3, size, size] per
+    size], from each key's image once: decoded by the workers with PIL (--render-on-device,
+    item 6 a tensor: pixel for pixel the workers' render) or decoded here (--decode-on-device,
+    item 6 the bytes). A size asked twice is rendered once."""
+    first: dict[str, torch.Tensor | bytes] = {}
+    for item in batch:
+        first.setdefault(item[0], item[6])
+    keys, images = list(first), list(first.values())
+    if isinstance(images[0], torch.Tensor):
+        on_device = dict(zip(keys, _images_to(images, device)))
+    else:
+        on_device = _decoded_on_device(keys, images, device)
+    views = [View(*(int(c) for c in item[2]), flip=item[3]) for item in batch]
+    per_view = [on_device[item[0]] for item in batch]
+    rendered = {size: render_batch(per_view, views, size) for size in dict.fromkeys(sizes)}
+    return [rendered[size] for size in sizes]
+
+
+def _images_to(images: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    """Decoded images, uint8 [3, H, W] as decode_image lays them out ([H, W, 3] in memory),
+    onto `device` in one copy that does not wait for the teacher running there (a pinned
+    staging buffer, non-blocking: from pageable memory CUDA would first wait for the stream);
+    on the CPU, the images themselves."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return images
+    hwc = [im.permute(1, 2, 0) for im in images]
+    flat = torch.empty(sum(h.numel() for h in hwc), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    torch.cat([h.reshape(-1) for h in hwc], out=flat)
+    moved, out, start = flat.to(device, non_blocking=True), [], 0
+    for h in hwc:
+        out.append(moved[start:start + h.numel()].view(h.shape).permute(2, 0, 1))
+        start += h.numel()
+    return out
+
+
+def _decoded_on_device(keys: list[str], images: list[bytes], device: str) -> dict[str, torch.Tensor]:
+    """--decode-on-device: key -> its image decoded on `device` (nvjpeg on CUDA), uint8 [3, H, W]."""
     try:
-        decoded = dict(zip(keys, decode_batch([next(i[6] for i in batch if i[0] == k) for k in keys], device)))
+        return dict(zip(keys, decode_batch(images, device)))
     except ImageDecodeError as e:
         index = int(str(e).split()[1]) if str(e).startswith("image ") else 0
         raise SkippedSampleError(f"key {keys[index]}: undecodable image on the device path ({e}); extract "
                                  "without --decode-on-device to skip and record such samples") from e
-    views = [View(*(int(c) for c in item[2]), flip=item[3]) for item in batch]
-    images = [decoded[item[0]] for item in batch]
-    return [render_batch(images, views, size) for size in sizes]
 
 
 def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, layers: tuple[int, ...],
              x: torch.Tensor | None = None) -> TeacherOutput:
     """The teacher's outputs for one batch of rendered views (or `x`, those views already
     rendered on the device), on `cfg.device`."""
-    if x is None and cfg.decode_on_device:
+    if x is None and (cfg.decode_on_device or cfg.renders_on_device):
         x = _device_views(batch, (teacher.input_size,), cfg.device)[0]
     elif x is None:
         x = torch.stack([item[4] for item in batch]).to(cfg.device, non_blocking=True)
@@ -349,7 +400,7 @@ def _device_batch(batch: list, teacher: Teacher, cfg: ExtractConfig,
     (PCA projection, int8 quantisation, float16) and sent to the host without waiting."""
     keys, views, crops, flips, _, encoded, _ = zip(*batch)
     x = student = None
-    if cfg.decode_on_device and cfg.store_pixels:  # decoded once, rendered for the teacher and the student
+    if (cfg.decode_on_device or cfg.renders_on_device) and cfg.store_pixels:  # for the teacher and the student
         x, student = _device_views(batch, (teacher.input_size, cfg.views.output_size), cfg.device)
     out = _forward(batch, teacher, cfg, cfg.layers, x)
     host = lambda t: t.to("cpu", non_blocking=True)  # noqa: E731
@@ -486,6 +537,9 @@ def check_options(cfg: ExtractConfig) -> None:
             raise OptionError(f"{option} {value}: must be at least {least}")
     if any(i < 1 for i in cfg.layers):
         raise OptionError(f"--layers {','.join(map(str, cfg.layers))}: blocks are numbered from 1")
+    if cfg.decode_on_device and cfg.render_on_device is not None:
+        option = "--render-on-device" if cfg.render_on_device else "--no-render-on-device"
+        raise OptionError(f"{option}: not with --decode-on-device, which decodes and renders on the device itself")
 
 
 def check_shard_list(urls: list[str], given: str | list[str]) -> None:

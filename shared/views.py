@@ -13,6 +13,7 @@ import functools
 import hashlib
 import io
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -133,8 +134,15 @@ def decode_image(data: bytes) -> torch.Tensor:
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+        raise ImageDecodeError(decoder_error(e)) from e
     return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def decoder_error(e: Exception) -> str:
+    """`Type: message` of a decoder's exception, less the object address PIL puts in some
+    (`cannot identify image file <_io.BytesIO object at 0x7f...>`): the reason a sample was
+    skipped is recorded in the cache's shard entry, whose bytes must not depend on the run."""
+    return f"{type(e).__name__}: {re.sub(r' ?<[^<>]* at 0x[0-9a-fA-F]+>', '', str(e))}"
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
