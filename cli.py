@@ -152,7 +152,7 @@ def _number(low: float, high: float = float("inf"), low_open: bool = False):
 @click.option("--seed", default=0, show_default=True, help="Global view seed.")
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="DataLoader workers that decode and render.")
+              help="DataLoader workers that decode (and render, without --render-on-device).")
 @click.option("--layers", default="", callback=lambda ctx, p, v: _blocks(p, v),
               help="Extra teacher blocks to store, 1-based, e.g. 4,8.")
 @click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,

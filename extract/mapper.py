@@ -4,7 +4,7 @@ Runs in DataLoader workers; which worker handles a sample never matters, because
 view depends only on (seed, key, view index) and the image bytes. What a worker does with
 a sample (`WORK`): "render" decodes it with PIL and renders its views; "decode"
 (`--render-on-device`) decodes it with PIL and draws the views, and the main process
-renders them on the teacher's device (extract/batch_render.py, the same pixels);
+renders them on the teacher's device (shared/batch_render.py, the same pixels);
 "header" (`--decode-on-device`) reads the image header only and draws the views.
 """
 
