@@ -20,6 +20,11 @@ One process, one card, one run, so every ratio compares figures measured side by
   `accelerate launch --dynamo_backend inductor` does to the prepared model);
 - loader_cached / loader_plain: images/s of ONE DataLoader worker: StudentStream joined with
   the cache vs MAE's webdataset + torchvision RandomResizedCrop loader (loader_throughput.py);
+- extraction_e2e_{b16,l14}_k{K} and pretrain_e2e_{plain,cached,live_b16}[_compiled]: the
+  commands as a user runs them on a GPU host, with the real loader and cores - 2 workers
+  (extraction renders on the device, CUDA's default), against the forward-only and
+  step-only rows above; their ratio rows carry issue 14's goals (>= 0.8x, >= 0.9x, and
+  end-to-end cached >= 1.3x live B/16);
 - peak MiB: `torch.cuda.max_memory_allocated` per measurement (reset before each; a live
   mode's teacher weights count, batches waiting in pinned host memory do not).
 
@@ -83,6 +88,9 @@ class Settings:
     distinct_batches: int  # pre-loaded per mode and cycled through (extract_shards x shard_size images suffice)
     threads: int = 0  # torch intra-op threads; 0: torch's default
     anchors: dict[str, float] = field(default_factory=dict)
+    e2e_workers: int = 0  # DataLoader workers of the end-to-end rows (a GPU host: cores - 2)
+    e2e_views: tuple[int, ...] = (2,)  # K of the end-to-end extraction rows
+    e2e_epochs: int = 1  # end-to-end pretraining: passes over the timed shards (each restarts the workers)
 
 
 # The project's H200 figures (ANCHORS.md): images/s, and the ratios they imply.
@@ -92,11 +100,14 @@ H200 = {"teacher_b16": 8698, "teacher_l14": 2308, "pretrain_plain": 3400, "pretr
         "ratio:compiled/eager_cached": 4759 / 3481}
 GPU = Settings("cuda", "mrmae_vit_base_patch16", 512, 8, {"b16": "clip:ViT-B-16", "l14": "clip:ViT-L-14"}, 256,
                warmup=3, steps=20, budget_s=15.0, views=2, shard_size=512, extract_shards=4, extract_workers=14,
-               loader_batch=64, loader_budget_s=5.0, compile_backend="inductor", distinct_batches=2, anchors=H200)
+               loader_batch=64, loader_budget_s=30.0, compile_backend="inductor", distinct_batches=2, anchors=H200,
+               e2e_workers=max(1, (os.cpu_count() or 4) - 2), e2e_views=(4, 10), e2e_epochs=3)
 DRY = Settings("cpu", "mrmae_vit_tiny_patch16", 64, 1, {"b16": "clip:ViT-S-16", "l14": "dino:vit_tiny_patch16_224"}, 2,
                warmup=1, steps=2, budget_s=5.0, views=2, shard_size=2, extract_shards=1, extract_workers=0,
                loader_batch=2, loader_budget_s=1.0, compile_backend="eager", distinct_batches=1,
                threads=1)  # one thread: a smoke run beside other jobs, where spinning OpenMP threads crawl
+# Goals of issue 14 for the end-to-end rows (ratio rows carry them; goals.py-style "met"/"MISSED").
+E2E_GOALS = {"extraction_e2e": 0.8, "pretrain_e2e": 0.9, "e2e_cached/e2e_live_b16": 1.3}
 PRETRAIN_MODES = ("plain", "cached", "live_b16", "live_l14")
 
 
@@ -178,7 +189,8 @@ def bench_render(shards: list[Path], s: Settings, on_device: bool = False) -> di
     from mrmae.shared.views import ViewConfig
 
     cfg = ExtractConfig(shards=[], out="", teacher="", views=ViewConfig(per_image=s.views, seed=0),
-                        batch_size=s.batch, device=s.device, workers=s.extract_workers, decode_on_device=on_device)
+                        batch_size=s.batch, device=s.device, workers=s.extract_workers, decode_on_device=on_device,
+                        render_on_device=None if on_device else False)  # False: the workers render, as measured
     loader = render_loader(cfg, 224)
     sync = torch.cuda.synchronize if s.device.startswith("cuda") else (lambda: None)
     views, t0 = 0, time.perf_counter()
@@ -192,6 +204,56 @@ def bench_render(shards: list[Path], s: Settings, on_device: bool = False) -> di
     how = "image headers, nvjpeg decode + device render" if on_device else "PIL decode + render"
     return {"value": views / seconds, "unit": "views/s", "seconds": seconds,
             "what": f"input side only: read + {how}, {len(shards)} shards, workers {s.extract_workers}"}
+
+
+def bench_extraction_e2e(role: str, views: int, shards: list[Path], tmp: Path, s: Settings, mem: PeakMemory) -> dict:
+    """`mrmae extract-features` as a user runs it on a GPU host: the real loader with cores - 2
+    workers decoding with PIL, views rendered on the device (--render-on-device, CUDA's
+    default), the teacher `role` (b16 | l14), K = `views`, int8 Zarr; views/s of the runner's
+    loop after a warm-up run. Compare with teacher_<role>'s forward-only img/s (goal >= 0.8x)."""
+    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.shared.views import ViewConfig
+
+    def cfg(urls: list[Path], out: str) -> ExtractConfig:
+        return ExtractConfig(shards=[str(u) for u in urls], out=str(tmp / out), teacher=s.teachers[role],
+                             views=ViewConfig(per_image=views, seed=0), batch_size=s.batch, device=s.device,
+                             workers=s.e2e_workers, progress=False)
+
+    run_extraction(cfg(shards[:1], f"e2e-warm-{role}-{views}"))
+    mem.reset()
+    summary = run_extraction(cfg(shards, f"e2e-{role}-{views}"))
+    loop = max(summary["seconds"], 1e-3)
+    return {"value": summary["views"] / loop, "unit": "views/s", "peak_mib": mem.mib(), "loop_s": loop,
+            "what": f"extract-features {s.teachers[role]}, K={views}, workers {s.e2e_workers}, "
+                    f"render on device {cfg(shards, '').renders_on_device}, {summary['views']} views"}
+
+
+def bench_pretrain_e2e(mode: str, s: Settings, urls: list[str], cache_root: Path, tmp: Path,
+                       compile_backend: str | None = None) -> dict:
+    """`mrmae pretrain` as a user runs it: run_pretrain with its own loader (cores - 2 workers),
+    `s.e2e_epochs` passes over the timed shards, images/s per step from its metrics.jsonl
+    (median after the warm-up steps; each epoch's first step waits for the workers to start).
+    Compare with the step-only row of the same mode (goal >= 0.9x)."""
+    import json
+
+    from mrmae.train.engine import StepOptions
+    from mrmae.train.pretrain import PretrainConfig, run_pretrain
+
+    tag = f"{mode}{'_compiled' if compile_backend else ''}"
+    cfg = PretrainConfig(shards="::".join(urls), out=str(tmp / f"e2e-run-{tag}"), model=s.student,
+                         feature_cache=str(cache_root) if mode == "cached" else None,
+                         teacher=s.teachers["b16"] if mode == "live_b16" else None, epochs=s.e2e_epochs,
+                         batch_size=s.batch, decoder_dim=s.decoder_dim, decoder_depth=s.decoder_depth,
+                         views_per_image=s.views, workers=s.e2e_workers, compile=compile_backend, progress=False,
+                         step_options=StepOptions(mask="focused" if mode != "plain" else "random"))
+    t0 = time.perf_counter()
+    result = run_pretrain(cfg)
+    wall = time.perf_counter() - t0
+    rates = [json.loads(line)["images_per_s"] for line in Path(result["metrics"]).read_text().splitlines()]
+    timed = rates[s.warmup:] or rates
+    return {"value": statistics.median(timed), "unit": "img/s", "what": f"mrmae pretrain {tag}, {s.student} "
+            f"B={s.batch}, workers {s.e2e_workers}, {result['steps']} steps", "images_per_s_all_steps": rates,
+            "wall_s": wall, "images_per_s_wall": result["steps"] * s.batch / wall}
 
 
 def bench_render_kernels(shards: list[Path], s: Settings) -> dict:
@@ -294,8 +356,25 @@ def ratio_rows(rows: dict, anchors: dict) -> dict:
              ("memory:cached/plain", m("pretrain_cached"), m("pretrain_plain"), "peak"),
              ("memory:live_b16/plain", m("pretrain_live_b16"), m("pretrain_plain"), "peak"),
              ("memory:live_l14/plain", m("pretrain_live_l14"), m("pretrain_plain"), "peak")]
-    return {name: {"value": a / b, "unit": "x", "what": what, "anchor_h200": anchors.get(name)}
-            for name, a, b, what in specs if a and b}
+    out = {name: {"value": a / b, "unit": "x", "what": what, "anchor_h200": anchors.get(name)}
+           for name, a, b, what in specs if a and b}
+    return {**out, **e2e_ratio_rows(rows)}
+
+
+def e2e_ratio_rows(rows: dict) -> dict:
+    """The end-to-end rows over what bounds them, each with its goal and whether it is met."""
+    def v(key: str) -> float | None:
+        return rows.get(key, {}).get("value")
+
+    specs = [(f"ratio:{k}/teacher_{k.split('_')[2]}", v(k), v(f"teacher_{k.split('_')[2]}"), E2E_GOALS["extraction_e2e"],
+              "end-to-end extraction views/s over forward-only img/s") for k in rows if k.startswith("extraction_e2e_")]
+    specs += [(f"ratio:{k}/{k.replace('_e2e', '')}", v(k), v(k.replace("_e2e", "")), E2E_GOALS["pretrain_e2e"],
+               "end-to-end step img/s (real loader) over step-only img/s") for k in rows if k.startswith("pretrain_e2e_")]
+    specs.append(("ratio:e2e_cached/e2e_live_b16", v("pretrain_e2e_cached"), v("pretrain_e2e_live_b16"),
+                  E2E_GOALS["e2e_cached/e2e_live_b16"], "end-to-end img/s"))
+    return {name: {"value": a / b, "unit": "x", "goal": goal, "met": a / b >= goal,
+                   "what": f"{what} (goal >= {goal}: {'met' if a / b >= goal else 'MISSED'})"}
+            for name, a, b, goal, what in specs if a and b}
 
 
 def main() -> None:
@@ -303,7 +382,7 @@ def main() -> None:
     p.add_argument("--dry", action="store_true", help="CPU, tiny sizes: the same code path in well under a minute")
     p.add_argument("--out", help="JSON path (default results/gpu_bench.json; --dry: a temp file)")
     p.add_argument("--compile", default="cached", help="comma-separated pretrain modes to also run compiled; '' none")
-    p.add_argument("--max-seconds", type=float, default=450, help="skip compiled modes that would start later than "
+    p.add_argument("--max-seconds", type=float, default=540, help="skip compiled modes that would start later than "
                    "this minus --compile-seconds")
     p.add_argument("--compile-seconds", type=float, default=150, help="time to allow one compiled mode")
     p.add_argument("--only", default="", help="comma-separated measurements to run (e.g. teacher_b16,extraction); "
@@ -388,6 +467,10 @@ def main() -> None:
                                     ("plain", "webdataset + torchvision RRC (MAE), 1 worker"))}
 
         attempt("loaders", loaders)
+        for role in ("b16", "l14"):
+            for k in s.e2e_views:
+                attempt(f"extraction_e2e_{role}_k{k}", lambda r=role, k=k: bench_extraction_e2e(r, k, timed_shards, tmp,
+                                                                                              s, mem))
         accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
         for mode in PRETRAIN_MODES:
             attempt(f"pretrain_{mode}", lambda m=mode: bench_pretrain(m, s, urls, tmp / "cache", teachers, accelerator,
@@ -398,6 +481,14 @@ def main() -> None:
                 continue
             attempt(f"pretrain_{mode}_compiled", lambda m=mode: bench_pretrain(
                 m, s, urls, tmp / "cache", teachers, accelerator, mem, compile_backend=s.compile_backend))
+        for mode in ("plain", "cached", "live_b16"):
+            attempt(f"pretrain_e2e_{mode}", lambda m=mode: bench_pretrain_e2e(m, s, urls, tmp / "cache", tmp))
+        for mode in [m for m in args.compile.split(",") if m]:
+            if time.perf_counter() - t_start > args.max_seconds - args.compile_seconds:
+                errors[f"pretrain_e2e_{mode}_compiled"] = "skipped: out of time (see --max-seconds)"
+                continue
+            attempt(f"pretrain_e2e_{mode}_compiled", lambda m=mode: bench_pretrain_e2e(
+                m, s, urls, tmp / "cache", tmp, compile_backend=s.compile_backend))
     path = save(final=True)
     rows.update(ratio_rows(rows, s.anchors))
     total_s = time.perf_counter() - t_start

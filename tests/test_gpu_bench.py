@@ -16,12 +16,17 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
 MEASURED = ("teacher_b16", "teacher_l14", "extraction", "pretrain_plain", "pretrain_cached", "pretrain_live_b16",
-            "pretrain_live_l14", "pretrain_cached_compiled")
+            "pretrain_live_l14", "pretrain_cached_compiled", "extraction_e2e_b16_k2", "extraction_e2e_l14_k2")
+E2E = ("pretrain_e2e_plain", "pretrain_e2e_cached", "pretrain_e2e_live_b16", "pretrain_e2e_cached_compiled",
+       "ratio:extraction_e2e_b16_k2/teacher_b16", "ratio:extraction_e2e_l14_k2/teacher_l14",
+       "ratio:pretrain_e2e_plain/pretrain_plain", "ratio:pretrain_e2e_cached/pretrain_cached",
+       "ratio:pretrain_e2e_live_b16/pretrain_live_b16", "ratio:pretrain_e2e_cached_compiled/pretrain_cached_compiled",
+       "ratio:e2e_cached/e2e_live_b16")
 REQUIRED = MEASURED + ("render_workers", "render_device", "render_exact", "render_one_by_one",
                        "ratio:render_exact/render_one_by_one", "loader_cached", "loader_plain", "ratio:extraction/teacher_b16", "ratio:cached/plain",
                        "ratio:cached/live_b16", "ratio:cached/live_l14", "ratio:compiled/eager_cached",
                        "ratio:loader_cached/plain", "workers_to_feed:cached", "memory:cached/plain",
-                       "memory:live_b16/plain", "memory:live_l14/plain")
+                       "memory:live_b16/plain", "memory:live_l14/plain") + E2E
 
 
 def last_table(stdout: str) -> dict[str, list[str]]:
@@ -54,6 +59,9 @@ def test_gpu_bench_dry(tmp_path):
         assert float(table[name][0]) > 0, name  # the table's value column
     for name in MEASURED:
         assert rows[name]["peak_mib"] > 0, name
+    for name in E2E:  # the end-to-end ratios carry their goal and say whether it is met
+        if name.startswith("ratio:"):
+            assert rows[name]["goal"] in (0.8, 0.9, 1.3) and rows[name]["met"] == (rows[name]["value"] >= rows[name]["goal"])
 
 
 def test_goals_table_reads_every_recorded_figure():
