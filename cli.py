@@ -257,6 +257,10 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
               help="0: at each epoch's end only.")
 @click.option("--pixels-from-cache", is_flag=True,
               help="Read each view's pixels from the cache (extracted with --store-pixels), not from the tars.")
+@click.option("--render-on-device/--no-render-on-device", default=None,
+              help="Loader workers read, decode and fetch targets; the training device renders the views, pixel "
+                   "for pixel as the workers would (the same batches and losses). Default: on with CUDA, off on "
+                   "CPU. Nothing to render with --pixels-from-cache.")
 @click.option("--compile", "compile_backend", type=click.Choice(["inductor", "eager", "aot_eager"]), default=None,
               help="torch.compile the student (inductor: the fast one; a GPU gains most).")
 @click.option("--no-progress", is_flag=True)

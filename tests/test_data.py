@@ -14,8 +14,9 @@ from conftest import DINO_TINY, url_list
 
 from mrmae.extract.runner import ExtractConfig, run_extraction
 from mrmae.shared import cache_format as cf
-from mrmae.shared.views import ViewConfig
-from mrmae.train.data import DataConfig, StudentStream, check_cache_fits, pick_view
+from mrmae.shared.batch_render import render_exact
+from mrmae.shared.views import View, ViewConfig
+from mrmae.train.data import DataConfig, StudentStream, check_cache_fits, pick_view, render_views
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,34 @@ def test_mismatched_cache_is_refused_naming_shard_and_key(demo_shards, tiny_cach
         check_cache_fits(tiny_cache, [str(changed)], 14, 192)
     with pytest.raises(cf.CacheError, match=rf"{changed.name}: key intruder_9 has no rows"):
         _epoch(str(changed), tiny_cache, 0)
+
+
+def _unpacked(batch: dict) -> tuple[list[torch.Tensor], list[View]]:
+    """A render_on_device batch's crops [3, h, w] and their views (the whole crop), by hand."""
+    crops, offset = [], 0
+    for h, w in batch["crop"][:, 2:].tolist():
+        crops.append(batch["crop_pixels"][offset:offset + 3 * h * w].view(h, w, 3).permute(2, 0, 1))
+        offset += 3 * h * w
+    assert offset == len(batch["crop_pixels"])  # nothing else packed in
+    return crops, [View(0, 0, c.shape[1], c.shape[2], flip=bool(f)) for c, f in zip(crops, batch["flip"])]
+
+
+@pytest.mark.parametrize("mode", ["cached", "live", "plain"])
+def test_render_on_device_gives_the_worker_batches_pixel_for_pixel(demo_shards, tiny_cache, mode):
+    urls = url_list(demo_shards)
+    cache, kw = (tiny_cache, {}) if mode == "cached" else (None, {"views_per_image": 3})
+    kw["teacher_size"] = 112 if mode == "live" else 0  # a teacher size of its own: rendered from the same crop
+    today = _epoch(urls, cache, 1, **kw)
+    split = _epoch(urls, cache, 1, workers=1 if mode == "plain" else 0, render_on_device=True, **kw)
+    assert len(today) == len(split) == 5  # 18 samples, batch 4
+    for a, b in zip(today, split):
+        assert "pixels" not in b and "teacher_pixels" not in b and b["crop_pixels"].dtype == torch.uint8
+        rendered = render_views(b, "cpu", 224, kw["teacher_size"])
+        assert rendered.keys() == a.keys() and rendered["keys"] == a["keys"]
+        for k in a.keys() - {"keys"}:  # pixels, teacher pixels, crop, flip, targets, scales, attention
+            assert torch.equal(rendered[k], a[k]), k
+        crops, views = _unpacked(b)
+        assert torch.equal(render_exact(crops, views, 224), a["pixels"])  # CUDA's renderer, run on the CPU
+        if kw["teacher_size"]:
+            assert torch.equal(render_exact(crops, views, 112), a["teacher_pixels"])
+    assert render_views(today[0], "cpu", 224) is today[0]  # rendered in the workers: left as it is

@@ -57,6 +57,27 @@ def test_cached_and_live_modes_give_the_same_losses(demo_shards, cache, tmp_path
         assert key in c[0]
 
 
+@pytest.mark.parametrize("mode", ["cached", "live", "plain"])
+def test_render_on_device_trains_the_same_losses_step_for_step(demo_shards, cache, tmp_path, mode):
+    """The CPU as the device: the step renders the views the workers rendered before, so
+    the same seed gives the very same losses (focused masking: the attention rides along)."""
+    source = {"cached": ["--feature-cache", str(cache), "--mask", "focused"], "live": ["--teacher", DINO_TINY],
+              "plain": []}[mode]
+    # plain: without a flag, the CPU's default (workers render) is the reference
+    reference = [] if mode == "plain" else ["--no-render-on-device"]
+    runs = {}
+    for name, flag in (("device", ["--render-on-device"]), ("workers", reference)):
+        out = tmp_path / name
+        pretrain(["--shards", url_list(demo_shards), *source, "--out", str(out), *TINY, *flag])
+        runs[name] = metrics(out)
+        assert json.loads((out / "config.json").read_text())["render_on_device"] == (name == "device")
+    assert len(runs["device"]) == len(runs["workers"]) == 3
+    for a, b in zip(runs["device"], runs["workers"]):
+        assert [a[k] for k in ("step", "loss", "loss_recon", "loss_mimic", "lr")] == \
+            [b[k] for k in ("step", "loss", "loss_recon", "loss_mimic", "lr")]
+    assert (runs["device"][0]["loss_mimic"] > 0) == (mode != "plain")
+
+
 def test_plain_mae_and_three_ablations_from_one_cache(demo_shards, cache, tmp_path):
     shards = url_list(demo_shards)
     before = sorted(p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file())

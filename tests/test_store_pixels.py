@@ -49,7 +49,8 @@ def test_training_from_the_cache_alone_equals_training_from_the_tars(demo_shards
     copies = [str(shutil.copy(p, tmp_path / p.name)) for p in demo_shards]
     urls = "::".join(copies)
     extract(urls, tmp_path / "c", "zarr", "zstd")
-    base = ["pretrain", "--shards", urls, "--feature-cache", str(tmp_path / "c"), *TINY]
+    # --render-on-device (here the CPU): the tars' run renders in the step; stored views need no render
+    base = ["pretrain", "--shards", urls, "--feature-cache", str(tmp_path / "c"), *TINY, "--render-on-device"]
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "tars")])
     assert r.exit_code == 0, r.output
     for c in copies:  # the tars are gone: only the cache can feed the next run
@@ -58,6 +59,9 @@ def test_training_from_the_cache_alone_equals_training_from_the_tars(demo_shards
     assert r.exit_code == 0, r.output
     read = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     a, b = read("tars"), read("cache-only")
+    rendered = {run: json.loads((tmp_path / run / "config.json").read_text())["render_on_device"]
+                for run in ("tars", "cache-only")}
+    assert rendered == {"tars": True, "cache-only": False}
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         for k in ("loss", "loss_recon", "loss_mimic"):

@@ -9,9 +9,15 @@ Pipeline (webdataset stages; stream shape after each):
                         (pixels_from_cache: {key, stored view bytes, ...} from the cache, row order)
     shuffle             same, sample order mixed in a seeded buffer
     rank_slots          this rank's slots of each global batch   (split="samples" only)
-    render              {key, pixels [3,S,S] uint8, [teacher_pixels], [targets [L,C] int8 + targets_scale [L(,G)]
-                         (float16 caches: targets [L,C] float16)], [attention [L]]}
-    batched             dict of stacked tensors, B samples
+    render              {key, pixels [3,S,S] uint8, [teacher_pixels], crop [4], flip [], [targets [L,C] int8 +
+                         targets_scale [L(,G)] (float16 caches: targets [L,C] float16)], [attention [L]]}
+                        (render_on_device: crop_pixels [h,w,3] uint8, the view's box cut from the decoded
+                         image, in place of pixels and teacher_pixels)
+    batched             dict of stacked tensors, B samples (crop_pixels: the B crops packed flat, [sum 3 h w])
+
+With `render_on_device` the workers stop before resizing: the training step renders the
+batch's views on its device (`render_views`, `shared.batch_render`), pixel for pixel what
+`render_view_uint8` gives in a worker, so batches, masks and losses are the same either way.
 
 Which of the K views a sample shows in an epoch depends on (seed, epoch, key) alone. In
 cached mode the view's crop and flip come from the cache; in live and plain modes they
@@ -32,6 +38,7 @@ import webdataset as wds
 
 from mrmae.shared.shards import ShardReader, TarSample, expand_urls, first_copies, local_file_size
 from mrmae.shared import cache_format as cf
+from mrmae.shared.batch_render import render_batch
 from mrmae.shared.views import (View, ViewConfig, ViewError, check_view, decode_image, decode_view, render_view_uint8,
                                 sample_views)
 
@@ -51,6 +58,7 @@ class DataConfig:
     teacher_size: int = 0  # > 0: also render the view for a live teacher at this size
     split: str = "shards"  # "shards" (scalable) | "samples" (global batches identical at any process count)
     pixels_from_cache: bool = False  # read each view's pixels from the cache (--store-pixels), not the tars
+    render_on_device: bool = False  # workers hand over the view's crop; the step renders it (`render_views`)
 
 
 def pick_view(seed: int, epoch: int, key: str, k: int) -> int:
@@ -190,42 +198,91 @@ class ViewJoiner:
 
 
 def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
-    """Decode and render one joined sample for the student (and a live teacher), uint8.
+    """Decode and render one joined sample for the student (and a live teacher), uint8:
+    pixels [3, S, S] (+ teacher_pixels [3, T, T]), crop [4] (top, left, height, width in
+    source pixels), flip [], and the targets as stored. With `cfg.render_on_device`,
+    crop_pixels [h, w, 3] (the view's box, h x w, cut from the decoded image) instead of
+    pixels and teacher_pixels: `render_views` renders them in the main process.
 
     Normalisation waits for the device (engine.train_one_epoch): a uint8 batch is a quarter
     of a float32 one through the worker queue, pinned memory and the bus.
     """
-    if "stored_view" in sample:  # rendered at extraction: decode only
+    if "stored_view" in sample:  # rendered at extraction: decode only (also with render_on_device)
         view = sample["view"]
-        out = {"key": sample["key"], "pixels": decode_view(sample["stored_view"]),
-               "crop": torch.tensor(view.box), "flip": torch.tensor(view.flip)}
+        out = {"key": sample["key"], "pixels": decode_view(sample["stored_view"])}
     else:
-        image = decode_image(sample["image"])
-        view = sample.get("view") or sample_views(sample["key"], image.shape[1], image.shape[2],
-                                                   view_cfg)[sample["view_index"]]
-        try:
-            check_view(view, image.shape[1], image.shape[2])
-        except ViewError as e:  # a cached box (drawn ones always fit): damage, or another image
-            raise cf.CacheError(f"{sample.get('cache_shard', sample['url'])}: key {sample['key']}: cached {e}; "
-                                "run `mrmae cache verify`") from None
-        out = {"key": sample["key"], "pixels": render_view_uint8(image, view, cfg.img_size),
-               "crop": torch.tensor(view.box), "flip": torch.tensor(view.flip)}
-        if cfg.teacher_size:
-            out["teacher_pixels"] = render_view_uint8(image, view, cfg.teacher_size)
-    if "targets" in sample:  # as stored: int8 [L, C] + float16 scale [L] or [L, G], or float16 [L, C]
-        out["targets"] = torch.from_numpy(np.ascontiguousarray(sample["targets"]))
-        out["attention"] = torch.from_numpy(np.ascontiguousarray(sample["attention"]))
-        for name in sample:  # targets_scale, and targets@j / targets_scale@j of joint teachers
-            if name.startswith(("targets_scale", "targets@")):
-                out[name] = torch.from_numpy(np.ascontiguousarray(sample[name]))
+        image, view = decoded_view(sample, view_cfg)
+        out = {"key": sample["key"]}
+        if cfg.render_on_device:
+            # The crop, not the image: fewer bytes to hand over, and the renderer reads only the box.
+            # HWC, as the decoder laid it out (a plain row copy; render_views restores [3, h, w]).
+            hwc = image.permute(1, 2, 0)[view.top:view.top + view.height, view.left:view.left + view.width]
+            out["crop_pixels"] = hwc.contiguous()
+        else:
+            out["pixels"] = render_view_uint8(image, view, cfg.img_size)
+            if cfg.teacher_size:
+                out["teacher_pixels"] = render_view_uint8(image, view, cfg.teacher_size)
+    out["crop"], out["flip"] = torch.tensor(view.box), torch.tensor(view.flip)
+    out.update(stored_targets(sample))
     return out
 
 
+def decoded_view(sample: dict, view_cfg: ViewConfig) -> tuple[torch.Tensor, View]:
+    """A joined sample's image, decoded (uint8 [3, H, W]), and the view it shows this epoch:
+    the cached one, or drawn as extraction draws them. A cached box outside the image is
+    damage (or another image): one line naming shard and key."""
+    image = decode_image(sample["image"])
+    view = sample.get("view") or sample_views(sample["key"], image.shape[1], image.shape[2],
+                                               view_cfg)[sample["view_index"]]
+    try:
+        check_view(view, image.shape[1], image.shape[2])
+    except ViewError as e:  # a cached box (drawn ones always fit): damage, or another image
+        raise cf.CacheError(f"{sample.get('cache_shard', sample['url'])}: key {sample['key']}: cached {e}; "
+                            "run `mrmae cache verify`") from None
+    return image, view
+
+
+def stored_targets(sample: dict) -> dict:
+    """The cached targets of a joined sample as tensors, as stored: targets int8 [L, C] +
+    targets_scale float16 [L] or [L, G] (or float16 [L, C]), attention [L], and the joint
+    teachers' targets@j / targets_scale@j; {} without a cache."""
+    if "targets" not in sample:
+        return {}
+    names = [n for n in sample if n in ("targets", "attention") or n.startswith(("targets_scale", "targets@"))]
+    return {n: torch.from_numpy(np.ascontiguousarray(sample[n])) for n in names}
+
+
 def collate(samples: list[dict]) -> dict:
+    """B samples -> one batch: each tensor stacked ([B, ...]), keys a list; crop_pixels
+    (crops of different sizes) packed flat, uint8 [sum of 3 h w], in sample order."""
     out = {"keys": [s["key"] for s in samples]}
     for k in samples[0]:
-        if k != "key" and not k.startswith("__"):  # webdataset's map adds __key__
+        if k == "crop_pixels":
+            out[k] = torch.cat([s[k].view(-1) for s in samples])
+        elif k != "key" and not k.startswith("__"):  # webdataset's map adds __key__
             out[k] = torch.stack([s[k] for s in samples])
+    return out
+
+
+def render_views(batch: dict, device: torch.device | str, img_size: int, teacher_size: int = 0) -> dict:
+    """A `render_on_device` batch -> the batch the worker-side render gives, its views
+    rendered on `device` by `shared.batch_render` (bit for bit `render_view_uint8`).
+
+    In: crop_pixels uint8 [sum of 3 h_i w_i] (the B crops [h_i, w_i, 3], packed), crop
+    [B, 4] (top, left, h, w), flip [B]. Out: the same batch less crop_pixels, plus pixels
+    uint8 [B, 3, S, S] (S = img_size) and, with teacher_size T > 0, teacher_pixels uint8
+    [B, 3, T, T], both on `device`. A batch without crop_pixels is returned as it is.
+    """
+    if "crop_pixels" not in batch:
+        return batch
+    sizes = batch["crop"][:, 2:].tolist()
+    flat = batch["crop_pixels"].to(device, non_blocking=True)
+    crops = [c.view(h, w, 3).permute(2, 0, 1) for c, (h, w) in zip(flat.split([3 * h * w for h, w in sizes]), sizes)]
+    views = [View(0, 0, h, w, flip=f) for (h, w), f in zip(sizes, batch["flip"].tolist())]  # boxes: the whole crop
+    out = {k: v for k, v in batch.items() if k != "crop_pixels"}
+    out["pixels"] = render_batch(crops, views, img_size)
+    if teacher_size:
+        out["teacher_pixels"] = render_batch(crops, views, teacher_size)
     return out
 
 
@@ -264,7 +321,7 @@ class StudentStream(torch.utils.data.IterableDataset):
             lambda urls: self.joiner(urls, epoch),                                     # joined sample, tar order
             wds.shuffle(cfg.shuffle_buffer, min(cfg.shuffle_buffer, 100), rng=random.Random(shuffle_seed)),
             *take,                                                                     # this rank's slots
-            wds.map(lambda s: render_sample(s, cfg, self.joiner.view_cfg)),           # tensors
+            wds.map(lambda s: render_sample(s, cfg, self.joiner.view_cfg)),           # tensors (or crops)
             wds.batched(cfg.batch_size, collation_fn=collate, partial=partial),       # batch of B
         ]
         stream: Iterator = iter([None])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from mrmae.shared.errors import naming
 from mrmae.shared.views import normalize
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
 from mrmae.train.masking import focused_masking, random_masking
 
 
@@ -95,7 +95,9 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
 
     Each batch is a dict from `mrmae.train.data` ([B,3,S,S] uint8 pixels, optional [B,N,C]
     targets as stored (int8 with [B,N] or [B,N,G] targets_scale, or float16) and [B,N] attention,
-    or [B,3,T,T] uint8 teacher pixels in live mode).
+    or [B,3,T,T] uint8 teacher pixels in live mode); from a `render_on_device` loader, the
+    views' crops instead of pixels and teacher pixels, rendered here on the device
+    (`data.render_views`: S the student's img_size, T the live teacher's input_size).
     `target_pca[j]`: (mean [C], basis [K, C]) on the device when target set j (0: `targets`,
     j >= 1: `targets@j`) comes from a PCA cache, whose stored targets are [B,N,K] coefficients;
     None (or a short list) for caches that store the features whole.
@@ -106,6 +108,9 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: 
     micro = start_step * accelerator.gradient_accumulation_steps  # seeds the masks
     tick = time.perf_counter()
     for batch in batches:
+        # render_on_device loaders hand over crops: their views are rendered here, exactly
+        batch = render_views(batch, device, getattr(model, "module", model).img_size,
+                             teacher.input_size if teacher is not None else 0)
         # uint8 from the loader, normalised here on the device
         imgs = normalize(batch["pixels"].to(device, non_blocking=True), opts.pixel_mean, opts.pixel_std)
         targets, attention = batch.get("targets"), batch.get("attention")

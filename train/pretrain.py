@@ -58,6 +58,7 @@ class PretrainConfig:
     resume: bool = False
     save_every_steps: int = 0  # 0: at the end of each epoch only
     pixels_from_cache: bool = False  # views from the cache (--store-pixels), source tars unread
+    render_on_device: bool | None = None  # workers decode, the step renders the views; None: on with CUDA
     compile: str | None = None  # torch.compile backend ("inductor"; "eager" to test the plumbing), None: eager mode
     samples_per_epoch: int | None = None  # default: counted from the cache or the tars
     data_split: str = "shards"  # "shards" (each rank reads its shards) | "samples" (exact at any world size)
@@ -261,6 +262,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     cfg = replace(cfg, accum_steps=resolve_accum_steps(cfg.batch_size, cfg.accum_steps, cfg.effective_batch,
                                                        accelerator.num_processes))
     accelerator.gradient_accumulation_steps = cfg.accum_steps  # known once the process count is
+    # Stored views need no render; otherwise the device renders where one is (the same pixels either way).
+    cfg = replace(cfg, render_on_device=not cfg.pixels_from_cache and
+                  (cuda if cfg.render_on_device is None else cfg.render_on_device))
     torch.manual_seed(cfg.seed)
     urls = expand_urls(cfg.shards)
     caches = open_targets(cfg.feature_cache, cfg.target) if cfg.feature_cache else []
@@ -279,7 +283,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0, split=cfg.data_split,
-                          pixels_from_cache=cfg.pixels_from_cache)
+                          pixels_from_cache=cfg.pixels_from_cache, render_on_device=cfg.render_on_device)
     # PCA caches: the loader carries their K coefficients; the engine reconstructs the
     # visible tokens with each cache's own stored basis, on the device.
     target_pca = [None if (p := c.pca()) is None else
