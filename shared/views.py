@@ -9,12 +9,14 @@ bytes and with the same function, for the student.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import math
 import re
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -125,17 +127,53 @@ def decode_image(data: bytes) -> torch.Tensor:
 
     Decoded fully (`load`) so truncated files fail here, not later in a worker.
     """
+    with _loaded(data) as im:
+        arr = _pil_step(_to_rgb8, im)
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def decode_crop(data: bytes, choose: Callable[[int, int], View]) -> tuple[np.ndarray, View]:
+    """Image bytes and `choose(height, width)` -> (the chosen view's box of the image, uint8
+    [h, w, 3], HWC; the view), pixel for pixel `decode_image(data)[:, box].permute(1, 2, 0)`.
+
+    What a loader worker hands over when the views are rendered elsewhere: of an RGB image
+    (JPEG's usual mode) only the box is copied out of the decoder's buffer; other modes go
+    through `decode_image`'s conversion first (it can depend on the whole image). A box
+    outside the image raises ViewError, `choose`'s own errors pass as they are; the
+    array may be read-only.
+    """
+    with _loaded(data) as im:
+        view = choose(im.height, im.width)
+        check_view(view, im.height, im.width)
+        top, left, h, w = view.box
+        if im.mode == "RGB":
+            raw = _pil_step(lambda i: i.crop((left, top, left + w, top + h)).tobytes(), im)
+            return np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3), view
+        whole = _pil_step(_to_rgb8, im)
+    return np.ascontiguousarray(whole[top:top + h, left:left + w]), view
+
+
+@contextlib.contextmanager
+def _loaded(data: bytes) -> Iterator[Image.Image]:
+    """The image in `data`, its size checked and its pixels decoded (PIL's many error types
+    as one ImageDecodeError); errors of the `with` body pass as they are."""
+    im = _pil_step(lambda d: Image.open(io.BytesIO(d)), data)
+    with im:
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            raise ImageDecodeError(f"image of {im.width}x{im.height} px exceeds {MAX_IMAGE_PIXELS} px")
+        _pil_step(lambda i: i.load(), im)
+        yield im
+
+
+def _pil_step(fn: Callable, arg):
+    """fn(arg), any error but ImageDecodeError raised as one (PIL raises OSError,
+    SyntaxError, ValueError...)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ImageDecodeError(f"image of {im.width}x{im.height} px exceeds {MAX_IMAGE_PIXELS} px")
-            im.load()
-            arr = _to_rgb8(im)
+        return fn(arg)
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         raise ImageDecodeError(decoder_error(e)) from e
-    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def decoder_error(e: Exception) -> str:

@@ -122,3 +122,17 @@ def test_render_on_device_gives_the_worker_batches_pixel_for_pixel(demo_shards, 
         if kw["teacher_size"]:
             assert torch.equal(render_exact(crops, views, 112), a["teacher_pixels"])
     assert render_views(today[0], "cpu", 224) is today[0]  # rendered in the workers: left as it is
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is lent)")
+def test_render_on_cuda_gives_the_worker_pixels(demo_shards):
+    """What `mrmae pretrain` does on a GPU by default: the batch's views rendered on CUDA
+    (batch_render's exact matmuls, not torchvision's float path) equal the workers' pixels."""
+    urls = url_list(demo_shards)
+    today = _epoch(urls, None, 0, views_per_image=3, teacher_size=112)
+    split = _epoch(urls, None, 0, workers=1, views_per_image=3, render_on_device=True)
+    for a, b in zip(today, split):
+        rendered = render_views(b, "cuda", 224, 112)
+        assert rendered["pixels"].device.type == "cuda"
+        assert torch.equal(rendered["pixels"].cpu(), a["pixels"])
+        assert torch.equal(rendered["teacher_pixels"].cpu(), a["teacher_pixels"])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrmae.shared.views import (ImageDecodeError, View, ViewConfig, decode_image, render_view_uint8,
-                                sample_view, sample_views, view_rng)
+from mrmae.shared.views import (ImageDecodeError, View, ViewConfig, ViewError, decode_crop, decode_image,
+                                render_view_uint8, sample_view, sample_views, view_rng)
 
 
 def test_views_depend_only_on_seed_key_and_index():
@@ -82,3 +82,31 @@ def test_decode_converts_grayscale_cmyk_and_png(tmp_path):
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, format="JPEG")
     with pytest.raises(ImageDecodeError):
         decode_image(buf.getvalue()[: len(buf.getvalue()) // 2])  # truncated JPEG
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("RGB", "PNG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"),
+                                      ("P", "PNG"), ("I;16", "PNG")])
+def test_decode_crop_is_the_box_of_the_decoded_image(mode, fmt):
+    """A worker's hand-over under --render-on-device: exactly decode_image's pixels in the
+    box, whatever the mode (16-bit scaled over the whole image, as decode_image does)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        im = Image.fromarray(rng.integers(0, 65536, (37, 53), dtype=np.uint16))
+    else:
+        im = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    data = buf.getvalue()
+    box = View(5, 11, 20, 30, flip=True)
+    crop, view = decode_crop(data, lambda h, w: box if (h, w) == (37, 53) else None)
+    assert view == box and crop.dtype == np.uint8 and crop.shape == (20, 30, 3)
+    want = decode_image(data)[:, 5:25, 11:41].permute(1, 2, 0)
+    assert want.float().std() > 10 and torch.equal(torch.from_numpy(crop.copy()), want)
+    with pytest.raises(ViewError, match="not inside the 37x53 image"):
+        decode_crop(data, lambda h, w: View(30, 0, 10, 10, flip=False))
+    with pytest.raises(ImageDecodeError):
+        decode_crop(data[: len(data) // 2] if fmt == "JPEG" else b"not an image", lambda h, w: box)

@@ -9,7 +9,7 @@ Pipeline (webdataset stages; stream shape after each):
                         (pixels_from_cache: {key, stored view bytes, ...} from the cache, row order)
     shuffle             same, sample order mixed in a seeded buffer
     rank_slots          this rank's slots of each global batch   (split="samples" only)
-    render              {key, pixels [3,S,S] uint8, [teacher_pixels], crop [4], flip [], [targets [L,C] int8 +
+    render              {key, pixels [3,S,S] uint8, [teacher_pixels], crop (4 ints), flip, [targets [L,C] int8 +
                          targets_scale [L(,G)] (float16 caches: targets [L,C] float16)], [attention [L]]}
                         (render_on_device: crop_pixels [h,w,3] uint8, the view's box cut from the decoded
                          image, in place of pixels and teacher_pixels)
@@ -28,6 +28,7 @@ with or without a cache.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -39,8 +40,8 @@ import webdataset as wds
 from mrmae.shared.shards import ShardReader, TarSample, expand_urls, first_copies, local_file_size
 from mrmae.shared import cache_format as cf
 from mrmae.shared.batch_render import render_batch
-from mrmae.shared.views import (View, ViewConfig, ViewError, check_view, decode_image, decode_view, render_view_uint8,
-                                sample_views)
+from mrmae.shared.views import (View, ViewConfig, ViewError, check_view, decode_crop, decode_image, decode_view,
+                                render_view_uint8, sample_view, view_rng)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -199,9 +200,10 @@ class ViewJoiner:
 
 def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
     """Decode and render one joined sample for the student (and a live teacher), uint8:
-    pixels [3, S, S] (+ teacher_pixels [3, T, T]), crop [4] (top, left, height, width in
-    source pixels), flip [], and the targets as stored. With `cfg.render_on_device`,
-    crop_pixels [h, w, 3] (the view's box, h x w, cut from the decoded image) instead of
+    pixels [3, S, S] (+ teacher_pixels [3, T, T]), crop (top, left, height, width in source
+    pixels) and flip (Python values: `collate` makes one tensor of a batch's), and the
+    targets as stored. With `cfg.render_on_device`,
+    crop_pixels [h, w, 3] (numpy: the view's box, h x w, of the decoded image) instead of
     pixels and teacher_pixels: `render_views` renders them in the main process.
 
     Normalisation waits for the device (engine.train_one_epoch): a uint8 batch is a quarter
@@ -210,36 +212,39 @@ def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
     if "stored_view" in sample:  # rendered at extraction: decode only (also with render_on_device)
         view = sample["view"]
         out = {"key": sample["key"], "pixels": decode_view(sample["stored_view"])}
+    elif cfg.render_on_device:
+        # The box alone, not the image: fewer bytes to copy and hand over, and the renderer reads only it.
+        crop, view = decoded_view(sample, view_cfg, crop=True)
+        out = {"key": sample["key"], "crop_pixels": crop}
     else:
         image, view = decoded_view(sample, view_cfg)
-        out = {"key": sample["key"]}
-        if cfg.render_on_device:
-            # The crop, not the image: fewer bytes to hand over, and the renderer reads only the box.
-            # HWC, as the decoder laid it out (a plain row copy; render_views restores [3, h, w]).
-            hwc = image.permute(1, 2, 0)[view.top:view.top + view.height, view.left:view.left + view.width]
-            out["crop_pixels"] = hwc.contiguous()
-        else:
-            out["pixels"] = render_view_uint8(image, view, cfg.img_size)
-            if cfg.teacher_size:
-                out["teacher_pixels"] = render_view_uint8(image, view, cfg.teacher_size)
-    out["crop"], out["flip"] = torch.tensor(view.box), torch.tensor(view.flip)
+        out = {"key": sample["key"], "pixels": render_view_uint8(image, view, cfg.img_size)}
+        if cfg.teacher_size:
+            out["teacher_pixels"] = render_view_uint8(image, view, cfg.teacher_size)
+    out["crop"], out["flip"] = view.box, view.flip  # tensors once per batch (collate): ~0.1 ms each per sample
     out.update(stored_targets(sample))
     return out
 
 
-def decoded_view(sample: dict, view_cfg: ViewConfig) -> tuple[torch.Tensor, View]:
-    """A joined sample's image, decoded (uint8 [3, H, W]), and the view it shows this epoch:
-    the cached one, or drawn as extraction draws them. A cached box outside the image is
-    damage (or another image): one line naming shard and key."""
-    image = decode_image(sample["image"])
-    view = sample.get("view") or sample_views(sample["key"], image.shape[1], image.shape[2],
-                                               view_cfg)[sample["view_index"]]
+def decoded_view(sample: dict, view_cfg: ViewConfig, crop: bool = False) -> tuple[torch.Tensor | np.ndarray, View]:
+    """A joined sample's image, decoded (uint8 [3, H, W]; `crop`: only the view's box, uint8
+    [h, w, 3], `decode_crop`), and the view it shows this epoch: the cached one, or drawn
+    as extraction draws them. A cached box outside the image is damage (or another
+    image): one line naming shard and key."""
+    def choose(height: int, width: int) -> View:  # only the shown view is drawn: view_rng costs ~0.1 ms each
+        return sample.get("view") or sample_view(height, width, view_rng(view_cfg.seed, sample["key"],
+                                                                         sample["view_index"]), view_cfg)
+
     try:
+        if crop:
+            return decode_crop(sample["image"], choose)
+        image = decode_image(sample["image"])
+        view = choose(image.shape[1], image.shape[2])
         check_view(view, image.shape[1], image.shape[2])
+        return image, view
     except ViewError as e:  # a cached box (drawn ones always fit): damage, or another image
         raise cf.CacheError(f"{sample.get('cache_shard', sample['url'])}: key {sample['key']}: cached {e}; "
                             "run `mrmae cache verify`") from None
-    return image, view
 
 
 def stored_targets(sample: dict) -> dict:
@@ -253,15 +258,31 @@ def stored_targets(sample: dict) -> dict:
 
 
 def collate(samples: list[dict]) -> dict:
-    """B samples -> one batch: each tensor stacked ([B, ...]), keys a list; crop_pixels
-    (crops of different sizes) packed flat, uint8 [sum of 3 h w], in sample order."""
+    """B samples -> one batch: keys a list; each tensor stacked ([B, ...]); numbers and tuples
+    as one tensor (crop [B, 4] int64, flip [B] bool); crop_pixels (crops of different sizes)
+    packed flat, uint8 [sum of 3 h w], in sample order."""
     out = {"keys": [s["key"] for s in samples]}
     for k in samples[0]:
-        if k == "crop_pixels":
-            out[k] = torch.cat([s[k].view(-1) for s in samples])
-        elif k != "key" and not k.startswith("__"):  # webdataset's map adds __key__
-            out[k] = torch.stack([s[k] for s in samples])
+        if k == "key" or k.startswith("__"):  # webdataset's map adds __key__
+            continue
+        values = [s[k] for s in samples]
+        if k == "crop_pixels":  # one copy of each crop (a worker's may be read-only)
+            out[k] = _batch_tensor((sum(v.size for v in values),), torch.uint8)
+            np.concatenate(values, axis=None, out=out[k].numpy())
+        elif torch.is_tensor(values[0]):
+            out[k] = torch.stack(values, out=_batch_tensor((len(values), *values[0].shape), values[0].dtype))
+        else:
+            out[k] = torch.tensor(values)
     return out
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for a batch: in a DataLoader worker, in shared memory, so handing the
+    batch to the main process copies nothing more (torch's default_collate does the same)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def render_views(batch: dict, device: torch.device | str, img_size: int, teacher_size: int = 0) -> dict:
