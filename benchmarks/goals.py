@@ -1,4 +1,5 @@
-"""Issue 7's goals against the figures the benchmarks last wrote to benchmarks/results/*.json.
+"""Issue 7's goals (and issue 14's loader split) against the figures the benchmarks last
+wrote to benchmarks/results/*.json.
 
 Reads what is there (`make bench` writes the CPU files first; gpu_bench.json is whatever
 a CUDA run last left) and prints one row per goal: the figure, where and when it was
@@ -58,6 +59,9 @@ GOALS: list[tuple[str, str, Figure, str, Callable[[float], bool]]] = [
      lambda p: p["rows"]["ratio:loader_cached/plain"]["value"], "{:.2f}x", lambda v: v >= 0.9),
     ("gpu_bench.py finishes in < 8 min", "gpu_bench",
      lambda p: p["total_seconds"] / 60, "{:.1f} min", lambda v: v < 8),
+    *[(f"--render-on-device worker CPU per image <= 0.6x workers rendering, {mode} (CPU; issue 14)",
+       "loader_render_split", lambda p, m=mode: p["modes"][m]["ratio_cpu_split_over_workers"], "{:.2f}x",
+       lambda v: v <= 0.6) for mode in ("cached", "live", "plain")],
 ]
 
 

@@ -20,7 +20,7 @@ images/s of the same window are reported too. Per rep every loader runs once, th
 rotating; medians over reps. ratio = split / workers CPU ms per image (goal <= 0.6x: the
 ceiling a GPU host's loader gains, as each worker then feeds 1 / ratio as many images).
 
-    .venv/bin/python benchmarks/loader_render_split.py                      # ~4 minutes on 2 cores
+    .venv/bin/python benchmarks/loader_render_split.py                      # ~5 minutes on 2 cores
     .venv/bin/python benchmarks/loader_render_split.py --images 16 --reps 1 --budget 2  # a smoke run
 
 Writes benchmarks/results/loader_render_split.json (or --name, or --out PATH).
@@ -118,8 +118,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default="clip:ViT-S-16", help="the cache's teacher (its width sets the target bytes)")
     p.add_argument("--teacher-size", type=int, default=224, help="live mode: the teacher view's size")
-    p.add_argument("--images", type=int, default=128)
-    p.add_argument("--shard-size", type=int, default=64,
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=256,
                    help="samples per tar (a cache opens each shard's group once a pass: ImageNet tars hold ~1,000)")
     p.add_argument("--views", type=int, default=2, help="views per image (the cache's; live and plain draw as many)")
     p.add_argument("--batch-size", type=int, default=16)
