@@ -384,7 +384,7 @@ def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher
     if teacher_dim and m.teacher.dim != teacher_dim:
         raise cf.CacheError(f"{cache.root}: teacher width {m.teacher.dim} does not match the mimic head's {teacher_dim}")
     for url in urls:
-        entry = cache.shard(url).entry  # raises, naming the shard, if it is missing or incomplete
+        entry = cache.entry(url)  # raises, naming the shard, if it is missing or incomplete
         recorded, now = entry.source_bytes, local_file_size(url)
         if recorded is not None and now is not None and recorded != now:
             raise cf.CacheError(f"{url}: shard changed since extraction ({now} bytes, {recorded} when cached)")

@@ -70,8 +70,8 @@ class PretrainConfig:
 def count_samples(urls: list[str], cache: cf.FeatureCache | None) -> int:
     """Samples of an epoch: the cache's entries, or a pass over each tar's headers (local,
     `pipe:` and URL shards alike; data is read, since a stream cannot seek, and dropped)."""
-    if cache is not None:
-        return sum(cache.shard(u).entry.num_samples for u in urls)
+    if cache is not None:  # (the entries alone: no group is opened)
+        return sum(cache.entry(u).num_samples for u in urls)
     return sum(shards.count_samples(url) for url in urls)
 
 
@@ -244,7 +244,7 @@ def run_fingerprint(cfg: PretrainConfig, urls: list[str], caches: list[cf.Featur
 
 def _shard_digest(cache: cf.FeatureCache, url: str) -> list:
     """(file name, sha256 of its stored group) of one shard in `cache`."""
-    return [cf.shard_basename(url), cache.shard(url).entry.sha256]
+    return [cf.shard_basename(url), cache.entry(url).sha256]
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
@@ -280,6 +280,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     grid = model.grid_size
     for i, c in enumerate(caches):
         check_cache_fits(c, urls, grid, c.manifest.teacher.dim, model.img_size if cfg.pixels_from_cache and not i else 0)
+        c.check_shards(urls)  # every group whole (from its metadata, concurrently) before anything is written
     data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0, split=cfg.data_split,

@@ -559,13 +559,31 @@ def find_shard(manifest: Manifest, source: str) -> ShardEntry | None:
     Training often names the shards differently from extraction (a relative path, another
     mount, a `pipe:` command): the tar's file name is what identifies it.
     """
-    entry = shard_entry(manifest, source)
-    if entry is not None:
-        return entry
-    same = [s for s in manifest.shards if shard_basename(s.source) == shard_basename(source)]
-    if len(same) > 1:
-        raise CacheError(f"shard {source}: {len(same)} cached shards share its file name; name it as at extraction")
-    return same[0] if same else None
+    return ShardIndex(manifest.shards).find(source)
+
+
+class ShardIndex:
+    """A manifest's entries by source and by file name, so that `find` (`find_shard`'s
+    matching) costs the same for one shard or 1,024: a run looks up every one of its
+    shards, several times, before its first step."""
+
+    def __init__(self, entries: tuple[ShardEntry, ...] | list[ShardEntry]):
+        self.by_source: dict[str, ShardEntry] = {}
+        self.by_name: dict[str, list[ShardEntry]] = {}
+        for e in entries:
+            self.by_source.setdefault(e.source, e)
+            self.by_name.setdefault(shard_basename(e.source), []).append(e)
+
+    def find(self, source: str) -> ShardEntry | None:
+        """The entry of exactly `source`, else the one entry with its file name, else None;
+        several with its file name: a CacheError asking for the name used at extraction."""
+        entry = self.by_source.get(source)
+        if entry is not None:
+            return entry
+        same = self.by_name.get(shard_basename(source), [])
+        if len(same) > 1:
+            raise CacheError(f"shard {source}: {len(same)} cached shards share its file name; name it as at extraction")
+        return same[0] if same else None
 
 
 def record_shard(root: str | os.PathLike, entry: ShardEntry) -> None:

@@ -260,6 +260,73 @@ def _chunk_keys(meta: dict) -> list[str]:
     return [sep.join(map(str, coords)) or "0" for coords in grid]
 
 
+def group_metadata(path: str, checked: bool = True) -> dict[str, dict]:
+    """Every array's zarr.json in a group (name -> its fields, the Zarr v3 spec's), from one
+    listing of the group and one read of each file, concurrent on a store.
+
+    `checked` (a format 4 cache): prove every array checksummed and whole. Every chunk was
+    written, empty or not, so a chunk file missing from the listing is damage (zarr would
+    read fill values). Read as plain files: the check costs no round trips through zarr's
+    event loop, which a loader worker on a busy machine pays a thread switch for, per shard.
+    """
+    stored = group_listing(path)
+    names = sorted(rel.split("/")[0] for rel in stored if rel.count("/") == 1 and rel.endswith("/zarr.json"))
+    metas = {}
+    for name, blob in zip(names, Location(path).read_many([f"{n}/zarr.json" for n in names])):
+        meta = json.loads(blob)
+        if meta.get("node_type") != "array":
+            continue
+        metas[name] = meta
+        if not checked:
+            continue
+        if "crc32c" not in [c.get("name") for c in meta.get("codecs", [])]:
+            raise CacheError(f"{path}: array {name} has no crc32c codec, as every array of a format 4 "
+                             "cache has: damaged or rewritten; run `mrmae cache verify --repair`")
+        keys = _chunk_keys(meta)
+        missing = sum(f"{name}/{key}" not in stored for key in keys)
+        if missing:
+            raise CacheError(f"{path}: array {name}: {missing} of {len(keys)} chunks missing; "
+                             "run `mrmae cache verify --repair`")
+    return metas
+
+
+def check_row_shapes(path: str, got: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Each array's stored shape [N, ...] (`got`) has the rows the manifest gives (`shapes`):
+    a group of another teacher's shapes is refused, not a shape error in a training step."""
+    for name, want in shapes.items():
+        if tuple(got[name][1:]) != tuple(want):
+            raise CacheError(f"{path}: array {name} stores rows of shape {list(got[name][1:])}, the manifest's "
+                             f"teacher gives {list(want)}: not this cache's group, or a damaged manifest")
+
+
+def check_group_arrays(path: str, entry: ShardEntry, checked: bool, shapes: dict[str, tuple[int, ...]],
+                       counted: list[str] = ()) -> int:
+    """What the manifest and its entry say of a group, proven from the zarr.json of a few
+    arrays (`keys`, those of `shapes`, and `counted`), one request each, without listing
+    the group or reading a row: each array there and checksummed (`checked`), its rows of
+    the manifest's `shapes`, `keys` of the entry's row count. What opening the group
+    (`ShardGroup`) proves besides, every chunk present, waits for its first use: listing
+    ~1,100 directories a group (zarr's `c/<row>/0/0` chunk keys) costs ~50 ms on a local
+    disk, a minute for 1,024 groups. Returns the logical bytes of the `counted` arrays
+    (before compression, as `ShardGroup.logical_bytes` counts them)."""
+    loc = Location(path)
+    try:
+        metas = {name: json.loads(loc.read_bytes(f"{name}/zarr.json"))
+                 for name in dict.fromkeys(["keys", *shapes, *counted])}
+        got = {name: tuple(meta["shape"]) for name, meta in metas.items()}
+        for name, meta in metas.items():
+            if checked and "crc32c" not in [c.get("name") for c in meta.get("codecs", [])]:
+                raise CacheError(f"{path}: array {name} has no crc32c codec, as every array of a format 4 "
+                                 "cache has: damaged or rewritten; run `mrmae cache verify --repair`")
+        check_row_shapes(path, got, shapes)
+        check_row_count(path, entry, got["keys"][0])
+        return sum(int(np.prod(got[name])) * np.dtype(metas[name]["data_type"]).itemsize for name in counted)
+    except CacheError:
+        raise
+    except Exception as e:  # a missing group or array, a zarr.json that is no JSON or lacks a field
+        raise CacheError(f"{path}: unreadable shard group ({type(e).__name__}: {e})") from e
+
+
 def _rows_text(rows) -> str:
     """A selection of rows as a message shows it: 16-31, or 16."""
     if isinstance(rows, slice):
@@ -288,13 +355,10 @@ class ShardGroup:
         self._shapes: dict[str, tuple[int, ...]] = {}  # from the arrays' zarr.json, when checked
         try:
             if checked:
-                self._check_chunks()
+                self._shapes = {n: tuple(m.get("shape", ())) for n, m in group_metadata(self.path).items()}
             self.group = zarr.open_group(str(path), mode="r")
-            for name, want in (shapes or {}).items():
-                got = self._shapes.get(name) or tuple(self.group[name].shape)
-                if tuple(got[1:]) != tuple(want):
-                    raise CacheError(f"{path}: array {name} stores rows of shape {list(got[1:])}, the manifest's "
-                                     f"teacher gives {list(want)}: not this cache's group, or a damaged manifest")
+            check_row_shapes(self.path, {n: self._shapes.get(n) or tuple(self.group[n].shape) for n in shapes or {}},
+                             shapes or {})
         except CacheError:
             raise
         except Exception as e:
@@ -309,28 +373,6 @@ class ShardGroup:
         self._pixel_block: tuple[int, int, bytes] | None = None  # (first row, end row, their bytes)
         self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._image_sha256: np.ndarray | None = None
-
-    def _check_chunks(self) -> None:
-        """Prove every array checksummed and whole: every chunk was written, empty or not,
-        so a chunk file missing from the group's listing is damage (zarr would read fill
-        values). One listing of the group and its arrays' zarr.json (the Zarr v3 spec's
-        fields), read as plain files: the check costs no round trips through zarr's event
-        loop, which a loader worker on a busy machine pays a thread switch for, per shard."""
-        stored = group_listing(self.path)
-        names = sorted(rel.split("/")[0] for rel in stored if rel.count("/") == 1 and rel.endswith("/zarr.json"))
-        for name, blob in zip(names, Location(self.path).read_many([f"{n}/zarr.json" for n in names])):
-            meta = json.loads(blob)
-            if meta.get("node_type") != "array":
-                continue
-            self._shapes[name] = tuple(meta.get("shape", ()))
-            if "crc32c" not in [c.get("name") for c in meta.get("codecs", [])]:
-                raise CacheError(f"{self.path}: array {name} has no crc32c codec, as every array of a format 4 "
-                                 "cache has: damaged or rewritten; run `mrmae cache verify --repair`")
-            keys = _chunk_keys(meta)
-            missing = sum(f"{name}/{key}" not in stored for key in keys)
-            if missing:
-                raise CacheError(f"{self.path}: array {name}: {missing} of {len(keys)} chunks missing; "
-                                 "run `mrmae cache verify --repair`")
 
     def _get(self, name: str, rows) -> np.ndarray:
         """Rows of one array; a checksum mismatch, a truncated chunk or a codec error is one
