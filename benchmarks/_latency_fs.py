@@ -26,6 +26,7 @@ import bisect
 import contextlib
 import functools
 import math
+import os
 import threading
 import time
 from collections import Counter
@@ -140,13 +141,12 @@ class LatencyMemoryFileSystem(MemoryFileSystem):
     def upload_tree(cls, local: str | Path, url: str) -> int:
         """Copy a local directory tree to `url` without requests (setting up the store, not
         measured): returns the files copied."""
-        local, root = Path(local), cls._strip_protocol(url)
-        fs = cls()
-        n = 0
-        for path in sorted(local.rglob("*")):
-            if path.is_file():
-                name = f"{root}/{path.relative_to(local).as_posix()}"
-                cls.store[name] = MemoryFile(fs, name, path.read_bytes())
+        root, fs, n = cls._strip_protocol(url), cls(), 0
+        for folder, _, files in os.walk(local):
+            rel = Path(folder).relative_to(local).as_posix()
+            for f in files:
+                name = f"{root}/{f}" if rel == "." else f"{root}/{rel}/{f}"
+                cls.store[name] = MemoryFile(fs, name, (Path(folder) / f).read_bytes())
                 n += 1
         cls._dirty = True
         return n
@@ -218,16 +218,19 @@ class LatencyMemoryFileSystem(MemoryFileSystem):
         path = self._strip_protocol(path)
         if path in self.store:
             return {path: self._file_info(path)} if detail else [path]
-        prefix, out = path.rstrip("/") + "/", {}
-        for name in self._under(prefix):
-            parts = name[len(prefix):].split("/")
+        prefix, keys, out = path.rstrip("/") + "/", self._keys(), {}
+        i = bisect.bisect_left(keys, prefix)
+        while i < len(keys) and keys[i].startswith(prefix):
+            parts = keys[i][len(prefix):].split("/")
             if withdirs:
-                for d in range(1, len(parts)):
-                    if maxdepth is None or d <= maxdepth:
-                        sub = prefix + "/".join(parts[:d])
-                        out.setdefault(sub, {"name": sub, "size": 0, "type": "directory"})
-            if maxdepth is None or len(parts) <= maxdepth:
-                out[name] = self._file_info(name)
+                for d in range(1, min(len(parts), (maxdepth or len(parts)) + 1)):
+                    sub = prefix + "/".join(parts[:d])
+                    out.setdefault(sub, {"name": sub, "size": 0, "type": "directory"})
+            if maxdepth is not None and len(parts) > maxdepth:  # below the depth asked: skipped whole
+                i = bisect.bisect_left(keys, prefix + "/".join(parts[:maxdepth]) + "0")  # ("0" follows "/")
+                continue
+            out[keys[i]] = self._file_info(keys[i])
+            i += 1
         if withdirs and path and self._is_dir(path):
             out[path] = {"name": path, "size": 0, "type": "directory"}
         names = sorted(out)

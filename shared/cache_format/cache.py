@@ -260,12 +260,13 @@ class FeatureCache:
 
     def check_shards(self, sources: list[str]) -> list[ShardEntry]:
         """The entries of `sources`, each group proven there and of the manifest's rows from
-        its metadata alone, concurrently on a store, so that a run refuses a cache of other
-        shapes or counts before it writes anything. Zarr: `keys`, `features`, `attention`
-        and `cls` there, checksummed, of the manifest's row shapes and the entry's row count
-        (`zarr_store.check_group_arrays`; every chunk present is proven when the loader
-        opens the group); wds: the tar exists (its index is read at its first use). The
-        first damaged shard, in `sources` order, raises."""
+        a few files of metadata, concurrently on a store, so that a run refuses a cache of
+        other shapes or counts before it writes anything. Zarr: `keys`, `features`,
+        `attention` and `cls` there, checksummed, of the manifest's row shapes and the
+        entry's row count (`zarr_store.check_group_arrays`); every chunk present and none
+        linked out of the cache is proven as the loader opens each group, before any row of
+        it is read. wds: the tar exists (its index is read at its first use). The first
+        damaged shard, in `sources` order, raises."""
         entries = [self.entry(s) for s in sources]
         self._map(self._check_arrays, entries)
         return entries

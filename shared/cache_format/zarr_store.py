@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -261,16 +262,21 @@ def _chunk_keys(meta: dict) -> list[str]:
 
 
 def group_metadata(path: str, checked: bool = True) -> dict[str, dict]:
-    """Every array's zarr.json in a group (name -> its fields, the Zarr v3 spec's), from one
-    listing of the group and one read of each file, concurrent on a store.
+    """Every array's zarr.json in a group (name -> its fields, the Zarr v3 spec's), read as
+    plain files: no round trip through zarr's event loop, which a loader worker on a busy
+    machine pays a thread switch for, per shard.
 
     `checked` (a format 4 cache): prove every array checksummed and whole. Every chunk was
-    written, empty or not, so a chunk file missing from the listing is damage (zarr would
-    read fill values). Read as plain files: the check costs no round trips through zarr's
-    event loop, which a loader worker on a busy machine pays a thread switch for, per shard.
-    """
-    stored = group_listing(path)
-    names = sorted(rel.split("/")[0] for rel in stored if rel.count("/") == 1 and rel.endswith("/zarr.json"))
+    written, empty or not, so a chunk file missing is damage (zarr would read fill values).
+    At a URL one listing of the group shows them all. On a local disk each chunk file and
+    directory is looked at with `lstat` instead: zarr's `c/<row>/0/0` keys make ~700
+    directories a group, and listing them cost ~50 ms a group (a minute for ImageNet's
+    1,024), the stats ~3 ms. Either way a file or directory linked out of the group is
+    refused (`check_inside`), never read."""
+    local = local_path(path)  # (file:// URLs too: fsspec would follow a link without saying)
+    stored = group_listing(path) if local is None else None
+    names = _local_arrays(local) if local is not None else sorted(
+        rel.split("/")[0] for rel in stored if rel.count("/") == 1 and rel.endswith("/zarr.json"))
     metas = {}
     for name, blob in zip(names, Location(path).read_many([f"{n}/zarr.json" for n in names])):
         meta = json.loads(blob)
@@ -283,11 +289,57 @@ def group_metadata(path: str, checked: bool = True) -> dict[str, dict]:
             raise CacheError(f"{path}: array {name} has no crc32c codec, as every array of a format 4 "
                              "cache has: damaged or rewritten; run `mrmae cache verify --repair`")
         keys = _chunk_keys(meta)
-        missing = sum(f"{name}/{key}" not in stored for key in keys)
+        missing = (sum(f"{name}/{key}" not in stored for key in keys) if local is None
+                   else _missing_local(local, name, keys))
         if missing:
             raise CacheError(f"{path}: array {name}: {missing} of {len(keys)} chunks missing; "
                              "run `mrmae cache verify --repair`")
     return metas
+
+
+def _local_arrays(group: str) -> list[str]:
+    """Names of the folders of a local group holding a zarr.json (links out refused)."""
+    names = []
+    with os.scandir(group) as it:
+        for e in it:
+            if e.is_symlink():
+                check_inside(group, e.path)
+            if e.is_dir() and _is_file_inside(group, f"{e.name}/zarr.json"):
+                names.append(e.name)
+    return sorted(names)
+
+
+def _is_file_inside(group: str, rel: str) -> bool:
+    """Whether `rel` exists in the local group (lstat: a link out of it is refused)."""
+    try:
+        st = os.lstat(os.path.join(group, rel))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        check_inside(group, os.path.join(group, rel))
+    return True
+
+
+def _missing_local(group: str, name: str, keys: list[str]) -> int:
+    """Chunk files of array `name` absent from the local group, each chunk file and each of
+    their directories lstat'ed once (a link out of the group is refused). (A tight loop:
+    ~1,100 calls a group.)"""
+    base, lstat, is_link = f"{group}/{name}/", os.lstat, stat.S_ISLNK
+    folders = set()
+    for head in {key.rpartition("/")[0] for key in keys}:
+        while head and head not in folders:  # (its directories: one of them may be a link)
+            folders.add(head)
+            head = head.rpartition("/")[0]
+    missing = 0
+    for rel in [*folders, *keys]:
+        try:
+            mode = lstat(base + rel).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            missing += rel not in folders  # (a missing folder: its chunks count)
+            continue
+        if is_link(mode):
+            check_inside(group, base + rel)
+    return missing
 
 
 def check_row_shapes(path: str, got: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -302,17 +354,22 @@ def check_row_shapes(path: str, got: dict[str, tuple[int, ...]], shapes: dict[st
 def check_group_arrays(path: str, entry: ShardEntry, checked: bool, shapes: dict[str, tuple[int, ...]],
                        counted: list[str] = ()) -> int:
     """What the manifest and its entry say of a group, proven from the zarr.json of a few
-    arrays (`keys`, those of `shapes`, and `counted`), one request each, without listing
-    the group or reading a row: each array there and checksummed (`checked`), its rows of
-    the manifest's `shapes`, `keys` of the entry's row count. What opening the group
-    (`ShardGroup`) proves besides, every chunk present, waits for its first use: listing
-    ~1,100 directories a group (zarr's `c/<row>/0/0` chunk keys) costs ~50 ms on a local
-    disk, a minute for 1,024 groups. Returns the logical bytes of the `counted` arrays
-    (before compression, as `ShardGroup.logical_bytes` counts them)."""
-    loc = Location(path)
+    arrays (`keys`, those of `shapes`, and `counted`), one read each, without listing the
+    group or reading a row: each array there and checksummed (`checked`), its rows of the
+    manifest's `shapes`, `keys` of the entry's row count, no file read through a link out
+    of the group. Every chunk present (and none linked out) waits for the group's opening
+    (`group_metadata`): ~1,100 paths a group to look at, 10 s for 1,024 groups on a busy
+    local disk, minutes on NFS. Returns the logical bytes of the `counted` arrays (before
+    compression, as `ShardGroup.logical_bytes` counts them)."""
+    local = local_path(path)
     try:
-        metas = {name: json.loads(loc.read_bytes(f"{name}/zarr.json"))
-                 for name in dict.fromkeys(["keys", *shapes, *counted])}
+        names = list(dict.fromkeys(["keys", *shapes, *counted]))
+        if local is not None:
+            for name in names:  # (the folder and the file: either may be a link)
+                if not (_is_file_inside(local, name) and _is_file_inside(local, f"{name}/zarr.json")):
+                    raise FileNotFoundError(f"{local}/{name}/zarr.json")
+        metas = {name: json.loads(blob) for name, blob in
+                 zip(names, Location(path).read_many([f"{n}/zarr.json" for n in names], concurrent=False))}
         got = {name: tuple(meta["shape"]) for name, meta in metas.items()}
         for name, meta in metas.items():
             if checked and "crc32c" not in [c.get("name") for c in meta.get("codecs", [])]:
@@ -356,7 +413,7 @@ class ShardGroup:
         try:
             if checked:
                 self._shapes = {n: tuple(m.get("shape", ())) for n, m in group_metadata(self.path).items()}
-            self.group = zarr.open_group(str(path), mode="r")
+            self.group = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
             check_row_shapes(self.path, {n: self._shapes.get(n) or tuple(self.group[n].shape) for n in shapes or {}},
                              shapes or {})
         except CacheError:
