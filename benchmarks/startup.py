@@ -25,11 +25,12 @@ with --latency seconds (20 ms) per request, one request per GET/HEAD/PUT and per
 page of 1,000 names, requests from several threads overlapping. Each latmem row also
 gives the requests it made. Goal: each under --goal seconds (10).
 
-    .venv/bin/python benchmarks/startup.py             # builds in ~2 min, then ~1 min of timing
+    .venv/bin/python benchmarks/startup.py             # builds in ~4 min (busy 2 cores), then ~3 min of timing
     .venv/bin/python benchmarks/startup.py --storage   # the storage / input-rate tables only (instant)
 
 Writes benchmarks/results/startup.json (or --out PATH). The build lives in --workdir
-(default: a temporary directory, removed at the end; --keep leaves it for reruns).
+(default: $TMPDIR/mrmae-startup) and is kept for the next run with the same settings: its
+~1.1M files and directories take minutes to write and to remove (--clean removes it).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def write_shard(root: Path, url: str, keys: list[str], images: list[bytes], mani
                   (np.zeros((rows, TOKENS, dim), np.int8), np.ones((rows, TOKENS), np.float16)),
                   np.full((rows, TOKENS), 1 / TOKENS, np.float16), np.zeros((rows, dim), np.float16),
                   image_sha256=[cf.image_sha256(im) for im in images for _ in range(k)])
-    digest, size = writer.finish({"source": url, "num_samples": len(keys)}, [(key, v) for key in keys for v in range(k)])
+    expected = [(key, v) for key in keys for v in range(k)]
+    digest, size = writer.finish({"source": url, "num_samples": len(keys)}, expected)
     entry = cf.ShardEntry(url, writer.group_path, len(keys), rows, (), "complete", digest, size,
                           local_file_size(url), source_digest(url), round(time.time() - t0, 2))
     cf.commit_shard(root, writer, entry)
@@ -221,7 +223,6 @@ def first_batch(root: str, urls: list[str], batch_size: int, workers: int, out: 
     """run_pretrain's work with a cache before step 1, stage by stage (seconds each)."""
     from mrmae.shared import cache_format as cf
     from mrmae.shared.errors import worker_ignores_interrupt
-    from mrmae.train import checkpoint as ckpt
     from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
     from mrmae.train.engine import InterruptibleLoader, epoch_passes
     from mrmae.train.pretrain import PretrainConfig, check_epoch_fits, count_samples, open_targets, run_fingerprint
@@ -238,13 +239,12 @@ def first_batch(root: str, urls: list[str], batch_size: int, workers: int, out: 
     caches = open_targets(root, None)
     cache = caches[0]
     lap("open_targets")
-    fingerprint = run_fingerprint(cfg, urls, caches, None, (cache.manifest.teacher.dim,))
-    ckpt.Fingerprint((*fingerprint.fields, ckpt.batch_field(batch_size, 1, 1)))
+    run_fingerprint(cfg, urls, caches, None, (cache.manifest.teacher.dim,))
     lap("run_fingerprint")
     grid = cache.manifest.teacher.grid[0]  # the student's grid (check_cache_fits compares them)
     check_cache_fits(cache, urls, grid, cache.manifest.teacher.dim, 0)
     cache.check_shards(urls)
-    lap("check_cache_fits")
+    lap("check_cache_fits_and_shards")
     samples = count_samples(urls, cache)
     check_epoch_fits(cfg, 1, samples, "counted in --feature-cache")
     lap("count_samples")
@@ -369,7 +369,7 @@ def print_storage() -> dict:
 # --- main -------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=IMAGENET_IMAGES)
     p.add_argument("--shards", type=int, default=IMAGENET_SHARDS)
@@ -380,41 +380,50 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--goal", type=float, default=10.0, help="seconds each stage should stay under")
     p.add_argument("--where", default="local,latmem", help="local, latmem or both")
-    p.add_argument("--workdir", help="where to build (default: a temporary directory)")
-    p.add_argument("--keep", action="store_true", help="keep --workdir's build for the next run")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mrmae-startup"),
+                   help="where to build (kept for the next run with the same settings)")
+    p.add_argument("--clean", action="store_true", help="remove --workdir at the end")
     p.add_argument("--storage", action="store_true", help="print the storage and input-rate tables only")
     p.add_argument("--out")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def run(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """Build (or reuse) the cache, then every stage at every place asked: result rows."""
+    t0 = time.perf_counter()
+    root, urls = build(workdir, args.images, args.shards, args.views, args.dim)
+    print(f"built in {time.perf_counter() - t0:.0f} s: {args.shards} shards, {args.images} images x {args.views} "
+          f"views, in {workdir}", flush=True)
+    results, where = [], args.where.split(",")
+    if "local" in where:
+        results += measure("local", str(root), urls, args, str(workdir / "run"))
+        results += cli_rows(str(root))
+    if "latmem" in where:
+        LatencyMemoryFileSystem.clear()
+        files = LatencyMemoryFileSystem.upload_tree(root, "latmem://startup/cache")
+        LatencyMemoryFileSystem.latency = args.latency
+        print(f"  latmem://startup/cache: {files} files, {args.latency * 1000:.0f} ms a request", flush=True)
+        results += measure("latmem", "latmem://startup/cache", urls, args, str(workdir / "run"))
+        LatencyMemoryFileSystem.clear()
+    for r in results:  # (a row with "goal": None is a breakdown, not a goal)
+        r["goal_met"] = r["seconds"] < args.goal if r.pop("goal", True) is not None else None
+    return results
+
+
+def main() -> None:
+    args = parse_args()
     if args.storage:
         print_storage()
         return
     warn_if_busy()
     # imported once before any timing: the stages measure the work, the CLI process row the imports
     import mrmae.cli, mrmae.extract.verify, mrmae.train.pretrain  # noqa: E401, F401
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mrmae-startup-"))
-    foreign = ForeignCpu()
+    workdir, foreign = Path(args.workdir), ForeignCpu()
     try:
-        t0 = time.perf_counter()
-        root, urls = build(workdir, args.images, args.shards, args.views, args.dim)
-        print(f"built in {time.perf_counter() - t0:.0f} s: {args.shards} shards, {args.images} images x {args.views} "
-              f"views, in {workdir}", flush=True)
-        results = []
-        where = args.where.split(",")
-        if "local" in where:
-            results += measure("local", str(root), urls, args, str(workdir / "run"))
-            results += cli_rows(str(root))
-        if "latmem" in where:
-            LatencyMemoryFileSystem.clear()
-            files = LatencyMemoryFileSystem.upload_tree(root, "latmem://startup/cache")
-            LatencyMemoryFileSystem.latency = args.latency
-            print(f"  latmem://startup/cache: {files} files, {args.latency * 1000:.0f} ms a request", flush=True)
-            results += measure("latmem", "latmem://startup/cache", urls, args, str(workdir / "run"))
-            LatencyMemoryFileSystem.clear()
+        results = run(args, workdir)
     finally:
-        if not (args.keep and args.workdir):
+        if args.clean:
             shutil.rmtree(workdir, ignore_errors=True)
-    for r in results:  # (a row with "goal": None is a breakdown, not a goal)
-        r["goal_met"] = r["seconds"] < args.goal if r.pop("goal", True) is not None else None
     print()
     print(table(["where", "stage", "seconds", "requests", f"< {args.goal:g} s"],
                 [[r["where"], r["stage"], r["seconds"], r.get("requests") if r.get("requests") is not None else "-",
@@ -423,8 +432,9 @@ def main() -> None:
     print(f"goal: every stage < {args.goal:g} s: " + ("met" if not missed else "MISSED by " + ", ".join(missed)))
     print()
     arithmetic = print_storage()
-    out = write_json("startup", {"machine": machine_facts(), "args": vars(args), "foreign_cpu_s": round(foreign.seconds(), 1),
-                                 "results": results, **arithmetic}, args.out)
+    out = write_json("startup", {"machine": machine_facts(), "args": vars(args),
+                                 "foreign_cpu_s": round(foreign.seconds(), 1), "results": results, **arithmetic},
+                     args.out)
     print(f"wrote {out}")
 
 

@@ -377,8 +377,7 @@ class FeatureCache:
     def logical_bytes(self) -> int:
         """Bytes of all complete shards' arrays before compression. Zarr: from each group's
         arrays' zarr.json (shapes and dtypes; checked as `check_shards` checks them, no
-        listing, no row read); wds: from each tar's first row. Overlapped on a store:
-        `cache info` on 1,024 shards is then seconds, not one group after the other."""
+        listing, no row read); wds: from each tar's first row. Shards overlapped on a store."""
         if self.backend == "zarr":
             counted = self._counted_arrays()
             return sum(self._map(lambda s: self._check_arrays(s, counted), self.complete_shards))

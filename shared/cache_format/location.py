@@ -139,13 +139,14 @@ class Location:
 
     def read_many(self, rels: list[str], concurrent: bool = True) -> list[bytes]:
         """Several small files at once, in the order asked: concurrent requests on a store
-        (fsspec's async ones, s3 and gcs, batch them in `cat`; a synchronous one would ask
-        one file after the other: 1,024 shard entries at 20 ms a request are 20 s, so they
-        are asked from READ_THREADS threads); one after the other on a local disk, and
-        where the caller overlaps its own calls (`concurrent` False)."""
+        (fsspec's async ones, s3 and gcs, batch them in `cat`; a synchronous one is asked
+        from READ_THREADS threads); one after the other on a local disk, and where the
+        caller overlaps its own calls (`concurrent` False)."""
         if not rels:
             return []
         paths = [self._full(r) for r in rels]
+        # (a synchronous fsspec filesystem's `cat` asks one file after the other: a cache's
+        # 1,024 entries would wait 1,024 round trips)
         if (concurrent and len(paths) > 1 and self.remote and not self._renames
                 and not getattr(self.fs, "async_impl", False)):
             return parallel_map(self.fs.cat_file, paths)

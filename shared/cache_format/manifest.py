@@ -563,9 +563,9 @@ def find_shard(manifest: Manifest, source: str) -> ShardEntry | None:
 
 
 class ShardIndex:
-    """A manifest's entries by source and by file name, so that `find` (`find_shard`'s
-    matching) costs the same for one shard or 1,024: a run looks up every one of its
-    shards, several times, before its first step."""
+    """A manifest's entries by source and by file name: `find` (`find_shard`'s matching)
+    in constant time, since a run looks up every one of its shards, several times, before
+    its first step."""
 
     def __init__(self, entries: tuple[ShardEntry, ...] | list[ShardEntry]):
         self.by_source: dict[str, ShardEntry] = {}

@@ -268,12 +268,12 @@ def group_metadata(path: str, checked: bool = True) -> dict[str, dict]:
 
     `checked` (a format 4 cache): prove every array checksummed and whole. Every chunk was
     written, empty or not, so a chunk file missing is damage (zarr would read fill values).
-    At a URL one listing of the group shows them all. On a local disk each chunk file and
-    directory is looked at with `lstat` instead: zarr's `c/<row>/0/0` keys make ~700
-    directories a group, and listing them cost ~50 ms a group (a minute for ImageNet's
-    1,024), the stats ~3 ms. Either way a file or directory linked out of the group is
-    refused (`check_inside`), never read."""
+    At a URL one listing of the group shows them all; on a local disk each chunk file and
+    each of its directories is looked at with one `lstat`. Either way a file or directory
+    linked out of the group is refused (`check_inside`), never read."""
     local = local_path(path)  # (file:// URLs too: fsspec would follow a link without saying)
+    # Locally, not a listing: zarr's `c/<row>/0/0` keys make ~700 directories a group, and
+    # opening each to list it took 6x the stats (BENCHMARKS.md, "Start-up at ImageNet scale").
     stored = group_listing(path) if local is None else None
     names = _local_arrays(local) if local is not None else sorted(
         rel.split("/")[0] for rel in stored if rel.count("/") == 1 and rel.endswith("/zarr.json"))
@@ -322,8 +322,7 @@ def _is_file_inside(group: str, rel: str) -> bool:
 
 def _missing_local(group: str, name: str, keys: list[str]) -> int:
     """Chunk files of array `name` absent from the local group, each chunk file and each of
-    their directories lstat'ed once (a link out of the group is refused). (A tight loop:
-    ~1,100 calls a group.)"""
+    their directories lstat'ed once (a link out of the group is refused)."""
     base, lstat, is_link = f"{group}/{name}/", os.lstat, stat.S_ISLNK
     folders = set()
     for head in {key.rpartition("/")[0] for key in keys}:
@@ -358,9 +357,11 @@ def check_group_arrays(path: str, entry: ShardEntry, checked: bool, shapes: dict
     group or reading a row: each array there and checksummed (`checked`), its rows of the
     manifest's `shapes`, `keys` of the entry's row count, no file read through a link out
     of the group. Every chunk present (and none linked out) waits for the group's opening
-    (`group_metadata`): ~1,100 paths a group to look at, 10 s for 1,024 groups on a busy
-    local disk, minutes on NFS. Returns the logical bytes of the `counted` arrays (before
+    (`group_metadata`). Returns the logical bytes of the `counted` arrays (before
     compression, as `ShardGroup.logical_bytes` counts them)."""
+    # A constant number of files a group: a run's start-up and `cache info` look at every
+    # group, and ~1,100 chunk paths a group are 1.1M for ImageNet's 1,024 shards (seconds of
+    # stats on a local disk, far more on NFS); the loader checks them one group at a time.
     local = local_path(path)
     try:
         names = list(dict.fromkeys(["keys", *shapes, *counted]))
