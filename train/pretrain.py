@@ -280,7 +280,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     grid = model.grid_size
     for i, c in enumerate(caches):
         check_cache_fits(c, urls, grid, c.manifest.teacher.dim, model.img_size if cfg.pixels_from_cache and not i else 0)
-        c.check_shards(urls)  # every group whole (from its metadata, concurrently) before anything is written
+        c.check_shards(urls)  # every group there, of these shapes and rows (a few zarr.json each), before any write
     data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0, split=cfg.data_split,
