@@ -46,3 +46,9 @@ def launch_two(launcher: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
             "-m", "mrmae"]
+
+
+def entry_files(shards: Path) -> list[Path]:
+    """The complete shards' entries in a cache's `shards/` folder: every `*.json` but the
+    `shards` group's own Zarr metadata, `zarr.json` (CACHE_FORMAT.md)."""
+    return sorted(p for p in Path(shards).glob("*.json") if p.name != "zarr.json")

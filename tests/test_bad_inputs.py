@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from conftest import DINO_TINY, url_list
+from conftest import DINO_TINY, entry_files, url_list
 from PIL import Image
 
 from mrmae.cli import cli
@@ -47,7 +47,7 @@ def test_sigkill_at_three_points_then_resume_equals_an_uninterrupted_run(demo_sh
     out = tmp_path / "killed"
 
     def reached() -> bool:
-        done = len(list(out.glob("shards/*.json")))  # complete shards' entries
+        done = len(entry_files(out / "shards"))  # complete shards' entries
         if when == "mid-shard-write":  # a temp group with rows in it, nothing recorded yet
             tmp = list((out / "shards").glob(".tmp-*/features/c")) if (out / "shards").exists() else []
             return bool(tmp) and done == 0

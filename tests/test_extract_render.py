@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import DINO_TINY, url_list
+from conftest import DINO_TINY, entry_files, url_list
 from test_extract import _bad_shard
 
 from mrmae.cli import cli
@@ -155,7 +155,7 @@ def test_a_killed_run_resumes_to_the_cpu_paths_cache(demo_shards, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("shards/*.json")):  # killed once a shard is complete
+    while time.time() < deadline and not entry_files(out / "shards"):  # killed once a shard is complete
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

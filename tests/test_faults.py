@@ -20,7 +20,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
-from conftest import DINO_TINY  # noqa: E402
+from conftest import DINO_TINY, entry_files  # noqa: E402
 
 from mrmae.cli import cli  # noqa: E402
 from mrmae.shared import cache_format as cf  # noqa: E402
@@ -40,7 +40,7 @@ def _crafted(small_cache, tmp_path, **fields):
     """A copy of the cache whose one entry has `fields` replaced (None: removed); -> (root, entry file)."""
     root = tmp_path / "c"
     shutil.copytree(small_cache, root)
-    entry_file = next((root / "shards").glob("*.json"))
+    entry_file = entry_files(root / "shards")[0]
     entry = json.loads(entry_file.read_text())
     for k, v in fields.items():
         entry.pop(k) if v is None else entry.__setitem__(k, v)
@@ -140,7 +140,7 @@ def _link_out(root, tmp_path, what):
     and leave a symbolic link to it in its place; -> the outside copy."""
     group = next(p for p in (root / "shards").iterdir() if p.is_dir())
     inside = {"group": group, "chunk": group / "features" / "c" / "0" / "0" / "0",
-              "entry": next((root / "shards").glob("*.json"))}[what]
+              "entry": entry_files(root / "shards")[0]}[what]
     outside = tmp_path / "outside" / what
     outside.parent.mkdir(exist_ok=True)
     shutil.move(inside, outside)
@@ -223,7 +223,7 @@ def test_two_entries_claiming_one_source_are_refused(small_cache, tmp_path):
     pick either group for that shard; info, verify and extraction refuse it naming both."""
     root = tmp_path / "c"
     shutil.copytree(small_cache, root)
-    first = next((root / "shards").glob("*.json"))
+    first = entry_files(root / "shards")[0]
     group = next(p for p in (root / "shards").iterdir() if p.is_dir())
     twin = group.with_name("twin-00000000." + group.name.split(".")[-1])
     shutil.copytree(group, twin)
@@ -478,7 +478,8 @@ def test_two_extractions_racing_on_one_shard_both_succeed_and_publish_one_whole_
     assert len(entries) == 1 and all(e.status == "complete" for e in entries)
     stored = sorted(p.name for p in (out / "shards").iterdir())
     assert stored == sorted([Path(e.group).name for e in entries] + [Path(cf.manifest.entry_path(e.group)).name
-                                                                       for e in entries])  # no temps, no strays
+                                                                       for e in entries]
+                            + (["zarr.json"] if backend == "zarr" else []))  # no temps, no strays
     rows = _cache_rows(out)
     for e in entries:  # exactly its rows, each with its key, views 0, 1 in order
         keys, views = [str(k) for k in rows[e.source]["keys"]], list(rows[e.source]["view"])
@@ -526,7 +527,7 @@ def test_a_writer_leaves_foreign_temps_and_cache_clean_removes_only_leftovers(de
     assert live.exists() and not dead.exists() and not stray.exists()
     r = runner.invoke(cli, ["cache", "clean", str(out), "--older-than", "0"])  # no writer running now
     assert r.exit_code == 0 and not live.exists(), r.output
-    assert sorted(p.name for p in shards.iterdir()) == sorted([Path(entry.group).name, f"{name}.json"])
+    assert sorted(p.name for p in shards.iterdir()) == sorted([Path(entry.group).name, f"{name}.json", "zarr.json"])
     assert cf.check_integrity(out) == [] and cf.read_manifest(out).shards[0].sha256 == entry.sha256
 
 
@@ -609,7 +610,8 @@ def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is
     assert cf.commit_shard(root, second, _entry(second, *b)) is False  # same bytes there: it yields
     loc = cf.Location(root)
     assert [e.group for e in cf.read_manifest(root).shards] == [first.group_path]
-    assert loc.children("shards") == sorted([first.group_path.split("/")[1], f"{first.name}.json"])
+    group_meta = ["zarr.json"] if backend == "zarr" else []  # the `shards` group's own metadata
+    assert loc.children("shards") == sorted([first.group_path.split("/")[1], f"{first.name}.json", *group_meta])
     assert cf.check_integrity(root) == []
     # Damage under the group's name (a flipped byte; for Zarr a stray file too): a writer of
     # those bytes puts them back instead of yielding to it.
@@ -624,7 +626,7 @@ def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is
     third = _synthetic_writer(backend, root)
     assert cf.commit_shard(root, third, _entry(third, *third.finish({"source": third.source, "num_samples": 6})))
     assert cf.check_integrity(root) == [] and loc.children("shards") == sorted(
-        [first.group_path.split("/")[1], f"{first.name}.json"])
+        [first.group_path.split("/")[1], f"{first.name}.json", *group_meta])
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ import numpy as np
 from .common import CONTENT_DIGITS, ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
 from .location import (READ_THREADS, Location, check_inside, drop_staging, is_file, is_temp, is_url, link_out_of,
                        local_path, parallel_map, staging_dir)
-from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, ShardIndex, check_group, entry_path, forget_shard,
-                       read_manifest, record_shard, runs_command)
+from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, ShardIndex, check_group, ensure_zarr_groups, entry_path,
+                       forget_shard, read_manifest, record_shard, runs_command)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
 from .wds_store import WdsShard, WdsShardWriter, wds_codec_description
 from .zarr_store import ShardGroup, ShardWriter, check_group_arrays, group_listing, zarr_codec_description
@@ -119,12 +119,15 @@ def clean_cache(root: str | os.PathLike, older_than_hours: float = 24.0, dry_run
     may belong to a live writer on another machine; this explicit command is how the rest
     goes. A live writer writes into its temporary at every batch, so an age of hours is
     safe; age 0 removes everything unreferenced (only when no writer runs). Returns the
-    paths removed (with `dry_run`, that would be).
+    paths removed (with `dry_run`, that would be). Also writes the group metadata a Zarr
+    cache from before `shards/zarr.json` lacks (`ensure_zarr_groups`; not with `dry_run`).
     """
     removed = []
     for r in [str(root)] + [target_root(root, t) for t in list_targets(root)]:
         loc = Location(r)
         manifest = read_manifest(r)  # (also: refuse what is not a cache)
+        if not dry_run:
+            ensure_zarr_groups(r, manifest)
         referenced = {s.group for s in manifest.shards}
         # only what a writer names: temporaries and groups named after their bytes; anything
         # else in shards/ (the input tars, when --out was their parent directory) is the user's

@@ -22,6 +22,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
@@ -464,7 +465,7 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     except FileNotFoundError:
         raise CacheError(f"{root}: not a feature cache (no {MANIFEST})") from None
     manifest = Manifest.from_json(obj, loc.join(MANIFEST))
-    names = loc.glob("shards/*.json")
+    names = [n for n in loc.glob("shards/*.json") if n != "shards/zarr.json"]  # (the `shards` group's metadata)
     for name in names:
         check_inside(loc.url, loc.join(name))
     entries = []
@@ -497,23 +498,41 @@ def _check_sources_unique(loc: Location, entries: list[ShardEntry]) -> None:
         seen[e.source] = e
 
 
-def _empty_zarr_group() -> bytes:
-    import zarr
+# A Zarr v3 group's metadata, the same bytes from every writer and every zarr version (what
+# zarr 3 writes for an empty group): the root, `shards` and `targets` of a Zarr cache are
+# such groups, so that zarr's own API walks the hierarchy down to each shard's arrays.
+GROUP_JSON = b'{\n  "attributes": {},\n  "zarr_format": 3,\n  "node_type": "group"\n}'
+GROUP_FILES = ("zarr.json", "shards/zarr.json")  # a Zarr cache's intermediate groups
+TARGET_LEVEL = "../.."  # a target's `views_from`: it lives at <cache>/targets/<name>
 
-    store = zarr.storage.MemoryStore()
-    zarr.open_group(store, mode="w")
-    return store._store_dict["zarr.json"].to_bytes()
+
+def ensure_zarr_groups(root: str | os.PathLike, manifest: Manifest) -> None:
+    """Write the group metadata of a Zarr cache's root and `shards` (and, for an added
+    teacher's targets, of the `targets` folder above them) where absent.
+
+    Create-if-absent with identical bytes: racing writers, on any machines, agree, and a
+    cache written before `shards/zarr.json` existed gets it from its next writer. Never a
+    shard's entry (no group is named `zarr`: group names end in 8 hex digits)."""
+    if manifest.backend != "zarr":
+        return
+    loc = Location(root)
+    for rel in GROUP_FILES:
+        loc.create_exclusive(rel, GROUP_JSON)
+    if manifest.views_from == TARGET_LEVEL:  # <cache>/targets/<name>: `targets` is a group too
+        above = loc.url.rsplit("/", 2)[0] if loc.remote else str(Path(loc.url).parent.parent)
+        for rel in (*GROUP_FILES, "targets/zarr.json"):
+            Location(above).create_exclusive(rel, GROUP_JSON)
 
 
 def init_cache(root: str | os.PathLike, manifest: Manifest) -> None:
     """Create the cache's manifest if absent; the first of racing writers wins, whole.
 
-    A Zarr cache's root is also a Zarr v3 group (its zarr.json); a wds cache is plain
-    files. `shards` entries are never part of manifest.json: each is its own file.
+    A Zarr cache's root and its `shards` folder are also Zarr v3 groups (their zarr.json,
+    `ensure_zarr_groups`); a wds cache is plain files. `shards` entries are never part of
+    manifest.json: each is its own file.
     """
     loc = Location(root)
-    if manifest.backend == "zarr":
-        loc.create_exclusive("zarr.json", _empty_zarr_group())
+    ensure_zarr_groups(root, manifest)
     loc.create_exclusive(MANIFEST, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
 
 
