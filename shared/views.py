@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import math
 import re
@@ -23,6 +22,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from mrmae.shared.seeding import numpy_rng_from
 
 # Refuse images whose pixel count would exhaust memory when decoded (PIL's own bomb
 # guard only warns below 2x its limit). 1e8 px is ~300 MB of RGB, far above ImageNet.
@@ -70,12 +71,8 @@ class View:
 
 
 def view_rng(seed: int, key: str, view_index: int) -> np.random.Generator:
-    """A generator that depends on (seed, key, view index) and nothing else.
-
-    sha256 rather than Python's `hash`, which is salted per process.
-    """
-    digest = hashlib.sha256(f"{seed}\x00{key}\x00{view_index}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+    """A generator that depends on (seed, key, view index) and nothing else (shared/seeding.py)."""
+    return numpy_rng_from(seed, key, view_index)
 
 
 def sample_view(height: int, width: int, rng: np.random.Generator, cfg: ViewConfig) -> View:

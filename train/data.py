@@ -27,7 +27,6 @@ with or without a cache.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import webdataset as wds
 from mrmae.shared.shards import ShardReader, TarSample, expand_urls, first_copies, local_file_size
 from mrmae.shared import cache_format as cf
 from mrmae.shared.batch_render import render_batch
+from mrmae.shared.seeding import seed_from
 from mrmae.shared.views import (View, ViewConfig, ViewError, check_view, decode_crop, decode_image, decode_view,
                                 render_view_uint8, sample_view, view_rng)
 
@@ -64,8 +64,7 @@ class DataConfig:
 
 def pick_view(seed: int, epoch: int, key: str, k: int) -> int:
     """The view of `key` shown in `epoch`: a function of (seed, epoch, key) only."""
-    digest = hashlib.sha256(f"{seed}\x00{epoch}\x00{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % k
+    return seed_from(seed, epoch, key, bits=64) % k
 
 
 def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:

@@ -8,7 +8,6 @@ masks as an uninterrupted one, with no hidden RNG state to carry.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mrmae.shared.errors import naming
+from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
 from mrmae.train.masking import focused_masking, random_masking
@@ -64,8 +64,8 @@ def normalize_targets(targets: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def mask_generator(seed: int, micro_step: int) -> torch.Generator:
-    digest = hashlib.sha256(f"mask\x00{seed}\x00{micro_step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    """The generator of one micro-step's mask noise: a function of (seed, micro-step) only."""
+    return generator_from("mask", seed, micro_step)
 
 
 def draw_masks(batch_size: int, num_tokens: int, attention: torch.Tensor | None, opts: StepOptions,

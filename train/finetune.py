@@ -42,7 +42,8 @@ from mrmae.shared.errors import naming, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.checkpoint import CheckpointError
 from mrmae.train.engine import InterruptibleLoader, NonFiniteLossError, append_metrics, epoch_passes, lr_at
-from mrmae.train.finetune_data import LabelledStream, sample_seed, seed_everything, train_transform
+from mrmae.shared.seeding import seed_from
+from mrmae.train.finetune_data import LabelledStream, seed_everything, train_transform
 from mrmae.train.recipe import RecipeFile
 
 if TYPE_CHECKING:
@@ -324,7 +325,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             if int(y.max()) >= cfg.num_classes:
                 raise FinetuneError(f"{cfg.train_shards}: label {int(y.max())} >= --num-classes {cfg.num_classes}")
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            seed_everything(sample_seed("finetune-step", cfg.seed, micro, rank))  # Mixup's draws, drop path
+            seed_everything(seed_from("finetune-step", cfg.seed, micro, rank))  # Mixup's draws, drop path
             micro += 1
             with accelerator.accumulate(model):
                 if mixup is not None:

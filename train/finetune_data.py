@@ -18,7 +18,6 @@ whether the run was resumed.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Callable, Iterator
 
@@ -27,6 +26,7 @@ import torch
 import webdataset as wds
 from torchvision.transforms.functional import to_pil_image
 
+from mrmae.shared.seeding import seed_from
 from mrmae.shared.shards import expand_urls, first_copies, iter_samples
 from mrmae.shared.views import ImageDecodeError, decode_image
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, epoch_shards
@@ -51,12 +51,6 @@ def train_transform(img_size: int, augment: str = "randaug", rand_augment: str =
     return create_transform(img_size, is_training=True, auto_augment=rand_augment if heavy else None,
                             color_jitter=None, re_prob=re_prob if heavy else 0.0, re_mode="pixel",
                             interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
-def sample_seed(*parts: object) -> int:
-    """A 63-bit seed from its parts (stable across processes, unlike hash())."""
-    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -100,7 +94,7 @@ class LabelledStream(torch.utils.data.IterableDataset):
                 image = to_pil_image(decode_image(data))
             except ImageDecodeError:
                 continue
-            seed_everything(sample_seed("finetune-aug", self.seed, self.epoch, self.repeat, key))
+            seed_everything(seed_from("finetune-aug", self.seed, self.epoch, self.repeat, key))
             yield self.transform(image), label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
