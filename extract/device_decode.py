@@ -1,7 +1,7 @@
 """JPEG decoding on the teacher's device (`extract-features --decode-on-device`).
 
-On a GPU one CPU core decodes and crops ~400 ImageNet JPEGs a second while the teacher
-runs ~8,700 views a second (../shared/reference/ANCHORS.md): the CPU is the bottleneck.
+On a GPU the teacher runs views many times faster than a CPU core decodes and crops
+ImageNet JPEGs (BENCHMARKS.md, "GPU: one H200"): the CPU is the bottleneck.
 With this path the DataLoader workers only read each image's header (its size, to draw
 the views) and the main process decodes a whole teacher batch at once with
 `torchvision.io.decode_jpeg(..., device="cuda")` (nvjpeg); shared/batch_render.py then

@@ -106,8 +106,8 @@ class RenderTasks(Dataset):
     itself, samples and all, so the same persistent workers serve shard after shard.
 
     A task's RenderedSamples come back with their pixels (and decoded images) views of one
-    tensor, handed to the main process through one shared-memory segment (~4x less
-    per-sample overhead there, where the whole extraction's stream passes).
+    tensor, handed to the main process through one shared-memory segment (one hand-over a
+    task rather than a sample, in the main process, where the whole extraction's stream passes).
     """
 
     def __init__(self, cfg: ViewConfig, input_size: int, pixel_codec: str | None = None, work: str = "render"):
@@ -154,8 +154,8 @@ class ShardTasks(Sampler):
 
 class RenderLoader:
     """DataLoader workers that render views (or only decode, `work`, see WORK), started once
-    and reused for every shard: forking 14 workers from a process that holds a CUDA context
-    took ~0.5 s a shard on the H200 host. Which worker takes a task never matters (a view
+    and reused for every shard: forking workers from a process that holds a CUDA context is
+    slow (BENCHMARKS.md, "GPU: one H200", measures it). Which worker takes a task never matters (a view
     depends on seed, key and image only). In flight: at most 4 tasks of SAMPLES_PER_ITEM
     samples per worker, rendered views or, with work "decode", decoded images."""
 

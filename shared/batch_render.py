@@ -5,8 +5,8 @@ tensor) runs PyTorch's Pillow-style integer resampler: a horizontal then a verti
 each with bicubic (a = -0.5) weights stretched by the downscale factor, rounded to int16
 at a precision chosen per pass, accumulated exactly in integers, then shifted back and
 clamped to 0-255. On CUDA torchvision would resample in float32 instead (a pixel can end a
-level apart), one view and several kernels at a time: 0.54 ms of host time a view on an
-H200's host (BENCHMARKS.md, "Extraction on the GPU").
+level apart), one view and several kernels at a time, a host cost per view that
+BENCHMARKS.md ("Extraction on the GPU") measures.
 
 Here each pass is one batched matmul of the crops with those integer weights, in float64:
 every product and partial sum is an integer below 2**53, so the sums are exact whatever

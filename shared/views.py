@@ -244,9 +244,9 @@ def render_view(
 
 # Codec -> (PIL format, save options, file extension). zstd (the raw uint8 array as .npy,
 # zstd level 3), PNG and WebP are lossless: the training loader then decodes exactly the
-# pixels a replay from the source would render; zstd is the largest but decodes ~50x
-# faster than PNG, which is what lets a loader worker outrun JPEG decoding. JPEG at
-# quality 95 is smaller and lossy (BENCHMARKS.md gives sizes, speeds and errors).
+# pixels a replay from the source would render; zstd is the largest but decodes fastest,
+# which is what lets a loader worker outrun JPEG decoding. JPEG at quality 95 is smaller
+# and lossy (BENCHMARKS.md, "Loaders and stored views", gives sizes, speeds and errors).
 PIXEL_CODECS: dict[str, tuple[str | None, dict, str]] = {
     "zstd": (None, {"level": 3}, "npy.zst"),
     "png": ("PNG", {"compress_level": 1}, "png"),
