@@ -103,6 +103,42 @@ def _blocks(param: click.Parameter, text: str) -> tuple[int, ...]:
     return blocks
 
 
+class _MaskChoice(click.Choice):
+    """--mask: the registered masking strategies (train/masks/), listed at first use rather
+    than at import, so that `mrmae --help` does not import torch and every strategy."""
+
+    def __init__(self) -> None:
+        self._names: tuple[str, ...] | None = None
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._names is None:
+            from mrmae.train.masking import mask_names
+
+            self._names = tuple(mask_names())
+        return self._names
+
+    @choices.setter
+    def choices(self, _value) -> None:  # click.Choice.__init__ assigns (); the registry decides
+        pass
+
+
+def _mask_options(param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    """--mask-option NAME=VALUE (repeated) -> {name: value}; checked against the strategies
+    when the run is set up (train/pretrain.check_mask)."""
+    options = {}
+    for text in values:
+        name, eq, value = text.partition("=")
+        try:
+            options[name.strip().replace("-", "_")] = float(value)
+        except ValueError:
+            eq = ""
+        if not eq or not name.strip():
+            raise click.BadParameter(f"{text!r}: give NAME=NUMBER, e.g. block_min_patches=16", param=param)
+    return options
+
+
 def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """A torch device this machine has (cpu, cuda, cuda:N, mps), or BadParameter naming the option."""
     import torch
@@ -233,10 +269,14 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
 @click.option("--min-lr", default=0.0, show_default=True)
 @click.option("--warmup-epochs", default=0.0, show_default=True)
 @click.option("--weight-decay", default=0.05, show_default=True)
-@click.option("--mask", type=click.Choice(["random", "focused"]), default="random", show_default=True)
+@click.option("--mask", type=_MaskChoice(), default="random", show_default=True,
+              help="Masking strategy (train/masks/): random (MAE's), focused (by the teacher's attention), ...")
 @click.option("--mask-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.75, show_default=True)
 @click.option("--focus-temperature", default=1.0, show_default=True, help="Focused masking: attention ** (1/T).")
 @click.option("--focus-uniform-mix", default=0.0, show_default=True, help="Focused masking: share of uniform weight.")
+@click.option("--mask-option", "mask_option", multiple=True, metavar="NAME=VALUE",
+              callback=lambda ctx, p, v: _mask_options(p, v),
+              help="An option of the --mask strategy (see its file in train/masks/); repeatable.")
 @click.option("--recon-weight", default=0.5, show_default=True)
 @click.option("--mimic-weight", default=0.5, show_default=True)
 @click.option("--target-norm", type=click.Choice(["none", "layernorm", "l2"]), default="none", show_default=True)
@@ -283,8 +323,17 @@ def pretrain_config(progress: bool = True, **params):
     from mrmae.train.engine import StepOptions
     from mrmae.train.pretrain import PretrainConfig
 
-    step = {k: params.pop(k) for k in ("mask", "mask_ratio", "focus_temperature", "focus_uniform_mix",
-                                       "recon_weight", "mimic_weight", "target_norm")}
+    from mrmae.shared.errors import OptionError
+    from mrmae.train.masking import get_mask
+
+    step = {k: params.pop(k) for k in ("mask", "mask_ratio", "recon_weight", "mimic_weight", "target_norm")}
+    given = {k: params.pop(k) for k in ("focus_temperature", "focus_uniform_mix")}  # focused's, by their own flags
+    for name, value in (params.pop("mask_option", None) or {}).items():
+        if name in given:
+            raise OptionError(f"--mask-option {name}: give it as --{name.replace('_', '-')}")
+        given[name] = value
+    # recorded whole in config.json: the strategy's defaults too, as this version has them
+    step["mask_options"] = {**get_mask(step["mask"]).resolve(given), **given}
     compile_backend = params.pop("compile_backend")
     return PretrainConfig(**params, compile=compile_backend, progress=progress,
                           step_options=StepOptions(**step, seed=params["seed"]))
@@ -474,7 +523,7 @@ def finetune(no_progress, **kwargs) -> None:
               help="Default: the run's, else 0.75.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the mask draws.")
 def visualize(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed) -> None:
-    """PNG grid per sample: view, teacher [CLS] attention, focused and random masks, [reconstruction]."""
+    """PNG grid per sample: view, teacher [CLS] attention, a mask per masking strategy, [reconstruction]."""
     from mrmae.train.visualize import render_grid
 
     click.echo(str(render_grid(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed)))

@@ -118,3 +118,50 @@ def test_focus_weights_formula_and_sparse_attention():
     sparse[:, :10] = 1.0
     keep = focused_masking(sparse, 0.75, temperature=0.05, generator=gen(0))[0]
     assert torch.isin(torch.arange(10), keep[0]).all() and torch.isin(torch.arange(10), keep[1]).all()
+
+
+# --- the registry (train/masks/) ---------------------------------------------------------------
+
+def test_registry_finds_every_module_and_refuses_unknown_names():
+    from mrmae.train.masking import get_mask, mask_names, mask_strategies
+
+    names = mask_names()
+    assert {"random", "focused"} <= set(names) and names == sorted(names)
+    focused = mask_strategies()["focused"]
+    assert focused.needs_attention and not get_mask("random").needs_attention
+    assert [o.name for o in focused.options] == ["focus_temperature", "focus_uniform_mix"]
+    assert focused.resolve({"focus_temperature": 0.5, "other_strategy_option": 3}) == \
+        {"focus_temperature": 0.5, "focus_uniform_mix": 0.0}
+    with pytest.raises(ValueError, match="unknown masking strategy 'nope'; known: .*focused"):
+        get_mask("nope")
+    with pytest.raises(ValueError, match="focused masking needs teacher attention"):
+        focused(torch.rand(2, 16), 0.5)
+
+
+def test_a_name_registered_twice_is_refused():
+    from mrmae.train.masking import register_mask
+
+    with pytest.raises(ValueError, match="'random' is registered twice"):
+        register_mask("random")(lambda noise, mask_ratio, attention: None)
+
+
+@pytest.mark.parametrize("mask", ["random", "focused"])
+def test_the_engine_draws_what_it_drew_before_the_registry(mask):
+    """draw_masks: the noise of (seed, micro-step) (the old sha256 formula, inline), this rank's
+    rows of it, then the strategy's pure function: the masks of runs before the registry."""
+    import hashlib
+
+    from mrmae.train.engine import StepOptions, draw_masks
+
+    opts = StepOptions(mask=mask, mask_ratio=0.75, seed=5, mask_options={"focus_temperature": 0.5,
+                                                                          "focus_uniform_mix": 0.1})
+    attention = hot_attention(4)[0]
+    digest = hashlib.sha256(f"mask\x005\x0011".encode()).digest()
+    old = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    noise = torch.rand(3 * 4, 196, generator=old)[4:8]  # rank 1 of 3
+    if mask == "random":
+        expected = masks_from_keep(torch.argsort(noise, dim=1)[:, :49], 196)
+    else:
+        expected = focused_masking(attention, 0.75, 0.5, 0.1, noise=noise)
+    for got, want in zip(draw_masks(4, 196, attention, opts, 11, 1, 3), expected):
+        assert torch.equal(got, want)

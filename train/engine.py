@@ -12,7 +12,7 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -23,7 +23,7 @@ from mrmae.shared.errors import naming
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
-from mrmae.train.masking import focused_masking, random_masking
+from mrmae.train.masking import get_mask
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -32,10 +32,9 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class StepOptions:
-    mask: str = "random"  # "random" | "focused"
+    mask: str = "random"  # a registered masking strategy (train/masks/: "random", "focused", ...)
     mask_ratio: float = 0.75
-    focus_temperature: float = 1.0
-    focus_uniform_mix: float = 0.0
+    mask_options: dict[str, float] = field(default_factory=dict)  # its options; absent ones take their defaults
     recon_weight: float = 0.5
     mimic_weight: float = 0.5
     target_norm: str = "none"  # "none" | "layernorm" | "l2"
@@ -78,12 +77,8 @@ def draw_masks(batch_size: int, num_tokens: int, attention: torch.Tensor | None,
     """
     noise = torch.rand(world * batch_size, num_tokens, generator=mask_generator(opts.seed, micro_step))
     noise = noise[rank * batch_size:(rank + 1) * batch_size]
-    if opts.mask == "focused":
-        if attention is None:
-            raise ValueError("focused masking needs teacher attention: give --feature-cache or --teacher")
-        return focused_masking(attention.float().cpu(), opts.mask_ratio, opts.focus_temperature,
-                               opts.focus_uniform_mix, noise=noise)
-    return random_masking(batch_size, num_tokens, opts.mask_ratio, noise=noise)
+    return get_mask(opts.mask)(noise, opts.mask_ratio, None if attention is None else attention.float().cpu(),
+                               opts.mask_options)
 
 
 def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,

@@ -1,6 +1,23 @@
-"""Which patch tokens the student encoder sees: uniform (MAE) and attention-focused masking.
+"""Which patch tokens the student encoder sees: the registry of masking strategies and
+what they share.
 
-Every function returns the same triple, on the device of its inputs:
+A masking strategy is one module of `mrmae.train.masks` (random.py: MAE's uniform masking,
+focused.py: attention-focused masking, ...): a function registered with `@register_mask`,
+
+    @register_mask("name", needs_attention=False, options=(MaskOption(...), ...))
+    def draw(noise, mask_ratio, attention, **options) -> Masks
+
+noise [B, N] float32 uniform in [0, 1): the step's only randomness for these B rows (the
+engine draws one tensor per global batch and gives each process its rows, so a row's mask
+depends on its place in the global batch, not on the process count); attention [B, N]
+(the teacher's [CLS]->patch attention, on the CPU) when the strategy `needs_attention`,
+else None; `options` the strategy's declared options (`MaskOption`; `--mask-option
+NAME=VALUE` on the command line). A row's mask must be a function of its noise row (and
+attention row) alone. Every module of the package is imported when the registry is first
+asked (`mask_strategies`), so a new strategy is one new file there: `mrmae pretrain
+--mask NAME`, `mrmae visualize` and the run's config.json pick it up.
+
+Every strategy returns the same triple, on the device of its inputs:
 
     ids_keep     [B, n_keep] long   indices of the visible tokens, sorted ascending per row
     mask         [B, N]      bool   True = masked (hidden from the encoder), False = visible
@@ -21,11 +38,15 @@ to the higher-resolution grids of their convolution stages.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 Masks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+STRATEGIES_PACKAGE = "mrmae.train.masks"
 
 
 def num_visible(num_tokens: int, mask_ratio: float) -> int:
@@ -54,66 +75,6 @@ def masks_from_keep(ids_keep: torch.Tensor, num_tokens: int) -> Masks:
     return ids_shuffle[:, :n_keep].contiguous(), mask, ids_restore
 
 
-def random_masking(batch: int, num_tokens: int, mask_ratio: float,
-                   generator: torch.Generator | None = None,
-                   device: torch.device | str | None = None, noise: torch.Tensor | None = None) -> Masks:
-    """MAE uniform masking: each row keeps a uniformly random n_keep-subset of N tokens.
-
-    The subset is the n_keep smallest of uniform `noise` [B, N] (drawn from `generator`,
-    which must live on `device`, when not given). Passing each row's slice of one global
-    noise tensor makes a row's mask independent of how a batch is split over processes.
-    Returns (ids_keep [B, n_keep], mask [B, N], ids_restore [B, N]) (module docstring).
-    """
-    n_keep = num_visible(num_tokens, mask_ratio)
-    if noise is None:
-        noise = torch.rand(batch, num_tokens, generator=generator, device=device)
-    ids_keep = torch.argsort(noise, dim=1)[:, :n_keep]
-    return masks_from_keep(ids_keep, num_tokens)
-
-
-def focus_weights(attention: torch.Tensor, temperature: float = 1.0, uniform_mix: float = 0.0,
-                  eps: float = 1e-6) -> torch.Tensor:
-    """Sampling weights [B, N] (rows sum to 1, float64) from teacher attention [B, N].
-
-    w = (1 - uniform_mix) * softmax(log(attention + eps) / temperature) + uniform_mix / N,
-    i.e. attention ** (1 / T) normalised per row, mixed with the uniform distribution.
-    Negative attention is clipped to 0; weights are floored at 1e-30 so that every token
-    stays drawable (torch.multinomial needs n_keep non-zero weights).
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= uniform_mix <= 1.0:
-        raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
-    logits = torch.log(attention.double().clamp_min(0.0) + eps) / temperature
-    w = (1.0 - uniform_mix) * torch.softmax(logits, dim=-1) + uniform_mix / attention.shape[-1]
-    return w.clamp_min(1e-30)
-
-
-def focused_masking(attention: torch.Tensor, mask_ratio: float, temperature: float = 1.0,
-                    uniform_mix: float = 0.0, generator: torch.Generator | None = None,
-                    noise: torch.Tensor | None = None) -> Masks:
-    """Focused mimicking: visible tokens drawn by the teacher's [CLS]->patch attention.
-
-    attention [B, N] float (non-negative). Each row's n_keep visible tokens are drawn by
-    multinomial sampling without replacement with `focus_weights` (salient tokens are
-    visible more often; this is not a fixed top-k). The draw uses the Gumbel-top-k form
-    of that sampling (the n_keep largest of log w + Gumbel noise have exactly the law of
-    successive draws without replacement), so, as in `random_masking`, it is a function of
-    uniform `noise` [B, N] (drawn from `generator`, on attention's device, when not given).
-    Returns (ids_keep [B, n_keep], mask [B, N], ids_restore [B, N]).
-    """
-    if attention.ndim != 2:
-        raise ValueError(f"attention must be [B, N], got {tuple(attention.shape)}")
-    n_keep = num_visible(attention.shape[1], mask_ratio)
-    weights = focus_weights(attention, temperature, uniform_mix)
-    if noise is None:
-        noise = torch.rand(attention.shape, generator=generator, device=attention.device)
-    u = noise.double().clamp(1e-12, 1.0 - 1e-12)
-    gumbel = -torch.log(-torch.log(u))
-    ids_keep = torch.topk(weights.log() + gumbel, n_keep, dim=1).indices
-    return masks_from_keep(ids_keep, attention.shape[1])
-
-
 def blockwise_visible_maps(mask: torch.Tensor, scales: Sequence[int] = (4, 2)) -> tuple[torch.Tensor, ...]:
     """Block-wise multi-scale masking (ConvMAE): one token mask at every stage resolution.
 
@@ -133,3 +94,103 @@ def blockwise_visible_maps(mask: torch.Tensor, scales: Sequence[int] = (4, 2)) -
         raise ValueError(f"{n} tokens do not form a square grid")
     visible = (~mask.bool()).float().reshape(b, 1, g, g)
     return tuple(visible.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3) for s in scales)
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MaskOption:
+    """A number a strategy's draw takes as a keyword argument (`name`), with its default,
+    its valid range ([low, high], or (low, high] with low_open) and the short `label` a
+    report shows it under when it is not the default."""
+
+    name: str
+    default: float
+    help: str
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class MaskStrategy:
+    """A registered masking strategy (module docstring); call it to draw."""
+
+    name: str
+    draw: Callable[..., Masks]
+    needs_attention: bool
+    options: tuple[MaskOption, ...]
+    help: str  # the first line of the draw function's docstring
+
+    def resolve(self, given: Mapping[str, float] | None = None) -> dict[str, float]:
+        """This strategy's options: the defaults, overridden by those in `given` (other
+        strategies' options there are ignored, so one mapping serves every strategy)."""
+        given = given or {}
+        return {o.name: float(given.get(o.name, o.default)) for o in self.options}
+
+    def __call__(self, noise: torch.Tensor, mask_ratio: float, attention: torch.Tensor | None = None,
+                 options: Mapping[str, float] | None = None) -> Masks:
+        """noise [B, N], attention [B, N] or None -> (ids_keep [B, n_keep], mask [B, N], ids_restore [B, N])."""
+        if self.needs_attention and attention is None:
+            raise ValueError(f"{self.name} masking needs teacher attention: give --feature-cache or --teacher")
+        return self.draw(noise, mask_ratio, attention if self.needs_attention else None, **self.resolve(options))
+
+
+_REGISTRY: dict[str, MaskStrategy] = {}
+_LOADED = False
+
+
+def register_mask(name: str, *, needs_attention: bool = False,
+                  options: Sequence[MaskOption] = ()) -> Callable[[Callable[..., Masks]], Callable[..., Masks]]:
+    """Decorator: register `draw(noise, mask_ratio, attention, **options) -> Masks` as
+    masking strategy `name` (module docstring). A name registered twice is an error."""
+    def add(draw: Callable[..., Masks]) -> Callable[..., Masks]:
+        if name in _REGISTRY and _REGISTRY[name].draw is not draw:
+            raise ValueError(f"masking strategy {name!r} is registered twice ({_REGISTRY[name].draw.__module__} "
+                             f"and {draw.__module__})")
+        doc = (draw.__doc__ or name).strip().splitlines()[0]
+        _REGISTRY[name] = MaskStrategy(name, draw, needs_attention, tuple(options), doc)
+        return draw
+    return add
+
+
+def mask_strategies() -> dict[str, MaskStrategy]:
+    """Every registered strategy by name, after importing each module of `mrmae.train.masks`
+    once (registration is the import's side effect)."""
+    global _LOADED
+    if not _LOADED:
+        package = importlib.import_module(STRATEGIES_PACKAGE)
+        for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+            if not module.startswith("_"):
+                importlib.import_module(f"{STRATEGIES_PACKAGE}.{module}")
+        _LOADED = True
+    return dict(_REGISTRY)
+
+
+def mask_names() -> list[str]:
+    """The registered strategies' names, sorted (what `--mask` accepts)."""
+    return sorted(mask_strategies())
+
+
+def get_mask(name: str) -> MaskStrategy:
+    """The strategy registered as `name`; ValueError naming the known ones otherwise."""
+    strategies = mask_strategies()
+    if name not in strategies:
+        raise ValueError(f"unknown masking strategy {name!r}; known: {', '.join(sorted(strategies))}")
+    return strategies[name]
+
+
+def all_mask_options() -> dict[str, MaskOption]:
+    """Every registered strategy's options by name (an option name belongs to one strategy)."""
+    return {o.name: o for s in mask_strategies().values() for o in s.options}
+
+
+# The pure functions of the first two strategies, importable from here as before
+_MOVED = {"random_masking": "random", "focused_masking": "focused", "focus_weights": "focused"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"{STRATEGIES_PACKAGE}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,7 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.errors import OptionError, naming, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
-from mrmae.train.masking import num_visible
+from mrmae.train.masking import all_mask_options, get_mask, mask_names, num_visible
 from mrmae.train.recipe import RecipeFile
 from mrmae.train.engine import (InterruptibleLoader, NonFiniteLossError, StepOptions, append_metrics, epoch_passes,
                                 lr_at, train_one_epoch)
@@ -117,6 +117,7 @@ def check_options(cfg: PretrainConfig) -> None:
         if value < least:
             raise OptionError(f"{option} {value}: must be at least {least}")
     check_numbers(cfg)
+    check_mask(cfg.step_options)
     if cfg.model not in list_models():
         raise OptionError(f"--model {cfg.model}: unknown; known: {', '.join(list_models())}")
     try:
@@ -142,8 +143,21 @@ def check_options(cfg: PretrainConfig) -> None:
         raise OptionError("give --feature-cache or --teacher, not both")
     if cfg.pixels_from_cache and not cfg.feature_cache:
         raise OptionError("--pixels-from-cache reads the views from a cache: give --feature-cache")
-    if cfg.step_options.mask == "focused" and not (cfg.feature_cache or cfg.teacher):
-        raise OptionError("--mask focused needs teacher attention: give --feature-cache or --teacher")
+    if get_mask(cfg.step_options.mask).needs_attention and not (cfg.feature_cache or cfg.teacher):
+        raise OptionError(f"--mask {cfg.step_options.mask} needs teacher attention: give --feature-cache or --teacher")
+
+
+def check_mask(o: StepOptions) -> None:
+    """--mask names a registered strategy, and each of --mask-option's (any strategy's: the
+    command line sets --focus-* whatever --mask is) is an option of one, in its range."""
+    if o.mask not in mask_names():
+        raise OptionError(f"--mask {o.mask}: unknown masking strategy; known: {', '.join(mask_names())}")
+    known = all_mask_options()
+    for name, value in o.mask_options.items():
+        if name not in known:
+            raise OptionError(f"--mask-option {name}: no masking strategy takes it; known: {', '.join(sorted(known))}")
+        spec = known[name]
+        number_option(name.replace("_", "-"), value, spec.low, spec.high, low_open=spec.low_open)
 
 
 def number_option(option: str, value: float | None, low: float, high: float = math.inf, *,
@@ -206,8 +220,6 @@ def check_numbers(cfg: PretrainConfig) -> None:
             ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
             ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("weight-decay", cfg.weight_decay, 0.0, math.inf, False),
             ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False), ("mask-ratio", o.mask_ratio, 0.0, 1.0, False),
-            ("focus-temperature", o.focus_temperature, 0.0, math.inf, True),
-            ("focus-uniform-mix", o.focus_uniform_mix, 0.0, 1.0, False),
             ("recon-weight", o.recon_weight, 0.0, math.inf, False), ("mimic-weight", o.mimic_weight, 0.0, math.inf, False)):
         number_option(option, value, low, high, low_open=low_open)
     check_warmup(cfg.warmup_epochs, cfg.epochs)

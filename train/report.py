@@ -35,6 +35,7 @@ from typing import IO, Iterator
 
 from mrmae.shared.errors import OptionError, naming
 from mrmae.train.checkpoint import read_json_object
+from mrmae.train.masking import mask_strategies
 
 LINE_LIMIT = 1 << 20  # bytes; a metrics record is ~200: a longer line is damage, not a record
 CONFIG_LIMIT = 16 << 20  # bytes; a resolved config is a few KiB
@@ -272,15 +273,22 @@ def describe_config(cfg: dict, where: str) -> _Setup:
 
 
 def describe_mask(opts: dict, where: str) -> str | None:
-    """'random 0.75', 'focused 0.75', with T and uniform mix of focused masking when not 1 and 0."""
+    """'random 0.75', 'focused 0.75', with the strategy's options that are not at their
+    defaults under their labels ('focused 0.75 T=0.5 mix=0.1')."""
     mask, ratio = text(opts, "mask", where), finite(opts, "mask_ratio", where)
     if mask is None:
         return None
     shown = mask if ratio is None else f"{mask} {ratio:g}"
-    if mask == "focused":
-        temperature, mix = finite(opts, "focus_temperature", where), finite(opts, "focus_uniform_mix", where)
-        shown += f" T={temperature:g}" if temperature not in (None, 1.0) else ""
-        shown += f" mix={mix:g}" if mix not in (None, 0.0) else ""
+    strategy = mask_strategies().get(mask)
+    # runs from before the registry recorded focused masking's options in step_options itself
+    recorded = opts.get("mask_options", opts)
+    if not isinstance(recorded, dict):
+        raise ReportError(f"{where}: key mask_options is {recorded!r}, not an object")
+    if strategy is None:  # a strategy this version lacks: its name says it
+        return shown
+    for option in strategy.options:
+        value = finite(recorded, option.name, where)
+        shown += f" {option.label or option.name}={value:g}" if value not in (None, option.default) else ""
     return shown
 
 

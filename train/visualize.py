@@ -3,14 +3,15 @@
 One row per sample, one column per panel, each panel S x S pixels (S = the cache's view
 size, 224 by default):
 
-    view | teacher [CLS] attention | focused mask | random mask | [reconstruction]
+    view | teacher [CLS] attention | focused mask | random mask | [other masks] | [reconstruction]
 
 - view: replayed from the source image with the cached crop and flip (the render
   pretraining uses), so it is exactly what the teacher and the student saw;
 - attention: the cached [CLS]->patch attention, min-max scaled, as a colour map blended
   over the view;
-- masks: one draw of focused and of random masking (train/masking.py); masked patches
-  grey, visible ones as they are;
+- masks: one draw of each registered masking strategy (train/masks/; focused and random
+  first, the others by name, each with the run's options); masked patches grey, visible
+  ones as they are;
 - reconstruction (with --checkpoint): MAE's picture. Visible patches are the input, masked
   patches are the decoder's prediction; with norm-pix targets the prediction is mapped
   back to pixels with each patch's true mean and std (as MAE's own visualisation does).
@@ -33,9 +34,10 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.errors import OptionError, naming
 from mrmae.shared.views import View, ViewError, decode_image, normalize, render_view_uint8
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
-from mrmae.train.masking import focused_masking, random_masking
+from mrmae.train.masking import MaskStrategy, mask_strategies
 
 PAD, HEADER = 8, 24
+FIRST_MASKS = ("focused", "random")  # the paper's two, in the columns (and draw order) they have always had
 GREY = 110
 # A dark-blue -> cyan -> yellow -> red colour map as (position, RGB) control points.
 _CMAP = np.array([[0.0, 20, 20, 90], [0.35, 30, 150, 200], [0.65, 240, 220, 60], [1.0, 210, 30, 30]])
@@ -119,6 +121,13 @@ def _samples(cache: cf.FeatureCache, shards: str, view_index: int, num: int):
                 return
 
 
+def mask_columns() -> list[MaskStrategy]:
+    """The registered strategies in column order: FIRST_MASKS, then the others by name."""
+    registry = mask_strategies()
+    names = [n for n in FIRST_MASKS if n in registry] + sorted(set(registry) - set(FIRST_MASKS))
+    return [registry[n] for n in names]
+
+
 def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: str | None = None, num: int = 4,
                 view_index: int = 0, mask_ratio: float | None = None, seed: int = 0) -> Path:
     """Draw the figure (module docstring) for the first `num` samples and write it as PNG to `out`."""
@@ -126,7 +135,7 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
         raise OptionError(f"--out {out}: inside the cache {feature_cache}, whose files it would replace; "
                           "write the picture elsewhere")
     cache = cf.FeatureCache(feature_cache)
-    model, train_mask, focus = None, "random", {"temperature": 1.0, "uniform_mix": 0.0}
+    model, train_mask, mask_options = None, "random", {}
     if checkpoint is not None:
         from mrmae.train.restore import load_student
 
@@ -134,9 +143,10 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
         model = restored.model
         opts = restored.run_config.get("step_options", {})
         train_mask = opts.get("mask", "random")
-        focus = {"temperature": opts.get("focus_temperature", 1.0), "uniform_mix": opts.get("focus_uniform_mix", 0.0)}
+        mask_options = opts.get("mask_options", opts)  # (older runs: focused's options in step_options itself)
         mask_ratio = opts.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
     mask_ratio = 0.75 if mask_ratio is None else mask_ratio
+    strategies = mask_columns()
     rows = list(_samples(cache, shards, view_index, num))
     if not rows:
         raise FileNotFoundError(f"no cached samples in {shards}")
@@ -144,9 +154,10 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
     if model is not None and (model.cfg.img_size, model.num_patches) != (cell, rows[0][2].size):
         raise cf.CacheError(f"the checkpoint's {model.cfg.img_size} px / {model.num_patches} tokens do not fit the "
                             f"cache's {cell} px views with {rows[0][2].size} attention tokens")
-    titles = ["view", "teacher [CLS] attention", f"focused mask {mask_ratio:.0%}", f"random mask {mask_ratio:.0%}"]
+    titles = ["view", "teacher [CLS] attention", *(f"{s.name} mask {mask_ratio:.0%}" for s in strategies)]
+    shown = train_mask if any(s.name == train_mask for s in strategies) else "random"  # (a strategy since removed)
     if model is not None:
-        titles.append(f"reconstruction ({train_mask} mask)")
+        titles.append(f"reconstruction ({shown} mask)")
     canvas = Image.new("RGB", canvas_size(len(rows), len(titles), cell), "white")
     draw = ImageDraw.Draw(canvas)
     for c, title in enumerate(titles):
@@ -154,12 +165,10 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
     gen = torch.Generator().manual_seed(seed)
     for r, (key, view, attention) in enumerate(rows):
         att = torch.from_numpy(np.asarray(attention, dtype=np.float32))[None]
-        focused = focused_masking(att, mask_ratio, focus["temperature"], focus["uniform_mix"], generator=gen)
-        uniform = random_masking(1, att.shape[1], mask_ratio, generator=gen)
-        panels = [view, heat_overlay(view, att[0].numpy()), masked_picture(view, focused[1][0]),
-                  masked_picture(view, uniform[1][0])]
+        draws = {s.name: s(torch.rand(att.shape, generator=gen), mask_ratio, att, mask_options) for s in strategies}
+        panels = [view, heat_overlay(view, att[0].numpy()), *(masked_picture(view, d[1][0]) for d in draws.values())]
         if model is not None:
-            ids_keep, mask, ids_restore = focused if train_mask == "focused" else uniform
+            ids_keep, mask, ids_restore = draws[shown]
             panels.append(reconstruction(model, view, ids_keep, ids_restore, mask))
         y = HEADER + r * (cell + PAD)
         for c, panel in enumerate(panels):
