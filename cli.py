@@ -329,7 +329,7 @@ def pretrain_config(progress: bool = True, **params):
     step = {k: params.pop(k) for k in ("mask", "mask_ratio", "recon_weight", "mimic_weight", "target_norm")}
     given = {k: params.pop(k) for k in ("focus_temperature", "focus_uniform_mix")}  # focused's, by their own flags
     for name, value in (params.pop("mask_option", None) or {}).items():
-        if name in given:
+        if name in given:  # focused's options have flags of their own
             raise OptionError(f"--mask-option {name}: give it as --{name.replace('_', '-')}")
         given[name] = value
     # recorded whole in config.json: the strategy's defaults too, as this version has them

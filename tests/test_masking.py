@@ -165,3 +165,25 @@ def test_the_engine_draws_what_it_drew_before_the_registry(mask):
         expected = focused_masking(attention, 0.75, 0.5, 0.1, noise=noise)
     for got, want in zip(draw_masks(4, 196, attention, opts, 11, 1, 3), expected):
         assert torch.equal(got, want)
+
+
+def test_mask_and_its_options_are_checked_by_name_and_range():
+    from click.testing import CliRunner
+
+    from mrmae.cli import cli
+    from mrmae.shared.errors import OptionError
+    from mrmae.train.engine import StepOptions
+    from mrmae.train.pretrain import check_mask
+
+    check_mask(StepOptions(mask="random", mask_options={"focus_temperature": 0.5, "focus_uniform_mix": 1.0}))
+    for opts, message in ((StepOptions(mask="nope"), "--mask nope: unknown masking strategy; known: .*random"),
+                          (StepOptions(mask_options={"bogus": 1.0}), "--mask-option bogus: no masking strategy takes it"),
+                          (StepOptions(mask_options={"focus_temperature": 0.0}),
+                           "--focus-temperature 0.0: must be a finite number above 0")):
+        with pytest.raises(OptionError, match=message):
+            check_mask(opts)
+    for given in ("bogus", "x=one", "=1"):  # refused while the command line is parsed
+        r = CliRunner().invoke(cli, ["pretrain", "--shards", "x.tar", "--out", "o", "--mask-option", given])
+        assert r.exit_code == 2 and "--mask-option" in r.output and "give NAME=NUMBER" in r.output, r.output
+    r = CliRunner().invoke(cli, ["pretrain", "--shards", "x.tar", "--out", "o", "--mask", "nope"])
+    assert r.exit_code == 2 and "'nope' is not one of" in r.output and "'focused'" in r.output, r.output

@@ -101,8 +101,10 @@ def blockwise_visible_maps(mask: torch.Tensor, scales: Sequence[int] = (4, 2)) -
 @dataclass(frozen=True)
 class MaskOption:
     """A number a strategy's draw takes as a keyword argument (`name`), with its default,
-    its valid range ([low, high], or (low, high] with low_open) and the short `label` a
-    report shows it under when it is not the default."""
+    its valid range ([low, high], or (low, high] with low_open), the short `label` a
+    report shows it under when it is not the default, and the command-line `flag` that
+    sets it when it has one of its own (focused masking's); others are set with
+    `--mask-option NAME=VALUE`."""
 
     name: str
     default: float
@@ -111,6 +113,7 @@ class MaskOption:
     high: float = math.inf
     low_open: bool = False
     label: str = ""
+    flag: str | None = None
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,8 @@ def check_mask(o: StepOptions) -> None:
         if name not in known:
             raise OptionError(f"--mask-option {name}: no masking strategy takes it; known: {', '.join(sorted(known))}")
         spec = known[name]
-        number_option(name.replace("_", "-"), value, spec.low, spec.high, low_open=spec.low_open)
+        shown = spec.flag[2:] if spec.flag else f"mask-option {name}"  # (number_option adds the dashes)
+        number_option(shown, value, spec.low, spec.high, low_open=spec.low_open)
 
 
 def number_option(option: str, value: float | None, low: float, high: float = math.inf, *,

@@ -7,9 +7,9 @@ import torch
 from mrmae.train.masking import MaskOption, Masks, masks_from_keep, num_visible, register_mask
 
 OPTIONS = (MaskOption("focus_temperature", 1.0, "Focused masking: attention ** (1/T).", low=0.0, low_open=True,
-                      label="T"),
+                      label="T", flag="--focus-temperature"),
            MaskOption("focus_uniform_mix", 0.0, "Focused masking: share of uniform weight.", low=0.0, high=1.0,
-                      label="mix"))
+                      label="mix", flag="--focus-uniform-mix"))
 
 
 @register_mask("focused", needs_attention=True, options=OPTIONS)
