@@ -242,3 +242,20 @@ def test_help_does_not_import_matplotlib():
             "assert r.exit_code == 0 and 'RUNS' in r.output, r.output; print('matplotlib' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_mask_column_reads_both_config_layouts():
+    """step_options.mask_options (since the masking registry) and, for older runs, focused
+    masking's options in step_options itself: the same column."""
+    from mrmae.train.report import ReportError, describe_mask
+
+    old = {"mask": "focused", "mask_ratio": 0.75, "focus_temperature": 0.5, "focus_uniform_mix": 0.0}
+    new = {"mask": "focused", "mask_ratio": 0.75, "mask_options": {"focus_temperature": 0.5, "focus_uniform_mix": 0.0}}
+    assert describe_mask(old, "w") == describe_mask(new, "w") == "focused 0.75 T=0.5"
+    assert describe_mask({"mask": "random", "mask_ratio": 0.6, "mask_options": {"focus_temperature": 2}}, "w") == \
+        "random 0.6"
+    assert describe_mask({"mask": "since-removed", "mask_ratio": 0.5}, "w") == "since-removed 0.5"
+    with pytest.raises(ReportError, match="w: key mask_options is 3, not an object"):
+        describe_mask({"mask": "focused", "mask_options": 3}, "w")
+    with pytest.raises(ReportError, match="w: key focus_temperature is 'hot', not a finite number"):
+        describe_mask({"mask": "focused", "mask_options": {"focus_temperature": "hot"}}, "w")
