@@ -189,8 +189,6 @@ def _number(low: float, high: float = float("inf"), low_open: bool = False):
 @click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader workers that decode (and render, without --render-on-device).")
-@click.option("--layers", default="", callback=lambda ctx, p, v: _blocks(p, v),
-              help="Extra teacher blocks to store, 1-based, e.g. 4,8.")
 @click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
               help="The student's input size (recorded).")
 @click.option("--store-pixels", type=click.Choice(["zstd", "png", "webp", "jpeg"]), default=None,
@@ -210,7 +208,7 @@ def _number(low: float, high: float = float("inf"), low_open: bool = False):
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
 @click.option("--no-progress", is_flag=True)
 def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, int8_group, cache_format, batch_size, seed,
-                     device, workers, layers, image_size, store_pixels, decode_on_device, render_on_device, pca_rank,
+                     device, workers, image_size, store_pixels, decode_on_device, render_on_device, pca_rank,
                      pca_fit_views, strict, no_progress) -> None:
     """Run TEACHER once over --views augmented views of each image and cache its targets.
 
@@ -236,7 +234,7 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
     cfg = ExtractConfig(
         shards=shards or [], out=where, teacher=teacher or add_teacher, dtype=dtype, int8_group=int8_group or None,
         format=cache_format,
-        batch_size=batch_size, device=device, workers=workers, layers=layers,
+        batch_size=batch_size, device=device, workers=workers,
         strict=strict, views=ViewConfig(per_image=num_views, seed=seed, output_size=image_size),
         progress=not no_progress, views_from=out if add_teacher else None, store_pixels=store_pixels,
         decode_on_device=decode_on_device, render_on_device=render_on_device,

@@ -81,7 +81,7 @@ def fit_pca_basis(urls: list[str], teacher: Teacher, cfg,
             with torch.no_grad():
                 for batch in _teacher_batches(unique, loader, cfg, geometry, on_error=lambda key, reason: None):
                     batch = batch[:want - views]  # exactly N views, whatever the batch size
-                    features = _forward(batch, teacher, cfg, ()).features.float()
+                    features = _forward(batch, teacher, cfg).features.float()
                     acc.add(features.reshape(-1, features.shape[-1]))
                     views += len(batch)
                     bar.update(len(batch))

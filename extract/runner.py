@@ -67,7 +67,6 @@ class ExtractConfig:
     batch_size: int = 64
     device: str = "cpu"
     workers: int = 0
-    layers: tuple[int, ...] = ()
     strict: bool = False
     progress: bool = True
     views_from: str | None = None  # add a teacher: replay this cache's views (out = its targets/<name>)
@@ -89,7 +88,7 @@ class ExtractConfig:
 
 
 def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> cf.Manifest:
-    teacher_entry = {**teacher.describe(), "layers": list(cfg.layers)}
+    teacher_entry = teacher.describe()
     storage = cf.storage_section(cfg.format, cfg.dtype, cfg.store_pixels,
                                  (cfg.pca, cfg.pca_fit_views) if cfg.pca else None, cfg.int8_group)
     # a target's views are those of the cache two levels up
@@ -238,7 +237,7 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     n_views = cfg.views.per_image
     ext = PIXEL_CODECS[cfg.store_pixels][2] if cfg.store_pixels else None
     writer = cf.open_shard_writer(cfg.format, cfg.out, url, len(samples) * n_views, teacher.dim, teacher.grid ** 2,
-                                  cfg.dtype, cfg.layers, ext, feature_dim=cfg.pca, int8_group=cfg.int8_group)
+                                  cfg.dtype, pixels=ext, feature_dim=cfg.pca, int8_group=cfg.int8_group)
     # (an entry of an earlier write stays: it points to its own whole group until this
     # shard's entry replaces it, so the shard never looks complete with other bytes)
     failed: set[str] = set()  # keys of `unique` that could not be rendered
@@ -364,8 +363,7 @@ def _decoded_on_device(keys: list[str], images: list[bytes], device: str) -> dic
                                  "without --decode-on-device to skip and record such samples") from e
 
 
-def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, layers: tuple[int, ...],
-             x: torch.Tensor | None = None) -> TeacherOutput:
+def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, x: torch.Tensor | None = None) -> TeacherOutput:
     """The teacher's outputs for one batch of rendered views (or `x`, those views already
     rendered on the device), on `cfg.device`."""
     if x is None and (cfg.decode_on_device or cfg.renders_on_device):
@@ -374,7 +372,7 @@ def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, layers: tuple[in
         x = torch.stack([item[4] for item in batch]).to(cfg.device, non_blocking=True)
     x = normalize(x, teacher.mean, teacher.std)  # on the device: uint8 crosses the bus, 4x fewer bytes
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        return teacher(x, layers=layers)
+        return teacher(x)
 
 
 @dataclass
@@ -389,7 +387,6 @@ class _HostBatch:
     features: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     attention: torch.Tensor
     cls: torch.Tensor
-    layers: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     pixels: list[bytes] | torch.Tensor | None  # encoded views, or uint8 [B, 3, S, S] to encode
     ready: torch.cuda.Event | None
 
@@ -402,7 +399,7 @@ def _device_batch(batch: list, teacher: Teacher, cfg: ExtractConfig,
     x = student = None
     if (cfg.decode_on_device or cfg.renders_on_device) and cfg.store_pixels:  # for the teacher and the student
         x, student = _device_views(batch, (teacher.input_size, cfg.views.output_size), cfg.device)
-    out = _forward(batch, teacher, cfg, cfg.layers, x)
+    out = _forward(batch, teacher, cfg, x)
     host = lambda t: t.to("cpu", non_blocking=True)  # noqa: E731
 
     def stored(t: torch.Tensor):
@@ -418,7 +415,7 @@ def _device_batch(batch: list, teacher: Teacher, cfg: ExtractConfig,
     if student is not None:  # the student-size views, encoded by the write thread
         pixels = host(student)
     b = _HostBatch(keys, views, crops, flips, stored(features), host(out.attention.float().half()),
-                   host(out.cls.float().half()), {i: stored(t) for i, t in out.layers.items()}, pixels, None)
+                   host(out.cls.float().half()), pixels, None)
     if features.device.type == "cuda":  # after every copy above is queued, on their device's stream
         b.ready = torch.cuda.Event()
         b.ready.record(torch.cuda.current_stream(features.device))
@@ -442,7 +439,7 @@ def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.ShardWriter | cf.
     if isinstance(pixels, torch.Tensor):  # ~2-20 ms a view: one thread would bound the device path
         pixels = list(_encoder_pool().map(lambda p: encode_view(p, cfg.store_pixels), pixels))
     writer.append(list(b.keys), np.array(b.views), np.stack(b.crops), np.array(b.flips), np_(b.features),
-                  np_(b.attention), np_(b.cls), {i: np_(t) for i, t in b.layers.items()}, pixels=pixels,
+                  np_(b.attention), np_(b.cls), pixels=pixels,
                   image_sha256=[digests[k] for k in b.keys])
     if bar is not None:
         bar.update(len(b.keys))
@@ -535,8 +532,6 @@ def check_options(cfg: ExtractConfig) -> None:
                                  ("--workers", cfg.workers, 0), ("--image-size", cfg.views.output_size, 1)):
         if value < least:
             raise OptionError(f"{option} {value}: must be at least {least}")
-    if any(i < 1 for i in cfg.layers):
-        raise OptionError(f"--layers {','.join(map(str, cfg.layers))}: blocks are numbered from 1")
     if cfg.decode_on_device and cfg.render_on_device is not None:
         option = "--render-on-device" if cfg.render_on_device else "--no-render-on-device"
         raise OptionError(f"{option}: not with --decode-on-device, which decodes and renders on the device itself")
@@ -554,9 +549,6 @@ def check_shard_list(urls: list[str], given: str | list[str]) -> None:
 
 def check_teacher_options(cfg: ExtractConfig, teacher: Teacher) -> None:
     """The options that depend on the teacher (its depth, its width), before anything is written."""
-    if beyond := [i for i in cfg.layers if i > teacher.depth]:
-        raise OptionError(f"--layers {','.join(map(str, cfg.layers))}: {cfg.teacher} has blocks 1..{teacher.depth}, "
-                          f"not {','.join(map(str, beyond))}")
     if cfg.dtype == "int8" and cfg.int8_group and teacher.dim % cfg.int8_group:
         raise cf.CacheError(f"--int8-group {cfg.int8_group} does not divide the {teacher.dim} channels of "
                             f"{cfg.teacher}: give a divisor, or 0 for one scale per token")

@@ -178,7 +178,6 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
     for p in sorted(picks):
         s = int(np.searchsorted(offsets, p, side="right") - 1)
         by_shard.setdefault(s, []).append(int(p - offsets[s]))
-    layers = m.teacher.layers
     for s, rows in by_shard.items():
         group = shards[s]
         source = urls[group.entry.group]
@@ -194,7 +193,7 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu",
             cf.check_image(source, key, images[key].image, group.image_digest(row), str(cache.root))
             view = View(*(int(c) for c in crop), flip=flip)
             x = render_view(decode_image(images[key].image), view, teacher.input_size, teacher.mean, teacher.std)
-            out = teacher(x[None].to(device), layers=layers)
+            out = teacher(x[None].to(device))
             live, stored = out.features[0].float().cpu(), torch.from_numpy(rec["features"][0])
             cos = torch.nn.functional.cosine_similarity
             if basis is not None:  # stored [L, K] coefficients: judge those, measure the reconstruction

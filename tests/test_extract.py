@@ -261,3 +261,51 @@ def test_a_version_2_cache_reads_and_grows_only_with_per_token_scales(demo_shard
     with pytest.raises(cf.CacheError, match=r"--int8-group 100 does not divide the 192 channels"):
         extract(str(demo_shards[0]), tmp_path / "d", int8_group=100)
     assert not (tmp_path / "d").exists()
+
+
+def _age_into_layers_cache(new: Path, old: Path) -> None:
+    """`old`: the cache `new` as `extract-features --layers 3` (removed since) wrote it: the
+    manifest's teacher.layers = [3] and a layer3 array (here features * 2) in every shard."""
+    m = cf.read_manifest(new)
+    teacher = {**m.teacher.to_json(), "layers": [3]}
+    cf.init_cache(str(old), cf.new_manifest(teacher, m.views, cf.storage_section(m.storage.backend, m.storage.dtype),
+                                            "0.1.0"))
+    cache = cf.FeatureCache(new)
+    for e in cache.complete_shards:
+        g = cache.shard(e.source)
+        r, n = g.read(slice(None)), len(g)
+        w = cf.open_shard_writer(m.storage.backend, old, e.source, n, m.teacher.dim, 196, m.storage.dtype, layers=(3,))
+        w.append([str(k) for k in r["keys"]], r["view"], r["crop"], r["flip"], r["features"], r["attention"], r["cls"],
+                 {3: r["features"] * 2}, image_sha256=[g.image_digest(i) for i in range(n)])
+        digest, size = w.finish({"source": e.source, "num_samples": e.num_samples},
+                                [(str(k), int(v)) for k, v in zip(r["keys"], r["view"])])
+        cf.commit_shard(str(old), w, dataclasses.replace(e, group=w.group_path, sha256=digest, bytes=size))
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_a_cache_written_with_layers_is_still_read_and_its_layers_ignored(demo_shards, tmp_path, backend):
+    new, old = tmp_path / "new", tmp_path / "old"
+    extract(str(demo_shards[0]), new, format=backend, dtype="float16", batch_size=4)
+    assert json.loads((new / "manifest.json").read_text())["teacher"]["layers"] == []
+    _age_into_layers_cache(new, old)
+    m = cf.read_manifest(old)
+    assert m.teacher.layers == (3,)
+    assert cf.check_integrity(str(old)) == []
+    rows = all_rows(old)
+    assert rows.keys() == all_rows(new).keys()
+    for src, r in all_rows(new).items():
+        np.testing.assert_array_equal(rows[src]["features"], r["features"])
+    assert verify_cache(str(old), recompute=2).ok  # recomputes the features, not the blocks
+    # training reads the features only: the same losses from both caches
+    losses = []
+    for root in (new, old):
+        out = tmp_path / f"run-{root.name}"
+        r = CliRunner().invoke(cli, ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root),
+                                     "--out", str(out), "--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1",
+                                     "--decoder-dim", "64", "--batch-size", "6", "--workers", "0", "--no-progress"])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        losses.append([json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()])
+    assert losses[0] == losses[1] and losses[0]
+    # more shards cannot join it: their rows would lack the blocks the manifest promises
+    with pytest.raises(cf.CacheError, match=r"teacher.layers: cache has \[3\], asked for \[\]"):
+        extract(url_list(demo_shards[:2]), old, format=backend, dtype="float16", batch_size=4)

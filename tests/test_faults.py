@@ -1643,9 +1643,8 @@ needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs root and mount 
 
 
 @pytest.mark.parametrize("bad, option", [
-    (["--views", "0"], "--views"), (["--batch-size", "0"], "--batch-size"), (["--layers", "99"], "--layers"),
-    (["--layers", "0"], "--layers"), (["--layers", "4,x"], "--layers"), (["--workers", "-1"], "--workers"),
-    (["--device", "gpu"], "--device")])
+    (["--views", "0"], "--views"), (["--batch-size", "0"], "--batch-size"), (["--workers", "-1"], "--workers"),
+    (["--device", "gpu"], "--device"), (["--layers", "4"], "--layers")])  # --layers: removed (stored unread blocks)
 def test_extract_options_are_refused_before_anything_is_written(demo_shards, tmp_path, bad, option):
     out = tmp_path / "cache"
     code, errors, r = _mrmae(["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
@@ -1655,15 +1654,17 @@ def test_extract_options_are_refused_before_anything_is_written(demo_shards, tmp
     assert not out.exists()  # no manifest.json: the corrected rerun is not refused
 
 
-def test_layers_beyond_the_teacher_then_corrected_rerun_succeeds(demo_shards, tmp_path):
+def test_int8_group_not_dividing_the_teacher_then_corrected_rerun_succeeds(demo_shards, tmp_path):
     out = tmp_path / "cache"
     args = ["extract-features", "--shards", str(demo_shards[0]), "--out", str(out), "--teacher", DINO_TINY,
             "--no-progress", "--batch-size", "12"]
-    code, errors, _ = _mrmae([*args, "--layers", "4,13"])
-    assert code == 1 and errors == [f"mrmae: error: --layers 4,13: {DINO_TINY} has blocks 1..12, not 13"]
-    code, errors, r = _mrmae([*args, "--layers", "4,12"])
+    code, errors, _ = _mrmae([*args, "--int8-group", "7"])  # the teacher is known only once built
+    assert code == 1 and len(errors) == 1 and errors[0].startswith("mrmae: error: --int8-group 7 does not divide "
+                                                                   f"the 192 channels of {DINO_TINY}")
+    assert not out.exists()
+    code, errors, r = _mrmae([*args, "--int8-group", "64"])
     assert code == 0 and not errors, r.output
-    assert json.loads((out / "manifest.json").read_text())["teacher"]["layers"] == [4, 12]
+    assert json.loads((out / "manifest.json").read_text())["teacher"]["layers"] == []
 
 
 @pytest.mark.parametrize("bad, option", [

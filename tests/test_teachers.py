@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
+import sys
+import warnings
+
 import pytest
 import torch
+from conftest import DINO_TINY
 from safetensors.torch import save_file
 
-from mrmae.shared.teachers import TeacherError, TeacherSpec, build_teacher
+from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.verify import verify_cache
+from mrmae.shared import cache_format as cf
+from mrmae.shared.teachers import (Teacher, TeacherError, TeacherSpec, build_teacher, load_weights_file, register_teacher,
+                                   teacher_kinds)
+from mrmae.shared.teachers import base as teacher_base
+from mrmae.shared.views import ViewConfig
 
 SPECS = ["clip:ViT-S-16", "dino:vit_tiny_patch16_224", "dino:vit_small_patch14_dinov2"]
 
@@ -27,11 +39,10 @@ def test_teacher_outputs_at_the_student_grid(spec):
     t = build_teacher(spec)
     assert t.grid == 14 and t.input_size == 14 * t.patch_size  # a /14 teacher gets 196 px
     x = torch.randn(2, 3, t.input_size, t.input_size)
-    out = t(x, layers=(1, 2))
+    out = t(x)
     assert out.features.shape == (2, 196, t.dim) and out.cls.shape == (2, t.dim)
     assert out.attention.shape == (2, 196) and (out.attention >= 0).all()
     assert torch.all(out.attention.sum(-1) <= 1.0 + 1e-5)
-    assert sorted(out.layers) == [1, 2] and out.layers[2].shape == (2, 196, t.dim)
     # same weights every time without a weights file (fixed seed), and the fingerprint says so
     assert build_teacher(spec).fingerprint == t.fingerprint
 
@@ -107,3 +118,114 @@ def test_bad_weights_and_unknown_arch_are_one_clear_error(tmp_path):
         build_teacher("clip:ViT-Q-99")
     with pytest.raises(TeacherError, match="unknown timm architecture"):
         build_teacher("dino:not_a_model")
+
+
+def test_the_kinds_are_a_registry():
+    assert teacher_kinds()[:2] == ("clip", "dino")
+    with pytest.raises(TeacherError, match=r"expected clip:ARCH\[@WEIGHTS\] or dino:TIMM_NAME\[@WEIGHTS\]"):
+        TeacherSpec.parse("sam:vit_b")
+    with pytest.raises(TypeError, match="not a Teacher subclass"):
+        register_teacher("odd")(dict)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_teacher("clip")(type("OtherClip", (Teacher,), {}))
+    assert teacher_kinds()[:2] == ("clip", "dino")
+
+
+def test_random_clip_teacher_warns_once_and_open_clip_says_nothing(caplog):
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build_teacher("clip:ViT-S-16")
+    ours = [w for w in seen if "HAS RANDOM WEIGHTS" in str(w.message)]
+    assert len(ours) == 1 and "clip:ViT-S-16" in str(ours[0].message)
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+    # scoped: the filter is gone afterwards, open_clip's other lines and anyone else's pass
+    assert not logging.getLogger().filters
+    logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+    assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+
+
+UNPICKLED = []
+
+
+class _Payload:
+    """Runs code when unpickled (what a hostile weights file would do)."""
+
+    def __reduce__(self):
+        return UNPICKLED.append, ("ran",)
+
+
+def test_local_weights_are_never_unpickled(tmp_path):
+    state = {"w": torch.ones(2)}
+    torch.save({"model": state}, tmp_path / "plain.pth")  # tensors only: weights_only reads it
+    assert torch.equal(load_weights_file(str(tmp_path / "plain.pth"), "x")["w"], state["w"])
+    torch.save({"model": state, "extra": _Payload()}, tmp_path / "pickled.pth")
+    with pytest.raises(TeacherError, match="pickled.pth do not fit x"):
+        load_weights_file(str(tmp_path / "pickled.pth"), "x")
+    with pytest.raises(TeacherError, match="pickled.pth do not fit vit_tiny_patch16_224"):
+        build_teacher(f"{DINO_TINY}@{tmp_path / 'pickled.pth'}")
+    assert UNPICKLED == []
+
+
+# A teacher kind written outside mrmae, as a user would: one file, nothing else touched.
+TOY_KIND = '''
+import torch
+import timm
+
+from mrmae.shared.teachers import Teacher, TeacherOutput, load_weights_file, random_init_warning, register_teacher
+
+
+@register_teacher("toy", "toy:TIMM_VIT[@WEIGHTS]")
+class ToyTeacher(Teacher):
+    """A timm ViT's un-normed last tokens; attention: their softmaxed norms (a kind decides)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.model = timm.create_model(spec.arch, pretrained=False, num_classes=0)
+        if spec.weights is None:
+            random_init_warning(spec)
+        else:
+            self.model.load_state_dict(load_weights_file(spec.weights, spec.arch), strict=True)
+        self.spec, self.patch_size, self.num_prefix_tokens = spec, 16, 1
+        self.dim, self.depth = self.model.embed_dim, len(self.model.blocks)
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        self._finish_init(self.model)
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = self.model.forward_features(images)
+        return TeacherOutput(x[:, 1:], x[:, 1:].norm(dim=-1).softmax(-1), x[:, 0])
+'''
+
+
+@pytest.fixture
+def toy_kind(tmp_path, monkeypatch):
+    (tmp_path / "mrmae_toy_teacher.py").write_text(TOY_KIND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("mrmae_toy_teacher")
+    yield module
+    teacher_base._KINDS.pop("toy", None)  # other tests see the two built-in kinds only
+    sys.modules.pop("mrmae_toy_teacher", None)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_a_kind_in_one_file_extracts_a_cache_through_the_public_api(toy_kind, demo_shards, tmp_path, backend):
+    assert "toy" in teacher_kinds()
+    weights = tmp_path / "toy.safetensors"
+    trunk = build_teacher(DINO_TINY.replace("dino:", "toy:")).model
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, str(weights))
+    spec = f"toy:vit_tiny_patch16_224@{weights}"
+    out = tmp_path / "cache"
+    run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(out), teacher=spec, format=backend,
+                                 views=ViewConfig(per_image=2), batch_size=4, progress=False))
+    m = cf.read_manifest(out)  # the manifest's family check reads the registry
+    assert (m.teacher.family, m.teacher.arch, m.teacher.dim) == ("toy", "vit_tiny_patch16_224", 192)
+    assert m.teacher.weights_sha256 == build_teacher(spec).fingerprint  # the file's weights, strictly loaded
+    assert m.teacher.layers == ()
+    report = verify_cache(str(out), recompute=4)  # the stored targets are the kind's, recomputed
+    assert report.ok and report.checked == 4, report

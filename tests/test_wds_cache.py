@@ -39,14 +39,14 @@ def extract(shards, out, fmt, **kw) -> dict:
 
 @pytest.fixture(scope="module")
 def caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
-    """int8 caches of all demo shards and float16 caches (with layer 3) of one, in both formats."""
+    """int8 caches of all demo shards and float16 caches of one, in both formats."""
     root = tmp_path_factory.mktemp("caches")
     urls = url_list(demo_shards)
     with warnings.catch_warnings():  # module scope: conftest's per-test filter does not apply yet
         warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
         for fmt in ("zarr", "wds"):
             extract(urls, root / f"{fmt}-int8", fmt)
-            extract(str(demo_shards[0]), root / f"{fmt}-float16", fmt, dtype="float16", layers=(3,))
+            extract(str(demo_shards[0]), root / f"{fmt}-float16", fmt, dtype="float16")
     return {p.name: p for p in root.iterdir()}
 
 
@@ -80,14 +80,12 @@ def test_wds_cache_holds_the_same_views_and_targets_as_zarr(caches, dtype):
         assert we.group == f"{ze.group.rsplit('.', 1)[0]}.{we.sha256[:16]}.tar" and (w_root / we.group).is_file()
         for k in ("source", "num_samples", "num_views", "skipped", "status"):
             assert getattr(ze, k) == getattr(we, k)
-    layers = ["features"] + (["layer3"] if dtype == "float16" else [])
-    for layer in layers:
-        z, w = all_rows(z_root, layer), all_rows(w_root, layer)
-        assert z.keys() == w.keys()
-        for src in z:
-            for col in z[src]:  # keys, view, crop, flip, features, attention, cls: equal, same dtypes
-                assert z[src][col].dtype == w[src][col].dtype and z[src][col].shape == w[src][col].shape, col
-                np.testing.assert_array_equal(z[src][col], w[src][col], err_msg=col)
+    z, w = all_rows(z_root), all_rows(w_root)
+    assert z.keys() == w.keys()
+    for src in z:
+        for col in z[src]:  # keys, view, crop, flip, features, attention, cls: equal, same dtypes
+            assert z[src][col].dtype == w[src][col].dtype and z[src][col].shape == w[src][col].shape, col
+            np.testing.assert_array_equal(z[src][col], w[src][col], err_msg=col)
     # the stored values themselves, read without mrmae: the same int8 codes (or float16 values)
     entry = wm.shards[0]
     members = tar_members(w_root / entry.group)
@@ -117,7 +115,6 @@ def test_reader_api_round_trip(caches):
     np.testing.assert_array_equal(attention, full["attention"])
     for i in list(range(len(g))) + [7, 0, 11, 3]:  # sequential, then jumping back and forth
         np.testing.assert_array_equal(g.features_row(i), full["features"][i])
-        np.testing.assert_array_equal(g.features_row(i, "layer3"), g.read(slice(None), "layer3")["features"][i])
     part = g.read(slice(3, 8))
     for col in part:
         np.testing.assert_array_equal(part[col], full[col][3:8])

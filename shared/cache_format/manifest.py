@@ -34,7 +34,6 @@ from .pca import MEASURED_FIELDS
 MANIFEST = "manifest.json"
 BACKENDS = ("zarr", "wds")
 DTYPES = ("int8", "float16")
-FAMILIES = ("clip", "dino")
 DECODERS = ("pil", "torchvision", "nvjpeg")  # the JPEG decoders extraction records (views.decoder)
 INTERPOLATIONS = ("bicubic",)  # what render_view replays
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -167,7 +166,7 @@ class TeacherInfo:
     """manifest.json `teacher`: what computed the targets (CACHE_FORMAT.md)."""
 
     spec: str
-    family: str  # clip | dino
+    family: str  # a registered teacher kind (mrmae.shared.teachers.teacher_kinds(): clip, dino, ...)
     arch: str
     weights: str | None  # path or tag; None: random init with seed 0
     weights_sha256: str
@@ -177,11 +176,13 @@ class TeacherInfo:
     dim: int  # token width C
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    layers: tuple[int, ...]  # extra blocks stored, 1-based
+    layers: tuple[int, ...]  # blocks stored by --layers (since removed): read, never used; new caches: []
 
     @classmethod
     def from_fields(cls, f: _Fields) -> TeacherInfo:
-        info = cls(f.text("spec"), f.text("family", FAMILIES), f.text("arch"), f.text("weights", nullable=True),
+        from ..teachers import teacher_kinds  # the registry: any kind registered in this process
+
+        info = cls(f.text("spec"), f.text("family", teacher_kinds()), f.text("arch"), f.text("weights", nullable=True),
                    f.sha256("weights_sha256"), f.integer("input_size", 1, maximum=_MAX_SIDE),
                    f.integer("patch_size", 1, maximum=_MAX_SIDE), f.ints("grid", 2, minimum=1, maximum=_MAX_SIDE),
                    f.integer("dim", 1, maximum=_MAX_DIM), f.numbers("mean", 3),
