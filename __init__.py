@@ -4,7 +4,7 @@ Stage 1 (`mrmae.extract`) runs a frozen CLIP/DINO teacher once over augmented vi
 writes a cache; stage 2 (`mrmae.train`) trains the student from it. `mrmae.shared` is the
 contract both speak: view geometry and rendering, teacher specs, the cache format.
 
-Importing mrmae registers the students' encoders with timm (`mrmae.train.backbones`), so
+Importing mrmae registers the students' encoders with timm (`mrmae.train.students`), so
 `timm.create_model("mrmae_convvit_base", pretrained=True, pretrained_cfg_overlay=dict(file=...))`
 loads an `mrmae export` file. timm takes seconds to import, and the command line must not
 wait for it: when timm is not imported yet, the registration runs right after it is.
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 def _register_with_timm() -> None:
     try:
-        import mrmae.train.backbones  # noqa: F401  (its @register_model decorators do the work)
+        import mrmae.train.students  # noqa: F401  (each family's @register_family registers its encoders)
     except Exception as e:  # never break `import timm` for the user; say why our models are missing
         warnings.warn(f"mrmae: the mrmae_* models are not registered with timm ({type(e).__name__}: {e})")
 

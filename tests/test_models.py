@@ -9,6 +9,7 @@ import torch
 from mrmae.train.masking import random_masking
 from mrmae.train.models import (MRMAE, MRMAEConfig, create_model, describe_models, encoder_num_params,
                                 gather_visible, list_models, sincos_pos_embed)
+from mrmae.train.students import families, family_of
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, decoder_embed_dim=32,
              decoder_depth=1, decoder_num_heads=2, teacher_dim=24)  # N = 16 tokens
@@ -38,6 +39,37 @@ def test_registry_names():
         create_model("mrmae_vit_giant_patch16")
     with pytest.raises(TypeError):
         create_model("mrmae_vit_tiny_patch16", decoder_width=3)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_student_trains_and_becomes_its_timm_encoder_at_a_tiny_size(name):
+    """timm-style: each name of each family, at its family's `tiny` sizes: one loss and its
+    gradients, then the encoder's tensors load strictly into `timm.create_model(name)`."""
+    family = family_of(name)
+    torch.manual_seed(0)
+    m = create_model(name, **family.tiny, teacher_dim=8, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    assert isinstance(m, family.student) and isinstance(m.cfg, family.config)
+    imgs, keep, mask, restore, targets = batch(m)
+    out = m(imgs, keep, restore, mask, targets)
+    out["loss"].backward()
+    assert all(torch.isfinite(v) for v in out.values())
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    encoder = timm.create_model(name, **family.encoder_kwargs(m.cfg)).eval()
+    tensors = {k: v for k, v in m.state_dict().items() if k.startswith(family.encoder_keys)}
+    encoder.load_state_dict(tensors, strict=True)
+    with torch.no_grad():
+        tokens = encoder.forward_features(imgs)
+    assert tokens.shape == (2, int(family.cls_token) + m.num_patches, m.cfg.embed_dim)
+    with torch.device("meta"):  # the registered default sizes, built without memory
+        full, student = timm.create_model(name), create_model(name)
+    assert timm.data.resolve_data_config({}, model=full)["crop_pct"] == 0.875
+    assert full.state_dict().keys() == {k for k in student.state_dict() if k.startswith(family.encoder_keys)}
+
+
+def test_families_register_their_names_once():
+    assert list(families()) == ["vit", "convvit"]
+    assert sum(len(f.archs) for f in families().values()) == len(list_models()) == len(set(list_models()))
+    assert set(timm.list_models("mrmae_*")) == set(list_models())
 
 
 @pytest.mark.parametrize("name", ["mrmae_vit_tiny_patch16", "mrmae_vit_small_patch16"])

@@ -1,7 +1,8 @@
 """`mrmae export`: the student's encoder as a timm model's weights (safetensors).
 
-Every student exports: a ViT to timm's VisionTransformer, a ConvViT to `backbones.ConvViT`,
-both registered with timm as `mrmae_*` by `import mrmae` (`train/backbones.py`). The file
+Every student exports to its family's timm encoder (a ViT to timm's VisionTransformer, a
+ConvViT to `ConvViT`; `mrmae.train.students`), registered with timm as `mrmae_*` by
+`import mrmae` (`train/backbones.py`). The file
 loads strictly with
 
     timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))
@@ -30,16 +31,13 @@ from safetensors.torch import save as safetensors_bytes
 
 from mrmae.train.checkpoint import CheckpointError, write_atomic
 from mrmae.train.restore import Restored, load_student, read_weights
+from mrmae.train.students import families, family_of, pretrained_cfg, registered_kwargs, student_names
 
-# Student tensors the exported encoder keeps, by family (pos_embed is a buffer, kept too).
-_VIT_KEYS = ("patch_embed.", "blocks.", "norm.", "cls_token", "pos_embed")
-_CONVVIT_KEYS = ("embed1.", "stage1.", "embed2.", "stage2.", "embed3.", "token_proj.", "blocks.", "norm.", "pos_embed")
-# What an export file's metadata may ask timm to build: our models, and timm's own ViTs that
-# earlier exports named; and only architecture arguments (no checkpoint_path, no pretrained_cfg).
-_OLD_TIMM_NAMES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
-                   "vit_huge_patch14_224")
-_ARCH_KWARGS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token",
-                "global_pool", "num_classes", "embed_dims", "depths", "mlp_ratios", "kernel_size"}
+
+def _arch_kwargs() -> set[str]:
+    """What an export file's metadata may pass timm: the registered encoders' architecture
+    arguments and num_classes (no checkpoint_path, no pretrained_cfg)."""
+    return {"num_classes"} | {k for n in student_names() for k in registered_kwargs(n)}
 
 
 class ExportError(ValueError):
@@ -80,27 +78,21 @@ def fusion_note(model: torch.nn.Module) -> str | None:
     """The line that says what of a fused student the encoder leaves out (None: nothing)."""
     fuse = tuple(model.fuse_layers)
     blocks = f"blocks {','.join(map(str, fuse))} (--fuse-layers)" if len(fuse) > 1 else ""
-    convvit = hasattr(model, "fuse1")
-    if not blocks and not convvit:
+    maps = next((f.fused_maps for f in families().values() if isinstance(model, f.student)), None)
+    if not blocks and not maps:
         return None
-    what = " and ".join(filter(None, ["the stage-1/2 maps" if convvit else "", blocks]))
+    what = " and ".join(filter(None, [maps, blocks]))
     return (f"pretraining fused {what} into the latent; the encoder is the last block, then the final norm, as MAE "
             "and ConvMAE fine-tune (`mrmae eval --fused` probes the fused features)")
 
 
 def student_encoder(restored: Restored) -> Encoder:
     """The encoder of a restored student, under its timm model's names."""
-    model, c = restored.model, restored.model.cfg
-    if hasattr(model, "fuse1"):  # ConvViT
-        keep = _CONVVIT_KEYS
-        kwargs = dict(img_size=c.img_size, embed_dims=list(c.embed_dims), depths=list(c.depths),
-                      num_heads=c.num_heads, mlp_ratios=list(c.mlp_ratios), kernel_size=c.kernel_size)
-    else:
-        keep = _VIT_KEYS
-        kwargs = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
-                      num_heads=c.num_heads, mlp_ratio=c.mlp_ratio)
+    model, family = restored.model, family_of(restored.name)
+    keep = family.encoder_keys  # (pos_embed is a buffer, kept too)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(keep)}
-    return Encoder(restored.name, kwargs, tensors, restored.weights, restored.run_dir, fusion_note(model))
+    return Encoder(restored.name, family.encoder_kwargs(model.cfg), tensors, restored.weights, restored.run_dir,
+                   fusion_note(model))
 
 
 def read_export(path: Path) -> Encoder | None:
@@ -117,10 +109,12 @@ def read_export(path: Path) -> Encoder | None:
         kwargs = json.loads(meta.get("timm_kwargs", "{}"))
     except ValueError:
         kwargs = None
-    if not isinstance(kwargs, dict) or set(kwargs) - _ARCH_KWARGS:
+    if not isinstance(kwargs, dict) or set(kwargs) - _arch_kwargs():
         raise ExportError(f"{path}: its timm_kwargs metadata is not a set of architecture arguments")
-    if not (name.startswith(("mrmae_vit_", "mrmae_convvit_")) or name in _OLD_TIMM_NAMES):
-        raise ExportError(f"{path}: names timm model {name!r}, not an mrmae encoder")
+    try:  # our encoders, and timm's own ViTs that earlier exports named
+        family_of(name)
+    except KeyError:
+        raise ExportError(f"{path}: names timm model {name!r}, not an mrmae encoder") from None
     kwargs.pop("num_classes", None)  # earlier exports stored num_classes=0: the caller decides the head
     encoder = Encoder(name, kwargs, read_weights(path), path, None, meta.get("fusion_note") or None)
     _check_fits(encoder)
@@ -167,8 +161,6 @@ class Exported:
 
     def create_call(self) -> str:
         """The timm.create_model call that loads the file strictly, as Python source."""
-        from mrmae.train.backbones import registered_kwargs
-
         defaults = registered_kwargs(self.encoder.timm_model)
         extra = {k: v for k, v in self.encoder.timm_kwargs.items() if _plain(defaults.get(k)) != _plain(v)}
         kw = "".join(f", {k}={v!r}" for k, v in extra.items())
@@ -185,15 +177,12 @@ def _plain(value):
 
 def export_encoder(checkpoint: str | Path, out: str | Path) -> Exported:
     """Write the encoder of `checkpoint` (see `read_encoder`) to `out` (safetensors, timm names)."""
-    from mrmae.train.backbones import pretrained_cfg
-
     encoder = read_encoder(checkpoint)
     out = Path(out).resolve()
     if out.parent == encoder.weights.resolve().parent:  # e.g. --out .../stepN/model.safetensors
         raise ExportError(f"--out {out}: inside the checkpoint {encoder.weights.parent}, whose files it would "
                           "replace; write the encoder elsewhere")
-    first_conv = "embed1.proj" if "convvit" in encoder.timm_model else "patch_embed.proj"
-    cfg = pretrained_cfg(first_conv, int(encoder.timm_kwargs.get("img_size", 224)))
+    cfg = pretrained_cfg(family_of(encoder.timm_model).first_conv, int(encoder.timm_kwargs.get("img_size", 224)))
     exported = Exported(out, encoder, cfg)
     metadata = {"format": "pt", "timm_model": encoder.timm_model, "timm_kwargs": json.dumps(encoder.timm_kwargs),
                 "pretrained_cfg": json.dumps(cfg), "load_with": exported.create_call(),

@@ -109,14 +109,16 @@ def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float 
 
     if global_pool not in POOLS:
         raise FinetuneError(f"global pool must be one of {POOLS}, got {global_pool!r}")
+    from mrmae.train.students import family_of
+
     encoder = read_encoder(checkpoint)
-    if global_pool == "token" and "convvit" in encoder.timm_model:
-        raise FinetuneError(f"{checkpoint}: a ConvViT has no [CLS] token to pool: use --global-pool avg")
-    pool = dict(fc_norm=True) if "convvit" in encoder.timm_model else {}  # timm's ViT: implied by 'avg'
+    try:  # the family's rule: a pool its encoder has, and the norm after 'avg' pooling
+        pool = family_of(encoder.timm_model).classifier_kwargs(global_pool)
+    except ValueError as e:
+        raise FinetuneError(f"{checkpoint}: {e}") from None
     torch.manual_seed(seed)  # the new head's init
     try:
-        model = encoder.create(num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path,
-                               **(pool if global_pool == "avg" else {}))
+        model = encoder.create(num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path, **pool)
         missing, unexpected = model.load_state_dict(encoder.tensors, strict=False)
     except (RuntimeError, TypeError, ValueError, KeyError) as e:  # shapes of another model, or bad kwargs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

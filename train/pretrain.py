@@ -123,9 +123,9 @@ def check_options(cfg: PretrainConfig) -> None:
     try:
         config = model_config(cfg.model, fuse_layers=cfg.fuse_layers)
     except ValueError as e:  # the list was written for another depth (4,8,12 is a ViT-B's, 4,8,11 a ConvViT's)
-        plain = model_config(cfg.model)
-        conv = hasattr(plain, "depths")  # a ConvViT: the list counts its stage-3 transformer blocks
-        depth, blocks = (plain.depths[-1], "transformer blocks (stage 3)") if conv else (plain.depth, "blocks")
+        from mrmae.train.students import family_of
+
+        depth, blocks = model_config(cfg.model).depth, family_of(cfg.model).fuse_blocks  # what the list counts
         raise OptionError(f"--fuse-layers {','.join(map(str, cfg.fuse_layers))}: {cfg.model} has {depth} {blocks}; "
                           f"{e}") from None
     tokens = (config.img_size // config.patch_size) ** 2

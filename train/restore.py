@@ -10,7 +10,6 @@ the checkpoint's width and depth is assumed, without fusion (with a warning).
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from mrmae.train.checkpoint import CheckpointError, latest_checkpoint, read_json_object
 from mrmae.train.models import MRMAEConfig, create_model, list_models, model_config
+from mrmae.train.students import family_of
 
 
 @dataclass
@@ -71,12 +71,7 @@ def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, d
                      fuse_layers=tuple(run_config.get("fuse_layers") or ()),
                      decoder_embed_dim=state["decoder_embed.weight"].shape[0],
                      decoder_depth=_max_index(state, "decoder_blocks"))
-    if isinstance(model_config(name), MRMAEConfig):  # a ViT's own sizes are all in its shapes
-        patch = state["patch_embed.proj.weight"].shape[-1]
-        overrides.update(embed_dim=dim, depth=depth, patch_size=patch,
-                         img_size=math.isqrt(state["pos_embed"].shape[1] - 1) * patch)
-    else:  # a ConvViT: its input size is in its pos-embed (one token per 16 x 16 patch, no cls slot)
-        overrides.update(img_size=math.isqrt(state["pos_embed"].shape[1]) * 16)
+    overrides.update(family_of(name).restore_overrides(state))  # e.g. a ViT's sizes, all in its shapes
     return name, overrides
 
 

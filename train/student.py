@@ -13,7 +13,6 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
 
 
 def check_fuse_layers(fuse_layers: Iterable[int], depth: int) -> tuple[int, ...]:
@@ -71,6 +70,10 @@ class MaskedStudent(nn.Module):
     def _build_heads(self, dim: int, decoder_mlp_ratio: float = 4.0) -> None:
         """Mimic head (D -> C, None when teacher_dim = 0), one more per joint teacher
         (`joint_heads`, D -> C_j), and the MAE decoder on encoder width D."""
+        # imported here: the first import of timm imports the student families (mrmae/__init__.py),
+        # which import this module, so this module must not be the one importing timm
+        from timm.models.vision_transformer import Block
+
         cfg, dd = self.cfg, self.cfg.decoder_embed_dim
         self.mimic_head = nn.Linear(dim, cfg.teacher_dim) if cfg.teacher_dim > 0 else None
         if cfg.joint_teacher_dims and self.mimic_head is None:
