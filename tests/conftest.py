@@ -52,3 +52,57 @@ def entry_files(shards: Path) -> list[Path]:
     """The complete shards' entries in a cache's `shards/` folder: every `*.json` but the
     `shards` group's own Zarr metadata, `zarr.json` (CACHE_FORMAT.md)."""
     return sorted(p for p in Path(shards).glob("*.json") if p.name != "zarr.json")
+
+
+class S3:
+    """moto's S3 server on 127.0.0.1 (a real HTTP S3 API) and s3fs pointed at it through the
+    environment, as a user's shell would: AWS_ENDPOINT_URL and fake credentials, nothing in
+    code. `bucket()` makes a fresh bucket, so tests never see each other's objects."""
+
+    def __init__(self, endpoint: str):
+        import s3fs
+
+        self.endpoint = endpoint
+        self.fs = s3fs.S3FileSystem(skip_instance_cache=True)  # the test's own client: counts nothing of mrmae's
+
+    def bucket(self) -> str:
+        import uuid
+
+        name = f"mrmae-{uuid.uuid4().hex[:12]}"
+        self.fs.mkdir(name)
+        return name
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every object under `prefix` (a bucket or bucket/path), sorted."""
+        return sorted(self.fs.find(prefix))
+
+    def upload(self, paths: list[Path], bucket: str, folder: str = "shards") -> str:
+        """Copy local tars into s3://bucket/folder/; their URL list ('::'-joined)."""
+        for p in paths:
+            self.fs.put_file(str(p), f"{bucket}/{folder}/{p.name}")
+        return "::".join(f"s3://{bucket}/{folder}/{p.name}" for p in paths)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server for this test process (each xdist worker starts its own, on a free
+    port), stopped at the end. Skipped where the `test` extra (moto[server], s3fs) is missing."""
+    import logging
+    import os
+
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("AWS_PROFILE", raising=False)
+        try:
+            yield S3(env["AWS_ENDPOINT_URL"])
+        finally:
+            server.stop()

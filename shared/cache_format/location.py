@@ -185,16 +185,22 @@ class Location:
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Write `rel` unless it exists; True when this call wrote it.
 
-        Local: a hard link of a complete temp file, which fails if the name exists, so the
-        first of several racing writers wins and nobody sees a half-written file. Remote:
-        check then PUT; racing writers of one command write the same bytes.
+        Local (file:// too): a hard link of a complete temp file, which fails if the name
+        exists, so the first of several racing writers wins and nobody sees a half-written
+        file. A store: one conditional PUT (`If-None-Match: *` on S3, which refuses it when
+        the key exists), so there too exactly one writer creates it; fsspec backends without
+        conditional writes fall back to check-then-write.
         """
-        if self.remote:
-            if self.exists(rel):
+        if self.remote and not self._renames:
+            if self.exists(rel):  # the common case, decided without a write
                 return False
-            self.write_bytes(rel, data)
+            self.fs.makedirs(self._full(rel).rsplit("/", 1)[0], exist_ok=True)  # (s3fs: the bucket, if missing)
+            try:
+                self.fs.pipe_file(self._full(rel), data, mode="create")
+            except FileExistsError:
+                return False
             return True
-        path = Path(self.url) / rel
+        path = Path(local_path(self.url)) / rel
         if path.exists():  # the common case, decided without writing (a read-only cache is no error here)
             return False
         path.parent.mkdir(parents=True, exist_ok=True)

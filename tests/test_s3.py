@@ -1,0 +1,178 @@
+"""Against a real S3 API: moto's server on 127.0.0.1, reached by s3fs through AWS_ENDPOINT_URL
+and credentials in the environment (the `s3` fixture in conftest.py), as a user would.
+
+Extraction from s3:// shards into an s3:// cache equals a local one; `cache info|verify`,
+cached, live and plain pretraining, finetune and eval read from s3://; a killed extraction
+resumes to the same objects; two writers racing into one s3:// cache lose nothing; no
+temporary object is ever left; processes exit without third-party noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import DINO_TINY, url_list
+
+from mrmae.cli import cli
+from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.shared import cache_format as cf
+from mrmae.shared.cache_format.location import is_temp
+from mrmae.shared.views import ViewConfig
+
+EXTRACT = ["--teacher", DINO_TINY, "--views", "2", "--batch-size", "4", "--workers", "0", "--no-progress"]
+TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "32", "--batch-size", "4",
+        "--workers", "0", "--no-progress", "--seed", "3", "--lr", "1e-3", "--epochs", "1"]
+TIMING = ("seconds", "images_per_s", "time", "elapsed")
+NOISE = ("Unclosed client session", "Unclosed connector", "Traceback", "Exception ignored")
+
+
+def mrmae_process(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m mrmae ARGS` in a process of its own (its exit is part of what is tested)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "mrmae", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean_exit(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [w for w in NOISE if w in r.stderr], r.stderr[-3000:]
+
+
+def rows(root: str) -> dict[str, dict[str, np.ndarray]]:
+    cache = cf.FeatureCache(root)
+    return {Path(s.source).name: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
+
+
+def same_rows(a: str, b: str) -> None:
+    ra, rb = rows(a), rows(b)
+    assert ra.keys() == rb.keys() and ra
+    for name in ra:
+        for col in ra[name]:
+            np.testing.assert_array_equal(ra[name][col], rb[name][col], err_msg=f"{name} {col}")
+
+
+def entries(root: str) -> list[tuple]:
+    """Each shard's entry less where its source was read from and how long it took."""
+    return sorted((Path(e.source).name, e.group, e.sha256, e.num_samples, e.num_views)
+                  for e in cf.read_manifest(root).shards)
+
+
+def objects(s3, prefix: str) -> dict[str, bytes]:
+    """Every object under s3://prefix, by key relative to it, with its bytes."""
+    return {k[len(prefix) + 1:]: s3.fs.cat_file(k) for k in s3.keys(prefix)}
+
+
+def temps(keys) -> list[str]:
+    return [k for k in keys if any(is_temp(part) for part in k.split("/"))]
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3, demo_shards) -> dict:
+    """Two demo tars in a bucket of their own and a zarr cache extracted from them into another."""
+    shards = s3.upload(demo_shards[:2], s3.bucket())
+    cache = f"s3://{s3.bucket()}/cache"
+    r = mrmae_process(["extract-features", "--shards", shards, "--out", cache, *EXTRACT])
+    return {"shards": shards, "cache": cache, "extract": r}
+
+
+@pytest.fixture(scope="module")
+def local_caches(s3_data, tmp_path_factory) -> dict[str, Path]:
+    """The same s3:// shards extracted into local directories, per backend."""
+    out = tmp_path_factory.mktemp("local")
+    for backend in cf.BACKENDS:
+        run_extraction(ExtractConfig(shards=s3_data["shards"], out=str(out / backend), teacher=DINO_TINY,
+                                     views=ViewConfig(per_image=2), format=backend, batch_size=4, progress=False))
+    return {b: out / b for b in cf.BACKENDS}
+
+
+def test_extraction_from_s3_into_s3_equals_the_local_cache_and_exits_clean(s3, s3_data, local_caches):
+    assert_clean_exit(s3_data["extract"])
+    cache = s3_data["cache"]
+    same_rows(cache, str(local_caches["zarr"]))
+    assert entries(cache) == entries(str(local_caches["zarr"]))  # the same bytes, named alike
+    assert not temps(s3.keys(cache.removeprefix("s3://")))
+    r = mrmae_process(["cache", "info", cache])
+    assert_clean_exit(r)
+    info = dict(ln.split(None, 1) for ln in r.stdout.splitlines() if ln.strip())
+    assert (info["shards_complete"], info["shards_total"], info["views"]) == ("2", "2", "24"), r.stdout
+    r = mrmae_process(["cache", "verify", cache, "--recompute", "2", "--shards", s3_data["shards"]])
+    assert_clean_exit(r)
+    assert "integrity: OK" in r.stdout, r.stdout
+
+
+def test_a_wds_cache_on_s3_equals_the_local_one(s3, s3_data, local_caches):
+    cache = f"s3://{s3.bucket()}/cache"
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", s3_data["shards"], "--out", cache, "--format", "wds",
+                                 *EXTRACT])
+    assert r.exit_code == 0, r.output
+    same_rows(cache, str(local_caches["wds"]))
+    assert entries(cache) == entries(str(local_caches["wds"]))
+    assert not temps(s3.keys(cache.removeprefix("s3://"))) and cf.check_integrity(cache) == []
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> list[float]:
+    return [m["loss"] for m in metrics(out)]
+
+
+def test_cached_live_and_plain_pretraining_read_s3_as_local_files(s3, s3_data, local_caches, demo_shards, tmp_path):
+    local = url_list(demo_shards[:2])
+    runs = {"cached": ["--feature-cache"], "live": ["--teacher", DINO_TINY, "--views", "2"], "plain": []}
+    for mode, extra in runs.items():
+        for where, shards, cache in (("s3", s3_data["shards"], s3_data["cache"]),
+                                     ("local", local, str(local_caches["zarr"]))):
+            args = ["pretrain", "--shards", shards, *TINY, "--out", str(tmp_path / f"{mode}-{where}")]
+            args += [*extra, cache] if mode == "cached" else extra
+            if mode == "plain" and where == "s3":  # a process of its own: its exit is checked too
+                assert_clean_exit(mrmae_process(args))
+            else:
+                r = CliRunner().invoke(cli, args)
+                assert r.exit_code == 0, r.output + repr(r.exception)
+        assert losses(tmp_path / f"{mode}-s3") == losses(tmp_path / f"{mode}-local") and len(losses(tmp_path / f"{mode}-s3")) == 3
+
+
+def test_finetune_and_eval_read_s3_shards_as_local_files(s3, s3_data, demo_shards, tmp_path):
+    from test_finetune import FT, records, save_small_student
+
+    student = tmp_path / "student"
+    save_small_student(student)
+    train, val = s3_data["shards"].split("::")
+    for where, (t, v) in {"s3": (train, val), "local": (str(demo_shards[0]), str(demo_shards[1]))}.items():
+        r = CliRunner().invoke(cli, ["finetune", "--checkpoint", str(student), "--train-shards", t, "--val-shards", v,
+                                     *FT, "--epochs", "1", "--out", str(tmp_path / f"ft-{where}")])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        r = CliRunner().invoke(cli, ["eval", "knn", "--checkpoint", str(student), "--train-shards", t,
+                                     "--val-shards", v, "--k", "3", "--results", str(tmp_path / f"{where}.jsonl")])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+    untimed = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
+    s3_run, local_run = untimed(records(tmp_path / "ft-s3")), untimed(records(tmp_path / "ft-local"))
+    assert s3_run == local_run and [m["step"] for m in s3_run if "loss" in m] == [1]
+    knn = [json.loads((tmp_path / f"{w}.jsonl").read_text()) for w in ("s3", "local")]
+    assert (knn[0]["n_train"], knn[0]["n_val"]) == (6, 6) and knn[0]["top1"] == knn[1]["top1"]
+
+
+# --- publishing on a store without rename ---------------------------------------------
+
+def test_conditional_create_lets_exactly_one_of_racing_writers_win(s3):
+    """manifest.json and a PCA basis are created once, by whoever comes first: on S3 a PUT
+    with If-None-Match: *, which the server refuses once the key exists."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = f"s3://{s3.bucket()}/c"
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: cf.Location(root).create_exclusive("manifest.json", b"writer %d" % i), range(8)))
+    assert won.count(True) == 1
+    assert s3.fs.cat_file(f"{root[5:]}/manifest.json") == b"writer %d" % won.index(True)
+    assert cf.Location(root).create_exclusive("manifest.json", b"late") is False
+    assert s3.keys(root[5:]) == [f"{root[5:]}/manifest.json"]  # no temporary, nothing else
