@@ -15,6 +15,7 @@ from mrmae.shared.shards import read_shard
 from mrmae.extract.runner import ExtractConfig, run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view_uint8
+from mrmae.train.visualize import mask_columns
 
 CELL, PAD, HEADER = 224, 8, 24  # the layout documented in train/visualize.py
 
@@ -60,7 +61,9 @@ def test_grid_with_reconstruction(run, tmp_path):
                           "--checkpoint", str(root / "run"), "--num", "3"])
     assert printed.strip() == str(out)
     with Image.open(out) as im:
-        assert im.format == "PNG" and im.size == (PAD + 5 * (CELL + PAD), HEADER + 3 * (CELL + PAD)) == (1168, 720)
+        # view, attention, a mask per registered strategy (focused, random, then the others), reconstruction
+        cols = 2 + len(mask_columns()) + 1
+        assert im.format == "PNG" and im.size == (PAD + cols * (CELL + PAD), HEADER + 3 * (CELL + PAD))
         img = np.asarray(im.convert("RGB"))
     cache = cf.FeatureCache(root / "cache")
     samples = read_shard(shard)
@@ -74,9 +77,10 @@ def test_grid_with_reconstruction(run, tmp_path):
         # focused and random masks hide 75% of the 196 patches, each a different draw
         focused, uniform = _grey_patches(_cell(img, row, 2)), _grey_patches(_cell(img, row, 3))
         assert focused.sum() == uniform.sum() == 147 and not np.array_equal(focused, uniform)
+        assert all(_grey_patches(_cell(img, row, c)).sum() == 147 for c in range(4, cols - 1))  # any further strategy
         # the run trained with focused masks: the reconstruction shows the input where the focused
         # draw is visible and the decoder's prediction where it is masked
-        recon = _cell(img, row, 4).reshape(14, 16, 14, 16, 3).transpose(0, 2, 1, 3, 4)
+        recon = _cell(img, row, cols - 1).reshape(14, 16, 14, 16, 3).transpose(0, 2, 1, 3, 4)
         source = replay.reshape(14, 16, 14, 16, 3).transpose(0, 2, 1, 3, 4)
         diff = np.abs(recon - source).reshape(14, 14, -1).max(-1)
         assert (diff[~focused][1:] <= 1).all()  # (the first visible patch may hold part of the key label)
@@ -90,7 +94,7 @@ def test_grid_without_checkpoint_and_a_missing_shard(run, tmp_path):
     _visualize(["--feature-cache", str(root / "cache"), "--shards", shard, "--out", str(out), "--num", "2"])
     with Image.open(out) as im:
         im.verify()
-        assert im.size == (PAD + 4 * (CELL + PAD), HEADER + 2 * (CELL + PAD))
+        assert im.size == (PAD + (2 + len(mask_columns())) * (CELL + PAD), HEADER + 2 * (CELL + PAD))
     r = CliRunner().invoke(cli, ["visualize", "--feature-cache", str(root / "cache"), "--shards",
                                  str(tmp_path / "other-000.tar"), "--out", str(tmp_path / "x.png")])
     assert r.exit_code == 1 and "other-000.tar is not in the cache" in r.output, r.output
