@@ -35,8 +35,8 @@ The table printed last holds every figure, the ratios and, where the project has
 H200 anchor (../shared/reference/ANCHORS.md: torch 2.11, the public reference model).
 --dry: ViT-tiny student, ViT-S-16 / timm ViT-tiny as the B/16 / L/14 stand-ins, batch 2.
 
-    .venv/bin/python benchmarks/gpu_bench.py        # CUDA; 3.4 minutes on an H200 (2026-11-27)
-    .venv/bin/python benchmarks/gpu_bench.py --dry  # CPU smoke run of the same code, ~20-30 s
+    .venv/bin/python benchmarks/gpu_bench.py        # CUDA (its run time: BENCHMARKS.md)
+    .venv/bin/python benchmarks/gpu_bench.py --dry  # CPU smoke run of the same code
     # one part, with a cProfile of the extraction runs' main thread:
     .venv/bin/python benchmarks/gpu_bench.py --only teacher_b16,extraction --profile prof/
 
@@ -181,11 +181,12 @@ def bench_extraction(warm: list[Path], shards: list[Path], tmp: Path, s: Setting
 
 def bench_render(shards: list[Path], s: Settings, on_device: bool = False) -> dict:
     """The extraction's input side alone, no teacher: views/s of reading the tars and
-    rendering views in the DataLoader workers into teacher batches (the runner's own
-    `_teacher_batches`), plus, `on_device`, nvjpeg decode and device rendering of each batch.
+    rendering views in the DataLoader workers into teacher batches (the teacher stage's
+    `teacher_batches`), plus, `on_device`, nvjpeg decode and device rendering of each batch.
     Extraction cannot run faster than this; compare it with the teacher's forward rate."""
     from mrmae.shared.shards import read_shard
-    from mrmae.extract.runner import ExtractConfig, _device_views, _teacher_batches, render_loader
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.teacher_stage import device_views, render_loader, teacher_batches
     from mrmae.shared.views import ViewConfig
 
     cfg = ExtractConfig(shards=[], out="", teacher="", views=ViewConfig(per_image=s.views, seed=0),
@@ -195,9 +196,9 @@ def bench_render(shards: list[Path], s: Settings, on_device: bool = False) -> di
     sync = torch.cuda.synchronize if s.device.startswith("cuda") else (lambda: None)
     views, t0 = 0, time.perf_counter()
     for url in shards:
-        for batch in _teacher_batches(read_shard(str(url)), loader, cfg, None, lambda key, reason: None):
+        for batch in teacher_batches(read_shard(str(url)), loader, cfg, None, lambda key, reason: None):
             if on_device:
-                _device_views(batch, (224,), s.device)
+                device_views(batch, (224,), s.device)
             views += len(batch)
     sync()
     seconds = time.perf_counter() - t0

@@ -1,12 +1,12 @@
 """Render workers started once per run vs once per shard: the extraction's input side alone.
 
-Same process, same shards, modes alternating per repetition: views/s of the runner's
-`_teacher_batches` (tar samples -> DataLoader workers rendering views -> teacher batches,
+Same process, same shards, modes alternating per repetition: views/s of the teacher
+stage's `teacher_batches` (tar samples -> DataLoader workers rendering views -> teacher batches,
 no teacher) when one `render_loader` serves every shard (what `run_extraction` does) and
 when a new one is started for each shard (what it did before). The process first builds a
 CLIP ViT-B/16 teacher so forking workers costs what it costs beside a real teacher.
 
-    .venv/bin/python benchmarks/render_workers.py                # ~1 minute on 2 cores
+    .venv/bin/python benchmarks/render_workers.py
     .venv/bin/python benchmarks/render_workers.py --shard-size 256 --workers 14
 """
 
@@ -30,7 +30,8 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
     from mrmae.shared.shards import read_shard
-    from mrmae.extract.runner import ExtractConfig, _teacher_batches, render_loader
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.teacher_stage import render_loader, teacher_batches
     from mrmae.shared.teachers import build_teacher
     from mrmae.shared.views import ViewConfig
 
@@ -44,7 +45,7 @@ def main() -> None:
         t0, views = time.perf_counter(), 0
         shared = render_loader(cfg, 224) if once else None
         for shard in samples:
-            for batch in _teacher_batches(shard, shared or render_loader(cfg, 224), cfg, None, lambda k, r: None):
+            for batch in teacher_batches(shard, shared or render_loader(cfg, 224), cfg, None, lambda k, r: None):
                 views += len(batch)
         return views / (time.perf_counter() - t0)
 

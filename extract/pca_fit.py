@@ -2,8 +2,9 @@
 shard is written, on the teacher's float32 tokens of a fixed sample of views.
 
 The sample is the first `--pca-fit-views` views in input-URL order (tar order within a
-shard), rendered and batched by the runner's own code, so every rank and every resumed
-run would fit the same basis; the stored file is what all of them use.
+shard), rendered, batched and run by the teacher stage extraction uses
+(extract/teacher_stage.py), so every rank and every resumed run would fit the same basis;
+the stored file is what all of them use.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.teacher_stage import render_loader, teacher_batches, teacher_outputs, unique_samples
 from mrmae.shared.shards import read_shard
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import Teacher
@@ -58,14 +61,12 @@ class CovarianceAccumulator:
         return (self.shift + m).cpu().numpy(), cov.cpu().numpy()
 
 
-def fit_pca_basis(urls: list[str], teacher: Teacher, cfg,
+def fit_pca_basis(urls: list[str], teacher: Teacher, cfg: ExtractConfig,
                   geometry_of: Callable[[str, list], dict[str, list[View]] | None]) -> cf.PcaBasis:
     """Fit the cache's basis on the teacher's float32 tokens of the first `cfg.pca_fit_views`
     views, in input-URL order and tar order within a shard (the same views on every rank and
     every run: a fixed, deterministic sample). Samples that do not render are left out here;
     extraction reports them."""
-    from mrmae.extract.runner import _forward, _teacher_batches, _unique_samples, render_loader  # the runner's own
-
     want = cfg.pca_fit_views
     cfg = replace(cfg, store_pixels=None)  # the fit needs the teacher's input only
     acc, views = CovarianceAccumulator(), 0
@@ -77,16 +78,15 @@ def fit_pca_basis(urls: list[str], teacher: Teacher, cfg,
                 break
             samples = read_shard(url)
             geometry = geometry_of(url, samples)  # (replayed views: their images proven first)
-            unique, _ = _unique_samples(samples, geometry)
-            with torch.no_grad():
-                for batch in _teacher_batches(unique, loader, cfg, geometry, on_error=lambda key, reason: None):
-                    batch = batch[:want - views]  # exactly N views, whatever the batch size
-                    features = _forward(batch, teacher, cfg).features.float()
-                    acc.add(features.reshape(-1, features.shape[-1]))
-                    views += len(batch)
-                    bar.update(len(batch))
-                    if views >= want:
-                        break
+            unique, _ = unique_samples(samples, geometry)
+            for batch in teacher_batches(unique, loader, cfg, geometry, on_error=lambda key, reason: None):
+                batch = batch[:want - views]  # exactly N views, whatever the batch size
+                features = teacher_outputs(batch, teacher, cfg.device).features.float()
+                acc.add(features.reshape(-1, features.shape[-1]))
+                views += len(batch)
+                bar.update(len(batch))
+                if views >= want:
+                    break
     finally:
         bar.close()
     if acc.n <= cfg.pca:
@@ -96,7 +96,7 @@ def fit_pca_basis(urls: list[str], teacher: Teacher, cfg,
     return cf.basis_from_covariance(mean, cov, cfg.pca, want, views)
 
 
-def ensure_pca_basis(cfg, teacher: Teacher, urls: list[str], rank: int,
+def ensure_pca_basis(cfg: ExtractConfig, teacher: Teacher, urls: list[str], rank: int,
                      geometry_of: Callable[[str, list], dict[str, list[View]] | None]) -> tuple[cf.PcaBasis, str]:
     """The cache's stored basis and its sha256, fitting and storing it first if absent.
 

@@ -8,8 +8,9 @@ complete is skipped; any other is rewritten whole. Stream shapes through one sha
                                    (`RenderLoader`), 8 samples a task, tar order kept;
                                    --render-on-device: the PIL-decoded image [3, H, W] and
                                    K view boxes instead of the views
-    [B, 3, S, S] uint8 -> float    teacher batches of exactly `batch_size` views, on the device
-                                   (--render-on-device: rendered there, `_device_views`)
+    [ViewItem] -> TeacherOutput    the teacher stage (teacher_stage.py): batches of exactly
+                                   `batch_size` views, rendered on the device where asked,
+                                   run under the stage's one precision rule
     int8 [B, L, C] + scales ...    stored form made on the device (--pca K: [B, L, K] first),
                                    copied to the host without blocking (`_device_batch`)
     rows                           shard writer on a write-behind thread (`_WriteBehind`;
@@ -29,7 +30,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -37,54 +38,22 @@ import torch
 from tqdm import tqdm
 
 from mrmae import __version__
-from mrmae.shared.batch_render import render_batch
-from mrmae.extract.device_decode import decode_batch
-from mrmae.extract.mapper import RenderedSample, RenderLoader
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.mapper import RenderLoader
 from mrmae.extract.pca_fit import ensure_pca_basis
+from mrmae.extract.teacher_stage import (SkippedSampleError, ViewItem, device_decoder, device_views, render_loader,
+                                         teacher_batches, teacher_outputs, unique_samples)
 from mrmae.shared.shards import REPEATED_KEY, RawSample, expand_urls, local_file_size, read_shard_with_digest
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format.pca import measured_fields
 from mrmae.shared.errors import OptionError
-from mrmae.shared.teachers import Teacher, TeacherOutput, build_teacher
-from mrmae.shared.views import PIXEL_CODECS, ImageDecodeError, View, ViewConfig, encode_view, normalize
+from mrmae.shared.teachers import Teacher, TeacherSpec, build_teacher
+from mrmae.shared.views import PIXEL_CODECS, View, encode_view
+
+__all__ = ["ExtractConfig", "SkippedSampleError", "run_extraction", "extract_shard"]  # (the first two: from
+# config.py and teacher_stage.py, importable from here as before)
 
 log = logging.getLogger("mrmae.extract")
-
-
-class SkippedSampleError(ValueError):
-    """Raised under `strict` for a sample that would otherwise be skipped."""
-
-
-@dataclass
-class ExtractConfig:
-    shards: list[str]
-    out: str
-    teacher: str
-    views: ViewConfig = field(default_factory=ViewConfig)
-    dtype: str = "int8"
-    int8_group: int | None = cf.INT8_GROUP  # int8: channels per scale; None: one scale per token
-    format: str = "zarr"  # cache backend: "zarr" (Zarr v3 groups) or "wds" (one tar per shard)
-    batch_size: int = 64
-    device: str = "cpu"
-    workers: int = 0
-    strict: bool = False
-    progress: bool = True
-    views_from: str | None = None  # add a teacher: replay this cache's views (out = its targets/<name>)
-    decode_on_device: bool = False  # decode (nvjpeg on CUDA) and render on `device` (extract/device_decode.py)
-    # workers decode with PIL, `device` renders (batch_render: the same pixels, the same cache);
-    # None: on when `device` is CUDA (and not decode_on_device). See `renders_on_device`.
-    render_on_device: bool | None = None
-    store_pixels: str | None = None  # also store each view at the student's size, in this codec (views.PIXEL_CODECS)
-    pca: int | None = None  # store K PCA coefficients per token instead of the C-wide features
-    pca_fit_views: int = 2048  # the basis is fitted on the first N views in input order
-
-    @property
-    def renders_on_device(self) -> bool:
-        """Whether the main process renders PIL-decoded images on `device` (render_on_device,
-        by default on CUDA only: on a CPU the workers' render is the same work, in parallel)."""
-        if self.render_on_device is None:
-            return torch.device(self.device).type == "cuda" and not self.decode_on_device
-        return self.render_on_device
 
 
 def wanted_manifest(teacher: Teacher, cfg: ExtractConfig) -> cf.Manifest:
@@ -106,27 +75,6 @@ def check_compatible(out: str, wanted: cf.Manifest) -> None:
         diff += "; --int8-group 0 gives one scale per token, as caches of format 2 have"
     if diff:
         raise cf.CacheError(f"{out}: refusing to add to a cache made with another configuration ({diff})")
-
-
-class _Batcher:
-    """Collects rendered views into teacher batches of exactly `size` views, in order."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.items: list[tuple[str, int, np.ndarray, bool, torch.Tensor, bytes | None, bytes | None]] = []
-
-    def add(self, s: RenderedSample) -> None:
-        # item 6, the image the device renders from: bytes (--decode-on-device), or the
-        # decoded uint8 [3, H, W] (--render-on-device); a batch holds <= size / K + 1 of them
-        image = s.decoded if s.decoded is not None else s.image
-        for v in range(len(s.crops)):
-            self.items.append((s.key, v, s.crops[v], bool(s.flips[v]), s.pixels[v],
-                               s.encoded[v] if s.encoded is not None else None, image))
-
-    def take(self, final: bool = False):
-        while len(self.items) >= self.size or (final and self.items):
-            batch, self.items = self.items[: self.size], self.items[self.size:]
-            yield batch
 
 
 def replayed_views(group: cf.ShardGroup | cf.WdsShard) -> dict[str, list[View]]:
@@ -156,26 +104,6 @@ def replay_geometry(cache: cf.FeatureCache, url: str, samples: list[RawSample]) 
     return views
 
 
-def _unique_samples(samples: list[RawSample], geometry: dict[str, list[View]] | None
-                    ) -> tuple[list[RawSample], list[dict]]:
-    """(samples to render, skipped entries): a repeated key would make rows ambiguous, so
-    its first copy is kept and later ones (adjacent or not) are skipped; with `geometry`, a
-    sample without cached views has nothing to replay."""
-    skipped: list[dict] = []
-    seen: set[str] = set()
-    unique = []
-    for s in samples:
-        if s.key in seen:
-            skipped.append({"key": s.key, "reason": REPEATED_KEY})
-        elif geometry is not None and s.key not in geometry:
-            seen.add(s.key)
-            skipped.append({"key": s.key, "reason": "no views in the cache (skipped at its extraction)"})
-        else:
-            seen.add(s.key)
-            unique.append(s)
-    return unique, skipped
-
-
 def _report_repeats(url: str, skipped: list[dict], strict: bool) -> None:
     """Later copies of a repeated key: one warning each (they are listed in the entry's
     `skipped`), or, under `strict`, a SkippedSampleError at the first."""
@@ -186,36 +114,7 @@ def _report_repeats(url: str, skipped: list[dict], strict: bool) -> None:
             warnings.warn(f"skipping {url} key {s['key']}: {REPEATED_KEY}", stacklevel=1)
 
 
-def render_loader(cfg: ExtractConfig, input_size: int) -> RenderLoader:
-    """The workers that render views for `cfg` (or only decode them, or read headers: the
-    device renders), for as many shards as the run has."""
-    work = "header" if cfg.decode_on_device else "decode" if cfg.renders_on_device else "render"
-    codec = cfg.store_pixels if work == "render" else None  # on the device paths _write_batch encodes
-    return RenderLoader(cfg.views, input_size, cfg.workers, codec, work)
-
-
-def _teacher_batches(unique: list[RawSample], loader: RenderLoader, cfg: ExtractConfig,
-                     geometry: dict[str, list[View]] | None,
-                     on_error: Callable[[str, str], None]) -> Iterator[list]:
-    """One shard's views rendered (the loader's workers, tar order) and grouped into teacher
-    batches of exactly `cfg.batch_size` views (the last one shorter); a sample that cannot
-    be rendered goes to `on_error(key, reason)`. Extraction and the PCA fit both use it, so
-    the fit's first shard has exactly the batches (and the bits) extraction gives it."""
-    batcher = _Batcher(cfg.batch_size)
-    # --decode-on-device: workers only read image headers; the bytes stay here (keys are unique)
-    images = {s.key: s.image for s in unique} if cfg.decode_on_device else {}
-    for chunk in loader.render(unique, geometry):  # list[RenderedSample], SAMPLES_PER_ITEM at a time
-        for rendered in chunk:
-            if rendered.error:
-                on_error(rendered.key, rendered.error)
-                continue
-            rendered.image = images.get(rendered.key)
-            batcher.add(rendered)
-        yield from batcher.take()
-    yield from batcher.take(final=True)
-
-
-def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | None,
+def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: ShardProgress | None,
                   geometry: dict[str, list[View]] | None = None,
                   pca: tuple[torch.Tensor, torch.Tensor] | None = None, loader: RenderLoader | None = None,
                   read: tuple[list[RawSample], str] | None = None) -> cf.ShardEntry:
@@ -224,12 +123,12 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     With `geometry` (another teacher added to a cache) exactly those views are rendered,
     and samples without cached views are skipped, so rows match the cache's one for one.
     `pca`: (mean [C], basis [K, C]) on the teacher's device: store K coefficients per token.
-    `loader`: render workers to reuse (`render_loader`); by default started for this shard.
+    `loader`: render workers to reuse (teacher_stage.render_loader); by default started for this shard.
     `read`: the shard's samples and sha256 when already read (`_read_ahead`).
     """
     t0 = time.time()
     samples, source_sha256 = read or read_shard_with_digest(url)
-    unique, skipped = _unique_samples(samples, geometry)
+    unique, skipped = unique_samples(samples, geometry)
     _report_repeats(url, skipped, cfg.strict)  # before anything of the shard is written
     # each row records the sha256 of the image file its views are rendered from, so training
     # can prove a sample's image before rendering it (a shard's sha256 is known only at its end)
@@ -253,27 +152,41 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: tqdm | No
     try:
         try:
             loader = loader or render_loader(cfg, teacher.input_size)
-            for batch in _teacher_batches(unique, loader, cfg, geometry, on_error):
+            if bar is not None:
+                bar.start_shard(len(unique) * n_views)
+            for batch in teacher_batches(unique, loader, cfg, geometry, on_error):
                 behind.submit(_write_batch, _device_batch(batch, teacher, cfg, pca), cfg, writer, bar, digests)
             behind.drain()
         except SkippedSampleError as e:
             raise SkippedSampleError(str(e) if str(e).startswith(url) else f"{url}: {e}") from e
         kept = [s.key for s in unique if s.key not in failed]
-        if geometry is not None and len(kept) * n_views != sum(len(v) for v in geometry.values()):
-            raise cf.CacheError(f"{url}: {len(kept) * n_views} views rendered where the cache holds "
-                                f"{sum(len(v) for v in geometry.values())}: the shard changed since extraction")
-        # published only if the rows on disk are exactly kept samples x views, in order
-        digest, size = writer.finish({"source": url, "num_samples": len(kept)},
-                                     [(k, v) for k in kept for v in range(n_views)])
-        entry = cf.ShardEntry(url, writer.group_path, len(kept), writer.rows,
-                              tuple(cf.Skipped(s["key"], s["reason"]) for s in skipped), "complete", digest, size,
-                              local_file_size(url), source_sha256, round(time.time() - t0, 2))
-        cf.commit_shard(cfg.out, writer, entry)
+        entry = _publish(url, cfg, writer, kept, skipped, geometry, source_sha256, t0)
+        if bar is not None:
+            bar.end_shard()
     except BaseException:
         behind.close()  # nothing may write into the shard being removed
         writer.abort()
         raise
     behind.close()
+    return entry
+
+
+def _publish(url: str, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter, kept: list[str],
+             skipped: list[dict], geometry: dict[str, list[View]] | None, source_sha256: str,
+             t0: float) -> cf.ShardEntry:
+    """Finish the shard's group and record it complete in the manifest: only if the rows
+    written are exactly the `kept` samples x K views, in order (and, replaying a cache's
+    views, as many as the cache holds); returns the entry, timed from `t0` (time.time())."""
+    n_views = cfg.views.per_image
+    if geometry is not None and len(kept) * n_views != sum(len(v) for v in geometry.values()):
+        raise cf.CacheError(f"{url}: {len(kept) * n_views} views rendered where the cache holds "
+                            f"{sum(len(v) for v in geometry.values())}: the shard changed since extraction")
+    digest, size = writer.finish({"source": url, "num_samples": len(kept)},
+                                 [(k, v) for k in kept for v in range(n_views)])
+    entry = cf.ShardEntry(url, writer.group_path, len(kept), writer.rows,
+                          tuple(cf.Skipped(s["key"], s["reason"]) for s in skipped), "complete", digest, size,
+                          local_file_size(url), source_sha256, round(time.time() - t0, 2))
+    cf.commit_shard(cfg.out, writer, entry)
     return entry
 
 
@@ -316,65 +229,6 @@ class _WriteBehind:
         self.pool.shutdown(wait=True)
 
 
-def _device_views(batch: list, sizes: tuple[int, ...], device: str) -> list[torch.Tensor]:
-    """The batch's views rendered on `device` at each size -> [uint8 [B, 3, size, size] per
-    size], from each key's image once: decoded by the workers with PIL (--render-on-device,
-    item 6 a tensor: pixel for pixel the workers' render) or decoded here (--decode-on-device,
-    item 6 the bytes). A size asked twice is rendered once."""
-    first: dict[str, torch.Tensor | bytes] = {}
-    for item in batch:
-        first.setdefault(item[0], item[6])
-    keys, images = list(first), list(first.values())
-    if isinstance(images[0], torch.Tensor):
-        on_device = dict(zip(keys, _images_to(images, device)))
-    else:
-        on_device = _decoded_on_device(keys, images, device)
-    views = [View(*(int(c) for c in item[2]), flip=item[3]) for item in batch]
-    per_view = [on_device[item[0]] for item in batch]
-    rendered = {size: render_batch(per_view, views, size) for size in dict.fromkeys(sizes)}
-    return [rendered[size] for size in sizes]
-
-
-def _images_to(images: list[torch.Tensor], device: str) -> list[torch.Tensor]:
-    """Decoded images, uint8 [3, H, W] as decode_image lays them out ([H, W, 3] in memory),
-    onto `device` in one copy that does not wait for the teacher running there (a pinned
-    staging buffer, non-blocking: from pageable memory CUDA would first wait for the stream);
-    on the CPU, the images themselves."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return images
-    hwc = [im.permute(1, 2, 0) for im in images]
-    flat = torch.empty(sum(h.numel() for h in hwc), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    torch.cat([h.reshape(-1) for h in hwc], out=flat)
-    moved, out, start = flat.to(device, non_blocking=True), [], 0
-    for h in hwc:
-        out.append(moved[start:start + h.numel()].view(h.shape).permute(2, 0, 1))
-        start += h.numel()
-    return out
-
-
-def _decoded_on_device(keys: list[str], images: list[bytes], device: str) -> dict[str, torch.Tensor]:
-    """--decode-on-device: key -> its image decoded on `device` (nvjpeg on CUDA), uint8 [3, H, W]."""
-    try:
-        return dict(zip(keys, decode_batch(images, device)))
-    except ImageDecodeError as e:
-        index = int(str(e).split()[1]) if str(e).startswith("image ") else 0
-        raise SkippedSampleError(f"key {keys[index]}: undecodable image on the device path ({e}); extract "
-                                 "without --decode-on-device to skip and record such samples") from e
-
-
-def _forward(batch: list, teacher: Teacher, cfg: ExtractConfig, x: torch.Tensor | None = None) -> TeacherOutput:
-    """The teacher's outputs for one batch of rendered views (or `x`, those views already
-    rendered on the device), on `cfg.device`."""
-    if x is None and (cfg.decode_on_device or cfg.renders_on_device):
-        x = _device_views(batch, (teacher.input_size,), cfg.device)[0]
-    elif x is None:
-        x = torch.stack([item[4] for item in batch]).to(cfg.device, non_blocking=True)
-    x = normalize(x, teacher.mean, teacher.std)  # on the device: uint8 crosses the bus, 4x fewer bytes
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        return teacher(x)
-
-
 @dataclass
 class _HostBatch:
     """One batch's rows on their way to host memory: tensors copied without blocking (wait
@@ -391,15 +245,14 @@ class _HostBatch:
     ready: torch.cuda.Event | None
 
 
-def _device_batch(batch: list, teacher: Teacher, cfg: ExtractConfig,
+def _device_batch(batch: list[ViewItem], teacher: Teacher, cfg: ExtractConfig,
                   pca: tuple[torch.Tensor, torch.Tensor] | None = None) -> _HostBatch:
     """The teacher's outputs for one batch, brought to what the cache stores on the device
     (PCA projection, int8 quantisation, float16) and sent to the host without waiting."""
-    keys, views, crops, flips, _, encoded, _ = zip(*batch)
     x = student = None
-    if (cfg.decode_on_device or cfg.renders_on_device) and cfg.store_pixels:  # for the teacher and the student
-        x, student = _device_views(batch, (teacher.input_size, cfg.views.output_size), cfg.device)
-    out = _forward(batch, teacher, cfg, x)
+    if batch[0].image is not None and cfg.store_pixels:  # rendered on the device for the teacher and the student
+        x, student = device_views(batch, (teacher.input_size, cfg.views.output_size), cfg.device)
+    out = teacher_outputs(batch, teacher, cfg.device, x)
     host = lambda t: t.to("cpu", non_blocking=True)  # noqa: E731
 
     def stored(t: torch.Tensor):
@@ -411,10 +264,11 @@ def _device_batch(batch: list, teacher: Teacher, cfg: ExtractConfig,
     if pca is not None:  # in float32: K instead of C values per token from here on
         mean, basis = pca
         features = (features - mean) @ basis.T
-    pixels = list(encoded) if cfg.store_pixels else None
+    pixels = [item.encoded for item in batch] if cfg.store_pixels else None
     if student is not None:  # the student-size views, encoded by the write thread
         pixels = host(student)
-    b = _HostBatch(keys, views, crops, flips, stored(features), host(out.attention.float().half()),
+    b = _HostBatch(tuple(i.key for i in batch), tuple(i.view for i in batch), tuple(i.crop for i in batch),
+                   tuple(i.flip for i in batch), stored(features), host(out.attention.float().half()),
                    host(out.cls.float().half()), pixels, None)
     if features.device.type == "cuda":  # after every copy above is queued, on their device's stream
         b.ready = torch.cuda.Event()
@@ -430,19 +284,19 @@ def _encoder_pool() -> ThreadPoolExecutor:
 
 
 def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
-                 bar: tqdm | None, digests: dict[str, bytes]) -> None:
+                 bar: ShardProgress | None, digests: dict[str, bytes]) -> None:
     """Append one batch to the shard (on the write thread); `digests`: key -> sha256 of its image."""
     if b.ready is not None:
         b.ready.synchronize()
     np_ = lambda v: tuple(t.numpy() for t in v) if isinstance(v, tuple) else v.numpy()  # noqa: E731
     pixels = b.pixels
-    if isinstance(pixels, torch.Tensor):  # ~2-20 ms a view: one thread would bound the device path
+    if isinstance(pixels, torch.Tensor):  # encoding costs about what rendering does: one thread would bound it
         pixels = list(_encoder_pool().map(lambda p: encode_view(p, cfg.store_pixels), pixels))
     writer.append(list(b.keys), np.array(b.views), np.stack(b.crops), np.array(b.flips), np_(b.features),
                   np_(b.attention), np_(b.cls), pixels=pixels,
                   image_sha256=[digests[k] for k in b.keys])
     if bar is not None:
-        bar.update(len(b.keys))
+        bar.add_views(len(b.keys))
 
 
 def process_rank() -> tuple[int, int, int]:
@@ -451,25 +305,62 @@ def process_rank() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def _write_errors_in_one_line(run: Callable[[ExtractConfig], dict]) -> Callable[[ExtractConfig], dict]:
+def _write_errors_in_one_line(run: Callable[..., dict]) -> Callable[..., dict]:
     """A full disk or a read-only `--out` ends the run as one CacheError naming the path."""
 
     @functools.wraps(run)
-    def wrapped(cfg: ExtractConfig) -> dict:
+    def wrapped(cfg: ExtractConfig, *args, **kwargs) -> dict:
         with cf.writing(cfg.out):
-            return run(cfg)
+            return run(cfg, *args, **kwargs)
 
     return wrapped
 
 
+class ShardProgress:
+    """The extraction's bar (stderr): this process's shards to extract, with a total and an
+    ETA. Within a shard it moves by the share of the shard's views written, known once the
+    shard is read (its unique samples x K); its postfix counts views and views/s. A shard's
+    view count is not known before it is read, so no views total is claimed."""
+
+    def __init__(self, shards: int, desc: str, enabled: bool, position: int = 0):
+        self.bar = tqdm(total=shards, desc=desc, disable=not enabled, dynamic_ncols=True, position=position,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} shards "
+                                   "[{elapsed}<{remaining}{postfix}]")
+        self.done, self.views, self.in_shard, self.expected = 0, 0, 0, 1
+        self.t0 = time.monotonic()
+
+    def start_shard(self, views: int) -> None:
+        """The shard now extracted holds at most `views` views (some may not render)."""
+        self.in_shard, self.expected = 0, max(views, 1)
+
+    def add_views(self, n: int) -> None:
+        """n views written (on the write thread)."""
+        self.views += n
+        self.in_shard += n
+        self.bar.n = self.done + min(self.in_shard / self.expected, 1.0)
+        rate = self.views / max(time.monotonic() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.views} views, {rate:.1f} views/s", refresh=False)
+        self.bar.refresh()
+
+    def end_shard(self) -> None:
+        self.done += 1
+        self.bar.n = self.done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @_write_errors_in_one_line
-def run_extraction(cfg: ExtractConfig) -> dict:
+def run_extraction(cfg: ExtractConfig, teacher: Teacher | None = None) -> dict:
     """Extract every shard of this process not yet complete in `cfg.out`; returns a summary.
 
-    Under torchrun / accelerate launch, input shard i belongs to rank i % world_size: each
-    rank writes whole shards and their entries only (and a writer of a shard another run
-    published with the same bytes yields: CACHE_FORMAT.md, "concurrent writers"), so no lock
-    or process group is needed; the cache is the same whatever the process count.
+    `teacher`: the teacher `cfg.teacher` names, already built (tests and benchmarks reuse
+    one); moved to the device. Under torchrun / accelerate launch, input shard i belongs to
+    rank i % world_size: each rank writes whole shards and their entries only (and a writer
+    of a shard another run published with the same bytes yields: CACHE_FORMAT.md,
+    "concurrent writers"), so no lock or process group is needed; the cache is the same
+    whatever the process count.
     """
     rank, world, local_rank = process_rank()
     device = f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device
@@ -480,36 +371,19 @@ def run_extraction(cfg: ExtractConfig) -> dict:
         cfg = replace(cfg, views=base.manifest.views, format=base.backend)
     urls = (expand_urls(cfg.shards) if cfg.shards or base is None  # a recorded command is never run (--shards)
             else [base.recorded_source(s) for s in base.complete_shards])
-    mine = [u for i, u in enumerate(urls) if i % world == rank]
     check_options(cfg)  # before the teacher is built and anything is written
     check_shard_list(urls, cfg.shards)
-    teacher = build_teacher(cfg.teacher).to(device)
+    teacher = _teacher_for(cfg, teacher).to(device)
     check_teacher_options(cfg, teacher)
     if cfg.decode_on_device:  # recorded: training may replay views from the tars only with PIL
-        decoder = "nvjpeg" if torch.device(device).type == "cuda" else "torchvision"
-        cfg = replace(cfg, views=replace(cfg.views, decoder=decoder))
-    wanted = wanted_manifest(teacher, cfg)
-    check_compatible(cfg.out, wanted)  # before any fit: a cache of another configuration is refused at once
+        cfg = replace(cfg, views=replace(cfg.views, decoder=device_decoder(device)))
     run_cfg = replace(cfg, device=device)
-    pca = None
-    if cfg.pca:
-        geometry_of = (lambda u, samples: replay_geometry(base, u, samples)) if base is not None else \
-            (lambda u, samples: None)
-        basis, digest = ensure_pca_basis(run_cfg, teacher, urls, rank, geometry_of)
-        fitted = replace(wanted.storage.pca, **measured_fields(basis, digest))
-        wanted = replace(wanted, storage=replace(wanted.storage, pca=fitted))
-        pca = (torch.from_numpy(basis.mean).to(device), torch.from_numpy(basis.basis).to(device))
-    cf.init_cache(cfg.out, wanted)
-    check_compatible(cfg.out, wanted)  # again: a run started beside this one may have made the cache since
-    manifest = cf.read_manifest(cfg.out)
-    if cfg.pca and (manifest.storage.pca is None or manifest.storage.pca.sha256 != digest):
-        raise cf.CacheError(f"{cf.Location(cfg.out).join(cf.PCA_FILE)}: not the basis the manifest records "
-                            "(sha256 differs): replaced or damaged")
+    manifest, pca = _open_cache(run_cfg, teacher, urls, rank, base)
+    mine = [u for i, u in enumerate(urls) if i % world == rank]
     todo = [u for u in mine if not _is_complete(cfg.out, manifest, u)]
     summary = {"shards": len(mine), "skipped_complete": len(mine) - len(todo), "extracted": 0, "views": 0,
                "samples_skipped": 0, "rank": rank, "world_size": world}
-    bar = tqdm(total=None, unit="view", desc=f"extract[{rank}]" if world > 1 else "extract",
-               disable=not cfg.progress, dynamic_ncols=True, position=rank)
+    bar = ShardProgress(len(todo), f"extract[{rank}]" if world > 1 else "extract", cfg.progress, rank)
     t0 = time.time()
     loader = render_loader(run_cfg, teacher.input_size)
     try:
@@ -524,6 +398,40 @@ def run_extraction(cfg: ExtractConfig) -> dict:
         del loader  # its workers end with the DataLoader's iterator
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
+
+
+def _teacher_for(cfg: ExtractConfig, teacher: Teacher | None) -> Teacher:
+    """The teacher given (refused, one line, when it is not the one `cfg.teacher` names:
+    the manifest records the teacher that ran), or `cfg.teacher` built."""
+    if teacher is None:
+        return build_teacher(cfg.teacher)
+    if str(teacher.spec) != str(TeacherSpec.parse(cfg.teacher)):
+        raise OptionError(f"run_extraction: the teacher given is {teacher.spec}, the configuration names {cfg.teacher}")
+    return teacher
+
+
+def _open_cache(cfg: ExtractConfig, teacher: Teacher, urls: list[str], rank: int, base: cf.FeatureCache | None
+                ) -> tuple[cf.Manifest, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Create `cfg.out` (or check it is a cache of this configuration), fitting and storing
+    its PCA basis first with --pca; returns its manifest and the basis (mean [C], basis
+    [K, C]) on `cfg.device`, or None."""
+    wanted = wanted_manifest(teacher, cfg)
+    check_compatible(cfg.out, wanted)  # before any fit: a cache of another configuration is refused at once
+    pca = digest = None
+    if cfg.pca:
+        geometry_of = (lambda u, samples: replay_geometry(base, u, samples)) if base is not None else \
+            (lambda u, samples: None)
+        basis, digest = ensure_pca_basis(cfg, teacher, urls, rank, geometry_of)
+        fitted = replace(wanted.storage.pca, **measured_fields(basis, digest))
+        wanted = replace(wanted, storage=replace(wanted.storage, pca=fitted))
+        pca = (torch.from_numpy(basis.mean).to(cfg.device), torch.from_numpy(basis.basis).to(cfg.device))
+    cf.init_cache(cfg.out, wanted)
+    check_compatible(cfg.out, wanted)  # again: a run started beside this one may have made the cache since
+    manifest = cf.read_manifest(cfg.out)
+    if cfg.pca and (manifest.storage.pca is None or manifest.storage.pca.sha256 != digest):
+        raise cf.CacheError(f"{cf.Location(cfg.out).join(cf.PCA_FILE)}: not the basis the manifest records "
+                            "(sha256 differs): replaced or damaged")
+    return manifest, pca
 
 
 def check_options(cfg: ExtractConfig) -> None:

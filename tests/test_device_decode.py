@@ -77,3 +77,45 @@ def test_an_image_damaged_past_its_header_stops_the_device_path_in_one_line(demo
     assert r.exit_code == 1 and len(lines) == 1, r.output
     assert str(bad) in lines[0] and "key cut_1" in lines[0] and "without --decode-on-device" in lines[0]
     assert cf.read_manifest(tmp_path / "c").shards == ()  # nothing half-written looks complete
+
+
+def test_verify_replays_with_the_recorded_decoder_or_refuses_in_one_line(demo_shards, tmp_path, monkeypatch):
+    import json
+
+    from mrmae.extract import teacher_stage
+    from mrmae.extract.verify import verify_cache
+    from mrmae.shared.teachers import build_teacher
+
+    teacher = build_teacher(DINO_TINY)
+    decoded_on = []  # the devices teacher_stage decodes bytes on (the real decoder runs)
+    real = teacher_stage.decode_batch
+
+    def spied(images, device):
+        decoded_on.append(str(device))
+        return real(images, device)
+
+    monkeypatch.setattr(teacher_stage, "decode_batch", spied)
+    caches = {}
+    for name, kw in (("pil", {}), ("dev", {"decode_on_device": True})):
+        caches[name] = tmp_path / name
+        run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(caches[name]), teacher=DINO_TINY,
+                                     batch_size=5, progress=False, **kw), teacher=teacher)
+    assert cf.read_manifest(caches["dev"]).views.decoder == "torchvision"
+    for name, decodes in (("pil", False), ("dev", True)):
+        decoded_on.clear()
+        report = verify_cache(str(caches[name]), recompute=4, seed=3, progress=False, teacher=teacher)
+        assert report.ok and report.checked == 4 and report.worst_cosine >= 0.999, name
+        assert bool(decoded_on) == decodes and set(decoded_on) <= {"cpu"}, name  # torchvision's CPU decoder, not PIL
+    r = CliRunner().invoke(cli, ["cache", "verify", str(caches["dev"]), "--recompute", "3"])
+    assert r.exit_code == 0 and "checked 3 views" in r.output and "OK" in r.output, r.output
+    # a cache nvjpeg decoded (extracted on CUDA): no CPU replays its pixels
+    manifest = caches["dev"] / "manifest.json"
+    obj = json.loads(manifest.read_text())
+    obj["views"]["decoder"] = "nvjpeg"
+    manifest.write_text(json.dumps(obj))
+    r = CliRunner().invoke(cli, ["cache", "verify", str(caches["dev"]), "--recompute", "3"])
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert "'nvjpeg'" in lines[0] and "--device cuda" in lines[0] and "--recompute 0" in lines[0]
+    r = CliRunner().invoke(cli, ["cache", "verify", str(caches["dev"]), "--recompute", "0"])
+    assert r.exit_code == 0 and "integrity: OK" in r.output, r.output

@@ -309,3 +309,26 @@ def test_a_cache_written_with_layers_is_still_read_and_its_layers_ignored(demo_s
     # more shards cannot join it: their rows would lack the blocks the manifest promises
     with pytest.raises(cf.CacheError, match=r"teacher.layers: cache has \[3\], asked for \[\]"):
         extract(url_list(demo_shards[:2]), old, format=backend, dtype="float16", batch_size=4)
+
+
+def test_bars_count_shards_and_views_and_one_precision_rule_runs_fit_extraction_and_verify(
+        demo_shards, tmp_path, capsys, monkeypatch):
+    from mrmae.extract import teacher_stage
+
+    ruled: list[str] = []  # the devices the stage's precision rule was asked about (the real rule applies)
+    real = teacher_stage.precision
+    monkeypatch.setattr(teacher_stage, "precision", lambda device: ruled.append(str(device)) or real(device))
+    urls = url_list(demo_shards[:2])
+    run_extraction(ExtractConfig(shards=urls, out=str(tmp_path / "c"), teacher=DINO_TINY, batch_size=5, pca=8,
+                                 pca_fit_views=10, views=ViewConfig(per_image=2)))
+    fit_and_extraction = len(ruled)
+    assert fit_and_extraction == 2 + 6  # the fit's 10 views in 2 batches, then 2 shards of 12 views in 5, 5, 2
+    report = verify_cache(str(tmp_path / "c"), recompute=5, seed=0)
+    assert report.ok and len(ruled) > fit_and_extraction and set(ruled) == {"cpu"}
+    err = capsys.readouterr().err
+    assert "extract: 100%" in err and "2.0/2 shards" in err and "24 views" in err and "views/s" in err
+    assert "verify integrity: 100%" in err and "2/2" in err and "verify recompute: 100%" in err and "5/5" in err
+    assert not real("cpu")._enabled  # float32 on a CPU (bfloat16 autocast on CUDA, where the machine has one)
+    extract(urls, tmp_path / "quiet")  # progress=False
+    verify_cache(str(tmp_path / "quiet"), recompute=1, progress=False)
+    assert "shards" not in capsys.readouterr().err

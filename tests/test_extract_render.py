@@ -19,8 +19,9 @@ from conftest import DINO_TINY, entry_files, url_list
 from test_extract import _bad_shard
 
 from mrmae.cli import cli
-from mrmae.extract import runner
-from mrmae.extract.runner import ExtractConfig, render_loader, run_extraction
+from mrmae.extract import runner, teacher_stage
+from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.teacher_stage import render_loader
 from mrmae.shared import cache_format as cf
 from mrmae.shared.shards import read_shard
 from mrmae.shared.views import ViewConfig, decode_image
@@ -52,13 +53,14 @@ def device_renders(monkeypatch) -> list[int]:
     """Counts the batches the main process renders (the real function runs): proves which
     path a run took, so an option that did nothing could not pass the comparison."""
     calls: list[int] = []
-    real = runner._device_views
+    real = teacher_stage.device_views
 
     def counted(batch, sizes, device):
         calls.append(len(batch))
         return real(batch, sizes, device)
 
-    monkeypatch.setattr(runner, "_device_views", counted)
+    monkeypatch.setattr(runner, "device_views", counted)  # the runner's own call (--store-pixels) and the stage's
+    monkeypatch.setattr(teacher_stage, "device_views", counted)
     return calls
 
 
