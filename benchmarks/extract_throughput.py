@@ -168,7 +168,7 @@ def main() -> None:
     print(table(["mode", "workers", "dtype", "views/s loop", "views/s wall", "ratio", "ratio best", "teacher share",
                  "bytes/view", "feat B/view"], rows))
     print("\nratio = extraction loop / forward-only views/s, medians (goal >= 0.9); ratio best = fastest rep / fastest "
-          "rep;\nwall also counts building the teacher inside run_extraction; teacher share = time in the teacher's "
+          "rep;\nwall also counts building the teacher passed to run_extraction; teacher share = time in the teacher's "
           "forward / loop time,\nwithin each run (median; with workers > 0 the workers also slow the forward down); "
           "bytes/view: all cache files;\nfeat B/view: features (+ scale) arrays only.")
     print(f"other processes used {sum(foreign):.1f} CPU-s meanwhile; total {total_s:.0f} s -> {path}")
