@@ -1103,7 +1103,7 @@ def test_5_add_teacher_verify_and_visualize_refuse_other_images_behind_the_same_
                                  "--shards", str(b), "--no-progress"])
     assert _error_line(r).startswith(f"mrmae: error: {b}: key demo_00000000: image differs from the one extracted "
                                      f"into {cache}")
-    assert not list((cache / "targets" / "t").glob("shards/*"))
+    assert [p.name for p in (cache / "targets" / "t").glob("shards/*")] in ([], ["zarr.json"])  # no shard written
     # cache verify's re-rendering and visualize replay views from B alike: refused, naming the key
     r = CliRunner().invoke(cli, ["cache", "verify", str(cache), "--recompute", "2", "--shards", str(b)])
     assert f"{b}: key demo_0000000" in _error_line(r) and "image differs from the one extracted" in _error_line(r)
