@@ -67,7 +67,7 @@ def device_renders(monkeypatch) -> list[int]:
 # format, dtype, store_pixels, workers, teacher, extra options (a ViT-Tiny teacher: the render
 # path does not depend on the family, and CLIP's ViT-S takes ~6 s to build on this machine)
 CASES = [
-    ("zarr", "int8", None, 0, DINO_TINY, {"layers": (2,)}),
+    ("zarr", "int8", None, 0, DINO_TINY, {}),
     ("zarr", "float16", "zstd", 2, DINO_TINY, {"image_size": 96, "pca": 8, "pca_fit_views": 10}),
     ("wds", "int8", "png", 2, DINO_TINY, {"views": 3, "shards": 1}),  # student size = the teacher's: one render
     ("wds", "float16", "webp", 0, DINO_TINY, {"int8_group": None, "image_size": 64, "batch_size": 7, "shards": 1}),
