@@ -25,16 +25,16 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(MRMAE) make-demo-shards $(DEMO)/shards --num-images 48 --shard-size 16 --seed 0
+	$(MRMAE) make-demo-shards --out $(DEMO)/shards --num-images 48 --shard-size 16 --seed 0
 	$(MRMAE) extract-features --shards "$(DEMO)/shards/demo-{000000..000002}.tar" \
-	    --out $(DEMO)/cache --teacher clip:ViT-S-16 --views 2 --dtype int8 --batch-size 16 --seed 0
-	$(MRMAE) cache info $(DEMO)/cache
-	$(MRMAE) cache verify $(DEMO)/cache --recompute 4
+	    --feature-cache $(DEMO)/cache --teacher clip:ViT-S-16 --views 2 --dtype int8 --batch-size 16 --seed 0
+	$(MRMAE) cache info --feature-cache $(DEMO)/cache
+	$(MRMAE) cache verify --feature-cache $(DEMO)/cache --recompute 4
 	$(MRMAE) pretrain --shards "$(DEMO)/shards/demo-{000000..000002}.tar" --feature-cache $(DEMO)/cache \
 	    --model mrmae_vit_tiny_patch16 --decoder-depth 2 --decoder-dim 128 --epochs 3 --batch-size 16 \
-	    --lr 1e-3 --warmup-epochs 1 --mask focused --workers 1 --out $(DEMO)/run
+	    --lr 1e-3 --warmup-epochs 1 --mask focused --out $(DEMO)/run
 	$(MRMAE) visualize --feature-cache $(DEMO)/cache --shards "$(DEMO)/shards/demo-000000.tar" \
-	    --checkpoint $(DEMO)/run --num 4 --out $(DEMO)/run/views.png
+	    --checkpoint $(DEMO)/run --num 4 --out $(DEMO)/run
 
 # Every CPU benchmark at settings that take about 7 minutes on 2 idle cores (each prints its ratio
 # table and writes benchmarks/results/<name>.json); BENCHMARKS.md's tables used the scripts' larger

@@ -6,28 +6,24 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
 from mrmae import __version__
+from mrmae.cli_help import Group, no_progress_option, renamed_argument, workers_option
 from mrmae.train.recipe import config_option
 
+DEMO_SHARDS = '"demo/shards/demo-{000000..000002}.tar"'  # the examples' data: `mrmae make-demo-shards`
 
-class _OneLineErrors(click.Group):
+
+class _OneLineErrors(Group):
     """Known failures (bad input, mismatched cache, unknown teacher, a full disk or read-only
-    path, the same raised in a DataLoader worker) end as one line, exit 1."""
+    path, the same raised in a DataLoader worker) end as one line, exit 1. They are all
+    MrmaeErrors or OSErrors, so nothing but shared/errors.py is imported to catch them."""
 
     def invoke(self, ctx: click.Context):
-        from mrmae.shared.shards import ShardReadError
-        from mrmae.extract.runner import SkippedSampleError
-        from mrmae.shared.cache_format import CacheError
-        from mrmae.shared.errors import OptionError, one_line
-        from mrmae.shared.teachers import TeacherError
-        from mrmae.train.checkpoint import CheckpointError
-        from mrmae.train.engine import NonFiniteLossError
-        from mrmae.train.evaluate import EvalError
-        from mrmae.train.export import ExportError
-        from mrmae.train.finetune import FinetuneError
+        from mrmae.shared.errors import MrmaeError, one_line
 
         try:
             return super().invoke(ctx)
@@ -39,18 +35,10 @@ class _OneLineErrors(click.Group):
         except click.UsageError as e:  # a bad option value or combination: one line, not usage + hint
             click.echo(f"mrmae: error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
-        except (CacheError, TeacherError, ShardReadError, SkippedSampleError, OSError, NonFiniteLossError,
-                OptionError, CheckpointError, EvalError, ExportError, FinetuneError) as e:
+        except (MrmaeError, OSError) as e:
             # OSError: its path and reason (ENOSPC, EROFS, EACCES); a worker's error: its own message
             click.echo(f"mrmae: error: {one_line(e)}", err=True)
             sys.exit(1)
-
-
-def _one_line(err: Exception) -> str:
-    """A command's own error as one line (also when a DataLoader worker raised it)."""
-    from mrmae.shared.errors import one_line
-
-    return one_line(err)
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -72,23 +60,30 @@ def _warnings_one_line() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
 
-@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="mrmae")
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]},
+             example=f"mrmae extract-features --shards {DEMO_SHARDS} --feature-cache demo/cache --teacher clip:ViT-S-16")
+@click.version_option(__version__, prog_name="mrmae", help="Print the version and exit.")
 def cli() -> None:
-    """MR-MAE pretraining with an offline, exactly replayable teacher-feature cache."""
+    """MR-MAE pretraining with an offline, exactly replayable teacher-feature cache.
+
+    The cache is --feature-cache, data tars are --shards (--val-shards beside them), --out
+    is a directory; `mrmae COMMAND --help` lists a command's options by section."""
     _warnings_one_line()
 
 
-@cli.command("make-demo-shards")
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@cli.command("make-demo-shards", renamed={"out_dir": "--out"},
+             example="mrmae make-demo-shards --out demo/shards --num-images 48 --shard-size 16")
+@click.argument("out_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Directory for the tars (created).")
 @click.option("--num-images", default=64, show_default=True, help="Samples in all.")
 @click.option("--shard-size", default=16, show_default=True, help="Samples per tar.")
-@click.option("--seed", default=0, show_default=True)
-def make_demo_shards(out_dir: str, num_images: int, shard_size: int, seed: int) -> None:
+@click.option("--seed", default=0, show_default=True, help="The same seed writes byte-identical tars.")
+def make_demo_shards(out_dir: str | None, out: str | None, num_images: int, shard_size: int, seed: int) -> None:
     """Write ImageNet-style WebDataset tars ({key}.jpg, {key}.cls) from bundled photographs."""
     from mrmae.demo import write_demo_shards
 
-    paths = write_demo_shards(out_dir, num_images, shard_size, seed)
+    out = renamed_argument("OUT_DIR", "--out", out_dir, out)
+    paths = write_demo_shards(out, num_images, shard_size, seed)
     click.echo(f"wrote {len(paths)} shards, {num_images} images: {paths[0]} .. {paths[-1]}")
 
 
@@ -140,13 +135,16 @@ def _mask_options(param: click.Parameter, values: tuple[str, ...]) -> dict[str, 
 
 
 def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """A torch device this machine has (cpu, cuda, cuda:N, mps), or BadParameter naming the option."""
+    """A torch device this machine has (cpu, cuda, cuda:N, mps; auto: cuda where there is
+    one, else cpu), or BadParameter naming the option."""
     import torch
 
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(value)
     except RuntimeError:
-        raise click.BadParameter(f"{value!r} is not a torch device (cpu, cuda, cuda:0, ...)", param=param) from None
+        raise click.BadParameter(f"{value!r} is not a torch device (auto, cpu, cuda, cuda:0, ...)", param=param) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter(f"{value!r}: this machine has no CUDA device", param=param)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -154,6 +152,38 @@ def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise click.BadParameter(f"{value!r}: MPS is not available here", param=param)
     return value
+
+
+def device_option(what: str):
+    """`--device` of a command that runs one model on one device."""
+    return click.option("--device", default="auto", show_default=True, callback=_device,
+                        help=f"Where {what} runs: auto (cuda where there is one, else cpu), cpu, cuda, cuda:N, mps.")
+
+
+def _accelerate_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value == "cuda":
+        _device(ctx, param, value)
+    return value
+
+
+def accelerate_device_option(f):
+    """`--device` of a training command: accelerate places each process (cuda:LOCAL_RANK)."""
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                        callback=_accelerate_device,
+                        help="auto: accelerate's choice (a GPU per process where there are GPUs, bf16); cpu: CPU "
+                             "even where there are GPUs (fp32).")(f)
+
+
+def _out_dir(filename: str):
+    """A click callback: `--out` names a directory, into which the command writes `filename`;
+    a path ending like that file is refused in one line (it was a file path once)."""
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and Path(value).suffix.lower() == Path(filename).suffix:
+            where = Path(value).parent
+            raise click.BadParameter(f"{value}: --out is a directory, into which this command writes {filename} "
+                                     f"(e.g. --out {where} writes {where / filename})", param=param)
+        return value
+    return check
 
 
 def _number(low: float, high: float = float("inf"), low_open: bool = False):
@@ -170,15 +200,23 @@ def _number(low: float, high: float = float("inf"), low_open: bool = False):
     return check
 
 
-@cli.command("extract-features")
+@cli.command("extract-features", renamed={"--out": "--feature-cache"},
+             sections={"seed": "Data", "batch_size": "Performance", "target": "Teacher"},
+             example=(f"mrmae extract-features --shards {DEMO_SHARDS} --feature-cache demo/cache \\\n"
+                      "      --teacher clip:ViT-S-16 --views 2 --batch-size 16",
+                      "mrmae extract-features --feature-cache demo/cache --add-teacher dino:vit_tiny_patch16_224 "
+                      "--name dino-tiny"))
 @click.option("--shards", help="Input tars: a webdataset URL list or brace range (with --add-teacher: default "
               "the cache's own).")
-@click.option("--out", required=True, help="Cache directory, or an fsspec URL (s3://bucket/cache, file://...).")
+@click.option("--feature-cache", "--out", "out", required=True,
+              help="The cache to write: a directory or an fsspec URL (s3://bucket/cache, file://...); with "
+                   "--add-teacher, the cache whose views the added teacher sees.")
 @click.option("--teacher", help="clip:ARCH[@WEIGHTS] or dino:TIMM_NAME[@WEIGHTS].")
-@click.option("--add-teacher", help="Add this teacher's targets to the existing cache --out, for exactly its views.")
+@click.option("--add-teacher", help="Add this teacher's targets to the existing --feature-cache, for exactly its views.")
 @click.option("--name", "target", help="With --add-teacher: the targets' name (default from the spec, e.g. clip-ViT-B-16).")
 @click.option("--views", "num_views", type=click.IntRange(min=1), default=2, show_default=True, help="Views per image.")
-@click.option("--dtype", type=click.Choice(["int8", "float16"]), default="int8", show_default=True)
+@click.option("--dtype", type=click.Choice(["int8", "float16"]), default="int8", show_default=True,
+              help="How tokens are stored: int8 with a float16 scale per --int8-group channels, or float16.")
 @click.option("--int8-group", type=click.IntRange(min=0), default=64, show_default=True,
               help="int8: one scale per this many channels of a token (0: one per token). Smaller groups keep a "
                    "few large channels from coarsening the whole token, at 2 bytes per group.")
@@ -186,9 +224,8 @@ def _number(low: float, high: float = float("inf"), low_open: bool = False):
               help="zarr: a Zarr v3 store; wds: one WebDataset tar per input shard.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Views per teacher batch.")
 @click.option("--seed", default=0, show_default=True, help="Global view seed.")
-@click.option("--device", default="cpu", show_default=True, callback=_device)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="DataLoader workers that decode (and render, without --render-on-device).")
+@device_option("the teacher")
+@workers_option("Processes that decode (and render, without --render-on-device) the images.")
 @click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
               help="The student's input size (recorded).")
 @click.option("--store-pixels", type=click.Choice(["zstd", "png", "webp", "jpeg"]), default=None,
@@ -206,15 +243,15 @@ def _number(low: float, high: float = float("inf"), low_open: bool = False):
               help="Workers only decode (PIL) and --device renders the views, pixel for pixel as the workers "
                    "would: the same cache.  [default: on when --device is CUDA]")
 @click.option("--strict", is_flag=True, help="Stop at an undecodable image instead of skipping it.")
-@click.option("--no-progress", is_flag=True)
+@no_progress_option
 def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype, int8_group, cache_format, batch_size, seed,
                      device, workers, image_size, store_pixels, decode_on_device, render_on_device, pca_rank,
                      pca_fit_views, strict, no_progress) -> None:
     """Run TEACHER once over --views augmented views of each image and cache its targets.
 
-    With --add-teacher SPEC instead, run SPEC over the views already in the cache --out (its
-    crops and flips, its backend; no new views are drawn) and store the targets under
-    OUT/targets/NAME, for `mrmae pretrain --target NAME`.
+    With --add-teacher SPEC instead, run SPEC over the views already in the --feature-cache
+    (its crops and flips, its backend; no new views are drawn) and store the targets under
+    CACHE/targets/NAME, for `mrmae pretrain --target NAME`.
     """
     from mrmae.extract.runner import ExtractConfig, run_extraction
     from mrmae.shared import cache_format as cf
@@ -246,16 +283,21 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
                f"{s['views']} views, {s['samples_skipped']} samples skipped, {s['seconds']} s -> {where}")
 
 
-@cli.command("pretrain")
+@cli.command("pretrain", sections={"target": "Teacher"},
+             example=(f"mrmae pretrain --shards {DEMO_SHARDS} --feature-cache demo/cache \\\n"
+                      "      --model mrmae_vit_tiny_patch16 --mask focused --epochs 3 --batch-size 16 --out demo/run",
+                      "mrmae pretrain --config recipes/paper-pretrain-convvit-base.yaml --shards \"$SHARDS\" "
+                      "--feature-cache CACHE --out runs/b"))
 @config_option
 @click.option("--shards", required=True, help="Source tars (the ones the cache was extracted from).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory: config.json, metrics.jsonl, checkpoints/ (created).")
 @click.option("--feature-cache", help="Train from this cache (a directory or an fsspec URL).")
 @click.option("--target", help="Which teacher of the cache to mimic: main (default, the one that drew the views) or "
               "a name from extract-features --add-teacher; several, comma-separated, train jointly (a head each).")
 @click.option("--teacher", help="Live teacher spec instead of a cache (clip:... / dino:...).")
 @click.option("--model", default="mrmae_vit_base_patch16", show_default=True, help="See `mrmae models`.")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Passes over the data.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Per process and micro-batch.")
 @click.option("--accum-steps", type=click.IntRange(min=1), default=None,
@@ -264,29 +306,39 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
               help="Images per optimiser step (the paper's 1024): --accum-steps = N / (--batch-size x processes).")
 @click.option("--blr", default=1.5e-4, show_default=True, help="lr = blr x effective batch / 256.")
 @click.option("--lr", type=float, default=None, help="Absolute lr (overrides --blr).")
-@click.option("--min-lr", default=0.0, show_default=True)
-@click.option("--warmup-epochs", default=0.0, show_default=True)
-@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--min-lr", default=0.0, show_default=True, help="Where the cosine schedule ends.")
+@click.option("--warmup-epochs", default=0.0, show_default=True,
+              help="Linear lr warm-up, in epochs (a fraction is fine; 0: none).")
+@click.option("--weight-decay", default=0.05, show_default=True,
+              help="AdamW's, except on norms, biases and position/cls/mask tokens.")
 @click.option("--mask", type=_MaskChoice(), default="random", show_default=True,
               help="Masking strategy (train/masks/): random (MAE's), focused (by the teacher's attention), ...")
-@click.option("--mask-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.75, show_default=True)
+@click.option("--mask-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.75, show_default=True,
+              help="Share of the patches masked.")
 @click.option("--focus-temperature", default=1.0, show_default=True, help="Focused masking: attention ** (1/T).")
 @click.option("--focus-uniform-mix", default=0.0, show_default=True, help="Focused masking: share of uniform weight.")
 @click.option("--mask-option", "mask_option", multiple=True, metavar="NAME=VALUE",
               callback=lambda ctx, p, v: _mask_options(p, v),
               help="An option of the --mask strategy (see its file in train/masks/); repeatable.")
-@click.option("--recon-weight", default=0.5, show_default=True)
-@click.option("--mimic-weight", default=0.5, show_default=True)
-@click.option("--target-norm", type=click.Choice(["none", "layernorm", "l2"]), default="none", show_default=True)
+@click.option("--recon-weight", default=0.5, show_default=True,
+              help="Weight of L_R, the reconstruction of the masked patches' normalised pixels.")
+@click.option("--mimic-weight", default=0.5, show_default=True,
+              help="Weight of L_M, the visible tokens' mimicking of the teacher's (without a teacher: L_R alone).")
+@click.option("--target-norm", type=click.Choice(["none", "layernorm", "l2"]), default="none", show_default=True,
+              help="Normalise the teacher's tokens before L_M (at training time: the cache stays raw).")
 @click.option("--fuse-layers", default="", callback=lambda ctx, p, v: _blocks(p, v),
               help="Encoder blocks whose visible tokens are summed, e.g. 4,8,12.")
-@click.option("--decoder-dim", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--decoder-depth", type=click.IntRange(min=0), default=8, show_default=True)
+@click.option("--decoder-dim", type=click.IntRange(min=1), default=512, show_default=True, help="Decoder width.")
+@click.option("--decoder-depth", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Decoder transformer blocks.")
 @click.option("--views", "views_per_image", type=click.IntRange(min=1), default=2, show_default=True,
               help="Live/plain modes: views per image.")
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
-@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@accelerate_device_option
+@workers_option("Loader processes per training process (read tars and cache, decode, render).")
+@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Samples a loader shuffles among.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initialisation, the views and masks drawn "
+              "and the shuffles.")
 @click.option("--data-split", type=click.Choice(["shards", "samples"]), default="shards", show_default=True,
               help="shards: each process reads its own shards; samples: every process reads all shards and "
                    "keeps its slots, so global batches are the same at any process count.")
@@ -301,7 +353,7 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
                    "CPU. Nothing to render with --pixels-from-cache.")
 @click.option("--compile", "compile_backend", type=click.Choice(["inductor", "eager", "aot_eager"]), default=None,
               help="torch.compile the student (inductor: the fast one; a GPU gains most).")
-@click.option("--no-progress", is_flag=True)
+@no_progress_option
 def pretrain(no_progress, **params) -> None:
     """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
     from mrmae.train.pretrain import run_pretrain
@@ -337,7 +389,7 @@ def pretrain_config(progress: bool = True, **params):
                           step_options=StepOptions(**step, seed=params["seed"]))
 
 
-@cli.command("models")
+@cli.command("models", example="mrmae models")
 def models() -> None:
     """List the student architectures and their parameter counts."""
     from mrmae.train.models import describe_models
@@ -346,19 +398,30 @@ def models() -> None:
         click.echo(row)
 
 
-@cli.group()
+@cli.group(example="mrmae cache info --feature-cache demo/cache")
 def cache() -> None:
-    """Inspect and check a feature cache."""
+    """Inspect, check and tidy a feature cache."""
 
 
-@cache.command("info")
-@click.argument("cache_dir")
+def _cache_option(f):
+    """`--feature-cache` of the cache commands, which once took the cache as a positional argument."""
+    f = click.option("--feature-cache", help="The cache: a directory or an fsspec URL.")(f)
+    return click.argument("cache_dir", required=False)(f)
+
+
+def _the_cache(cache_dir: str | None, feature_cache: str | None) -> str:
+    return renamed_argument("CACHE", "--feature-cache", cache_dir, feature_cache)
+
+
+@cache.command("info", renamed={"cache_dir": "--feature-cache"},
+               example="mrmae cache info --feature-cache demo/cache")
+@_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def cache_info(cache_dir: str, as_json: bool) -> None:
+def cache_info(cache_dir: str | None, feature_cache: str | None, as_json: bool) -> None:
     """Teacher, views, shards complete/total, views stored, bytes, compression."""
     from mrmae.extract.verify import cache_info as info
 
-    d = info(cache_dir)
+    d = info(_the_cache(cache_dir, feature_cache))
     if as_json:
         click.echo(json.dumps(d, indent=1))
         return
@@ -367,23 +430,27 @@ def cache_info(cache_dir: str, as_json: bool) -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
-@cache.command("verify")
-@click.argument("cache_dir")
-@click.option("--recompute", default=8, show_default=True, help="Random views to re-render and rerun.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, callback=_device)
+@cache.command("verify", renamed={"cache_dir": "--feature-cache"}, sections={"seed": "Output and run"},
+               example="mrmae cache verify --feature-cache demo/cache --recompute 4")
+@_cache_option
+@click.option("--recompute", default=8, show_default=True,
+              help="Random views to re-render and rerun the teacher on (0: the stored bytes' integrity only).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the views picked.")
+@device_option("the teacher")
 @click.option("--sources", is_flag=True, help="Also re-hash every input shard (finds shards changed since).")
 @click.option("--repair", is_flag=True, help="Mark each damaged shard incomplete (its entry and bytes removed), so "
               "the next extract-features with the same --shards redoes just those shards.")
 @click.option("--shards", help="Where to read the source tars (matched to the cache's shards by URL, else file name); "
               "default: as recorded, which is refused where a recorded source is a pipe: command.")
-def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources: bool, repair: bool,
-                 shards: str | None) -> None:
+@no_progress_option
+def cache_verify(cache_dir: str | None, feature_cache: str | None, recompute: int, seed: int, device: str,
+                 sources: bool, repair: bool, shards: str | None, no_progress: bool) -> None:
     """Check stored groups against their sha256, then re-render N cached views from source and
     rerun the teacher; exit 2 on damage (repaired or not) or past tolerance (--recompute 0:
     integrity only)."""
     from mrmae.extract.verify import duplicate_keys, verify_cache
 
+    cache_dir = _the_cache(cache_dir, feature_cache)
     r = verify_cache(cache_dir, recompute, seed, device, sources, repair=repair, shards=shards)
     dups = duplicate_keys(cache_dir) if not r.problems else {}
     if dups:  # not damage, but usually the same images twice in the input
@@ -411,19 +478,20 @@ def cache_verify(cache_dir: str, recompute: int, seed: int, device: str, sources
         sys.exit(2)
 
 
-@cache.command("clean")
-@click.argument("cache_dir")
+@cache.command("clean", renamed={"cache_dir": "--feature-cache"},
+               example="mrmae cache clean --feature-cache demo/cache --older-than 0 --dry-run")
+@_cache_option
 @click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=24.0, show_default=True,
               help="Hours since a leftover was last written (0: all; only when no writer runs).")
 @click.option("--dry-run", is_flag=True, help="List what would be removed, remove nothing.")
-def cache_clean(cache_dir: str, older_than: float, dry_run: bool) -> None:
+def cache_clean(cache_dir: str | None, feature_cache: str | None, older_than: float, dry_run: bool) -> None:
     """Remove temporaries of killed writers and groups no shard entry points to.
 
     Writers never remove another writer's temporary (it may be live, on another machine),
     so leftovers of killed runs stay until this command removes them."""
     from mrmae.shared.cache_format import clean_cache
 
-    removed = clean_cache(cache_dir, older_than, dry_run)
+    removed = clean_cache(_the_cache(cache_dir, feature_cache), older_than, dry_run)
     for path in removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
     click.echo(f"{len(removed)} leftovers {'found' if dry_run else 'removed'} (older than {older_than:g} h)")
@@ -432,17 +500,18 @@ def cache_clean(cache_dir: str, older_than: float, dry_run: bool) -> None:
 # --- export, visualize, eval: thin wrappers over train/export.py, visualize.py, evaluate.py ---
 
 
-@cli.command("export")
+@cli.command("export", example="mrmae export --checkpoint demo/run --out demo/encoder")
 @click.option("--checkpoint", required=True, type=click.Path(exists=True),
               help="A pretrain run dir (latest checkpoint), a checkpoint dir or its model.safetensors.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), callback=_out_dir("model.safetensors"),
+              help="Directory for model.safetensors, the encoder as timm weights (created).")
 def export(checkpoint: str, out: str) -> None:
     """Write the student's encoder as a timm model's weights (mrmae_vit_* / mrmae_convvit_*, no head).
 
     `import mrmae` registers those models with timm; the printed call loads the file strictly."""
     from mrmae.train.export import export_encoder
 
-    e = export_encoder(checkpoint, out)
+    e = export_encoder(checkpoint, Path(out) / "model.safetensors")
     if e.encoder.note:
         click.echo(f"mrmae: note: {e.encoder.note}", err=True)
     click.echo(f"wrote {e.num_tensors} tensors -> {e.path}")
@@ -452,15 +521,25 @@ def export(checkpoint: str, out: str) -> None:
     click.echo(f"load with: import mrmae, timm; model = {e.create_call()}")
 
 
-@cli.command("finetune")
+@cli.command("finetune", renamed={"--train-shards": "--shards"},
+             sections={"checkpoint": "Model", "eval_batch_size": "Performance"},
+             example=("mrmae finetune --checkpoint demo/run --shards \"demo/shards/demo-{000000..000001}.tar\" "
+                      "--val-shards demo/shards/demo-000002.tar \\\n"
+                      "      --num-classes 14 --epochs 2 --batch-size 8 --out demo/finetune",
+                      "mrmae finetune --config recipes/paper-finetune-convvit-base.yaml --checkpoint runs/b "
+                      "--shards \"$TRAIN\" --val-shards \"$VAL\" --out runs/b-ft"))
 @config_option
 @click.option("--checkpoint", required=True, type=click.Path(exists=True),
-              help="A pretrain run dir, a checkpoint dir, its model.safetensors, or an `mrmae export` file.")
-@click.option("--train-shards", required=True, help="Labelled training tars ({key}.jpg + {key}.cls).")
+              help="A pretrain run dir, a checkpoint dir, its model.safetensors, or an `mrmae export` directory or "
+                   "file.")
+@click.option("--shards", "--train-shards", "train_shards", required=True,
+              help="Labelled training tars ({key}.jpg + {key}.cls).")
 @click.option("--val-shards", required=True, help="Labelled validation tars (top-1/top-5 after each epoch).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory: config.json, metrics.jsonl, checkpoints/ (created).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Outputs of the new head (labels must be below it).")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Passes over the data.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Per process and micro-batch.")
 @click.option("--accum-steps", type=click.IntRange(min=1), default=None,
@@ -469,50 +548,56 @@ def export(checkpoint: str, out: str) -> None:
               help="Images per optimiser step (the paper's 1024): --accum-steps = N / (--batch-size x processes).")
 @click.option("--blr", default=3e-4, show_default=True, help="lr = blr x effective batch / 256.")
 @click.option("--lr", type=float, default=None, help="Absolute peak lr (overrides --blr).")
-@click.option("--min-lr", default=1e-6, show_default=True)
-@click.option("--warmup-epochs", default=5.0, show_default=True)
-@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--min-lr", default=1e-6, show_default=True, help="Where the cosine schedule ends.")
+@click.option("--warmup-epochs", default=5.0, show_default=True,
+              help="Linear lr warm-up, in epochs (a fraction is fine; 0: none).")
+@click.option("--weight-decay", default=0.05, show_default=True,
+              help="AdamW's, except on norms, biases and position/cls tokens.")
 @click.option("--layer-decay", default=0.6, show_default=True, help="Layer-wise lr decay.")
-@click.option("--drop-path", default=0.2, show_default=True)
+@click.option("--drop-path", default=0.2, show_default=True, help="Stochastic depth rate of the encoder's blocks.")
 @click.option("--global-pool", type=click.Choice(["avg", "token"]), default="avg", show_default=True,
               help="avg: mean patch token + new fc_norm (MAE); token: the normed [CLS] token.")
 @click.option("--mixup", default=0.8, show_default=True, help="Mixup alpha (0: off).")
 @click.option("--cutmix", default=1.0, show_default=True, help="CutMix alpha (0: off).")
-@click.option("--mixup-prob", default=1.0, show_default=True)
+@click.option("--mixup-prob", default=1.0, show_default=True, help="Chance that a batch is mixed.")
 @click.option("--mixup-switch-prob", default=0.5, show_default=True, help="Chance of CutMix when both are on.")
 @click.option("--smoothing", default=0.1, show_default=True, help="Label smoothing.")
 @click.option("--augment", type=click.Choice(["randaug", "light"]), default="randaug", show_default=True,
               help="randaug: RandAugment + random erasing (MAE); light: crop and flip only.")
-@click.option("--rand-augment", default="rand-m9-mstd0.5-inc1", show_default=True)
+@click.option("--rand-augment", default="rand-m9-mstd0.5-inc1", show_default=True,
+              help="timm's RandAugment policy string.")
 @click.option("--re-prob", default=0.25, show_default=True, help="Random erasing probability.")
-@click.option("--eval-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
-@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per validation batch.")
+@accelerate_device_option
+@workers_option("Loader processes per training process (read, decode, augment).")
+@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Samples a loader shuffles among.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the head, the augmentation, Mixup, drop path and "
+              "the shuffles.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
 @click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True, help="0: at each epoch's end only.")
-@click.option("--no-progress", is_flag=True)
+@no_progress_option
 def finetune(no_progress, **kwargs) -> None:
     """Fine-tune the pretrained encoder as a timm ViT classifier (MAE's recipe); top-1/top-5 per epoch."""
-    from mrmae.train.export import ExportError
-    from mrmae.train.finetune import FinetuneConfig, FinetuneError, run_finetune
+    from mrmae.train.finetune import FinetuneConfig, run_finetune
 
     try:
         r = run_finetune(FinetuneConfig(**kwargs, progress=not no_progress))
     except KeyboardInterrupt:
         raise _Interrupted(kwargs["out"]) from None
-    except (ExportError, FinetuneError) as err:
-        click.echo(f"mrmae: error: {_one_line(err)}", err=True)
-        sys.exit(1)
     if r["main_process"]:
         click.echo(r["table"])
         click.echo(f"{r['steps']} steps; checkpoint: {r['checkpoint']}; metrics: {r['metrics']}")
 
 
-@cli.command("visualize")
+@cli.command("visualize", sections={"checkpoint": "Model"},
+             example="mrmae visualize --feature-cache demo/cache --shards demo/shards/demo-000000.tar "
+                     "--checkpoint demo/run --out demo/run")
 @click.option("--feature-cache", required=True, help="The cache (a directory or an fsspec URL).")
 @click.option("--shards", required=True, help="Source tars the cache was extracted from.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), callback=_out_dir("views.png"),
+              help="Directory for views.png (created).")
 @click.option("--checkpoint", type=click.Path(exists=True), help="Add the student's reconstruction column.")
 @click.option("--num", type=click.IntRange(min=1), default=4, show_default=True, help="Samples (rows).")
 @click.option("--view", "view_index", type=click.IntRange(min=0), default=0, show_default=True,
@@ -520,14 +605,17 @@ def finetune(no_progress, **kwargs) -> None:
 @click.option("--mask-ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Default: the run's, else 0.75.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the mask draws.")
-def visualize(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed) -> None:
+@device_option("the student")
+@no_progress_option
+def visualize(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed, device, no_progress) -> None:
     """PNG grid per sample: view, teacher [CLS] attention, a mask per masking strategy, [reconstruction]."""
     from mrmae.train.visualize import render_grid
 
-    click.echo(str(render_grid(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed)))
+    click.echo(str(render_grid(feature_cache, shards, Path(out) / "views.png", checkpoint, num, view_index,
+                               mask_ratio, seed, device=device, progress=not no_progress)))
 
 
-@cli.command("report")
+@cli.command("report", example="mrmae report runs/mae runs/mimic runs/focused --out runs/report")
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Directory for report.md, report.csv and curves.png (created).")
 def report(runs: tuple[str, ...], out: str) -> None:
@@ -539,17 +627,24 @@ def report(runs: tuple[str, ...], out: str) -> None:
     click.echo(f"wrote {written.markdown}, {written.csv}, {written.curves}")
 
 
-@cli.group("eval")
+@cli.group("eval", example="mrmae eval knn --checkpoint demo/run --shards \"demo/shards/demo-{000000..000001}.tar\" "
+                           "--val-shards demo/shards/demo-000002.tar")
 def eval_group() -> None:
     """Frozen-encoder evaluation: kNN and linear probe on labelled shards ({key}.cls)."""
+
+
+# eval's own meaning of these names: the probe's, not a training run's
+_EVAL_SECTIONS = {"batch_size": "Performance", "epochs": "Protocol", "lr": "Protocol", "seed": "Protocol"}
+_EVAL_DATA = "--shards \"demo/shards/demo-{000000..000001}.tar\" --val-shards demo/shards/demo-000002.tar"
 
 
 def _eval_options(f, ensemble: bool = False):
     options = [
         click.option("--checkpoint", "checkpoint", required=True, type=click.Path(exists=True), multiple=ensemble,
-                     help="A pretrain run dir, a checkpoint dir, its model.safetensors or an `mrmae export` file"
-                          + (" (once per member: --checkpoint A --checkpoint B)." if ensemble else ".")),
-        click.option("--train-shards", required=True, help="Labelled training tars (webdataset URL list)."),
+                     help="A pretrain run dir, a checkpoint dir, its model.safetensors or an `mrmae export` directory "
+                          "or file" + (" (once per member: --checkpoint A --checkpoint B)." if ensemble else ".")),
+        click.option("--shards", "--train-shards", "train_shards", required=True,
+                     help="Labelled training tars (webdataset URL list)."),
         click.option("--val-shards", required=True, help="Labelled validation tars."),
         click.option("--feature", type=click.Choice(["auto", "cls", "mean"]), default="auto", show_default=True,
                      help="[CLS] token or mean of the patch tokens (auto: cls where there is one, else mean)."),
@@ -558,30 +653,30 @@ def _eval_options(f, ensemble: bool = False):
                           "maps) instead of the encoder (last block, final norm); needs a pretrain checkpoint."),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Images per encoder batch."),
-        click.option("--device", default="cpu", show_default=True, callback=_device),
-        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True),
+        device_option("the encoder"),
+        workers_option("Processes that read and decode the images."),
         click.option("--results", type=click.Path(dir_okay=False),
                      help="JSON lines file to append to (default: RUN/eval.jsonl, else beside the checkpoint)."),
+        no_progress_option,
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _run_eval(protocol: str, checkpoint: str, results: str | None, fused: bool, **kwargs) -> None:
-    from pathlib import Path
-
+def _run_eval(protocol: str, checkpoint: str, results: str | None, fused: bool, no_progress: bool, **kwargs) -> None:
     from mrmae.train.evaluate import load_frozen, run_eval
 
     frozen = load_frozen(checkpoint, fused)
     if results is None:
         results = str((frozen.run_dir or frozen.weights.parent) / "eval.jsonl")
-    r = run_eval(protocol, frozen, results=results, **kwargs)
+    r = run_eval(protocol, frozen, results=results, progress=not no_progress, **kwargs)
     click.echo(r.table())
     click.echo(f"appended to {Path(results)}")
 
 
-@eval_group.command("knn")
+@eval_group.command("knn", renamed={"--train-shards": "--shards"}, sections=_EVAL_SECTIONS,
+                    example=f"mrmae eval knn --checkpoint demo/run {_EVAL_DATA} --k 10")
 @_eval_options
 @click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours.")
 @click.option("--temperature", default=0.07, show_default=True, callback=_number(0, low_open=True),
@@ -591,30 +686,35 @@ def eval_knn(checkpoint, results, **kwargs) -> None:
     _run_eval("knn", checkpoint, results, **kwargs)
 
 
-@eval_group.command("linear-probe")
+@eval_group.command("linear-probe", renamed={"--train-shards": "--shards"}, sections=_EVAL_SECTIONS,
+                    example=f"mrmae eval linear-probe --checkpoint demo/run {_EVAL_DATA} --epochs 10")
 @_eval_options
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Passes of the probe over the features.")
 @click.option("--lr", default=0.1, show_default=True, callback=_number(0, low_open=True),
               help="SGD lr (momentum 0.9, cosine decay).")
 @click.option("--probe-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Features per probe step.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the probe's initialisation and batch order.")
 def eval_linear_probe(checkpoint, results, **kwargs) -> None:
     """BatchNorm (no affine) + linear classifier on frozen features."""
     _run_eval("linear-probe", checkpoint, results, **kwargs)
 
 
-@eval_group.command("ensemble")
+@eval_group.command("ensemble", renamed={"--train-shards": "--shards"}, sections=_EVAL_SECTIONS,
+                    example=f"mrmae eval ensemble --checkpoint runs/clip --checkpoint runs/dino {_EVAL_DATA}")
 @(lambda f: _eval_options(f, ensemble=True))
-@click.option("--protocol", type=click.Choice(["knn", "linear-probe"]), default="knn", show_default=True)
+@click.option("--protocol", type=click.Choice(["knn", "linear-probe"]), default="knn", show_default=True,
+              help="How each member predicts; their class probabilities are averaged.")
 @click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="kNN: neighbours.")
 @click.option("--temperature", default=0.07, show_default=True, callback=_number(0, low_open=True),
               help="kNN: vote weight exp(cosine / T).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Linear probe epochs.")
 @click.option("--lr", default=0.1, show_default=True, callback=_number(0, low_open=True), help="Linear probe SGD lr.")
-@click.option("--probe-batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-def eval_ensemble(checkpoint, results, protocol, fused, **kwargs) -> None:
+@click.option("--probe-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Linear probe: features per step.")
+@click.option("--seed", default=0, show_default=True, help="Linear probe: seed of the initialisation and batch order.")
+def eval_ensemble(checkpoint, results, protocol, fused, no_progress, **kwargs) -> None:
     """Average the class probabilities of separately pretrained models (the paper's "Sep." row)."""
     from mrmae.train.evaluate import load_frozen, run_ensemble
 
@@ -622,7 +722,7 @@ def eval_ensemble(checkpoint, results, protocol, fused, **kwargs) -> None:
         raise click.UsageError("an ensemble needs two or more --checkpoint")
     members = [load_frozen(c, fused) for c in checkpoint]
     results = results or str((members[0].run_dir or members[0].weights.parent) / "eval.jsonl")
-    r = run_ensemble(protocol, members, results=results, **kwargs)
+    r = run_ensemble(protocol, members, results=results, progress=not no_progress, **kwargs)
     for m in r.record["members"]:
         click.echo(f"member {m['checkpoint']}: top1 {m['top1']:.2f}")
     click.echo(r.table())

@@ -25,12 +25,13 @@ from mrmae.extract.device_decode import decode_batch
 from mrmae.extract.mapper import RenderedSample, RenderLoader
 from mrmae.shared import cache_format as cf
 from mrmae.shared.batch_render import render_batch
+from mrmae.shared.errors import MrmaeError
 from mrmae.shared.shards import REPEATED_KEY, RawSample
 from mrmae.shared.teachers import Teacher, TeacherOutput
 from mrmae.shared.views import ImageDecodeError, View, decode_image, normalize
 
 
-class SkippedSampleError(ValueError):
+class SkippedSampleError(MrmaeError, ValueError):
     """Raised under `strict` for a sample that would otherwise be skipped, and on the
     --decode-on-device path for an image found undecodable too late to skip."""
 

@@ -15,7 +15,13 @@ import re
 from typing import Iterator
 
 
-class OptionError(ValueError):
+class MrmaeError(Exception):
+    """Base of the errors the command line prints as one line, with exit status 1: input
+    that cannot work, a cache, checkpoint or teacher that does not fit. The CLI catches this
+    class (and OSError) without importing the modules that raise them."""
+
+
+class OptionError(MrmaeError, ValueError):
     """An option value or combination that cannot work; the message names the option."""
 
 

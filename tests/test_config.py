@@ -100,7 +100,7 @@ def test_unknown_key_names_the_command(student, demo_shards, tmp_path):
     path = tmp_path / "ft.yaml"
     path.write_text("mask: focused\n")  # a pretrain option
     out = tmp_path / "ft"
-    code, errors, r = mrmae(["finetune", "--config", str(path), "--checkpoint", str(student), "--train-shards",
+    code, errors, r = mrmae(["finetune", "--config", str(path), "--checkpoint", str(student), "--shards",
                              str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--out", str(out)])
     assert code == 2 and errors == [f"mrmae: error: {path}: line 1: mask: not an option of mrmae finetune"], r.output
     assert not out.exists()
@@ -144,7 +144,7 @@ def test_recipe_parses_and_passes_the_start_checks(recipe, tmp_path):
         cfg = pretrain_config(**{k: v for k, v in ctx.params.items() if k != "no_progress"})
         check_options(cfg)  # the model exists, --fuse-layers fit its depth, the numbers are in range
     else:
-        ctx = parse(command, ["--config", str(path), "--checkpoint", str(tmp_path), "--train-shards", "t.tar",
+        ctx = parse(command, ["--config", str(path), "--checkpoint", str(tmp_path), "--shards", "t.tar",
                               "--val-shards", "v.tar", "--out", str(tmp_path / "o")])
         cfg = FinetuneConfig(**{k: v for k, v in ctx.params.items() if k != "no_progress"})
         check_finetune_numbers(cfg)
@@ -179,7 +179,7 @@ def test_finetune_reads_a_config_file_and_derives_accumulation(student, demo_sha
     path.write_text("num-classes: 16\nepochs: 3\nwarmup-epochs: 0.5\neffective-batch: 8\nbatch-size: 4\n"
                     "lr: 1.0e-3\naugment: light\neval-batch-size: 8\nworkers: 0\nseed: 3\n")
     out = tmp_path / "ft"
-    code, errors, r = mrmae(["finetune", "--config", str(path), "--checkpoint", str(student), "--train-shards",
+    code, errors, r = mrmae(["finetune", "--config", str(path), "--checkpoint", str(student), "--shards",
                              f"{demo_shards[0]}::{demo_shards[1]}", "--val-shards", str(demo_shards[2]),
                              "--out", str(out), "--epochs", "1", "--no-progress"])
     assert code == 0 and not errors, r.output + repr(r.exception)
@@ -236,12 +236,12 @@ def test_pretrain_start_checks(demo_shards, cache, tmp_path, bad, expected):
     (["--epochs", "5", "--warmup-epochs", "5"], "--warmup-epochs 5: must be below --epochs 5"),
     (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
     (["--batch-size", "8"], "--batch-size 8: 8 images per step (--batch-size 8 x --accum-steps 1 x 1 processes) "
-                            "is more than the 6 samples of an epoch (counted in --train-shards)"),
+                            "is more than the 6 samples of an epoch (counted in --shards)"),
     (["--effective-batch", "10", "--batch-size", "4"], "--effective-batch 10: not a multiple of --batch-size 4"),
     (["--effective-batch", "8", "--batch-size", "4", "--accum-steps", "1"], "--accum-steps 1: --effective-batch 8")])
 def test_finetune_start_checks(student, demo_shards, tmp_path, bad, expected):
     out = tmp_path / "ft"
-    code, errors, r = mrmae(["finetune", "--checkpoint", str(student), "--train-shards", str(demo_shards[0]),
+    code, errors, r = mrmae(["finetune", "--checkpoint", str(student), "--shards", str(demo_shards[0]),
                              "--val-shards", str(demo_shards[1]), "--out", str(out), "--num-classes", "16",
                              "--no-progress", "--workers", "0", *bad])
     assert code == 1 and len(errors) == 1 and errors[0].startswith(f"mrmae: error: {expected}"), r.output

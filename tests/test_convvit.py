@@ -301,7 +301,7 @@ def test_paper_model_end_to_end_cache_focused_fused_pretrain_export_knn_finetune
     # with the students' preprocessing, kNN from the export, one epoch of fine-tuning.
     import timm
 
-    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(out), "--out", str(tmp_path / "enc.safetensors")])
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(out), "--out", str(tmp_path / "enc")])
     assert r.exit_code == 0, r.output
     assert "mrmae: note: pretraining fused the stage-1/2 maps and blocks 4,8,11" in r.stderr
     call = next(ln for ln in r.stdout.splitlines() if ln.startswith("load with: ")).split("model = ", 1)[1]
@@ -310,14 +310,14 @@ def test_paper_model_end_to_end_cache_focused_fused_pretrain_export_knn_finetune
     assert (data_cfg["mean"], data_cfg["std"]) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 192)  # a backbone: num_classes 0
 
-    knn = ["eval", "knn", "--checkpoint", str(tmp_path / "enc.safetensors"), "--train-shards", str(demo_shards[1]),
+    knn = ["eval", "knn", "--checkpoint", str(tmp_path / "enc"), "--shards", str(demo_shards[1]),
            "--val-shards", str(demo_shards[2]), "--k", "3", "--results", str(tmp_path / "eval.jsonl")]
     r = CliRunner().invoke(cli, knn)
     assert r.exit_code == 0, r.output
     rec = json.loads((tmp_path / "eval.jsonl").read_text())
     assert (rec["feature"], rec["n_train"], rec["n_val"]) == ("mean", 6, 6) and 0 <= rec["top1"] <= 100
 
-    ft = ["finetune", "--checkpoint", str(tmp_path / "enc.safetensors"), "--train-shards", str(demo_shards[1]),
+    ft = ["finetune", "--checkpoint", str(tmp_path / "enc" / "model.safetensors"), "--shards", str(demo_shards[1]),
           "--val-shards", str(demo_shards[2]), "--out", str(tmp_path / "ft"), "--num-classes", "16", "--epochs", "1",
           "--batch-size", "2", "--warmup-epochs", "0", "--workers", "0", "--no-progress"]
     r = CliRunner().invoke(cli, ft)

@@ -24,12 +24,12 @@ def run_dir(tmp_path_factory):
 def _eval(args: list[str]) -> str:
     r = CliRunner().invoke(cli, ["eval", *args])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    return r.output
+    return r.stdout
 
 
 def test_knn_and_linear_probe_print_and_append_results(run_dir, demo_shards, tmp_path):
     results = tmp_path / "results.jsonl"
-    common = ["--checkpoint", str(run_dir), "--train-shards", url_list(demo_shards[:2]),
+    common = ["--checkpoint", str(run_dir), "--shards", url_list(demo_shards[:2]),
               "--val-shards", str(demo_shards[2]), "--results", str(results)]
     out = _eval(["knn", *common, "--feature", "mean"])
     assert out.splitlines()[0].split() == ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5"]
@@ -41,15 +41,34 @@ def test_knn_and_linear_probe_print_and_append_results(run_dir, demo_shards, tmp
         assert (r["n_train"], r["n_val"]) == (12, 6) and r["checkpoint"].endswith("model.safetensors")
         assert 0 <= r["top1"] <= r["top5"] <= 100
     # without --results: appended to the run directory's eval.jsonl
-    _eval(["knn", "--checkpoint", str(run_dir), "--train-shards", str(demo_shards[2]), "--val-shards",
+    _eval(["knn", "--checkpoint", str(run_dir), "--shards", str(demo_shards[2]), "--val-shards",
            str(demo_shards[2]), "--k", "5"])
     assert json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])["k"] == 5
+
+
+def test_eval_shows_its_progress_in_shards_with_the_images_read(run_dir, demo_shards, tmp_path):
+    """A bar per split on stderr: shards done of the known total (hence an ETA), images so
+    far; none with --no-progress, and stdout is the table either way."""
+    args = ["eval", "knn", "--checkpoint", str(run_dir), "--shards", url_list(demo_shards[:2]),
+            "--val-shards", str(demo_shards[2]), "--results", str(tmp_path / "r.jsonl")]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.replace("\r", "\n").splitlines()
+    train = [ln for ln in lines if ln.startswith("eval train:")]
+    val = [ln for ln in lines if ln.startswith("eval val:")]
+    assert train[0].startswith("eval train:   0%") and "0/2" in train[0], r.stderr
+    assert "100%" in train[-1] and "2/2" in train[-1] and "12 images" in train[-1], r.stderr
+    assert "100%" in val[-1] and "1/1" in val[-1] and "6 images" in val[-1], r.stderr
+    assert r.stdout.startswith("protocol")
+    quiet = CliRunner().invoke(cli, [*args, "--no-progress"])
+    assert quiet.exit_code == 0 and not any(ln.startswith("eval") for ln in quiet.stderr.splitlines())
+    assert quiet.stdout.splitlines()[1].split()[-2:] == r.stdout.splitlines()[1].split()[-2:]
 
 
 def test_knn_on_its_own_training_set_with_k1_is_perfect(run_dir, demo_shards, tmp_path):
     # each image's nearest neighbour is itself (cosine 1), so k=1 must recover every label
     shards = url_list(demo_shards)
-    out = _eval(["knn", "--checkpoint", str(run_dir), "--train-shards", shards, "--val-shards", shards,
+    out = _eval(["knn", "--checkpoint", str(run_dir), "--shards", shards, "--val-shards", shards,
                  "--k", "1", "--results", str(tmp_path / "r.jsonl")])
     r = json.loads((tmp_path / "r.jsonl").read_text())
     assert (r["n_train"], r["n_val"], r["top1"], r["top5"]) == (18, 18, 100.0, 100.0), out
@@ -106,7 +125,7 @@ def test_ensemble_averages_the_members_probabilities(demo_shards, tmp_path):
     save_tiny_student(b, seed=2)
     shards = url_list(demo_shards)
     r = CliRunner().invoke(cli, ["eval", "ensemble", "--checkpoint", str(a), "--checkpoint", str(b),
-                                 "--train-shards", shards, "--val-shards", shards, "--k", "1",
+                                 "--shards", shards, "--val-shards", shards, "--k", "1",
                                  "--results", str(tmp_path / "r.jsonl")])
     assert r.exit_code == 0, r.output
     rec = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
@@ -121,7 +140,7 @@ def test_ensemble_averages_the_members_probabilities(demo_shards, tmp_path):
         p = class_probabilities(protocol, xtr, ytr, xtr[:5], 4, k=3, epochs=2)
         assert p.shape == (5, 4) and (p >= 0).all()
         torch.testing.assert_close(p.sum(1), torch.ones(5))
-    r = CliRunner().invoke(cli, ["eval", "ensemble", "--checkpoint", str(a), "--train-shards", shards,
+    r = CliRunner().invoke(cli, ["eval", "ensemble", "--checkpoint", str(a), "--shards", shards,
                                  "--val-shards", shards])
     assert r.exit_code != 0 and "two or more --checkpoint" in r.output
 
@@ -133,11 +152,11 @@ def test_eval_takes_an_export_a_run_or_a_checkpoint_alike_and_fused_on_request(d
     from test_finetune import save_small_convvit
 
     save_small_convvit(tmp_path / "run")
-    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e.st")])
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
-    data = ["--train-shards", url_list(demo_shards[:2]), "--val-shards", str(demo_shards[2]), "--k", "3",
+    data = ["--shards", url_list(demo_shards[:2]), "--val-shards", str(demo_shards[2]), "--k", "3",
             "--results", str(tmp_path / "r.jsonl")]
-    for source in (tmp_path / "e.st", tmp_path / "run", tmp_path / "run" / "checkpoints" / "step00000001",
+    for source in (tmp_path / "e", tmp_path / "run", tmp_path / "run" / "checkpoints" / "step00000001",
                    tmp_path / "run" / "checkpoints" / "step00000001" / "model.safetensors"):
         _eval(["knn", "--checkpoint", str(source), *data])
     _eval(["knn", "--checkpoint", str(tmp_path / "run"), "--fused", *data])
@@ -148,10 +167,10 @@ def test_eval_takes_an_export_a_run_or_a_checkpoint_alike_and_fused_on_request(d
     from mrmae.train.evaluate import extract_features, load_frozen
 
     shard = str(demo_shards[2])
-    plain = extract_features(load_frozen(tmp_path / "e.st"), shard)[0]
+    plain = extract_features(load_frozen(tmp_path / "e" / "model.safetensors"), shard)[0]
     torch.testing.assert_close(extract_features(load_frozen(tmp_path / "run"), shard)[0], plain)
     assert (extract_features(load_frozen(tmp_path / "run", fused=True), shard)[0] - plain).abs().max() > 1e-3
 
     for args, message in ((["--fused"], "an exported encoder keeps no fusion"), (["--feature", "cls"], "no [CLS]")):
-        r = CliRunner().invoke(cli, ["eval", "knn", "--checkpoint", str(tmp_path / "e.st"), *data, *args])
+        r = CliRunner().invoke(cli, ["eval", "knn", "--checkpoint", str(tmp_path / "e"), *data, *args])
         assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output

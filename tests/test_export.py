@@ -25,8 +25,9 @@ X = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
 
 def _export(run: Path, out: Path) -> tuple[str, str]:
-    """(stdout, stderr) of a successful `mrmae export`."""
-    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(run), "--out", str(out)])
+    """(stdout, stderr) of a successful `mrmae export` writing `out` (DIR/model.safetensors)."""
+    assert out.name == "model.safetensors"
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(run), "--out", str(out.parent)])
     assert r.exit_code == 0, r.output + repr(r.exception)
     return r.stdout, r.stderr
 
@@ -40,9 +41,9 @@ def _printed_model(stdout: str) -> torch.nn.Module:
 
 def test_vit_export_loads_by_the_printed_call_with_the_students_preprocessing(tmp_path, monkeypatch):
     model = save_tiny_student(tmp_path / "run")
-    out = tmp_path / "rel" / "encoder.safetensors"
+    out = tmp_path / "rel" / "model.safetensors"
     monkeypatch.chdir(tmp_path)  # a relative --out: the printed path must still be absolute
-    stdout, stderr = _export(tmp_path / "run", Path("rel/encoder.safetensors"))
+    stdout, stderr = _export(tmp_path / "run", Path("rel/model.safetensors"))
     assert "timm model: mrmae_vit_tiny_patch16" in stdout and "note:" not in stderr
     assert f"file={str(out.resolve())!r}" in stdout
     with safe_open(str(out), "pt") as f:
@@ -71,7 +72,7 @@ def test_vit_export_loads_by_the_printed_call_with_the_students_preprocessing(tm
 
 def test_fused_vit_exports_its_last_block_and_says_so(tmp_path):
     fused = save_tiny_student(tmp_path / "run", fuse_layers=(4, 8, 12))
-    out = tmp_path / "e.safetensors"
+    out = tmp_path / "e" / "model.safetensors"
     stdout, stderr = _export(tmp_path / "run" / "checkpoints" / "step00000001", out)
     notes = [ln for ln in stderr.splitlines() if ln.startswith("mrmae: note: ")]
     assert len(notes) == 1 and "blocks 4,8,12" in notes[0] and "last block, then the final norm" in notes[0]
@@ -86,7 +87,7 @@ def test_fused_vit_exports_its_last_block_and_says_so(tmp_path):
 
 def test_convvit_export_is_the_students_backbone_in_timm(tmp_path):
     student = save_tiny_convvit(tmp_path / "run", fuse_layers=(4, 8, 11))
-    out = tmp_path / "conv.safetensors"
+    out = tmp_path / "conv" / "model.safetensors"
     stdout, stderr = _export(tmp_path / "run", out)
     assert "timm model: mrmae_convvit_tiny" in stdout and "the stage-1/2 maps and blocks 4,8,11" in stderr
     keys = set(load_file(str(out)))
@@ -110,7 +111,7 @@ def test_convvit_export_is_the_students_backbone_in_timm(tmp_path):
 def test_import_mrmae_registers_the_models_for_plain_timm(tmp_path):
     """In a fresh interpreter, `import mrmae` before timm (the hook) loads an export strictly."""
     save_tiny_convvit(tmp_path / "run")
-    out = tmp_path / "conv.safetensors"
+    out = tmp_path / "conv" / "model.safetensors"
     _export(tmp_path / "run", out)
     code = ("import mrmae, timm, torch\n"
             f"m = timm.create_model('mrmae_convvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}))\n"
@@ -138,7 +139,7 @@ def test_an_export_file_asks_timm_for_nothing_but_an_mrmae_encoder(tmp_path, met
     pass (a `checkpoint_path` would make timm read another file)."""
     save_file({"w": torch.zeros(1)}, str(tmp_path / "e.safetensors"), metadata=meta)
     r = CliRunner().invoke(cli, ["eval", "knn", "--checkpoint", str(tmp_path / "e.safetensors"),
-                                 "--train-shards", "x.tar", "--val-shards", "x.tar"])
+                                 "--shards", "x.tar", "--val-shards", "x.tar"])
     assert r.exit_code == 1 and message in r.stderr and str(tmp_path / "e.safetensors") in r.stderr, r.output
     assert len(r.stderr.strip().splitlines()) == 1
 

@@ -1108,7 +1108,7 @@ def test_5_add_teacher_verify_and_visualize_refuse_other_images_behind_the_same_
     r = CliRunner().invoke(cli, ["cache", "verify", str(cache), "--recompute", "2", "--shards", str(b)])
     assert f"{b}: key demo_0000000" in _error_line(r) and "image differs from the one extracted" in _error_line(r)
     r = CliRunner().invoke(cli, ["visualize", "--feature-cache", str(cache), "--shards", str(b), "--num", "1",
-                                 "--out", str(tmp_path / "v.png")])
+                                 "--out", str(tmp_path / "v")])
     assert _error_line(r).startswith(f"mrmae: error: {b}: key demo_00000000: image differs from the one extracted")
 
 
@@ -1322,9 +1322,9 @@ def test_6_a_latest_pointer_elsewhere_is_refused_never_followed_nor_a_fresh_star
     assert code == 1 and len(errors) == 1, r.output + repr(r.exception)
     assert errors[0].startswith(f"mrmae: error: {run}/checkpoints/latest: names "), errors
     assert _files(run) == before
-    code, errors, r = _mrmae(["export", "--checkpoint", str(run), "--out", str(tmp_path / "e.safetensors")])
+    code, errors, r = _mrmae(["export", "--checkpoint", str(run), "--out", str(tmp_path / "e")])
     assert code == 1 and len(errors) == 1 and f"{run}/checkpoints/latest: names" in errors[0], r.output
-    assert not (tmp_path / "e.safetensors").exists()
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("key, value", [("epoch", "1"), ("epoch", -5), ("step", 10**18), ("step_in_epoch", True),
@@ -1718,8 +1718,8 @@ def test_full_disk_and_read_only_out_are_one_line_naming_the_path(demo_shards, t
     save_tiny_student(tmp_path / "student")
     full, ro = tmp_path / "full", tmp_path / "ro"
     full.mkdir(), ro.mkdir()
-    encoder = full / "encoder.safetensors"  # 22 MB of tensors on a 1 MB file system
-    code, errors, stderr = _mrmae_process(["export", "--checkpoint", str(tmp_path / "student"), "--out", str(encoder)],
+    encoder = full / "model.safetensors"  # 22 MB of tensors on a 1 MB file system
+    code, errors, stderr = _mrmae_process(["export", "--checkpoint", str(tmp_path / "student"), "--out", str(full)],
                                           sandbox=f"mount -t tmpfs -o size=1m tmpfs {full}")
     assert code == 1 and errors == [f"mrmae: error: {encoder}: No space left on device"], stderr
     run = ro / "run"
@@ -1760,10 +1760,10 @@ def test_a_checkpoint_that_is_not_one_is_one_line_naming_it(demo_shards, two_sha
         save_file({"conv.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(10, 4)}, str(bad))
     shards, a, _, _ = two_shard_caches
     commands = {
-        "export": ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "e.safetensors")],
+        "export": ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "e")],
         "eval": ["eval", "knn", "--checkpoint", str(bad), "--train-shards", str(demo_shards[0]), "--val-shards",
                  str(demo_shards[0]), "--results", str(tmp_path / "eval.jsonl")],
-        "visualize": ["visualize", "--feature-cache", str(a), "--shards", shards, "--out", str(tmp_path / "v.png"),
+        "visualize": ["visualize", "--feature-cache", str(a), "--shards", shards, "--out", str(tmp_path / "v"),
                       "--checkpoint", str(bad)],
         "finetune": ["finetune", "--checkpoint", str(bad), "--train-shards", str(demo_shards[0]), "--val-shards",
                      str(demo_shards[0]), "--out", str(tmp_path / "ft"), "--no-progress"],
@@ -1880,8 +1880,8 @@ def test_8_export_and_visualize_never_write_over_the_checkpoint_or_the_cache(two
     shutil.copytree(a, cache)
     before = {**_files(run), **_files(cache)}
     weights = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "model.safetensors"
-    code, errors, r = _mrmae(["export", "--checkpoint", str(run), "--out", str(weights)])
-    assert code == 1 and errors == [f"mrmae: error: --out {weights}: inside the checkpoint {weights.parent}, whose "
+    code, errors, r = _mrmae(["export", "--checkpoint", str(run), "--out", str(weights.parent)])
+    assert code == 1 and errors == [f"mrmae: error: --out {weights.parent}: the checkpoint {weights.parent}, whose "
                                     "files it would replace; write the encoder elsewhere"], r.output
     code, errors, r = _mrmae(["visualize", "--feature-cache", str(cache), "--shards", shards, "--out",
                               str(cache / "manifest.json")])

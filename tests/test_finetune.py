@@ -105,10 +105,10 @@ def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_pat
 
 
 def test_exported_encoder_loads_and_only_head_keys_may_be_missing(student, tmp_path):
-    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(student), "--out", str(tmp_path / "e.safetensors")])
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(student), "--out", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
     from_run, _ = build_classifier(student, 5, seed=1)
-    from_file, encoder = build_classifier(tmp_path / "e.safetensors", 5, seed=1)
+    from_file, encoder = build_classifier(tmp_path / "e", 5, seed=1)
     assert encoder.timm_model == "mrmae_vit_tiny_patch16" and encoder.timm_kwargs["img_size"] == 64
     assert from_file.num_classes == 5
     a, b = from_run.state_dict(), from_file.state_dict()
@@ -124,7 +124,7 @@ def test_exported_encoder_loads_and_only_head_keys_may_be_missing(student, tmp_p
         torch.testing.assert_close(token.eval().forward_features(x), encode_all_tokens(load_student(student).model, x),
                                    atol=1e-5, rtol=0)
 
-    partial = {k: v for k, v in load_file(str(tmp_path / "e.safetensors")).items() if k != "blocks.3.mlp.fc1.bias"}
+    partial = {k: v for k, v in load_file(str(tmp_path / "e" / "model.safetensors")).items() if k != "blocks.3.mlp.fc1.bias"}
     save_file(partial, str(tmp_path / "partial.safetensors"), metadata={"timm_model": encoder.timm_model,
                                                                         "timm_kwargs": json.dumps(encoder.timm_kwargs)})
     with pytest.raises(FinetuneError, match=r"missing \['blocks.3.mlp.fc1.bias'\]"):

@@ -79,7 +79,7 @@ def s3_data(s3, demo_shards) -> dict:
     """Two demo tars in a bucket of their own and a zarr cache extracted from them into another."""
     shards = s3.upload(demo_shards[:2], s3.bucket())
     cache = f"s3://{s3.bucket()}/cache"
-    r = mrmae_process(["extract-features", "--shards", shards, "--out", cache, *EXTRACT])
+    r = mrmae_process(["extract-features", "--shards", shards, "--feature-cache", cache, *EXTRACT])
     return {"shards": shards, "cache": cache, "extract": r}
 
 
@@ -99,18 +99,18 @@ def test_extraction_from_s3_into_s3_equals_the_local_cache_and_exits_clean(s3, s
     same_rows(cache, str(local_caches["zarr"]))
     assert entries(cache) == entries(str(local_caches["zarr"]))  # the same bytes, named alike
     assert not temps(s3.keys(cache.removeprefix("s3://")))
-    r = mrmae_process(["cache", "info", cache])
+    r = mrmae_process(["cache", "info", "--feature-cache", cache])
     assert_clean_exit(r)
     info = dict(ln.split(None, 1) for ln in r.stdout.splitlines() if ln.strip())
     assert (info["shards_complete"], info["shards_total"], info["views"]) == ("2", "2", "24"), r.stdout
-    r = mrmae_process(["cache", "verify", cache, "--recompute", "2", "--shards", s3_data["shards"]])
+    r = mrmae_process(["cache", "verify", "--feature-cache", cache, "--recompute", "2", "--shards", s3_data["shards"]])
     assert_clean_exit(r)
     assert "integrity: OK" in r.stdout, r.stdout
 
 
 def test_a_wds_cache_on_s3_equals_the_local_one(s3, s3_data, local_caches):
     cache = f"s3://{s3.bucket()}/cache"
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", s3_data["shards"], "--out", cache, "--format", "wds",
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", s3_data["shards"], "--feature-cache", cache, "--format", "wds",
                                  *EXTRACT])
     assert r.exit_code == 0, r.output
     same_rows(cache, str(local_caches["wds"]))
@@ -149,10 +149,10 @@ def test_finetune_and_eval_read_s3_shards_as_local_files(s3, s3_data, demo_shard
     save_small_student(student)
     train, val = s3_data["shards"].split("::")
     for where, (t, v) in {"s3": (train, val), "local": (str(demo_shards[0]), str(demo_shards[1]))}.items():
-        r = CliRunner().invoke(cli, ["finetune", "--checkpoint", str(student), "--train-shards", t, "--val-shards", v,
+        r = CliRunner().invoke(cli, ["finetune", "--checkpoint", str(student), "--shards", t, "--val-shards", v,
                                      *FT, "--epochs", "1", "--out", str(tmp_path / f"ft-{where}")])
         assert r.exit_code == 0, r.output + repr(r.exception)
-        r = CliRunner().invoke(cli, ["eval", "knn", "--checkpoint", str(student), "--train-shards", t,
+        r = CliRunner().invoke(cli, ["eval", "knn", "--checkpoint", str(student), "--shards", t,
                                      "--val-shards", v, "--k", "3", "--results", str(tmp_path / f"{where}.jsonl")])
         assert r.exit_code == 0, r.output + repr(r.exception)
     untimed = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731

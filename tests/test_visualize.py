@@ -40,7 +40,7 @@ def run(demo_shards, tmp_path_factory):
 def _visualize(args: list[str]) -> str:
     r = CliRunner().invoke(cli, ["visualize", *args])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    return r.output
+    return r.stdout
 
 
 def _cell(img: np.ndarray, row: int, col: int) -> np.ndarray:
@@ -56,8 +56,8 @@ def _grey_patches(panel: np.ndarray) -> np.ndarray:
 
 def test_grid_with_reconstruction(run, tmp_path):
     shard, root = run
-    out = tmp_path / "fig.png"
-    printed = _visualize(["--feature-cache", str(root / "cache"), "--shards", shard, "--out", str(out),
+    out = tmp_path / "views.png"
+    printed = _visualize(["--feature-cache", str(root / "cache"), "--shards", shard, "--out", str(tmp_path),
                           "--checkpoint", str(root / "run"), "--num", "3"])
     assert printed.strip() == str(out)
     with Image.open(out) as im:
@@ -90,11 +90,22 @@ def test_grid_with_reconstruction(run, tmp_path):
 
 def test_grid_without_checkpoint_and_a_missing_shard(run, tmp_path):
     shard, root = run
-    out = tmp_path / "sub" / "fig.png"
-    _visualize(["--feature-cache", str(root / "cache"), "--shards", shard, "--out", str(out), "--num", "2"])
+    out = tmp_path / "sub" / "views.png"
+    r = CliRunner().invoke(cli, ["visualize", "--feature-cache", str(root / "cache"), "--shards", shard,
+                                 "--out", str(out.parent), "--num", "2"])
+    assert r.exit_code == 0 and r.stdout.strip() == str(out), r.output
+    bar = [ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.startswith("visualize:")]
+    assert "0/2" in bar[0] and "100%" in bar[-1] and "2/2" in bar[-1], r.stderr  # a view replayed per row
     with Image.open(out) as im:
         im.verify()
         assert im.size == (PAD + (2 + len(mask_columns())) * (CELL + PAD), HEADER + 2 * (CELL + PAD))
     r = CliRunner().invoke(cli, ["visualize", "--feature-cache", str(root / "cache"), "--shards",
-                                 str(tmp_path / "other-000.tar"), "--out", str(tmp_path / "x.png")])
+                                 str(tmp_path / "other-000.tar"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "other-000.tar is not in the cache" in r.output, r.output
+    for name in ("views.png", "fig.PNG"):  # --out was the picture's path once: one line says what it is now
+        r = CliRunner().invoke(cli, ["visualize", "--feature-cache", str(root / "cache"), "--shards", shard,
+                                     "--out", str(tmp_path / name)])
+        assert r.exit_code == 2 and r.stderr.splitlines() == [
+            f"mrmae: error: Invalid value for '--out': {tmp_path / name}: --out is a directory, into which this "
+            f"command writes views.png (e.g. --out {tmp_path} writes {tmp_path / 'views.png'})"]
+        assert not (tmp_path / name).exists()

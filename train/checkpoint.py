@@ -29,12 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from mrmae.shared.errors import naming
+from mrmae.shared.errors import MrmaeError, naming
 
 KEEP = 2  # complete checkpoints kept on disk
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MrmaeError, ValueError):
     """A checkpoint that cannot be read, or that a resumed run does not fit; names the file or field."""
 
 

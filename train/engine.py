@@ -19,14 +19,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from mrmae.shared.errors import naming
+from mrmae.shared.errors import MrmaeError, naming
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
 from mrmae.train.masking import get_mask
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(MrmaeError, FloatingPointError):
     """A loss that is NaN or infinite: the run stops; the last good checkpoint stays."""
 
 

@@ -36,7 +36,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from mrmae.shared.shards import expand_urls, first_copies, iter_samples
-from mrmae.shared.errors import naming, worker_ignores_interrupt
+from mrmae.shared.errors import MrmaeError, naming, worker_ignores_interrupt
 from mrmae.shared.views import ImageDecodeError, decode_image, normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.engine import InterruptibleLoader
@@ -45,7 +45,7 @@ from mrmae.train.restore import encode_all_tokens, load_student
 FEATURES = ("auto", "cls", "mean")
 
 
-class EvalError(ValueError):
+class EvalError(MrmaeError, ValueError):
     """An evaluation that cannot run as asked (e.g. `cls` features of a student without [CLS])."""
 
 
@@ -57,23 +57,34 @@ def eval_transform(image: torch.Tensor, img_size: int = 224) -> torch.Tensor:
 
 class LabelledImages(torch.utils.data.IterableDataset):
     """(pixels [3, S, S], label) of every sample with an image and a `.cls` label, shard by
-    shard; DataLoader workers take every w-th shard. Unusable samples are counted, skipped."""
+    shard; DataLoader workers take every w-th shard. Unusable samples are counted, skipped.
+    With `shard_ends`, (pixels, label, 1 on a shard's last image else 0): a progress count
+    of the shards done, wherever the workers are."""
 
-    def __init__(self, urls: list[str], img_size: int):
+    def __init__(self, urls: list[str], img_size: int, shard_ends: bool = False):
         super().__init__()
-        self.urls, self.img_size = urls, img_size
+        self.urls, self.img_size, self.shard_ends = urls, img_size, shard_ends
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for url in self.urls[worker::workers]:
-            for s in first_copies(iter_samples(url)):  # a repeated key: its first copy
-                if s.image is None or s.label is None:
-                    continue
-                try:
-                    yield eval_transform(decode_image(s.image), self.img_size), s.label
-                except ImageDecodeError:
-                    continue
+            last = None  # held back one image, to mark the shard's last
+            for item in self._images(url):
+                if last is not None:
+                    yield (*last, 0) if self.shard_ends else last
+                last = item
+            if last is not None:
+                yield (*last, 1) if self.shard_ends else last
+
+    def _images(self, url: str) -> Iterator[tuple[torch.Tensor, int]]:
+        for s in first_copies(iter_samples(url)):  # a repeated key: its first copy
+            if s.image is None or s.label is None:
+                continue
+            try:
+                yield eval_transform(decode_image(s.image), self.img_size), s.label
+            except ImageDecodeError:
+                continue
 
 
 class FusedFeatures(torch.nn.Module):
@@ -98,11 +109,10 @@ class Frozen:
 def load_frozen(source: str | Path, fused: bool = False) -> Frozen:
     """The encoder to probe from an export file or a student checkpoint (see `export.read_encoder`);
     `fused`: the student's fused pretraining latent (a student checkpoint only)."""
-    from mrmae.train.export import read_encoder, read_export
+    from mrmae.train.export import read_encoder, read_export_at
 
     if fused:
-        path = Path(source)
-        if path.is_file() and read_export(path) is not None:
+        if read_export_at(source) is not None:
             raise EvalError(f"{source}: an exported encoder keeps no fusion; give the pretrain run or checkpoint "
                             "for --fused")
         r = load_student(source)
@@ -127,18 +137,29 @@ def resolve_feature(feature: str, model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def extract_features(frozen: Frozen, shards: str | list[str], feature: str = "auto", batch_size: int = 64,
-                     device: str = "cpu", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features of all labelled images of `shards` -> (features [M, D] float32, labels [M] long)."""
+                     device: str = "cpu", workers: int = 0, progress: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of all labelled images of `shards` -> (features [M, D] float32, labels
+    [M] long). `progress`: the title of a bar on stderr, in shards (the known total; their
+    image counts are not known before they are read), with the images so far."""
+    from tqdm import tqdm
+
     model = frozen.model.to(device).eval()
     feature, k = resolve_feature(feature, model), int(getattr(model, "num_prefix_tokens", 1))
-    data = LabelledImages(expand_urls(shards), frozen.img_size)
+    urls = expand_urls(shards)
+    data = LabelledImages(urls, frozen.img_size, shard_ends=True)
     loader = InterruptibleLoader(data, batch_size=batch_size, num_workers=workers,
                                  worker_init_fn=worker_ignores_interrupt)
-    feats, labels = [], []
-    for pixels, y in loader:
-        tokens = model.forward_features(pixels.to(device))  # [B, k+N, D], after the final norm
-        feats.append((tokens[:, 0] if feature == "cls" else tokens[:, k:].mean(1)).float().cpu())
-        labels.append(y.long())
+    feats, labels, images = [], [], 0
+    with tqdm(total=len(urls), desc=progress, unit="shard", disable=progress is None, dynamic_ncols=True) as bar:
+        for pixels, y, ends in loader:
+            tokens = model.forward_features(pixels.to(device))  # [B, k+N, D], after the final norm
+            feats.append((tokens[:, 0] if feature == "cls" else tokens[:, k:].mean(1)).float().cpu())
+            labels.append(y.long())
+            images += len(y)
+            bar.set_postfix_str(f"{images} images", refresh=False)
+            bar.update(int(ends.sum()))
+        bar.update(bar.total - bar.n)  # shards without a labelled image mark no end
     if not feats:
         raise FileNotFoundError(f"no labelled images (image + .cls) in {shards}")
     return torch.cat(feats), torch.cat(labels)
@@ -240,10 +261,16 @@ def _settings(protocol: str, k: int, temperature: float, epochs: int, lr: float,
 
 
 def _split_features(model: Frozen, train_shards: str, val_shards: str, feature: str, batch_size: int,
-                    device: str, workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    xtr, ytr = extract_features(model, train_shards, feature, batch_size, device, workers)
+                    device: str, workers: int, progress: str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features and labels of both splits; `progress`: a bar per split, titled `progress` + the split."""
+    def title(split: str) -> str | None:
+        return None if progress is None else f"{progress}{split}"
+
+    xtr, ytr = extract_features(model, train_shards, feature, batch_size, device, workers, title("train"))
     same = expand_urls(val_shards) == expand_urls(train_shards)  # e.g. a sanity check on the training set
-    xva, yva = (xtr, ytr) if same else extract_features(model, val_shards, feature, batch_size, device, workers)
+    xva, yva = (xtr, ytr) if same else extract_features(model, val_shards, feature, batch_size, device, workers,
+                                                        title("val"))
     return xtr, ytr, xva, yva
 
 
@@ -257,26 +284,29 @@ def _append(results: str | Path, record: dict) -> None:
 def run_eval(protocol: str, model: Frozen, train_shards: str, val_shards: str,
              results: str | Path, feature: str = "auto", batch_size: int = 64, device: str = "cpu", workers: int = 0, k: int = 20,
              temperature: float = 0.07, epochs: int = 10, lr: float = 0.1, probe_batch_size: int = 256,
-             seed: int = 0) -> EvalResult:
+             seed: int = 0, progress: bool = False) -> EvalResult:
     """Extract features of both splits, run `protocol` ('knn' | 'linear-probe'), append the result."""
     return run_ensemble(protocol, [model], train_shards, val_shards, results, feature, batch_size,
-                        device, workers, k, temperature, epochs, lr, probe_batch_size, seed)
+                        device, workers, k, temperature, epochs, lr, probe_batch_size, seed, progress)
 
 
 def run_ensemble(protocol: str, members: list[Frozen], train_shards: str, val_shards: str,
                  results: str | Path, feature: str = "auto", batch_size: int = 64, device: str = "cpu",
                  workers: int = 0, k: int = 20, temperature: float = 0.07, epochs: int = 10, lr: float = 0.1,
-                 probe_batch_size: int = 256, seed: int = 0) -> EvalResult:
+                 probe_batch_size: int = 256, seed: int = 0, progress: bool = False) -> EvalResult:
     """`protocol` on each member's frozen features, then the mean of their class
     probabilities (the paper's "Sep." row: models pretrained apart, e.g. on CLIP and on
-    DINO targets, combined at prediction time). One member: a plain evaluation."""
+    DINO targets, combined at prediction time). One member: a plain evaluation.
+    `progress`: bars on stderr for the encoder's passes over the shards."""
     t0 = time.time()
     settings = _settings(protocol, k, temperature, epochs, lr, probe_batch_size, seed)
     probs, each, labels = [], [], None
     features = [resolve_feature(feature, m.model) for m in members]
-    for frozen, feature in zip(members, features):
+    for i, (frozen, feature) in enumerate(zip(members, features)):
         checkpoint = str(frozen.weights)
-        xtr, ytr, xva, yva = _split_features(frozen, train_shards, val_shards, feature, batch_size, device, workers)
+        title = None if not progress else "eval " + (f"member {i + 1}/{len(members)} " if len(members) > 1 else "")
+        xtr, ytr, xva, yva = _split_features(frozen, train_shards, val_shards, feature, batch_size, device, workers,
+                                             title)
         if labels is not None and not torch.equal(labels[1], yva):
             raise EvalError(f"{checkpoint}: read other validation labels than the first member")
         labels = (ytr, yva)

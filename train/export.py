@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from mrmae.shared.errors import MrmaeError
 from mrmae.train.checkpoint import CheckpointError, write_atomic
 from mrmae.train.restore import Restored, load_student, read_weights
 from mrmae.train.students import families, family_of, pretrained_cfg, registered_kwargs, student_names
@@ -40,7 +41,7 @@ def _arch_kwargs() -> set[str]:
     return {"num_classes"} | {k for n in student_names() for k in registered_kwargs(n)}
 
 
-class ExportError(ValueError):
+class ExportError(MrmaeError, ValueError):
     """A file or student that cannot become a timm encoder (one line, naming the file)."""
 
 
@@ -140,11 +141,18 @@ def _check_fits(encoder: Encoder) -> None:
                               f"{encoder.timm_model} as its metadata describes it")
 
 
-def read_encoder(source: str | Path) -> Encoder:
-    """The encoder of an `mrmae export` file, or of a student checkpoint (a run dir, a
-    checkpoint dir or its model.safetensors)."""
+def read_export_at(source: str | Path) -> Encoder | None:
+    """The encoder of the `mrmae export` that `source` names (its file, or the `--out`
+    directory holding its model.safetensors); None for anything else (a student checkpoint)."""
     path = Path(source)
-    if path.is_file() and (encoder := read_export(path)) is not None:
+    file = path / "model.safetensors" if path.is_dir() else path
+    return read_export(file) if file.is_file() else None
+
+
+def read_encoder(source: str | Path) -> Encoder:
+    """The encoder of an `mrmae export` (its directory or file), or of a student checkpoint (a
+    run dir, a checkpoint dir or its model.safetensors)."""
+    if (encoder := read_export_at(source)) is not None:
         return encoder
     return student_encoder(load_student(source))
 
@@ -179,8 +187,8 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> Exported:
     """Write the encoder of `checkpoint` (see `read_encoder`) to `out` (safetensors, timm names)."""
     encoder = read_encoder(checkpoint)
     out = Path(out).resolve()
-    if out.parent == encoder.weights.resolve().parent:  # e.g. --out .../stepN/model.safetensors
-        raise ExportError(f"--out {out}: inside the checkpoint {encoder.weights.parent}, whose files it would "
+    if out.parent == encoder.weights.resolve().parent:  # e.g. --out .../stepN
+        raise ExportError(f"--out {out.parent}: the checkpoint {encoder.weights.parent}, whose files it would "
                           "replace; write the encoder elsewhere")
     cfg = pretrained_cfg(family_of(encoder.timm_model).first_conv, int(encoder.timm_kwargs.get("img_size", 224)))
     exported = Exported(out, encoder, cfg)

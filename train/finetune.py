@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from mrmae.shared.errors import naming, worker_ignores_interrupt
+from mrmae.shared.errors import MrmaeError, naming, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.checkpoint import CheckpointError
 from mrmae.train.engine import InterruptibleLoader, NonFiniteLossError, append_metrics, epoch_passes, lr_at
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 POOLS = ("avg", "token")
 
 
-class FinetuneError(ValueError):
+class FinetuneError(MrmaeError, ValueError):
     """A fine-tuning run that cannot start or go on as asked (bad encoder file, labels, batch)."""
 
 
@@ -91,6 +91,7 @@ class FinetuneConfig:
     save_every_steps: int = 0  # 0: at the end of each epoch only
     samples_per_epoch: int | None = None  # default: counted from the tar headers
     progress: bool = True
+    device: str = "auto"  # "auto": accelerate's choice (a GPU per process where there are GPUs); "cpu": CPU anyway
     config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
 
 
@@ -255,7 +256,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from mrmae.train.pretrain import check_epoch_fits, count_samples, resolve_accum_steps
 
     check_numbers(cfg)
-    out, cuda = Path(cfg.out), torch.cuda.is_available()
+    out, cuda = Path(cfg.out), torch.cuda.is_available() and cfg.device != "cpu"
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     cfg = replace(cfg, accum_steps=resolve_accum_steps(cfg.batch_size, cfg.accum_steps, cfg.effective_batch,
                                                        accelerator.num_processes))
@@ -285,7 +286,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
     samples = cfg.samples_per_epoch or count_samples(expand_urls(cfg.train_shards), None)
     check_epoch_fits(cfg, accelerator.num_processes, samples,
-                     "samples_per_epoch" if cfg.samples_per_epoch else "counted in --train-shards")
+                     "samples_per_epoch" if cfg.samples_per_epoch else "counted in --shards")
     steps_per_epoch = max(1, samples // eff_batch)  # full batches only
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
     groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)

@@ -63,6 +63,7 @@ class PretrainConfig:
     samples_per_epoch: int | None = None  # default: counted from the cache or the tars
     data_split: str = "shards"  # "shards" (each rank reads its shards) | "samples" (exact at any world size)
     progress: bool = True
+    device: str = "auto"  # "auto": accelerate's choice (a GPU per process where there are GPUs); "cpu": CPU anyway
     step_options: StepOptions = field(default_factory=StepOptions)
     config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
 
@@ -269,7 +270,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
 
     out = Path(cfg.out)
     check_options(cfg)  # before anything is built, read or written
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
     # cpu=True without CUDA: accelerate then sets up multi-process runs with gloo on CPU
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     cfg = replace(cfg, accum_steps=resolve_accum_steps(cfg.batch_size, cfg.accum_steps, cfg.effective_batch,

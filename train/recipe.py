@@ -121,10 +121,11 @@ def options_from(path: str, data: bytes, ctx: click.Context, exclude: click.Para
             near = difflib.get_close_matches(name, list(options), n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
             raise _fail(path, f"{key}: not an option of mrmae {ctx.command.name}{hint}", line)
+        option = options[name]
+        name = _current_spelling(ctx, name)
         if name in seen:
             raise _fail(path, f"{key}: given twice (also as {seen[name]} on line {lines.get(seen[name])})", line)
         seen[name] = key
-        option = options[name]
         value = _flat_value(path, key, raw, line)
         try:
             option.process_value(ctx, value)  # click's own type check and callback, so its message
@@ -132,6 +133,18 @@ def options_from(path: str, data: bytes, ctx: click.Context, exclude: click.Para
             raise _fail(path, " ".join(e.format_message().split()), line) from None
         defaults[option.name] = value
     return defaults
+
+
+def _current_spelling(ctx: click.Context, name: str) -> str:
+    """An option's name as the command spells it now ('shards' for the old 'train-shards',
+    with a warning), so the old and new spellings of one option count as the same key."""
+    from mrmae.cli_help import warn_renamed
+
+    new = getattr(ctx.command, "renamed", {}).get(f"--{name}")
+    if new is None:
+        return name
+    warn_renamed(f"the config key {name}", new[2:])
+    return new[2:]
 
 
 def _flat_value(path: str, key: str, raw: object, line: int | None) -> object:

@@ -74,9 +74,10 @@ def reconstruction(model: torch.nn.Module, view: np.ndarray, ids_keep: torch.Ten
                    mask: torch.Tensor) -> np.ndarray:
     """view uint8 [S, S, 3], ids_keep [1, n], ids_restore [1, N], mask [1, N] -> uint8 [S, S, 3]:
     visible patches from the input, masked patches from the decoder (un-normalised per patch)."""
+    device = next(model.parameters()).device
     pixels = normalize(torch.from_numpy(view).permute(2, 0, 1), IMAGENET_MEAN, IMAGENET_STD)[None]
-    latent, _ = model.forward_encoder(pixels, ids_keep)
-    pred = model.forward_decoder(latent, ids_restore)  # [1, N, P]
+    latent, _ = model.forward_encoder(pixels.to(device), ids_keep.to(device))
+    pred = model.forward_decoder(latent, ids_restore.to(device)).float().cpu()  # [1, N, P]
     patches = model.patchify(pixels)  # [1, N, P]
     if model.cfg.norm_pix_loss:  # the decoder predicts (patch - mean) / std: undo with the true stats
         mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
@@ -129,25 +130,35 @@ def mask_columns() -> list[MaskStrategy]:
 
 
 def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: str | None = None, num: int = 4,
-                view_index: int = 0, mask_ratio: float | None = None, seed: int = 0) -> Path:
-    """Draw the figure (module docstring) for the first `num` samples and write it as PNG to `out`."""
+                view_index: int = 0, mask_ratio: float | None = None, seed: int = 0, device: str = "cpu",
+                progress: bool = False) -> Path:
+    """Draw the figure (module docstring) for the first `num` samples and write it as PNG to
+    `out`; the student's reconstructions run on `device`; `progress`: a bar on stderr."""
+    from tqdm import tqdm
+
     if "://" not in str(feature_cache) and Path(out).resolve().is_relative_to(Path(feature_cache).resolve()):
-        raise OptionError(f"--out {out}: inside the cache {feature_cache}, whose files it would replace; "
-                          "write the picture elsewhere")
+        raise OptionError(f"--out {Path(out).parent}: inside the cache {feature_cache}, whose files it would "
+                          "replace; write the picture elsewhere")
     cache = cf.FeatureCache(feature_cache)
     model, train_mask, mask_options = None, "random", {}
     if checkpoint is not None:
         from mrmae.train.restore import load_student
 
         restored = load_student(checkpoint)
-        model = restored.model
+        model = restored.model.to(device)
         opts = restored.run_config.get("step_options", {})
         train_mask = opts.get("mask", "random")
         mask_options = opts.get("mask_options", opts)  # (older runs: focused's options in step_options itself)
         mask_ratio = opts.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
     mask_ratio = 0.75 if mask_ratio is None else mask_ratio
     strategies = mask_columns()
-    rows = list(_samples(cache, shards, view_index, num))
+    bar = tqdm(total=num * (2 if model is not None else 1), desc="visualize", unit="step", disable=not progress,
+               dynamic_ncols=True)  # a step: a view replayed, a reconstruction
+    rows = []
+    for row in _samples(cache, shards, view_index, num):
+        rows.append(row)
+        bar.update()
+    bar.total = len(rows) * (2 if model is not None else 1)  # (fewer samples than --num: the first pass is done)
     if not rows:
         raise FileNotFoundError(f"no cached samples in {shards}")
     cell = rows[0][1].shape[0]
@@ -170,10 +181,12 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
         if model is not None:
             ids_keep, mask, ids_restore = draws[shown]
             panels.append(reconstruction(model, view, ids_keep, ids_restore, mask))
+            bar.update()
         y = HEADER + r * (cell + PAD)
         for c, panel in enumerate(panels):
             canvas.paste(Image.fromarray(panel), (PAD + c * (cell + PAD), y))
         draw.text((PAD + 4, y + 4), key, fill="white", stroke_width=1, stroke_fill="black")
+    bar.close()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with naming(out):  # a full disk: an OSError naming `out`

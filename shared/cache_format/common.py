@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import MrmaeError
+
 # 4: a checksum on every chunk (Zarr: crc32c codec) or member (wds: zstd frame checksum, or
 #    crc32c in meta.json), every chunk stored; 3: int8 scales per group of channels
 #    (storage.int8_group); 2: one scale per token
@@ -26,7 +28,7 @@ CHECKED_VERSION = 4  # the first format whose every chunk or member carries a ch
 ROWS_PER_CHUNK = 16  # views per features chunk: sequential loader reads, ~2.4 MB int8 for B/16
 
 
-class CacheError(ValueError):
+class CacheError(MrmaeError, ValueError):
     """A cache that is missing, damaged, or does not fit what is asked of it."""
 
 

@@ -27,10 +27,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from mrmae.shared.errors import MrmaeError
+
 STUDENT_GRID = 14
 
 
-class TeacherError(ValueError):
+class TeacherError(MrmaeError, ValueError):
     """A spec that names no known teacher, or weights that do not fit it."""
 
 
