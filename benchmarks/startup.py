@@ -214,7 +214,7 @@ def time_info(root: str) -> None:
 
     from mrmae.cli import cli
 
-    r = CliRunner().invoke(cli, ["cache", "info", root, "--json"])
+    r = CliRunner().invoke(cli, ["cache", "info", "--feature-cache", root, "--json"])
     if r.exit_code:
         raise RuntimeError(f"mrmae cache info {root}: {r.output}")
 
@@ -289,9 +289,9 @@ def process_seconds(args: list[str]) -> float:
 
 
 def cli_rows(root: str) -> list[dict]:
-    """`python -m mrmae cache info ROOT` as a user runs it, and the imports it pays for alone
+    """`python -m mrmae cache info --feature-cache ROOT` as a user runs it, and the imports it pays for alone
     (the command imports extract/verify.py: torch, torchvision, timm, open_clip)."""
-    info = process_seconds(["-m", "mrmae", "cache", "info", root])
+    info = process_seconds(["-m", "mrmae", "cache", "info", "--feature-cache", root])
     imports = process_seconds(["-c", "import mrmae.cli, mrmae.extract.verify"])
     return [{"where": "local", "stage": "cache info (CLI process)", "seconds": round(info, 3)},
             {"where": "local", "stage": "  its imports alone", "seconds": round(imports, 3), "goal": None}]

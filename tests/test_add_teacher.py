@@ -28,7 +28,7 @@ def two_teachers(demo_shards, tmp_path_factory):
     cache = tmp / "cache"
     run_extraction(ExtractConfig(shards=urls, out=str(cache), teacher=DINO_TINY, views=ViewConfig(per_image=2, seed=5),
                                  batch_size=4, progress=False))
-    r = CliRunner().invoke(cli, ["extract-features", "--out", str(cache), "--add-teacher", CLIP_SMALL,
+    r = CliRunner().invoke(cli, ["extract-features", "--feature-cache", str(cache), "--add-teacher", CLIP_SMALL,
                                  "--batch-size", "4", "--no-progress"])
     assert r.exit_code == 0, r.output
     alone = tmp / "clip-alone"
@@ -55,11 +55,11 @@ def test_an_added_teacher_sees_exactly_the_cached_views(two_teachers):
 
 def test_adding_again_redoes_nothing_and_an_unknown_target_is_named(two_teachers):
     cache, _ = two_teachers
-    r = CliRunner().invoke(cli, ["extract-features", "--out", str(cache), "--add-teacher", CLIP_SMALL, "--no-progress"])
+    r = CliRunner().invoke(cli, ["extract-features", "--feature-cache", str(cache), "--add-teacher", CLIP_SMALL, "--no-progress"])
     assert r.exit_code == 0 and "0 shards extracted, 2 already complete" in r.output, r.output
     with pytest.raises(cf.CacheError, match=r"no target 'dino-x' \(added teachers: clip-ViT-S-16\)"):
         cf.FeatureCache(cache, "dino-x")
-    r = CliRunner().invoke(cli, ["extract-features", "--out", str(cache), "--add-teacher", CLIP_SMALL,
+    r = CliRunner().invoke(cli, ["extract-features", "--feature-cache", str(cache), "--add-teacher", CLIP_SMALL,
                                  "--teacher", DINO_TINY])
     assert r.exit_code != 0 and "give --teacher (a new cache) or --add-teacher" in r.output
 

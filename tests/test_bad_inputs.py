@@ -53,7 +53,7 @@ def test_sigkill_at_three_points_then_resume_equals_an_uninterrupted_run(demo_sh
             return bool(tmp) and done == 0
         return done >= (1 if when == "first-shard-recorded" else 2)
 
-    proc = subprocess.Popen([sys.executable, "-m", "mrmae", "extract-features", "--shards", urls, "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "mrmae", "extract-features", "--shards", urls, "--feature-cache", str(out),
                              "--teacher", DINO_TINY, "--views", "2", "--batch-size", "2", "--no-progress"],
                             env={**os.environ, "PYTHONWARNINGS": "ignore"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,7 +111,7 @@ def test_duplicate_keys_across_shards_are_reported_by_verify(demo_shards, tmp_pa
     copy = tmp_path / "copy-000.tar"
     copy.write_bytes(demo_shards[0].read_bytes())  # same keys under another shard name
     extract(f"{demo_shards[0]}::{copy}", tmp_path / "c")
-    r = CliRunner().invoke(cli, ["cache", "verify", str(tmp_path / "c"), "--recompute", "0"])
+    r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(tmp_path / "c"), "--recompute", "0"])
     assert r.exit_code == 0, r.output
     warn = [ln for ln in r.output.splitlines() if "keys appear in more than one shard" in ln]
     assert len(warn) == 1 and "6 keys" in warn[0] and "demo_00000000" in warn[0]
@@ -127,7 +127,7 @@ def test_fsspec_urls_are_read_through_fsspec(demo_shards, tmp_path):
     a, b = rows(tmp_path / "mem"), rows(tmp_path / "file")
     for col in ("keys", "crop", "flip", "features"):
         np.testing.assert_array_equal(next(iter(a.values()))[col], next(iter(b.values()))[col])
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", "memory://bucket/missing.tar", "--out",
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", "memory://bucket/missing.tar", "--feature-cache",
                                  str(tmp_path / "x"), "--teacher", DINO_TINY, "--no-progress"])
     assert r.exit_code == 1 and "memory://bucket/missing.tar: cannot read shard" in r.output
 
@@ -141,10 +141,10 @@ def test_verify_sources_finds_a_shard_changed_since_extraction(demo_shards, tmp_
 
     assert entry.source_sha256 == hashlib.sha256(shard.read_bytes()).hexdigest()
     runner = CliRunner()
-    assert runner.invoke(cli, ["cache", "verify", str(tmp_path / "c"), "--recompute", "0", "--sources"]).exit_code == 0
+    assert runner.invoke(cli, ["cache", "verify", "--feature-cache", str(tmp_path / "c"), "--recompute", "0", "--sources"]).exit_code == 0
     data = bytearray(shard.read_bytes())
     data[5000] ^= 0xFF  # same size, other bytes: only the hash sees it
     shard.write_bytes(bytes(data))
-    r = runner.invoke(cli, ["cache", "verify", str(tmp_path / "c"), "--recompute", "0", "--sources"])
+    r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(tmp_path / "c"), "--recompute", "0", "--sources"])
     damaged = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: damaged")]
     assert r.exit_code == 2 and len(damaged) == 1 and f"{shard}: source shard changed since extraction" in damaged[0]

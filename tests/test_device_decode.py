@@ -71,7 +71,7 @@ def test_an_image_damaged_past_its_header_stops_the_device_path_in_one_line(demo
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tf.addfile(info, io.BytesIO(payload))
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(bad), "--out", str(tmp_path / "c"), "--teacher",
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(bad), "--feature-cache", str(tmp_path / "c"), "--teacher",
                                  DINO_TINY, "--decode-on-device", "--batch-size", "4", "--no-progress"])
     lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
     assert r.exit_code == 1 and len(lines) == 1, r.output

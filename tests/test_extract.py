@@ -94,7 +94,7 @@ def test_resume_skips_complete_shards_and_equals_an_uninterrupted_run(demo_shard
     extract(urls, tmp_path / "full")
     out = tmp_path / "resumed"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "mrmae", "extract-features", "--shards", urls, "--out", str(out),
+    cmd = [sys.executable, "-m", "mrmae", "extract-features", "--shards", urls, "--feature-cache", str(out),
            "--teacher", DINO_TINY, "--views", "2", "--batch-size", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -126,7 +126,7 @@ def test_refuses_to_add_with_another_configuration(demo_shards, tmp_path):
     out = tmp_path / "c"
     extract(str(demo_shards[0]), out)
     runner = CliRunner()
-    base = ["extract-features", "--shards", str(demo_shards[1]), "--out", str(out), "--no-progress"]
+    base = ["extract-features", "--shards", str(demo_shards[1]), "--feature-cache", str(out), "--no-progress"]
     for extra, field in ([["--teacher", DINO_TINY, "--views", "3"], "views.per_image"],
                          [["--teacher", DINO_TINY, "--dtype", "float16"], "storage.dtype"],
                          [["--teacher", "dino:vit_small_patch16_224"], "teacher."],
@@ -167,7 +167,7 @@ def test_corrupt_images_are_counted_named_and_recorded_never_stored(tmp_path):
     assert entry.num_samples == 3 and entry.num_views == 6
     rows = all_rows(tmp_path / "c")[str(shard)]
     assert sorted(set(rows["keys"])) == ["cmyk_5", "ok_0", "png_4"]  # converted, not skipped
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(shard), "--out", str(tmp_path / "s"),
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(shard), "--feature-cache", str(tmp_path / "s"),
                                  "--teacher", DINO_TINY, "--strict", "--no-progress"])
     assert r.exit_code == 1 and "key corrupt_1" in r.output and "bad.tar" in r.output
     assert cf.read_manifest(tmp_path / "s").shards == ()  # nothing half-written looks complete
@@ -179,7 +179,7 @@ def test_missing_and_truncated_shards_are_one_clear_line(tmp_path, demo_shards):
     trunc = tmp_path / "trunc.tar"
     trunc.write_bytes(demo_shards[0].read_bytes()[:30000])
     for shard, words in ((tmp_path / "missing.tar", "No such file"), (trunc, "truncated tar")):
-        r = runner.invoke(cli, ["extract-features", "--shards", str(shard), "--out", str(tmp_path / "c"),
+        r = runner.invoke(cli, ["extract-features", "--shards", str(shard), "--feature-cache", str(tmp_path / "c"),
                                 "--teacher", DINO_TINY, "--no-progress"])
         err = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
         assert r.exit_code == 1 and len(err) == 1 and str(shard) in err[0] and words in err[0], r.output
@@ -193,7 +193,7 @@ def test_two_processes_write_the_same_cache_as_one(demo_shards, tmp_path, launch
     extract(urls, tmp_path / "one", batch_size=4)
     out = f"file://{tmp_path / 'two'}" if remote else str(tmp_path / "two")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*launch_two(launcher), "extract-features", "--shards", urls, "--out", out, "--teacher", DINO_TINY,
+    r = subprocess.run([*launch_two(launcher), "extract-features", "--shards", urls, "--feature-cache", out, "--teacher", DINO_TINY,
                         "--views", "2", "--batch-size", "4", "--no-progress"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -214,7 +214,7 @@ def test_cache_verify_reports_bit_rot_truncation_and_missing_groups(demo_shards,
     out = tmp_path / "c"
     extract(url_list(demo_shards), out)
     runner = CliRunner()
-    r = runner.invoke(cli, ["cache", "verify", str(out), "--recompute", "0"])
+    r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(out), "--recompute", "0"])
     assert r.exit_code == 0 and "integrity: OK" in r.output
     groups = [out / s.group for s in cf.read_manifest(out).shards]
     chunk = next(f for f in sorted((groups[0] / "features").rglob("*")) if f.is_file())
@@ -224,7 +224,7 @@ def test_cache_verify_reports_bit_rot_truncation_and_missing_groups(demo_shards,
     chunk2 = next(f for f in sorted((groups[1] / "attention").rglob("*")) if f.is_file())
     chunk2.write_bytes(chunk2.read_bytes()[:-5])  # truncated
     shutil.rmtree(groups[2])
-    r = runner.invoke(cli, ["cache", "verify", str(out), "--recompute", "0"])
+    r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(out), "--recompute", "0"])
     damaged = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: damaged")]
     assert r.exit_code == 2 and len(damaged) == 3
     assert str(groups[0]) in damaged[0] and "same size" in damaged[0]

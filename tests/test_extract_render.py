@@ -113,7 +113,7 @@ def test_which_path_by_default_and_the_refusals_in_one_line(demo_shards, tmp_pat
     base = ["extract-features", "--shards", str(demo_shards[0]), "--teacher", DINO_TINY, "--decode-on-device",
             "--no-progress"]
     for flag in ("--render-on-device", "--no-render-on-device"):
-        r = CliRunner().invoke(cli, [*base, flag, "--out", str(tmp_path / flag)])
+        r = CliRunner().invoke(cli, [*base, flag, "--feature-cache", str(tmp_path / flag)])
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert r.exit_code == 1 and len(lines) == 1, r.output
         assert lines[0].startswith("mrmae: error") and flag in lines[0] and "--decode-on-device" in lines[0]
@@ -130,7 +130,7 @@ def test_bad_samples_are_skipped_and_recorded_alike_and_strict_stops(tmp_path, d
     assert sorted(s.key for s in entry.skipped) == ["corrupt_1", "noimage_3", "text_2"]
     assert entry.num_samples == 3  # PNG-in-.jpg and CMYK are converted, as on the CPU path
     assert_same_cache(tmp_path / "cpu", tmp_path / "device")  # reasons too: no object address in them
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", shard, "--out", str(tmp_path / "s"), "--teacher",
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", shard, "--feature-cache", str(tmp_path / "s"), "--teacher",
                                  DINO_TINY, "--render-on-device", "--strict", "--no-progress"])
     lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
     assert r.exit_code == 1 and len(lines) == 1 and "key corrupt_1" in lines[0] and "bad.tar" in lines[0], r.output
@@ -152,7 +152,7 @@ def test_a_killed_run_resumes_to_the_cpu_paths_cache(demo_shards, tmp_path):
     urls = url_list(demo_shards)
     extract(urls, tmp_path / "cpu", teacher=DINO_TINY, batch_size=2)
     out = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "mrmae", "extract-features", "--shards", urls, "--out", str(out), "--teacher",
+    cmd = [sys.executable, "-m", "mrmae", "extract-features", "--shards", urls, "--feature-cache", str(out), "--teacher",
            DINO_TINY, "--views", "2", "--seed", "3", "--batch-size", "2", "--render-on-device", "--no-progress"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -30,7 +30,7 @@ from mrmae.shared import cache_format as cf  # noqa: E402
 def small_cache(demo_shards, tmp_path_factory):
     """A real one-shard cache (6 images, 2 views, ViT-Tiny), copied by each test that crafts it."""
     out = tmp_path_factory.mktemp("cache1") / "c"
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--feature-cache", str(out),
                                  "--teacher", DINO_TINY, "--no-progress"])
     assert r.exit_code == 0, r.output
     return out
@@ -63,22 +63,22 @@ def test_a_recorded_pipe_source_is_never_run(small_cache, demo_shards, tmp_path)
     shard = demo_shards[0]
     root, entry_file = _crafted(small_cache, tmp_path, source=f"pipe:touch {marker} && cat {shard}")
     runner = CliRunner()
-    for args in (["cache", "verify", str(root)], ["extract-features", "--out", str(root), "--add-teacher", DINO_TINY,
+    for args in (["cache", "verify", "--feature-cache", str(root)], ["extract-features", "--feature-cache", str(root), "--add-teacher", DINO_TINY,
                                                   "--name", "t", "--no-progress"]):
         line = _one_line_error(runner.invoke(cli, args), "--shards", str(entry_file), "command")
         assert not marker.exists(), (args, line)
-    r = subprocess.run([sys.executable, "-m", "mrmae", "cache", "verify", str(root), "--recompute", "0", "--sources"],
+    r = subprocess.run([sys.executable, "-m", "mrmae", "cache", "verify", "--feature-cache", str(root), "--recompute", "0", "--sources"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--shards" in r.stderr and not r.stdout, r.stderr
     assert str(entry_file) in r.stderr and not marker.exists()
     # the same shard named on the command line: read from there, matched by its file name
-    r = runner.invoke(cli, ["cache", "verify", str(root), "--sources", "--recompute", "2", "--shards", str(shard)])
+    r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(root), "--sources", "--recompute", "2", "--shards", str(shard)])
     assert r.exit_code == 0 and "integrity: OK" in r.output and "checked 2 views" in r.output, r.output
-    r = runner.invoke(cli, ["extract-features", "--out", str(root), "--add-teacher", DINO_TINY, "--name", "t",
+    r = runner.invoke(cli, ["extract-features", "--feature-cache", str(root), "--add-teacher", DINO_TINY, "--name", "t",
                             "--shards", str(shard), "--no-progress"])
     assert r.exit_code == 0 and "1 shards extracted" in r.output, r.output
     assert len(cf.FeatureCache(root, "t").complete_shards) == 1 and not marker.exists()
-    r = runner.invoke(cli, ["cache", "verify", str(root), "--recompute", "0", "--sources", "--shards",
+    r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(root), "--recompute", "0", "--sources", "--shards",
                             str(demo_shards[1])])
     _one_line_error(r, "--shards", str(demo_shards[1]), "not a complete shard")
 
@@ -93,7 +93,7 @@ def test_a_group_outside_the_cache_is_refused(small_cache, demo_shards, tmp_path
     group = str(outside) if group == "ABSOLUTE" else group
     root, entry_file = _crafted(small_cache, tmp_path, group=group)
     runner = CliRunner()
-    for args in (["cache", "info", str(root)], ["cache", "verify", str(root), "--recompute", "0"],
+    for args in (["cache", "info", "--feature-cache", str(root)], ["cache", "verify", "--feature-cache", str(root), "--recompute", "0"],
                  ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
                   str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"]):
         _one_line_error(runner.invoke(cli, args), str(entry_file), "group", "not a stored shard inside the cache")
@@ -108,7 +108,7 @@ def test_a_wrong_field_in_an_entry_is_one_line_naming_file_and_key(small_cache, 
     root, entry_file = _crafted(small_cache, tmp_path, **fields)
     with pytest.raises(cf.CacheError, match="^" + re.escape(f"{entry_file}: {key}: ")):
         cf.FeatureCache(root)
-    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), str(entry_file), f"{key}: ")
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), str(entry_file), f"{key}: ")
 
 
 @pytest.mark.parametrize("section, key, value", [("teacher", "dim", "x"), ("teacher", "grid", [14]),
@@ -121,7 +121,7 @@ def test_a_wrong_field_in_the_manifest_is_one_line_naming_the_key(small_cache, t
     manifest = json.loads((root / cf.MANIFEST).read_text())
     manifest[section][key] = value
     (root / cf.MANIFEST).write_text(json.dumps(manifest))
-    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), str(root / cf.MANIFEST),
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), str(root / cf.MANIFEST),
                     f"{section}.{key}: ")
 
 
@@ -165,7 +165,7 @@ def test_a_symbolic_link_out_of_the_cache_is_never_followed(small_cache, demo_sh
     outside = _link_out(root, tmp_path, what)
     runner = CliRunner()
     given = root.as_uri() if url else str(root)
-    for args in (["cache", "info", given],
+    for args in (["cache", "info", "--feature-cache", given],
                  ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", given, "--out",
                   str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress", "--batch-size", "4"]):
         if what == "chunk" and args[0] == "cache":
@@ -175,11 +175,11 @@ def test_a_symbolic_link_out_of_the_cache_is_never_followed(small_cache, demo_sh
     assert not (tmp_path / "run" / ("checkpoints" if what == "chunk" else "config.json")).exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
     if what != "entry":  # (an entry link stops every reader of the manifest, repair included)
-        r = runner.invoke(cli, ["cache", "verify", given, "--recompute", "0", "--repair"])
+        r = runner.invoke(cli, ["cache", "verify", "--feature-cache", given, "--recompute", "0", "--repair"])
         assert r.exit_code == 2 and "symbolic link out of the cache" in r.output, r.output
         assert not cf.read_manifest(root).shards and outside.exists()
     (tmp_path / "link").symlink_to(small_cache, target_is_directory=True)
-    r = runner.invoke(cli, ["cache", "verify", str(tmp_path / "link"), "--recompute", "0"])
+    r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(tmp_path / "link"), "--recompute", "0"])
     assert r.exit_code == 0 and "integrity: OK" in r.output, r.output
 
 
@@ -192,7 +192,7 @@ def test_a_repeated_key_or_deep_nesting_in_an_entry_is_one_line(small_cache, tmp
     root, entry_file = _crafted(small_cache, tmp_path)
     body = entry_file.read_text()
     entry_file.write_text(text + ", " + body[1:] if text.startswith("{") else text)
-    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), str(entry_file), what)
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), str(entry_file), what)
 
 
 @pytest.mark.parametrize("fields, key", [({"bytes": 10**400}, "bytes"), ({"num_samples": 10**30}, "num_samples"),
@@ -202,7 +202,7 @@ def test_a_huge_or_inconsistent_count_in_an_entry_is_refused(small_cache, demo_s
     info` divides: a count beyond 64 bits, or num_views other than num_samples x views per
     image, is one line naming the entry file and the key, in info and pretraining."""
     root, entry_file = _crafted(small_cache, tmp_path, **fields)
-    for args in (["cache", "info", str(root)],
+    for args in (["cache", "info", "--feature-cache", str(root)],
                  ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
                   str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"]):
         _one_line_error(CliRunner().invoke(cli, args), f"{entry_file}: {key}: ")
@@ -229,8 +229,8 @@ def test_two_entries_claiming_one_source_are_refused(small_cache, tmp_path):
     shutil.copytree(group, twin)
     entry = json.loads(first.read_text())
     (root / "shards" / "twin-00000000.json").write_text(json.dumps({**entry, "group": f"shards/{twin.name}"}))
-    for args in (["cache", "info", str(root)], ["cache", "verify", str(root), "--recompute", "0"],
-                 ["extract-features", "--shards", entry["source"], "--out", str(root), "--teacher", DINO_TINY,
+    for args in (["cache", "info", "--feature-cache", str(root)], ["cache", "verify", "--feature-cache", str(root), "--recompute", "0"],
+                 ["extract-features", "--shards", entry["source"], "--feature-cache", str(root), "--teacher", DINO_TINY,
                   "--no-progress"]):
         _one_line_error(CliRunner().invoke(cli, args), "is also the source of", str(first),
                         str(root / "shards" / "twin-00000000.json"))
@@ -248,7 +248,7 @@ def test_a_manifest_width_other_than_the_stored_rows_is_one_line(small_cache, sm
     manifest["teacher"]["dim"] = 384
     (root / cf.MANIFEST).write_text(json.dumps(manifest))
     group = root / cf.read_manifest(root).shards[0].group
-    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), str(group), "192]", "384]")
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), str(group), "192]", "384]")
     r = CliRunner().invoke(cli, ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
                                  str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress",
                                  "--batch-size", "4"])  # (an epoch of 6 samples: the loader must be reached)
@@ -262,18 +262,18 @@ def test_a_recorded_source_that_is_a_device_is_never_read(small_cache, tmp_path)
     """An entry whose source is /dev/zero (or a FIFO): `verify --sources` hashed it forever,
     `--add-teacher` read it; both now refuse in one line asking for --shards."""
     root, entry_file = _crafted(small_cache, tmp_path, source="/dev/zero")
-    r = subprocess.run([sys.executable, "-m", "mrmae", "cache", "verify", str(root), "--recompute", "0", "--sources"],
+    r = subprocess.run([sys.executable, "-m", "mrmae", "cache", "verify", "--feature-cache", str(root), "--recompute", "0", "--sources"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a regular file" in r.stderr, r.stderr
     assert str(entry_file) in r.stderr and "--shards" in r.stderr
-    _one_line_error(CliRunner().invoke(cli, ["extract-features", "--out", str(root), "--add-teacher", DINO_TINY,
+    _one_line_error(CliRunner().invoke(cli, ["extract-features", "--feature-cache", str(root), "--add-teacher", DINO_TINY,
                                              "--name", "t", "--no-progress"]), "not a regular file", "--shards")
 
 
 @pytest.fixture(scope="module")
 def small_pca_cache(demo_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("pca1") / "c"
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--feature-cache", str(out),
                                  "--teacher", DINO_TINY, "--pca", "8", "--pca-fit-views", "8", "--no-progress"])
     assert r.exit_code == 0, r.output
     return out
@@ -315,7 +315,7 @@ def test_a_crafted_pca_basis_with_a_matching_sha256_is_refused(small_pca_cache, 
 @pytest.fixture(scope="module")
 def small_wds_cache(demo_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("wds1") / "c"
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--feature-cache", str(out),
                                  "--teacher", DINO_TINY, "--format", "wds", "--no-progress"])
     assert r.exit_code == 0, r.output
     return out
@@ -352,7 +352,7 @@ def test_a_crafted_wds_meta_json_is_one_line(small_wds_cache, tmp_path, change, 
             tf.addfile(m, io.BytesIO(data))
     digest, size = cf.group_digest(tar)
     cf.record_shard(root, cf.ShardEntry(**{**entry.__dict__, "sha256": digest, "bytes": size}))
-    _one_line_error(CliRunner().invoke(cli, ["cache", "info", str(root)]), f"{tar}: member {members[0][0].name}", what)
+    _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), f"{tar}: member {members[0][0].name}", what)
 
 
 # --- 2. concurrent writers on one --out lose nothing -----------------------------------
@@ -389,7 +389,7 @@ def _gated(tar: Path) -> str:
 
 
 def _extract_cmd(urls: list[str], out: Path, backend: str) -> list[str]:
-    return [sys.executable, "-m", "mrmae", "extract-features", "--shards", "::".join(urls), "--out", str(out),
+    return [sys.executable, "-m", "mrmae", "extract-features", "--shards", "::".join(urls), "--feature-cache", str(out),
             "--teacher", DINO_TINY, "--views", "2", "--batch-size", "4", "--workers", "0", "--format", backend,
             "--no-progress"]
 
@@ -415,7 +415,7 @@ def test_a_run_that_loses_the_manifest_race_to_another_configuration_writes_noth
     read fail; it now refuses in one line and writes nothing."""
     out, gate = tmp_path / "c", tmp_path / "gate"
     cmd = lambda views, url: [sys.executable, "-m", "mrmae", "extract-features", "--shards", url,  # noqa: E731
-                              "--out", str(out), "--teacher", DINO_TINY, "--views", views, "--pca", "8",
+                              "--feature-cache", str(out), "--teacher", DINO_TINY, "--views", views, "--pca", "8",
                               "--pca-fit-views", "8", "--no-progress"]
     held = subprocess.Popen(cmd("2", _gated(demo_shards[0])), env={**os.environ, _GATE: str(gate)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -485,7 +485,7 @@ def test_two_extractions_racing_on_one_shard_both_succeed_and_publish_one_whole_
         keys, views = [str(k) for k in rows[e.source]["keys"]], list(rows[e.source]["view"])
         assert len(keys) == e.num_views == 2 * e.num_samples and all(keys)
         assert keys[::2] == keys[1::2] and views == [0, 1] * e.num_samples
-    r = CliRunner().invoke(cli, ["cache", "verify", str(out), "--recompute", "0"])
+    r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(out), "--recompute", "0"])
     assert r.exit_code == 0 and "integrity: OK" in r.output, r.output
     single = tmp_path / "single"  # the same shards, one process, nobody racing
     run_extraction(ExtractConfig(shards=urls, out=str(single), teacher=DINO_TINY, views=ViewConfig(per_image=2),
@@ -520,12 +520,12 @@ def test_a_writer_leaves_foreign_temps_and_cache_clean_removes_only_leftovers(de
     assert extract()["extracted"] == 1
     assert live.exists() and dead.exists() and stray.exists()  # a writer removes nothing but its own temp
     runner = CliRunner()
-    r = runner.invoke(cli, ["cache", "clean", str(out), "--dry-run"])
+    r = runner.invoke(cli, ["cache", "clean", "--feature-cache", str(out), "--dry-run"])
     assert r.exit_code == 0 and dead.exists() and str(dead) in r.output and str(live) not in r.output, r.output
-    r = runner.invoke(cli, ["cache", "clean", str(out)])  # default: leftovers untouched for 24 h
+    r = runner.invoke(cli, ["cache", "clean", "--feature-cache", str(out)])  # default: leftovers untouched for 24 h
     assert r.exit_code == 0 and "2 leftovers removed" in r.output, r.output
     assert live.exists() and not dead.exists() and not stray.exists()
-    r = runner.invoke(cli, ["cache", "clean", str(out), "--older-than", "0"])  # no writer running now
+    r = runner.invoke(cli, ["cache", "clean", "--feature-cache", str(out), "--older-than", "0"])  # no writer running now
     assert r.exit_code == 0 and not live.exists(), r.output
     assert sorted(p.name for p in shards.iterdir()) == sorted([Path(entry.group).name, f"{name}.json", "zarr.json"])
     assert cf.check_integrity(out) == [] and cf.read_manifest(out).shards[0].sha256 == entry.sha256
@@ -538,12 +538,12 @@ def test_cache_clean_never_removes_the_input_tars_beside_the_groups(demo_shards,
     data = tmp_path / "data"
     (data / "shards").mkdir(parents=True)
     tars = [Path(shutil.copy(p, data / "shards")) for p in demo_shards[:2]]
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", "::".join(map(str, tars)), "--out", str(data),
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", "::".join(map(str, tars)), "--feature-cache", str(data),
                                  "--teacher", DINO_TINY, "--format", "wds", "--no-progress"])
     assert r.exit_code == 0, r.output
     stray = data / "shards" / "x-01234567.0123456789abcdef.tar"  # a killed writer's group, published
     stray.write_bytes(b"a tar")
-    r = CliRunner().invoke(cli, ["cache", "clean", str(data), "--older-than", "0"])
+    r = CliRunner().invoke(cli, ["cache", "clean", "--feature-cache", str(data), "--older-than", "0"])
     assert r.exit_code == 0 and "1 leftovers removed" in r.output and not stray.exists(), r.output
     assert all(t.exists() for t in tars) and cf.check_integrity(data) == []
 
@@ -643,7 +643,7 @@ def _tmpfs(path: Path, options: str):
 
 
 def _extract_cli(shards: list[Path], out: Path):
-    return CliRunner().invoke(cli, ["extract-features", "--shards", "::".join(map(str, shards)), "--out", str(out),
+    return CliRunner().invoke(cli, ["extract-features", "--shards", "::".join(map(str, shards)), "--feature-cache", str(out),
                                     "--teacher", DINO_TINY, "--views", "2", "--batch-size", "4", "--no-progress"])
 
 
@@ -892,7 +892,7 @@ def test_s3_a_cached_crop_outside_its_image_stops_add_teacher_in_one_line(demo_s
         boxes[:, 3] = 100_000
 
     _set_crops3(cache, wide)
-    r = CliRunner().invoke(cli, ["extract-features", "--out", str(cache), "--add-teacher", DINO_TINY, "--name", "again",
+    r = CliRunner().invoke(cli, ["extract-features", "--feature-cache", str(cache), "--add-teacher", DINO_TINY, "--name", "again",
                                  "--shards", str(demo_shards[0]), "--no-progress"])
     lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
     assert r.exit_code == 1 and len(lines) == 1, r.output
@@ -916,14 +916,14 @@ def test_s3_verify_repair_then_extraction_redoes_only_the_damaged_shard(demo_sha
     damaged = cache / sorted(before)[1]
     _flip3(_chunk3(damaged, "features") if fmt == "zarr" else damaged, 3000)
 
-    r = CliRunner().invoke(cli, ["cache", "verify", str(cache), "--recompute", "0", "--repair"])
+    r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(cache), "--recompute", "0", "--repair"])
     repaired = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: repaired")]
     assert r.exit_code == 2 and len(repaired) == 1 and str(damaged) in repaired[0], r.output
     assert not damaged.exists() and [e.group for e in cf.read_manifest(cache).shards] == [sorted(before)[0]]
 
     summary = _extract3(shards, cache, fmt)
     assert summary["extracted"] == 1 and summary["skipped_complete"] == 1, summary
-    r = CliRunner().invoke(cli, ["cache", "verify", str(cache), "--recompute", "0"])
+    r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(cache), "--recompute", "0"])
     assert r.exit_code == 0 and "integrity: OK" in r.output, r.output
     assert {e.group: e.sha256 for e in cf.read_manifest(cache).shards} == before
 
@@ -960,7 +960,7 @@ def test_4_truncated_shard_stops_extraction_and_pretraining_naming_it(demo_shard
     cut.write_bytes(_cut_at(demo_shards[0].read_bytes(), where))
     for url in (str(cut), f"pipe:cat {cut}"):
         out = tmp_path / ("c-pipe" if url.startswith("pipe:") else "c-path")
-        r = CliRunner().invoke(cli, ["extract-features", "--shards", f"{demo_shards[1]}::{url}", "--out", str(out),
+        r = CliRunner().invoke(cli, ["extract-features", "--shards", f"{demo_shards[1]}::{url}", "--feature-cache", str(out),
                                      "--teacher", DINO_TINY, "--views", "1", "--no-progress"])
         assert _error_line(r).startswith(f"mrmae: error: {url}: truncated tar")
         entries = cf.read_manifest(out).shards  # the whole shard before it is kept; the cut one is not
@@ -978,7 +978,7 @@ def test_4_truncated_pipe_shard_is_one_line_from_a_real_process(demo_shards, tmp
 
     cut = tmp_path / "demo-000000.tar"
     cut.write_bytes(_cut_at(demo_shards[0].read_bytes(), "boundary"))
-    r = subprocess.run([sys.executable, "-m", "mrmae", "extract-features", "--shards", f"pipe:cat {cut}", "--out",
+    r = subprocess.run([sys.executable, "-m", "mrmae", "extract-features", "--shards", f"pipe:cat {cut}", "--feature-cache",
                         str(tmp_path / "c"), "--teacher", DINO_TINY, "--views", "1", "--no-progress"],
                        capture_output=True, text=True, timeout=120)
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
@@ -1016,7 +1016,7 @@ def test_5_plain_live_and_finetune_count_pipe_and_url_shards(demo_shards, tmp_pa
         steps = [json.loads(ln) for ln in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
         assert len(steps) == 2  # 12 samples counted, batch 6
     save_small_student(tmp_path / "student")
-    r = CliRunner().invoke(cli, ["finetune", "--checkpoint", str(tmp_path / "student"), "--train-shards", shards,
+    r = CliRunner().invoke(cli, ["finetune", "--checkpoint", str(tmp_path / "student"), "--shards", shards,
                                  "--val-shards", f"file://{demo_shards[2]}", "--out", str(tmp_path / "ft"), *FT,
                                  "--epochs", "1"])
     assert r.exit_code == 0, r.output + repr(r.exception)
@@ -1099,13 +1099,13 @@ def test_5_add_teacher_verify_and_visualize_refuse_other_images_behind_the_same_
     from mrmae.cli import cli
 
     a, b, cache = _other_images(tmp_path, n=6)
-    r = CliRunner().invoke(cli, ["extract-features", "--out", str(cache), "--add-teacher", DINO_TINY, "--name", "t",
+    r = CliRunner().invoke(cli, ["extract-features", "--feature-cache", str(cache), "--add-teacher", DINO_TINY, "--name", "t",
                                  "--shards", str(b), "--no-progress"])
     assert _error_line(r).startswith(f"mrmae: error: {b}: key demo_00000000: image differs from the one extracted "
                                      f"into {cache}")
     assert [p.name for p in (cache / "targets" / "t").glob("shards/*")] in ([], ["zarr.json"])  # no shard written
     # cache verify's re-rendering and visualize replay views from B alike: refused, naming the key
-    r = CliRunner().invoke(cli, ["cache", "verify", str(cache), "--recompute", "2", "--shards", str(b)])
+    r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(cache), "--recompute", "2", "--shards", str(b)])
     assert f"{b}: key demo_0000000" in _error_line(r) and "image differs from the one extracted" in _error_line(r)
     r = CliRunner().invoke(cli, ["visualize", "--feature-cache", str(cache), "--shards", str(b), "--num", "1",
                                  "--out", str(tmp_path / "v")])
@@ -1278,7 +1278,7 @@ def test_finetune_resume_with_another_head_or_data_is_refused(demo_shards, tmp_p
     from test_finetune import FT, save_small_student
 
     save_small_student(tmp_path / "student")
-    data = ["--checkpoint", str(tmp_path / "student"), "--train-shards", str(demo_shards[0]),
+    data = ["--checkpoint", str(tmp_path / "student"), "--shards", str(demo_shards[0]),
             "--val-shards", str(demo_shards[0]), "--out", str(tmp_path / "ft")]
     ft = [*FT[:FT.index("--epochs")], "--epochs", "1", *FT[FT.index("--epochs") + 2:]]
     code, errors, r = _mrmae(["finetune", *data, *ft])
@@ -1542,7 +1542,7 @@ def test_7_repeated_key_later_copy_skipped_warned_listed_strict_stops(tmp_path, 
     crop, _, _ = group.geometry()
     views = sample_views("a", 48, 64, ViewConfig(per_image=2))  # the first copy is 64x48
     assert [tuple(int(c) for c in crop[i]) for i in (0, 1)] == [v.box for v in views]
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(shard), "--out", str(tmp_path / "strict"),
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(shard), "--feature-cache", str(tmp_path / "strict"),
                                  "--teacher", DINO_TINY, "--views", "1", "--strict", "--no-progress"])
     assert _error_line(r) == f"mrmae: error: {shard}: key a: {REPEATED_KEY}"
     assert not [e for e in cf.read_manifest(tmp_path / "strict").shards if e.status == "complete"]
@@ -1647,7 +1647,7 @@ needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs root and mount 
     (["--device", "gpu"], "--device"), (["--layers", "4"], "--layers")])  # --layers: removed (stored unread blocks)
 def test_extract_options_are_refused_before_anything_is_written(demo_shards, tmp_path, bad, option):
     out = tmp_path / "cache"
-    code, errors, r = _mrmae(["extract-features", "--shards", str(demo_shards[0]), "--out", str(out),
+    code, errors, r = _mrmae(["extract-features", "--shards", str(demo_shards[0]), "--feature-cache", str(out),
                               "--teacher", DINO_TINY, "--no-progress", *bad])
     assert code != 0 and len(errors) == 1 and errors[0].startswith("mrmae: error: "), r.output
     assert option in errors[0] and "Traceback" not in r.output
@@ -1656,7 +1656,7 @@ def test_extract_options_are_refused_before_anything_is_written(demo_shards, tmp
 
 def test_int8_group_not_dividing_the_teacher_then_corrected_rerun_succeeds(demo_shards, tmp_path):
     out = tmp_path / "cache"
-    args = ["extract-features", "--shards", str(demo_shards[0]), "--out", str(out), "--teacher", DINO_TINY,
+    args = ["extract-features", "--shards", str(demo_shards[0]), "--feature-cache", str(out), "--teacher", DINO_TINY,
             "--no-progress", "--batch-size", "12"]
     code, errors, _ = _mrmae([*args, "--int8-group", "7"])  # the teacher is known only once built
     assert code == 1 and len(errors) == 1 and errors[0].startswith("mrmae: error: --int8-group 7 does not divide "
@@ -1761,11 +1761,11 @@ def test_a_checkpoint_that_is_not_one_is_one_line_naming_it(demo_shards, two_sha
     shards, a, _, _ = two_shard_caches
     commands = {
         "export": ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "e")],
-        "eval": ["eval", "knn", "--checkpoint", str(bad), "--train-shards", str(demo_shards[0]), "--val-shards",
+        "eval": ["eval", "knn", "--checkpoint", str(bad), "--shards", str(demo_shards[0]), "--val-shards",
                  str(demo_shards[0]), "--results", str(tmp_path / "eval.jsonl")],
         "visualize": ["visualize", "--feature-cache", str(a), "--shards", shards, "--out", str(tmp_path / "v"),
                       "--checkpoint", str(bad)],
-        "finetune": ["finetune", "--checkpoint", str(bad), "--train-shards", str(demo_shards[0]), "--val-shards",
+        "finetune": ["finetune", "--checkpoint", str(bad), "--shards", str(demo_shards[0]), "--val-shards",
                      str(demo_shards[0]), "--out", str(tmp_path / "ft"), "--no-progress"],
     }
     for name, args in commands.items():
@@ -1803,7 +1803,7 @@ def test_8_finetune_numbers_are_refused_before_anything_is_written(demo_shards, 
 
     save_tiny_student(tmp_path / "student")
     out = tmp_path / "ft"
-    code, errors, r = _mrmae(["finetune", "--checkpoint", str(tmp_path / "student"), "--train-shards", str(demo_shards[0]),
+    code, errors, r = _mrmae(["finetune", "--checkpoint", str(tmp_path / "student"), "--shards", str(demo_shards[0]),
                               "--val-shards", str(demo_shards[1]), "--out", str(out), "--no-progress", *bad])
     assert code == 1 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
     assert not out.exists()
@@ -1818,7 +1818,7 @@ def test_8_eval_options_that_would_record_a_meaningless_result_are_refused(demo_
 
     save_tiny_student(tmp_path / "student")
     results = tmp_path / "eval.jsonl"
-    code, errors, r = _mrmae(["eval", protocol, "--checkpoint", str(tmp_path / "student"), "--train-shards",
+    code, errors, r = _mrmae(["eval", protocol, "--checkpoint", str(tmp_path / "student"), "--shards",
                               str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--results", str(results), *bad])
     assert code == 2 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
     assert not results.exists()
@@ -1833,10 +1833,10 @@ def test_add_teacher_name_main_and_name_without_add_teacher_are_refused(small_ca
     root = tmp_path / "c"
     shutil.copytree(small_cache, root)
     runner = CliRunner()
-    r = runner.invoke(cli, ["extract-features", "--out", str(root), "--add-teacher", DINO_TINY, "--name", "main",
+    r = runner.invoke(cli, ["extract-features", "--feature-cache", str(root), "--add-teacher", DINO_TINY, "--name", "main",
                             "--no-progress"])
     assert r.exit_code == 2 and "--name main" in r.output and not (root / "targets").exists(), r.output
-    r = runner.invoke(cli, ["extract-features", "--shards", "x.tar", "--out", str(tmp_path / "new"), "--teacher",
+    r = runner.invoke(cli, ["extract-features", "--shards", "x.tar", "--feature-cache", str(tmp_path / "new"), "--teacher",
                             DINO_TINY, "--name", "t", "--no-progress"])
     assert r.exit_code == 2 and "--name goes with --add-teacher" in r.output and not (tmp_path / "new").exists()
 
@@ -1849,7 +1849,7 @@ def test_extract_shard_lists_listed_twice_empty_or_too_wide_are_refused(demo_sha
     before anything was said: each is one line, before anything is written."""
     given = {"TWICE": f"{demo_shards[0]}::{demo_shards[0]}",
              "WIDE": str(demo_shards[0]).replace("000000.tar", "{0000000000..0099999999}.tar")}.get(shards, shards)
-    for args in (["extract-features", "--shards", given, "--out", str(tmp_path / "c"), "--teacher", DINO_TINY,
+    for args in (["extract-features", "--shards", given, "--feature-cache", str(tmp_path / "c"), "--teacher", DINO_TINY,
                   "--no-progress"], ["pretrain", "--shards", given, "--out", str(tmp_path / "r"), "--model",
                                      "mrmae_vit_tiny_patch16", "--no-progress"]):
         r = CliRunner().invoke(cli, args)
@@ -1861,8 +1861,8 @@ def test_a_cache_url_of_an_unknown_or_uninstalled_scheme_is_one_line(demo_shards
     """`--out s3://...` without s3fs (or a scheme fsspec does not know) was a traceback from
     fsspec; it is one line naming the URL, for extraction, info and pretraining."""
     url = "nosuchscheme://bucket/cache"
-    for args in (["extract-features", "--shards", str(demo_shards[0]), "--out", url, "--teacher", DINO_TINY,
-                  "--no-progress"], ["cache", "info", url],
+    for args in (["extract-features", "--shards", str(demo_shards[0]), "--feature-cache", url, "--teacher", DINO_TINY,
+                  "--no-progress"], ["cache", "info", "--feature-cache", url],
                  ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", url, "--out", str(tmp_path / "r"),
                   "--model", "mrmae_vit_tiny_patch16", "--no-progress"]):
         _one_line_error(CliRunner().invoke(cli, args), url, "cannot open this URL")
@@ -1872,7 +1872,8 @@ def test_a_cache_url_of_an_unknown_or_uninstalled_scheme_is_one_line(demo_shards
 def test_8_export_and_visualize_never_write_over_the_checkpoint_or_the_cache(two_shard_caches, trained_on_a, tmp_path):
     """`export --out` onto the checkpoint's own model.safetensors replaced the run's weights
     with the encoder, and `visualize --out CACHE/manifest.json` the manifest with a PNG,
-    both exiting 0; each is one line naming --out now, and nothing is written."""
+    both exiting 0; each is one line naming --out now (a directory since: the checkpoint's,
+    the cache), and nothing is written."""
     shards, a, _, _ = two_shard_caches
     run = tmp_path / "run"
     shutil.copytree(trained_on_a, run)
@@ -1883,9 +1884,8 @@ def test_8_export_and_visualize_never_write_over_the_checkpoint_or_the_cache(two
     code, errors, r = _mrmae(["export", "--checkpoint", str(run), "--out", str(weights.parent)])
     assert code == 1 and errors == [f"mrmae: error: --out {weights.parent}: the checkpoint {weights.parent}, whose "
                                     "files it would replace; write the encoder elsewhere"], r.output
-    code, errors, r = _mrmae(["visualize", "--feature-cache", str(cache), "--shards", shards, "--out",
-                              str(cache / "manifest.json")])
-    assert code == 1 and errors == [f"mrmae: error: --out {cache / 'manifest.json'}: inside the cache {cache}, whose "
+    code, errors, r = _mrmae(["visualize", "--feature-cache", str(cache), "--shards", shards, "--out", str(cache)])
+    assert code == 1 and errors == [f"mrmae: error: --out {cache}: inside the cache {cache}, whose "
                                     "files it would replace; write the picture elsewhere"], r.output
     assert {**_files(run), **_files(cache)} == before
 
@@ -1907,7 +1907,7 @@ def test_8_a_fresh_run_over_older_checkpoints_keeps_its_own_and_finetune_keeps_o
     assert (run / "checkpoints" / "latest").read_text() == "step00000002"
     assert (run / "checkpoints" / "step00000002" / "state.json").is_file()
     before = _files(run)
-    code, errors, r = _mrmae(["finetune", "--checkpoint", str(run), "--train-shards", str(shards),
+    code, errors, r = _mrmae(["finetune", "--checkpoint", str(run), "--shards", str(shards),
                               "--val-shards", str(shards), "--out", str(run), "--no-progress"])
     assert code == 1 and errors == [f"mrmae: error: --out {run}: holds the --checkpoint {run} (its config.json, metrics "
                                     "and checkpoints would be replaced); give the fine-tuning its own --out"], r.output

@@ -57,7 +57,7 @@ class _Killed(Exception):
 
 
 def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_path, monkeypatch):
-    data = ["--checkpoint", str(student), "--train-shards", url_list(demo_shards[:2]),
+    data = ["--checkpoint", str(student), "--shards", url_list(demo_shards[:2]),
             "--val-shards", str(demo_shards[2]), *FT]
     r = finetune([*data, "--out", str(tmp_path / "whole")])
     assert r.exit_code == 0, r.output + repr(r.exception)
@@ -138,7 +138,7 @@ def _one_error_line(r) -> str:
 
 
 def test_unusable_students_and_options_are_refused_in_one_line(student, demo_shards, tmp_path):
-    data = ["--train-shards", str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--out", str(tmp_path / "o")]
+    data = ["--shards", str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--out", str(tmp_path / "o")]
     line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--batch-size", "3"]))
     assert "--batch-size 3 is odd" in line
     line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--num-classes", "1"]))
@@ -154,7 +154,7 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
     """The paper's main student (ConvViT, fused) fine-tunes: stage and block weights come from
     the student, fc_norm and the head are new, the fusion convs are left out with one note."""
     student = save_small_convvit(tmp_path / "conv")
-    data = ["--train-shards", url_list(demo_shards[:2]), "--val-shards", str(demo_shards[2])]
+    data = ["--shards", url_list(demo_shards[:2]), "--val-shards", str(demo_shards[2])]
     ft = [a if a != "2" or i == 0 or FT[i - 1] != "--epochs" else "1" for i, a in enumerate(FT)]  # one epoch
     r = finetune(["--checkpoint", str(tmp_path / "conv"), *data, *ft, "--out", str(tmp_path / "ft")])
     assert r.exit_code == 0, r.output + repr(r.exception)

@@ -39,7 +39,7 @@ def test_independent_checker_agrees_with_the_cache(demo_shards, tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     cache = tmp_path / "cache"
     subprocess.run([sys.executable, "-m", "mrmae", "extract-features", "--shards", str(demo_shards[1]),
-                    "--out", str(cache), "--teacher", f"clip:ViT-S-16@{weights}", "--views", "2",
+                    "--feature-cache", str(cache), "--teacher", f"clip:ViT-S-16@{weights}", "--views", "2",
                     "--dtype", "int8", "--batch-size", "5", "--no-progress"], check=True, capture_output=True)
 
     manifest = json.loads((cache / "manifest.json").read_text())

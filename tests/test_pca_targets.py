@@ -210,7 +210,7 @@ def test_verify_judges_the_coefficients_and_reports_the_reconstruction(caches):
     # lossy by construction: never better than the live features' own projection
     assert report.reconstruction_worst_cosine <= report.projection_worst_cosine + 1e-3
     assert 0.3 < report.reconstruction_worst_cosine < 1.0
-    r = CliRunner().invoke(cli, ["cache", "verify", str(caches["low"]), "--recompute", "1"])
+    r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(caches["low"]), "--recompute", "1"])
     assert r.exit_code == 0 and "worst coefficient cosine" in r.output and f"PCA rank {K}" in r.output
 
 

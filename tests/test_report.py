@@ -47,10 +47,10 @@ def runs(demo_shards, tmp_path_factory) -> dict[str, Path]:
         "--epochs", "2", "--mask", "focused", "--fuse-layers", "4,8,12"])
     ok(["pretrain", "--shards", shards, "--out", str(r["conv"]), "--feature-cache", str(cache), *TINY,
         "--model", "mrmae_convvit_tiny", "--fuse-layers", "4,8,11", "--recon-weight", "0.25", "--mimic-weight", "1"])
-    ok(["eval", "knn", "--checkpoint", str(r["focused"]), "--train-shards", shards, "--val-shards", shards, "--k", "1"])
-    ok(["eval", "knn", "--checkpoint", str(r["focused"]), "--train-shards", url_list(demo_shards[:2]),
+    ok(["eval", "knn", "--checkpoint", str(r["focused"]), "--shards", shards, "--val-shards", shards, "--k", "1"])
+    ok(["eval", "knn", "--checkpoint", str(r["focused"]), "--shards", url_list(demo_shards[:2]),
         "--val-shards", str(demo_shards[2])])  # the later result of the same protocol and feature wins
-    ok(["finetune", "--checkpoint", str(r["mae"]), "--train-shards", url_list(demo_shards[:2]),
+    ok(["finetune", "--checkpoint", str(r["mae"]), "--shards", url_list(demo_shards[:2]),
         "--val-shards", str(demo_shards[2]), "--out", str(r["ft"]), "--num-classes", "16", "--batch-size", "4",
         "--epochs", "1", "--lr", "1e-3", "--warmup-epochs", "0", "--workers", "0", "--eval-batch-size", "8",
         "--augment", "light", "--no-progress"])

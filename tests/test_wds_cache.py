@@ -154,14 +154,14 @@ def test_a_shard_whose_samples_were_all_skipped_is_an_empty_tar(tmp_path):
 
 def test_cache_info_and_verify_work_on_a_wds_cache(caches):
     runner = CliRunner()
-    r = runner.invoke(cli, ["cache", "info", str(caches["wds-int8"]), "--json"])
+    r = runner.invoke(cli, ["cache", "info", "--feature-cache", str(caches["wds-int8"]), "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
-    zinfo = json.loads(runner.invoke(cli, ["cache", "info", str(caches["zarr-int8"]), "--json"]).output)
+    zinfo = json.loads(runner.invoke(cli, ["cache", "info", "--feature-cache", str(caches["zarr-int8"]), "--json"]).output)
     assert info["views"] == zinfo["views"] == 36 and info["shards_complete"] == 3
     assert info["bytes"] == sum(f.stat().st_size for f in (caches["wds-int8"] / "shards").glob("*.tar"))
     assert "zstd" in info["codec"] and info["compression_ratio"] > 0.8
-    r = runner.invoke(cli, ["cache", "verify", str(caches["wds-int8"]), "--recompute", "3"])
+    r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(caches["wds-int8"]), "--recompute", "3"])
     assert r.exit_code == 0 and "integrity: OK" in r.output and "checked 3 views" in r.output, r.output
 
 
@@ -183,7 +183,7 @@ def test_integrity_catches_a_damaged_truncated_or_missing_tar(caches, tmp_path):
     assert str(tars[0]) in problems[0] and "same size" in problems[0]
     assert str(tars[1]) in problems[1] and "bytes, recorded" in problems[1]
     assert str(tars[2]) in problems[2] and "missing" in problems[2]
-    r = CliRunner().invoke(cli, ["cache", "verify", str(out), "--recompute", "0"])
+    r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(out), "--recompute", "0"])
     assert r.exit_code == 2 and r.output.count("mrmae: damaged") == 3
 
 

@@ -133,9 +133,22 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
                 view_index: int = 0, mask_ratio: float | None = None, seed: int = 0, device: str = "cpu",
                 progress: bool = False) -> Path:
     """Draw the figure (module docstring) for the first `num` samples and write it as PNG to
-    `out`; the student's reconstructions run on `device`; `progress`: a bar on stderr."""
+    `out`; the student's reconstructions run on `device`; `progress`: a bar on stderr, in
+    steps (a view replayed, a reconstruction), closed before an error is raised."""
+    import contextlib
+
     from tqdm import tqdm
 
+    with contextlib.ExitStack() as stack:  # the bar starts with the work and is closed before any error shows
+        def new_bar(total: int) -> tqdm:
+            return stack.enter_context(tqdm(total=total, desc="visualize", unit="step", disable=not progress,
+                                            dynamic_ncols=True))
+        return _render_grid(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed, device,
+                            new_bar)
+
+
+def _render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: str | None, num: int,
+                 view_index: int, mask_ratio: float | None, seed: int, device: str, new_bar) -> Path:
     if "://" not in str(feature_cache) and Path(out).resolve().is_relative_to(Path(feature_cache).resolve()):
         raise OptionError(f"--out {Path(out).parent}: inside the cache {feature_cache}, whose files it would "
                           "replace; write the picture elsewhere")
@@ -152,8 +165,7 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
         mask_ratio = opts.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
     mask_ratio = 0.75 if mask_ratio is None else mask_ratio
     strategies = mask_columns()
-    bar = tqdm(total=num * (2 if model is not None else 1), desc="visualize", unit="step", disable=not progress,
-               dynamic_ncols=True)  # a step: a view replayed, a reconstruction
+    bar = new_bar(num * (2 if model is not None else 1))
     rows = []
     for row in _samples(cache, shards, view_index, num):
         rows.append(row)
@@ -186,7 +198,6 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
         for c, panel in enumerate(panels):
             canvas.paste(Image.fromarray(panel), (PAD + c * (cell + PAD), y))
         draw.text((PAD + 4, y + 4), key, fill="white", stroke_width=1, stroke_fill="black")
-    bar.close()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with naming(out):  # a full disk: an OSError naming `out`
