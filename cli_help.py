@@ -32,7 +32,7 @@ SECTION_OF = {
                     "Cache storage"),
     **dict.fromkeys(("model", "decoder_dim", "decoder_depth", "fuse_layers", "checkpoint", "drop_path", "global_pool",
                      "feature", "fused"), "Model"),
-    **dict.fromkeys(("mask", "mask_ratio", "focus_temperature", "focus_uniform_mix"), "Masking"),
+    **dict.fromkeys(("mask", "mask_ratio", "focus_temperature", "focus_uniform_mix", "mask_option"), "Masking"),
     **dict.fromkeys(("recon_weight", "mimic_weight", "target_norm", "smoothing"), "Losses"),
     **dict.fromkeys(("mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "augment", "rand_augment", "re_prob"),
                     "Augmentation"),
