@@ -451,7 +451,8 @@ def cache_verify(cache_dir: str | None, feature_cache: str | None, recompute: in
     from mrmae.extract.verify import duplicate_keys, verify_cache
 
     cache_dir = _the_cache(cache_dir, feature_cache)
-    r = verify_cache(cache_dir, recompute, seed, device, sources, repair=repair, shards=shards)
+    r = verify_cache(cache_dir, recompute, seed, device, sources, repair=repair, shards=shards,
+                     progress=not no_progress)
     dups = duplicate_keys(cache_dir) if not r.problems else {}
     if dups:  # not damage, but usually the same images twice in the input
         key = sorted(dups)[0]
