@@ -63,7 +63,8 @@ class S3:
         import s3fs
 
         self.endpoint = endpoint
-        self.fs = s3fs.S3FileSystem(skip_instance_cache=True)  # the test's own client: counts nothing of mrmae's
+        # the test's own client, which lists afresh every time (objects come and go under it)
+        self.fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
 
     def bucket(self) -> str:
         import uuid

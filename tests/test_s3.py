@@ -9,11 +9,13 @@ temporary object is ever left; processes exit without third-party noise.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +141,8 @@ def test_cached_live_and_plain_pretraining_read_s3_as_local_files(s3, s3_data, l
             else:
                 r = CliRunner().invoke(cli, args)
                 assert r.exit_code == 0, r.output + repr(r.exception)
-        assert losses(tmp_path / f"{mode}-s3") == losses(tmp_path / f"{mode}-local") and len(losses(tmp_path / f"{mode}-s3")) == 3
+        got = losses(tmp_path / f"{mode}-s3")
+        assert got == losses(tmp_path / f"{mode}-local") and len(got) == 3, mode
 
 
 def test_finetune_and_eval_read_s3_shards_as_local_files(s3, s3_data, demo_shards, tmp_path):
@@ -176,3 +179,84 @@ def test_conditional_create_lets_exactly_one_of_racing_writers_win(s3):
     assert s3.fs.cat_file(f"{root[5:]}/manifest.json") == b"writer %d" % won.index(True)
     assert cf.Location(root).create_exclusive("manifest.json", b"late") is False
     assert s3.keys(root[5:]) == [f"{root[5:]}/manifest.json"]  # no temporary, nothing else
+
+
+def _popen_extract(shards: str, cache: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mrmae", "extract-features", "--shards", shards, "--out", cache,
+                             *EXTRACT], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _halfway_through_a_publish(s3, cache: str, proc: subprocess.Popen) -> list[str]:
+    """Wait until `proc` has uploaded part of a group whose entry is not written yet (the
+    window a kill or a racing writer can hit on a store: no rename, one PUT per file);
+    the group's objects seen then."""
+    prefix, deadline = cache.removeprefix("s3://"), time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        keys = s3.keys(prefix) if s3.fs.exists(f"{prefix}/manifest.json") else []
+        shards = {k.split("/shards/")[1].split("/")[0] for k in keys if "/shards/" in k} - {"zarr.json"}
+        committed = {n[:-len(".json")] for n in shards if n.endswith(".json")}  # <name>.json: entries
+        # groups are <name>.<sha256[:16]>: one whose entry is missing is being uploaded
+        partial = sorted(g for g in shards if not g.endswith(".json") and g.rsplit(".", 1)[0] not in committed)
+        if partial:
+            return [k for k in keys if f"/shards/{partial[0]}/" in k]
+        time.sleep(0.01)
+    err = proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
+    raise AssertionError(f"never saw a group half published (exit {proc.poll()}): {err}")
+
+
+def _same_objects(s3, a: str, b: str) -> None:
+    """Two caches on S3 hold the same objects with the same bytes; entries may differ in
+    their timing only."""
+    oa, ob = objects(s3, a.removeprefix("s3://")), objects(s3, b.removeprefix("s3://"))
+    assert sorted(oa) == sorted(ob) and not temps(oa)
+    for key in oa:
+        if key.endswith(".json") and key.startswith("shards/") and key != "shards/zarr.json":
+            untimed = lambda d: {k: v for k, v in json.loads(d).items() if k not in TIMING}  # noqa: E731
+            assert untimed(oa[key]) == untimed(ob[key]), key
+        else:
+            assert oa[key] == ob[key], key
+
+
+def test_a_killed_extraction_into_s3_resumes_to_the_same_objects(s3, s3_data):
+    """SIGKILL while a group is half uploaded (its entry not written: the shard is not in
+    the cache); the rerun redoes that shard and the cache holds exactly the objects of an
+    uninterrupted run, with no temporary object anywhere."""
+    cache = f"s3://{s3.bucket()}/cache"
+    proc = _popen_extract(s3_data["shards"], cache)
+    try:
+        assert _halfway_through_a_publish(s3, cache, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = [e.source for e in cf.read_manifest(cache).shards]
+    assert len(done) < 2  # the half-uploaded shard is not in the cache
+    assert_clean_exit(mrmae_process(["extract-features", "--shards", s3_data["shards"], "--out", cache, *EXTRACT]))
+    _same_objects(s3, cache, s3_data["cache"])
+    assert cf.check_integrity(cache) == []
+
+
+def test_two_writers_racing_into_one_s3_cache_lose_nothing(s3, s3_data):
+    """Writer A is stopped (SIGSTOP) halfway through uploading a group; writer B extracts the
+    same shards into the same cache, publishes that group over A's half (the same bytes,
+    one PUT a file) and commits it; readers see whole groups only. A then resumes, finishes
+    its upload of identical bytes and its entry; both succeed and the cache holds the
+    objects of one uninterrupted writer."""
+    cache = f"s3://{s3.bucket()}/cache"
+    a = _popen_extract(s3_data["shards"], cache)
+    try:
+        _halfway_through_a_publish(s3, cache, a)
+        a.send_signal(signal.SIGSTOP)
+        assert_clean_exit(mrmae_process(["extract-features", "--shards", s3_data["shards"], "--out", cache,
+                                         *EXTRACT]))
+        assert cf.check_integrity(cache) == [] and len(cf.read_manifest(cache).shards) == 2
+        a.send_signal(signal.SIGCONT)
+        assert a.wait(240) == 0, a.stderr.read().decode()[-2000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            a.send_signal(signal.SIGCONT)
+        if a.poll() is None:
+            a.kill()
+    _same_objects(s3, cache, s3_data["cache"])
+    same_rows(cache, s3_data["cache"])
+    assert cf.check_integrity(cache) == []
