@@ -73,6 +73,13 @@ class S3:
         self.fs.mkdir(name)
         return name
 
+    def forget_listings(self) -> None:
+        """Drop the listings cached by the s3fs instance mrmae uses in this process (fsspec
+        shares one per set of options), after another process changed the store."""
+        import s3fs
+
+        s3fs.S3FileSystem().invalidate_cache()
+
     def keys(self, prefix: str) -> list[str]:
         """Every object under `prefix` (a bucket or bucket/path), sorted."""
         return sorted(self.fs.find(prefix))

@@ -36,6 +36,10 @@ TIMING = ("seconds", "images_per_s", "time", "elapsed")
 NOISE = ("Unclosed client session", "Unclosed connector", "Traceback", "Exception ignored")
 
 
+def extract_args(shards: str, cache: str) -> list[str]:
+    return ["extract-features", "--shards", shards, "--feature-cache", cache, *EXTRACT]
+
+
 def mrmae_process(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m mrmae ARGS` in a process of its own (its exit is part of what is tested)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -81,7 +85,7 @@ def s3_data(s3, demo_shards) -> dict:
     """Two demo tars in a bucket of their own and a zarr cache extracted from them into another."""
     shards = s3.upload(demo_shards[:2], s3.bucket())
     cache = f"s3://{s3.bucket()}/cache"
-    r = mrmae_process(["extract-features", "--shards", shards, "--feature-cache", cache, *EXTRACT])
+    r = mrmae_process(extract_args(shards, cache))
     return {"shards": shards, "cache": cache, "extract": r}
 
 
@@ -97,6 +101,7 @@ def local_caches(s3_data, tmp_path_factory) -> dict[str, Path]:
 
 def test_extraction_from_s3_into_s3_equals_the_local_cache_and_exits_clean(s3, s3_data, local_caches):
     assert_clean_exit(s3_data["extract"])
+    s3.forget_listings()
     cache = s3_data["cache"]
     same_rows(cache, str(local_caches["zarr"]))
     assert entries(cache) == entries(str(local_caches["zarr"]))  # the same bytes, named alike
@@ -112,8 +117,7 @@ def test_extraction_from_s3_into_s3_equals_the_local_cache_and_exits_clean(s3, s
 
 def test_a_wds_cache_on_s3_equals_the_local_one(s3, s3_data, local_caches):
     cache = f"s3://{s3.bucket()}/cache"
-    r = CliRunner().invoke(cli, ["extract-features", "--shards", s3_data["shards"], "--feature-cache", cache, "--format", "wds",
-                                 *EXTRACT])
+    r = CliRunner().invoke(cli, [*extract_args(s3_data["shards"], cache), "--format", "wds"])
     assert r.exit_code == 0, r.output
     same_rows(cache, str(local_caches["wds"]))
     assert entries(cache) == entries(str(local_caches["wds"]))
@@ -183,8 +187,8 @@ def test_conditional_create_lets_exactly_one_of_racing_writers_win(s3):
 
 def _popen_extract(shards: str, cache: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mrmae", "extract-features", "--shards", shards, "--out", cache,
-                             *EXTRACT], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "mrmae", *extract_args(shards, cache)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _halfway_through_a_publish(s3, cache: str, proc: subprocess.Popen) -> list[str]:
@@ -220,20 +224,25 @@ def _same_objects(s3, a: str, b: str) -> None:
 
 def test_a_killed_extraction_into_s3_resumes_to_the_same_objects(s3, s3_data):
     """SIGKILL while a group is half uploaded (its entry not written: the shard is not in
-    the cache); the rerun redoes that shard and the cache holds exactly the objects of an
-    uninterrupted run, with no temporary object anywhere."""
+    the cache); `cache clean` removes the half group, the rerun redoes that shard and the
+    cache holds exactly the objects of an uninterrupted run, no temporary object anywhere."""
     cache = f"s3://{s3.bucket()}/cache"
     proc = _popen_extract(s3_data["shards"], cache)
     try:
-        assert _halfway_through_a_publish(s3, cache, proc)
+        group = _halfway_through_a_publish(s3, cache, proc)[0].split("/shards/")[1].split("/")[0]
     finally:
         proc.kill()
         proc.wait()
+    s3.forget_listings()
     done = [e.source for e in cf.read_manifest(cache).shards]
-    assert len(done) < 2  # the half-uploaded shard is not in the cache
-    assert_clean_exit(mrmae_process(["extract-features", "--shards", s3_data["shards"], "--out", cache, *EXTRACT]))
+    assert len(done) < 2 and group not in {Path(e.group).name for e in cf.read_manifest(cache).shards}
+    r = CliRunner().invoke(cli, ["cache", "clean", "--feature-cache", cache, "--older-than", "0"])
+    assert r.exit_code == 0 and "1 leftovers removed" in r.output, r.output  # its age read from LastModified
+    assert not [k for k in s3.keys(cache[5:]) if f"/shards/{group}/" in k]
+    assert_clean_exit(mrmae_process(extract_args(s3_data["shards"], cache)))
+    s3.forget_listings()
     _same_objects(s3, cache, s3_data["cache"])
-    assert cf.check_integrity(cache) == []
+    assert cf.check_integrity(cache) == [] and len(cf.read_manifest(cache).shards) == 2
 
 
 def test_two_writers_racing_into_one_s3_cache_lose_nothing(s3, s3_data):
@@ -247,8 +256,8 @@ def test_two_writers_racing_into_one_s3_cache_lose_nothing(s3, s3_data):
     try:
         _halfway_through_a_publish(s3, cache, a)
         a.send_signal(signal.SIGSTOP)
-        assert_clean_exit(mrmae_process(["extract-features", "--shards", s3_data["shards"], "--out", cache,
-                                         *EXTRACT]))
+        assert_clean_exit(mrmae_process(extract_args(s3_data["shards"], cache)))
+        s3.forget_listings()  # while A is stopped halfway: readers see B's whole groups
         assert cf.check_integrity(cache) == [] and len(cf.read_manifest(cache).shards) == 2
         a.send_signal(signal.SIGCONT)
         assert a.wait(240) == 0, a.stderr.read().decode()[-2000:]
@@ -257,6 +266,7 @@ def test_two_writers_racing_into_one_s3_cache_lose_nothing(s3, s3_data):
             a.send_signal(signal.SIGCONT)
         if a.poll() is None:
             a.kill()
+    s3.forget_listings()
     _same_objects(s3, cache, s3_data["cache"])
     same_rows(cache, s3_data["cache"])
     assert cf.check_integrity(cache) == []

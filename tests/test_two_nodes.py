@@ -93,8 +93,9 @@ def one_process(shards, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_nodes_extract_the_cache_of_one_process(shards, one_process, tmp_path, launcher):
     urls = url_list(shards)
-    two_nodes(launcher, ["-m", "mrmae", "extract-features", "--shards", urls, "--out", str(tmp_path / "two"),
-                         "--teacher", DINO_TINY, "--views", "2", "--batch-size", "4", "--no-progress"])
+    two_nodes(launcher, ["-m", "mrmae", "extract-features", "--shards", urls,
+                         "--feature-cache", str(tmp_path / "two"), "--teacher", DINO_TINY, "--views", "2",
+                         "--batch-size", "4", "--no-progress"])
     one, two = cf.FeatureCache(one_process["cache"]), cf.FeatureCache(tmp_path / "two")
     assert len(two.complete_shards) == 4
     for s in one.complete_shards:
