@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from mrmae.shared.errors import MrmaeError, naming
+from mrmae.train.jsonl import truncate_records
 
 KEEP = 2  # complete checkpoints kept on disk
 
@@ -335,9 +336,7 @@ def start_or_resume(out: Path, resume: bool, model: torch.nn.Module, optimizer: 
             check_resume(last, fingerprint)
         state = load_checkpoint(last, model, optimizer)
         if is_main:
-            from mrmae.train.engine import truncate_metrics
-
-            truncate_metrics(metrics, state.step)
+            truncate_records(metrics, state.step)
         return state, metrics
     if is_main:
         metrics.unlink(missing_ok=True)

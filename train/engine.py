@@ -9,17 +9,15 @@ masks as an uninterrupted one, with no hidden RNG state to carry.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from mrmae.shared.errors import MrmaeError, naming
+from mrmae.shared.errors import MrmaeError
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
@@ -248,28 +246,3 @@ def _visible_targets(stored: torch.Tensor, scale: torch.Tensor | None, ids_keep:
 def model_num_patches(model: torch.nn.Module) -> int:
     inner = getattr(model, "module", model)
     return inner.num_patches
-
-
-def append_metrics(path: Path, record: dict) -> None:
-    with naming(path), open(path, "a") as f:  # a full disk: an OSError naming the file
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past `last_step` (a resumed run recomputes them), and lines that are no
-    record: the torn last line of a run killed while appending one (or other damage)."""
-    if not path.exists():
-        return
-    with naming(path):
-        text = path.read_text(errors="replace")
-    kept = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-            step = record["step"]
-        except (ValueError, TypeError, KeyError):
-            continue
-        if isinstance(step, int) and step <= last_step:
-            kept.append(line)
-    with naming(path):
-        path.write_text("".join(ln + "\n" for ln in kept))

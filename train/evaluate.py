@@ -22,7 +22,6 @@ Each result is printed as a table row and appended as one JSON line to a results
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -36,10 +35,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from mrmae.shared.shards import expand_urls, first_copies, iter_samples
-from mrmae.shared.errors import MrmaeError, naming, worker_ignores_interrupt
+from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
 from mrmae.shared.views import ImageDecodeError, decode_image, normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.engine import InterruptibleLoader
+from mrmae.train.jsonl import append_record
 from mrmae.train.restore import encode_all_tokens, load_student
 
 FEATURES = ("auto", "cls", "mean")
@@ -274,13 +274,6 @@ def _split_features(model: Frozen, train_shards: str, val_shards: str, feature: 
     return xtr, ytr, xva, yva
 
 
-def _append(results: str | Path, record: dict) -> None:
-    path = Path(results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with naming(path), path.open("a") as f:  # a full disk: an OSError naming the file
-        f.write(json.dumps(record) + "\n")
-
-
 def run_eval(protocol: str, model: Frozen, train_shards: str, val_shards: str,
              results: str | Path, feature: str = "auto", batch_size: int = 64, device: str = "cpu", workers: int = 0, k: int = 20,
              temperature: float = 0.07, epochs: int = 10, lr: float = 0.1, probe_batch_size: int = 256,
@@ -330,5 +323,5 @@ def run_ensemble(protocol: str, members: list[Frozen], train_shards: str, val_sh
         record["members"] = each
     record["top1"], record["top5"] = topk_accuracy(mean, yva)
     record["seconds"] = round(time.time() - t0, 2)
-    _append(results, record)
+    append_record(results, record)
     return EvalResult(record)

@@ -41,7 +41,8 @@ from tqdm import tqdm
 from mrmae.shared.errors import MrmaeError, naming, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.checkpoint import CheckpointError
-from mrmae.train.engine import InterruptibleLoader, NonFiniteLossError, append_metrics, epoch_passes, lr_at
+from mrmae.train.engine import InterruptibleLoader, NonFiniteLossError, epoch_passes, lr_at
+from mrmae.train.jsonl import append_record as append_metrics
 from mrmae.shared.seeding import seed_from
 from mrmae.train.finetune_data import LabelledStream, seed_everything, train_transform
 from mrmae.train.recipe import RecipeFile

@@ -27,8 +27,9 @@ from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
 from mrmae.train.masking import all_mask_options, get_mask, mask_names, num_visible
 from mrmae.train.recipe import RecipeFile
-from mrmae.train.engine import (InterruptibleLoader, NonFiniteLossError, StepOptions, append_metrics, epoch_passes,
+from mrmae.train.engine import (InterruptibleLoader, NonFiniteLossError, StepOptions, epoch_passes,
                                 lr_at, train_one_epoch)
+from mrmae.train.jsonl import append_record as append_metrics
 
 
 @dataclass

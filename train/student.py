@@ -8,8 +8,9 @@ tokens, D encoder width, C teacher width, P = patch_size ** 2 * 3 pixel values p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,29 @@ def check_fuse_layers(fuse_layers: Iterable[int], depth: int) -> tuple[int, ...]
         raise ValueError(f"fuse_layers {tuple(fuse_layers)} must lie in 1..{depth} and include the "
                          f"last block {depth} (blocks after the last fused one would get no gradient)")
     return fuse
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentConfig:
+    """What every student family's config holds beside its encoder's sizes: the input size,
+    the MAE decoder, the mimic heads, block fusion and the pixel loss's normalisation
+    (`MaskedStudent._build_heads` and `losses` read these). A family's config subclasses it
+    and adds its encoder (`embed_dim` and `depth`, as fields or properties: `fuse_layers`
+    counts the `depth` blocks). Keyword-only: the fields' order is the base's then the
+    family's, which no caller should have to know."""
+
+    img_size: int = 224
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    teacher_dim: int = 0  # 0: no mimic head (plain MAE)
+    joint_teacher_dims: tuple[int, ...] = ()  # more teachers, one more mimic head each (joint)
+    fuse_layers: tuple[int, ...] = ()  # 1-based encoder blocks summed; () = last block only
+    norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)
+    norm_pix_loss: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fuse_layers", check_fuse_layers(self.fuse_layers, self.depth))
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -64,7 +88,7 @@ class MaskedStudent(nn.Module):
     `grid_size` g = S / p, `num_patches` N = g * g (the token grid masks and caches use).
     """
 
-    cfg: Any  # MRMAEConfig or ConvViTConfig
+    cfg: StudentConfig  # a family's subclass: MRMAEConfig, ConvViTConfig, ...
     num_prefix_tokens: int = 1
 
     def _build_heads(self, dim: int, decoder_mlp_ratio: float = 4.0) -> None:

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
-from typing import Callable, ClassVar, Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
 from mrmae.train.masking import blockwise_visible_maps
-from mrmae.train.student import MaskedStudent, check_fuse_layers, gather_visible, sincos_pos_embed
+from mrmae.train.student import MaskedStudent, StudentConfig, gather_visible, sincos_pos_embed
 from mrmae.train.students.registry import StudentFamily, register_family
 
 # ---- the blocks (shared by the pretraining student and the timm encoder) ----
@@ -104,22 +104,15 @@ CONVVIT_ARCHS: dict[str, dict] = {
 }
 
 
-@dataclass(frozen=True)
-class ConvViTConfig:
-    img_size: int = 224
+@dataclass(frozen=True, kw_only=True)
+class ConvViTConfig(StudentConfig):
+    """A ConvViT student: the shared fields (`StudentConfig`) and the three stages' sizes."""
+
     embed_dims: tuple[int, int, int] = (256, 384, 768)  # stage widths D1, D2, D
     depths: tuple[int, int, int] = (2, 2, 11)  # conv blocks, conv blocks, transformer blocks
     num_heads: int = 12  # stage 3
     mlp_ratios: tuple[float, float, float] = (4.0, 4.0, 4.0)
     kernel_size: int = 5  # the depth-wise conv of the conv blocks
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    teacher_dim: int = 0  # 0: no mimic head (plain MAE)
-    joint_teacher_dims: tuple[int, ...] = ()  # more teachers, one more mimic head each (joint)
-    fuse_layers: tuple[int, ...] = ()  # 1-based stage-3 blocks summed; () = last block only
-    norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)
-    norm_pix_loss: bool = True
 
     patch_size: ClassVar[int] = 16  # 4 * 2 * 2: one stage-3 token per 16x16 pixel patch
     strides: ClassVar[tuple[int, int, int]] = (4, 2, 2)
@@ -134,7 +127,7 @@ class ConvViTConfig:
             raise ValueError(f"img_size {self.img_size} is not a multiple of {self.patch_size}")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (same-size output), got {self.kernel_size}")
-        object.__setattr__(self, "fuse_layers", check_fuse_layers(self.fuse_layers, self.depths[2]))
+        super().__post_init__()  # fuse_layers, counted in stage-3 blocks (`depth`)
 
     @property
     def embed_dim(self) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -19,7 +18,7 @@ from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
-from mrmae.train.student import MaskedStudent, check_fuse_layers, gather_visible, sincos_pos_embed
+from mrmae.train.student import MaskedStudent, StudentConfig, gather_visible, sincos_pos_embed
 from mrmae.train.students.registry import StudentFamily, register_family
 
 VIT_ARCHS: dict[str, dict] = {
@@ -31,25 +30,15 @@ VIT_ARCHS: dict[str, dict] = {
 }
 
 
-@dataclass(frozen=True)
-class MRMAEConfig:
-    img_size: int = 224
+@dataclass(frozen=True, kw_only=True)
+class MRMAEConfig(StudentConfig):
+    """A ViT student: the shared fields (`StudentConfig`) and the ViT's sizes."""
+
     patch_size: int = 16
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    teacher_dim: int = 0  # 0: no mimic head (plain MAE)
-    joint_teacher_dims: tuple[int, ...] = ()  # more teachers, one more mimic head each (joint)
-    fuse_layers: tuple[int, ...] = ()  # 1-based encoder blocks summed; () = last block only
-    norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)
-    norm_pix_loss: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "fuse_layers", check_fuse_layers(self.fuse_layers, self.depth))
 
 
 class MRMAE(MaskedStudent):
