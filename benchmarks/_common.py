@@ -234,16 +234,18 @@ def build_student(model_name: str, shards: list[str], batch_size: int, n_batches
 
 
 def train_steps(setup: dict, accelerator, batches, lr: float, start_step: int = 0) -> list[float]:
-    """Run the engine's `train_one_epoch` over `batches`; returns its per-step images/s.
+    """Run the training loop's optimiser steps (`loop.optimiser_steps`) with pretraining's step
+    (`engine.PretrainStep`) over `batches`; returns its per-step images/s.
 
-    The engine's figure is the wall time between consecutive steps (mask, teacher forward in
+    The loop's figure is the wall time between consecutive steps (mask, teacher forward in
     live mode, host-to-device copies, forward, backward, AdamW); each step ends in a `.item()`
     of the loss, so on CUDA the figure covers the GPU's work too.
     """
-    from mrmae.train.engine import StepOptions, train_one_epoch
+    from mrmae.train.engine import PretrainStep, StepOptions
+    from mrmae.train.loop import optimiser_steps
 
-    rates: list[float] = []
-    train_one_epoch(setup["model"], batches, setup["optimizer"], accelerator, 0, start_step, StepOptions(),
-                    lambda _step: lr, teacher=setup["teacher"],
-                    on_step=lambda _step, record: rates.append(record["images_per_s"]))
-    return rates
+    step = PretrainStep(setup["model"], accelerator, StepOptions(), setup["teacher"])
+    images = len(setup["batches"][0]["keys"]) * accelerator.num_processes  # (`batches` may be a timed generator)
+    records = optimiser_steps(setup["model"], setup["optimizer"], accelerator, ([b] for b in batches), step,
+                              lambda _step: lr, 0, start_step, images)
+    return [record["images_per_s"] for record in records]

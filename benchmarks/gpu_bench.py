@@ -13,8 +13,8 @@ One process, one card, one run, so every ratio compares figures measured side by
   teacher, int8 quantise, compress, write Zarr) over demo shards of ImageNet-sized JPEGs
   (~200-600 px a side, `mrmae.demo.write_demo_shards`) after one warm-up shard;
   views/s from the runner's loop seconds (the teacher's construction left out);
-- pretrain_{plain,cached,live_b16,live_l14}: the engine's step (`train_one_epoch`: mask,
-  live teacher forward, host-to-device copies of pinned batches, forward, backward, fused
+- pretrain_{plain,cached,live_b16,live_l14}: the engine's step (`PretrainStep`, run by
+  `loop.optimiser_steps`: mask, live teacher forward, host-to-device copies of pinned batches, forward, backward, fused
   AdamW) on the ViT-B student, bf16 under accelerate as `mrmae pretrain` runs it; the
   cache is the extraction's (B/16). `_compiled`: the same after `torch.compile` (what
   `accelerate launch --dynamo_backend inductor` does to the prepared model);

@@ -17,7 +17,7 @@ made once with `run_extraction` (--teacher, --views). Two measurements per mode:
   it across exec, so a child's would include the parent's peak (the JSON records it anyway).
   "RSS over imports" subtracts the peak reached after importing everything, before training.
 - step-only: one more subprocess builds the three students (and the live teacher), pre-loads
-  each mode's batches from the real `StudentStream`, then calls `train_one_epoch` one batch at
+  each mode's batches from the real `StudentStream`, then runs the loop's `optimiser_steps` one batch at
   a time, alternating the modes step by step (rotating which goes first) so drift hits all
   three alike. images/s is the engine's per-step figure: mask, teacher forward (live),
   forward, backward, optimiser step; no data loading. Median of --step-only-steps (4) after

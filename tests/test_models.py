@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -41,10 +43,24 @@ def test_registry_names():
         create_model("mrmae_vit_tiny_patch16", decoder_width=3)
 
 
+@pytest.fixture(scope="module")
+def printed_sizes() -> dict[str, tuple[float, float]]:
+    """`mrmae models` as a user reads it: name -> (encoder, with decoder) in millions."""
+    from click.testing import CliRunner
+
+    from mrmae.cli import cli
+
+    r = CliRunner().invoke(cli, ["models"])
+    assert r.exit_code == 0, r.output
+    found = re.findall(r"^(mrmae_\w+): .*?; encoder ([\d.]+)M.*with decoder 512-d x 8: ([\d.]+)M$", r.output, re.M)
+    return {name: (float(enc), float(total)) for name, enc, total in found}
+
+
 @pytest.mark.parametrize("name", list_models())
-def test_every_registered_student_trains_and_becomes_its_timm_encoder_at_a_tiny_size(name):
+def test_every_registered_student_trains_and_becomes_its_timm_encoder_at_a_tiny_size(name, printed_sizes):
     """timm-style: each name of each family, at its family's `tiny` sizes: one loss and its
-    gradients, then the encoder's tensors load strictly into `timm.create_model(name)`."""
+    gradients, then the encoder's tensors load strictly into `timm.create_model(name)`; at
+    its registered size (on the meta device), the parameter counts `mrmae models` prints."""
     family = family_of(name)
     torch.manual_seed(0)
     m = create_model(name, **family.tiny, teacher_dim=8, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -64,6 +80,10 @@ def test_every_registered_student_trains_and_becomes_its_timm_encoder_at_a_tiny_
         full, student = timm.create_model(name), create_model(name)
     assert timm.data.resolve_data_config({}, model=full)["crop_pct"] == 0.875
     assert full.state_dict().keys() == {k for k in student.state_dict() if k.startswith(family.encoder_keys)}
+    # counted here from the parameter names: the encoder is all but the decoder, mask token and mimic heads
+    sizes = {n: p.numel() for n, p in student.named_parameters()}
+    encoder = sum(v for n, v in sizes.items() if not n.startswith(("decoder", "mask_token", "mimic_head", "joint")))
+    assert printed_sizes[name] == (round(encoder / 1e6, 1), round(sum(sizes.values()) / 1e6, 1))
 
 
 def test_families_register_their_names_once():

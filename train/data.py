@@ -8,12 +8,13 @@ Pipeline (webdataset stages; stream shape after each):
     join_views          {key, image bytes, view, [targets, attention]}   tar order
                         (pixels_from_cache: {key, stored view bytes, ...} from the cache, row order)
     shuffle             same, sample order mixed in a seeded buffer
-    rank_slots          this rank's slots of each global batch   (split="samples" only)
+    rank_slots          this rank's slots of each effective batch (split="samples" only)
     render              {key, pixels [3,S,S] uint8, [teacher_pixels], crop (4 ints), flip, [targets [L,C] int8 +
                          targets_scale [L(,G)] (float16 caches: targets [L,C] float16)], [attention [L]]}
                         (render_on_device: crop_pixels [h,w,3] uint8, the view's box cut from the decoded
                          image, in place of pixels and teacher_pixels)
     batched             dict of stacked tensors, B samples (crop_pixels: the B crops packed flat, [sum 3 h w])
+    steps_of            a list of A such batches, one optimiser step's (split="samples", A > 1 only)
 
 With `render_on_device` the workers stop before resizing: the training step renders the
 batch's views on its device (`render_views`, `shared.batch_render`), pixel for pixel what
@@ -27,6 +28,7 @@ with or without a cache.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -60,6 +62,7 @@ class DataConfig:
     split: str = "shards"  # "shards" (scalable) | "samples" (global batches identical at any process count)
     pixels_from_cache: bool = False  # read each view's pixels from the cache (--store-pixels), not the tars
     render_on_device: bool = False  # workers hand over the view's crop; the step renders it (`render_views`)
+    accum_steps: int = 1  # A: split "samples" hands out slots of effective batches of world x A x B
 
 
 def pick_view(seed: int, epoch: int, key: str, k: int) -> int:
@@ -205,7 +208,7 @@ def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
     crop_pixels [h, w, 3] (numpy: the view's box, h x w, of the decoded image) instead of
     pixels and teacher_pixels: `render_views` renders them in the main process.
 
-    Normalisation waits for the device (engine.train_one_epoch): a uint8 batch is a quarter
+    Normalisation waits for the device (engine.PretrainStep): a uint8 batch is a quarter
     of a float32 one through the worker queue, pinned memory and the bus.
     """
     if "stored_view" in sample:  # rendered at extraction: decode only (also with render_on_device)
@@ -334,7 +337,7 @@ class StudentStream(torch.utils.data.IterableDataset):
             # each global batch (before decoding), so a global batch holds the same samples
             # in the same order at any process count. Costs world-size times the reads.
             split, shuffle_seed = [wds.split_by_worker], f"{cfg.seed}:{epoch}:{worker}"
-            take, partial = [lambda src: rank_slots(src, rank, world, cfg.batch_size)], False
+            take, partial = [lambda src: rank_slots(src, rank, world, cfg.batch_size, cfg.accum_steps)], False
         stages = [
             lambda _: iter(epoch_shards(self.urls, cfg.seed, epoch * 1000 + repeat)),  # URL
             *split,                                                                    # URL (mine)
@@ -344,24 +347,42 @@ class StudentStream(torch.utils.data.IterableDataset):
             wds.map(lambda s: render_sample(s, cfg, self.joiner.view_cfg)),           # tensors (or crops)
             wds.batched(cfg.batch_size, collation_fn=collate, partial=partial),       # batch of B
         ]
+        if cfg.split != "shards" and cfg.accum_steps > 1:
+            # A step's A micro-batches as one item: DataLoader workers take turns per item, so
+            # a step never mixes two workers' slots (and their order never depends on A).
+            stages.append(lambda batches: steps_of(batches, cfg.accum_steps))                # [A batches of B]
         stream: Iterator = iter([None])
         for stage in stages:
             stream = stage(stream)
         yield from stream
 
 
-def rank_slots(samples: Iterator[dict], rank: int, world: int, batch_size: int) -> Iterator[dict]:
-    """Keep slots [rank*B, (rank+1)*B) of every complete global batch of world*B samples.
+def rank_slots(samples: Iterator[dict], rank: int, world: int, batch_size: int,
+               accum_steps: int = 1) -> Iterator[dict]:
+    """This rank's samples of every complete effective batch of E = world x accum_steps x B:
+    micro-batch a (0..A-1) takes slots [(a world + rank) B, (a world + rank + 1) B).
 
-    A trailing incomplete global batch is dropped on every rank alike: otherwise some
-    ranks would have one batch more than others, and DDP would wait for them forever.
+    So a step's E samples are the same E consecutive ones of the stream at any split of
+    E, each at the same position in it (`loop.MicroBatch.slot`: what keys its mask). A
+    trailing incomplete effective batch is dropped on every rank alike: otherwise some
+    ranks would have one batch more than others (DDP would wait for them forever), or a
+    step would end short of its accumulation.
     """
     pending: list[dict] = []
+    per_step = world * accum_steps * batch_size
     for sample in samples:
         pending.append(sample)
-        if len(pending) == world * batch_size:
-            yield from pending[rank * batch_size:(rank + 1) * batch_size]
+        if len(pending) == per_step:
+            for a in range(accum_steps):
+                first = (a * world + rank) * batch_size
+                yield from pending[first:first + batch_size]
             pending = []
+
+
+def steps_of(batches: Iterator[dict], accum_steps: int) -> Iterator[list[dict]]:
+    """Micro-batches -> lists of `accum_steps` (one optimiser step's, on this rank)."""
+    while len(group := list(itertools.islice(batches, accum_steps))) == accum_steps:
+        yield group
 
 
 def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher_dim: int,

@@ -1,31 +1,26 @@
-"""The training engine: one epoch of MR-MAE steps, kept apart from set-up and the CLI.
+"""Pretraining's step: what one micro-batch of MR-MAE does (`PretrainStep`), kept apart from
+set-up (`pretrain.py`) and from the loop that both commands share (`loop.py`).
 
 Every random choice of a step is a function of the seed and of where the sample sits:
-the view (seed, epoch, key; data.py), the mask (seed, micro-step, row of the global
-batch; here). A resumed run therefore replays the same batches and
-masks as an uninterrupted one, with no hidden RNG state to carry.
+the view (seed, epoch, key; data.py), the mask (seed, optimiser step, position in the
+effective batch; here). A resumed run therefore replays the same batches and masks as an
+uninterrupted one, with no hidden RNG state to carry, and with --data-split samples a step
+trains on the same samples, views and masks however its effective batch is split.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from mrmae.shared.errors import MrmaeError
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
+from mrmae.train.loop import MASK_SEEDING, MicroBatch, NonFiniteLossError, epoch_passes, lr_at  # noqa: F401
 from mrmae.train.masking import get_mask
-
-
-class NonFiniteLossError(MrmaeError, FloatingPointError):
-    """A loss that is NaN or infinite: the run stops; the last good checkpoint stays."""
 
 
 @dataclass
@@ -41,14 +36,6 @@ class StepOptions:
     pixel_std: tuple[float, float, float] = IMAGENET_STD
 
 
-def lr_at(step: float, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to `base_lr`, then half-cosine to `min_lr` (held after `total_steps`)."""
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def normalize_targets(targets: torch.Tensor, how: str) -> torch.Tensor:
     """Teacher tokens [B, n, C] -> normalised per token; the cache itself stays raw."""
     if how == "none":
@@ -60,99 +47,95 @@ def normalize_targets(targets: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown target norm {how!r}")
 
 
-def mask_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The generator of one micro-step's mask noise: a function of (seed, micro-step) only."""
-    return generator_from("mask", seed, micro_step)
+def mask_generator(seed: int, key: int) -> torch.Generator:
+    """The generator of one draw of mask noise: a function of (seed, key) only (`key`: the
+    optimiser step, or the micro-step under mask seeding 1)."""
+    return generator_from("mask", seed, key)
 
 
 def draw_masks(batch_size: int, num_tokens: int, attention: torch.Tensor | None, opts: StepOptions,
-               micro_step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids_keep [B, n], mask [B, N], ids_restore [B, N]) for this rank's rows, on the CPU.
+               key: int, slot: int, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_keep [B, n], mask [B, N], ids_restore [B, N]) for rows [slot B, (slot + 1) B), on the CPU.
 
-    One uniform noise tensor is drawn for the whole global batch (world x B rows) from
-    (seed, micro-step); each rank masks its own rows with its slice. A sample's mask thus
-    depends on its place in the global batch, not on the process count.
+    One uniform noise tensor [slots x B, N] is drawn from (seed, key), and these rows of it
+    are masked with the strategy (a function of each row's noise and attention alone). The
+    loop keys it by optimiser step with the effective batch's slots (`MicroBatch.slot`), so
+    a sample's mask depends on its place in the effective batch only; under mask seeding 1
+    (older runs) the key is the micro-step and the slots the processes.
     """
-    noise = torch.rand(world * batch_size, num_tokens, generator=mask_generator(opts.seed, micro_step))
-    noise = noise[rank * batch_size:(rank + 1) * batch_size]
+    noise = torch.rand(slots * batch_size, num_tokens, generator=mask_generator(opts.seed, key))
+    noise = noise[slot * batch_size:(slot + 1) * batch_size]
     return get_mask(opts.mask)(noise, opts.mask_ratio, None if attention is None else attention.float().cpu(),
                                opts.mask_options)
 
 
-def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
-                    accelerator, epoch: int, start_step: int, opts: StepOptions,
-                    set_lr: Callable[[int], float], teacher: torch.nn.Module | None = None,
-                    on_step: Callable[[int, dict], None] | None = None,
-                    target_pca: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = ()) -> int:
-    """Run optimiser steps over `batches`; returns the global step reached.
+@dataclass
+class PretrainStep:
+    """The MR-MAE step of one micro-batch, for `loop.TrainRun.train`: render (crops from a
+    `render_on_device` loader), normalise, run a live teacher, draw the masks, prepare the
+    targets, forward -> {"loss", "loss_recon", "loss_mimic"} (scalars, not yet backpropagated).
 
-    Each batch is a dict from `mrmae.train.data` ([B,3,S,S] uint8 pixels, optional [B,N,C]
-    targets as stored (int8 with [B,N] or [B,N,G] targets_scale, or float16) and [B,N] attention,
-    or [B,3,T,T] uint8 teacher pixels in live mode); from a `render_on_device` loader, the
-    views' crops instead of pixels and teacher pixels, rendered here on the device
-    (`data.render_views`: S the student's img_size, T the live teacher's input_size).
+    A batch is a dict from `mrmae.train.data` ([B,3,S,S] uint8 pixels, optional [B,N,C]
+    targets as stored and [B,N] attention, or [B,3,T,T] uint8 teacher pixels in live mode;
+    or the views' crops, rendered here: S the student's img_size, T the teacher's input_size).
     `target_pca[j]`: (mean [C], basis [K, C]) on the device when target set j (0: `targets`,
-    j >= 1: `targets@j`) comes from a PCA cache, whose stored targets are [B,N,K] coefficients;
-    None (or a short list) for caches that store the features whole.
+    j >= 1: `targets@j`) comes from a PCA cache; None (or a short list) for whole features.
+    `mask_seeding`: `loop.MASK_SEEDING`, or 1 for a run resumed from before it.
     """
-    model.train()
-    device = accelerator.device
-    step, rank = start_step, accelerator.process_index
-    micro = start_step * accelerator.gradient_accumulation_steps  # seeds the masks
-    tick = time.perf_counter()
-    for batch in batches:
-        # render_on_device loaders hand over crops: their views are rendered here, exactly
-        batch = render_views(batch, device, getattr(model, "module", model).img_size,
-                             teacher.input_size if teacher is not None else 0)
+
+    model: torch.nn.Module
+    accelerator: object
+    opts: StepOptions
+    teacher: torch.nn.Module | None = None
+    target_pca: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = ()
+    mask_seeding: int = MASK_SEEDING
+
+    def __call__(self, batch: dict, where: MicroBatch) -> dict[str, torch.Tensor]:
+        opts, device, teacher = self.opts, self.accelerator.device, self.teacher
+        inner = getattr(self.model, "module", self.model)
+        batch = render_views(batch, device, inner.img_size, teacher.input_size if teacher is not None else 0)
         # uint8 from the loader, normalised here on the device
         imgs = normalize(batch["pixels"].to(device, non_blocking=True), opts.pixel_mean, opts.pixel_std)
-        targets, attention = batch.get("targets"), batch.get("attention")
+        live = attention = None
         if teacher is not None:
-            with torch.no_grad(), accelerator.autocast():
+            with torch.no_grad(), self.accelerator.autocast():
                 out = teacher(normalize(batch["teacher_pixels"].to(device, non_blocking=True), teacher.mean, teacher.std))
-            targets, attention = out.features.float(), out.attention.float()
-        n_tokens = model_num_patches(model)
-        ids_keep, mask, ids_restore = draw_masks(imgs.shape[0], n_tokens, attention, opts, micro, rank,
-                                                 accelerator.num_processes)
-        micro += 1
-        ids_keep, mask, ids_restore = ids_keep.to(device), mask.to(device), ids_restore.to(device)
-        visible_targets = None
-        if targets is not None and opts.mimic_weight > 0:
-            cached = teacher is None  # live targets are the teacher's float features, never coefficients
-            scale = batch.get("targets_scale") if cached else None
-            visible_targets = _visible_targets(targets, scale, ids_keep, device, _pca_of(target_pca, 0, cached),
-                                               opts.target_norm)
-            joint = [_visible_targets(batch[f"targets@{j}"], batch.get(f"targets_scale@{j}"), ids_keep, device,
-                                      _pca_of(target_pca, j, cached), opts.target_norm)
-                     for j in range(1, 1 + sum(1 for k in batch if k.startswith("targets@")))]
-            if joint:  # one target set per mimic head
-                visible_targets = [visible_targets, *joint]
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                losses = model(imgs, ids_keep, ids_restore, mask, visible_targets,
-                               recon_weight=opts.recon_weight, mimic_weight=opts.mimic_weight)
-            loss = losses["loss"]
-            if not torch.isfinite(loss.detach()).all():
-                parts = {k: float(torch.as_tensor(losses[k]).detach()) for k in ("loss_recon", "loss_mimic")}
-                raise NonFiniteLossError(f"epoch {epoch} step {step}: loss is {loss.item()} "
-                                         f"(recon {parts['loss_recon']}, mimic {parts['loss_mimic']})")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                lr = set_lr(step)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        now = time.perf_counter()
-        world_imgs = imgs.shape[0] * accelerator.num_processes * accelerator.gradient_accumulation_steps
-        record = {"epoch": epoch, "step": step, "lr": lr, "images_per_s": world_imgs / max(now - tick, 1e-9)}
-        for k in ("loss", "loss_recon", "loss_mimic"):
-            record[k] = accelerator.reduce(torch.as_tensor(losses[k], device=device).detach().float(), "mean").item()
-        tick = now
-        if on_step is not None:
-            on_step(step, record)
-    return step
+            live, attention = out.features.float(), out.attention.float()
+        else:
+            attention = batch.get("attention")
+        key, slot, slots = ((where.step, where.slot, where.slots) if self.mask_seeding == MASK_SEEDING
+                            else (where.micro, where.rank, where.world))
+        ids_keep, mask, ids_restore = (t.to(device) for t in draw_masks(imgs.shape[0], inner.num_patches, attention,
+                                                                       opts, key, slot, slots))
+        targets = (prepare_targets(batch, ids_keep, device, self.target_pca, opts.target_norm, live)
+                   if opts.mimic_weight > 0 else None)
+        with self.accelerator.autocast():
+            losses = self.model(imgs, ids_keep, ids_restore, mask, targets,
+                                recon_weight=opts.recon_weight, mimic_weight=opts.mimic_weight)
+        return {k: losses[k] for k in ("loss", "loss_recon", "loss_mimic")}
+
+
+def prepare_targets(batch: dict, ids_keep: torch.Tensor, device: torch.device,
+                    target_pca: Sequence[tuple[torch.Tensor, torch.Tensor] | None], norm: str,
+                    live: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor] | None:
+    """The visible tokens' targets as the loss takes them: [B, n, C] float32 on `device`, or a
+    list of them for a joint run (one per mimic head: `targets`, then `targets@1`, ...);
+    None when the batch has none (plain MAE).
+
+    `live` [B, N, C]: a live teacher's float features (never quantised nor coefficients).
+    Otherwise the batch's stored sets ([B, N, C] int8 with `targets_scale` [B, N] or
+    [B, N, G], or float16; a PCA cache's [B, N, K] coefficients with `target_pca[j]`):
+    each gathered, dequantised, rebuilt from its PCA basis, normalised (`norm`).
+    """
+    if live is not None:
+        return _visible_targets(live, None, ids_keep, device, None, norm)
+    if "targets" not in batch:
+        return None
+    joint = sum(1 for k in batch if k.startswith("targets@"))
+    sets = [_visible_targets(batch[f"targets{s}"], batch.get(f"targets_scale{s}"), ids_keep, device,
+                             target_pca[j] if j < len(target_pca) else None, norm)
+            for j, s in enumerate(["", *(f"@{i}" for i in range(1, 1 + joint))])]
+    return sets if joint else sets[0]
 
 
 class InterruptibleLoader(torch.utils.data.DataLoader):
@@ -182,20 +165,6 @@ class InterruptibleLoader(torch.utils.data.DataLoader):
             del batches  # a whole iterator: its workers are stopped
             raise KeyboardInterrupt
         return batches
-
-
-def epoch_passes(stream, loader: Iterable[dict], epoch: int, empty: Exception) -> Iterator[dict]:
-    """This rank's batches for `epoch`: `stream.set_epoch(epoch, repeat)`, then the loader,
-    again with the next `repeat` when its shards run out (ranks with fewer samples keep up
-    with the others' step count); `empty` is raised when a pass yields nothing at all."""
-    for repeat in itertools.count():
-        stream.set_epoch(epoch, repeat)
-        got = False
-        for batch in loader:
-            got = True
-            yield batch
-        if not got:
-            raise empty
 
 
 def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids_keep: torch.Tensor,
@@ -228,11 +197,6 @@ def pca_reconstruct(coefficients: torch.Tensor, mean: torch.Tensor, basis: torch
     return flat.reshape(*coefficients.shape[:-1], basis.shape[-1])
 
 
-def _pca_of(target_pca: Sequence[tuple[torch.Tensor, torch.Tensor] | None], j: int,
-            cached: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return target_pca[j] if cached and j < len(target_pca) else None
-
-
 def _visible_targets(stored: torch.Tensor, scale: torch.Tensor | None, ids_keep: torch.Tensor, device: torch.device,
                      pca: tuple[torch.Tensor, torch.Tensor] | None, norm: str) -> torch.Tensor:
     """One target set's visible tokens [B, n, C] as the loss takes them: gathered, then
@@ -241,8 +205,3 @@ def _visible_targets(stored: torch.Tensor, scale: torch.Tensor | None, ids_keep:
     if pca is not None:
         t = pca_reconstruct(t, *pca)
     return normalize_targets(t, norm)
-
-
-def model_num_patches(model: torch.nn.Module) -> int:
-    inner = getattr(model, "module", model)
-    return inner.num_patches

@@ -26,23 +26,21 @@ the uninterrupted run's batches, mixes and drop-path masks.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from mrmae.shared.errors import MrmaeError, naming, worker_ignores_interrupt
+from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.checkpoint import CheckpointError
-from mrmae.train.engine import InterruptibleLoader, NonFiniteLossError, epoch_passes, lr_at
-from mrmae.train.jsonl import append_record as append_metrics
+from mrmae.train.engine import InterruptibleLoader
+from mrmae.train.loop import MicroBatch, TrainRun, epoch_passes
 from mrmae.shared.seeding import seed_from
 from mrmae.train.finetune_data import LabelledStream, seed_everything, train_transform
 from mrmae.train.recipe import RecipeFile
@@ -248,128 +246,78 @@ def check_numbers(cfg: FinetuneConfig) -> None:
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune; returns {checkpoint, metrics, steps, table, main_process}. Resumes with `resume`."""
-    from accelerate import Accelerator
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import param_groups_layer_decay
 
     from mrmae.shared.shards import expand_urls
-    from mrmae.train.pretrain import check_epoch_fits, count_samples, resolve_accum_steps
+    from mrmae.train.pretrain import count_samples
 
     check_numbers(cfg)
-    out, cuda = Path(cfg.out), torch.cuda.is_available() and cfg.device != "cpu"
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
-    cfg = replace(cfg, accum_steps=resolve_accum_steps(cfg.batch_size, cfg.accum_steps, cfg.effective_batch,
-                                                       accelerator.num_processes))
-    accelerator.gradient_accumulation_steps = cfg.accum_steps  # known once the process count is
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    if mixing and cfg.batch_size % 2:
+    run = TrainRun(cfg, "finetune")
+    cfg, cuda = run.cfg, run.cuda
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is odd: Mixup/CutMix pair the rows of a batch "
                             "(use an even size, or --mixup 0 --cutmix 0)")
     model, encoder = build_classifier(cfg.checkpoint, cfg.num_classes, cfg.drop_path, cfg.global_pool, cfg.seed)
-    if encoder.note and accelerator.is_main_process:
+    if encoder.note and run.is_main:
         tqdm.write(f"mrmae: note: {encoder.note}", file=sys.stderr)
     timm_name, timm_kwargs = encoder.timm_model, {**encoder.timm_kwargs, "num_classes": cfg.num_classes,
                                                   "global_pool": cfg.global_pool}
     img_size = int(timm_kwargs.get("img_size", 224))
     stream = LabelledStream(cfg.train_shards, cfg.batch_size, train_transform(img_size, cfg.augment, cfg.rand_augment,
                             cfg.re_prob), cfg.seed, cfg.shuffle_buffer)
-    loader = InterruptibleLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
-                                         worker_init_fn=worker_ignores_interrupt)
     # Not accelerator.prepare(loader): the stream splits shards by node and worker itself.
-    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                  switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
-                  num_classes=cfg.num_classes) if mixing else None
-    criterion = (SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.smoothing)
-                 if cfg.smoothing > 0 else torch.nn.CrossEntropyLoss())
-
-    eff_batch = cfg.batch_size * cfg.accum_steps * accelerator.num_processes
-    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    loader = InterruptibleLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
+                                 worker_init_fn=worker_ignores_interrupt)
     samples = cfg.samples_per_epoch or count_samples(expand_urls(cfg.train_shards), None)
-    check_epoch_fits(cfg, accelerator.num_processes, samples,
-                     "samples_per_epoch" if cfg.samples_per_epoch else "counted in --shards")
-    steps_per_epoch = max(1, samples // eff_batch)  # full batches only
-    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
+    run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else "counted in --shards")
     groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.999), fused=cuda or None)
+    optimizer = torch.optim.AdamW(groups, lr=run.base_lr, betas=(0.9, 0.999), fused=cuda or None)
+    model, _ = run.start(model, optimizer, run_fingerprint(cfg, timm_name, timm_kwargs))
+    run.write_config({"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs})
 
-    fingerprint = run_fingerprint(cfg, timm_name, timm_kwargs)
-    fingerprint = ckpt.Fingerprint((*fingerprint.fields,
-                                    ckpt.batch_field(cfg.batch_size, cfg.accum_steps, accelerator.num_processes)))
-    state, metrics = ckpt.start_or_resume(out, cfg.resume, model, optimizer, accelerator.is_main_process, fingerprint)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if accelerator.is_main_process:
-        resolved = {"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs,
-                    "base_lr": base_lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
-                    "num_processes": accelerator.num_processes}
-        with naming(out / "config.json"):
-            (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
-
-    def save() -> Path | None:
-        accelerator.wait_for_everyone()
-        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state,
-                                    {"task": "finetune", "fingerprint": fingerprint.to_json()}
-                                    ) if accelerator.is_main_process else None
-        accelerator.wait_for_everyone()
-        return path
-
-    device, rank = accelerator.device, accelerator.process_index
-    bar = tqdm(total=total_steps, initial=state.step, desc="finetune", unit="step",
-               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    last_path = ckpt.latest_checkpoint(out)
-    for epoch in range(state.epoch, cfg.epochs):
+    def batches_of(epoch: int):
         empty = FinetuneError(f"no full batch of labelled images in this process's shards ({stream.urls[:3]}...): "
                               "fewer shards than processes x workers, or --batch-size above a shard's images?")
-        batches = itertools.islice(epoch_passes(stream, loader, epoch, empty), steps_per_epoch * cfg.accum_steps)
-        for _ in range(state.step_in_epoch * cfg.accum_steps):  # the data position of a resumed epoch
-            next(batches, None)
-        model.train()
-        micro, tick = state.step * cfg.accum_steps, time.perf_counter()
-        for x, y in batches:
-            if int(y.max()) >= cfg.num_classes:
-                raise FinetuneError(f"{cfg.train_shards}: label {int(y.max())} >= --num-classes {cfg.num_classes}")
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            seed_everything(seed_from("finetune-step", cfg.seed, micro, rank))  # Mixup's draws, drop path
-            micro += 1
-            with accelerator.accumulate(model):
-                if mixup is not None:
-                    x, y = mixup(x, y)
-                with accelerator.autocast():
-                    loss = criterion(model(x), y)
-                if not torch.isfinite(loss.detach()):
-                    raise NonFiniteLossError(f"epoch {epoch} step {state.step}: loss is {loss.item()}; "
-                                             f"the last good checkpoint is {ckpt.latest_checkpoint(out)}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    lr = lr_at(state.step, base_lr, cfg.min_lr, warmup_steps, total_steps)
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
-            now = time.perf_counter()
-            record = {"epoch": epoch, "step": state.step, "lr": lr,
-                      "loss": accelerator.reduce(loss.detach().float(), "mean").item(),
-                      "images_per_s": eff_batch / max(now - tick, 1e-9)}
-            tick = now
-            if accelerator.is_main_process:
-                append_metrics(metrics, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                bar.update(1)
-            mid_epoch = state.step_in_epoch < steps_per_epoch  # the epoch's end saves after evaluating
-            if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 and mid_epoch:
-                save()
-        result = evaluate(accelerator.unwrap_model(model), cfg.val_shards, img_size, cfg.num_classes, accelerator,
-                          cfg.eval_batch_size, cfg.workers)
-        if accelerator.is_main_process:
-            append_metrics(metrics, {"epoch": epoch, "step": state.step, "train_loss": _epoch_loss(metrics, epoch),
-                                     **result})
-        state.epoch, state.step_in_epoch = epoch + 1, 0
-        last_path = save()
-    bar.close()
-    accelerator.wait_for_everyone()
-    table = results_table(metrics) if accelerator.is_main_process else ""
-    return {"checkpoint": str(last_path), "metrics": str(metrics), "steps": state.step, "table": table,
-            "main_process": accelerator.is_main_process}
+        return epoch_passes(stream, loader, epoch, empty)
+
+    def end_of_epoch(epoch: int) -> None:
+        result = evaluate(run.accelerator.unwrap_model(model), cfg.val_shards, img_size, cfg.num_classes,
+                          run.accelerator, cfg.eval_batch_size, cfg.workers)
+        if run.is_main:  # the epoch's mean from the file: a resumed epoch counts its first part too
+            run.log({"epoch": epoch, "step": run.state.step, "train_loss": _epoch_loss(run.metrics, epoch), **result})
+
+    result = run.train(batches_of, ClassifierStep(model, run.accelerator, cfg), end_of_epoch)
+    result["table"] = results_table(run.metrics) if run.is_main else ""
+    return result
+
+
+class ClassifierStep:
+    """Fine-tuning's step of one micro-batch (x [B, 3, S, S] float, y [B] labels) ->
+    {"loss"}: Mixup/CutMix, then the criterion (soft-target cross-entropy with mixing,
+    else label smoothing or plain cross-entropy). Mixup's draws (numpy's global RNG) and
+    drop path (torch's) are reseeded from (seed, micro-step, rank) first, so a resumed run
+    mixes and drops as the uninterrupted one did."""
+
+    def __init__(self, model: torch.nn.Module, accelerator, cfg: FinetuneConfig):
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        mixing = cfg.mixup > 0 or cfg.cutmix > 0
+        self.model, self.accelerator, self.cfg = model, accelerator, cfg
+        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                           switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
+                           num_classes=cfg.num_classes) if mixing else None
+        self.criterion = (SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(cfg.smoothing)
+                          if cfg.smoothing > 0 else torch.nn.CrossEntropyLoss())
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], where: MicroBatch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        if int(y.max()) >= self.cfg.num_classes:
+            raise FinetuneError(f"{self.cfg.train_shards}: label {int(y.max())} >= --num-classes {self.cfg.num_classes}")
+        device = self.accelerator.device
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        seed_everything(seed_from("finetune-step", self.cfg.seed, where.micro, where.rank))
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        with self.accelerator.autocast():
+            return {"loss": self.criterion(self.model(x), y)}

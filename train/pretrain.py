@@ -10,26 +10,24 @@ Three modes of one command, with the same render, mask and loss code:
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from typing import Iterator
 
 import torch
-from tqdm import tqdm
 
 from mrmae.shared import shards
 from mrmae.shared.shards import expand_urls
 from mrmae.shared import cache_format as cf
-from mrmae.shared.errors import OptionError, naming, worker_ignores_interrupt
+from mrmae.shared.errors import OptionError, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
 from mrmae.train.masking import all_mask_options, get_mask, mask_names, num_visible
 from mrmae.train.recipe import RecipeFile
-from mrmae.train.engine import (InterruptibleLoader, NonFiniteLossError, StepOptions, epoch_passes,
-                                lr_at, train_one_epoch)
-from mrmae.train.jsonl import append_record as append_metrics
+from mrmae.train.engine import InterruptibleLoader, PretrainStep, StepOptions
+from mrmae.train.loop import (MASK_SEEDING, TrainRun, check_epoch_fits, epoch_passes,  # noqa: F401 (re-exported)
+                              resolve_accum_steps)
 
 
 @dataclass
@@ -183,39 +181,6 @@ def check_warmup(warmup_epochs: float, epochs: int) -> None:
                           "whole run or longer never reaches the peak lr)")
 
 
-def resolve_accum_steps(batch_size: int, accum_steps: int | None, effective_batch: int | None,
-                        processes: int) -> int:
-    """The gradient accumulation steps of a run: --accum-steps (default 1) or, with
-    --effective-batch N, N / (batch_size x processes), so a recipe's batch holds on any number
-    of GPUs. OptionError when N is no multiple of that, or --accum-steps asks for another."""
-    for option, value in (("--accum-steps", accum_steps), ("--effective-batch", effective_batch)):
-        if value is not None and value < 1:
-            raise OptionError(f"{option} {value}: must be at least 1")
-    if effective_batch is None:
-        return accum_steps or 1
-    per_micro = batch_size * processes
-    if effective_batch % per_micro:
-        raise OptionError(f"--effective-batch {effective_batch}: not a multiple of --batch-size {batch_size} x "
-                          f"{processes} processes = {per_micro} images per micro-step; change --batch-size "
-                          "or the process count")
-    derived = effective_batch // per_micro
-    if accum_steps is not None and accum_steps != derived:
-        raise OptionError(f"--accum-steps {accum_steps}: --effective-batch {effective_batch} at --batch-size "
-                          f"{batch_size} x {processes} processes needs --accum-steps {derived}; give one of the two")
-    return derived
-
-
-def check_epoch_fits(cfg, processes: int, samples: int, counted_in: str) -> None:
-    """An optimiser step of more images than an epoch has would repeat samples within the
-    step and make the epoch one step long (`cfg`: a PretrainConfig or FinetuneConfig)."""
-    eff = cfg.batch_size * cfg.accum_steps * processes
-    if eff > samples:
-        named = f"--effective-batch {eff}" if cfg.effective_batch else f"--batch-size {cfg.batch_size}"
-        raise OptionError(f"{named}: {eff} images per step (--batch-size {cfg.batch_size} x --accum-steps "
-                          f"{cfg.accum_steps} x {processes} processes) is more than the {samples} samples of an "
-                          f"epoch ({counted_in})")
-
-
 def check_numbers(cfg: PretrainConfig) -> None:
     """The float options of a pretraining run (OptionError naming the first bad one)."""
     o = cfg.step_options
@@ -263,143 +228,77 @@ def _shard_digest(cache: cf.FeatureCache, url: str) -> list:
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    """Train; returns {checkpoint, metrics, steps}. Resumes from OUT/checkpoints with `resume`."""
-    from accelerate import Accelerator
-
+    """Train; returns {checkpoint, metrics, steps, main_process}. Resumes from OUT/checkpoints with `resume`."""
     from mrmae.shared.teachers import build_teacher
     from mrmae.train.models import create_model
 
-    out = Path(cfg.out)
     check_options(cfg)  # before anything is built, read or written
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    # cpu=True without CUDA: accelerate then sets up multi-process runs with gloo on CPU
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
-    cfg = replace(cfg, accum_steps=resolve_accum_steps(cfg.batch_size, cfg.accum_steps, cfg.effective_batch,
-                                                       accelerator.num_processes))
-    accelerator.gradient_accumulation_steps = cfg.accum_steps  # known once the process count is
+    run = TrainRun(cfg, "pretrain", mask_seeding=MASK_SEEDING, tensorboard=True)
+    cuda, device = run.cuda, run.accelerator.device
     # Stored views need no render; otherwise the device renders where one is (the same pixels either way).
-    cfg = replace(cfg, render_on_device=not cfg.pixels_from_cache and
-                  (cuda if cfg.render_on_device is None else cfg.render_on_device))
+    cfg = run.cfg = replace(run.cfg, render_on_device=not cfg.pixels_from_cache and
+                            (cuda if cfg.render_on_device is None else cfg.render_on_device))
     torch.manual_seed(cfg.seed)
     urls = expand_urls(cfg.shards)
     caches = open_targets(cfg.feature_cache, cfg.target) if cfg.feature_cache else []
-    cache, joint = (caches[0], tuple(caches[1:])) if caches else (None, ())
-    teacher = build_teacher(cfg.teacher).to(accelerator.device) if cfg.teacher else None
-    teacher_dim = cache.manifest.teacher.dim if cache else (teacher.dim if teacher else 0)
-    joint_dims = tuple(c.manifest.teacher.dim for c in joint)
-    fingerprint = run_fingerprint(cfg, urls, caches, teacher, (teacher_dim, *joint_dims))
-    fingerprint = ckpt.Fingerprint((*fingerprint.fields,
-                                    ckpt.batch_field(cfg.batch_size, cfg.accum_steps, accelerator.num_processes)))
-    model = create_model(cfg.model, teacher_dim=teacher_dim, joint_teacher_dims=joint_dims, fuse_layers=cfg.fuse_layers,
+    teacher = build_teacher(cfg.teacher).to(device) if cfg.teacher else None
+    dims = target_dims(caches, teacher)
+    model = create_model(cfg.model, teacher_dim=dims[0], joint_teacher_dims=dims[1:], fuse_layers=cfg.fuse_layers,
                          decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth)
-    grid = model.grid_size
+    stream, loader = student_data(cfg, urls, caches, model, teacher, cuda)
+    samples = cfg.samples_per_epoch or count_samples(urls, caches[0] if caches else None)
+    run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else
+             "counted in --feature-cache" if caches else "counted in --shards",
+             full_steps_only=cfg.data_split == "samples")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=run.base_lr, betas=(0.9, 0.95),
+                                  fused=cuda or None)
+    model, _ = run.start(model, optimizer, run_fingerprint(cfg, urls, caches, teacher, dims), cfg.compile)
+    run.write_config({**asdict(cfg), "teacher_dim": dims[0], "joint_teacher_dims": list(dims[1:]),
+                      "target_pca": [c.pca_config and c.pca_config.to_json() for c in caches],
+                      "cache_fingerprint": cache_fingerprint(caches[0]) if caches else None,
+                      "teacher_weights_sha256": (caches[0].manifest.teacher.weights_sha256 if caches
+                                                 else teacher.fingerprint if teacher else None)})
+    # PCA caches: the loader carries their K coefficients; the step rebuilds the visible
+    # tokens with each cache's own stored basis, on the device.
+    pca = [None if (p := c.pca()) is None else (torch.from_numpy(p[0]).to(device), torch.from_numpy(p[1]).to(device))
+           for c in caches]
+    step = PretrainStep(model, run.accelerator, cfg.step_options, teacher, pca, run.mask_seeding)
+    return run.train(lambda epoch: epoch_batches(stream, loader, epoch, cfg.data_split), step)
+
+
+def target_dims(caches: list[cf.FeatureCache], teacher) -> tuple[int, ...]:
+    """(main, *joint) teacher widths the mimic heads predict: the caches' or the live
+    teacher's; (0,) for plain MAE (no mimic head)."""
+    if caches:
+        return tuple(c.manifest.teacher.dim for c in caches)
+    return (teacher.dim if teacher else 0,)
+
+
+def student_data(cfg: PretrainConfig, urls: list[str], caches: list[cf.FeatureCache], model, teacher,
+                 pin: bool) -> tuple[StudentStream, InterruptibleLoader]:
+    """The checked caches' stream of this run's batches and its loader (module docstring of data.py)."""
     for i, c in enumerate(caches):
-        check_cache_fits(c, urls, grid, c.manifest.teacher.dim, model.img_size if cfg.pixels_from_cache and not i else 0)
+        check_cache_fits(c, urls, model.grid_size, c.manifest.teacher.dim,
+                         model.img_size if cfg.pixels_from_cache and not i else 0)
         c.check_shards(urls)  # every group there, of these shapes and rows (a few zarr.json each), before any write
     data_cfg = DataConfig(shards=urls, batch_size=cfg.batch_size, seed=cfg.seed, img_size=model.img_size,
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0, split=cfg.data_split,
-                          pixels_from_cache=cfg.pixels_from_cache, render_on_device=cfg.render_on_device)
-    # PCA caches: the loader carries their K coefficients; the engine reconstructs the
-    # visible tokens with each cache's own stored basis, on the device.
-    target_pca = [None if (p := c.pca()) is None else
-                  (torch.from_numpy(p[0]).to(accelerator.device), torch.from_numpy(p[1]).to(accelerator.device))
-                  for c in caches]
-    stream = StudentStream(data_cfg, cache, joint)
-    loader = InterruptibleLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
-                                         worker_init_fn=worker_ignores_interrupt)
+                          pixels_from_cache=cfg.pixels_from_cache, render_on_device=cfg.render_on_device,
+                          accum_steps=cfg.accum_steps)
+    stream = StudentStream(data_cfg, caches[0] if caches else None, tuple(caches[1:]))
     # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
-    # or repeat samples; the stream splits shards by node and worker itself.
-
-    eff_batch = cfg.batch_size * cfg.accum_steps * accelerator.num_processes
-    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
-    samples = cfg.samples_per_epoch or count_samples(urls, cache)
-    check_epoch_fits(cfg, accelerator.num_processes, samples, "samples_per_epoch" if cfg.samples_per_epoch else
-                     "counted in --feature-cache" if cache else "counted in --shards")
-    steps_per_epoch = max(1, (math.ceil if cfg.data_split == "shards" else math.floor)(samples / eff_batch))
-    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
-                                  fused=cuda or None)
-    state, metrics = ckpt.start_or_resume(out, cfg.resume, model, optimizer, accelerator.is_main_process, fingerprint)
-    if cfg.compile:
-        # In place (nn.Module.compile): parameter names, checkpoints and DDP are unchanged.
-        model.compile(backend=cfg.compile)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    if accelerator.is_main_process:
-        resolved = {**asdict(cfg), "base_lr": base_lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
-                    "num_processes": accelerator.num_processes, "teacher_dim": teacher_dim,
-                    "joint_teacher_dims": list(joint_dims),
-                    "target_pca": [c.pca_config and c.pca_config.to_json() for c in caches],
-                    "cache_fingerprint": cache_fingerprint(cache) if cache else None,
-                    "teacher_weights_sha256": (cache.manifest.teacher.weights_sha256 if cache
-                                               else teacher.fingerprint if teacher else None)}
-        with naming(out / "config.json"):
-            (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
-        writer = _tensorboard(out)
-
-    def set_lr(step: int) -> float:
-        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        return lr
-
-    bar = tqdm(total=total_steps, initial=state.step, desc="pretrain", unit="step",
-               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-
-    def on_step(step: int, record: dict) -> None:
-        state.step, state.step_in_epoch = step, state.step_in_epoch + 1
-        if accelerator.is_main_process:
-            append_metrics(metrics, record)
-            if writer is not None:
-                for k, v in record.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-            bar.update(1)
-        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-            _save(accelerator, out, model, optimizer, state, fingerprint)
-
-    last_path = ckpt.latest_checkpoint(out)
-    micro_per_epoch = steps_per_epoch * cfg.accum_steps
-    for epoch in range(state.epoch, cfg.epochs):
-        if cfg.data_split == "shards":  # every rank runs the same number of steps (DDP needs it)
-            empty = cf.CacheError(f"this process got no samples (shards {stream.urls[:3]}...): "
-                                  "fewer shards than processes x workers?")
-            batches = itertools.islice(epoch_passes(stream, loader, epoch, empty), micro_per_epoch)
-        else:  # every rank reads the same stream: the same number of batches by construction
-            stream.set_epoch(epoch)
-            batches = iter(loader)
-        for _ in range(state.step_in_epoch * cfg.accum_steps):  # the data position of a resumed epoch
-            next(batches, None)
-        try:
-            train_one_epoch(model, batches, optimizer, accelerator, epoch, state.step, cfg.step_options, set_lr,
-                            teacher=teacher, on_step=on_step, target_pca=target_pca)
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"{e}; the last good checkpoint is {ckpt.latest_checkpoint(out)}") from None
-        state.epoch, state.step_in_epoch = epoch + 1, 0
-        last_path = _save(accelerator, out, model, optimizer, state, fingerprint)
-    bar.close()
-    if accelerator.is_main_process and writer is not None:
-        writer.close()
-    accelerator.wait_for_everyone()
-    return {"checkpoint": str(last_path), "metrics": str(metrics), "steps": state.step,
-            "main_process": accelerator.is_main_process}
+    # or repeat samples; the stream splits shards (or slots) by node and worker itself.
+    loader = InterruptibleLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
+                                 worker_init_fn=worker_ignores_interrupt)
+    return stream, loader
 
 
-def _save(accelerator, out: Path, model, optimizer, state: ckpt.TrainState, fingerprint: ckpt.Fingerprint
-          ) -> Path | None:
-    accelerator.wait_for_everyone()
-    path = None
-    if accelerator.is_main_process:
-        path = ckpt.save_checkpoint(out, accelerator.unwrap_model(model), optimizer, state,
-                                    {"fingerprint": fingerprint.to_json()})
-    accelerator.wait_for_everyone()
-    return path
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional: metrics.jsonl is always written
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
+def epoch_batches(stream: StudentStream, loader: InterruptibleLoader, epoch: int, split: str) -> Iterator:
+    """This rank's batches of `epoch` (the loop takes the epoch's steps from them)."""
+    if split == "shards":  # every rank runs the same number of steps (DDP needs it): short ranks repeat
+        empty = cf.CacheError(f"this process got no samples (shards {stream.urls[:3]}...): "
+                              "fewer shards than processes x workers?")
+        return epoch_passes(stream, loader, epoch, empty)
+    stream.set_epoch(epoch)  # every rank reads the same stream: the same number of batches by construction
+    return iter(loader)

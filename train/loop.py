@@ -1,0 +1,341 @@
+"""One training loop for `mrmae pretrain` and `mrmae finetune`.
+
+A command builds its data, model, optimiser and fingerprint, then gives a `TrainRun` only
+its step function (one micro-batch -> its losses); the run does the rest, the same way
+for both: the accelerator, the lr (blr x effective batch / 256, linear warm-up, then
+half-cosine per optimiser step), steps per epoch, checkpoints and `--resume` (the batches
+a resumed epoch already trained on are skipped), config.json, metrics.jsonl (one line per
+optimiser step), tensorboard, the progress bar, the stop on a non-finite loss, and the
+accumulate / backward / optimiser-step block.
+
+Effective batch: E = B x W x A images per optimiser step (--batch-size B, W processes,
+--accum-steps A). Micro-batch a (0..A-1) of a step on rank r holds the rows
+[(a W + r) B, (a W + r + 1) B) of the step's E (`MicroBatch.slot`), which is how
+`data.rank_slots` hands out the samples with `--data-split samples`. A step's random
+draws are keyed by the optimiser step and the row's position in E (not by micro-step,
+process or row of a micro-batch), so that, with `--data-split samples`, a step trains on
+the same samples, views and masks whatever split of E gives it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from mrmae.shared.errors import MrmaeError, OptionError, naming
+from mrmae.train import checkpoint as ckpt
+from mrmae.train.data import steps_of
+from mrmae.train.jsonl import append_record
+
+# How pretraining's masks are seeded, recorded in config.json and each checkpoint:
+# 1 (runs before issue 17, no record): noise of (seed, micro-step), this rank's rows of W x B;
+# 2: noise of (seed, optimiser step), the micro-batch's rows of E (`MicroBatch.slot`).
+# The two agree when A = 1; a resumed run keeps the rule its checkpoint was trained with.
+MASK_SEEDING = 2
+
+
+class NonFiniteLossError(MrmaeError, FloatingPointError):
+    """A loss that is NaN or infinite: the run stops; the last good checkpoint stays."""
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Where a micro-batch sits: in `epoch`, the `index`-th of the `accum` micro-batches of
+    optimiser step `step` (0-based: the steps done before it), on process `rank` of `world`."""
+
+    epoch: int
+    step: int
+    index: int
+    rank: int
+    world: int
+    accum: int
+
+    @property
+    def micro(self) -> int:
+        """The micro-step counter (steps x accum + index): fine-tuning's and the old masks' key."""
+        return self.step * self.accum + self.index
+
+    @property
+    def slot(self) -> int:
+        """Its rows in the effective batch, in micro-batches: rows [slot B, (slot + 1) B) of E."""
+        return self.index * self.world + self.rank
+
+    @property
+    def slots(self) -> int:
+        """Micro-batches in the effective batch: E = slots x B."""
+        return self.accum * self.world
+
+
+StepFn = Callable[[Any, MicroBatch], dict[str, torch.Tensor]]  # -> {"loss": scalar to backpropagate, parts...}
+
+
+def lr_at(step: float, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to `base_lr`, then half-cosine to `min_lr` (held after `total_steps`)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_passes(stream, loader: Iterable, epoch: int, empty: Exception) -> Iterator:
+    """This rank's batches for `epoch`: `stream.set_epoch(epoch, repeat)`, then the loader,
+    again with the next `repeat` when its shards run out (ranks with fewer samples keep up
+    with the others' step count); `empty` is raised when a pass yields nothing at all."""
+    for repeat in itertools.count():
+        stream.set_epoch(epoch, repeat)
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        if not got:
+            raise empty
+
+
+def resolve_accum_steps(batch_size: int, accum_steps: int | None, effective_batch: int | None,
+                        processes: int) -> int:
+    """The gradient accumulation steps of a run: --accum-steps (default 1) or, with
+    --effective-batch N, N / (batch_size x processes), so a recipe's batch holds on any number
+    of GPUs. OptionError when N is no multiple of that, or --accum-steps asks for another."""
+    for option, value in (("--accum-steps", accum_steps), ("--effective-batch", effective_batch)):
+        if value is not None and value < 1:
+            raise OptionError(f"{option} {value}: must be at least 1")
+    if effective_batch is None:
+        return accum_steps or 1
+    per_micro = batch_size * processes
+    if effective_batch % per_micro:
+        raise OptionError(f"--effective-batch {effective_batch}: not a multiple of --batch-size {batch_size} x "
+                          f"{processes} processes = {per_micro} images per micro-step; change --batch-size "
+                          "or the process count")
+    derived = effective_batch // per_micro
+    if accum_steps is not None and accum_steps != derived:
+        raise OptionError(f"--accum-steps {accum_steps}: --effective-batch {effective_batch} at --batch-size "
+                          f"{batch_size} x {processes} processes needs --accum-steps {derived}; give one of the two")
+    return derived
+
+
+def check_epoch_fits(cfg, processes: int, samples: int, counted_in: str) -> None:
+    """An optimiser step of more images than an epoch has would repeat samples within the
+    step and make the epoch one step long (`cfg`: a PretrainConfig or FinetuneConfig)."""
+    eff = cfg.batch_size * cfg.accum_steps * processes
+    if eff > samples:
+        named = f"--effective-batch {eff}" if cfg.effective_batch else f"--batch-size {cfg.batch_size}"
+        raise OptionError(f"{named}: {eff} images per step (--batch-size {cfg.batch_size} x --accum-steps "
+                          f"{cfg.accum_steps} x {processes} processes) is more than the {samples} samples of an "
+                          f"epoch ({counted_in})")
+
+
+def make_accelerator(device: str = "auto"):
+    """bf16 on CUDA (`device` "auto" where there is CUDA); otherwise cpu=True, so multi-process
+    runs join with gloo on the CPU."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and device != "cpu"
+    return Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+
+
+def optimiser_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator,
+                    steps: Iterable[Sequence[Any]], step_fn: StepFn, set_lr: Callable[[int], float],
+                    epoch: int, start_step: int, images_per_step: int) -> Iterator[dict]:
+    """One optimiser step per item of `steps` (this process's `accum` micro-batches of it);
+    yields each step's record: epoch, step (done, 1-based), lr, each loss of `step_fn` as the
+    mean over the step's micro-batches and the processes, images_per_s.
+
+    accelerate scales each micro-batch's loss by 1 / accum and DDP averages over processes,
+    so the gradient is the mean of the micro-batch means: the mean over E when every
+    micro-batch holds B rows and each loss is a mean over rows. NonFiniteLossError names
+    epoch, step and the losses when a micro-batch's loss is NaN or infinite.
+    """
+    model.train()
+    rank, world, accum = accelerator.process_index, accelerator.num_processes, accelerator.gradient_accumulation_steps
+    step, tick = start_step, time.perf_counter()
+    for micro_batches in steps:
+        lr = set_lr(step)
+        sums: dict[str, torch.Tensor] = {}
+        for index, batch in enumerate(micro_batches):
+            with accelerator.accumulate(model):
+                losses = step_fn(batch, MicroBatch(epoch, step, index, rank, world, accum))
+                _check_finite(losses, epoch, step)
+                accelerator.backward(losses["loss"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + torch.as_tensor(v, device=accelerator.device).detach().float()
+        step += 1
+        means = accelerator.reduce(torch.stack(list(sums.values())) / len(micro_batches), "mean").tolist()
+        now = time.perf_counter()
+        yield {"epoch": epoch, "step": step, "lr": lr, **dict(zip(sums, means)),
+               "images_per_s": images_per_step / max(now - tick, 1e-9)}
+        tick = now
+
+
+def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    loss = losses["loss"].detach()
+    if not torch.isfinite(loss).all():
+        parts = ", ".join(f"{k.removeprefix('loss_')} {float(torch.as_tensor(v).detach())}"
+                          for k, v in losses.items() if k != "loss")
+        raise NonFiniteLossError(f"epoch {epoch} step {step}: loss is {loss.item()}" + (f" ({parts})" if parts else ""))
+
+
+def grouped_steps(batches: Iterable, accum: int) -> Iterator[list]:
+    """Micro-batches -> lists of `accum` (one optimiser step each). A loader may hand over a
+    step's micro-batches as one list already (`data.StudentStream` with --data-split
+    samples, so that DataLoader workers never interleave within a step): they are kept
+    together. A trailing incomplete step is dropped (it would not step the optimiser)."""
+    yield from steps_of(itertools.chain.from_iterable(b if isinstance(b, list) else [b] for b in batches), accum)
+
+
+class TrainRun:
+    """One training run's machinery around a command's step (module docstring).
+
+    Use: `run = TrainRun(cfg, "pretrain")`; `run.plan(samples, ...)`; `model, optimizer =
+    run.start(model, optimizer, fingerprint)`; `run.write_config({...})`;
+    `result = run.train(batches_of, step_fn)`. `cfg`: a PretrainConfig or FinetuneConfig
+    (out, epochs, batch_size, accum_steps, effective_batch, blr, lr, min_lr, warmup_epochs,
+    resume, save_every_steps, progress, device); `run.cfg` has accum_steps resolved.
+    """
+
+    def __init__(self, cfg, task: str, *, mask_seeding: int | None = None, tensorboard: bool = False):
+        self.accelerator = make_accelerator(getattr(cfg, "device", "auto"))  # --device
+        self.cuda = self.accelerator.device.type == "cuda"
+        world = self.accelerator.num_processes
+        self.cfg = replace(cfg, accum_steps=resolve_accum_steps(cfg.batch_size, cfg.accum_steps,
+                                                                cfg.effective_batch, world))
+        self.accelerator.gradient_accumulation_steps = self.cfg.accum_steps  # known once the process count is
+        self.task, self.out, self.mask_seeding, self.tensorboard = task, Path(cfg.out), mask_seeding, tensorboard
+        self.effective_batch = cfg.batch_size * self.cfg.accum_steps * world
+        self.base_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.effective_batch / 256
+        self.is_main = self.accelerator.is_main_process
+
+    def plan(self, samples: int, counted_in: str, full_steps_only: bool = True) -> None:
+        """Steps per epoch from the `samples` of an epoch (`counted_in`: where they were
+        counted, for the refusal when one step would hold more); `full_steps_only` False:
+        a last partial step counts (--data-split shards, whose ranks repeat their shards)."""
+        check_epoch_fits(self.cfg, self.accelerator.num_processes, samples, counted_in)
+        rounding = math.floor if full_steps_only else math.ceil
+        self.steps_per_epoch = max(1, rounding(samples / self.effective_batch))
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        self.warmup_steps = int(self.cfg.warmup_epochs * self.steps_per_epoch)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.base_lr, self.cfg.min_lr, self.warmup_steps, self.total_steps)
+
+    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: ckpt.Fingerprint,
+              compile: str | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Fresh or resumed (`cfg.resume`: the fingerprint, batch included, is checked before
+        any file is touched); then compiled in place (`compile`: a torch.compile backend;
+        names, checkpoints and DDP unchanged) and prepared. Returns the prepared pair."""
+        c = self.cfg
+        self.fingerprint = ckpt.Fingerprint((*fingerprint.fields, ckpt.batch_field(
+            c.batch_size, c.accum_steps, self.accelerator.num_processes)))
+        self.state, self.metrics = ckpt.start_or_resume(self.out, c.resume, model, optimizer, self.is_main,
+                                                        self.fingerprint)
+        resumed = ckpt.latest_checkpoint(self.out) if c.resume else None
+        if resumed is not None and self.mask_seeding is not None:
+            self.mask_seeding = ckpt.read_state(resumed).get("mask_seeding", 1)
+            if self.mask_seeding != MASK_SEEDING and c.accum_steps > 1 and self.is_main:
+                tqdm.write(f"mrmae: note: {resumed} was trained with masks drawn per micro-step (mask seeding "
+                           f"{self.mask_seeding}); this run goes on with that rule", file=sys.stderr)
+        if compile:
+            model.compile(backend=compile)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        return self.model, self.optimizer
+
+    def write_config(self, fields: dict) -> None:
+        """OUT/config.json: `fields` (the command's options and what it resolved) and the
+        run's own (base_lr, effective_batch, steps_per_epoch, num_processes, mask_seeding)."""
+        if not self.is_main:
+            return
+        import json
+
+        resolved = {**fields, "base_lr": self.base_lr, "effective_batch": self.effective_batch,
+                    "steps_per_epoch": self.steps_per_epoch, "num_processes": self.accelerator.num_processes}
+        if self.mask_seeding is not None:
+            resolved["mask_seeding"] = self.mask_seeding
+        with naming(self.out / "config.json"):
+            (self.out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
+
+    def log(self, record: dict) -> None:
+        """Append `record` to OUT/metrics.jsonl (main process only)."""
+        if self.is_main:
+            append_record(self.metrics, record)
+
+    def train(self, batches_of: Callable[[int], Iterable], step_fn: StepFn,
+              end_of_epoch: Callable[[int], None] | None = None) -> dict:
+        """Every epoch from the resumed one: `batches_of(epoch)` (this process's micro-batches,
+        or lists of a step's), grouped into steps, the ones done skipped, trained with
+        `step_fn`; then `end_of_epoch(epoch)` (fine-tuning evaluates) and a checkpoint.
+        Returns {checkpoint, metrics, steps, main_process}."""
+        c, state = self.cfg, self.state
+        self._bar = tqdm(total=self.total_steps, initial=state.step, desc=self.task, unit="step",
+                         disable=not (c.progress and self.is_main), dynamic_ncols=True)
+        self._writer = _tensorboard(self.out) if self.tensorboard and self.is_main else None
+        last_path = ckpt.latest_checkpoint(self.out)
+        for epoch in range(state.epoch, c.epochs):
+            steps = itertools.islice(grouped_steps(batches_of(epoch), c.accum_steps), self.steps_per_epoch)
+            for _ in range(state.step_in_epoch):  # the data position of a resumed epoch
+                next(steps, None)
+            try:
+                for record in optimiser_steps(self.model, self.optimizer, self.accelerator, steps, step_fn,
+                                              self._set_lr, epoch, state.step, self.effective_batch):
+                    self._after_step(record)
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(f"{e}; the last good checkpoint is {ckpt.latest_checkpoint(self.out)}"
+                                         ) from None
+            if end_of_epoch is not None:
+                end_of_epoch(epoch)
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            last_path = self.save()
+        self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        self.accelerator.wait_for_everyone()
+        return {"checkpoint": str(last_path), "metrics": str(self.metrics), "steps": state.step,
+                "main_process": self.is_main}
+
+    def _set_lr(self, step: int) -> float:
+        lr = self.lr(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # fine-tuning's layer-wise decay
+        return lr
+
+    def _after_step(self, record: dict) -> None:
+        state = self.state
+        state.step, state.step_in_epoch = record["step"], state.step_in_epoch + 1
+        self.log(record)
+        if self._writer is not None:
+            for k, v in record.items():
+                self._writer.add_scalar(f"train/{k}", v, state.step)
+        self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        self._bar.update(1)
+        mid_epoch = state.step_in_epoch < self.steps_per_epoch  # the epoch's end saves anyway
+        if self.cfg.save_every_steps and state.step % self.cfg.save_every_steps == 0 and mid_epoch:
+            self.save()
+
+    def save(self) -> Path | None:
+        """A checkpoint of the run's state (main process writes; every process waits)."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main:
+            extra = {"task": self.task, "fingerprint": self.fingerprint.to_json()}
+            if self.mask_seeding is not None:
+                extra["mask_seeding"] = self.mask_seeding
+            path = ckpt.save_checkpoint(self.out, self.accelerator.unwrap_model(self.model), self.optimizer,
+                                        self.state, extra)
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl is always written
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
