@@ -14,7 +14,7 @@ Pipeline (webdataset stages; stream shape after each):
                         (render_on_device: crop_pixels [h,w,3] uint8, the view's box cut from the decoded
                          image, in place of pixels and teacher_pixels)
     batched             dict of stacked tensors, B samples (crop_pixels: the B crops packed flat, [sum 3 h w])
-    steps_of            a list of A such batches, one optimiser step's (split="samples", A > 1 only)
+    steps_of            {"micro_batches": A such batches}, one optimiser step's (split="samples", A > 1 only)
 
 With `render_on_device` the workers stop before resizing: the training step renders the
 batch's views on its device (`render_views`, `shared.batch_render`), pixel for pixel what
@@ -350,7 +350,7 @@ class StudentStream(torch.utils.data.IterableDataset):
         if cfg.split != "shards" and cfg.accum_steps > 1:
             # A step's A micro-batches as one item: DataLoader workers take turns per item, so
             # a step never mixes two workers' slots (and their order never depends on A).
-            stages.append(lambda batches: steps_of(batches, cfg.accum_steps))                # [A batches of B]
+            stages.append(lambda batches: ({STEP_KEY: g} for g in steps_of(batches, cfg.accum_steps)))
         stream: Iterator = iter([None])
         for stage in stages:
             stream = stage(stream)
@@ -379,8 +379,12 @@ def rank_slots(samples: Iterator[dict], rank: int, world: int, batch_size: int,
             pending = []
 
 
-def steps_of(batches: Iterator[dict], accum_steps: int) -> Iterator[list[dict]]:
-    """Micro-batches -> lists of `accum_steps` (one optimiser step's, on this rank)."""
+STEP_KEY = "micro_batches"  # a loader item holding one optimiser step's micro-batches: {STEP_KEY: [batch, ...]}
+
+
+def steps_of(batches: Iterator, accum_steps: int) -> Iterator[list]:
+    """Micro-batches -> lists of `accum_steps` (one optimiser step's, on this rank); a
+    trailing incomplete list is dropped."""
     while len(group := list(itertools.islice(batches, accum_steps))) == accum_steps:
         yield group
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from mrmae.shared.errors import MrmaeError, OptionError, naming
 from mrmae.train import checkpoint as ckpt
-from mrmae.train.data import steps_of
+from mrmae.train.data import STEP_KEY, steps_of
 from mrmae.train.jsonl import append_record
 
 # How pretraining's masks are seeded, recorded in config.json and each checkpoint:
@@ -186,10 +186,14 @@ def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> Non
 
 def grouped_steps(batches: Iterable, accum: int) -> Iterator[list]:
     """Micro-batches -> lists of `accum` (one optimiser step each). A loader may hand over a
-    step's micro-batches as one list already (`data.StudentStream` with --data-split
-    samples, so that DataLoader workers never interleave within a step): they are kept
-    together. A trailing incomplete step is dropped (it would not step the optimiser)."""
-    yield from steps_of(itertools.chain.from_iterable(b if isinstance(b, list) else [b] for b in batches), accum)
+    step's micro-batches as one item already ({data.STEP_KEY: [...]}: `data.StudentStream`
+    with --data-split samples, so that DataLoader workers never interleave within a step):
+    they are kept together. A trailing incomplete step is dropped (it would not step the
+    optimiser)."""
+    def micro_batches(b) -> list:
+        return b[STEP_KEY] if isinstance(b, dict) and STEP_KEY in b else [b]
+
+    yield from steps_of(itertools.chain.from_iterable(map(micro_batches, batches)), accum)
 
 
 class TrainRun:
