@@ -185,6 +185,22 @@ def test_conditional_create_lets_exactly_one_of_racing_writers_win(s3):
     assert s3.keys(root[5:]) == [f"{root[5:]}/manifest.json"]  # no temporary, nothing else
 
 
+def test_a_reader_sees_what_another_process_published_since_its_first_listing(s3):
+    """mrmae's s3fs instance is shared in the process and caches listings forever; another
+    process's client (here the test's own) publishes an entry and a group file after the
+    first listing, and every listing call of Location sees them."""
+    bucket = s3.bucket()
+    loc = cf.Location(f"s3://{bucket}/c")
+    s3.fs.pipe_file(f"{bucket}/c/shards/a-00000000.json", b"{}")
+    assert loc.glob("shards/*.json") == ["shards/a-00000000.json"]
+    assert loc.children("shards") == ["a-00000000.json"] and not loc.exists("shards/b-00000000.json")
+    s3.fs.pipe_file(f"{bucket}/c/shards/b-00000000.json", b"{}")
+    s3.fs.pipe_file(f"{bucket}/c/shards/b.1234/zarr.json", b"{}")
+    assert loc.glob("shards/*.json") == ["shards/a-00000000.json", "shards/b-00000000.json"]
+    assert loc.children("shards") == ["a-00000000.json", "b-00000000.json", "b.1234"]
+    assert loc.exists("shards/b-00000000.json") and loc.files("shards/b.1234") == [("zarr.json", 2)]
+
+
 def _popen_extract(shards: str, cache: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "mrmae", *extract_args(shards, cache)], env=env,

@@ -131,8 +131,19 @@ class Location:
     def _full(self, rel: str) -> str:
         return f"{self.path}/{rel}" if rel else self.path
 
+    def _fresh(self, full: str) -> str:
+        """`full`, with the listings this process's filesystem cached for it dropped first.
+
+        fsspec shares one filesystem per set of options in a process, and s3fs's listing
+        cache never expires: without this, a reader would not see the entries another
+        process published since its first listing, nor a writer the group another uploaded.
+        (Reads of an object's bytes need nothing: they are never cached.)"""
+        if self.remote:
+            self.fs.invalidate_cache(full)
+        return full
+
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._full(rel))
+        return self.fs.exists(self._fresh(self._full(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._full(rel))
@@ -217,6 +228,7 @@ class Location:
     def glob(self, pattern: str) -> list[str]:
         """Relative paths matching `pattern` (e.g. "shards/*.json"), sorted."""
         prefix = self.path.rstrip("/") + "/"
+        self._fresh(self._full(pattern.split("*", 1)[0].rpartition("/")[0]))  # the folder listed
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in self.fs.glob(self._full(pattern)))
 
     def remove(self, rel: str) -> None:
@@ -233,7 +245,7 @@ class Location:
     def files(self, rel: str) -> list[tuple[str, int]]:
         """(path relative to `rel`, size) of every file under `rel` (or of `rel` itself, as
         ("", size), when it is a file), in `pathlib` order: by path components."""
-        full = self._full(rel)
+        full = self._fresh(self._full(rel))
         if self.fs.isfile(full):
             return [("", int(self.fs.size(full)))]
         found = self.fs.find(full, detail=True)
@@ -271,7 +283,7 @@ class Location:
 
     def children(self, rel: str) -> list[str]:
         """Names of the entries directly under directory `rel` (hidden ones included); [] if absent."""
-        full = self._full(rel)
+        full = self._fresh(self._full(rel))
         try:
             listed = self.fs.ls(full, detail=False)
         except FileNotFoundError:
