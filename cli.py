@@ -75,14 +75,17 @@ def cli() -> None:
              example="mrmae make-demo-shards --out demo/shards --num-images 48 --shard-size 16")
 @click.argument("out_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for the tars (created).")
-@click.option("--num-images", default=64, show_default=True, help="Samples in all.")
-@click.option("--shard-size", default=16, show_default=True, help="Samples per tar.")
+@click.option("--num-images", type=click.IntRange(min=1), default=64, show_default=True, help="Samples in all.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=16, show_default=True, help="Samples per tar.")
 @click.option("--seed", default=0, show_default=True, help="The same seed writes byte-identical tars.")
 def make_demo_shards(out_dir: str | None, out: str | None, num_images: int, shard_size: int, seed: int) -> None:
     """Write ImageNet-style WebDataset tars ({key}.jpg, {key}.cls) from bundled photographs."""
     from mrmae.demo import write_demo_shards
 
     out = renamed_argument("OUT_DIR", "--out", out_dir, out)
+    if "://" in out:  # the tars are written locally; an object store gets them by an upload
+        raise click.UsageError(f"--out {out}: a local directory (write there, then upload, e.g. "
+                               "`aws s3 cp --recursive DIR s3://bucket/shards/`)")
     paths = write_demo_shards(out, num_images, shard_size, seed)
     click.echo(f"wrote {len(paths)} shards, {num_images} images: {paths[0]} .. {paths[-1]}")
 

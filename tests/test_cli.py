@@ -146,6 +146,10 @@ def test_old_spellings_still_work_with_one_warning_line(tmp_path, demo_shards):
     r = CliRunner().invoke(cli, ["make-demo-shards", str(tmp_path / "s"), "--num-images", "2", "--shard-size", "2"])
     assert r.exit_code == 0 and (tmp_path / "s" / "demo-000000.tar").is_file()
     assert r.stderr.splitlines() == ["mrmae: warning: a positional OUT_DIR is now --out OUT_DIR"]
+    r = CliRunner().invoke(cli, ["make-demo-shards", "--out", "s3://bucket/shards"])  # tars are written locally
+    assert r.exit_code == 2 and r.stderr.splitlines() == [
+        "mrmae: error: --out s3://bucket/shards: a local directory (write there, then upload, e.g. "
+        "`aws s3 cp --recursive DIR s3://bucket/shards/`)"]
 
 
 def test_an_old_config_key_is_its_option_with_a_warning(tmp_path, capsys):
