@@ -1,7 +1,8 @@
 """`python tests/_count_keys.py ARGS` runs `mrmae ARGS` and records the keys of every batch
-pretraining trains on: one JSON line {"epoch", "keys"} per batch in
+pretraining trains on: one JSON line {"epoch", "keys"} per micro-batch in
 $MRMAE_TEST_KEYS/rank<RANK>.jsonl. The launcher, the loader and its split by node and worker
-are the real ones; only their output is written down (tests/test_two_nodes.py counts it)."""
+are the real ones, and so is the step; only what reaches the step is written down
+(tests/test_two_nodes.py counts it)."""
 
 from __future__ import annotations
 
@@ -9,24 +10,19 @@ import json
 import os
 
 from mrmae.cli import main
-from mrmae.train import pretrain
+from mrmae.train.engine import PretrainStep
 
-_train_one_epoch = pretrain.train_one_epoch
+_step = PretrainStep.__call__
 
 
-def _recorded(batches, epoch: int):
+def _counting(self, batch: dict, where):
     path = os.path.join(os.environ["MRMAE_TEST_KEYS"], f"rank{os.environ.get('RANK', '0')}.jsonl")
-    for batch in batches:
-        with open(path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "keys": list(batch["keys"])}) + "\n")
-        yield batch
+    with open(path, "a") as f:
+        f.write(json.dumps({"epoch": where.epoch, "keys": list(batch["keys"])}) + "\n")
+    return _step(self, batch, where)
 
 
-def _counting(model, batches, optimizer, accelerator, epoch, *args, **kwargs):
-    return _train_one_epoch(model, _recorded(batches, epoch), optimizer, accelerator, epoch, *args, **kwargs)
-
-
-pretrain.train_one_epoch = _counting
+PretrainStep.__call__ = _counting
 
 if __name__ == "__main__":
     main()

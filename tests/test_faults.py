@@ -307,7 +307,8 @@ def test_a_crafted_pca_basis_with_a_matching_sha256_is_refused(small_pca_cache, 
     manifest["storage"]["pca"]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
     (root / cf.MANIFEST).write_text(json.dumps(manifest))
     r = CliRunner().invoke(cli, ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
-                                 str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress"])
+                                 str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--batch-size", "4",
+                                 "--no-progress"])  # (an epoch of 6 samples: a step of 64 is refused first)
     _one_line_error(r, str(root / "pca" / "basis.npz"), f"{member}.npy")
     assert not (tmp_path / "run" / "config.json").exists()
 

@@ -250,6 +250,11 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else
              "counted in --feature-cache" if caches else "counted in --shards",
              full_steps_only=cfg.data_split == "samples")
+    # PCA caches: the loader carries their K coefficients; the step rebuilds the visible
+    # tokens with each cache's own stored basis, on the device.
+    # Read (and checked) before the run directory is written: a bad basis leaves nothing.
+    pca = [None if (p := c.pca()) is None else (torch.from_numpy(p[0]).to(device), torch.from_numpy(p[1]).to(device))
+           for c in caches]
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=run.base_lr, betas=(0.9, 0.95),
                                   fused=cuda or None)
     model, _ = run.start(model, optimizer, run_fingerprint(cfg, urls, caches, teacher, dims), cfg.compile)
@@ -258,10 +263,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                       "cache_fingerprint": cache_fingerprint(caches[0]) if caches else None,
                       "teacher_weights_sha256": (caches[0].manifest.teacher.weights_sha256 if caches
                                                  else teacher.fingerprint if teacher else None)})
-    # PCA caches: the loader carries their K coefficients; the step rebuilds the visible
-    # tokens with each cache's own stored basis, on the device.
-    pca = [None if (p := c.pca()) is None else (torch.from_numpy(p[0]).to(device), torch.from_numpy(p[1]).to(device))
-           for c in caches]
     step = PretrainStep(model, run.accelerator, cfg.step_options, teacher, pca, run.mask_seeding)
     return run.train(lambda epoch: epoch_batches(stream, loader, epoch, cfg.data_split), step)
 
