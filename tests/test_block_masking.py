@@ -5,6 +5,7 @@ rectangles rather than scattered tokens, a function of the noise alone, and `mrm
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from conftest import url_list
 
 from mrmae.cli import cli
 from mrmae.train.masking import get_mask, mask_names
+from mrmae.train.masks import block
 
 TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "64",
         "--batch-size", "6", "--workers", "0", "--no-progress", "--seed", "3", "--lr", "1e-3"]
@@ -58,8 +60,49 @@ def test_a_row_is_a_function_of_its_noise_row():
     assert torch.equal(get_mask("block")(rows[3:5], 0.75)[1], whole[3:5])  # a rank's slice: the same rows
     assert torch.equal(get_mask("block")(rows.clone(), 0.75)[1], whole)
     assert not torch.equal(get_mask("block")(noise(6, 3), 0.75)[1], whole)
+    # rows are placed together: a row alone, or among 63 others that need more tries, is the same row
+    many = get_mask("block")(noise(64, 4), 0.75)[1]
+    assert all(torch.equal(get_mask("block")(noise(64, 4)[i:i + 1], 0.75)[1], many[i:i + 1]) for i in (0, 17, 63))
+    # the seed hashes each value with its place: the same values in another order are another row
+    assert not torch.equal(get_mask("block")(rows.flip(1), 0.75)[1], whole.flip(1))
     with pytest.raises(ValueError, match="square token grid"):
         get_mask("block")(torch.rand(2, 10), 0.5)
+
+
+def one_row_beit(seeds, row: int, g: int, to_mask: int, min_patches: float, max_aspect: float) -> torch.Tensor:
+    """BEiT's placement loop written plainly for one row, fed the same candidate draws."""
+    grid, masked, fails, k = torch.zeros(g, g, dtype=torch.bool), 0, 0, 0
+    while masked < to_mask and fails < block.TRIES:
+        u_area, u_aspect, u_top, u_left = block.candidate(seeds[row:row + 1], k)[0].tolist()
+        k += 1
+        left_over = to_mask - masked
+        low = min(min_patches, left_over)
+        area = low + u_area * (left_over - low)
+        aspect = math.exp(math.log(max_aspect) * (2 * u_aspect - 1))
+        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 1 <= h <= g and 1 <= w <= g:
+            top, left = int(u_top * (g - h + 1)), int(u_left * (g - w + 1))
+            window = grid[top:top + h, left:left + w]
+            added = h * w - int(window.sum())
+            if 0 < added <= left_over:
+                window[...] = True
+                masked, fails = masked + added, 0
+                continue
+        fails += 1
+    return grid
+
+
+@pytest.mark.parametrize("to_mask, min_patches", [(79, 16.0), (147, 16.0), (177, 16.0), (147, 40.0), (20, 1.0)])
+def test_rows_placed_together_are_beits_loop_row_by_row(to_mask, min_patches):
+    """The batch-wide placement is BEiT's sequential loop, row by row, on the same draws;
+    the rectangles alone never pass the count and cover nearly all of it (blocks, not a
+    scatter of top-up tokens)."""
+    seeds = block.row_seeds(noise(48, 5))
+    together = torch.from_numpy(block.block_maps(seeds, 14, to_mask, min_patches, 1 / 0.3))
+    for row in range(48):
+        assert torch.equal(together[row], one_row_beit(seeds, row, 14, to_mask, min_patches, 1 / 0.3)), row
+    covered = together.sum((1, 2))
+    assert int(covered.max()) <= to_mask and float(covered.double().mean()) > 0.95 * to_mask
 
 
 def test_pretrain_with_block_masking_end_to_end(demo_shards, tmp_path):

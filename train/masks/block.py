@@ -5,11 +5,15 @@ hidden patches make the student infer whole parts of the object (BEiT, Bao et al
 section 2.5). Each row places rectangles of random area (at least `block_min_patches`
 tokens) and log-uniform aspect ratio (in [1 / block_max_aspect, block_max_aspect]) at
 random positions on the g x g token grid, as long as a rectangle adds at least one new
-masked token without passing the row's count; after ten failed tries it stops, and the
-count is made exact with the highest-noise tokens outside the blocks (scattered ones).
+masked token without passing the row's count; after ten failed tries in a row it stops,
+and the count is made exact with the highest-noise tokens outside the blocks (scattered ones).
 
-Randomness: a row's blocks are drawn from a numpy generator seeded with its own noise row,
-so the mask is a function of that row alone (the registry's contract, train/masking.py).
+All rows are placed together: step k tries every still-active row's k-th candidate
+rectangle at once (array operations over the batch, not a Python loop over rows).
+
+Randomness: a row's k-th candidate comes from a counter-based hash (splitmix64) of a seed
+hashed from the row's own noise, so the mask is a function of that row alone (the
+registry's contract, train/masking.py), whatever the batch it sits in.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import torch
 
 from mrmae.train.masking import MaskOption, Masks, masks_from_keep, num_visible, register_mask
 
-TRIES = 10  # BEiT's: placements tried before a row stops adding blocks
+TRIES = 10  # BEiT's: failed placements in a row before a row stops adding blocks
 
 OPTIONS = (MaskOption("block_min_patches", 16.0, "Block masking: the least tokens a block covers.", low=1.0,
                       label="min"),
            MaskOption("block_max_aspect", 1 / 0.3, "Block masking: aspect ratios in [1/A, A].", low=1.0,
                       label="aspect"))
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
+DRAWS = 4  # uniforms per candidate rectangle: area, aspect, top, left
 
 
 @register_mask("block", options=OPTIONS)
@@ -38,41 +45,71 @@ def draw(noise: torch.Tensor, mask_ratio: float, attention: None = None, block_m
     if g * g != n:
         raise ValueError(f"block masking needs a square token grid, got {n} tokens")
     n_keep = num_visible(n, mask_ratio)
-    blocks = torch.stack([torch.from_numpy(block_map(row_rng(noise[i]), g, n - n_keep, block_min_patches,
-                                                     block_max_aspect)).reshape(n) for i in range(batch)])
+    blocks = torch.from_numpy(block_maps(row_seeds(noise), g, n - n_keep, block_min_patches,
+                                         block_max_aspect)).reshape(batch, n)
     # Visible: the n_keep lowest-noise tokens outside the blocks (blocks cover at most n - n_keep).
     score = noise.double().cpu() + blocks.double()
     return masks_from_keep(torch.argsort(score, dim=1)[:, :n_keep].to(noise.device), n)
 
 
-def row_rng(noise_row: torch.Tensor) -> np.random.Generator:
-    """A generator seeded with one row's noise [N] in [0, 1), scaled to integers (torch.rand's
-    float32 values are multiples of 2**-24, so the words hold every bit of the row)."""
-    words = (noise_row.detach().cpu().double() * 2**24).long().numpy().astype(np.uint64)
-    return np.random.default_rng(words)
+def mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 words (wrapping arithmetic): a bijection whose
+    output bits each depend on every input bit."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
-def block_map(rng: np.random.Generator, g: int, to_mask: int, min_patches: float, max_aspect: float) -> np.ndarray:
-    """bool [g, g]: rectangles covering at most `to_mask` tokens, placed one after another
-    until `to_mask` is reached or TRIES placements in a row add nothing that fits."""
-    grid = np.zeros((g, g), dtype=bool)
-    masked, log_aspect = 0, math.log(max_aspect)
-    while masked < to_mask:
-        left_over, added = to_mask - masked, 0
-        for _ in range(TRIES):
-            area = rng.uniform(min(min_patches, left_over), left_over)
-            aspect = math.exp(rng.uniform(-log_aspect, log_aspect))
-            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if not (1 <= h <= g and 1 <= w <= g):
-                continue
-            top, left = rng.integers(0, g - h + 1), rng.integers(0, g - w + 1)
-            window = grid[top:top + h, left:left + w]
-            added = h * w - int(window.sum())
-            if 0 < added <= left_over:
-                window[...] = True
-                masked += added
-                break
-            added = 0
-        if added == 0:
-            break
-    return grid
+def row_seeds(noise: torch.Tensor) -> np.ndarray:
+    """noise [B, N] in [0, 1) -> uint64 [B]: one seed per row hashed from all of its values
+    (torch.rand's float32 values are multiples of 2**-24, so the words hold every bit),
+    each word mixed with its position so that permuted rows differ."""
+    words = (noise.detach().cpu().double() * 2**24).long().numpy().astype(np.uint64)
+    position = np.arange(1, words.shape[1] + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return mix(mix(words + position * GOLDEN).sum(axis=1, dtype=np.uint64))
+
+
+def candidate(seeds: np.ndarray, k: int) -> np.ndarray:
+    """float64 [B, DRAWS] uniforms in [0, 1): the k-th candidate rectangle's draws for each
+    row (the splitmix64 stream of the row's seed at positions k * DRAWS + 1 ...)."""
+    counter = np.arange(k * DRAWS + 1, (k + 1) * DRAWS + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        bits = mix(seeds[:, None] + counter * GOLDEN)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def block_maps(seeds: np.ndarray, g: int, to_mask: int, min_patches: float, max_aspect: float) -> np.ndarray:
+    """bool [B, g, g]: per row, rectangles covering at most `to_mask` tokens, tried one
+    candidate after another until `to_mask` is reached or TRIES tries in a row add nothing
+    that fits (each success adds a token, so at most (to_mask + 1) * TRIES steps)."""
+    batch = len(seeds)
+    grid = np.zeros((batch, g, g), dtype=bool)
+    masked = np.zeros(batch, dtype=np.int64)
+    fails = np.zeros(batch, dtype=np.int64)
+    log_aspect, lines = math.log(max_aspect), np.arange(g)
+    k = 0
+    while True:
+        active = (masked < to_mask) & (fails < TRIES)
+        if not active.any():
+            return grid
+        u = candidate(seeds, k)
+        k += 1
+        left_over = to_mask - masked
+        low = np.minimum(min_patches, left_over)
+        area = low + u[:, 0] * (left_over - low)
+        aspect = np.exp(log_aspect * (2 * u[:, 1] - 1))
+        h = np.round(np.sqrt(area * aspect)).astype(np.int64)  # half to even, as Python's round
+        w = np.round(np.sqrt(area / aspect)).astype(np.int64)
+        fits = (h >= 1) & (h <= g) & (w >= 1) & (w <= g)
+        top = np.floor(u[:, 2] * np.maximum(g - h + 1, 1)).astype(np.int64)
+        left = np.floor(u[:, 3] * np.maximum(g - w + 1, 1)).astype(np.int64)
+        in_rows = (lines >= top[:, None]) & (lines < (top + h)[:, None])
+        in_cols = (lines >= left[:, None]) & (lines < (left + w)[:, None])
+        rect = in_rows[:, :, None] & in_cols[:, None, :]
+        added = (rect & ~grid).sum(axis=(1, 2))
+        accept = active & fits & (added > 0) & (added <= left_over)
+        grid |= rect & accept[:, None, None]
+        masked += np.where(accept, added, 0)
+        fails = np.where(accept, 0, fails + active)
