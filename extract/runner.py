@@ -47,6 +47,7 @@ from mrmae.shared.shards import REPEATED_KEY, RawSample, expand_urls, local_file
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format.pca import measured_fields
 from mrmae.shared.errors import OptionError
+from mrmae.shared.launch import process_rank
 from mrmae.shared.teachers import Teacher, TeacherSpec, build_teacher
 from mrmae.shared.views import PIXEL_CODECS, View, encode_view
 
@@ -297,12 +298,6 @@ def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.ShardWriter | cf.
                   image_sha256=[digests[k] for k in b.keys])
     if bar is not None:
         bar.add_views(len(b.keys))
-
-
-def process_rank() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun / accelerate launch set them; (0, 1, 0) alone."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
 def _write_errors_in_one_line(run: Callable[..., dict]) -> Callable[..., dict]:

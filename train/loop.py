@@ -137,6 +137,9 @@ def make_accelerator(device: str = "auto"):
     runs join with gloo on the CPU."""
     from accelerate import Accelerator
 
+    from mrmae.shared.launch import process_rank
+
+    process_rank()  # (says when a multi-machine launch started this process alone)
     cuda = torch.cuda.is_available() and device != "cpu"
     return Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
 
