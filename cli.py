@@ -422,7 +422,7 @@ def _the_cache(cache_dir: str | None, feature_cache: str | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cache_info(cache_dir: str | None, feature_cache: str | None, as_json: bool) -> None:
     """Teacher, views, shards complete/total, views stored, bytes, compression."""
-    from mrmae.extract.verify import cache_info as info
+    from mrmae.shared.cache_format.info import cache_info as info
 
     d = info(_the_cache(cache_dir, feature_cache))
     if as_json:

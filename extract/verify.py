@@ -21,6 +21,7 @@ from tqdm import tqdm
 from mrmae.extract.teacher_stage import ViewItem, check_replayable, replay_image, teacher_outputs
 from mrmae.shared.shards import RawSample, expand_urls, read_shard, source_digest
 from mrmae.shared import cache_format as cf
+from mrmae.shared.cache_format.info import cache_info  # noqa: F401  (its old home; the CLI imports it light)
 from mrmae.shared.teachers import Teacher, build_teacher
 
 # Token-cosine floors the replay must meet (see BENCHMARKS.md for the measured values).
@@ -44,32 +45,6 @@ def pca_tolerance(dtype: str, rank: int) -> float:
         return TOLERANCE[dtype]
     r = np.sqrt(rank) / 254 * (1 + 2.0 ** -10)  # (the float16 scale's own rounding)
     return round(min(TOLERANCE["int8"], float(np.sqrt(1 - r * r)) - 1e-5), 6)
-
-
-def cache_info(root: str) -> dict:
-    cache = cf.FeatureCache(root)
-    m = cache.manifest
-    done = cache.complete_shards
-    views = sum(s.num_views for s in done)
-    stored, logical = cache.stored_bytes(), cache.logical_bytes()
-    pca = cache.pca_config
-    return {
-        "cache": str(root), "teacher": m.teacher.spec, "weights_sha256": m.teacher.weights_sha256[:16],
-        "input_size": m.teacher.input_size, "grid": list(m.teacher.grid), "dim": m.teacher.dim,
-        "views_per_image": m.views.per_image, "seed": m.views.seed,
-        "dtype": m.storage.dtype, "codec": m.storage.codec, "format_version": m.format_version,
-        "checksums": ("none: chunks are not checked as they are read (format 2 and 3)" if not cache.checked
-                      else "crc32c per chunk, every chunk present" if cache.backend == "zarr"
-                      else "zstd frame checksum per member, crc32c of meta.json and unframed members"),
-        "pca": (f"rank {pca.rank} of {m.teacher.dim}, explained variance {pca.explained_variance} "
-                f"(fitted on {pca.fitted_views} views)") if pca else "none",
-        "shards_complete": len(done), "shards_total": len(m.shards),
-        "samples": sum(s.num_samples for s in done), "samples_skipped": sum(len(s.skipped) for s in done),
-        "views": views, "bytes": stored, "bytes_per_view": round(stored / views) if views else 0,
-        "compression_ratio": round(logical / stored, 3) if stored else 0.0,
-        "added_teachers": ", ".join(f"{t} ({cf.FeatureCache(root, t).manifest.teacher.spec})"
-                                    for t in cf.list_targets(root)) or "none",
-    }
 
 
 def duplicate_keys(root: str) -> dict[str, list[str]]:

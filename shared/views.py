@@ -15,15 +15,15 @@ import io
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from mrmae.shared.seeding import numpy_rng_from
+
+if TYPE_CHECKING:  # torch and torchvision are imported by the functions that render: a cache's
+    import torch   # manifest (ViewConfig, the codecs) is read without them, e.g. by `cache info`
 
 # Refuse images whose pixel count would exhaust memory when decoded (PIL's own bomb
 # guard only warns below 2x its limit). 1e8 px is ~300 MB of RGB, far above ImageNet.
@@ -124,6 +124,8 @@ def decode_image(data: bytes) -> torch.Tensor:
 
     Decoded fully (`load`) so truncated files fail here, not later in a worker.
     """
+    import torch
+
     with _loaded(data) as im:
         arr = _pil_step(_to_rgb8, im)
     return torch.from_numpy(arr).permute(2, 0, 1)
@@ -217,6 +219,9 @@ def check_view(view: View, height: int, width: int) -> None:
 
 def render_view_uint8(image: torch.Tensor, view: View, output_size: int) -> torch.Tensor:
     """uint8 [3, H, W] source -> uint8 [3, S, S] view: crop, bicubic antialiased resize, flip."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
     check_view(view, image.shape[-2], image.shape[-1])
     out = TF.resized_crop(
         image, view.top, view.left, view.height, view.width, [output_size, output_size],
@@ -227,6 +232,8 @@ def render_view_uint8(image: torch.Tensor, view: View, output_size: int) -> torc
 
 def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 [..., 3, S, S] -> float32 normalised with the consumer's mean/std (in 0-1 units)."""
+    import torch
+
     x = pixels.float().div_(255.0)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
@@ -297,6 +304,8 @@ def _load_npy(buf: bytes) -> np.ndarray:
 
 def decode_view(data: bytes) -> torch.Tensor:
     """File bytes of a stored view -> uint8 [3, S, S] (the inverse of encode_view)."""
+    import torch
+
     if data[:4] == _ZSTD_MAGIC:
         from numcodecs import Zstd
 

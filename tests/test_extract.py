@@ -66,6 +66,15 @@ def test_stored_views_replay_through_the_teacher(demo_shards, tmp_path, dtype, f
     assert report.worst_cosine >= floor and report.tolerance == floor
     info = cache_info(str(tmp_path / "c"))
     assert info["views"] == 12 and info["shards_complete"] == 1 and info["bytes_per_view"] > 0
+    if dtype == "float16":  # once: `mrmae cache info` in a fresh interpreter reads the cache without torch
+        import subprocess
+        import sys
+
+        code = ("import sys\nfrom mrmae.cli import main\ntry:\n    main(['cache', 'info', '--feature-cache', "
+                f"{str(tmp_path / 'c')!r}, '--json'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+                "print('torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert '"views": 12' in out and out.splitlines()[-1] == "False", out
 
 
 def test_verify_detects_a_cache_that_does_not_replay(demo_shards, tmp_path):

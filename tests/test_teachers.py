@@ -229,3 +229,17 @@ def test_a_kind_in_one_file_extracts_a_cache_through_the_public_api(toy_kind, de
     assert m.teacher.layers == ()
     report = verify_cache(str(out), recompute=4)  # the stored targets are the kind's, recomputed
     assert report.ok and report.checked == 4, report
+
+
+def test_a_manifest_knows_the_teacher_kinds_without_importing_them():
+    """A fresh interpreter reading manifests (`cache info`) lists the kinds by the package's
+    module names, without torch; once the teachers are loaded, the registry answers. The two
+    agree because each kind's module is named after the kind it registers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mrmae.shared.cache_format.manifest import teacher_kinds\nnames = teacher_kinds()\n"
+            "print('torch' in sys.modules)\nimport mrmae.shared.teachers as t\n"
+            "print(sorted(names) == sorted(t.teacher_kinds()) == sorted(teacher_kinds()), sorted(names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "False" and out[1].startswith("True ['clip', 'dino'"), out

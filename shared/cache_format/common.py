@@ -13,11 +13,14 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import MrmaeError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is quantised: reading a cache needs none
+    import torch
 
 # 4: a checksum on every chunk (Zarr: crc32c codec) or member (wds: zstd frame checksum, or
 #    crc32c in meta.json), every chunk stored; 3: int8 scales per group of channels
@@ -123,12 +126,14 @@ def quantize_int8_torch(x: torch.Tensor, group: int | None = None) -> tuple[torc
     """`quantize_int8` on x's own device: (int8 [..., C], float16 [...] or [..., G]), bit-identical.
 
     The extraction quantises on the teacher's device, so a quarter of the bytes cross the
-    bus and no CPU core spends ~1 s per batch of 256 B/16 views on it (measured on an H200).
+    bus and no CPU core spends its time on it.
     Same float32 operations in the same order (absmax / 127 -> float16, divide, round half
     to even, clip) as the numpy version; tests hold the two equal. 127 is a tensor on x's
     device: CUDA divides by a Python scalar as a multiplication by its reciprocal, which
     rounds a few float16 scales in a million the other way.
     """
+    import torch
+
     x = x.float()
     y = _grouped(x, int8_groups(x.shape[-1], group))
     scale = (y.abs().amax(dim=-1) / torch.full((), 127.0, device=x.device)).half()

@@ -180,8 +180,6 @@ class TeacherInfo:
 
     @classmethod
     def from_fields(cls, f: _Fields) -> TeacherInfo:
-        from ..teachers import teacher_kinds  # the registry: any kind registered in this process
-
         info = cls(f.text("spec"), f.text("family", teacher_kinds()), f.text("arch"), f.text("weights", nullable=True),
                    f.sha256("weights_sha256"), f.integer("input_size", 1, maximum=_MAX_SIDE),
                    f.integer("patch_size", 1, maximum=_MAX_SIDE), f.ints("grid", 2, minimum=1, maximum=_MAX_SIDE),
@@ -192,6 +190,21 @@ class TeacherInfo:
 
     def to_json(self) -> dict:
         return _to_json(self)
+
+
+def teacher_kinds() -> tuple[str, ...]:
+    """The values `teacher.family` may take: every kind registered in this process, where
+    the teachers are loaded (plug-in kinds included), else the kinds of the teachers
+    package, one module each named after its kind, listed without importing them (reading
+    a manifest, e.g. for `cache info`, then needs no torch)."""
+    import importlib.util
+    import pkgutil
+    import sys
+
+    if (teachers := sys.modules.get("mrmae.shared.teachers")) is not None:
+        return teachers.teacher_kinds()
+    where = importlib.util.find_spec("mrmae.shared.teachers").submodule_search_locations
+    return tuple(m.name for m in pkgutil.iter_modules(where) if m.name != "base" and not m.name.startswith("_"))
 
 
 def views_from_fields(f: _Fields) -> ViewConfig:
