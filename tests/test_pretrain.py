@@ -127,6 +127,22 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(demo_shards, cache, tmp_
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
 
 
+def test_a_resume_with_other_workers_says_its_batches_differ(demo_shards, cache, tmp_path):
+    """--workers defaults to the machine's cores and each worker reads its own shards in
+    its own order: a run resumed elsewhere is told, in one line, how to replay it exactly."""
+    args = ["pretrain", "--shards", url_list(demo_shards), "--feature-cache", str(cache), *TINY,
+            "--out", str(tmp_path / "r")]
+    pretrain(args[1:])
+    r = CliRunner().invoke(cli, [*args, "--epochs", "2", "--resume", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    warned = [ln for ln in r.stderr.splitlines() if "--workers" in ln]
+    assert warned == [f"mrmae: warning: --workers 1, but {tmp_path / 'r'} ran with 0: the rest of this epoch is read "
+                      "in another order than an uninterrupted run's (samples may repeat or be left out until the "
+                      "epoch ends); give --workers 0 to replay it exactly"], r.stderr
+    r = CliRunner().invoke(cli, [*args, "--epochs", "3", "--resume", "--workers", "1"])  # the run now has 1
+    assert r.exit_code == 0 and "--workers" not in r.stderr, r.stderr
+
+
 def test_mismatched_cache_is_refused_in_one_line(demo_shards, cache, tmp_path):
     r = CliRunner().invoke(cli, ["pretrain", "--shards", str(tmp_path / "elsewhere-000.tar"), "--feature-cache",
                                  str(cache), "--out", str(tmp_path / "o"), *TINY])

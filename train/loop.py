@@ -245,6 +245,8 @@ class TrainRun:
         self.state, self.metrics = ckpt.start_or_resume(self.out, c.resume, model, optimizer, self.is_main,
                                                         self.fingerprint)
         resumed = ckpt.latest_checkpoint(self.out) if c.resume else None
+        if resumed is not None:
+            self._note_other_workers()
         if resumed is not None and self.mask_seeding is not None:
             self.mask_seeding = ckpt.read_state(resumed).get("mask_seeding", 1)
             if self.mask_seeding != MASK_SEEDING and c.accum_steps > 1 and self.is_main:
@@ -254,6 +256,22 @@ class TrainRun:
             model.compile(backend=compile)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         return self.model, self.optimizer
+
+    def _note_other_workers(self) -> None:
+        """A resumed run with another --workers than the run had (its default is the machine's
+        cores): each loader worker reads its own shards in its own shuffle, so the batches
+        of the epoch's rest differ from an uninterrupted run's, and as --resume skips the
+        steps already done by count, samples may repeat or be left out until the epoch ends."""
+        import json
+
+        try:
+            was = json.loads((self.out / "config.json").read_text()).get("workers")
+        except (OSError, ValueError, AttributeError):
+            return
+        if isinstance(was, int) and was != self.cfg.workers and self.is_main:
+            tqdm.write(f"mrmae: warning: --workers {self.cfg.workers}, but {self.out} ran with {was}: the rest of "
+                       "this epoch is read in another order than an uninterrupted run's (samples may repeat or be "
+                       f"left out until the epoch ends); give --workers {was} to replay it exactly", file=sys.stderr)
 
     def write_config(self, fields: dict) -> None:
         """OUT/config.json: `fields` (the command's options and what it resolved) and the
