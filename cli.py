@@ -286,6 +286,14 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
                f"{s['views']} views, {s['samples_skipped']} samples skipped, {s['seconds']} s -> {where}")
 
 
+# The options pretrain and finetune share word for word (each its own seed and workers help).
+_SHUFFLE_BUFFER = click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True,
+                               help="Samples a loader shuffles among.")
+_RESUME = click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
+_SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
+                           help="0: at each epoch's end only.")
+
+
 @cli.command("pretrain", sections={"target": "Teacher"},
              example=(f"mrmae pretrain --shards {DEMO_SHARDS} --feature-cache demo/cache \\\n"
                       "      --model mrmae_vit_tiny_patch16 --mask focused --epochs 3 --batch-size 16 --out demo/run",
@@ -338,16 +346,14 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
               help="Live/plain modes: views per image.")
 @accelerate_device_option
 @workers_option("Loader processes per training process (read tars and cache, decode, render).")
-@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="Samples a loader shuffles among.")
+@_SHUFFLE_BUFFER
 @click.option("--seed", default=0, show_default=True, help="Seed of the initialisation, the views and masks drawn "
               "and the shuffles.")
 @click.option("--data-split", type=click.Choice(["shards", "samples"]), default="shards", show_default=True,
               help="shards: each process reads its own shards; samples: every process reads all shards and "
                    "keeps its slots, so global batches are the same at any process count.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
-@click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="0: at each epoch's end only.")
+@_RESUME
+@_SAVE_EVERY
 @click.option("--pixels-from-cache", is_flag=True,
               help="Read each view's pixels from the cache (extracted with --store-pixels), not from the tars.")
 @click.option("--render-on-device/--no-render-on-device", default=None,
@@ -575,12 +581,11 @@ def export(checkpoint: str, out: str) -> None:
               help="Images per validation batch.")
 @accelerate_device_option
 @workers_option("Loader processes per training process (read, decode, augment).")
-@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="Samples a loader shuffles among.")
+@_SHUFFLE_BUFFER
 @click.option("--seed", default=0, show_default=True, help="Seed of the head, the augmentation, Mixup, drop path and "
               "the shuffles.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
-@click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True, help="0: at each epoch's end only.")
+@_RESUME
+@_SAVE_EVERY
 @no_progress_option
 def finetune(no_progress, **kwargs) -> None:
     """Fine-tune the pretrained encoder as a timm ViT classifier (MAE's recipe); top-1/top-5 per epoch."""
