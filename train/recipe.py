@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,19 +35,51 @@ class RecipeFile:
 def config_option(f):
     """Decorator: the eager `--config FILE.yaml` option of a training command. Its value (a
     RecipeFile or None) reaches the command as `config_file`."""
-    return click.option("--config", "config_file", is_eager=True, callback=_load_into_context, metavar="FILE.yaml",
-                        help="Options from a flat YAML mapping (e.g. recipes/paper-pretrain-convvit-base.yaml); "
-                             "options on the command line override it.")(f)
+    return click.option("--config", "config_file", is_eager=True, callback=_load_into_context, metavar="FILE|NAME",
+                        help="Options from a flat YAML mapping: a file, or the name of a recipe mrmae ships (`mrmae "
+                             "recipes`, e.g. paper-pretrain-convvit-base); options on the command line override it.")(f)
 
 
 def _load_into_context(ctx: click.Context, param: click.Parameter, value: str | None) -> RecipeFile | None:
     """click callback: check the file and make its options the command's defaults."""
     if value is None:
         return None
-    data = _read(value)
-    defaults = options_from(value, data, ctx, exclude=param)
+    path = find_recipe(value)
+    data = _read(path)
+    defaults = options_from(path, data, ctx, exclude=param)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return RecipeFile(str(Path(value).resolve()), hashlib.sha256(data).hexdigest())
+    return RecipeFile(str(Path(path).resolve()), hashlib.sha256(data).hexdigest())
+
+
+def recipes_folder() -> Path:
+    """The recipes the installed package ships (`mrmae/recipes/*.yaml`)."""
+    from importlib.resources import files
+
+    return Path(str(files("mrmae.recipes")))
+
+
+def find_recipe(value: str) -> str:
+    """--config's file: `value` where such a path exists; else a recipe shipped with mrmae
+    named by `value` (`table3-row2-mimic`, with or without `.yaml`, or as the repository
+    writes it, `recipes/table3-row2-mimic.yaml`), so the README's commands work from an
+    installed wheel in any directory. A name neither is left for `_read` to refuse."""
+    if os.path.lexists(value):
+        return value
+    name = Path(value).name if Path(value).parent in (Path("."), Path("recipes")) else None
+    if name:
+        shipped = recipes_folder() / (name if name.endswith(".yaml") else f"{name}.yaml")
+        if shipped.is_file():
+            return str(shipped)
+    return value
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, first line of its header comment) of each shipped recipe, by name."""
+    rows = []
+    for f in sorted(recipes_folder().glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        rows.append((f.stem, first))
+    return rows
 
 
 def _fail(path: str, message: str, line: int | None = None) -> click.UsageError:
@@ -59,7 +92,10 @@ def _read(path: str) -> bytes:
         with open(path, "rb") as f:
             data = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
-        raise _fail(path, "no such file") from None
+        near = difflib.get_close_matches(Path(path).stem, [n for n, _ in list_recipes()], n=1)
+        hint = f" (did you mean the recipe {near[0]}? `mrmae recipes` lists them)" if near else \
+            " (`mrmae recipes` lists the recipes mrmae ships)"
+        raise _fail(path, f"no such file, and no recipe of that name{hint}") from None
     except IsADirectoryError:
         raise _fail(path, "is a directory, not a YAML file") from None
     except OSError as e:
