@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import logging
 import sys
 import warnings
@@ -114,10 +116,63 @@ def test_bad_weights_and_unknown_arch_are_one_clear_error(tmp_path):
         build_teacher(f"clip:ViT-S-16@{path}")
     with pytest.raises(TeacherError, match="not found"):
         build_teacher(f"clip:ViT-S-16@{tmp_path}/missing.safetensors")
-    with pytest.raises(TeacherError, match="unknown open_clip architecture"):
+    with pytest.raises(TeacherError, match="open_clip architecture ViT-Q-99: unknown"):
         build_teacher("clip:ViT-Q-99")
-    with pytest.raises(TeacherError, match="unknown timm architecture"):
+    with pytest.raises(TeacherError, match="timm architecture not_a_model: unknown"):
         build_teacher("dino:not_a_model")
+
+
+def test_unknown_names_say_what_was_meant():
+    """A typo in a kind, an architecture or a weights tag names the closest known ones."""
+    for spec, near in (("clip:ViT-B16", "did you mean ViT-B-16"), ("dino:vit_smal_patch16_224", "did you mean "
+                       "vit_small_patch16_224"), ("clip:ViT-B-16@opnai", "weights tag opnai: unknown; did you mean "
+                       "openai"), ("dino:vit_small_patch16_224@dnio", "did you mean dino"),
+                       ("dnio:vit_small_patch16_224", "did you mean dino:vit_small_patch16_224")):
+        with pytest.raises(TeacherError, match=near):
+            build_teacher(spec)
+
+
+def test_openai_weights_need_quickgelu():
+    """open_clip only warns when a tag trained with QuickGELU goes into a GELU model: the
+    targets would come from another activation. Refused, naming the architecture to use."""
+    with pytest.raises(TeacherError, match=r"trained with QuickGELU, ViT-B-16 is built without it; give "
+                                           r"clip:ViT-B-16-quickgelu@openai"):
+        build_teacher("clip:ViT-B-16@openai")
+
+
+@pytest.mark.parametrize("spec", ["clip:ViT-B-16-quickgelu@openai", "dino:vit_small_patch16_224@dino"])
+def test_a_pretrained_tag_offline_fails_at_once_in_one_line(spec, tmp_path):
+    """Offline (HF_HUB_OFFLINE, an empty hub cache), a tag is one line saying so and how to
+    make a local file, with no retries: huggingface_hub would otherwise try for about a minute."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "mrmae", "save-teacher", "--teacher", spec, "--out", str(tmp_path / "w")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    errors = [ln for ln in r.stderr.splitlines() if not ln.startswith("mrmae: warning")]
+    assert r.returncode == 1 and errors == [
+        f"mrmae: error: teacher {spec}: the weights '{spec.split('@')[1]}' are not in the local hub cache and "
+        f"HF_HUB_OFFLINE is set; make a local file where a hub is reachable (`mrmae save-teacher --teacher {spec} "
+        "--out DIR`, README \"Teacher weights\") and give the spec it prints"], r.stderr
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("spec", ["clip:ViT-S-16", "dino:vit_tiny_patch16_224"])
+def test_save_teacher_writes_a_file_the_printed_spec_loads(spec, tmp_path):
+    """`mrmae save-teacher` keeps a teacher's weights as a local file (a tag where a hub is
+    reachable; here, random weights): the spec it prints builds the same teacher (fingerprint
+    and outputs), strictly loaded; a second save to the same file is refused."""
+    r = subprocess.run([sys.executable, "-m", "mrmae", "save-teacher", "--teacher", spec, "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    use = r.stdout.splitlines()[-1]
+    assert use.startswith(f"use: --teacher {spec}@{tmp_path}/")
+    saved = build_teacher(use.split("--teacher ", 1)[1])
+    base = build_teacher(spec)
+    assert saved.fingerprint == base.fingerprint
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.equal(saved(x).features, base(x).features) and torch.equal(saved(x).attention, base(x).attention)
+    again = subprocess.run([sys.executable, "-m", "mrmae", "save-teacher", "--teacher", spec, "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and again.stderr.splitlines()[-1].endswith(": exists; remove it or give another --out")
 
 
 def test_the_kinds_are_a_registry():

@@ -14,7 +14,8 @@ import importlib
 import pkgutil
 
 from .base import (STUDENT_GRID, Teacher, TeacherError, TeacherOutput, TeacherSpec, build_teacher, load_weights_file,
-                   random_init_warning, register_teacher, state_dict_sha256, teacher_class, teacher_kinds)
+                   random_init_warning, register_teacher, save_weights, state_dict_sha256, teacher_class,
+                   teacher_kinds)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base" and not _module.name.startswith("_"):
@@ -24,5 +25,6 @@ from .clip import ClipTeacher  # noqa: E402  (already imported above; named here
 from .dino import TimmTeacher  # noqa: E402
 
 __all__ = ["STUDENT_GRID", "ClipTeacher", "Teacher", "TeacherError", "TeacherOutput", "TeacherSpec", "TimmTeacher",
-           "build_teacher", "load_weights_file", "random_init_warning", "register_teacher", "state_dict_sha256",
+           "build_teacher", "load_weights_file", "random_init_warning", "register_teacher", "save_weights",
+           "state_dict_sha256",
            "teacher_class", "teacher_kinds"]

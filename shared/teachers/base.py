@@ -17,6 +17,7 @@ teacher sees 224 px, a /14 teacher 196 px.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -47,7 +48,9 @@ class TeacherSpec:
         family, sep, rest = spec.partition(":")
         if not sep or family not in _KINDS or not rest:
             usages = " or ".join(k.usage for k in _KINDS.values())
-            raise TeacherError(f"unknown teacher spec {spec!r}: expected {usages}")
+            near = difflib.get_close_matches(family, list(_KINDS), n=1) if sep and family not in _KINDS else []
+            hint = f" (did you mean {near[0]}:{rest}?)" if near else ""
+            raise TeacherError(f"unknown teacher spec {spec!r}: expected {usages}{hint}")
         arch, _, weights = rest.partition("@")
         return cls(family, arch, weights or None)
 
@@ -118,6 +121,11 @@ class Teacher(nn.Module):
     def _finish_init(self, trunk: nn.Module) -> None:
         trunk.eval().requires_grad_(False)
         self.fingerprint = state_dict_sha256(trunk)
+
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of a local weights file that `KIND:ARCH@FILE` loads strictly into this
+        teacher (`save_weights`, `mrmae save-teacher`)."""
+        raise NotImplementedError(f"teacher kind {self.kind} cannot write its weights to a file")
 
 
 def random_init_warning(spec: TeacherSpec) -> None:
@@ -198,6 +206,29 @@ def load_weights_file(path: str, arch: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TeacherError(f"teacher weights {path} do not fit {arch}: not a dict of tensors")
     return state
+
+
+def save_weights(teacher: Teacher, out_dir: str) -> tuple[str, str]:
+    """Write `teacher`'s weights to OUT_DIR/KIND-ARCH-TAG.safetensors (safetensors, written
+    under a temporary name and renamed; an existing file is refused, never replaced) ->
+    (the file, the spec that loads it: `KIND:ARCH@FILE`)."""
+    from safetensors.torch import save_file
+
+    spec = teacher.spec
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{spec.family}-{spec.arch}-{spec.weights or 'random'}")
+    path = os.path.join(out_dir, f"{name}.safetensors")
+    if os.path.lexists(path):
+        raise TeacherError(f"{path}: exists; remove it or give another --out")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".{name}.{os.getpid()}.tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in teacher.weights_state().items()}
+    try:
+        save_file(state, tmp, metadata={"mrmae_teacher": str(spec), "weights_sha256": teacher.fingerprint})
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return path, f"{spec.family}:{spec.arch}@{path}"
 
 
 def build_teacher(spec: str | TeacherSpec) -> Teacher:

@@ -10,8 +10,11 @@ import importlib
 import torch
 import torch.nn as nn
 
+from mrmae.shared.errors import unknown_name
+
 from .base import (STUDENT_GRID, Teacher, TeacherError, TeacherOutput, TeacherSpec, capture_input, cls_attention,
                    first_line, load_weights_file, random_init_warning, register_teacher)
+from ._hub import from_hub
 
 
 @register_teacher("dino", "dino:TIMM_NAME[@WEIGHTS]")
@@ -24,7 +27,12 @@ class TimmTeacher(Teacher):
 
         base = spec.arch.split(".")[0]
         if base not in timm.list_models():
-            raise TeacherError(f"unknown timm architecture {spec.arch!r} in teacher spec {spec}")
+            raise TeacherError(unknown_name(f"teacher {spec}: timm architecture", spec.arch, timm.list_models(),
+                                            "timm.list_models('vit_*')"))
+        if spec.weights is not None and not spec.weights_is_file and f"{base}.{spec.weights}" not in (
+                tags := timm.list_pretrained(f"{base}.*")):
+            raise TeacherError(unknown_name(f"teacher {spec}: timm weights tag", spec.weights,
+                                            [t.split(".", 1)[1] for t in tags], f"timm.list_pretrained('{base}.*')"))
         with torch.device("meta"):  # only to read the patch size; draws no random numbers
             patch = timm.create_model(base, pretrained=False, num_classes=0).patch_embed.patch_size[0]
         kwargs: dict = dict(num_classes=0, img_size=STUDENT_GRID * patch)
@@ -38,10 +46,13 @@ class TimmTeacher(Teacher):
             kwargs["pretrained"] = False
         else:
             name, kwargs["pretrained"] = f"{base}.{spec.weights}", True
-        with torch.random.fork_rng(devices=[]):
+        def build():
             torch.manual_seed(0)
+            return timm.create_model(name, **kwargs)
+
+        with torch.random.fork_rng(devices=[]):
             try:
-                model = timm.create_model(name, **kwargs)
+                model = from_hub(spec, build) if kwargs["pretrained"] else build()
             except (RuntimeError, KeyError) as e:
                 raise TeacherError(f"teacher weights {spec.weights!r} do not fit {spec.arch}: {first_line(e)}") from e
         if spec.weights_is_file:
@@ -57,6 +68,9 @@ class TimmTeacher(Teacher):
         self.mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
         self._finish_init(self.model)
+
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> TeacherOutput:
