@@ -22,6 +22,7 @@ visible; its fixed sin-cos position embedding (cls slot zero) is written as timm
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,13 +184,21 @@ def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def export_encoder(checkpoint: str | Path, out: str | Path) -> Exported:
-    """Write the encoder of `checkpoint` (see `read_encoder`) to `out` (safetensors, timm names)."""
+def export_encoder(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Exported:
+    """Write the encoder of `checkpoint` (see `read_encoder`) to `out` (safetensors, timm names).
+    An export already in `out`'s folder is refused, or with `overwrite` set aside (renamed,
+    `run_dir.set_aside`) once the checkpoint has been read."""
+    from mrmae.train.run_dir import EXPORT_FILES, check_out, set_aside
+
     encoder = read_encoder(checkpoint)
+    given = Path(out).parent
     out = Path(out).resolve()
     if out.parent == encoder.weights.resolve().parent:  # e.g. --out .../stepN
         raise ExportError(f"--out {out.parent}: the checkpoint {encoder.weights.parent}, whose files it would "
                           "replace; write the encoder elsewhere")
+    check_out(given, False, overwrite, EXPORT_FILES, "an export")
+    if overwrite and (aside := set_aside(given, EXPORT_FILES)) is not None:
+        warnings.warn(f"--overwrite: the export that was in {given} is now {aside}")
     cfg = pretrained_cfg(family_of(encoder.timm_model).first_conv, int(encoder.timm_kwargs.get("img_size", 224)))
     exported = Exported(out, encoder, cfg)
     metadata = {"format": "pt", "timm_model": encoder.timm_model, "timm_kwargs": json.dumps(encoder.timm_kwargs),

@@ -34,6 +34,7 @@ from mrmae.shared.errors import MrmaeError, OptionError, naming
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import STEP_KEY, steps_of
 from mrmae.train.jsonl import append_record
+from mrmae.train.run_dir import set_aside
 
 # How pretraining's masks are seeded, recorded in config.json and each checkpoint:
 # 1 (runs before issue 17, no record): noise of (seed, micro-step), this rank's rows of W x B;
@@ -77,12 +78,12 @@ class MicroBatch:
 StepFn = Callable[[Any, MicroBatch], dict[str, torch.Tensor]]  # -> {"loss": scalar to backpropagate, parts...}
 
 
-def lr_at(step: float, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to `base_lr`, then half-cosine to `min_lr` (held after `total_steps`)."""
+def lr_at(step: float, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to `peak_lr`, then half-cosine to `min_lr` (held after `total_steps`)."""
     if step < warmup_steps:
-        return base_lr * step / warmup_steps
+        return peak_lr * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def epoch_passes(stream, loader: Iterable, epoch: int, empty: Exception) -> Iterator:
@@ -130,6 +131,23 @@ def check_epoch_fits(cfg, processes: int, samples: int, counted_in: str) -> None
         raise OptionError(f"{named}: {eff} images per step (--batch-size {cfg.batch_size} x --accum-steps "
                           f"{cfg.accum_steps} x {processes} processes) is more than the {samples} samples of an "
                           f"epoch ({counted_in})")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
+
+
+def fit_warmup(warmup_epochs: float, epochs: int, written_for: int) -> tuple[float, str | None]:
+    """A warm-up the user did not give (a command's default, or a --config recipe's) that is
+    as long as this run or longer, shortened to keep its share of the schedule it was written
+    for (`written_for` epochs: 5 of MAE's 100 fine-tuning epochs is 5%, so 0.1 of 2): (the
+    warm-up, a note saying so, or None when it fits as it is)."""
+    if warmup_epochs <= 0 or warmup_epochs < epochs:
+        return warmup_epochs, None
+    fitted = warmup_epochs * epochs / max(written_for, epochs + 1)
+    return fitted, (f"--warmup-epochs {warmup_epochs:g} (not given on the command line) is as long as this "
+                    f"{epochs}-epoch run; warming up for {fitted:.3g} epochs instead, its share of the "
+                    f"{written_for} epochs it was set for")
 
 
 def make_accelerator(device: str = "auto"):
@@ -209,16 +227,17 @@ class TrainRun:
     resume, save_every_steps, progress, device); `run.cfg` has accum_steps resolved.
     """
 
-    def __init__(self, cfg, task: str, *, mask_seeding: int | None = None, tensorboard: bool = False):
+    def __init__(self, cfg, task: str, *, mask_seeding: int | None = None):
         self.accelerator = make_accelerator(getattr(cfg, "device", "auto"))  # --device
         self.cuda = self.accelerator.device.type == "cuda"
         world = self.accelerator.num_processes
         self.cfg = replace(cfg, accum_steps=resolve_accum_steps(cfg.batch_size, cfg.accum_steps,
                                                                 cfg.effective_batch, world))
         self.accelerator.gradient_accumulation_steps = self.cfg.accum_steps  # known once the process count is
-        self.task, self.out, self.mask_seeding, self.tensorboard = task, Path(cfg.out), mask_seeding, tensorboard
+        self.task, self.out, self.mask_seeding = task, Path(cfg.out), mask_seeding
         self.effective_batch = cfg.batch_size * self.cfg.accum_steps * world
-        self.base_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.effective_batch / 256
+        # the peak lr: --lr as given, else MAE's rule, --blr x effective batch / 256
+        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * self.effective_batch / 256
         self.is_main = self.accelerator.is_main_process
 
     def plan(self, samples: int, counted_in: str, full_steps_only: bool = True) -> None:
@@ -232,7 +251,7 @@ class TrainRun:
         self.warmup_steps = int(self.cfg.warmup_epochs * self.steps_per_epoch)
 
     def lr(self, step: int) -> float:
-        return lr_at(step, self.base_lr, self.cfg.min_lr, self.warmup_steps, self.total_steps)
+        return lr_at(step, self.peak_lr, self.cfg.min_lr, self.warmup_steps, self.total_steps)
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: ckpt.Fingerprint,
               compile: str | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -242,6 +261,8 @@ class TrainRun:
         c = self.cfg
         self.fingerprint = ckpt.Fingerprint((*fingerprint.fields, ckpt.batch_field(
             c.batch_size, c.accum_steps, self.accelerator.num_processes)))
+        if c.overwrite and self.is_main and (aside := set_aside(self.out)) is not None:
+            tqdm.write(f"mrmae: note: --overwrite: the run that was in {self.out} is now {aside}", file=sys.stderr)
         self.state, self.metrics = ckpt.start_or_resume(self.out, c.resume, model, optimizer, self.is_main,
                                                         self.fingerprint)
         resumed = ckpt.latest_checkpoint(self.out) if c.resume else None
@@ -275,17 +296,44 @@ class TrainRun:
 
     def write_config(self, fields: dict) -> None:
         """OUT/config.json: `fields` (the command's options and what it resolved) and the
-        run's own (base_lr, effective_batch, steps_per_epoch, num_processes, mask_seeding)."""
+        run's own: the lr as resolved (`lr`: the peak; `lr_rule`: how it was found), the
+        effective batch, steps, processes, mask seeding, and `provenance` (versions,
+        revision, command line, host, devices)."""
         if not self.is_main:
             return
         import json
 
-        resolved = {**fields, "base_lr": self.base_lr, "effective_batch": self.effective_batch,
-                    "steps_per_epoch": self.steps_per_epoch, "num_processes": self.accelerator.num_processes}
+        from mrmae.shared.provenance import provenance
+
+        c = self.cfg
+        rule = "--lr" if c.lr is not None else f"--blr {c.blr:g} x {self.effective_batch} / 256"
+        resolved = {**fields, "lr": self.peak_lr, "lr_rule": rule, "effective_batch": self.effective_batch,
+                    "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                    "warmup_steps": self.warmup_steps, "num_processes": self.accelerator.num_processes,
+                    "provenance": provenance(self.devices())}
         if self.mask_seeding is not None:
             resolved["mask_seeding"] = self.mask_seeding
         with naming(self.out / "config.json"):
             (self.out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
+
+    def devices(self) -> list[str]:
+        """This run's devices as recorded: 'cpu', or 'cuda:N NAME' per process of this machine."""
+        device = self.accelerator.device
+        if device.type != "cuda":
+            return [f"{device.type} x {plural(self.accelerator.num_processes, 'process')}"]
+        name = torch.cuda.get_device_name(device)
+        return [f"{device.type} x {plural(self.accelerator.num_processes, 'process')} ({name})"]
+
+    def start_line(self, what: str) -> str:
+        """The line a run starts with: `what` (the command's model, mode, teacher, cache), then
+        the steps, the effective batch and its split, the lr as resolved and the warm-up."""
+        c = self.cfg
+        lr = f"lr {self.peak_lr:.3g}" + ("" if c.lr is not None else f" (--blr {c.blr:g} x {self.effective_batch}/256)")
+        warm = f", warm-up {self.warmup_steps} steps" if self.warmup_steps else ""
+        resumed = f", resuming at step {self.state.step}" if self.state.step else ""
+        return (f"{self.task}: {what}; {c.epochs} epochs x {self.steps_per_epoch} steps = {self.total_steps} steps of "
+                f"{self.effective_batch} images ({c.batch_size} x {plural(self.accelerator.num_processes, 'process')} x "
+                f"{c.accum_steps} accumulated); {lr}{warm}{resumed}; -> {self.out}")
 
     def log(self, record: dict) -> None:
         """Append `record` to OUT/metrics.jsonl (main process only)."""
@@ -293,15 +341,21 @@ class TrainRun:
             append_record(self.metrics, record)
 
     def train(self, batches_of: Callable[[int], Iterable], step_fn: StepFn,
-              end_of_epoch: Callable[[int], None] | None = None) -> dict:
+              end_of_epoch: Callable[[int], None] | None = None, what: str = "") -> dict:
         """Every epoch from the resumed one: `batches_of(epoch)` (this process's micro-batches,
         or lists of a step's), grouped into steps, the ones done skipped, trained with
-        `step_fn`; then `end_of_epoch(epoch)` (fine-tuning evaluates) and a checkpoint.
-        Returns {checkpoint, metrics, steps, main_process}."""
+        `step_fn`; then `end_of_epoch(epoch)` (fine-tuning evaluates) and a checkpoint. The
+        start line (`what`: the command's model and data) is printed first. Returns {out,
+        checkpoint, metrics, steps, main_process, seconds, images_per_s, last (the last
+        step's record)}; `summary(result)` is the end's lines."""
         c, state = self.cfg, self.state
+        if self.is_main:
+            tqdm.write(self.start_line(what), file=sys.stdout)
         self._bar = tqdm(total=self.total_steps, initial=state.step, desc=self.task, unit="step",
                          disable=not (c.progress and self.is_main), dynamic_ncols=True)
-        self._writer = _tensorboard(self.out) if self.tensorboard and self.is_main else None
+        self._writer = _LazyWriter(self.out) if self.is_main else None
+        self._last: dict = {}
+        first_step, tick = state.step, time.perf_counter()
         last_path = ckpt.latest_checkpoint(self.out)
         for epoch in range(state.epoch, c.epochs):
             steps = itertools.islice(grouped_steps(batches_of(epoch), c.accum_steps), self.steps_per_epoch)
@@ -322,8 +376,18 @@ class TrainRun:
         if self._writer is not None:
             self._writer.close()
         self.accelerator.wait_for_everyone()
-        return {"checkpoint": str(last_path), "metrics": str(self.metrics), "steps": state.step,
-                "main_process": self.is_main}
+        seconds = time.perf_counter() - tick
+        return {"out": str(self.out), "checkpoint": str(last_path), "metrics": str(self.metrics), "steps": state.step,
+                "main_process": self.is_main, "seconds": seconds,
+                "images_per_s": (state.step - first_step) * self.effective_batch / max(seconds, 1e-9),
+                "last": self._last, "tensorboard": self._writer is not None and self._writer.writer is not None}
+
+    def log_scalars(self, record: dict, prefix: str) -> None:
+        """`record`'s numbers to TensorBoard under `prefix/` at the run's step (main process)."""
+        if self._writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
+                    self._writer.add_scalar(f"{prefix}/{k}", v, self.state.step)
 
     def _set_lr(self, step: int) -> float:
         lr = self.lr(step)
@@ -335,9 +399,8 @@ class TrainRun:
         state = self.state
         state.step, state.step_in_epoch = record["step"], state.step_in_epoch + 1
         self.log(record)
-        if self._writer is not None:
-            for k, v in record.items():
-                self._writer.add_scalar(f"train/{k}", v, state.step)
+        self.log_scalars(record, "train")
+        self._last = record
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
         self._bar.update(1)
         mid_epoch = state.step_in_epoch < self.steps_per_epoch  # the epoch's end saves anyway
@@ -358,9 +421,40 @@ class TrainRun:
         return path
 
 
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional: metrics.jsonl is always written
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
+class _LazyWriter:
+    """TensorBoard scalars into OUT/tensorboard, its SummaryWriter made with the first scalar:
+    a run stopped before its first step (bad data found by the loader) leaves no events
+    file. Without the tensorboard package, one note line and nothing else (metrics.jsonl
+    has every step either way)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.writer, self.missing = out, None, False
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is None and not self.missing:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.missing = True
+                tqdm.write("mrmae: note: tensorboard is not installed (pip install tensorboard): no OUT/tensorboard "
+                           "logs; metrics.jsonl has every step", file=sys.stderr)
+                return
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def summary(result: dict) -> list[str]:
+    """The end of a run, a line each: steps, time and images/s; the last step's losses; where
+    everything went."""
+    last = result["last"]
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("loss"))
+    out = Path(result["out"])
+    logs = ", tensorboard/" if result["tensorboard"] else ""
+    return [f"{result['steps']} steps done; this process trained {result['seconds']:.1f} s at "
+            f"{result['images_per_s']:.1f} images/s" + (f"; last step: {losses}" if losses else ""),
+            f"run: {out} (config.json, metrics.jsonl{logs}); checkpoint: {result['checkpoint']}"]
