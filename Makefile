@@ -23,6 +23,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests
 
+# Starts over: the demo's data and runs are rebuilt (runs are never overwritten, so the folder goes first).
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(MRMAE) make-demo-shards --out $(DEMO)/shards --num-images 48 --shard-size 16 --seed 0
@@ -35,6 +36,7 @@ demo: $(STAMP)
 	    --lr 1e-3 --warmup-epochs 1 --mask focused --out $(DEMO)/run
 	$(MRMAE) visualize --feature-cache $(DEMO)/cache --shards "$(DEMO)/shards/demo-000000.tar" \
 	    --checkpoint $(DEMO)/run --num 4 --out $(DEMO)/run
+	@echo "mrmae is installed in $(VENV): run 'source $(VENV)/bin/activate' to put it on PATH in this or a new shell"
 
 # Every CPU benchmark at settings that take about 7 minutes on 2 idle cores (each prints its ratio
 # table and writes benchmarks/results/<name>.json); BENCHMARKS.md's tables used the scripts' larger

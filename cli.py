@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import click
 
-from mrmae import __version__
 from mrmae.cli_help import Group, no_progress_option, renamed_argument, workers_option
 from mrmae.train.recipe import config_option
 
@@ -19,8 +19,15 @@ DEMO_SHARDS = '"demo/shards/demo-{000000..000002}.tar"'  # the examples' data: `
 
 class _OneLineErrors(Group):
     """Known failures (bad input, mismatched cache, unknown teacher, a full disk or read-only
-    path, the same raised in a DataLoader worker) end as one line, exit 1. They are all
+    path, the same raised in a DataLoader worker) end as one line: exit 2 for a usage error
+    (bad options, each on its own line), 1 for data and runtime errors. They are all
     MrmaeErrors or OSErrors, so nothing but shared/errors.py is imported to catch them."""
+
+    def main(self, args=None, *rest, **kwargs):
+        from mrmae.shared.provenance import record_command
+
+        record_command(list(sys.argv[1:] if args is None else args))  # config.json's provenance.argv
+        return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx: click.Context):
         from mrmae.shared.errors import MrmaeError, one_line
@@ -32,11 +39,15 @@ class _OneLineErrors(Group):
         except KeyboardInterrupt as e:  # Ctrl-C: one line (where to resume from), not click's "Aborted!"
             click.echo(f"mrmae: interrupted{f': {e}' if str(e) else ''}", err=True)
             sys.exit(130)
-        except click.UsageError as e:  # a bad option value or combination: one line, not usage + hint
-            click.echo(f"mrmae: error: {e.format_message()}", err=True)
+        except click.UsageError as e:  # bad option values or combinations: a line each, not usage + hint
+            for line in getattr(e, "lines", None) or [e.format_message()]:
+                click.echo(f"mrmae: error: {line}", err=True)
             sys.exit(e.exit_code)
-        except (MrmaeError, OSError) as e:
-            # OSError: its path and reason (ENOSPC, EROFS, EACCES); a worker's error: its own message
+        except MrmaeError as e:  # exit 2 for options (OptionError), 1 for data and runtime errors
+            for line in e.lines:
+                click.echo(f"mrmae: error: {line}", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:  # its path and reason (ENOSPC, EROFS, EACCES); a worker's error: its own message
             click.echo(f"mrmae: error: {one_line(e)}", err=True)
             sys.exit(1)
 
@@ -55,6 +66,14 @@ class _Interrupted(KeyboardInterrupt):
                          if last else f"no checkpoint in {out} yet")
 
 
+def _version(ctx: click.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from mrmae.shared.provenance import version_line
+
+        click.echo(version_line())
+        ctx.exit()
+
+
 def _warnings_one_line() -> None:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"mrmae: warning: {msg}\n"
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -62,7 +81,8 @@ def _warnings_one_line() -> None:
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]},
              example=f"mrmae extract-features --shards {DEMO_SHARDS} --feature-cache demo/cache --teacher clip:ViT-S-16")
-@click.version_option(__version__, prog_name="mrmae", help="Print the version and exit.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _version(c, v),
+              help="Print the version (and, in a git checkout, the revision) and exit.")
 def cli() -> None:
     """MR-MAE pretraining with an offline, exactly replayable teacher-feature cache.
 
@@ -120,6 +140,13 @@ class _MaskChoice(click.Choice):
     @choices.setter
     def choices(self, _value) -> None:  # click.Choice.__init__ assigns (); the registry decides
         pass
+
+    def convert(self, value, param, ctx):
+        if value not in self.choices:  # click's message, with the closest names first
+            from mrmae.shared.errors import unknown_name
+
+            self.fail(unknown_name("", value, self.choices), param, ctx)
+        return value
 
 
 def _mask_options(param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
@@ -286,19 +313,41 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
                f"{s['views']} views, {s['samples_skipped']} samples skipped, {s['seconds']} s -> {where}")
 
 
+@cli.command("save-teacher", example="mrmae save-teacher --teacher dino:vit_tiny_patch16_224 --out demo/weights")
+@click.option("--teacher", required=True, help="clip:ARCH@TAG (open_clip) or dino:TIMM_NAME@TAG (timm): weights to fetch "
+              "from the hub (where one is reachable) and keep as a local file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for KIND-ARCH-TAG.safetensors (created; an existing file is refused).")
+def save_teacher(teacher: str, out: str) -> None:
+    """Write a teacher's weights to a local safetensors file and print the spec that loads it.
+
+    Run it where a model hub is reachable, with a tag (clip:ViT-B-16-quickgelu@openai,
+    dino:vit_base_patch16_224@dino); then give the printed spec to extract-features,
+    pretrain --teacher or cache verify anywhere, offline included (README "Teacher weights").
+    Without a tag it keeps random weights (the example: runnable offline, for tests)."""
+    from mrmae.shared.teachers import build_teacher, save_weights
+
+    path, spec = save_weights(build_teacher(teacher), out)
+    click.echo(f"wrote {path}")
+    click.echo(f"use: --teacher {spec}")
+
+
 # The options pretrain and finetune share word for word (each its own seed and workers help).
 _SHUFFLE_BUFFER = click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True,
                                help="Samples a loader shuffles among.")
-_RESUME = click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
+_RESUME = click.option("--resume", is_flag=True, help="Continue the run in --out from OUT/checkpoints/latest.")
+_OVERWRITE = click.option("--overwrite", is_flag=True, help="--out holds a run: rename it to OUT.old-DATE-TIME (never "
+                          "deleted) and start anew. Without --resume or this, such an --out is refused.")
 _SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
                            help="0: at each epoch's end only.")
 
 
 @cli.command("pretrain", sections={"target": "Teacher"},
              example=(f"mrmae pretrain --shards {DEMO_SHARDS} --feature-cache demo/cache \\\n"
-                      "      --model mrmae_vit_tiny_patch16 --mask focused --epochs 3 --batch-size 16 --out demo/run",
-                      "mrmae pretrain --config recipes/paper-pretrain-convvit-base.yaml --shards \"$SHARDS\" "
-                      "--feature-cache CACHE --out runs/b"))
+                      "      --model mrmae_vit_tiny_patch16 --mask focused --epochs 2 --batch-size 16 --out demo/run-focused",
+                      f"mrmae pretrain --config table3-row3-focused --shards {DEMO_SHARDS} --feature-cache demo/cache "
+                      "\\\n      --model mrmae_vit_tiny_patch16 --epochs 1 --effective-batch 16 --batch-size 8 "
+                      "--out demo/row3"))
 @config_option
 @click.option("--shards", required=True, help="Source tars (the ones the cache was extracted from).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -353,6 +402,7 @@ _SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), def
               help="shards: each process reads its own shards; samples: every process reads all shards and "
                    "keeps its slots, so global batches are the same at any process count.")
 @_RESUME
+@_OVERWRITE
 @_SAVE_EVERY
 @click.option("--pixels-from-cache", is_flag=True,
               help="Read each view's pixels from the cache (extracted with --store-pixels), not from the tars.")
@@ -365,15 +415,38 @@ _SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), def
 @no_progress_option
 def pretrain(no_progress, **params) -> None:
     """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
+    from mrmae.train.loop import summary
     from mrmae.train.pretrain import run_pretrain
 
+    _fit_warmup(params)
     cfg = pretrain_config(progress=not no_progress, **params)
     try:
         r = run_pretrain(cfg)
     except KeyboardInterrupt:
         raise _Interrupted(cfg.out) from None
     if r["main_process"]:  # one summary per run, not one per process
-        click.echo(f"{r['steps']} steps; checkpoint: {r['checkpoint']}; metrics: {r['metrics']}")
+        for line in summary(r):
+            click.echo(line)
+
+
+def _fit_warmup(params: dict) -> None:
+    """A --warmup-epochs not given on the command line (the default, or a --config file's)
+    that a short run cannot fit is shortened, with one note (`loop.fit_warmup`); one given
+    there is checked as given."""
+    from click.core import ParameterSource
+
+    from mrmae.train.loop import fit_warmup
+
+    ctx = click.get_current_context()
+    source = ctx.get_parameter_source("warmup_epochs")
+    if source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+        return
+    recipe = ctx.default_map or {}
+    written_for = recipe.get("epochs") if source == ParameterSource.DEFAULT_MAP and "epochs" in recipe else \
+        next(p.default for p in ctx.command.params if p.name == "epochs")
+    params["warmup_epochs"], note = fit_warmup(params["warmup_epochs"], params["epochs"], int(written_for))
+    if note and os.environ.get("RANK", "0") == "0":
+        click.echo(f"mrmae: note: {note}", err=True)
 
 
 def pretrain_config(progress: bool = True, **params):
@@ -405,6 +478,18 @@ def models() -> None:
 
     for row in describe_models():
         click.echo(row)
+
+
+@cli.command("recipes", example="mrmae recipes")
+def recipes() -> None:
+    """List the recipes mrmae ships (the paper's runs and its ablation rows), for --config NAME."""
+    from mrmae.train.recipe import list_recipes, recipes_folder
+
+    rows = list_recipes()
+    width = max(len(name) for name, _ in rows)
+    for name, what in rows:
+        click.echo(f"{name:<{width}}  {what}")
+    click.echo(f"({recipes_folder()}; run one with `mrmae pretrain --config NAME ...`, its first lines say how)")
 
 
 @cli.group(example="mrmae cache info --feature-cache demo/cache")
@@ -455,7 +540,7 @@ def cache_info(cache_dir: str | None, feature_cache: str | None, as_json: bool) 
 def cache_verify(cache_dir: str | None, feature_cache: str | None, recompute: int, seed: int, device: str,
                  sources: bool, repair: bool, shards: str | None, no_progress: bool) -> None:
     """Check stored groups against their sha256, then re-render N cached views from source and
-    rerun the teacher; exit 2 on damage (repaired or not) or past tolerance (--recompute 0:
+    rerun the teacher; exit 1 on damage (repaired or not) or past tolerance (--recompute 0:
     integrity only)."""
     from mrmae.extract.verify import duplicate_keys, verify_cache
 
@@ -484,8 +569,8 @@ def cache_verify(cache_dir: str | None, feature_cache: str | None, recompute: in
                        f"worst token cosine {r.reconstruction_worst_cosine:.6f} "
                        f"(mean {r.reconstruction_mean_cosine:.6f}; the live features' own projection: "
                        f"worst {r.projection_worst_cosine:.6f})")
-    if not r.ok:
-        sys.exit(2)
+    if not r.ok:  # damaged data: 1, as every data error (2 is for usage)
+        sys.exit(1)
 
 
 @cache.command("clean", renamed={"cache_dir": "--feature-cache"},
@@ -515,13 +600,15 @@ def cache_clean(cache_dir: str | None, feature_cache: str | None, older_than: fl
               help="A pretrain run dir (latest checkpoint), a checkpoint dir or its model.safetensors.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), callback=_out_dir("model.safetensors"),
               help="Directory for model.safetensors, the encoder as timm weights (created).")
-def export(checkpoint: str, out: str) -> None:
+@click.option("--overwrite", is_flag=True, help="--out holds an export: rename it to OUT.old-DATE-TIME (never deleted) "
+              "and write anew. Without this, such an --out is refused.")
+def export(checkpoint: str, out: str, overwrite: bool) -> None:
     """Write the student's encoder as a timm model's weights (mrmae_vit_* / mrmae_convvit_*, no head).
 
     `import mrmae` registers those models with timm; the printed call loads the file strictly."""
     from mrmae.train.export import export_encoder
 
-    e = export_encoder(checkpoint, Path(out) / "model.safetensors")
+    e = export_encoder(checkpoint, Path(out) / "model.safetensors", overwrite)
     if e.encoder.note:
         click.echo(f"mrmae: note: {e.encoder.note}", err=True)
     click.echo(f"wrote {e.num_tensors} tensors -> {e.path}")
@@ -536,8 +623,9 @@ def export(checkpoint: str, out: str) -> None:
              example=("mrmae finetune --checkpoint demo/run --shards \"demo/shards/demo-{000000..000001}.tar\" "
                       "--val-shards demo/shards/demo-000002.tar \\\n"
                       "      --num-classes 14 --epochs 2 --batch-size 8 --out demo/finetune",
-                      "mrmae finetune --config recipes/paper-finetune-convvit-base.yaml --checkpoint runs/b "
-                      "--shards \"$TRAIN\" --val-shards \"$VAL\" --out runs/b-ft"))
+                      "mrmae finetune --config paper-finetune-convvit-base --checkpoint demo/run --shards "
+                      "\"demo/shards/demo-{000000..000001}.tar\" \\\n      --val-shards demo/shards/demo-000002.tar "
+                      "--num-classes 14 --epochs 1 --effective-batch 16 --batch-size 8 --out demo/finetune-paper"))
 @config_option
 @click.option("--checkpoint", required=True, type=click.Path(exists=True),
               help="A pretrain run dir, a checkpoint dir, its model.safetensors, or an `mrmae export` directory or "
@@ -585,19 +673,23 @@ def export(checkpoint: str, out: str) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the head, the augmentation, Mixup, drop path and "
               "the shuffles.")
 @_RESUME
+@_OVERWRITE
 @_SAVE_EVERY
 @no_progress_option
 def finetune(no_progress, **kwargs) -> None:
     """Fine-tune the pretrained encoder as a timm ViT classifier (MAE's recipe); top-1/top-5 per epoch."""
     from mrmae.train.finetune import FinetuneConfig, run_finetune
+    from mrmae.train.loop import summary
 
+    _fit_warmup(kwargs)
     try:
         r = run_finetune(FinetuneConfig(**kwargs, progress=not no_progress))
     except KeyboardInterrupt:
         raise _Interrupted(kwargs["out"]) from None
     if r["main_process"]:
         click.echo(r["table"])
-        click.echo(f"{r['steps']} steps; checkpoint: {r['checkpoint']}; metrics: {r['metrics']}")
+        for line in summary(r):
+            click.echo(line)
 
 
 @cli.command("visualize", sections={"checkpoint": "Model"},
@@ -624,7 +716,7 @@ def visualize(feature_cache, shards, out, checkpoint, num, view_index, mask_rati
                                mask_ratio, seed, device=device, progress=not no_progress)))
 
 
-@cli.command("report", example="mrmae report runs/mae runs/mimic runs/focused --out runs/report")
+@cli.command("report", example="mrmae report demo/run demo/run-focused demo/finetune --out demo/report")
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Directory for report.md, report.csv and curves.png (created).")
 def report(runs: tuple[str, ...], out: str) -> None:
@@ -711,7 +803,7 @@ def eval_linear_probe(checkpoint, results, **kwargs) -> None:
 
 
 @eval_group.command("ensemble", renamed={"--train-shards": "--shards"}, sections=_EVAL_SECTIONS,
-                    example=f"mrmae eval ensemble --checkpoint runs/clip --checkpoint runs/dino {_EVAL_DATA}")
+                    example=f"mrmae eval ensemble --checkpoint demo/run --checkpoint demo/run-focused {_EVAL_DATA}")
 @(lambda f: _eval_options(f, ensemble=True))
 @click.option("--protocol", type=click.Choice(["knn", "linear-probe"]), default="knn", show_default=True,
               help="How each member predicts; their class probabilities are averaged.")

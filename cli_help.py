@@ -39,7 +39,7 @@ SECTION_OF = {
     **dict.fromkeys(("epochs", "batch_size", "accum_steps", "effective_batch", "blr", "lr", "min_lr", "warmup_epochs",
                      "weight_decay", "layer_decay"), "Optimisation"),
     **dict.fromkeys(("protocol", "k", "temperature", "probe_batch_size"), "Protocol"),
-    **dict.fromkeys(("out", "config_file", "resume", "save_every_steps", "results", "as_json", "recompute", "repair",
+    **dict.fromkeys(("out", "config_file", "resume", "overwrite", "save_every_steps", "results", "as_json", "recompute", "repair",
                      "older_than", "dry_run", "version"), "Output and run"),
     **dict.fromkeys(("device", "workers", "eval_batch_size", "render_on_device", "decode_on_device", "compile_backend",
                      "no_progress"), "Performance"),
@@ -135,13 +135,51 @@ class _Sectioned:
         return pieces
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """click's parsing, with every bad or missing option of the command line reported
+        together (click stops at the first): each parameter's `handle_parse_result` is
+        wrapped for the parse to record its BadParameter instead of raising it."""
         for token in args:
             if token == "--":
                 break
             name = token.split("=", 1)[0]
             if name.startswith("-") and name in self.renamed:
                 warn_renamed(name, self.renamed[name])
-        return super().parse_args(ctx, args)
+        if isinstance(self, click.Group):  # a group's own options only; its command parses the rest
+            return super().parse_args(ctx, args)
+        failed: list[click.UsageError] = []
+        params = self.get_params(ctx)
+        for param in params:
+            param.handle_parse_result = _recording(param.handle_parse_result, failed)
+        try:
+            rest = super().parse_args(ctx, args)
+        finally:
+            for param in params:
+                del param.handle_parse_result  # (the instance attribute: the class's method again)
+        if len(failed) > 1:
+            raise UsageErrors(failed)
+        if failed:
+            raise failed[0]
+        return rest
+
+
+class UsageErrors(click.UsageError):
+    """Several bad options of one command line; the CLI prints a line each (`lines`)."""
+
+    def __init__(self, errors: list[click.UsageError]) -> None:
+        self.lines = [" ".join(e.format_message().split()) for e in errors]
+        super().__init__("; ".join(self.lines), errors[0].ctx)
+
+
+def _recording(handle, failed: list):
+    """`handle` (a parameter's handle_parse_result) that records a BadParameter or
+    MissingParameter in `failed` and goes on, leaving that parameter out of ctx.params."""
+    def handle_parse_result(ctx: click.Context, opts, args):
+        try:
+            return handle(ctx, opts, args)
+        except click.BadParameter as e:  # (MissingParameter is one)
+            failed.append(e)
+            return None, args
+    return handle_parse_result
 
 
 class Command(_Sectioned, click.Command):

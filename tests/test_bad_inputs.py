@@ -147,4 +147,4 @@ def test_verify_sources_finds_a_shard_changed_since_extraction(demo_shards, tmp_
     shard.write_bytes(bytes(data))
     r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(tmp_path / "c"), "--recompute", "0", "--sources"])
     damaged = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: damaged")]
-    assert r.exit_code == 2 and len(damaged) == 1 and f"{shard}: source shard changed since extraction" in damaged[0]
+    assert r.exit_code == 1 and len(damaged) == 1 and f"{shard}: source shard changed since extraction" in damaged[0]

@@ -57,7 +57,12 @@ def test_help_describes_every_option_under_a_section_and_ends_with_an_example(pa
 
 
 def test_version_and_module_entry_point():
-    assert CliRunner().invoke(cli, ["--version"]).output.strip() == f"mrmae, version {__version__}"
+    """The version, and in this checkout (the package's folder is the repository's root) the
+    revision `git describe` gives; an installed wheel prints no revision (tests/test_wheel.py)."""
+    top = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
+                         capture_output=True, text=True)
+    rev = f" (git {top.stdout.strip()})" if top.returncode == 0 else ""
+    assert CliRunner().invoke(cli, ["--version"]).output.strip() == f"mrmae {__version__}{rev}"
     r = subprocess.run([sys.executable, "-m", "mrmae", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "extract-features" in r.stdout
 

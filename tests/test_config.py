@@ -68,7 +68,7 @@ HOSTILE = {
               "line 3: fuse_layers: given twice (also as fuse-layers on line 1)"),
     "twice-verbatim": ("epochs: 1\nepochs: 2\n", "line 2: epochs: given twice (also on line 1)"),
     "bad-value": ("epochs: many\n", "line 1: Invalid value for '--epochs': 'many' is not a valid integer"),
-    "bad-choice": ("mask: circle\n", "line 1: Invalid value for '--mask': 'circle' is not one of"),
+    "bad-choice": ("mask: circle\n", "line 1: Invalid value for '--mask': circle: unknown (known: block, focused, random)"),
     "bad-list": ("fuse-layers: [4, x]\n", "line 1: Invalid value for '--fuse-layers': '4,x'"),
     "include": ("config: other.yaml\n", "line 1: config: a config file cannot name another (no includes)"),
     "too-big": ("#" * (1 << 20) + "\n", "over 1 MiB"),
@@ -171,7 +171,8 @@ def test_paper_pretrain_recipe_trains_one_step_with_tiny_overrides(demo_shards, 
     # ... and the recipe's, resolved
     assert cfg["fuse_layers"] == [4, 8, 11] and cfg["blr"] == 1.5e-4 and cfg["weight_decay"] == 0.05
     assert cfg["step_options"]["mask"] == "focused" and cfg["step_options"]["mask_ratio"] == 0.75
-    assert cfg["target"] == "main" and cfg["base_lr"] == pytest.approx(1.5e-4 * 6 / 256)
+    assert cfg["target"] == "main" and cfg["lr"] == pytest.approx(1.5e-4 * 6 / 256)  # the lr as resolved
+    assert cfg["lr_rule"] == "--blr 0.00015 x 6 / 256" and cfg["provenance"]["argv"][1:3] == ["pretrain", "--config"]
 
 
 def test_finetune_reads_a_config_file_and_derives_accumulation(student, demo_shards, tmp_path):
@@ -227,12 +228,52 @@ def test_pretrain_start_checks(demo_shards, cache, tmp_path, bad, expected):
     bad = [a for b in bad for a in (["--feature-cache", str(cache)] if b == "CACHE" else [b])]
     out = tmp_path / "run"
     code, errors, r = mrmae(["pretrain", "--shards", str(demo_shards[0]), "--out", str(out), *TINY, *bad])
-    assert code == 1 and len(errors) == 1 and errors[0].startswith(f"mrmae: error: {expected}"), r.output
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"mrmae: error: {expected}"), r.output
     assert not out.exists()
 
 
+def test_every_bad_option_of_a_command_is_reported_at_once(demo_shards, tmp_path):
+    """click's own checks (types, ranges) together, then mrmae's (values, combinations)
+    together: a line each, exit 2, nothing written."""
+    out = tmp_path / "run"
+    code, errors, r = mrmae(["pretrain", "--shards", str(demo_shards[0]), "--out", str(out), *TINY,
+                             "--batch-size", "0", "--epochs", "0", "--mask", "focsed"])
+    assert code == 2 and errors == [
+        "mrmae: error: Invalid value for '--batch-size': 0 is not in the range x>=1.",
+        "mrmae: error: Invalid value for '--epochs': 0 is not in the range x>=1.",
+        "mrmae: error: Invalid value for '--mask': focsed: unknown; did you mean focused? (known: block, focused, "
+        "random)"], r.output
+    code, errors, r = mrmae(["pretrain", "--shards", str(demo_shards[0]), "--out", str(out), *TINY, "--lr", "nan",
+                             "--warmup-epochs", "3", "--model", "mrmae_vit_tiny_patc16", "--mask", "focused"])
+    assert code == 2 and errors == [
+        "mrmae: error: --lr nan: must be a finite number above 0",
+        "mrmae: error: --warmup-epochs 3: must be below --epochs 1 (a warm-up of the whole run or longer never "
+        "reaches the peak lr)",
+        "mrmae: error: --model mrmae_vit_tiny_patc16: unknown; did you mean mrmae_vit_tiny_patch16? (known: "
+        "mrmae_vit_tiny_patch16, mrmae_vit_small_patch16, mrmae_vit_base_patch16, mrmae_vit_large_patch16, "
+        "mrmae_vit_huge_patch16, mrmae_convvit_tiny, mrmae_convvit_small, mrmae_convvit_base, mrmae_convvit_large, "
+        "mrmae_convvit_huge)",
+        "mrmae: error: --mask focused needs teacher attention: give --feature-cache or --teacher"], r.output
+    assert not out.exists()
+
+
+def test_a_default_warmup_longer_than_the_run_is_shortened_with_a_note(student, demo_shards, tmp_path):
+    """finetune's 5 warm-up epochs (MAE's 5 of 100) in a 2-epoch run: 5% of it, with one note;
+    the same 5 given on the command line is refused (below)."""
+    out = tmp_path / "ft"
+    code, errors, r = mrmae(["finetune", "--checkpoint", str(student), "--shards", f"{demo_shards[0]}::{demo_shards[1]}",
+                             "--val-shards", str(demo_shards[2]), "--out", str(out), "--num-classes", "16",
+                             "--epochs", "2", "--batch-size", "4", "--augment", "light", "--no-progress",
+                             "--workers", "0"])
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("mrmae: note: --warmup-epochs")]
+    assert code == 0 and notes == ["mrmae: note: --warmup-epochs 5 (not given on the command line) is as long as this "
+                                   "2-epoch run; warming up for 0.1 epochs instead, its share of the 100 epochs it "
+                                   "was set for"], r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["warmup_epochs"] == pytest.approx(0.1) and cfg["warmup_steps"] == int(0.1 * cfg["steps_per_epoch"])
+
+
 @pytest.mark.parametrize("bad, expected", [
-    (["--epochs", "3"], "--warmup-epochs 5: must be below --epochs 3"),  # the default warm-up
     (["--epochs", "5", "--warmup-epochs", "5"], "--warmup-epochs 5: must be below --epochs 5"),
     (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
     (["--batch-size", "8"], "--batch-size 8: 8 images per step (--batch-size 8 x --accum-steps 1 x 1 processes) "
@@ -244,5 +285,5 @@ def test_finetune_start_checks(student, demo_shards, tmp_path, bad, expected):
     code, errors, r = mrmae(["finetune", "--checkpoint", str(student), "--shards", str(demo_shards[0]),
                              "--val-shards", str(demo_shards[1]), "--out", str(out), "--num-classes", "16",
                              "--no-progress", "--workers", "0", *bad])
-    assert code == 1 and len(errors) == 1 and errors[0].startswith(f"mrmae: error: {expected}"), r.output
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"mrmae: error: {expected}"), r.output
     assert not out.exists()

@@ -49,7 +49,8 @@ def _crafted(small_cache, tmp_path, **fields):
 
 
 def _one_line_error(r, *words):
-    lines = [x for x in r.output.splitlines() if x.strip()]
+    """One error line (after a training run's own start line, where it started)."""
+    lines = [x for x in r.output.splitlines() if x.strip() and not x.startswith(("pretrain: ", "finetune: "))]
     assert r.exit_code not in (0, None) and len(lines) == 1 and lines[0].startswith("mrmae: error: "), r.output
     assert all(w in lines[0] for w in words), lines[0]
     return lines[0]
@@ -176,7 +177,7 @@ def test_a_symbolic_link_out_of_the_cache_is_never_followed(small_cache, demo_sh
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
     if what != "entry":  # (an entry link stops every reader of the manifest, repair included)
         r = runner.invoke(cli, ["cache", "verify", "--feature-cache", given, "--recompute", "0", "--repair"])
-        assert r.exit_code == 2 and "symbolic link out of the cache" in r.output, r.output
+        assert r.exit_code == 1 and "symbolic link out of the cache" in r.output, r.output
         assert not cf.read_manifest(root).shards and outside.exists()
     (tmp_path / "link").symlink_to(small_cache, target_is_directory=True)
     r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(tmp_path / "link"), "--recompute", "0"])
@@ -737,7 +738,8 @@ def _pretrain3(shards, cache, out) -> list[str]:
 
     r = CliRunner().invoke(cli, ["pretrain", "--shards", shards, "--feature-cache", str(cache), "--out", str(out), *TINY])
     assert r.exit_code == 1, r.output + repr(r.exception)
-    return [ln for ln in r.output.splitlines() if ln.strip() and "RANDOM WEIGHTS" not in ln]
+    return [ln for ln in r.output.splitlines() if ln.strip() and "RANDOM WEIGHTS" not in ln
+            and not ln.startswith("pretrain: ")]  # (the run's start line)
 
 
 def _nothing_trained3(out) -> bool:
@@ -919,7 +921,7 @@ def test_s3_verify_repair_then_extraction_redoes_only_the_damaged_shard(demo_sha
 
     r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(cache), "--recompute", "0", "--repair"])
     repaired = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: repaired")]
-    assert r.exit_code == 2 and len(repaired) == 1 and str(damaged) in repaired[0], r.output
+    assert r.exit_code == 1 and len(repaired) == 1 and str(damaged) in repaired[0], r.output
     assert not damaged.exists() and [e.group for e in cf.read_manifest(cache).shards] == [sorted(before)[0]]
 
     summary = _extract3(shards, cache, fmt)
@@ -1184,7 +1186,7 @@ TINY_RUN = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--deco
 def _mrmae(args: list[str]):
     """The real CLI in this process -> (exit code, stderr lines that are not warnings, result)."""
     r = CliRunner().invoke(cli, args)
-    errors = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("mrmae: warning")]
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("mrmae: warning", "mrmae: note"))]
     return r.exit_code, errors, r
 
 
@@ -1425,14 +1427,19 @@ def test_6_a_second_run_on_the_same_out_is_refused_while_the_first_trains(two_sh
             time.sleep(0.2)
         assert first.poll() is None, "the first run ended early"
         code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run),
-                                  *TINY_RUN, "--seed", "9"])
+                                  *TINY_RUN, "--seed", "9", "--resume"])
         assert code == 1 and errors == [f"mrmae: error: {run}: another run is training into this --out (it holds "
                                         "its lock); wait for it or give another --out"], r.output + repr(r.exception)
+        code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run),
+                                  *TINY_RUN, "--seed", "9", "--overwrite"])  # not moved from under the live run
+        assert code == 1 and errors == [f"mrmae: error: --overwrite {run}: a run is training into it (it holds its "
+                                        "lock); stop it first or give another --out"], r.output + repr(r.exception)
         assert json.loads((run / "config.json").read_text())["seed"] == 3  # the first run's, not overwritten
     finally:
         first.kill()
         first.wait()
-    code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run), *TINY_RUN])
+    code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run), *TINY_RUN,
+                              "--overwrite"])
     assert code == 0, r.output + repr(r.exception)  # the killed run's lock went with it
 
 
@@ -1791,7 +1798,7 @@ def test_8_pretrain_numbers_and_shard_lists_are_refused_before_anything_is_writt
     out = tmp_path / "run"
     bad = [url_list([demo_shards[0], demo_shards[1], demo_shards[0]]) if b == "TWICE" else b for b in bad]
     code, errors, r = _mrmae(["pretrain", "--shards", str(demo_shards[0]), "--out", str(out), *TINY_RUN, *bad])
-    assert code == 1 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
     assert not out.exists()
 
 
@@ -1806,7 +1813,7 @@ def test_8_finetune_numbers_are_refused_before_anything_is_written(demo_shards, 
     out = tmp_path / "ft"
     code, errors, r = _mrmae(["finetune", "--checkpoint", str(tmp_path / "student"), "--shards", str(demo_shards[0]),
                               "--val-shards", str(demo_shards[1]), "--out", str(out), "--no-progress", *bad])
-    assert code == 1 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("mrmae: error: ") and option in errors[0], r.output
     assert not out.exists()
 
 
@@ -1886,7 +1893,7 @@ def test_8_export_and_visualize_never_write_over_the_checkpoint_or_the_cache(two
     assert code == 1 and errors == [f"mrmae: error: --out {weights.parent}: the checkpoint {weights.parent}, whose "
                                     "files it would replace; write the encoder elsewhere"], r.output
     code, errors, r = _mrmae(["visualize", "--feature-cache", str(cache), "--shards", shards, "--out", str(cache)])
-    assert code == 1 and errors == [f"mrmae: error: --out {cache}: inside the cache {cache}, whose "
+    assert code == 2 and errors == [f"mrmae: error: --out {cache}: inside the cache {cache}, whose "
                                     "files it would replace; write the picture elsewhere"], r.output
     assert {**_files(run), **_files(cache)} == before
 
@@ -1902,14 +1909,22 @@ def test_8_a_fresh_run_over_older_checkpoints_keeps_its_own_and_finetune_keeps_o
     shutil.copytree(trained_on_a, run)
     for step in (7, 9):  # an older run's later checkpoints
         shutil.copytree(run / "checkpoints" / "step00000002", run / "checkpoints" / f"step{step:08d}")
+    older = _files(run)
     code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run), *TINY_RUN,
-                              "--save-every-steps", "1"])
+                              "--save-every-steps", "1"])  # a fresh run on it: refused, the older run untouched
+    assert code == 2 and errors == [f"mrmae: error: --out {run}: holds a run already; give --resume to continue it or "
+                                    "--overwrite to set it aside (renamed, never deleted) and start anew"], r.output
+    assert _files(run) == older
+    code, errors, r = _mrmae(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(run), *TINY_RUN,
+                              "--save-every-steps", "1", "--overwrite"])
     assert code == 0 and not errors, r.output + repr(r.exception)
     assert (run / "checkpoints" / "latest").read_text() == "step00000002"
     assert (run / "checkpoints" / "step00000002" / "state.json").is_file()
+    aside = list(tmp_path.glob("run.old-*"))  # the older run, whole, beside the new one
+    assert len(aside) == 1 and _files(aside[0]) == older
     before = _files(run)
     code, errors, r = _mrmae(["finetune", "--checkpoint", str(run), "--shards", str(shards),
                               "--val-shards", str(shards), "--out", str(run), "--no-progress"])
-    assert code == 1 and errors == [f"mrmae: error: --out {run}: holds the --checkpoint {run} (its config.json, metrics "
+    assert code == 2 and errors == [f"mrmae: error: --out {run}: holds the --checkpoint {run} (its config.json, metrics "
                                     "and checkpoints would be replaced); give the fine-tuning its own --out"], r.output
     assert _files(run) == before

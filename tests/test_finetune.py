@@ -61,7 +61,10 @@ def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_pat
             "--val-shards", str(demo_shards[2]), *FT]
     r = finetune([*data, "--out", str(tmp_path / "whole")])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    assert r.output.splitlines()[0].split() == ["epoch", "step", "train_loss", "val_loss", "top1", "top5"]
+    lines = r.stdout.splitlines()  # the start line, then the table of epochs, then the end summary
+    assert lines[0].startswith("finetune: ") and " 2 epochs x 3 steps = 6 steps of 4 images " in lines[0]
+    assert lines[1].split() == ["epoch", "step", "train_loss", "val_loss", "top1", "top5"]
+    assert lines[-2].startswith("6 steps done;") and lines[-1].startswith(f"run: {tmp_path / 'whole'} (config.json")
     whole = records(tmp_path / "whole")
     steps = [m for m in whole if "loss" in m]
     evals = [m for m in whole if "top1" in m]

@@ -176,8 +176,9 @@ def test_mask_and_its_options_are_checked_by_name_and_range():
     from mrmae.train.pretrain import check_mask
 
     check_mask(StepOptions(mask="random", mask_options={"focus_temperature": 0.5, "focus_uniform_mix": 1.0}))
-    for opts, message in ((StepOptions(mask="nope"), "--mask nope: unknown masking strategy; known: .*random"),
-                          (StepOptions(mask_options={"bogus": 1.0}), "--mask-option bogus: no masking strategy takes it"),
+    for opts, message in ((StepOptions(mask="nope"), r"--mask nope: unknown \(known: .*random"),
+                          (StepOptions(mask="blok"), r"--mask blok: unknown; did you mean block\?"),
+                          (StepOptions(mask_options={"bogus": 1.0}), "--mask-option bogus: unknown"),
                           (StepOptions(mask_options={"focus_temperature": 0.0}),
                            "--focus-temperature 0.0: must be a finite number above 0")):
         with pytest.raises(OptionError, match=message):
@@ -186,4 +187,6 @@ def test_mask_and_its_options_are_checked_by_name_and_range():
         r = CliRunner().invoke(cli, ["pretrain", "--shards", "x.tar", "--out", "o", "--mask-option", given])
         assert r.exit_code == 2 and "--mask-option" in r.output and "give NAME=NUMBER" in r.output, r.output
     r = CliRunner().invoke(cli, ["pretrain", "--shards", "x.tar", "--out", "o", "--mask", "nope"])
-    assert r.exit_code == 2 and "'nope' is not one of" in r.output and "'focused'" in r.output, r.output
+    assert r.exit_code == 2 and "nope: unknown (known: " in r.output and "focused" in r.output, r.output
+    r = CliRunner().invoke(cli, ["pretrain", "--shards", "x.tar", "--out", "o", "--mask", "focussed"])
+    assert r.exit_code == 2 and "focussed: unknown; did you mean focused?" in r.output, r.output

@@ -87,6 +87,7 @@ class FinetuneConfig:
     shuffle_buffer: int = 1000
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # --out holding a run: set it aside (renamed) and start anew
     save_every_steps: int = 0  # 0: at the end of each epoch only
     samples_per_epoch: int | None = None  # default: counted from the tar headers
     progress: bool = True
@@ -215,16 +216,20 @@ def _file_sha256(path: Path) -> str:
 
 
 def check_numbers(cfg: FinetuneConfig) -> None:
-    """The float options of a fine-tuning run and its RandAugment policy, before anything is
-    built or written (OptionError naming the first bad one: NaN passes click's ranges)."""
-    from mrmae.shared.errors import OptionError
+    """The options of a fine-tuning run, before anything is built or written: every bad one
+    at once (OptionErrors, a line each; NaN passes click's ranges)."""
+    from mrmae.shared.errors import OptionChecks
     from mrmae.train.finetune_data import train_transform
-    from mrmae.train.pretrain import check_warmup, number_option
+    from mrmae.train.pretrain import check_shard_list, check_warmup, number_option
+    from mrmae.train.run_dir import check_out
 
+    checks = OptionChecks()
     source = Path(cfg.checkpoint).resolve()
     if source == Path(cfg.out).resolve() or Path(cfg.out).resolve() in source.parents:
-        raise OptionError(f"--out {cfg.out}: holds the --checkpoint {cfg.checkpoint} (its config.json, metrics and "
-                          "checkpoints would be replaced); give the fine-tuning its own --out")
+        checks.fail(f"--out {cfg.out}: holds the --checkpoint {cfg.checkpoint} (its config.json, metrics and "
+                    "checkpoints would be replaced); give the fine-tuning its own --out")
+    else:
+        checks.run(check_out, cfg.out, cfg.resume, cfg.overwrite)
     for option, value, low, high, low_open in (
             ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
             ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False),
@@ -233,15 +238,22 @@ def check_numbers(cfg: FinetuneConfig) -> None:
             ("cutmix", cfg.cutmix, 0.0, math.inf, False), ("mixup-prob", cfg.mixup_prob, 0.0, 1.0, False),
             ("mixup-switch-prob", cfg.mixup_switch_prob, 0.0, 1.0, False), ("smoothing", cfg.smoothing, 0.0, 1.0, False),
             ("re-prob", cfg.re_prob, 0.0, 1.0, False)):
-        number_option(option, value, low, high, low_open=low_open)
-    check_warmup(cfg.warmup_epochs, cfg.epochs)
-    if cfg.drop_path >= 1.0 or cfg.smoothing >= 1.0:
-        raise OptionError(f"--{'drop-path' if cfg.drop_path >= 1 else 'smoothing'} must be below 1")
+        checks.run(number_option, option, value, low, high, low_open=low_open)
+    checks.run(check_warmup, cfg.warmup_epochs, cfg.epochs)
+    for option, value in (("drop-path", cfg.drop_path), ("smoothing", cfg.smoothing)):
+        if value == 1.0:  # (above 1, or NaN: the range check said so)
+            checks.fail(f"--{option} must be below 1")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        checks.fail(f"--batch-size {cfg.batch_size} is odd: Mixup/CutMix pair the rows of a batch "
+                    "(use an even size, or --mixup 0 --cutmix 0)")
+    checks.run(check_shard_list, cfg.train_shards)
+    checks.run(check_shard_list, cfg.val_shards, "--val-shards")
     if cfg.augment == "randaug":
         try:
             train_transform(224, cfg.augment, cfg.rand_augment, cfg.re_prob)
         except (AssertionError, ValueError, KeyError, IndexError) as e:
-            raise OptionError(f"--rand-augment {cfg.rand_augment}: not a timm RandAugment policy ({e})") from None
+            checks.fail(f"--rand-augment {cfg.rand_augment}: not a timm RandAugment policy ({e})")
+    checks.done()
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -254,9 +266,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     check_numbers(cfg)
     run = TrainRun(cfg, "finetune")
     cfg, cuda = run.cfg, run.cuda
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise FinetuneError(f"--batch-size {cfg.batch_size} is odd: Mixup/CutMix pair the rows of a batch "
-                            "(use an even size, or --mixup 0 --cutmix 0)")
     model, encoder = build_classifier(cfg.checkpoint, cfg.num_classes, cfg.drop_path, cfg.global_pool, cfg.seed)
     if encoder.note and run.is_main:
         tqdm.write(f"mrmae: note: {encoder.note}", file=sys.stderr)
@@ -271,7 +280,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     samples = cfg.samples_per_epoch or count_samples(expand_urls(cfg.train_shards), None)
     run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else "counted in --shards")
     groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=run.base_lr, betas=(0.9, 0.999), fused=cuda or None)
+    optimizer = torch.optim.AdamW(groups, lr=run.peak_lr, betas=(0.9, 0.999), fused=cuda or None)
     model, _ = run.start(model, optimizer, run_fingerprint(cfg, timm_name, timm_kwargs))
     run.write_config({"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs})
 
@@ -284,9 +293,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         result = evaluate(run.accelerator.unwrap_model(model), cfg.val_shards, img_size, cfg.num_classes,
                           run.accelerator, cfg.eval_batch_size, cfg.workers)
         if run.is_main:  # the epoch's mean from the file: a resumed epoch counts its first part too
-            run.log({"epoch": epoch, "step": run.state.step, "train_loss": _epoch_loss(run.metrics, epoch), **result})
+            record = {"epoch": epoch, "step": run.state.step, "train_loss": _epoch_loss(run.metrics, epoch), **result}
+            run.log(record)
+            run.log_scalars(record, "val")
 
-    result = run.train(batches_of, ClassifierStep(model, run.accelerator, cfg), end_of_epoch)
+    what = (f"{timm_name} with a {cfg.num_classes}-class head ({cfg.global_pool} pool) from {cfg.checkpoint}, "
+            f"layer decay {cfg.layer_decay:g}")
+    result = run.train(batches_of, ClassifierStep(model, run.accelerator, cfg), end_of_epoch, what=what)
     result["table"] = results_table(run.metrics) if run.is_main else ""
     return result
 

@@ -20,11 +20,12 @@ import torch
 from mrmae.shared import shards
 from mrmae.shared.shards import expand_urls
 from mrmae.shared import cache_format as cf
-from mrmae.shared.errors import OptionError, worker_ignores_interrupt
+from mrmae.shared.errors import OptionChecks, OptionError, unknown_name, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
 from mrmae.train.masking import all_mask_options, get_mask, mask_names, num_visible
 from mrmae.train.recipe import RecipeFile
+from mrmae.train.run_dir import check_out
 from mrmae.train.engine import InterruptibleLoader, PretrainStep, StepOptions
 from mrmae.train.loop import (MASK_SEEDING, TrainRun, check_epoch_fits, epoch_passes,  # noqa: F401 (re-exported)
                               resolve_accum_steps)
@@ -55,6 +56,7 @@ class PretrainConfig:
     shuffle_buffer: int = 1000
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # --out holding a run: set it aside (renamed) and start anew
     save_every_steps: int = 0  # 0: at the end of each epoch only
     pixels_from_cache: bool = False  # views from the cache (--store-pixels), source tars unread
     render_on_device: bool | None = None  # workers decode, the step renders the views; None: on with CUDA
@@ -106,20 +108,39 @@ def open_targets(root: str, target: str | None) -> list[cf.FeatureCache]:
 
 
 def check_options(cfg: PretrainConfig) -> None:
-    """Refuse (OptionError naming the option) what cannot work, before anything is written."""
-    from mrmae.train.models import list_models, model_config
-
+    """Refuse what cannot work before anything is written: every bad option at once (an
+    OptionErrors, a line each naming its option)."""
+    checks = OptionChecks()
     for option, value, least in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
                                  ("--workers", cfg.workers, 0),
                                  ("--views", cfg.views_per_image, 1), ("--decoder-dim", cfg.decoder_dim, 1),
                                  ("--decoder-depth", cfg.decoder_depth, 0), ("--save-every-steps", cfg.save_every_steps, 0),
                                  ("--shuffle-buffer", cfg.shuffle_buffer, 0)):
         if value < least:
-            raise OptionError(f"{option} {value}: must be at least {least}")
-    check_numbers(cfg)
-    check_mask(cfg.step_options)
+            checks.fail(f"{option} {value}: must be at least {least}")
+    check_numbers(cfg, checks)
+    checks.run(check_mask, cfg.step_options)
+    checks.run(check_model, cfg)
+    checks.run(check_shard_list, cfg.shards)
+    checks.run(check_out, cfg.out, cfg.resume, cfg.overwrite)
+    if cfg.target and not cfg.feature_cache:
+        checks.fail("--target picks targets inside a cache: give --feature-cache too")
+    if cfg.feature_cache and cfg.teacher:
+        checks.fail("give --feature-cache or --teacher, not both")
+    if cfg.pixels_from_cache and not cfg.feature_cache:
+        checks.fail("--pixels-from-cache reads the views from a cache: give --feature-cache")
+    if cfg.step_options.mask in mask_names() and get_mask(cfg.step_options.mask).needs_attention \
+            and not (cfg.feature_cache or cfg.teacher):
+        checks.fail(f"--mask {cfg.step_options.mask} needs teacher attention: give --feature-cache or --teacher")
+    checks.done()
+
+
+def check_model(cfg: PretrainConfig) -> None:
+    """--model is a registered student, --fuse-layers fits its depth, --mask-ratio masks some of its patches."""
+    from mrmae.train.models import list_models, model_config
+
     if cfg.model not in list_models():
-        raise OptionError(f"--model {cfg.model}: unknown; known: {', '.join(list_models())}")
+        raise OptionError(unknown_name("--model", cfg.model, list_models(), "see `mrmae models`"))
     try:
         config = model_config(cfg.model, fuse_layers=cfg.fuse_layers)
     except ValueError as e:  # the list was written for another depth (4,8,12 is a ViT-B's, 4,8,11 a ConvViT's)
@@ -128,37 +149,36 @@ def check_options(cfg: PretrainConfig) -> None:
         depth, blocks = model_config(cfg.model).depth, family_of(cfg.model).fuse_blocks  # what the list counts
         raise OptionError(f"--fuse-layers {','.join(map(str, cfg.fuse_layers))}: {cfg.model} has {depth} {blocks}; "
                           f"{e}") from None
-    tokens = (config.img_size // config.patch_size) ** 2
-    if num_visible(tokens, cfg.step_options.mask_ratio) >= tokens:  # nothing masked: L_R is a mean over nothing
+    tokens, ratio = (config.img_size // config.patch_size) ** 2, cfg.step_options.mask_ratio
+    if 0 <= ratio < 1 and num_visible(tokens, ratio) >= tokens:  # (NaN or out of range: check_numbers says so)  # nothing masked: L_R is a mean over nothing
         raise OptionError(f"--mask-ratio {cfg.step_options.mask_ratio}: masks none of {cfg.model}'s {tokens} patches")
-    urls = expand_urls(cfg.shards)
+
+
+def check_shard_list(text: str, option: str = "--shards") -> None:
+    """`option` (a shard list) names at least one shard, each once."""
+    urls = expand_urls(text)
     if not urls:
-        raise OptionError(f"--shards {cfg.shards!r}: names no shard")
+        raise OptionError(f"{option} {text!r}: names no shard")
     if len(set(urls)) != len(urls):  # e.g. overlapping brace ranges: those samples would count twice an epoch
         twice = next(u for u in urls if urls.count(u) > 1)
-        raise OptionError(f"--shards: {twice} is listed twice")
-    if cfg.target and not cfg.feature_cache:
-        raise OptionError("--target picks targets inside a cache: give --feature-cache too")
-    if cfg.feature_cache and cfg.teacher:
-        raise OptionError("give --feature-cache or --teacher, not both")
-    if cfg.pixels_from_cache and not cfg.feature_cache:
-        raise OptionError("--pixels-from-cache reads the views from a cache: give --feature-cache")
-    if get_mask(cfg.step_options.mask).needs_attention and not (cfg.feature_cache or cfg.teacher):
-        raise OptionError(f"--mask {cfg.step_options.mask} needs teacher attention: give --feature-cache or --teacher")
+        raise OptionError(f"{option}: {twice} is listed twice")
 
 
 def check_mask(o: StepOptions) -> None:
     """--mask names a registered strategy, and each of --mask-option's (any strategy's: the
     command line sets --focus-* whatever --mask is) is an option of one, in its range."""
     if o.mask not in mask_names():
-        raise OptionError(f"--mask {o.mask}: unknown masking strategy; known: {', '.join(mask_names())}")
+        raise OptionError(unknown_name("--mask", o.mask, mask_names(), "a file of train/masks/"))
     known = all_mask_options()
+    checks = OptionChecks()
     for name, value in o.mask_options.items():
         if name not in known:
-            raise OptionError(f"--mask-option {name}: no masking strategy takes it; known: {', '.join(sorted(known))}")
+            checks.fail(unknown_name("--mask-option", name, sorted(known), "no masking strategy takes it"))
+            continue
         spec = known[name]
         shown = spec.flag[2:] if spec.flag else f"mask-option {name}"  # (number_option adds the dashes)
-        number_option(shown, value, spec.low, spec.high, low_open=spec.low_open)
+        checks.run(number_option, shown, value, spec.low, spec.high, low_open=spec.low_open)
+    checks.done()
 
 
 def number_option(option: str, value: float | None, low: float, high: float = math.inf, *,
@@ -175,26 +195,27 @@ def number_option(option: str, value: float | None, low: float, high: float = ma
 
 def check_warmup(warmup_epochs: float, epochs: int) -> None:
     """A warm-up as long as the run never reaches the peak lr, and a longer one trains the
-    whole run at a fraction of it: refused (0, no warm-up, is fine)."""
+    whole run at a fraction of it: refused (0, no warm-up, is fine). A warm-up the user did
+    not give is shortened to fit before this check (`loop.fit_warmup`)."""
     if warmup_epochs > 0 and warmup_epochs >= epochs:
         raise OptionError(f"--warmup-epochs {warmup_epochs:g}: must be below --epochs {epochs} (a warm-up of the "
                           "whole run or longer never reaches the peak lr)")
 
 
-def check_numbers(cfg: PretrainConfig) -> None:
-    """The float options of a pretraining run (OptionError naming the first bad one)."""
+def check_numbers(cfg: PretrainConfig, checks: OptionChecks) -> None:
+    """The float options of a pretraining run, each failure added to `checks`."""
     o = cfg.step_options
     for option, value, low, high, low_open in (
             ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
             ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("weight-decay", cfg.weight_decay, 0.0, math.inf, False),
             ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False), ("mask-ratio", o.mask_ratio, 0.0, 1.0, False),
             ("recon-weight", o.recon_weight, 0.0, math.inf, False), ("mimic-weight", o.mimic_weight, 0.0, math.inf, False)):
-        number_option(option, value, low, high, low_open=low_open)
-    check_warmup(cfg.warmup_epochs, cfg.epochs)
+        checks.run(number_option, option, value, low, high, low_open=low_open)
+    checks.run(check_warmup, cfg.warmup_epochs, cfg.epochs)
     if o.mask_ratio >= 1.0:
-        raise OptionError(f"--mask-ratio {o.mask_ratio}: must be below 1")
+        checks.fail(f"--mask-ratio {o.mask_ratio}: must be below 1")
     if o.recon_weight == 0 and o.mimic_weight == 0:
-        raise OptionError("--recon-weight 0 --mimic-weight 0: the loss would be zero; give one of them a weight")
+        checks.fail("--recon-weight 0 --mimic-weight 0: the loss would be zero; give one of them a weight")
 
 
 def run_fingerprint(cfg: PretrainConfig, urls: list[str], caches: list[cf.FeatureCache], teacher,
@@ -233,7 +254,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     from mrmae.train.models import create_model
 
     check_options(cfg)  # before anything is built, read or written
-    run = TrainRun(cfg, "pretrain", mask_seeding=MASK_SEEDING, tensorboard=True)
+    run = TrainRun(cfg, "pretrain", mask_seeding=MASK_SEEDING)
     cuda, device = run.cuda, run.accelerator.device
     # Stored views need no render; otherwise the device renders where one is (the same pixels either way).
     cfg = run.cfg = replace(run.cfg, render_on_device=not cfg.pixels_from_cache and
@@ -255,7 +276,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     # Read (and checked) before the run directory is written: a bad basis leaves nothing.
     pca = [None if (p := c.pca()) is None else (torch.from_numpy(p[0]).to(device), torch.from_numpy(p[1]).to(device))
            for c in caches]
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=run.base_lr, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=run.peak_lr, betas=(0.9, 0.95),
                                   fused=cuda or None)
     model, _ = run.start(model, optimizer, run_fingerprint(cfg, urls, caches, teacher, dims), cfg.compile)
     run.write_config({**asdict(cfg), "teacher_dim": dims[0], "joint_teacher_dims": list(dims[1:]),
@@ -264,7 +285,22 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                       "teacher_weights_sha256": (caches[0].manifest.teacher.weights_sha256 if caches
                                                  else teacher.fingerprint if teacher else None)})
     step = PretrainStep(model, run.accelerator, cfg.step_options, teacher, pca, run.mask_seeding)
-    return run.train(lambda epoch: epoch_batches(stream, loader, epoch, cfg.data_split), step)
+    return run.train(lambda epoch: epoch_batches(stream, loader, epoch, cfg.data_split), step,
+                     what=describe_run(cfg, run.accelerator.unwrap_model(model), caches))
+
+
+def describe_run(cfg: PretrainConfig, model: torch.nn.Module, caches: list[cf.FeatureCache]) -> str:
+    """The start line's account of a run: model and parameters, mode, teacher and cache, mask."""
+    enc, total = model.encoder_num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if caches:
+        m = caches[0].manifest
+        mode = (f"cached targets from {cfg.feature_cache} ({m.teacher.spec}, {m.views.per_image} views"
+                + (f", --target {cfg.target}" if cfg.target else "") + ")")
+    else:
+        mode = f"live teacher {cfg.teacher}" if cfg.teacher else "plain MAE (no teacher)"
+    o = cfg.step_options
+    return (f"{cfg.model} ({enc / 1e6:.1f}M encoder params, {total / 1e6:.1f}M trained), {mode}, "
+            f"mask {o.mask} {o.mask_ratio:g}")
 
 
 def target_dims(caches: list[cf.FeatureCache], teacher) -> tuple[int, ...]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
-from mrmae.shared.errors import OptionError, naming
+from mrmae.shared.errors import MrmaeError, OptionError, naming
 from mrmae.train.checkpoint import read_json_object
 from mrmae.train.masking import mask_strategies
 
@@ -47,8 +47,8 @@ EVAL_NOTE = ("eval columns: top-1 (%) from RUN/eval.jsonl, the last line per pro
              "top1/top5: the last evaluated epoch in metrics.jsonl; blank: not measured")
 
 
-class ReportError(OptionError):
-    """A RUN or --out the report cannot use, or a run file it cannot read; names the path."""
+class ReportError(MrmaeError, ValueError):
+    """A run file the report cannot read, or a RUN that is none; names the path (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ def check_runs(runs: tuple[str, ...], out: str) -> list[Path]:
     """The run directories, refused (ReportError naming the path) when one is not a run, is
     given twice, or when `out` lies inside a run's checkpoints."""
     if not runs:
-        raise ReportError("give at least one RUN directory")
+        raise OptionError("give at least one RUN directory")
     seen: dict[Path, str] = {}
     for run in runs:
         path = Path(run)
@@ -334,12 +334,12 @@ def check_runs(runs: tuple[str, ...], out: str) -> list[Path]:
         if not (path / "config.json").is_file():
             raise ReportError(f"{run}: not a run directory (no config.json)")
         if path.resolve() in seen:
-            raise ReportError(f"{run}: the same run as {seen[path.resolve()]}, given twice")
+            raise OptionError(f"{run}: the same run as {seen[path.resolve()]}, given twice")
         seen[path.resolve()] = run
     target = Path(out).resolve()
     for resolved, run in seen.items():
         if target.is_relative_to(resolved / "checkpoints"):
-            raise ReportError(f"--out {out}: inside the checkpoints of run {run}; give another directory")
+            raise OptionError(f"--out {out}: inside the checkpoints of run {run}; give another directory")
     return [Path(r) for r in runs]
 
 
