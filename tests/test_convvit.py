@@ -307,7 +307,7 @@ def test_paper_model_end_to_end_cache_focused_fused_pretrain_export_knn_finetune
     call = next(ln for ln in r.stdout.splitlines() if ln.startswith("load with: ")).split("model = ", 1)[1]
     model = eval(call, {"timm": timm})  # the printed call, as printed
     data_cfg = timm.data.resolve_data_config({}, model=model)
-    assert (data_cfg["mean"], data_cfg["std"]) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert (tuple(data_cfg["mean"]), tuple(data_cfg["std"])) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 192)  # a backbone: num_classes 0
 
     knn = ["eval", "knn", "--checkpoint", str(tmp_path / "enc"), "--shards", str(demo_shards[1]),
