@@ -173,14 +173,16 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
                                      "--out", str(tmp_path / "tok")]))
     assert "no [CLS] token" in line
 
-    # layer-wise lr decay: the conv stages decay most, then each block, the head not at all
-    from timm.optim import param_groups_layer_decay
+    # layer-wise lr decay, ConvMAE's: the conv stages with the embeddings in layer 0, then each block,
+    # the head not at all; per stage (--layer-decay-groups stages): stage 1 decays most
+    from mrmae.train.layer_decay import param_groups_layer_decay
 
-    groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.5)
     names = {id(p): n for n, p in model.named_parameters()}
-    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
-    assert scale["head.weight"] == 1.0 and scale["blocks.10.attn.qkv.weight"] == 0.5
-    assert scale["stage2.0.pw1.weight"] == 0.5 ** 13 and scale["embed1.proj.weight"] == 0.5 ** 14
+    for rule, stage1, stage2 in (("official", 0.5 ** 12, 0.5 ** 12), ("stages", 0.5 ** 14, 0.5 ** 13)):
+        groups = param_groups_layer_decay(model, 0.05, 0.5, rule)
+        scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+        assert scale["head.weight"] == 1.0 and scale["blocks.10.attn.qkv.weight"] == 0.5
+        assert scale["stage2.0.pw1.weight"] == stage2 and scale["embed1.proj.weight"] == stage1
 
 
 def test_a_fused_vit_fine_tunes_its_last_block_with_a_note(demo_shards, tmp_path):

@@ -26,8 +26,10 @@ What is exported (`read_encoder`, which finetune and eval use too):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -389,5 +391,9 @@ def _save_for_hf(model: torch.nn.Module, folder: Path, model_config: dict) -> No
         os.replace(tmp / HUB_CONFIG, target)
     except OSError as e:
         raise type(e)(e.errno, e.strerror, str(target)) from e
+    except SafetensorError as e:  # safetensors' own wrapper of a failed write ("... (os error 28)")
+        code = re.search(r"os error (\d+)", str(e))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(target)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
