@@ -253,3 +253,34 @@ def test_the_loaded_student_is_the_saved_one(tmp_path):
     model = save_tiny_student(tmp_path / "run")
     torch.testing.assert_close(encode_all_tokens(load_student(tmp_path / "run").model, X),
                                encode_all_tokens(model, X), atol=0, rtol=0)
+
+
+def test_a_vit_export_loads_in_timm_without_mrmae(tmp_path):
+    """The hub layout as timm alone reads it: in a virtualenv where mrmae is not importable,
+    `timm.create_model("local-dir:OUT", pretrained=True)` builds timm's ViT with the student's
+    weights and resolves the ImageNet mean/std it was trained with."""
+    from _venv import venv_without_mrmae
+    from safetensors.torch import save_file as save
+
+    model = save_tiny_student(tmp_path / "run")
+    _export(tmp_path / "run", tmp_path / "e")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    python = venv_without_mrmae(tmp_path / "venv", env)
+    save({"x": X}, str(tmp_path / "x.safetensors"))
+    code = ("import json, sys, timm, torch\n"
+            "from safetensors.torch import load_file, save_file\n"
+            f"m = timm.create_model('local-dir:{tmp_path / 'e'}', pretrained=True).eval()\n"
+            "c = timm.data.resolve_data_config({}, model=m)\n"
+            f"x = load_file('{tmp_path / 'x.safetensors'}')['x']\n"
+            "with torch.no_grad():\n"
+            f"    save_file({{'y': m.forward_features(x)}}, '{tmp_path / 'y.safetensors'}')\n"
+            "print(json.dumps([type(m).__module__, list(c['mean']), list(c['std']), c['interpolation'], c['crop_pct'],"
+            " 'mrmae' in sys.modules]))\n")
+    r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tmp_path / "venv")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1]) == ["timm.models.vision_transformer", [0.485, 0.456, 0.406],
+                                                     [0.229, 0.224, 0.225], "bicubic", 0.875, False]
+    with torch.no_grad():
+        torch.testing.assert_close(load_file(tmp_path / "y.safetensors")["y"], encode_all_tokens(model, X),
+                                   atol=1e-5, rtol=0)
