@@ -389,7 +389,7 @@ def test_official_checkpoints_export_evaluate_and_fine_tune(demo_shards, tmp_pat
     ft = save_pth(convmae_state("finetune", seed=3, classes=10), tmp_path / "convmae_ft.pth")
     r = CliRunner().invoke(cli, ["export", "--checkpoint", str(ft), "--out", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    assert "head of 10 classes" in r.stdout and "a ConvMAE finetune checkpoint" in r.stderr
+    assert "head of 10 classes" in r.stdout and "a ConvMAE fine-tuned checkpoint" in r.stderr
     config = json.loads((tmp_path / "e" / "config.json").read_text())
     assert config["num_classes"] == 10 and config["model_args"]["fc_norm"] is True
     assert config["mrmae"]["source_checkpoint"] == "../convmae_ft.pth" and config["mrmae"]["source_run"] is None
@@ -429,6 +429,16 @@ def test_pretrain_init_from_maes_checkpoint_uses_encoder_and_decoder(demo_shards
     ft = save_pth(mae_state("finetune"), tmp_path / "mae_ft.pth")
     note = init_from(model, "mrmae_vit_tiny_patch16", ft)
     assert "not used: fc_norm.* (2), head.* (2)" in note and "norm.* (2)" in note and "decoder_embed.* (2)" in note
+
+    # MAE's published pretrained encoders leave the decoder out: the student's stays at its init
+    encoder_only = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+    released = save_pth(encoder_only, tmp_path / "mae_pretrain_vit.pth")
+    note = init_from(model, "mrmae_vit_tiny_patch16", released)
+    assert "a MAE pretrained encoder checkpoint" in note and "decoder_blocks.* (" in note and "not used" not in note
+    from mrmae.train.restore import load_student
+
+    with pytest.raises(Exception, match="has no decoder"):
+        load_student(released)
 
     small = create_model("mrmae_vit_tiny_patch16", img_size=S, decoder_embed_dim=32, decoder_depth=DEC["depth"])
     with pytest.raises(Exception, match="decoder_embed.weight .*--decoder-dim"):

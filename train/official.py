@@ -7,7 +7,8 @@ tensors, plain containers and argparse's Namespace, nothing else is unpickled. F
 - MAE pretraining (`models_mae.MaskedAutoencoderViT`): `patch_embed.proj.*`, `cls_token`,
   `pos_embed` (fixed sin-cos), `blocks.i.*`, `norm.*`, then `decoder_embed.*`, `mask_token`,
   `decoder_pos_embed`, `decoder_blocks.i.*`, `decoder_norm.*`, `decoder_pred.*`: mrmae's ViT
-  student's own names.
+  student's own names. The pretrained checkpoints MAE publishes for fine-tuning hold the
+  encoder alone (stage "encoder"); its visualisation ones keep the decoder.
 - MAE fine-tuning (`models_vit.VisionTransformer`): the encoder names, `fc_norm.*` in place
   of `norm.*` with global pooling, and `head.*`: timm's VisionTransformer's names.
 - ConvMAE pretraining (`models_convmae.MaskedAutoencoderConvViT`): `patch_embed{1,2,3}` (conv
@@ -82,7 +83,7 @@ class OfficialCheckpoint:
 
     path: Path
     kind: str  # "mae" | "convmae"
-    stage: str  # "pretrain" (a decoder is there) | "finetune"
+    stage: str  # "pretrain" (with its decoder) | "encoder" (pretrained, the decoder left out) | "finetune" (a head)
     name: str  # the mrmae registry name of its encoder's sizes (mrmae_vit_base_patch16, ...)
     state: dict[str, torch.Tensor]  # every tensor of the file, under mrmae's names
     student: dict = field(default_factory=dict)  # create_model overrides of the student (sizes, decoder)
@@ -90,7 +91,8 @@ class OfficialCheckpoint:
 
     @property
     def label(self) -> str:
-        return f"{'MAE' if self.kind == 'mae' else 'ConvMAE'} {self.stage} checkpoint"
+        what = {"pretrain": "pretraining", "encoder": "pretrained encoder", "finetune": "fine-tuned"}[self.stage]
+        return f"{'MAE' if self.kind == 'mae' else 'ConvMAE'} {what} checkpoint"
 
 
 def is_official_file(path: str | Path) -> bool:
@@ -124,7 +126,9 @@ def read_official(path: str | Path, fmt: str = "auto") -> OfficialCheckpoint:
         shown = [_original(k, raw) for k in unknown[:4]]
         raise OfficialCheckpointError(f"{path}: {len(unknown)} tensors that a {kind} checkpoint does not have: "
                                       f"{', '.join(shown)}{', ...' if len(unknown) > 4 else ''}")
-    stage = "pretrain" if any(_DECODER.match(k) for k in state) else "finetune"
+    # MAE publishes its pretrained encoders without the decoder ("encoder"; its visualisation
+    # checkpoints keep it): no head and no decoder
+    stage = "pretrain" if "decoder_embed.weight" in state else "finetune" if "head.weight" in state else "encoder"
     try:
         name, student, timm_kwargs = (_vit_sizes if kind == "mae" else _convvit_sizes)(state, stage)
     except (KeyError, IndexError, ValueError) as e:
