@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import DINO_TINY
+from test_config import cache  # noqa: F401  (the fixture: DINO-tiny targets of the first demo shard)
 
 from mrmae.cli import cli
 from mrmae.train.masking import random_masking
@@ -54,17 +55,6 @@ def test_the_decoder_feature_head_loss(name):
         create_model(name, teacher_dim=24, decoder_teacher_dim=24)
     with pytest.raises(ValueError, match="masked tokens"):
         m(imgs, keep, restore, mask, decoder_targets=targets[:, :4])
-
-
-@pytest.fixture(scope="module")
-def cache(demo_shards, tmp_path_factory) -> Path:
-    from mrmae.extract.runner import ExtractConfig, run_extraction
-    from mrmae.shared.views import ViewConfig
-
-    out = tmp_path_factory.mktemp("cache") / "c"
-    run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(out), teacher=DINO_TINY,
-                                 views=ViewConfig(per_image=1, seed=3), batch_size=6, progress=False))
-    return out
 
 
 def test_the_row5_recipe_trains_on_demo_data_and_shows_in_the_report(demo_shards, cache, tmp_path):
