@@ -14,7 +14,6 @@ import timm
 import torch
 from _tiny_student import save_tiny_convvit, save_tiny_student
 from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mrmae.cli import cli
