@@ -84,6 +84,11 @@ def test_vit_export_is_timms_own_vit_in_the_hub_layout(tmp_path, monkeypatch):
     headed = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=5).eval()
     assert headed.head.out_features == 5
     torch.testing.assert_close(headed.forward_features(X), theirs, atol=0, rtol=0)
+    for classes in (0, 5):  # the plain call under the mrmae name (`import mrmae`), without and with a head
+        plain = timm.create_model("mrmae_vit_tiny_patch16", pretrained=True, num_classes=classes,
+                                  pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))).eval()
+        assert plain.num_classes == classes and _mean_std(plain) == IMAGENET
+        torch.testing.assert_close(plain.forward_features(X), theirs, atol=0, rtol=0)
 
     # the file's load is strict: one lacking a tensor is refused, not silently half-loaded
     partial = {k: v for k, v in load_file(out / "model.safetensors").items() if k != "blocks.3.mlp.fc1.bias"}
