@@ -288,3 +288,18 @@ def test_a_vit_export_loads_in_timm_without_mrmae(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_file(tmp_path / "y.safetensors")["y"], encode_all_tokens(model, X),
                                    atol=1e-5, rtol=0)
+
+
+def test_export_never_writes_over_a_runs_config(tmp_path):
+    save_tiny_student(tmp_path / "run")
+    before = (tmp_path / "run" / "config.json").read_bytes()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model": "mine"}')
+    for out, words in ((tmp_path / "run", "a training run"), (tmp_path / "other", "not an export's")):
+        r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)])
+        assert r.exit_code == 1 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert (tmp_path / "run" / "config.json").read_bytes() == before and not (tmp_path / "run" / "model.safetensors").exists()
+    assert (tmp_path / "other" / "config.json").read_text() == '{"model": "mine"}'
+    _export(tmp_path / "run", tmp_path / "e")
+    _export(tmp_path / "run", tmp_path / "e")  # an earlier export is replaced whole
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["config.json", "model.safetensors"]

@@ -342,9 +342,7 @@ def export_encoder(checkpoint: str | Path, out: str | Path, fmt: str = "auto") -
     and model.safetensors, by timm's `save_for_hf`."""
     source = read_encoder(checkpoint, fmt)
     folder = Path(out).resolve()
-    if folder == source.weights.resolve().parent and not (folder / HUB_CONFIG).is_file():  # e.g. --out .../stepN
-        raise ExportError(f"--out {folder}: the checkpoint {source.weights.parent}, whose files it would "
-                          "replace; write the encoder elsewhere")
+    _check_out(folder, source)
     encoder = hub_encoder(source)
     cfg = {**pretrained_cfg(family_of(encoder.timm_model).first_conv, _img_size(encoder.timm_kwargs)),
            "num_classes": encoder.num_classes}
@@ -356,6 +354,26 @@ def export_encoder(checkpoint: str | Path, out: str | Path, fmt: str = "auto") -
     folder.mkdir(parents=True, exist_ok=True)
     _save_for_hf(model, folder, {"mrmae": ours})
     return Exported(folder, encoder, cfg)
+
+
+def _check_out(folder: Path, source: Encoder) -> None:
+    """ExportError unless `folder` is a place for an export: not the checkpoint read (e.g.
+    `--out .../stepN`), not a run (whose config.json it would replace)."""
+    if folder == source.weights.resolve().parent:
+        raise ExportError(f"--out {folder}: the checkpoint {source.weights.parent}, whose files it would "
+                          "replace; write the encoder elsewhere")
+    config = folder / HUB_CONFIG
+    if (folder / "checkpoints").is_dir() or (source.run_dir and folder == source.run_dir.resolve()):
+        raise ExportError(f"--out {folder}: a training run, whose config.json the export would replace; write the "
+                          "encoder elsewhere")
+    if config.is_file():
+        try:
+            hub = "architecture" in json.loads(config.read_text())
+        except (OSError, ValueError, TypeError):
+            hub = False
+        if not hub:
+            raise ExportError(f"--out {folder}: holds a config.json that is not an export's; write the encoder "
+                              "elsewhere")
 
 
 def _img_size(kwargs: dict) -> int:
