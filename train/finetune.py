@@ -199,7 +199,9 @@ def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict) -> c
 
     path = Path(cfg.checkpoint)
     weights = path if path.is_file() else resolve_weights(path)[0]
-    shape = {k: v for k, v in timm_kwargs.items() if k != "drop_path_rate"}  # drop path shapes no tensor
+    # drop path shapes no tensor; nor does the conv-stage eps, which the encoder's source fixes (and runs
+    # fine-tuned before it was recorded resume with)
+    shape = {k: v for k, v in timm_kwargs.items() if k not in ("drop_path_rate", "conv_norm_eps")}
     names = [n.rstrip("/").split("/")[-1] for n in expand_urls(cfg.train_shards)]
     return ckpt.Fingerprint((
         ckpt.fingerprint_field("task", "finetune", "finetune"),

@@ -254,7 +254,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     """Train; returns {checkpoint, metrics, steps, main_process}. Resumes from OUT/checkpoints with `resume`."""
     from mrmae.shared.teachers import build_teacher
     from mrmae.train.models import create_model
-    from mrmae.train.restore import init_from
+    from mrmae.train.restore import init_from, resumed_config
     from mrmae.train.students import family_of
 
     check_options(cfg)  # before anything is built, read or written
@@ -270,6 +270,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     dims = target_dims(caches, teacher)
     heads = (dict(teacher_dim=0, decoder_teacher_dim=dims[0]) if cfg.step_options.high_level_at == "decoder"
              else dict(teacher_dim=dims[0], joint_teacher_dims=dims[1:]))  # row 5: the decoder's head, no mimic head
+    if cfg.resume:  # what the run recorded beyond its shapes (a ConvViT run from before 1e-5: its 1e-6)
+        heads.update(resumed_config(cfg.out, cfg.model))
     model = create_model(cfg.model, fuse_layers=cfg.fuse_layers, decoder_embed_dim=cfg.decoder_dim,
                          decoder_depth=cfg.decoder_depth, **heads)
     model_record = family_of(cfg.model).recorded_config(model.cfg)  # what restoring it needs beyond its shapes

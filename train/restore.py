@@ -102,6 +102,20 @@ def load_student(checkpoint: str | Path, fmt: str = "auto") -> Restored:
     return Restored(model.eval(), name, weights, run_dir, run_config)
 
 
+def resumed_config(out: str | Path, name: str) -> dict:
+    """The config overrides no shape reveals (a ConvViT's conv-stage eps) that the run in `out`
+    recorded, so that `--resume` goes on with them: a run from before they were recorded keeps
+    the values of then. {} when `out` holds no config.json (nothing to resume)."""
+    config = Path(out) / "config.json"
+    if not config.is_file():
+        return {}
+    recorded = read_json_object(config, "a run config")
+    try:
+        return family_of(name).restored_config(recorded.get("model_config"), str(config))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def official_student(ck) -> Restored:
     """The student of MAE's or ConvMAE's pretraining checkpoint (`official.OfficialCheckpoint`):
     every tensor lands (encoder, fusion convs, decoder); no mimic head (they mimic nothing)."""
