@@ -193,12 +193,6 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
         assert scale["head.weight"] == 1.0 and scale["blocks.10.attn.qkv.weight"] == 0.5
         assert scale["stage2.0.pw1.weight"] == stage2 and scale["embed1.proj.weight"] == stage1
 
-
-def test_a_fused_vit_fine_tunes_its_last_block_with_a_note(demo_shards, tmp_path):
-    save_tiny_student(tmp_path / "fused", fuse_layers=(4, 8, 12))
-    model, encoder = build_classifier(tmp_path / "fused", 16)
-    assert encoder.note and "blocks 4,8,12" in encoder.note and model.num_classes == 16
-
     # the fine-tuned run exports with its head and fc_norm, loads in timm by its folder and by
     # the plain file call, and gives the run's own validation top-1
     import timm
@@ -224,3 +218,10 @@ def test_a_fused_vit_fine_tunes_its_last_block_with_a_note(demo_shards, tmp_path
     result = evaluate(exported, str(demo_shards[2]), 64, 16, Accelerator(cpu=True))
     assert (result["top1"], result["n_val"]) == (evals[-1]["top1"], 6)
     assert result["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
+
+
+def test_a_fused_vit_fine_tunes_its_last_block_with_a_note(demo_shards, tmp_path):
+    save_tiny_student(tmp_path / "fused", fuse_layers=(4, 8, 12))
+    model, encoder = build_classifier(tmp_path / "fused", 16)
+    assert encoder.note and "blocks 4,8,12" in encoder.note and model.num_classes == 16
+
