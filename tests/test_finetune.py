@@ -224,4 +224,3 @@ def test_a_fused_vit_fine_tunes_its_last_block_with_a_note(demo_shards, tmp_path
     save_tiny_student(tmp_path / "fused", fuse_layers=(4, 8, 12))
     model, encoder = build_classifier(tmp_path / "fused", 16)
     assert encoder.note and "blocks 4,8,12" in encoder.note and model.num_classes == 16
-
