@@ -338,6 +338,11 @@ _SHUFFLE_BUFFER = click.option("--shuffle-buffer", type=click.IntRange(min=0), d
 _RESUME = click.option("--resume", is_flag=True, help="Continue the run in --out from OUT/checkpoints/latest.")
 _OVERWRITE = click.option("--overwrite", is_flag=True, help="--out holds a run: rename it to OUT.old-DATE-TIME (never "
                           "deleted) and start anew. Without --resume or this, such an --out is refused.")
+# train/official.py's FORMATS, spelled out: the command line does not import torch to parse
+_CHECKPOINT_FORMAT = click.option(
+    "--checkpoint-format", type=click.Choice(["auto", "mrmae", "mae", "convmae"]), default="auto", show_default=True,
+    help="What the checkpoint is: auto (from the file: MAE's and ConvMAE's .pth by their tensor names), mrmae, or "
+         "mae / convmae (a facebookresearch/mae or Alpha-VL/ConvMAE .pth, pretrained or fine-tuned).")
 _SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
                            help="0: at each epoch's end only.")
 
@@ -384,10 +389,18 @@ _SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), def
               help="Weight of L_R, the reconstruction of the masked patches' normalised pixels.")
 @click.option("--mimic-weight", default=0.5, show_default=True,
               help="Weight of L_M, the visible tokens' mimicking of the teacher's (without a teacher: L_R alone).")
+@click.option("--high-level-at", type=click.Choice(["encoder", "decoder"]), default="encoder", show_default=True,
+              help="Where the teacher's features are the target: encoder (MR-MAE's L_M, on the visible tokens) or "
+                   "decoder (table 3 row 5: a second decoder head reconstructs them for the masked tokens, beside "
+                   "the pixels); weighted by --mimic-weight.")
 @click.option("--target-norm", type=click.Choice(["none", "layernorm", "l2"]), default="none", show_default=True,
               help="Normalise the teacher's tokens before L_M (at training time: the cache stays raw).")
 @click.option("--fuse-layers", default="", callback=lambda ctx, p, v: _blocks(p, v),
               help="Encoder blocks whose visible tokens are summed, e.g. 4,8,12.")
+@click.option("--init", type=click.Path(exists=True),
+              help="Start from these weights: MAE's or ConvMAE's published .pth (pretrained: encoder and decoder; "
+                   "fine-tuned: the encoder) or an mrmae pretraining run/checkpoint; the mimic head starts fresh.")
+@_CHECKPOINT_FORMAT
 @click.option("--decoder-dim", type=click.IntRange(min=1), default=512, show_default=True, help="Decoder width.")
 @click.option("--decoder-depth", type=click.IntRange(min=0), default=8, show_default=True,
               help="Decoder transformer blocks.")
@@ -458,7 +471,8 @@ def pretrain_config(progress: bool = True, **params):
     from mrmae.shared.errors import OptionError
     from mrmae.train.masking import get_mask
 
-    step = {k: params.pop(k) for k in ("mask", "mask_ratio", "recon_weight", "mimic_weight", "target_norm")}
+    step = {k: params.pop(k) for k in ("mask", "mask_ratio", "recon_weight", "mimic_weight", "target_norm",
+                                        "high_level_at")}
     given = {k: params.pop(k) for k in ("focus_temperature", "focus_uniform_mix")}  # focused's, by their own flags
     for name, value in (params.pop("mask_option", None) or {}).items():
         if name in given:  # focused's options have flags of their own
@@ -597,25 +611,38 @@ def cache_clean(cache_dir: str | None, feature_cache: str | None, older_than: fl
 
 @cli.command("export", example="mrmae export --checkpoint demo/run --out demo/encoder")
 @click.option("--checkpoint", required=True, type=click.Path(exists=True),
-              help="A pretrain run dir (latest checkpoint), a checkpoint dir or its model.safetensors.")
+              help="A pretrain or finetune run dir (latest checkpoint), a checkpoint dir, its model.safetensors, or "
+                   "MAE's / ConvMAE's .pth.")
+@_CHECKPOINT_FORMAT
 @click.option("--out", required=True, type=click.Path(file_okay=False), callback=_out_dir("model.safetensors"),
-              help="Directory for model.safetensors, the encoder as timm weights (created).")
+              help="Directory for config.json + model.safetensors, the hub's layout (created).")
 @click.option("--overwrite", is_flag=True, help="--out holds an export: rename it to OUT.old-DATE-TIME (never deleted) "
               "and write anew. Without this, such an --out is refused.")
-def export(checkpoint: str, out: str, overwrite: bool) -> None:
-    """Write the student's encoder as a timm model's weights (mrmae_vit_* / mrmae_convvit_*, no head).
+@click.option("--push-to-hub", metavar="REPO", help="Also upload the folder to this Hugging Face Hub repository "
+              "(huggingface_hub; the token from HF_TOKEN or `hf auth login`).")
+def export(checkpoint: str, checkpoint_format: str, out: str, overwrite: bool, push_to_hub: str | None) -> None:
+    """Write the encoder (a fine-tuned run's classifier with its head) in the hub's layout for timm.
 
-    `import mrmae` registers those models with timm; the printed call loads the file strictly."""
+    A ViT goes under timm's own name (timm alone loads it), a ConvViT under its mrmae_* name
+    (`import mrmae` registers it); `timm.create_model("local-dir:OUT", pretrained=True)` loads either."""
     from mrmae.train.export import export_encoder
+    from mrmae.train.hub import check_hub_reachable, push_folder
 
-    e = export_encoder(checkpoint, Path(out) / "model.safetensors", overwrite)
+    if push_to_hub:
+        check_hub_reachable(push_to_hub)  # before anything is written
+    e = export_encoder(checkpoint, out, checkpoint_format, overwrite)
     if e.encoder.note:
         click.echo(f"mrmae: note: {e.encoder.note}", err=True)
-    click.echo(f"wrote {e.num_tensors} tensors -> {e.path}")
-    click.echo(f"timm model: {e.encoder.timm_model}")
+    click.echo(f"wrote {e.num_tensors} tensors -> {e.folder} (config.json, model.safetensors)")
+    head = f", head of {e.encoder.num_classes} classes" if e.encoder.num_classes else ", no head"
+    click.echo(f"timm model: {e.encoder.timm_model}{head}")
     click.echo(f"preprocessing: mean {e.pretrained_cfg['mean']}, std {e.pretrained_cfg['std']}, "
                f"{e.pretrained_cfg['interpolation']}, crop_pct {e.pretrained_cfg['crop_pct']}")
-    click.echo(f"load with: import mrmae, timm; model = {e.create_call()}")
+    imports = "import mrmae, timm" if e.needs_mrmae else "import timm"
+    click.echo(f"load with: {imports}; model = {e.local_dir_call()}")
+    click.echo(f"or the file: {imports}; model = {e.file_call()}")
+    if push_to_hub:
+        click.echo(f"pushed to {push_folder(e.folder, push_to_hub)}")
 
 
 @cli.command("finetune", renamed={"--train-shards": "--shards"},
@@ -628,8 +655,9 @@ def export(checkpoint: str, out: str, overwrite: bool) -> None:
                       "--num-classes 14 --epochs 1 --effective-batch 16 --batch-size 8 --out demo/finetune-paper"))
 @config_option
 @click.option("--checkpoint", required=True, type=click.Path(exists=True),
-              help="A pretrain run dir, a checkpoint dir, its model.safetensors, or an `mrmae export` directory or "
-                   "file.")
+              help="A pretrain run dir, a checkpoint dir, its model.safetensors, an `mrmae export` directory or "
+                   "file, or MAE's / ConvMAE's .pth.")
+@_CHECKPOINT_FORMAT
 @click.option("--shards", "--train-shards", "train_shards", required=True,
               help="Labelled training tars ({key}.jpg + {key}.cls).")
 @click.option("--val-shards", required=True, help="Labelled validation tars (top-1/top-5 after each epoch).")
@@ -652,6 +680,10 @@ def export(checkpoint: str, out: str, overwrite: bool) -> None:
 @click.option("--weight-decay", default=0.05, show_default=True,
               help="AdamW's, except on norms, biases and position/cls tokens.")
 @click.option("--layer-decay", default=0.6, show_default=True, help="Layer-wise lr decay.")
+@click.option("--layer-decay-groups", type=click.Choice(["official", "stages"]), default="official",
+              show_default=True, help="official: MAE's and ConvMAE's layers (all before the first transformer block "
+              "in layer 0, block i in i+1, the rest on top); stages: each ConvViT conv stage a layer (timm's "
+              "group_matcher).")
 @click.option("--drop-path", default=0.2, show_default=True, help="Stochastic depth rate of the encoder's blocks.")
 @click.option("--global-pool", type=click.Choice(["avg", "token"]), default="avg", show_default=True,
               help="avg: mean patch token + new fc_norm (MAE); token: the normed [CLS] token.")
@@ -699,7 +731,9 @@ def finetune(no_progress, **kwargs) -> None:
 @click.option("--shards", required=True, help="Source tars the cache was extracted from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), callback=_out_dir("views.png"),
               help="Directory for views.png (created).")
-@click.option("--checkpoint", type=click.Path(exists=True), help="Add the student's reconstruction column.")
+@click.option("--checkpoint", type=click.Path(exists=True), help="Add the student's reconstruction column (a pretrain "
+              "run or checkpoint, or MAE's / ConvMAE's pretraining .pth).")
+@_CHECKPOINT_FORMAT
 @click.option("--num", type=click.IntRange(min=1), default=4, show_default=True, help="Samples (rows).")
 @click.option("--view", "view_index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Which cached view of each sample.")
@@ -708,12 +742,14 @@ def finetune(no_progress, **kwargs) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the mask draws.")
 @device_option("the student")
 @no_progress_option
-def visualize(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed, device, no_progress) -> None:
+def visualize(feature_cache, shards, out, checkpoint, checkpoint_format, num, view_index, mask_ratio, seed, device,
+              no_progress) -> None:
     """PNG grid per sample: view, teacher [CLS] attention, a mask per masking strategy, [reconstruction]."""
     from mrmae.train.visualize import render_grid
 
     click.echo(str(render_grid(feature_cache, shards, Path(out) / "views.png", checkpoint, num, view_index,
-                               mask_ratio, seed, device=device, progress=not no_progress)))
+                               mask_ratio, seed, device=device, progress=not no_progress,
+                               checkpoint_format=checkpoint_format)))
 
 
 @cli.command("report", example="mrmae report demo/run demo/run-focused demo/finetune --out demo/report")
@@ -743,7 +779,9 @@ def _eval_options(f, ensemble: bool = False):
     options = [
         click.option("--checkpoint", "checkpoint", required=True, type=click.Path(exists=True), multiple=ensemble,
                      help="A pretrain run dir, a checkpoint dir, its model.safetensors or an `mrmae export` directory "
-                          "or file" + (" (once per member: --checkpoint A --checkpoint B)." if ensemble else ".")),
+                          "or file, or MAE's / ConvMAE's .pth" + (" (once per member: --checkpoint A --checkpoint B)."
+                                                                  if ensemble else ".")),
+        _CHECKPOINT_FORMAT,
         click.option("--shards", "--train-shards", "train_shards", required=True,
                      help="Labelled training tars (webdataset URL list)."),
         click.option("--val-shards", required=True, help="Labelled validation tars."),
@@ -765,10 +803,11 @@ def _eval_options(f, ensemble: bool = False):
     return f
 
 
-def _run_eval(protocol: str, checkpoint: str, results: str | None, fused: bool, no_progress: bool, **kwargs) -> None:
+def _run_eval(protocol: str, checkpoint: str, results: str | None, fused: bool, no_progress: bool,
+              checkpoint_format: str = "auto", **kwargs) -> None:
     from mrmae.train.evaluate import load_frozen, run_eval
 
-    frozen = load_frozen(checkpoint, fused)
+    frozen = load_frozen(checkpoint, fused, checkpoint_format)
     if results is None:
         results = str((frozen.run_dir or frozen.weights.parent) / "eval.jsonl")
     r = run_eval(protocol, frozen, results=results, progress=not no_progress, **kwargs)
@@ -815,13 +854,13 @@ def eval_linear_probe(checkpoint, results, **kwargs) -> None:
 @click.option("--probe-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Linear probe: features per step.")
 @click.option("--seed", default=0, show_default=True, help="Linear probe: seed of the initialisation and batch order.")
-def eval_ensemble(checkpoint, results, protocol, fused, no_progress, **kwargs) -> None:
+def eval_ensemble(checkpoint, results, protocol, fused, no_progress, checkpoint_format, **kwargs) -> None:
     """Average the class probabilities of separately pretrained models (the paper's "Sep." row)."""
     from mrmae.train.evaluate import load_frozen, run_ensemble
 
     if len(checkpoint) < 2:
         raise click.UsageError("an ensemble needs two or more --checkpoint")
-    members = [load_frozen(c, fused) for c in checkpoint]
+    members = [load_frozen(c, fused, checkpoint_format) for c in checkpoint]
     results = results or str((members[0].run_dir or members[0].weights.parent) / "eval.jsonl")
     r = run_ensemble(protocol, members, results=results, progress=not no_progress, **kwargs)
     for m in r.record["members"]:

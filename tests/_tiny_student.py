@@ -38,5 +38,6 @@ def save_tiny_convvit(out: Path, fuse_layers: tuple[int, ...] = (), img_size: in
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     save_checkpoint(out, model, torch.optim.AdamW(model.parameters()), TrainState(epoch=1, step=1))
-    (out / "config.json").write_text(json.dumps({"model": "mrmae_convvit_tiny", "fuse_layers": list(fuse_layers)}))
+    (out / "config.json").write_text(json.dumps({"model": "mrmae_convvit_tiny", "fuse_layers": list(fuse_layers),
+                                                 "model_config": {"conv_norm_eps": model.cfg.conv_norm_eps}}))
     return model.eval()

@@ -307,7 +307,7 @@ def test_paper_model_end_to_end_cache_focused_fused_pretrain_export_knn_finetune
     call = next(ln for ln in r.stdout.splitlines() if ln.startswith("load with: ")).split("model = ", 1)[1]
     model = eval(call, {"timm": timm})  # the printed call, as printed
     data_cfg = timm.data.resolve_data_config({}, model=model)
-    assert (data_cfg["mean"], data_cfg["std"]) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert (tuple(data_cfg["mean"]), tuple(data_cfg["std"])) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 192)  # a backbone: num_classes 0
 
     knn = ["eval", "knn", "--checkpoint", str(tmp_path / "enc"), "--shards", str(demo_shards[1]),
@@ -325,3 +325,20 @@ def test_paper_model_end_to_end_cache_focused_fused_pretrain_export_knn_finetune
     evals = [m for m in metrics(tmp_path / "ft") if "top1" in m]
     assert len(evals) == 1 and evals[0]["n_val"] == 6
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["timm_model"] == "mrmae_convvit_tiny"
+
+
+def test_a_run_from_before_the_conv_eps_was_recorded_resumes_with_its_own(demo_shards, tmp_path):
+    """A ConvViT run whose config.json records no model_config had eps 1e-6 in its conv stages:
+    --resume goes on with it (and records it); a new run records ConvMAE's 1e-5."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--shards", str(demo_shards[0]), "--out", str(out), *TINY]
+    r = CliRunner().invoke(cli, [*args, "--epochs", "1"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_config"] == {"conv_norm_eps": 1e-5}
+    del config["model_config"]  # as a run from before wrote it
+    (out / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(cli, [*args, "--epochs", "2", "--resume"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert json.loads((out / "config.json").read_text())["model_config"] == {"conv_norm_eps": 1e-6}
+    assert len(metrics(out)) == 2

@@ -106,13 +106,22 @@ def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_pat
     cfg = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert cfg["timm_kwargs"]["global_pool"] == "avg" and cfg["steps_per_epoch"] == 3
 
+    # exported with its head: timm's own ViT, mean-pooled with fc_norm, as it was trained
+    import timm
+
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "whole"), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0 and "timm model: vit_tiny_patch16_224, head of 16 classes" in r.stdout, r.output
+    vit = timm.create_model(f"local-dir:{tmp_path / 'e'}", pretrained=True)
+    assert type(vit).__name__ == "VisionTransformer" and vit.global_pool == "avg"
+    assert vit.state_dict().keys() == final.keys() and all(torch.equal(v, final[k]) for k, v in vit.state_dict().items())
+
 
 def test_exported_encoder_loads_and_only_head_keys_may_be_missing(student, tmp_path):
     r = CliRunner().invoke(cli, ["export", "--checkpoint", str(student), "--out", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
     from_run, _ = build_classifier(student, 5, seed=1)
     from_file, encoder = build_classifier(tmp_path / "e", 5, seed=1)
-    assert encoder.timm_model == "mrmae_vit_tiny_patch16" and encoder.timm_kwargs["img_size"] == 64
+    assert encoder.timm_model == "vit_tiny_patch16_224" and encoder.timm_kwargs["img_size"] == 64  # timm's own ViT
     assert from_file.num_classes == 5
     a, b = from_run.state_dict(), from_file.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -176,14 +185,42 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
                                      "--out", str(tmp_path / "tok")]))
     assert "no [CLS] token" in line
 
-    # layer-wise lr decay: the conv stages decay most, then each block, the head not at all
-    from timm.optim import param_groups_layer_decay
+    # layer-wise lr decay, ConvMAE's: the conv stages with the embeddings in layer 0, then each block,
+    # the head not at all; per stage (--layer-decay-groups stages): stage 1 decays most
+    from mrmae.train.layer_decay import param_groups_layer_decay
 
-    groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.5)
     names = {id(p): n for n, p in model.named_parameters()}
-    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
-    assert scale["head.weight"] == 1.0 and scale["blocks.10.attn.qkv.weight"] == 0.5
-    assert scale["stage2.0.pw1.weight"] == 0.5 ** 13 and scale["embed1.proj.weight"] == 0.5 ** 14
+    for rule, stage1, stage2 in (("official", 0.5 ** 12, 0.5 ** 12), ("stages", 0.5 ** 14, 0.5 ** 13)):
+        groups = param_groups_layer_decay(model, 0.05, 0.5, rule)
+        scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+        assert scale["head.weight"] == 1.0 and scale["blocks.10.attn.qkv.weight"] == 0.5
+        assert scale["stage2.0.pw1.weight"] == stage2 and scale["embed1.proj.weight"] == stage1
+
+    # the fine-tuned run exports with its head and fc_norm, loads in timm by its folder and by
+    # the plain file call, and gives the run's own validation top-1
+    import timm
+    from accelerate import Accelerator
+
+    from mrmae.train.finetune import evaluate
+
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "ft-e")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "timm model: mrmae_convvit_tiny, head of 16 classes" in r.stdout
+    config = json.loads((tmp_path / "ft-e" / "config.json").read_text())
+    assert config["mrmae"]["source"] == "finetune" and config["mrmae"]["source_run"] == "../ft"
+    assert (config["num_classes"], config["model_args"]["fc_norm"], config["model_args"]["global_pool"]) == \
+        (16, True, "avg")
+    exported = timm.create_model(f"local-dir:{tmp_path / 'ft-e'}", pretrained=True).eval()
+    assert exported.num_classes == 16 and "norm.weight" not in exported.state_dict()
+    trained = load_file(str(ckpt.latest_checkpoint(tmp_path / "ft") / "model.safetensors"))
+    assert exported.state_dict().keys() == trained.keys()
+    assert all(torch.equal(v, trained[k]) for k, v in exported.state_dict().items())
+    call = next(ln for ln in r.stdout.splitlines() if ln.startswith("or the file: ")).split("model = ", 1)[1]
+    filed = eval(call, {"timm": timm})  # our own printed line
+    assert all(torch.equal(v, trained[k]) for k, v in filed.state_dict().items())
+    result = evaluate(exported, str(demo_shards[2]), 64, 16, Accelerator(cpu=True))
+    assert (result["top1"], result["n_val"]) == (evals[-1]["top1"], 6)
+    assert result["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
 
 
 def test_a_fused_vit_fine_tunes_its_last_block_with_a_note(demo_shards, tmp_path):

@@ -95,7 +95,7 @@ def test_the_readme_sh_blocks_run_in_order_in_a_new_shell(made_demo, tmp_path):
     assert len(splits) == 3 and len({ln.split(" ", 1)[1] for ln in splits}) == 1, splits  # to the 4 decimals shown
     # the ablations on demo data: every recipe ran, and the report has a row per run
     report = (ws / "demo/t/report/report.md").read_text()
-    assert len([ln for ln in report.splitlines() if ln.startswith("| ") and "demo/t/" in ln]) == 11, report
+    assert len([ln for ln in report.splitlines() if ln.startswith("| ") and "demo/t/" in ln]) == 12, report
     assert "warming up for" in r.stderr  # the recipes' warm-ups shrank to one epoch, each with a note
 
 

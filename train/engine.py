@@ -21,6 +21,7 @@ from mrmae.shared.views import normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
 from mrmae.train.loop import MASK_SEEDING, MicroBatch, NonFiniteLossError, epoch_passes, lr_at  # noqa: F401
 from mrmae.train.masking import get_mask
+from mrmae.train.student import masked_ids
 
 
 @dataclass
@@ -31,6 +32,9 @@ class StepOptions:
     recon_weight: float = 0.5
     mimic_weight: float = 0.5
     target_norm: str = "none"  # "none" | "layernorm" | "l2"
+    # where the teacher's features are the target: "encoder" (L_M on the visible tokens) or "decoder"
+    # (table 3 row 5: a decoder head reconstructs the masked tokens' features, weighted by mimic_weight)
+    high_level_at: str = "encoder"
     seed: int = 0
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # the student's input normalisation (0-1 units)
     pixel_std: tuple[float, float, float] = IMAGENET_STD
@@ -78,6 +82,8 @@ class PretrainStep:
     A batch is a dict from `mrmae.train.data` ([B,3,S,S] uint8 pixels, optional [B,N,C]
     targets as stored and [B,N] attention, or [B,3,T,T] uint8 teacher pixels in live mode;
     or the views' crops, rendered here: S the student's img_size, T the teacher's input_size).
+    With `opts.high_level_at` "decoder" (table 3 row 5) the targets are the masked tokens',
+    for the decoder's feature head, and the losses {"loss", "loss_recon", "loss_recon_features"}.
     `target_pca[j]`: (mean [C], basis [K, C]) on the device when target set j (0: `targets`,
     j >= 1: `targets@j`) comes from a PCA cache; None (or a short list) for whole features.
     `mask_seeding`: `loop.MASK_SEEDING`, or 1 for a run resumed from before it.
@@ -107,18 +113,21 @@ class PretrainStep:
                             else (where.micro, where.rank, where.world))
         ids_keep, mask, ids_restore = (t.to(device) for t in draw_masks(imgs.shape[0], inner.num_patches, attention,
                                                                        opts, key, slot, slots))
-        targets = (prepare_targets(batch, ids_keep, device, self.target_pca, opts.target_norm, live)
-                   if opts.mimic_weight > 0 else None)
+        at_decoder = opts.high_level_at == "decoder"  # row 5: the masked tokens' features, for the decoder's head
+        targets = (prepare_targets(batch, masked_ids(mask) if at_decoder else ids_keep, device, self.target_pca,
+                                   opts.target_norm, live) if opts.mimic_weight > 0 else None)
         with self.accelerator.autocast():
-            losses = self.model(imgs, ids_keep, ids_restore, mask, targets,
-                                recon_weight=opts.recon_weight, mimic_weight=opts.mimic_weight)
-        return {k: losses[k] for k in ("loss", "loss_recon", "loss_mimic")}
+            losses = self.model(imgs, ids_keep, ids_restore, mask, None if at_decoder else targets,
+                                recon_weight=opts.recon_weight, mimic_weight=opts.mimic_weight,
+                                decoder_targets=targets if at_decoder else None)
+        return {k: v for k, v in losses.items() if k.startswith("loss")}
 
 
 def prepare_targets(batch: dict, ids_keep: torch.Tensor, device: torch.device,
                     target_pca: Sequence[tuple[torch.Tensor, torch.Tensor] | None], norm: str,
                     live: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor] | None:
-    """The visible tokens' targets as the loss takes them: [B, n, C] float32 on `device`, or a
+    """The targets of the tokens `ids_keep` [B, n] (the visible ones; table 3 row 5: the masked
+    ones) as the loss takes them: [B, n, C] float32 on `device`, or a
     list of them for a joint run (one per mimic head: `targets`, then `targets@1`, ...);
     None when the batch has none (plain MAE).
 

@@ -106,18 +106,19 @@ class Frozen:
     img_size: int
 
 
-def load_frozen(source: str | Path, fused: bool = False) -> Frozen:
-    """The encoder to probe from an export file or a student checkpoint (see `export.read_encoder`);
-    `fused`: the student's fused pretraining latent (a student checkpoint only)."""
+def load_frozen(source: str | Path, fused: bool = False, fmt: str = "auto") -> Frozen:
+    """The encoder to probe from an export file or a student checkpoint (see `export.read_encoder`;
+    `fmt`: --checkpoint-format); `fused`: the student's fused pretraining latent (a student
+    checkpoint only)."""
     from mrmae.train.export import read_encoder, read_export_at
 
     if fused:
         if read_export_at(source) is not None:
             raise EvalError(f"{source}: an exported encoder keeps no fusion; give the pretrain run or checkpoint "
                             "for --fused")
-        r = load_student(source)
+        r = load_student(source, fmt)
         return Frozen(FusedFeatures(r.model).eval(), r.weights, r.run_dir, r.model.img_size)
-    encoder = read_encoder(source)
+    encoder = read_encoder(source, fmt)
     model = encoder.load()
     return Frozen(model, encoder.weights, encoder.run_dir, int(encoder.timm_kwargs.get("img_size", 224)))
 

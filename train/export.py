@@ -1,45 +1,58 @@
-"""`mrmae export`: the student's encoder as a timm model's weights (safetensors).
+"""`mrmae export`: an encoder in the model hub's layout, `OUT/config.json` + `OUT/model.safetensors`,
+as timm's own hub saving writes them (`timm.models.save_for_hf`), so that
 
-Every student exports to its family's timm encoder (a ViT to timm's VisionTransformer, a
-ConvViT to `ConvViT`; `mrmae.train.students`), registered with timm as `mrmae_*` by
-`import mrmae` (`train/backbones.py`). The file
-loads strictly with
+    timm.create_model("local-dir:OUT", pretrained=True)            # num_classes=N: a new head
 
-    timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))
+builds and loads it. A ViT student exports under timm's own architecture name
+(`vit_base_patch16_224` and its siblings; `model_args` in config.json give the exact sizes),
+so timm without mrmae loads it; a ConvViT under its mrmae name (`mrmae_convvit_*`, which
+`import mrmae` registers; `train/backbones.py`). The pretrained config in config.json is
+the students' preprocessing (ImageNet mean and std, bicubic, MAE's eval crop 224 of 256:
+crop_pct 0.875), not timm's ViT default (0.5). No file holds an absolute path: config.json's
+`mrmae` section names the run and the checkpoint the export came from relative to OUT
+(`source_run`, `source_checkpoint`).
 
-(NAME, any non-default kwargs and PATH, absolute, are printed and stored in the file's
-metadata as `load_with`). The decoder, mask token, mimic heads and the fusion convs are
-dropped: fusion (`--fuse-layers`, and a ConvViT's stage-1/2 maps added to its latent) is a
-pretraining device; the exported encoder is what MAE and ConvMAE fine-tune, the last
-block, then the final norm. For a ViT that is the student's encoder with every patch
-visible; its fixed sin-cos position embedding (cls slot zero) is written as timm's
-`pos_embed` tensor [1, 1+N, D].
-
-`read_encoder` gives the same encoder from an export file or from any student checkpoint
-(run dir, checkpoint dir, model.safetensors): `finetune` and `eval` start from it.
+What is exported (`read_encoder`, which finetune and eval use too):
+- a pretraining run (run dir, checkpoint dir, its model.safetensors): the student's encoder,
+  without decoder, mask token, mimic heads and fusion convs. Fusion (`--fuse-layers`, a
+  ConvViT's stage-1/2 maps) is a pretraining device; the exported encoder is what MAE and
+  ConvMAE fine-tune, the last block, then the final norm (one note says so);
+- a fine-tuning run: the classifier, its head and `fc_norm` included (`num_classes` and the
+  pooling in config.json);
+- MAE's or ConvMAE's published `.pth` (`train/official.py`), pretrained or fine-tuned;
+- an earlier export (this layout, or a lone model.safetensors whose metadata names its timm
+  model, as mrmae wrote before).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 
-from mrmae.shared.errors import MrmaeError
-from mrmae.train.checkpoint import CheckpointError, write_atomic
-from mrmae.train.restore import Restored, load_student, read_weights
+from mrmae.shared.errors import MrmaeError, OptionError
+from mrmae.train.checkpoint import CheckpointError, read_json_object
+from mrmae.train.official import (FORMATS, OFFICIAL, OfficialCheckpoint, is_official_file, read_official,
+                                  split_unused, summarise)
+from mrmae.train.restore import Restored, load_student, read_run_config, read_weights, resolve_weights
 from mrmae.train.students import families, family_of, pretrained_cfg, registered_kwargs, student_names
+
+HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"
+HEAD_KWARGS = ("num_classes", "global_pool", "fc_norm")  # a classifier's, beside the architecture's
 
 
 def _arch_kwargs() -> set[str]:
-    """What an export file's metadata may pass timm: the registered encoders' architecture
-    arguments and num_classes (no checkpoint_path, no pretrained_cfg)."""
-    return {"num_classes"} | {k for n in student_names() for k in registered_kwargs(n)}
+    """What an export's config may pass timm: the registered encoders' architecture
+    arguments, the head's, and in_chans (no checkpoint_path, no pretrained_cfg)."""
+    return {*HEAD_KWARGS, "in_chans"} | {k for n in student_names() for k in registered_kwargs(n)}
 
 
 class ExportError(MrmaeError, ValueError):
@@ -48,14 +61,21 @@ class ExportError(MrmaeError, ValueError):
 
 @dataclass(frozen=True)
 class Encoder:
-    """A pretrained encoder as timm builds it, and where it came from."""
+    """A pretrained encoder (or fine-tuned classifier) as timm builds it, and where it came from."""
 
-    timm_model: str  # registered timm name, e.g. mrmae_convvit_base
-    timm_kwargs: dict  # architecture arguments for timm.create_model (all of them)
-    tensors: dict[str, torch.Tensor]  # the encoder's weights under the timm model's names
+    timm_model: str  # registered timm name, e.g. mrmae_convvit_base (or vit_base_patch16_224)
+    timm_kwargs: dict  # architecture arguments for timm.create_model (all of them; a classifier's head too)
+    tensors: dict[str, torch.Tensor]  # the weights under the timm model's names
     weights: Path  # the file they were read from
-    run_dir: Path | None  # the pretrain run, when read from one
-    note: str | None = None  # one line when pretraining fused what the encoder leaves out
+    run_dir: Path | None  # the pretraining or fine-tuning run, when read from one
+    note: str | None = None  # one line: what pretraining fused that the encoder leaves out, unused tensors
+    source: str = "pretrain"  # what it is: "pretrain", "finetune", "MAE pretrain checkpoint", ...
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the head the weights hold (0: none, a backbone)."""
+        head = self.tensors.get("head.weight")
+        return 0 if head is None else int(head.shape[0])
 
     def create(self, **overrides) -> torch.nn.Module:
         """The timm model, randomly initialised (`overrides`: num_classes, drop_path_rate, ...)."""
@@ -63,7 +83,8 @@ class Encoder:
 
         import mrmae  # noqa: F401  (registers the mrmae_* models with timm)
 
-        return timm.create_model(self.timm_model, pretrained=False, **{**self.timm_kwargs, **overrides})
+        kwargs = {"num_classes": self.num_classes, **self.timm_kwargs, **overrides}
+        return timm.create_model(self.timm_model, pretrained=False, **kwargs)
 
     def load(self) -> torch.nn.Module:
         """The timm model with these weights loaded strictly, in eval mode."""
@@ -97,8 +118,61 @@ def student_encoder(restored: Restored) -> Encoder:
                    fusion_note(model))
 
 
+def classifier_encoder(weights: Path, run_dir: Path, run_config: dict) -> Encoder:
+    """The classifier a fine-tuning run trained (config.json: timm_model, timm_kwargs with
+    num_classes and global_pool), head and fc_norm included."""
+    where = run_dir / "config.json"
+    name, kwargs = run_config.get("timm_model"), run_config.get("timm_kwargs")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise ExportError(f"{where}: a fine-tuning run's config without timm_model and timm_kwargs")
+    family = _family(name, where)
+    try:
+        pool = family.classifier_kwargs(str(kwargs.get("global_pool", "avg")))  # the norm after 'avg' pooling
+    except ValueError as e:
+        raise ExportError(f"{where}: {e}") from None
+    # a ConvViT fine-tuned before its conv-stage eps was recorded had the eps of then
+    kwargs = {**family.before_recorded, **kwargs, **pool}
+    encoder = Encoder(name, _checked_kwargs(kwargs, where), read_weights(weights), weights, run_dir, None, "finetune")
+    _check_fits(encoder, exact=True)
+    return encoder
+
+
+def official_encoder(ck: OfficialCheckpoint) -> Encoder:
+    """The encoder (and head, if fine-tuned) of a MAE or ConvMAE checkpoint; the decoder
+    tensors of a pretraining checkpoint are named as unused in the note."""
+    family = family_of(ck.name)
+    wanted = {k for k in ck.state if k.startswith((*family.encoder_keys, "head.", "fc_norm."))}
+    tensors, unused = split_unused(ck.state, wanted)
+    notes = [f"{ck.path}: a {ck.label}" + (f"; not used by the encoder: {summarise(unused)}" if unused else "")]
+    if ck.kind == "convmae" and ck.stage == "pretrain":
+        notes.append(f"ConvMAE's pretraining fused {family.fused_maps} into the latent; the encoder is the last "
+                     "block, then the final norm, as ConvMAE fine-tunes")
+    encoder = Encoder(ck.name, {**registered_kwargs(ck.name), **ck.timm_kwargs},
+                      {k: v.float().contiguous() for k, v in tensors.items()}, ck.path, None, "; ".join(notes),
+                      ck.label)
+    _check_fits(encoder, exact=True)
+    return encoder
+
+
+def _family(name: str, where):
+    try:  # our encoders, and timm's own ViTs that ViT exports name
+        return family_of(name)
+    except KeyError:
+        raise ExportError(f"{where}: names timm model {name!r}, not an mrmae encoder") from None
+
+
+def _checked_kwargs(kwargs, where) -> dict:
+    """`kwargs` if it is a set of architecture arguments (ExportError naming `where` otherwise)."""
+    if not isinstance(kwargs, dict) or set(kwargs) - _arch_kwargs():
+        raise ExportError(f"{where}: its timm arguments are not a set of architecture arguments")
+    if kwargs.get("in_chans", 3) != 3:
+        raise ExportError(f"{where}: in_chans {kwargs['in_chans']!r}; mrmae's encoders take RGB images (3)")
+    return dict(kwargs)
+
+
 def read_export(path: Path) -> Encoder | None:
-    """An `mrmae export` file's encoder; None when `path` is a safetensors file without export metadata."""
+    """An earlier export's lone model.safetensors (its metadata names the timm model); None
+    when `path` is a safetensors file without such metadata."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -106,104 +180,245 @@ def read_export(path: Path) -> Encoder | None:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if "timm_model" not in meta:
         return None
-    name = meta["timm_model"]
+    family = _family(meta["timm_model"], path)
     try:
         kwargs = json.loads(meta.get("timm_kwargs", "{}"))
     except ValueError:
         kwargs = None
-    if not isinstance(kwargs, dict) or set(kwargs) - _arch_kwargs():
-        raise ExportError(f"{path}: its timm_kwargs metadata is not a set of architecture arguments")
-    try:  # our encoders, and timm's own ViTs that earlier exports named
-        family_of(name)
-    except KeyError:
-        raise ExportError(f"{path}: names timm model {name!r}, not an mrmae encoder") from None
+    kwargs = _checked_kwargs(kwargs, path)
     kwargs.pop("num_classes", None)  # earlier exports stored num_classes=0: the caller decides the head
-    encoder = Encoder(name, kwargs, read_weights(path), path, None, meta.get("fusion_note") or None)
+    kwargs = {**family.before_recorded, **kwargs}  # a ConvViT exported before its eps was recorded had 1e-6
+    encoder = Encoder(meta["timm_model"], kwargs, read_weights(path), path, None, meta.get("fusion_note") or None)
     _check_fits(encoder)
     return encoder
 
 
-def _check_fits(encoder: Encoder) -> None:
-    """ExportError unless the file's tensors are those of the model its metadata describes, checked
-    on the meta device (no memory), so crafted sizes build nothing large and a mismatch is one line."""
+def read_hub_export(folder: Path) -> Encoder:
+    """The encoder of a hub-layout export folder (config.json + model.safetensors)."""
+    config = read_json_object(folder / HUB_CONFIG, "a timm model config")
+    where = folder / HUB_CONFIG
+    name, args = config.get("architecture"), config.get("model_args", {})
+    if not isinstance(name, str):
+        raise ExportError(f"{where}: no architecture")
+    _family(name, where)
+    kwargs = _checked_kwargs(args, where)
+    size = kwargs.get("img_size")
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:  # timm writes [S, S]; mrmae speaks S
+        kwargs["img_size"] = size[0]
+    ours = config.get("mrmae") if isinstance(config.get("mrmae"), dict) else {}
+    note = ours.get("fusion_note") if isinstance(ours.get("fusion_note"), str) else None
+    weights = folder / HUB_WEIGHTS
+    encoder = Encoder(name, kwargs, read_weights(weights), weights, None, note,
+                      str(ours.get("source", "export")))
+    _check_fits(encoder, exact=True)
+    return encoder
+
+
+def export_source_run(folder: str | Path) -> Path | None:
+    """The run an export came from (config.json `mrmae.source_run`, relative to the export
+    folder), when it names one that is still there; None otherwise."""
+    folder = Path(folder)
+    try:
+        ours = json.loads((folder / HUB_CONFIG).read_text()).get("mrmae") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    run = ours.get("source_run") if isinstance(ours, dict) else None
+    if not isinstance(run, str) or os.path.isabs(run):
+        return None
+    path = folder / run
+    return path if (path / "config.json").is_file() else None
+
+
+def _check_fits(encoder: Encoder, exact: bool = False) -> None:
+    """ExportError unless the file's tensors are those of the model its config describes (all
+    of them, with `exact`), checked on the meta device (no memory), so crafted sizes build
+    nothing large and a mismatch is one line."""
     numbers = [v for x in encoder.timm_kwargs.values() for v in (x if isinstance(x, list) else [x])
                if not isinstance(v, (str, bool))]
-    if any(not isinstance(v, (int, float)) or not 0 < v <= 8192 for v in numbers):
-        raise ExportError(f"{encoder.weights}: its timm_kwargs hold a size out of range")
+    if any(not isinstance(v, (int, float)) or not 0 <= v <= 8192 for v in numbers):
+        raise ExportError(f"{encoder.weights}: its timm arguments hold a size out of range")
     try:
         with torch.device("meta"):
             expected = encoder.create().state_dict()
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError, NotImplementedError) as e:
-        raise ExportError(f"{encoder.weights}: timm {encoder.timm_model} cannot be built from its timm_kwargs "
+        raise ExportError(f"{encoder.weights}: timm {encoder.timm_model} cannot be built from its timm arguments "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     for key, tensor in encoder.tensors.items():
         if key not in expected or expected[key].shape != tensor.shape:
             raise ExportError(f"{encoder.weights}: tensor {key} {tuple(tensor.shape)} is not in timm "
-                              f"{encoder.timm_model} as its metadata describes it")
+                              f"{encoder.timm_model} as its config describes it")
+    missing = sorted(set(expected) - set(encoder.tensors)) if exact else []
+    if missing:
+        raise ExportError(f"{encoder.weights}: lacks {len(missing)} tensors of timm {encoder.timm_model}: "
+                          f"{', '.join(missing[:4])}")
 
 
 def read_export_at(source: str | Path) -> Encoder | None:
-    """The encoder of the `mrmae export` that `source` names (its file, or the `--out`
-    directory holding its model.safetensors); None for anything else (a student checkpoint)."""
+    """The encoder of the export that `source` names (its folder, or the model.safetensors in
+    it; an earlier export's lone file); None for anything else (a run's checkpoint)."""
     path = Path(source)
-    file = path / "model.safetensors" if path.is_dir() else path
+    folder = path if path.is_dir() else path.parent
+    if (folder / HUB_CONFIG).is_file() and (path.is_dir() or path.name == HUB_WEIGHTS) \
+            and not (folder / "checkpoints").is_dir():  # (a run's own config.json is no hub config)
+        return read_hub_export(folder)
+    file = path / HUB_WEIGHTS if path.is_dir() else path
     return read_export(file) if file.is_file() else None
 
 
-def read_encoder(source: str | Path) -> Encoder:
-    """The encoder of an `mrmae export` (its directory or file), or of a student checkpoint (a
+def read_encoder(source: str | Path, fmt: str = "auto") -> Encoder:
+    """The encoder of `source`: MAE's or ConvMAE's `.pth` (`fmt` auto: from the tensor names),
+    an export (folder or file), a fine-tuning run's classifier, or a pretraining student (a
     run dir, a checkpoint dir or its model.safetensors)."""
+    if fmt not in FORMATS:
+        raise OptionError(f"--checkpoint-format {fmt}: one of {', '.join(FORMATS)}")
+    if fmt in OFFICIAL or (fmt == "auto" and is_official_file(source)):
+        return official_encoder(read_official(source, fmt))
     if (encoder := read_export_at(source)) is not None:
         return encoder
+    weights, run_dir = resolve_weights(source)
+    run_config = read_run_config(run_dir) if run_dir else {}
+    if run_config.get("task") == "finetune":
+        return classifier_encoder(weights, run_dir, run_config)
     return student_encoder(load_student(source))
+
+
+# --- writing: the hub layout -----------------------------------------------------------------
 
 
 @dataclass
 class Exported:
-    path: Path  # absolute
-    encoder: Encoder
+    folder: Path  # absolute
+    encoder: Encoder  # as written (under the hub architecture name)
     pretrained_cfg: dict
 
     @property
     def num_tensors(self) -> int:
         return len(self.encoder.tensors)
 
-    def create_call(self) -> str:
-        """The timm.create_model call that loads the file strictly, as Python source."""
-        defaults = registered_kwargs(self.encoder.timm_model)
-        extra = {k: v for k, v in self.encoder.timm_kwargs.items() if _plain(defaults.get(k)) != _plain(v)}
+    @property
+    def needs_mrmae(self) -> bool:
+        """Whether timm must `import mrmae` to build it (a ConvViT; ViTs are timm's own)."""
+        return self.encoder.timm_model in student_names()
+
+    def local_dir_call(self) -> str:
+        """The timm.create_model call that builds and loads the folder, as Python source."""
+        return f"timm.create_model({f'local-dir:{self.folder}'!r}, pretrained=True)"
+
+    def file_call(self) -> str:
+        """The same from the weights file, as timm's plain `pretrained=True` call: the sizes
+        and pooling that differ from the architecture's defaults as keyword arguments, the head's
+        classes in the overlay (so that timm loads strictly; `num_classes=N` gives a new head)."""
+        defaults = registered_kwargs(self.encoder.timm_model) if self.needs_mrmae else {}
+        extra = {k: v for k, v in self.encoder.timm_kwargs.items()
+                 if _plain(defaults.get(k)) != _plain(v) and k not in ("in_chans", "num_classes")}
         kw = "".join(f", {k}={v!r}" for k, v in extra.items())
-        size = "" if self.encoder.timm_kwargs.get("img_size", 224) == 224 else \
-            f", input_size={tuple(self.pretrained_cfg['input_size'])!r}"
-        return (f"timm.create_model({self.encoder.timm_model!r}, pretrained=True{kw}, "
-                f"pretrained_cfg_overlay=dict(file={str(self.path)!r}{size}))")
+        classes = self.encoder.num_classes
+        overlay = f"file={str(self.folder / HUB_WEIGHTS)!r}" + (f", num_classes={classes}" if classes else "")
+        if not self.needs_mrmae:  # timm's own ViT config has num_classes 1000 and mean/std 0.5: say ours
+            overlay += ("" if classes else ", num_classes=0") + \
+                f", mean={self.pretrained_cfg['mean']}, std={self.pretrained_cfg['std']}"
+        return f"timm.create_model({self.encoder.timm_model!r}, pretrained=True{kw}, pretrained_cfg_overlay=dict({overlay}))"
 
 
 def _plain(value):
-    """Tuples and lists compare alike (JSON metadata turns tuples into lists)."""
+    """Tuples and lists compare alike (JSON turns tuples into lists)."""
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def export_encoder(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Exported:
-    """Write the encoder of `checkpoint` (see `read_encoder`) to `out` (safetensors, timm names).
-    An export already in `out`'s folder is refused, or with `overwrite` set aside (renamed,
-    `run_dir.set_aside`) once the checkpoint has been read."""
+def hub_encoder(encoder: Encoder) -> Encoder:
+    """The same weights under the architecture name the export carries: a ViT under timm's own
+    name (`vit_base_patch16_224`, ...) with every size in its arguments, a ConvViT as it is."""
+    family = family_of(encoder.timm_model)
+    stock = family.stock_name(encoder.timm_model)
+    if stock is None:
+        return encoder
+    kwargs = {**family.encoder_defaults(encoder.timm_model), **encoder.timm_kwargs} \
+        if encoder.timm_model in student_names() else dict(encoder.timm_kwargs)
+    kwargs.setdefault("global_pool", "token")
+    return replace(encoder, timm_model=stock, timm_kwargs=kwargs)
+
+
+def export_encoder(checkpoint: str | Path, out: str | Path, fmt: str = "auto", overwrite: bool = False) -> Exported:
+    """Write the encoder of `checkpoint` (see `read_encoder`) to the folder `out`: config.json
+    and model.safetensors, by timm's `save_for_hf`. An export already in `out` is refused, or
+    with `overwrite` set aside (renamed, `run_dir.set_aside`) once the checkpoint has been read."""
     from mrmae.train.run_dir import EXPORT_FILES, check_out, set_aside
 
-    encoder = read_encoder(checkpoint)
-    given = Path(out).parent
-    out = Path(out).resolve()
-    if out.parent == encoder.weights.resolve().parent:  # e.g. --out .../stepN
-        raise ExportError(f"--out {out.parent}: the checkpoint {encoder.weights.parent}, whose files it would "
+    source = read_encoder(checkpoint, fmt)
+    folder = Path(out).resolve()
+    _check_out(folder, source)
+    check_out(out, False, overwrite, EXPORT_FILES, "an export")
+    if overwrite and (aside := set_aside(out, EXPORT_FILES)) is not None:
+        warnings.warn(f"--overwrite: the export that was in {out} is now {aside}")
+    encoder = hub_encoder(source)
+    cfg = {**pretrained_cfg(family_of(encoder.timm_model).first_conv, _img_size(encoder.timm_kwargs)),
+           "num_classes": encoder.num_classes}
+    model = encoder.create(pretrained_cfg=cfg)
+    model.load_state_dict(encoder.tensors, strict=True)
+    ours = {"version": _version(), "source": source.source, "student": source.timm_model,
+            "source_run": _relative(source.run_dir, folder), "source_checkpoint": _relative(source.weights, folder),
+            "fusion_note": source.note}
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_for_hf(model, folder, {"mrmae": ours})
+    return Exported(folder, encoder, cfg)
+
+
+def _check_out(folder: Path, source: Encoder) -> None:
+    """ExportError unless `folder` is a place for an export: not the checkpoint read (e.g.
+    `--out .../stepN`), not a run (whose config.json it would replace)."""
+    if folder == source.weights.resolve().parent:
+        raise ExportError(f"--out {folder}: the checkpoint {source.weights.parent}, whose files it would "
                           "replace; write the encoder elsewhere")
-    check_out(given, False, overwrite, EXPORT_FILES, "an export")
-    if overwrite and (aside := set_aside(given, EXPORT_FILES)) is not None:
-        warnings.warn(f"--overwrite: the export that was in {given} is now {aside}")
-    cfg = pretrained_cfg(family_of(encoder.timm_model).first_conv, int(encoder.timm_kwargs.get("img_size", 224)))
-    exported = Exported(out, encoder, cfg)
-    metadata = {"format": "pt", "timm_model": encoder.timm_model, "timm_kwargs": json.dumps(encoder.timm_kwargs),
-                "pretrained_cfg": json.dumps(cfg), "load_with": exported.create_call(),
-                "source_checkpoint": str(encoder.weights.resolve()), "fusion_note": encoder.note or ""}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, safetensors_bytes(encoder.tensors, metadata=metadata))  # a full disk: an OSError naming `out`
-    return exported
+    config = folder / HUB_CONFIG
+    if (folder / "checkpoints").is_dir() or (source.run_dir and folder == source.run_dir.resolve()):
+        raise ExportError(f"--out {folder}: a training run, whose config.json the export would replace; write the "
+                          "encoder elsewhere")
+    if config.is_file():
+        try:
+            hub = "architecture" in json.loads(config.read_text())
+        except (OSError, ValueError, TypeError):
+            hub = False
+        if not hub:
+            raise ExportError(f"--out {folder}: holds a config.json that is not an export's; write the encoder "
+                              "elsewhere")
+
+
+def _img_size(kwargs: dict) -> int:
+    size = kwargs.get("img_size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def _version() -> str:
+    import mrmae
+
+    return mrmae.__version__
+
+
+def _relative(path: Path | None, folder: Path) -> str | None:
+    """`path` relative to the export folder (no absolute path goes into a file)."""
+    return None if path is None else os.path.relpath(Path(path).resolve(), folder)
+
+
+def _save_for_hf(model: torch.nn.Module, folder: Path, model_config: dict) -> None:
+    """timm's `save_for_hf` into a temporary folder inside `folder`, then both files renamed into
+    place, weights first, config.json last (local-dir reads it first): an old config.json is
+    removed before, so a half-done export never pairs an old config with new weights. An
+    OSError names the final file."""
+    from timm.models import save_for_hf
+
+    tmp = folder / f".export-{os.getpid()}.tmp"
+    target = folder / HUB_WEIGHTS
+    try:
+        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
+        (folder / HUB_CONFIG).unlink(missing_ok=True)
+        os.replace(tmp / HUB_WEIGHTS, target)
+        target = folder / HUB_CONFIG
+        os.replace(tmp / HUB_CONFIG, target)
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(target)) from e
+    except SafetensorError as e:  # safetensors' own wrapper of a failed write ("... (os error 28)")
+        code = re.search(r"os error (\d+)", str(e))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(target)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

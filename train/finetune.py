@@ -72,6 +72,7 @@ class FinetuneConfig:
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05
     layer_decay: float = 0.6
+    layer_decay_groups: str = "official"  # `layer_decay.RULES`: MAE's and ConvMAE's assignment, or "stages"
     drop_path: float = 0.2
     global_pool: str = "avg"
     mixup: float = 0.8
@@ -93,12 +94,15 @@ class FinetuneConfig:
     progress: bool = True
     device: str = "auto"  # "auto": accelerate's choice (a GPU per process where there are GPUs); "cpu": CPU anyway
     config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
+    checkpoint_format: str = "auto"  # `official.FORMATS`: what --checkpoint is (auto: from the file)
 
 
 def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float = 0.1, global_pool: str = "avg",
-                     seed: int = 0) -> tuple[torch.nn.Module, "Encoder"]:
-    """The pretrained encoder (`export.read_encoder`: an export file or any student checkpoint)
-    as a timm classifier with a new head -> (model, encoder).
+                     seed: int = 0, fmt: str = "auto") -> tuple[torch.nn.Module, "Encoder"]:
+    """The pretrained encoder (`export.read_encoder`: an export, a student or fine-tuning
+    checkpoint, MAE's or ConvMAE's `.pth`; `fmt`: --checkpoint-format) as a timm classifier
+    with a new head -> (model, encoder). A fine-tuned encoder's own head is left out (its
+    fc_norm kept).
 
     ViT: timm's VisionTransformer; ConvViT: `backbones.ConvViT` (no [CLS] token: 'avg' only).
     With 'avg' pooling a new `fc_norm` follows the pooling and the final `norm` goes, as in
@@ -112,7 +116,8 @@ def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float 
         raise FinetuneError(f"global pool must be one of {POOLS}, got {global_pool!r}")
     from mrmae.train.students import family_of
 
-    encoder = read_encoder(checkpoint)
+    encoder = read_encoder(checkpoint, fmt)
+    tensors = {k: v for k, v in encoder.tensors.items() if not k.startswith("head.")}
     try:  # the family's rule: a pool its encoder has, and the norm after 'avg' pooling
         pool = family_of(encoder.timm_model).classifier_kwargs(global_pool)
     except ValueError as e:
@@ -120,7 +125,7 @@ def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float 
     torch.manual_seed(seed)  # the new head's init
     try:
         model = encoder.create(num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path, **pool)
-        missing, unexpected = model.load_state_dict(encoder.tensors, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
     except (RuntimeError, TypeError, ValueError, KeyError) as e:  # shapes of another model, or bad kwargs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FinetuneError(f"{checkpoint}: encoder does not fit timm {encoder.timm_model}: {first}") from None
@@ -195,7 +200,9 @@ def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict) -> c
 
     path = Path(cfg.checkpoint)
     weights = path if path.is_file() else resolve_weights(path)[0]
-    shape = {k: v for k, v in timm_kwargs.items() if k != "drop_path_rate"}  # drop path shapes no tensor
+    # drop path shapes no tensor; nor does the conv-stage eps, which the encoder's source fixes (and runs
+    # fine-tuned before it was recorded resume with)
+    shape = {k: v for k, v in timm_kwargs.items() if k not in ("drop_path_rate", "conv_norm_eps")}
     names = [n.rstrip("/").split("/")[-1] for n in expand_urls(cfg.train_shards)]
     return ckpt.Fingerprint((
         ckpt.fingerprint_field("task", "finetune", "finetune"),
@@ -258,15 +265,15 @@ def check_numbers(cfg: FinetuneConfig) -> None:
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune; returns {checkpoint, metrics, steps, table, main_process}. Resumes with `resume`."""
-    from timm.optim import param_groups_layer_decay
-
     from mrmae.shared.shards import expand_urls
+    from mrmae.train.layer_decay import param_groups_layer_decay
     from mrmae.train.pretrain import count_samples
 
     check_numbers(cfg)
     run = TrainRun(cfg, "finetune")
     cfg, cuda = run.cfg, run.cuda
-    model, encoder = build_classifier(cfg.checkpoint, cfg.num_classes, cfg.drop_path, cfg.global_pool, cfg.seed)
+    model, encoder = build_classifier(cfg.checkpoint, cfg.num_classes, cfg.drop_path, cfg.global_pool, cfg.seed,
+                                      cfg.checkpoint_format)
     if encoder.note and run.is_main:
         tqdm.write(f"mrmae: note: {encoder.note}", file=sys.stderr)
     timm_name, timm_kwargs = encoder.timm_model, {**encoder.timm_kwargs, "num_classes": cfg.num_classes,
@@ -279,7 +286,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                                  worker_init_fn=worker_ignores_interrupt)
     samples = cfg.samples_per_epoch or count_samples(expand_urls(cfg.train_shards), None)
     run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else "counted in --shards")
-    groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
+    groups = param_groups_layer_decay(model, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_groups)
     optimizer = torch.optim.AdamW(groups, lr=run.peak_lr, betas=(0.9, 0.999), fused=cuda or None)
     model, _ = run.start(model, optimizer, run_fingerprint(cfg, timm_name, timm_kwargs))
     run.write_config({"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs})

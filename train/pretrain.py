@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
@@ -67,6 +68,8 @@ class PretrainConfig:
     device: str = "auto"  # "auto": accelerate's choice (a GPU per process where there are GPUs); "cpu": CPU anyway
     step_options: StepOptions = field(default_factory=StepOptions)
     config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
+    init: str | None = None  # start from these weights (MAE's or ConvMAE's .pth, an mrmae checkpoint): restore.init_from
+    checkpoint_format: str = "auto"  # what --init is (`official.FORMATS`; auto: from the file)
 
 
 def count_samples(urls: list[str], cache: cf.FeatureCache | None) -> int:
@@ -123,6 +126,7 @@ def check_options(cfg: PretrainConfig) -> None:
     checks.run(check_model, cfg)
     checks.run(check_shard_list, cfg.shards)
     checks.run(check_out, cfg.out, cfg.resume, cfg.overwrite)
+    checks.run(check_high_level, cfg)
     if cfg.target and not cfg.feature_cache:
         checks.fail("--target picks targets inside a cache: give --feature-cache too")
     if cfg.feature_cache and cfg.teacher:
@@ -150,7 +154,7 @@ def check_model(cfg: PretrainConfig) -> None:
         raise OptionError(f"--fuse-layers {','.join(map(str, cfg.fuse_layers))}: {cfg.model} has {depth} {blocks}; "
                           f"{e}") from None
     tokens, ratio = (config.img_size // config.patch_size) ** 2, cfg.step_options.mask_ratio
-    if 0 <= ratio < 1 and num_visible(tokens, ratio) >= tokens:  # (NaN or out of range: check_numbers says so)  # nothing masked: L_R is a mean over nothing
+    if 0 <= ratio < 1 and num_visible(tokens, ratio) >= tokens:  # masks nothing: L_R would be a mean over nothing (NaN or out of range: check_numbers says so)
         raise OptionError(f"--mask-ratio {cfg.step_options.mask_ratio}: masks none of {cfg.model}'s {tokens} patches")
 
 
@@ -162,6 +166,23 @@ def check_shard_list(text: str, option: str = "--shards") -> None:
     if len(set(urls)) != len(urls):  # e.g. overlapping brace ranges: those samples would count twice an epoch
         twice = next(u for u in urls if urls.count(u) > 1)
         raise OptionError(f"{option}: {twice} is listed twice")
+
+
+def check_high_level(cfg: PretrainConfig) -> None:
+    """--high-level-at decoder (table 3 row 5) needs one teacher's features and a weight for them."""
+    o = cfg.step_options
+    if o.high_level_at not in ("encoder", "decoder"):
+        raise OptionError(f"--high-level-at {o.high_level_at}: encoder or decoder")
+    if o.high_level_at != "decoder":
+        return
+    if not (cfg.feature_cache or cfg.teacher):
+        raise OptionError("--high-level-at decoder reconstructs the teacher's features: give --feature-cache or "
+                          "--teacher")
+    if o.mimic_weight == 0:
+        raise OptionError("--high-level-at decoder with --mimic-weight 0: the decoder's feature head would learn "
+                          "nothing; give the features a weight")
+    if cfg.target and len([n for n in cfg.target.split(",") if n.strip()]) > 1:
+        raise OptionError(f"--target {cfg.target}: --high-level-at decoder reconstructs one teacher's features")
 
 
 def check_mask(o: StepOptions) -> None:
@@ -228,6 +249,8 @@ def run_fingerprint(cfg: PretrainConfig, urls: list[str], caches: list[cf.Featur
     names = [cf.shard_basename(u) for u in urls]
     fuse = ",".join(map(str, cfg.fuse_layers)) or "last"
     target = ",".join(n.strip() for n in (cfg.target or MAIN_TARGET).split(",") if n.strip())  # a head each
+    if cfg.step_options.high_level_at != "encoder":  # row 5's head sits on the decoder (older runs record none)
+        target += f" at the {cfg.step_options.high_level_at}"
     data = {"shards": names, "views_per_image": None if caches else cfg.views_per_image, "seed": cfg.seed,
             "split": cfg.data_split, "pixels_from_cache": cfg.pixels_from_cache}
     return ckpt.Fingerprint((
@@ -252,6 +275,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     """Train; returns {checkpoint, metrics, steps, main_process}. Resumes from OUT/checkpoints with `resume`."""
     from mrmae.shared.teachers import build_teacher
     from mrmae.train.models import create_model
+    from mrmae.train.restore import init_from, resumed_config
+    from mrmae.train.students import family_of
 
     check_options(cfg)  # before anything is built, read or written
     run = TrainRun(cfg, "pretrain", mask_seeding=MASK_SEEDING)
@@ -264,8 +289,17 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     caches = open_targets(cfg.feature_cache, cfg.target) if cfg.feature_cache else []
     teacher = build_teacher(cfg.teacher).to(device) if cfg.teacher else None
     dims = target_dims(caches, teacher)
-    model = create_model(cfg.model, teacher_dim=dims[0], joint_teacher_dims=dims[1:], fuse_layers=cfg.fuse_layers,
-                         decoder_embed_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth)
+    heads = (dict(teacher_dim=0, decoder_teacher_dim=dims[0]) if cfg.step_options.high_level_at == "decoder"
+             else dict(teacher_dim=dims[0], joint_teacher_dims=dims[1:]))  # row 5: the decoder's head, no mimic head
+    if cfg.resume:  # what the run recorded beyond its shapes (a ConvViT run from before 1e-5: its 1e-6)
+        heads.update(resumed_config(cfg.out, cfg.model))
+    model = create_model(cfg.model, fuse_layers=cfg.fuse_layers, decoder_embed_dim=cfg.decoder_dim,
+                         decoder_depth=cfg.decoder_depth, **heads)
+    model_record = family_of(cfg.model).recorded_config(model.cfg)  # what restoring it needs beyond its shapes
+    if cfg.init:  # (a resumed run's checkpoint then replaces these weights)
+        init_note = init_from(model, cfg.model, cfg.init, cfg.checkpoint_format)
+        if run.is_main:
+            print(f"mrmae: note: {init_note}", file=sys.stderr)
     stream, loader = student_data(cfg, urls, caches, model, teacher, cuda)
     samples = cfg.samples_per_epoch or count_samples(urls, caches[0] if caches else None)
     run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else
@@ -279,7 +313,8 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=run.peak_lr, betas=(0.9, 0.95),
                                   fused=cuda or None)
     model, _ = run.start(model, optimizer, run_fingerprint(cfg, urls, caches, teacher, dims), cfg.compile)
-    run.write_config({**asdict(cfg), "teacher_dim": dims[0], "joint_teacher_dims": list(dims[1:]),
+    run.write_config({**asdict(cfg), "model_config": model_record, "teacher_dim": dims[0],
+                      "joint_teacher_dims": list(dims[1:]),
                       "target_pca": [c.pca_config and c.pca_config.to_json() for c in caches],
                       "cache_fingerprint": cache_fingerprint(caches[0]) if caches else None,
                       "teacher_weights_sha256": (caches[0].manifest.teacher.weights_sha256 if caches

@@ -4,7 +4,8 @@ Reads what the runs wrote (never their checkpoints):
 
 - RUN/config.json: the resolved options (model, mask, fusion, targets, loss weights);
 - RUN/metrics.jsonl: one record per optimiser step (`epoch`, `step`, `loss_recon`,
-  `loss_mimic`, ...), and for fine-tuning runs one per epoch with `top1`/`top5`;
+  `loss_mimic`, `loss_recon_features` for table 3 row 5's decoder feature head, ...), and for
+  fine-tuning runs one per epoch with `top1`/`top5`;
 - RUN/eval.jsonl (when present): the results `mrmae eval` appended.
 
 Writes, each under a temporary name and then renamed (a half-written file never takes
@@ -13,7 +14,8 @@ the final name):
 - DIR/report.md: a header line saying how the columns are computed, one markdown table
   (one row per run, columns as `RunSummary` describes them), a link to the picture;
 - DIR/report.csv: the same columns and rows (csv module), numbers at full precision;
-- DIR/curves.png: L_R and L_M per step, one line per run, two panels (matplotlib, Agg).
+- DIR/curves.png: L_R and the high-level loss (L_M, or row 5's feature reconstruction) per
+  step, one line per run, two panels (matplotlib, Agg).
 
 Files are read line by line; a metrics or eval line is at most `LINE_LIMIT` bytes. A
 truncated last line (a run killed while appending it) is skipped with one warning; any
@@ -42,7 +44,9 @@ CONFIG_LIMIT = 16 << 20  # bytes; a resolved config is a few KiB
 CONVVIT_PREFIX = "mrmae_convvit_"  # the ConvViT family of the model registry (train/convvit.py)
 
 FINAL_LOSS_NOTE = ("final L_R / final L_M: the mean of loss_recon / loss_mimic over the logged steps of the run's "
-                   "last epoch in metrics.jsonl")
+                   "last epoch in metrics.jsonl (final L_R features, where a run has it: loss_recon_features, the "
+                   "teacher's features reconstructed at the decoder, table 3 row 5)")
+FEATURES_COLUMN = "final L_R features"
 EVAL_NOTE = ("eval columns: top-1 (%) from RUN/eval.jsonl, the last line per protocol and feature; finetune "
              "top1/top5: the last evaluated epoch in metrics.jsonl; blank: not measured")
 
@@ -73,6 +77,8 @@ class Curve:
     recon: array = field(default_factory=lambda: array("d"))
     mimic_steps: array = field(default_factory=lambda: array("d"))
     mimic: array = field(default_factory=lambda: array("d"))
+    features_steps: array = field(default_factory=lambda: array("d"))  # loss_recon_features (row 5)
+    features: array = field(default_factory=lambda: array("d"))
 
 
 @dataclass
@@ -92,16 +98,18 @@ class RunSummary:
     final_recon: float | None  # FINAL_LOSS_NOTE
     final_mimic: float | None  # FINAL_LOSS_NOTE; None for runs that mimic nothing
     results: dict[str, float] = field(default_factory=dict)  # eval column name -> value (EVAL_NOTE)
+    final_features: float | None = None  # FINAL_LOSS_NOTE; runs reconstructing features at the decoder
 
 
 FIXED_COLUMNS = ("run", "task", "model", "mask", "fusion", "targets", "loss weights (recon/mimic)", "epochs",
                  "steps", "final L_R", "final L_M")
 
 
-def row_cells(s: RunSummary, eval_columns: list[str]) -> list:
-    """The row's values in column order (FIXED_COLUMNS, eval columns, "path"); None for blank."""
+def row_cells(s: RunSummary, eval_columns: list[str], features: bool = False) -> list:
+    """The row's values in column order (FIXED_COLUMNS, FEATURES_COLUMN when `features`, eval
+    columns, "path"); None for blank."""
     fixed = [s.run, s.task, s.model, s.mask, s.fusion, s.targets, s.weights, s.epochs, s.steps,
-             s.final_recon, s.final_mimic]
+             s.final_recon, s.final_mimic, *([s.final_features] if features else [])]
     return [*fixed, *(s.results.get(c) for c in eval_columns), s.path]
 
 
@@ -170,16 +178,17 @@ class _Metrics:
 
     last_epoch: int | None = None
     last_step: int | None = None
-    per_epoch: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [n recon, sum, n mimic, sum]
+    per_epoch: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [n, sum] of recon, mimic, features
     top: tuple[float | None, float | None] = (None, None)  # the last evaluated epoch's (top1, top5)
     curve: Curve = field(default_factory=Curve)
 
-    def final(self) -> tuple[float | None, float | None]:
-        """(mean loss_recon, mean loss_mimic) over the last epoch with logged losses (FINAL_LOSS_NOTE)."""
+    def final(self) -> tuple[float | None, float | None, float | None]:
+        """(mean loss_recon, loss_mimic, loss_recon_features) over the last epoch with logged
+        losses (FINAL_LOSS_NOTE)."""
         if not self.per_epoch:
-            return None, None
-        n_recon, recon, n_mimic, mimic = self.per_epoch[max(self.per_epoch)]
-        return (recon / n_recon if n_recon else None), (mimic / n_mimic if n_mimic else None)
+            return None, None, None
+        sums = self.per_epoch[max(self.per_epoch)]
+        return tuple(sums[i + 1] / sums[i] if sums[i] else None for i in (0, 2, 4))
 
 
 def read_metrics(path: Path, mimics: bool) -> _Metrics:
@@ -195,19 +204,19 @@ def read_metrics(path: Path, mimics: bool) -> _Metrics:
             m.last_step = step if m.last_step is None else max(step, m.last_step)
         if (top1 := finite(r, "top1", where)) is not None:  # a fine-tuning epoch's evaluation
             m.top = (top1, finite(r, "top5", where))
-        recon, mimic = finite(r, "loss_recon", where), finite(r, "loss_mimic", where)
         if epoch is None or step is None:
             continue
-        if recon is not None:
-            sums = m.per_epoch.setdefault(epoch, [0, 0.0, 0, 0.0])
-            sums[0], sums[1] = sums[0] + 1, sums[1] + recon
-            m.curve.recon_steps.append(step)
-            m.curve.recon.append(recon)
-        if mimics and mimic is not None:
-            sums = m.per_epoch.setdefault(epoch, [0, 0.0, 0, 0.0])
-            sums[2], sums[3] = sums[2] + 1, sums[3] + mimic
-            m.curve.mimic_steps.append(step)
-            m.curve.mimic.append(mimic)
+        c = m.curve
+        for slot, key, steps, values in ((0, "loss_recon", c.recon_steps, c.recon),
+                                         (2, "loss_mimic", c.mimic_steps, c.mimic),
+                                         (4, "loss_recon_features", c.features_steps, c.features)):
+            value = finite(r, key, where)
+            if value is None or (key == "loss_mimic" and not mimics):
+                continue
+            sums = m.per_epoch.setdefault(epoch, [0, 0.0] * 3)
+            sums[slot], sums[slot + 1] = sums[slot] + 1, sums[slot + 1] + value
+            steps.append(step)
+            values.append(value)
     return m
 
 
@@ -266,10 +275,13 @@ def describe_config(cfg: dict, where: str) -> _Setup:
     model = text(cfg, "model", where)
     cache, teacher = text(cfg, "feature_cache", where), text(cfg, "teacher", where)
     recon_w, mimic_w = finite(opts, "recon_weight", where_opts), finite(opts, "mimic_weight", where_opts)
-    mimics = bool(cache or teacher) and mimic_w != 0  # else the loss is L_R alone (student.py)
-    weights = "1/0" if not mimics else None if recon_w is None or mimic_w is None else f"{recon_w:g}/{mimic_w:g}"
-    return _Setup(task, model, describe_mask(opts, where_opts), describe_fusion(cfg, model, where),
-                  describe_targets(cfg, opts, where), weights, epochs, mimics)
+    at_decoder = text(opts, "high_level_at", where_opts) == "decoder"  # row 5: no L_M, features at the decoder
+    high_level = bool(cache or teacher) and mimic_w != 0  # else the loss is L_R alone (student.py)
+    weights = "1/0" if not high_level else None if recon_w is None or mimic_w is None else f"{recon_w:g}/{mimic_w:g}"
+    mimics = high_level and not at_decoder
+    targets = describe_targets(cfg, opts, where) + (", at the decoder (masked tokens)" if at_decoder else "")
+    return _Setup(task, model, describe_mask(opts, where_opts), describe_fusion(cfg, model, where), targets,
+                  weights, epochs, mimics)
 
 
 def describe_mask(opts: dict, where: str) -> str | None:
@@ -378,9 +390,9 @@ def load_run(path: Path, name: str) -> tuple[RunSummary, Curve]:
     reached = None if m.last_epoch is None else m.last_epoch + 1
     epochs = (None if reached is None else
               f"{reached} of {setup.epochs}" if setup.epochs is not None and reached < setup.epochs else str(reached))
-    final_recon, final_mimic = m.final()
+    final_recon, final_mimic, final_features = m.final()
     summary = RunSummary(name, str(path), setup.task, setup.model, setup.mask, setup.fusion, setup.targets,
-                         setup.weights, epochs, m.last_step, final_recon, final_mimic, results)
+                         setup.weights, epochs, m.last_step, final_recon, final_mimic, results, final_features)
     return summary, m.curve
 
 
@@ -442,12 +454,15 @@ def draw_curves(path: Path, names: list[str], curves: list[Curve]) -> None:
     for ax, kind in zip(fig.subplots(1, 2), ("recon", "mimic")):
         drawn = []
         for i, (name, c) in enumerate(zip(names, curves)):
-            steps, values = (c.recon_steps, c.recon) if kind == "recon" else (c.mimic_steps, c.mimic)
-            if values:
-                ax.plot(steps, values, color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[i // 10 % 4],
-                        marker="o" if len(values) <= 50 else None, markersize=3, linewidth=1.2, label=name)
-                drawn.append(min(values))
-        title = "reconstruction loss L_R" if kind == "recon" else "mimic loss L_M"
+            lines = [(c.recon_steps, c.recon, name)] if kind == "recon" else \
+                [(c.mimic_steps, c.mimic, name), (c.features_steps, c.features, f"{name} (features, decoder)")]
+            for steps, values, label in lines:
+                if values:
+                    ax.plot(steps, values, color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[i // 10 % 4],
+                            marker="o" if len(values) <= 50 else None, markersize=3, linewidth=1.2, label=label)
+                    drawn.append(min(values))
+        title = "reconstruction loss L_R" if kind == "recon" else \
+            "mimic loss L_M (row 5: teacher features at the decoder)"
         ax.set(xlabel="optimiser step", ylabel=f"loss_{kind} (metrics.jsonl)", title=title)
         ax.grid(True, which="both", alpha=0.3)
         if drawn:
@@ -469,8 +484,9 @@ def run_report(cfg: ReportConfig) -> ReportPaths:
     loaded = [load_run(p, n) for p, n in zip(paths, short_names(paths))]
     summaries, curves = [s for s, _ in loaded], [c for _, c in loaded]
     eval_columns = list(dict.fromkeys(k for s in summaries for k in s.results))  # first-seen order
-    header = [*FIXED_COLUMNS, *eval_columns, "path"]
-    rows = [row_cells(s, eval_columns) for s in summaries]
+    features = any(s.final_features is not None for s in summaries)  # a row-5 run among them
+    header = [*FIXED_COLUMNS, *([FEATURES_COLUMN] if features else []), *eval_columns, "path"]
+    rows = [row_cells(s, eval_columns, features) for s in summaries]
     out = Path(cfg.out)
     with naming(out):
         out.mkdir(parents=True, exist_ok=True)

@@ -70,15 +70,25 @@ def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, d
                                               for j in range(_max_index(state, "joint_heads"))),
                      fuse_layers=tuple(run_config.get("fuse_layers") or ()),
                      decoder_embed_dim=state["decoder_embed.weight"].shape[0],
-                     decoder_depth=_max_index(state, "decoder_blocks"))
-    overrides.update(family_of(name).restore_overrides(state))  # e.g. a ViT's sizes, all in its shapes
+                     decoder_depth=_max_index(state, "decoder_blocks"),
+                     decoder_teacher_dim=(state["decoder_feature_pred.weight"].shape[0]
+                                          if "decoder_feature_pred.weight" in state else 0))
+    family = family_of(name)
+    overrides.update(family.restore_overrides(state))  # e.g. a ViT's sizes, all in its shapes
+    # what no shape reveals (a ConvViT's conv-stage LayerNorm eps): as the run recorded it, or as runs had it before
+    overrides.update(family.restored_config(run_config.get("model_config"), "config.json"))
     return name, overrides
 
 
-def load_student(checkpoint: str | Path) -> Restored:
-    """Load a student strictly from `checkpoint` (see resolve_weights), in eval mode on CPU.
+def load_student(checkpoint: str | Path, fmt: str = "auto") -> Restored:
+    """Load a student strictly from `checkpoint` (see resolve_weights, or MAE's or ConvMAE's
+    pretraining `.pth`: `official.py`, `fmt` auto, mae or convmae), in eval mode on CPU.
     A file that is no safetensors file, a truncated one, or the weights of another model
     are a CheckpointError naming the file."""
+    from mrmae.train.official import OFFICIAL, is_official_file, read_official
+
+    if fmt in OFFICIAL or (fmt == "auto" and is_official_file(checkpoint)):
+        return official_student(read_official(checkpoint, fmt))
     weights, run_dir = resolve_weights(checkpoint)
     run_config = read_run_config(run_dir) if run_dir else {}
     state = read_weights(weights)
@@ -90,6 +100,66 @@ def load_student(checkpoint: str | Path) -> Restored:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{weights}: not the weights of an mrmae student ({type(e).__name__}: {first})") from None
     return Restored(model.eval(), name, weights, run_dir, run_config)
+
+
+def resumed_config(out: str | Path, name: str) -> dict:
+    """The config overrides no shape reveals (a ConvViT's conv-stage eps) that the run in `out`
+    recorded, so that `--resume` goes on with them: a run from before they were recorded keeps
+    the values of then. {} when `out` holds no config.json (nothing to resume)."""
+    config = Path(out) / "config.json"
+    if not config.is_file():
+        return {}
+    recorded = read_json_object(config, "a run config")
+    try:
+        return family_of(name).restored_config(recorded.get("model_config"), str(config))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def official_student(ck) -> Restored:
+    """The student of MAE's or ConvMAE's pretraining checkpoint (`official.OfficialCheckpoint`):
+    every tensor lands (encoder, fusion convs, decoder); no mimic head (they mimic nothing)."""
+    if ck.stage != "pretrain":
+        raise CheckpointError(f"{ck.path}: a {ck.label} has no decoder; this needs a pretraining checkpoint")
+    model = create_model(ck.name, **ck.student)
+    try:
+        model.load_state_dict(ck.state, strict=True)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or ["mismatch"])[0]
+        raise CheckpointError(f"{ck.path}: does not fit {ck.name}: {first}") from None
+    return Restored(model.eval(), ck.name, ck.path, None, {})
+
+
+def init_from(model: torch.nn.Module, name: str, source: str | Path, fmt: str = "auto") -> str:
+    """`pretrain --init`: copy the tensors of `source` (MAE's or ConvMAE's `.pth`, pretrained or
+    fine-tuned, or an mrmae pretraining checkpoint) into the fresh student `model` (registry
+    `name`), by name; returns the note line that accounts for every tensor: loaded, not used
+    (a fine-tuned head), or kept at its initialisation (a mimic head, a decoder the file lacks).
+    A tensor of another shape is a CheckpointError naming it: nothing is skipped silently."""
+    from mrmae.train.official import OFFICIAL, is_official_file, read_official, summarise
+
+    if fmt in OFFICIAL or (fmt == "auto" and is_official_file(source)):
+        ck = read_official(source, fmt)
+        state, label, theirs = ck.state, ck.label, ck.name
+    else:
+        restored = load_student(source, fmt)
+        state, label, theirs = restored.model.state_dict(), "mrmae checkpoint", restored.name
+    if family_of(theirs).name != family_of(name).name:
+        raise CheckpointError(f"--init {source}: a {label} of a {family_of(theirs).name} encoder; --model {name} "
+                              f"is a {family_of(name).name}")
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            what = "the decoder's: give its --decoder-dim and --decoder-depth" if key.startswith("decoder") else \
+                "the encoder's: give the --model of its sizes (and the input size it was trained at)"
+            raise CheckpointError(f"--init {source}: tensor {key} is {tuple(tensor.shape)} there but "
+                                  f"{tuple(own[key].shape)} in {name} ({what})")
+    used = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(used, strict=False)
+    unused, kept = sorted(set(state) - set(own)), sorted(set(own) - set(state))
+    return (f"--init {source}: a {label}, {len(used)} tensors loaded"
+            + (f"; not used: {summarise(unused)}" if unused else "")
+            + (f"; kept at their initialisation: {summarise(kept)}" if kept else ""))
 
 
 def read_weights(weights: Path) -> dict[str, torch.Tensor]:

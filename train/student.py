@@ -40,12 +40,18 @@ class StudentConfig:
     decoder_num_heads: int = 16
     teacher_dim: int = 0  # 0: no mimic head (plain MAE)
     joint_teacher_dims: tuple[int, ...] = ()  # more teachers, one more mimic head each (joint)
+    # > 0: a second linear head on the decoder predicts the teacher's features of the masked tokens
+    # (table 3 row 5: high-level targets reconstructed beside the pixels, in place of the mimic head)
+    decoder_teacher_dim: int = 0
     fuse_layers: tuple[int, ...] = ()  # 1-based encoder blocks summed; () = last block only
     norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)
     norm_pix_loss: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fuse_layers", check_fuse_layers(self.fuse_layers, self.depth))
+        if self.decoder_teacher_dim and (self.teacher_dim or self.joint_teacher_dims):
+            raise ValueError("decoder_teacher_dim (features reconstructed at the decoder, table 3 row 5) replaces the "
+                             "mimic heads: give teacher_dim 0")
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -71,6 +77,13 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tenso
     return emb.float()
 
 
+def masked_ids(mask: torch.Tensor) -> torch.Tensor:
+    """mask [B, N] bool (True = masked, the same count m in every row) -> the masked tokens'
+    indices [B, m], in patch order."""
+    m = int(mask[0].sum()) if mask.shape[0] else 0
+    return mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :m].sort(dim=1).values
+
+
 def gather_visible(tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """Per-patch tokens [B, N, ...] -> the visible ones [B, n, ...], in ids_keep order."""
     index = ids_keep.long().reshape(*ids_keep.shape, *([1] * (tokens.ndim - 2)))
@@ -93,7 +106,8 @@ class MaskedStudent(nn.Module):
 
     def _build_heads(self, dim: int, decoder_mlp_ratio: float = 4.0) -> None:
         """Mimic head (D -> C, None when teacher_dim = 0), one more per joint teacher
-        (`joint_heads`, D -> C_j), and the MAE decoder on encoder width D."""
+        (`joint_heads`, D -> C_j), and the MAE decoder on encoder width D, with its pixel head
+        and, when decoder_teacher_dim C' > 0, its feature head (`decoder_feature_pred`, d -> C')."""
         # imported here: the first import of timm imports the student families (mrmae/__init__.py),
         # which import this module, so this module must not be the one importing timm
         from timm.models.vision_transformer import Block
@@ -111,6 +125,7 @@ class MaskedStudent(nn.Module):
         self.decoder_blocks = nn.ModuleList(block(dd, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth))
         self.decoder_norm = cfg.norm_layer(dd)
         self.decoder_pred = nn.Linear(dd, cfg.patch_size ** 2 * 3)
+        self.decoder_feature_pred = nn.Linear(dd, cfg.decoder_teacher_dim) if cfg.decoder_teacher_dim > 0 else None
 
     @property
     def img_size(self) -> int:
@@ -156,7 +171,12 @@ class MaskedStudent(nn.Module):
         return x.reshape(b, 3, g * p, g * p)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent [B, k+n, D], ids_restore [B, N] -> pixel predictions pred [B, N, p*p*3].
+        """latent [B, k+n, D], ids_restore [B, N] -> pixel predictions pred [B, N, p*p*3]."""
+        return self.decoder_pred(self.decode(latent, ids_restore))
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent [B, k+n, D], ids_restore [B, N] -> the decoder's normed tokens [B, N, d], which
+        the heads read (`decoder_pred`: pixels; `decoder_feature_pred`: teacher features).
 
         Mask tokens fill the N - n masked slots, ids_restore puts the sequence back in patch
         order, the k prefix tokens (cls) ride along and are dropped from the output.
@@ -169,7 +189,7 @@ class MaskedStudent(nn.Module):
         x = torch.cat([x[:, :k], seq], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, k:]
+        return self.decoder_norm(x)[:, k:]
 
     def forward_mimic(self, visible: torch.Tensor) -> torch.Tensor:
         """visible encoder tokens [B, n, D] -> predicted teacher features [B, n, C]."""
@@ -204,7 +224,8 @@ class MaskedStudent(nn.Module):
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor,
                 mask: torch.Tensor, targets: torch.Tensor | list[torch.Tensor] | None = None,
-                recon_weight: float = 0.5, mimic_weight: float = 0.5) -> dict[str, torch.Tensor]:
+                recon_weight: float = 0.5, mimic_weight: float = 0.5,
+                decoder_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One MR-MAE loss. targets: teacher features of the visible tokens [B, n, C]
         (`gather_visible(all_targets, ids_keep)`), a list of them (joint: one per head,
         `mimic_head` first, then `joint_heads`), or None.
@@ -213,9 +234,18 @@ class MaskedStudent(nn.Module):
         loss_mimic is the mean of the heads' eq. 2 losses (so a joint run keeps the total
         mimic weight). Without (plain MAE): loss = loss_recon (unweighted), loss_mimic = 0.
         Returns {"loss", "loss_recon", "loss_mimic"} (scalars).
+
+        decoder_targets (a model with `decoder_feature_pred`, table 3 row 5): the teacher's
+        features of the masked tokens [B, m, C'] (`masked_ids(mask)` order) instead of
+        `targets`: loss = recon_weight * loss_recon + mimic_weight * loss_recon_features, the
+        latter the eq. 2 MSE of the decoder's feature head on the masked tokens; returns
+        {"loss", "loss_recon", "loss_recon_features"}.
         """
         latent, visible = self.forward_encoder(imgs, ids_keep)
-        loss_recon = self.recon_loss(imgs, self.forward_decoder(latent, ids_restore), mask)
+        decoded = self.decode(latent, ids_restore)
+        loss_recon = self.recon_loss(imgs, self.decoder_pred(decoded), mask)
+        if decoder_targets is not None:
+            return self._feature_recon(decoded, mask, decoder_targets, loss_recon, recon_weight, mimic_weight)
         if targets is None:
             zero = torch.zeros((), device=loss_recon.device)
             return {"loss": loss_recon, "loss_recon": loss_recon, "loss_mimic": zero}
@@ -232,3 +262,17 @@ class MaskedStudent(nn.Module):
         loss_mimic = torch.stack([self.mimic_loss(h(visible), t) for h, t in zip(heads, targets)]).mean()
         loss = recon_weight * loss_recon + mimic_weight * loss_mimic
         return {"loss": loss, "loss_recon": loss_recon, "loss_mimic": loss_mimic}
+
+    def _feature_recon(self, decoded: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+                       loss_recon: torch.Tensor, recon_weight: float, weight: float) -> dict[str, torch.Tensor]:
+        """The row-5 loss from the decoder's tokens [B, N, d] and the masked tokens' targets [B, m, C']."""
+        if self.decoder_feature_pred is None:
+            raise ValueError("decoder_targets given but the model has no decoder feature head: build it with "
+                             "decoder_teacher_dim > 0")
+        ids = masked_ids(mask)
+        if targets.shape[:2] != ids.shape:
+            raise ValueError(f"decoder_targets must be the masked tokens' [B, m, C]; got {tuple(targets.shape)} for "
+                             f"{ids.shape[1]} masked tokens (gather them at masked_ids(mask))")
+        loss_features = self.mimic_loss(self.decoder_feature_pred(gather_visible(decoded, ids)), targets)
+        loss = recon_weight * loss_recon + weight * loss_features
+        return {"loss": loss, "loss_recon": loss_recon, "loss_recon_features": loss_features}

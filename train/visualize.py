@@ -131,7 +131,7 @@ def mask_columns() -> list[MaskStrategy]:
 
 def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: str | None = None, num: int = 4,
                 view_index: int = 0, mask_ratio: float | None = None, seed: int = 0, device: str = "cpu",
-                progress: bool = False) -> Path:
+                progress: bool = False, checkpoint_format: str = "auto") -> Path:
     """Draw the figure (module docstring) for the first `num` samples and write it as PNG to
     `out`; the student's reconstructions run on `device`; `progress`: a bar on stderr, in
     steps (a view replayed, a reconstruction), closed before an error is raised."""
@@ -144,11 +144,12 @@ def render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: st
             return stack.enter_context(tqdm(total=total, desc="visualize", unit="step", disable=not progress,
                                             dynamic_ncols=True))
         return _render_grid(feature_cache, shards, out, checkpoint, num, view_index, mask_ratio, seed, device,
-                            new_bar)
+                            new_bar, checkpoint_format)
 
 
 def _render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: str | None, num: int,
-                 view_index: int, mask_ratio: float | None, seed: int, device: str, new_bar) -> Path:
+                 view_index: int, mask_ratio: float | None, seed: int, device: str, new_bar,
+                 checkpoint_format: str = "auto") -> Path:
     if "://" not in str(feature_cache) and Path(out).resolve().is_relative_to(Path(feature_cache).resolve()):
         raise OptionError(f"--out {Path(out).parent}: inside the cache {feature_cache}, whose files it would "
                           "replace; write the picture elsewhere")
@@ -157,7 +158,7 @@ def _render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: s
     if checkpoint is not None:
         from mrmae.train.restore import load_student
 
-        restored = load_student(checkpoint)
+        restored = load_student(checkpoint, checkpoint_format)
         model = restored.model.to(device)
         opts = restored.run_config.get("step_options", {})
         train_mask = opts.get("mask", "random")

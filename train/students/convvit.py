@@ -44,16 +44,23 @@ from mrmae.train.students.registry import StudentFamily, register_family
 # ---- the blocks (shared by the pretraining student and the timm encoder) ----
 
 
+# ConvMAE's conv stages normalise with nn.LayerNorm's default eps (its CBlock and PatchEmbed
+# ignore the norm_layer they are given); its transformer blocks, final norm and decoder use 1e-6.
+# Runs from before mrmae matched it used 1e-6 here too and record none (`CONV_NORM_EPS_BEFORE`).
+CONV_NORM_EPS = 1e-5
+CONV_NORM_EPS_BEFORE = 1e-6
+
+
 class StridedEmbed(nn.Module):
-    """Non-overlapping k x k conv with stride k, LayerNorm over channels, GELU.
+    """Non-overlapping k x k conv with stride k, LayerNorm over channels (eps `eps`), GELU.
 
     [B, Cin, H, W] -> [B, Cout, H/k, W/k]. Each output cell sees exactly one k x k input block.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, k: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, k: int, eps: float = CONV_NORM_EPS) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_dim, out_dim, k, stride=k)
-        self.norm = LayerNorm2d(out_dim, eps=1e-6)
+        self.norm = LayerNorm2d(out_dim, eps=eps)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,17 +75,18 @@ class MaskedConvBlock(nn.Module):
         x = x + drop_path(mlp(LN(x)))                          mlp = 1x1 conv, GELU, 1x1 conv
     The depth-wise conv is the block's only spatial op; zeroing its input at masked
     positions means a visible output reads visible inputs only. visible=None (fine-tuning,
-    evaluation): nothing is masked.
+    evaluation): nothing is masked. Both LNs use `eps` (ConvMAE's: 1e-5).
     """
 
-    def __init__(self, dim: int, mlp_ratio: float, kernel_size: int = 5, drop_path: float = 0.0) -> None:
+    def __init__(self, dim: int, mlp_ratio: float, kernel_size: int = 5, drop_path: float = 0.0,
+                 eps: float = CONV_NORM_EPS) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.norm1 = LayerNorm2d(dim, eps=1e-6)
+        self.norm1 = LayerNorm2d(dim, eps=eps)
         self.pw1 = nn.Conv2d(dim, dim, 1)
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.pw2 = nn.Conv2d(dim, dim, 1)
-        self.norm2 = LayerNorm2d(dim, eps=1e-6)
+        self.norm2 = LayerNorm2d(dim, eps=eps)
         self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -113,6 +121,7 @@ class ConvViTConfig(StudentConfig):
     num_heads: int = 12  # stage 3
     mlp_ratios: tuple[float, float, float] = (4.0, 4.0, 4.0)
     kernel_size: int = 5  # the depth-wise conv of the conv blocks
+    conv_norm_eps: float = CONV_NORM_EPS  # the conv stages' LayerNorms (ConvMAE's); older runs: 1e-6
 
     patch_size: ClassVar[int] = 16  # 4 * 2 * 2: one stage-3 token per 16x16 pixel patch
     strides: ClassVar[tuple[int, int, int]] = (4, 2, 2)
@@ -158,11 +167,12 @@ class MRConvViT(MaskedStudent):
         self.cfg = cfg
         (d1, d2, d), (l1, l2, l3), (r1, r2, r3) = cfg.embed_dims, cfg.depths, cfg.mlp_ratios
         s1, s2, s3 = cfg.strides
-        self.embed1 = StridedEmbed(3, d1, s1)
-        self.stage1 = nn.ModuleList(MaskedConvBlock(d1, r1, cfg.kernel_size) for _ in range(l1))
-        self.embed2 = StridedEmbed(d1, d2, s2)
-        self.stage2 = nn.ModuleList(MaskedConvBlock(d2, r2, cfg.kernel_size) for _ in range(l2))
-        self.embed3 = StridedEmbed(d2, d, s3)
+        eps = cfg.conv_norm_eps
+        self.embed1 = StridedEmbed(3, d1, s1, eps)
+        self.stage1 = nn.ModuleList(MaskedConvBlock(d1, r1, cfg.kernel_size, eps=eps) for _ in range(l1))
+        self.embed2 = StridedEmbed(d1, d2, s2, eps)
+        self.stage2 = nn.ModuleList(MaskedConvBlock(d2, r2, cfg.kernel_size, eps=eps) for _ in range(l2))
+        self.embed3 = StridedEmbed(d2, d, s3, eps)
         self.token_proj = nn.Linear(d, d)  # per-token mixing after the conv embed, as in ConvMAE
         self.register_buffer("pos_embed", sincos_pos_embed(d, self.grid_size, cls_token=False).unsqueeze(0))
         block = partial(Block, mlp_ratio=r3, qkv_bias=True, norm_layer=cfg.norm_layer)
@@ -273,7 +283,7 @@ class ConvViT(nn.Module):
                  depths: Iterable[int] = (2, 2, 11), num_heads: int = 12,
                  mlp_ratios: Iterable[float] = (4.0, 4.0, 4.0), kernel_size: int = 5, num_classes: int = 1000,
                  global_pool: str = "avg", fc_norm: bool = False, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, in_chans: int = 3) -> None:
+                 drop_path_rate: float = 0.0, in_chans: int = 3, conv_norm_eps: float = CONV_NORM_EPS) -> None:
         super().__init__()
         (d1, d2, d), (l1, l2, l3), (r1, r2, r3) = tuple(embed_dims), tuple(depths), tuple(mlp_ratios)
         if not isinstance(img_size, int):  # timm passes its pretrained config's (H, W)
@@ -292,11 +302,12 @@ class ConvViT(nn.Module):
         self.grad_checkpointing = False
         n = l1 + l2 + l3  # stochastic depth rising linearly with depth (plain floats: builds on the meta device)
         rates = [drop_path_rate * i / max(1, n - 1) for i in range(n)]
-        self.embed1 = StridedEmbed(in_chans, d1, 4)
-        self.stage1 = nn.ModuleList(MaskedConvBlock(d1, r1, kernel_size, rates[i]) for i in range(l1))
-        self.embed2 = StridedEmbed(d1, d2, 2)
-        self.stage2 = nn.ModuleList(MaskedConvBlock(d2, r2, kernel_size, rates[l1 + i]) for i in range(l2))
-        self.embed3 = StridedEmbed(d2, d, 2)
+        eps = conv_norm_eps
+        self.embed1 = StridedEmbed(in_chans, d1, 4, eps)
+        self.stage1 = nn.ModuleList(MaskedConvBlock(d1, r1, kernel_size, rates[i], eps) for i in range(l1))
+        self.embed2 = StridedEmbed(d1, d2, 2, eps)
+        self.stage2 = nn.ModuleList(MaskedConvBlock(d2, r2, kernel_size, rates[l1 + i], eps) for i in range(l2))
+        self.embed3 = StridedEmbed(d2, d, 2, eps)
         self.token_proj = nn.Linear(d, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, d))
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -447,9 +458,12 @@ class ConvViTFamily(StudentFamily):
     fuse_blocks = "transformer blocks (stage 3)"
     fused_maps = "the stage-1/2 maps"
     tiny = dict(img_size=32, embed_dims=(16, 24, 32), depths=(1, 1, 2), num_heads=2)
+    recorded = ("conv_norm_eps",)
+    before_recorded = {"conv_norm_eps": CONV_NORM_EPS_BEFORE}
 
     def encoder_defaults(self, name: str) -> dict:
-        return {**dict(img_size=224, mlp_ratios=(4.0, 4.0, 4.0), kernel_size=5), **CONVVIT_ARCHS[name]}  # large: 8, 8, 4
+        return {**dict(img_size=224, mlp_ratios=(4.0, 4.0, 4.0), kernel_size=5, conv_norm_eps=CONV_NORM_EPS),
+                **CONVVIT_ARCHS[name]}  # large: 8, 8, 4
 
     def build_encoder(self, name: str, pretrained: bool, **kwargs) -> ConvViT:
         args = {k: v for k, v in self.encoder_defaults(name).items() if k != "img_size"}
@@ -458,7 +472,8 @@ class ConvViTFamily(StudentFamily):
 
     def encoder_kwargs(self, c: ConvViTConfig) -> dict:
         return dict(img_size=c.img_size, embed_dims=list(c.embed_dims), depths=list(c.depths),
-                    num_heads=c.num_heads, mlp_ratios=list(c.mlp_ratios), kernel_size=c.kernel_size)
+                    num_heads=c.num_heads, mlp_ratios=list(c.mlp_ratios), kernel_size=c.kernel_size,
+                    conv_norm_eps=c.conv_norm_eps)
 
     def restore_overrides(self, state: dict) -> dict:
         # its input size is in its pos-embed (one token per 16 x 16 patch, no cls slot)

@@ -40,6 +40,10 @@ class StudentFamily:
     old_encoder_names: ClassVar[tuple[str, ...]] = ()  # timm names earlier exports recorded for this family
     rank: ClassVar[int] = 100  # families list in rank order (then by name): `mrmae models`, messages
     tiny: ClassVar[dict]  # config overrides for a test-sized student of any of its names (a few blocks, 32 px)
+    # Config fields no tensor shape reveals that a run records (config.json `model_config`; the timm
+    # encoder takes them under the same names), and the values runs had before they recorded them.
+    recorded: ClassVar[tuple[str, ...]] = ()
+    before_recorded: ClassVar[dict] = {}
 
     def encoder_defaults(self, name: str) -> dict:
         """The architecture arguments the timm encoder `name` is built with by default."""
@@ -63,6 +67,28 @@ class StudentFamily:
         if global_pool == "token" and not self.cls_token:
             raise ValueError(f"a {self.name} encoder has no [CLS] token to pool: use --global-pool avg")
         return {}
+
+    def recorded_config(self, cfg: Any) -> dict:
+        """What a run writes to config.json's `model_config` for a student built from `cfg`."""
+        return {k: getattr(cfg, k) for k in self.recorded}
+
+    def restored_config(self, record: Any, where: str) -> dict:
+        """Config overrides from a run's recorded `model_config` (None: a run from before it
+        was recorded, which had `before_recorded`); ValueError naming `where` for a bad value."""
+        record = {} if record is None else record
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: model_config is {record!r}, not an object")
+        values = {**self.before_recorded, **{k: record[k] for k in self.recorded if k in record}}
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e3:
+                raise ValueError(f"{where}: model_config {k} is {v!r}, not a positive number")
+        return values
+
+    def stock_name(self, name: str) -> str | None:
+        """timm's own architecture name that builds the encoder `name` (with its sizes as
+        arguments), under which exports go so that timm without mrmae loads them; None when
+        timm has none (the encoder is ours)."""
+        return None
 
     def describe(self, model: nn.Module) -> str:
         """The architecture in a few words, for `mrmae models`."""

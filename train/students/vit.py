@@ -128,6 +128,10 @@ class ViTFamily(StudentFamily):
     old_encoder_names = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
                          "vit_large_patch16_224", "vit_huge_patch14_224")
 
+    def stock_name(self, name: str) -> str:
+        # timm's ViT of the same sizes (the huge one has patch 14 there: exports pass patch_size=16)
+        return dict(zip(VIT_ARCHS, self.old_encoder_names)).get(name, name)
+
     def encoder_defaults(self, name: str) -> dict:
         return dict(img_size=224, patch_size=16, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
                     **VIT_ARCHS[name])
