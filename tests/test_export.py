@@ -301,5 +301,14 @@ def test_export_never_writes_over_a_runs_config(tmp_path):
     assert (tmp_path / "run" / "config.json").read_bytes() == before and not (tmp_path / "run" / "model.safetensors").exists()
     assert (tmp_path / "other" / "config.json").read_text() == '{"model": "mine"}'
     _export(tmp_path / "run", tmp_path / "e")
-    _export(tmp_path / "run", tmp_path / "e")  # an earlier export is replaced whole
+    first = {p.name: p.read_bytes() for p in (tmp_path / "e").iterdir()}
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"mrmae: error: --out {tmp_path / 'e'}: holds an export already; give --overwrite to set it aside (renamed, "
+        "never deleted) and write anew"], r.output
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e"),
+                                 "--overwrite"])  # an earlier export is set aside whole, the new one written
+    assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["config.json", "model.safetensors"]
+    aside = list(tmp_path.glob("e.old-*"))
+    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == first

@@ -143,15 +143,16 @@ def test_exported_encoder_loads_and_only_head_keys_may_be_missing(student, tmp_p
         build_classifier(tmp_path / "partial.safetensors", 5)
 
 
-def _one_error_line(r) -> str:
-    lines = r.output.strip().splitlines()
-    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("mrmae: error: "), r.output
+def _one_error_line(r, code: int = 1) -> str:
+    """The one error line (exit `code`: 2 for options, 1 for data), after the run's start line if it started."""
+    lines = [ln for ln in r.output.strip().splitlines() if not ln.startswith("finetune: ")]
+    assert r.exit_code == code and len(lines) == 1 and lines[0].startswith("mrmae: error: "), r.output
     return lines[0]
 
 
 def test_unusable_students_and_options_are_refused_in_one_line(student, demo_shards, tmp_path):
     data = ["--shards", str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--out", str(tmp_path / "o")]
-    line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--batch-size", "3"]))
+    line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--batch-size", "3"]), code=2)
     assert "--batch-size 3 is odd" in line
     line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--num-classes", "1"]))
     assert ">= --num-classes 1" in line

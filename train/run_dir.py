@@ -41,9 +41,12 @@ def check_out(out: str | Path, resume: bool, overwrite: bool, files: tuple[str, 
         return
     if os.path.lexists(out) and not os.path.isdir(out):
         raise OptionError(f"--out {out}: is a file, not a directory")
-    if holds_run(out, files):
+    if holds_run(out, files) and files == RUN_FILES:
         raise OptionError(f"--out {out}: holds {what} already; give --resume to continue it or --overwrite to "
                           "set it aside (renamed, never deleted) and start anew")
+    if holds_run(out, files):
+        raise OptionError(f"--out {out}: holds {what} already; give --overwrite to set it aside (renamed, never "
+                          "deleted) and write anew")
 
 
 def set_aside(out: str | Path, files: tuple[str, ...] = RUN_FILES) -> Path | None:
