@@ -61,7 +61,10 @@ def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_pat
             "--val-shards", str(demo_shards[2]), *FT]
     r = finetune([*data, "--out", str(tmp_path / "whole")])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    assert r.output.splitlines()[0].split() == ["epoch", "step", "train_loss", "val_loss", "top1", "top5"]
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["epoch", "step", "train_loss", "val_loss", "top1", "top5", "val_images"]
+    assert [ln.split()[-1] for ln in lines[1:3]] == ["6", "6"]  # over the 6 validation images, none skipped
+    assert lines[3].startswith("train: 12 images, ") and lines[4].startswith("val: 6 images, ")
     whole = records(tmp_path / "whole")
     steps = [m for m in whole if "loss" in m]
     evals = [m for m in whole if "top1" in m]
@@ -142,7 +145,7 @@ def test_unusable_students_and_options_are_refused_in_one_line(student, demo_sha
     line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--batch-size", "3"]))
     assert "--batch-size 3 is odd" in line
     line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--num-classes", "1"]))
-    assert ">= --num-classes 1" in line
+    assert line.startswith(f"mrmae: error: {demo_shards[0]}: sample demo_") and "is not below --num-classes 1" in line
 
 
 def save_small_convvit(out: Path, fuse_layers: tuple[int, ...] = (4, 8, 11)):
@@ -159,7 +162,8 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
     r = finetune(["--checkpoint", str(tmp_path / "conv"), *data, *ft, "--out", str(tmp_path / "ft")])
     assert r.exit_code == 0, r.output + repr(r.exception)
     notes = [ln for ln in r.stderr.splitlines() if ln.startswith("mrmae: note: ")]
-    assert len(notes) == 1 and "stage-1/2 maps and blocks 4,8,11" in notes[0]
+    assert [n for n in notes if "stage-1/2 maps and blocks 4,8,11" in n] == notes[:1]
+    assert notes[-1].endswith("classes, --num-classes is 16")  # the demo's 12 training images hold fewer
     evals = [m for m in records(tmp_path / "ft") if "top1" in m]
     assert [(m["epoch"], m["n_val"]) for m in evals] == [(0, 6)]
 

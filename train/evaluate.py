@@ -58,11 +58,12 @@ def eval_transform(image: torch.Tensor, img_size: int = 224) -> torch.Tensor:
 
 class LabelledImages(torch.utils.data.IterableDataset):
     """One item per sample of `urls`, shard by shard (DataLoader workers take every w-th
-    shard): (pixels [3, S, S], label, None, end) for a sample used, (None, -1, Skip, end)
-    for one skipped (`labels.py`: a bad label, no image, an image that does not decode, a
-    repeated key); `end` is 1 on a shard's last sample, else 0 (a count of the shards done,
-    wherever the workers are). `indices`: the shards' numbers in their split's list (the
-    order skipped samples are listed in; default 0, 1, ...). Batch with `collate_labelled`."""
+    shard): (pixels [3, S, S], label, None, order, end) for a sample used, (None, -1, Skip,
+    order, end) for one skipped (`labels.py`: a bad label, no image, an image that does not
+    decode, a repeated key). `order`: (shard number, position in the tar), the shard numbers
+    being `indices` (their place in the split's list; default 0, 1, ...); `end` is 1 on a
+    shard's last sample, else 0 (a count of the shards done, wherever the workers are).
+    Batch with `collate_labelled`."""
 
     def __init__(self, urls: list[str], img_size: int, spec: LabelSpec, indices: list[int] | None = None):
         super().__init__()
@@ -84,28 +85,30 @@ class LabelledImages(torch.utils.data.IterableDataset):
     def _items(self, url: str, index: int) -> Iterator[tuple]:
         for position, s, label in sample_labels(url, index, self.spec, iter_samples(url)):
             if isinstance(label, Skip):
-                yield None, -1, label
+                yield None, -1, label, (index, position)
                 continue
             try:
-                yield eval_transform(decode_image(s.image), self.img_size), label, None
+                yield eval_transform(decode_image(s.image), self.img_size), label, None, (index, position)
             except ImageDecodeError as e:
                 yield None, -1, Skip((index, position), "undecodable-image", url, s.key,
-                                     detail=f"image does not decode ({e})")
+                                     detail=f"image does not decode ({e})"), (index, position)
 
 
 @dataclass
 class LabelledBatch:
     pixels: torch.Tensor  # [B, 3, S, S] of the samples used (B may be 0)
     labels: torch.Tensor  # [B] long
+    order: torch.Tensor  # [B] long: shard number x 2^32 + position in the tar (tar order, whatever the workers)
     skips: list[Skip]  # the batch's samples not used
     ends: int  # shards whose last sample is in the batch
 
 
 def collate_labelled(items: list[tuple]) -> LabelledBatch:
-    used = [(x, y) for x, y, skip, _ in items if skip is None]
-    pixels = torch.stack([x for x, _ in used]) if used else torch.empty(0)
-    return LabelledBatch(pixels, torch.tensor([y for _, y in used], dtype=torch.long),
-                         [skip for _, _, skip, _ in items if skip is not None], sum(end for *_, end in items))
+    used = [(x, y, (i << 32) + p) for x, y, skip, (i, p), _ in items if skip is None]
+    pixels = torch.stack([x for x, _, _ in used]) if used else torch.empty(0)
+    return LabelledBatch(pixels, torch.tensor([y for _, y, _ in used], dtype=torch.long),
+                         torch.tensor([o for *_, o in used], dtype=torch.long),
+                         [skip for _, _, skip, _, _ in items if skip is not None], sum(item[-1] for item in items))
 
 
 class FusedFeatures(torch.nn.Module):
@@ -169,7 +172,8 @@ class SplitFeatures:
 def extract_features(frozen: Frozen, shards: str | list[str], feature: str = "auto", batch_size: int = 64,
                      device: str = "cpu", workers: int = 0, progress: str | None = None,
                      spec: LabelSpec | None = None, option: str = "--shards") -> SplitFeatures:
-    """Frozen features of the usable labelled images of `shards`, read with `spec` (default:
+    """Frozen features of the usable labelled images of `shards` in tar order (whatever
+    `workers`: a probe trained on them does not depend on it), read with `spec` (default:
     the detected format, bad labels stopping); `option` names the shards in errors.
     `progress`: the title of a bar on stderr, in shards (the known total; their image counts
     are not known before they are read), with the images so far."""
@@ -182,7 +186,7 @@ def extract_features(frozen: Frozen, shards: str | list[str], feature: str = "au
     loader = InterruptibleLoader(LabelledImages(urls, frozen.img_size, spec), batch_size=batch_size,
                                  num_workers=workers, collate_fn=collate_labelled,
                                  worker_init_fn=worker_ignores_interrupt)
-    feats, labels, tally = [], [], Tally()
+    feats, labels, order, tally = [], [], [], Tally()
     with tqdm(total=len(urls), desc=progress, unit="shard", disable=progress is None, dynamic_ncols=True) as bar:
         for batch in loader:
             for skip in batch.skips:
@@ -191,13 +195,15 @@ def extract_features(frozen: Frozen, shards: str | list[str], feature: str = "au
                 tokens = model.forward_features(batch.pixels.to(device))  # [B, k+N, D], after the final norm
                 feats.append((tokens[:, 0] if feature == "cls" else tokens[:, k:].mean(1)).float().cpu())
                 labels.append(batch.labels)
+                order.append(batch.order)
                 tally.use(batch.labels.tolist())
             skipped = f", {tally.present - tally.used} skipped" if tally.present > tally.used else ""
             bar.set_postfix_str(f"{tally.used} images{skipped}", refresh=False)
             bar.update(batch.ends)
         bar.update(bar.total - bar.n)  # shards without a sample mark no end
     tally.check_any(f"{option} {shards if isinstance(shards, str) else '::'.join(shards)}")
-    return SplitFeatures(torch.cat(feats), torch.cat(labels), tally)
+    tar_order = torch.cat(order).argsort()  # DataLoader workers interleave their shards: put them back in order
+    return SplitFeatures(torch.cat(feats)[tar_order], torch.cat(labels)[tar_order], tally)
 
 
 def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, num_classes: int,

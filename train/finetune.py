@@ -318,12 +318,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is odd: Mixup/CutMix pair the rows of a batch "
                             "(use an even size, or --mixup 0 --cutmix 0)")
-    counted = take_census(cfg, run.accelerator)
-    for note in counted.notes if run.is_main else ():
-        tqdm.write(f"mrmae: note: {note}", file=sys.stderr)
     model, encoder = build_classifier(cfg.checkpoint, cfg.num_classes, cfg.drop_path, cfg.global_pool, cfg.seed)
-    if encoder.note and run.is_main:
-        tqdm.write(f"mrmae: note: {encoder.note}", file=sys.stderr)
+    counted = take_census(cfg, run.accelerator)  # after the model: its refusals are quick, a census may not be
+    for note in [encoder.note, *counted.notes] if run.is_main else ():
+        if note:
+            tqdm.write(f"mrmae: note: {note}", file=sys.stderr)
     timm_name, timm_kwargs = encoder.timm_model, {**encoder.timm_kwargs, "num_classes": cfg.num_classes,
                                                   "global_pool": cfg.global_pool}
     img_size = int(timm_kwargs.get("img_size", 224))
