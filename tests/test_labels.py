@@ -358,7 +358,7 @@ def test_ensemble_names_every_member_and_the_report_shows_the_denominators(tars,
     with open(out / "report.csv", newline="") as f:
         row = next(csv.DictReader(f))
     assert float(row["knn-ensemble mean top1"]) == pytest.approx(rec["top1"])
-    assert row["knn-ensemble mean images"] == "6 of 9"
+    assert row["knn-ensemble mean images"] == "6 of 9, 5 classes"
     md = (out / "report.md").read_text()
     assert f"knn-ensemble mean: the mean of 2 members: {', '.join(weights)}" in md
     assert "knn-ensemble mean: 1 of the 5 classes of the validation images have no training image (5)" in md

@@ -1,6 +1,6 @@
 """`mrmae eval knn | linear-probe`: frozen-encoder evaluation on labelled WebDataset shards.
 
-Images (`{key}.jpg`, label in `{key}.cls`) get MAE's evaluation transform: bicubic resize
+Images (`{key}.jpg`, label in `{key}.cls` or as `labels.py` reads it) get MAE's evaluation transform: bicubic resize
 of the shorter side to img_size / 0.875 (256 for 224), centre crop img_size, ImageNet
 mean/std. The frozen encoder (`load_frozen`: an export file or any student checkpoint)
 sees every patch and gives one feature per image: the [CLS] token (`cls`) or the mean of
@@ -17,7 +17,9 @@ stage-1/2 maps added, then the norm).
   train-time augmentation: the frozen features are computed once, which costs one encoder
   pass instead of one per epoch.
 
-Each result is printed as a table row and appended as one JSON line to a results file.
+Each result is printed as a table row and appended as one JSON line to a results file,
+with the images it is over: those evaluated and those present in the tars, the samples
+skipped per reason (`labels.py`), the classes of both splits.
 """
 
 from __future__ import annotations

@@ -319,10 +319,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is odd: Mixup/CutMix pair the rows of a batch "
                             "(use an even size, or --mixup 0 --cutmix 0)")
     model, encoder = build_classifier(cfg.checkpoint, cfg.num_classes, cfg.drop_path, cfg.global_pool, cfg.seed)
+    if encoder.note and run.is_main:
+        tqdm.write(f"mrmae: note: {encoder.note}", file=sys.stderr)
     counted = take_census(cfg, run.accelerator)  # after the model: its refusals are quick, a census may not be
-    for note in [encoder.note, *counted.notes] if run.is_main else ():
-        if note:
-            tqdm.write(f"mrmae: note: {note}", file=sys.stderr)
     timm_name, timm_kwargs = encoder.timm_model, {**encoder.timm_kwargs, "num_classes": cfg.num_classes,
                                                   "global_pool": cfg.global_pool}
     img_size = int(timm_kwargs.get("img_size", 224))
@@ -338,6 +337,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     model, _ = run.start(model, optimizer, run_fingerprint(cfg, timm_name, timm_kwargs))
     run.write_config({"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs,
                       **counted.record()})
+    for note in counted.notes if run.is_main else ():  # once the run is set up: not beside a refusal
+        tqdm.write(f"mrmae: note: {note}", file=sys.stderr)
     val = [counted.val]  # the last evaluation's count (the census's until one ran)
 
     def batches_of(epoch: int):

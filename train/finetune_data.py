@@ -1,4 +1,4 @@
-"""Labelled training data for `mrmae finetune`: WebDataset shards ({key}.jpg + {key}.cls).
+"""Labelled training data for `mrmae finetune`: WebDataset shards ({key}.jpg + its label, `labels.py`).
 
 Pipeline (webdataset stages, like `train/data.py`):
 

@@ -50,6 +50,7 @@ EXAMPLES = 5  # skipped samples kept per reason, in tar order
 CLASS_MAP_LIMIT = 64 << 20  # bytes; ImageNet-21k's names take ~0.5 MB
 MAX_INFERRED_CLASSES = 100_000  # without --num-classes: a larger label is taken for damage
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+_HUGE = 10**18  # a label this large is damage (and past what a label tensor holds)
 _SKIP_HINT = "; fix it, or give --skip-bad-labels to count and skip such samples"
 
 
@@ -138,15 +139,15 @@ class LabelSpec:
                                                         f"{self.class_map.path}")
             return self._bounded(index, raw, shown, where)
         if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-            text = value.strip()
-            if len(text.lstrip("+-").lstrip("0")) > 18:  # beyond any class count (int() refuses 4300+ digits)
-                negative = text.startswith("-")
-                return BadLabel("negative" if negative else "out-of-range", raw,
-                                f"label {shown} in {where} is {'negative' if negative else 'too large'}")
-            value = int(text)
+            text = value.strip().lstrip("+")
+            # no class count comes near 10^18; int() would even refuse 4300+ digits
+            value = int(text) if len(text.lstrip("-").lstrip("0")) <= 18 else (-1 if text.startswith("-") else 1) * _HUGE
         if type(value) is not int:  # bools, floats, text, lists: not a label
             kind = "a decimal integer" if self.format == "cls" else "an integer"
             return BadLabel("unparseable", raw, f"label {shown} in {where} is not {kind}")
+        if abs(value) >= _HUGE:
+            return BadLabel("negative" if value < 0 else "out-of-range", raw,
+                            f"label {shown} in {where} is {'negative' if value < 0 else 'too large'}")
         return self._bounded(value, raw, shown, where)
 
     def _bounded(self, index: int, raw: str, shown: str, where: str) -> int | BadLabel:
@@ -156,12 +157,6 @@ class LabelSpec:
             return BadLabel("out-of-range", raw, f"label {shown} in {where} is not below {self.bound_by} "
                                                    f"{self.num_classes}")
         return index
-
-    def describe(self) -> str:
-        """'.cls integers (detected)', '.json field 'label' class names (--class-map m.txt)'."""
-        source = ".cls" if self.format == "cls" else f".json field {self.field!r}"
-        kind = f"class names (--class-map {self.class_map.path})" if self.class_map else "integers"
-        return f"{source} {kind}" + (" (detected)" if self.detected else "")
 
     def record(self) -> dict:
         """What the run's records say about its labels."""
@@ -433,7 +428,8 @@ def sample_labels(url: str, index: int, spec: LabelSpec, samples: Iterable[TarSa
     for position, s in enumerate(samples):
         order = (index, position)
         if s.key in seen:
-            yield position, s, Skip(order, "repeated-key", url, s.key, detail="repeated key in the tar (its first copy is used)")
+            yield position, s, Skip(order, "repeated-key", url, s.key,
+                                    detail="repeated key in the tar (its first copy is used)")
             continue
         seen.add(s.key)
         label = spec.read(s.members)

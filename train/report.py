@@ -45,7 +45,7 @@ FINAL_LOSS_NOTE = ("final L_R / final L_M: the mean of loss_recon / loss_mimic o
                    "last epoch in metrics.jsonl")
 EVAL_NOTE = ("eval columns: top-1 (%) from RUN/eval.jsonl, the last line per protocol and feature; finetune "
              "top1/top5: the last evaluated epoch in metrics.jsonl; `images`: the validation images each is over "
-             "('N of M' when M were present and some skipped); blank: not measured")
+             "('N of M' when M were present and some skipped) and their classes; blank: not measured")
 
 
 class ReportError(OptionError):
@@ -215,12 +215,15 @@ def read_metrics(path: Path, mimics: bool) -> _Metrics:
 
 
 def images_over(record: dict, where: str) -> str | None:
-    """The images a record's accuracy is over: 'N' (n_val), 'N of M' when M (n_val_present)
-    were present; None for records from before they were counted."""
+    """The validation images a record's accuracy is over: 'N' (n_val), 'N of M' when M
+    (n_val_present) were present, then ', K classes' (classes_val); None for records from
+    before they were counted."""
     n, present = integer(record, "n_val", where), integer(record, "n_val_present", where)
+    classes = integer(record, "classes_val", where)
     if n is None:
         return None
-    return str(n) if present is None or present == n else f"{n} of {present}"
+    shown = str(n) if present is None or present == n else f"{n} of {present}"
+    return shown + (f", {classes} classes" if classes is not None else "")
 
 
 def read_evals(path: Path) -> tuple[dict[str, float | str | None], list[str]]:
@@ -241,7 +244,8 @@ def read_evals(path: Path) -> tuple[dict[str, float | str | None], list[str]]:
             raise ReportError(f"{where}: no top1 (not a line `mrmae eval` writes)")
         name = f"{protocol} {feature}"
         results[f"{name} top1"], results[f"{name} images"] = top1, images_over(r, where)
-        notes[name] = [f"{name}: {n}" for n in r.get("notes", []) if isinstance(n, str)]
+        recorded = r.get("notes") if isinstance(r.get("notes"), list) else []
+        notes[name] = [f"{name}: {n}" for n in recorded if isinstance(n, str)]
         members = r.get("members")
         if isinstance(members, list):
             shown = [str(m.get("checkpoint")) for m in members if isinstance(m, dict)]
