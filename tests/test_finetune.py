@@ -89,6 +89,8 @@ def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_pat
         else:
             assert isinstance(r.exception, _Killed) and records(tmp_path / "killed")[-1]["step"] == kill_at
     resumed = records(tmp_path / "killed")
+    line = _one_error_line(finetune([*data, "--out", str(tmp_path / "killed"), "--resume", "--skip-bad-labels"]))
+    assert line.endswith("field labels")  # other labels would be other samples: refused
     assert [(m["epoch"], m["step"], "top1" in m) for m in resumed] == [(m["epoch"], m["step"], "top1" in m)
                                                                        for m in whole]
     for a, b in zip(whole, resumed):

@@ -249,9 +249,11 @@ def _epoch_loss(metrics: Path, epoch: int) -> float:
     return sum(losses) / max(1, len(losses))
 
 
-def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict) -> ckpt.Fingerprint:
+def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict,
+                    labels: LabelSpec | None = None) -> ckpt.Fingerprint:
     """What this fine-tuning starts from, what shapes its weights and what it trains on,
-    recorded in each checkpoint and compared by --resume (shards by file name)."""
+    recorded in each checkpoint and compared by --resume (shards by file name; `labels`: how
+    they were read, which decides the samples trained on and the epoch's length)."""
     from mrmae.shared.shards import expand_urls
     from mrmae.train.restore import resolve_weights
 
@@ -266,7 +268,16 @@ def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict) -> c
                                [timm_name, shape]),
         ckpt.fingerprint_field("data", f"{len(names)} shards {names[0] if names else ''}..{names[-1] if names else ''}"
                                f", seed {cfg.seed}", {"shards": names, "seed": cfg.seed}),
+        *([] if labels is None else [_labels_field(labels)]),
     ))
+
+
+def _labels_field(spec: LabelSpec) -> ckpt.FingerprintField:
+    """The label reader as a fingerprint field: format, field, class map (by content), skipping."""
+    shown = spec.format + (f" field {spec.field}" if spec.format == "json" else "") + \
+        (f" names by {spec.class_map.path}" if spec.class_map else "") + (", bad labels skipped" if spec.skip_bad else "")
+    return ckpt.fingerprint_field("labels", shown, {"format": spec.format, "field": spec.field, "skip": spec.skip_bad,
+                                                    "class_map": spec.class_map and spec.class_map.sha256})
 
 
 def _file_sha256(path: Path) -> str:
@@ -334,7 +345,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else "usable labelled samples in --shards")
     groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=run.base_lr, betas=(0.9, 0.999), fused=cuda or None)
-    model, _ = run.start(model, optimizer, run_fingerprint(cfg, timm_name, timm_kwargs))
+    model, _ = run.start(model, optimizer, run_fingerprint(cfg, timm_name, timm_kwargs, counted.spec))
     run.write_config({"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs,
                       **counted.record()})
     for note in counted.notes if run.is_main else ():  # once the run is set up: not beside a refusal
