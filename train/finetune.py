@@ -353,8 +353,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     val = [counted.val]  # the last evaluation's count (the census's until one ran)
 
     def batches_of(epoch: int):
-        empty = FinetuneError(f"no full batch of labelled images in this process's shards ({stream.urls[:3]}...): "
-                              "fewer shards than processes x workers, or --batch-size above a shard's images?")
+        usable = counted.train
+        empty = FinetuneError(f"no full batch of usable labelled images in this process's shards ({stream.urls[:3]}"
+                              f"...; --shards holds {usable.used} of {usable.present} in all): fewer shards than "
+                              "processes x workers, or --batch-size above a shard's usable images?")
         return epoch_passes(stream, loader, epoch, empty)
 
     def end_of_epoch(epoch: int) -> None:
