@@ -1,13 +1,13 @@
 """`mrmae eval knn | linear-probe`: frozen-encoder evaluation on labelled WebDataset shards.
 
-Images (`{key}.jpg`, label in `{key}.cls` or as `labels.py` reads it) get MAE's evaluation transform: bicubic resize
-of the shorter side to img_size / 0.875 (256 for 224), centre crop img_size, ImageNet
-mean/std. The frozen encoder (`load_frozen`: an export file or any student checkpoint)
-sees every patch and gives one feature per image: the [CLS] token (`cls`) or the mean of
-the patch tokens (`mean`; `auto`: cls where there is one), after the final norm. The
-encoder is the exported one (the last block, then the final norm); `fused` probes a
-student's pretraining latent instead (its `--fuse-layers` sum and, for a ConvViT, the
-stage-1/2 maps added, then the norm).
+Images (`{key}.jpg`, their label in `{key}.cls` or as `labels.py` reads it) get MAE's
+evaluation transform: bicubic resize of the shorter side to img_size / 0.875 (256 for 224),
+centre crop img_size, ImageNet mean/std. The frozen encoder (`load_frozen`: an export file
+or any student checkpoint) sees every patch and gives one feature per image: the [CLS]
+token (`cls`) or the mean of the patch tokens (`mean`; `auto`: cls where there is one),
+after the final norm. The encoder is the exported one (the last block, then the final
+norm); `fused` probes a student's pretraining latent instead (its `--fuse-layers` sum and,
+for a ConvViT, the stage-1/2 maps added, then the norm).
 
 - kNN (DINO's protocol): cosine similarity of L2-normalised features, the k nearest
   training features vote for their labels with weight exp(similarity / T).
