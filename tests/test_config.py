@@ -213,7 +213,7 @@ def test_effective_batch_gives_the_accumulation_steps_or_is_refused():
     (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
     (["--blr", "0"], "--blr 0.0: must be a finite number above 0"),
     (["--batch-size", "8"], "--batch-size 8: 8 images per step (--batch-size 8 x --accum-steps 1 x 1 processes) "
-                            "is more than the 6 samples of an epoch (usable labelled samples in --shards)"),
+                            "is more than the 6 samples of an epoch (counted in --shards)"),
     (["--effective-batch", "12", "--batch-size", "6"], "--effective-batch 12: 12 images per step (--batch-size 6 "
                                                        "x --accum-steps 2 x 1 processes) is more than the 6 samples"),
     (["CACHE", "--batch-size", "7"], "--batch-size 7: 7 images per step (--batch-size 7 x --accum-steps 1 x 1 "
