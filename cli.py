@@ -645,6 +645,34 @@ def export(checkpoint: str, checkpoint_format: str, out: str, overwrite: bool, p
         click.echo(f"pushed to {push_folder(e.folder, push_to_hub)}")
 
 
+def _label_options(num_classes: bool):
+    """The label options of `finetune` and every `eval` command (train/labels.py); `num_classes`:
+    declare eval's optional --num-classes too (finetune has its own, required by the head)."""
+    options = [
+        click.option("--label-format", type=click.Choice(["auto", "cls", "json"]), default="auto", show_default=True,
+                     help="Where a sample's class is: cls: {key}.cls, a decimal integer (ImageNet's shards); json: "
+                          "--label-field of {key}.json; auto: .cls, else .json, as the first training tar has it "
+                          "(recorded)."),
+        click.option("--label-field", default=None, help="json: the field holding the label.  [default: label]"),
+        click.option("--class-map", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Labels are class names, mapped by FILE: FILE.json an object {name: index} or a list of "
+                          "names; any other FILE one name per line, index = line number from 0 (timm's .txt)."),
+        click.option("--skip-bad-labels", is_flag=True,
+                     help="Count and skip samples whose label is missing, unparseable, not in --class-map, negative "
+                          "or not below --num-classes (recorded, printed) instead of stopping at the first."),
+    ]
+    if num_classes:
+        options.append(click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                                    help="Classes scored; labels must be below it.  [default: the --class-map's, "
+                                         "else the largest label + 1]"))
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
 @cli.command("finetune", renamed={"--train-shards": "--shards"},
              sections={"checkpoint": "Model", "eval_batch_size": "Performance"},
              example=("mrmae finetune --checkpoint demo/run --shards \"demo/shards/demo-{000000..000001}.tar\" "
@@ -659,8 +687,9 @@ def export(checkpoint: str, checkpoint_format: str, out: str, overwrite: bool, p
                    "file, or MAE's / ConvMAE's .pth.")
 @_CHECKPOINT_FORMAT
 @click.option("--shards", "--train-shards", "train_shards", required=True,
-              help="Labelled training tars ({key}.jpg + {key}.cls).")
+              help="Labelled training tars ({key}.jpg + {key}.cls, or --label-format json).")
 @click.option("--val-shards", required=True, help="Labelled validation tars (top-1/top-5 after each epoch).")
+@_label_options(num_classes=False)
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run directory: config.json, metrics.jsonl, checkpoints/ (created).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -720,6 +749,8 @@ def finetune(no_progress, **kwargs) -> None:
         raise _Interrupted(kwargs["out"]) from None
     if r["main_process"]:
         click.echo(r["table"])
+        for line in r["summary"]:
+            click.echo(line)
         for line in summary(r):
             click.echo(line)
 
@@ -785,6 +816,7 @@ def _eval_options(f, ensemble: bool = False):
         click.option("--shards", "--train-shards", "train_shards", required=True,
                      help="Labelled training tars (webdataset URL list)."),
         click.option("--val-shards", required=True, help="Labelled validation tars."),
+        _label_options(num_classes=True),
         click.option("--feature", type=click.Choice(["auto", "cls", "mean"]), default="auto", show_default=True,
                      help="[CLS] token or mean of the patch tokens (auto: cls where there is one, else mean)."),
         click.option("--fused", is_flag=True,
@@ -803,16 +835,37 @@ def _eval_options(f, ensemble: bool = False):
     return f
 
 
+def _label_kwargs(kwargs: dict):
+    """eval's label options out of `kwargs`, as a LabelOptions."""
+    from mrmae.train.labels import LabelOptions
+
+    return LabelOptions(kwargs.pop("label_format"), kwargs.pop("label_field"), kwargs.pop("class_map"),
+                        kwargs.pop("skip_bad_labels"), kwargs.pop("num_classes"))
+
+
+def _echo_eval(r, results: str, why: str = "") -> None:
+    """The result table, a line per split (images used of those present, skips, classes), its
+    notes, and where the record went (`why`: whose eval.jsonl that is, when not given)."""
+    click.echo(r.table())
+    for line in r.summary():
+        click.echo(line)
+    for note in r.notes:
+        click.echo(f"mrmae: note: {note}", err=True)
+    click.echo(f"appended to {Path(results)}" + (f" ({why})" if why else ""))
+
+
 def _run_eval(protocol: str, checkpoint: str, results: str | None, fused: bool, no_progress: bool,
               checkpoint_format: str = "auto", **kwargs) -> None:
-    from mrmae.train.evaluate import load_frozen, run_eval
+    from mrmae.train.evaluate import load_frozen, results_path, run_eval
 
+    labels = _label_kwargs(kwargs)
     frozen = load_frozen(checkpoint, fused, checkpoint_format)
+    why = ""
     if results is None:
-        results = str((frozen.run_dir or frozen.weights.parent) / "eval.jsonl")
-    r = run_eval(protocol, frozen, results=results, progress=not no_progress, **kwargs)
-    click.echo(r.table())
-    click.echo(f"appended to {Path(results)}")
+        path, why = results_path(frozen, checkpoint)
+        results = str(path)
+    _echo_eval(run_eval(protocol, frozen, results=results, progress=not no_progress, labels=labels, **kwargs),
+               results, why)
 
 
 @eval_group.command("knn", renamed={"--train-shards": "--shards"}, sections=_EVAL_SECTIONS,
@@ -856,17 +909,15 @@ def eval_linear_probe(checkpoint, results, **kwargs) -> None:
 @click.option("--seed", default=0, show_default=True, help="Linear probe: seed of the initialisation and batch order.")
 def eval_ensemble(checkpoint, results, protocol, fused, no_progress, checkpoint_format, **kwargs) -> None:
     """Average the class probabilities of separately pretrained models (the paper's "Sep." row)."""
-    from mrmae.train.evaluate import load_frozen, run_ensemble
+    from mrmae.train.evaluate import load_frozen, results_path, run_ensemble
 
     if len(checkpoint) < 2:
         raise click.UsageError("an ensemble needs two or more --checkpoint")
+    labels = _label_kwargs(kwargs)
     members = [load_frozen(c, fused, checkpoint_format) for c in checkpoint]
-    results = results or str((members[0].run_dir or members[0].weights.parent) / "eval.jsonl")
-    r = run_ensemble(protocol, members, results=results, progress=not no_progress, **kwargs)
-    for m in r.record["members"]:
-        click.echo(f"member {m['checkpoint']}: top1 {m['top1']:.2f}")
-    click.echo(r.table())
-    click.echo(f"appended to {results}")
+    results = results or str(results_path(members[0], checkpoint[0])[0])  # the first member's run
+    _echo_eval(run_ensemble(protocol, members, results=results, progress=not no_progress, labels=labels, **kwargs),
+               results)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ SECTION_OF = {
     **dict.fromkeys(("shards", "val_shards", "feature_cache", "target", "views_per_image", "num_views", "seed",
                      "image_size", "shuffle_buffer", "data_split", "pixels_from_cache", "num_classes", "num_images",
                      "shard_size", "view_index", "num", "sources", "strict", "runs", "out_dir", "cache_dir",
-                     "train_shards"), "Data"),
+                     "train_shards", "label_format", "label_field", "class_map", "skip_bad_labels"), "Data"),
     **dict.fromkeys(("teacher", "add_teacher", "layers"), "Teacher"),
     **dict.fromkeys(("dtype", "int8_group", "cache_format", "store_pixels", "pca_rank", "pca_fit_views"),
                     "Cache storage"),

@@ -56,6 +56,7 @@ from mrmae.shared.views import View, ViewConfig, decode_image, render_view, samp
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mrmae.train.engine import StepOptions  # noqa: E402
 from mrmae.train.evaluate import LabelledImages, class_probabilities, topk_accuracy  # noqa: E402
+from mrmae.train.labels import LabelSpec  # noqa: E402
 from mrmae.train.models import create_model  # noqa: E402
 from mrmae.train.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 from mrmae.train.restore import encode_all_tokens  # noqa: E402
@@ -172,9 +173,12 @@ def train_teacher(urls: list[str], val_urls: list[str], out: Path, epochs: int, 
 
 def eval_pixels(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """MAE's eval transform of every labelled image (train/evaluate.py's LabelledImages), once:
-    all models see the same tensors and only the encoder runs per model."""
-    pairs = list(LabelledImages(urls, 224))
-    return torch.stack([p for p, _ in pairs]), torch.tensor([y for _, y in pairs])
+    all models see the same tensors and only the encoder runs per model. The benchmark's own
+    tars hold no unusable sample: one would stop it, naming the sample."""
+    items = list(LabelledImages(urls, 224, LabelSpec("cls")))
+    if skipped := [skip for _, _, skip, _, _ in items if skip is not None]:
+        raise SystemExit(f"fidelity: {skipped[0].line()}")
+    return torch.stack([p for p, *_ in items]), torch.tensor([y for _, y, *_ in items])
 
 
 @torch.no_grad()

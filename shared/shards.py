@@ -260,9 +260,12 @@ def _header_name(block: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-def _members(stream, url: str, keep: bool = True) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in tar order (data b"" with keep=False). Ends only
-    at the end-of-archive zero block: any earlier end is a ShardReadError naming the shard."""
+Keep = bool | Callable[[str], bool]  # whether a member's data is kept: always, never, or by its name
+
+
+def _members(stream, url: str, keep: Keep = True) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file in tar order (data b"" where `keep` says no). Ends
+    only at the end-of-archive zero block: any earlier end is a ShardReadError naming the shard."""
     offset, count, long_name, pax = 0, 0, None, {}
     while True:
         block, got = _read_exact(stream, BLOCK)
@@ -278,7 +281,7 @@ def _members(stream, url: str, keep: bool = True) -> Iterator[tuple[str, bytes]]
             size = int(pax["size"])
         name = pax.get("path") or long_name or _header_name(block)
         special = kind in (b"L", b"x")  # metadata of the next member: kept whatever `keep` says
-        data, got = _read_exact(stream, size, keep or special)
+        data, got = _read_exact(stream, size, special or (keep if isinstance(keep, bool) else keep(name)))
         padding = -size % BLOCK
         got += _read_exact(stream, padding, False)[1]
         if got < size + padding:
@@ -339,7 +342,7 @@ class ShardReader:
     def __iter__(self) -> Iterator[TarSample]:
         return self._iter(keep=True)
 
-    def _iter(self, keep: bool) -> Iterator[TarSample]:
+    def _iter(self, keep: Keep) -> Iterator[TarSample]:
         stream = HashingReader(open_source(self.url), self.hashed)
         try:
             yield from _samples(_members(stream, self.url, keep))
@@ -352,9 +355,19 @@ class ShardReader:
             stream.close()
 
 
-def iter_samples(url: str) -> Iterator[TarSample]:
-    """A shard's samples in tar order, streamed (a caller may stop early); not hashed."""
-    return iter(ShardReader(url, hashed=False))
+def iter_samples(url: str, exts: Iterable[str] | None = None) -> Iterator[TarSample]:
+    """A shard's samples in tar order, streamed (a caller may stop early); not hashed. With
+    `exts`, only members of those extensions (lower-case) hold their bytes and the others
+    hold b"" (present, not read into memory): a pass over labels that leaves the images."""
+    if exts is None:
+        return iter(ShardReader(url, hashed=False))
+    wanted = frozenset(exts)
+
+    def keep(name: str) -> bool:
+        split = _split_name(name)
+        return split is not None and split[1].lower() in wanted
+
+    return ShardReader(url, hashed=False)._iter(keep)
 
 
 def first_copies(samples: Iterable[TarSample], on_repeat: Callable[[TarSample], None] | None = None

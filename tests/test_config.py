@@ -26,9 +26,10 @@ TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-
 
 
 def mrmae(args: list[str]):
-    """The real CLI in this process -> (exit code, stderr lines that are not warnings, result)."""
+    """The real CLI in this process -> (exit code, stderr lines that are not warnings or notes, result)."""
     r = CliRunner().invoke(cli, args)
-    return r.exit_code, [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("mrmae: warning")], r
+    return r.exit_code, [ln for ln in r.stderr.splitlines()
+                         if ln.strip() and not ln.startswith(("mrmae: warning", "mrmae: note"))], r
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +278,7 @@ def test_a_default_warmup_longer_than_the_run_is_shortened_with_a_note(student, 
     (["--epochs", "5", "--warmup-epochs", "5"], "--warmup-epochs 5: must be below --epochs 5"),
     (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
     (["--batch-size", "8"], "--batch-size 8: 8 images per step (--batch-size 8 x --accum-steps 1 x 1 processes) "
-                            "is more than the 6 samples of an epoch (counted in --shards)"),
+                            "is more than the 6 samples of an epoch (usable labelled samples in --shards)"),
     (["--effective-batch", "10", "--batch-size", "4"], "--effective-batch 10: not a multiple of --batch-size 4"),
     (["--effective-batch", "8", "--batch-size", "4", "--accum-steps", "1"], "--accum-steps 1: --effective-batch 8")])
 def test_finetune_start_checks(student, demo_shards, tmp_path, bad, expected):

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import url_list
 
 from mrmae.cli import cli
+from mrmae.shared.shards import iter_samples
 from mrmae.train.evaluate import eval_transform, knn_scores, topk_accuracy, train_linear_probe
 
 
@@ -32,8 +33,12 @@ def test_knn_and_linear_probe_print_and_append_results(run_dir, demo_shards, tmp
     common = ["--checkpoint", str(run_dir), "--shards", url_list(demo_shards[:2]),
               "--val-shards", str(demo_shards[2]), "--results", str(results)]
     out = _eval(["knn", *common, "--feature", "mean"])
-    assert out.splitlines()[0].split() == ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5"]
+    assert out.splitlines()[0].split() == ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5",
+                                           "checkpoint"]
     assert out.splitlines()[1].split()[:6] == ["knn", "mean", "k=20", "T=0.07", "12", "6"]
+    assert out.splitlines()[1].endswith("model.safetensors")
+    classes = [len({s.label for p in paths for s in iter_samples(str(p))}) for paths in (demo_shards[:2], demo_shards[2:])]
+    assert out.splitlines()[2:4] == [f"train: 12 images, {classes[0]} classes", f"val: 6 images, {classes[1]} classes"]
     _eval(["linear-probe", *common, "--epochs", "3", "--batch-size", "8"])
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["protocol"], r["feature"]) for r in records] == [("knn", "mean"), ("linear-probe", "cls")]
@@ -167,9 +172,9 @@ def test_eval_takes_an_export_a_run_or_a_checkpoint_alike_and_fused_on_request(d
     from mrmae.train.evaluate import extract_features, load_frozen
 
     shard = str(demo_shards[2])
-    plain = extract_features(load_frozen(tmp_path / "e" / "model.safetensors"), shard)[0]
-    torch.testing.assert_close(extract_features(load_frozen(tmp_path / "run"), shard)[0], plain)
-    assert (extract_features(load_frozen(tmp_path / "run", fused=True), shard)[0] - plain).abs().max() > 1e-3
+    plain = extract_features(load_frozen(tmp_path / "e" / "model.safetensors"), shard).features
+    torch.testing.assert_close(extract_features(load_frozen(tmp_path / "run"), shard).features, plain)
+    assert (extract_features(load_frozen(tmp_path / "run", fused=True), shard).features - plain).abs().max() > 1e-3
 
     for args, message in ((["--fused"], "an exported encoder keeps no fusion"), (["--feature", "cls"], "no [CLS]")):
         r = CliRunner().invoke(cli, ["eval", "knn", "--checkpoint", str(tmp_path / "e"), *data, *args])

@@ -61,9 +61,11 @@ def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_pat
             "--val-shards", str(demo_shards[2]), *FT]
     r = finetune([*data, "--out", str(tmp_path / "whole")])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    lines = r.stdout.splitlines()  # the start line, then the table of epochs, then the end summary
+    lines = r.stdout.splitlines()  # the start line, the table of epochs, the images, the end summary
     assert lines[0].startswith("finetune: ") and " 2 epochs x 3 steps = 6 steps of 4 images " in lines[0]
-    assert lines[1].split() == ["epoch", "step", "train_loss", "val_loss", "top1", "top5"]
+    assert lines[1].split() == ["epoch", "step", "train_loss", "val_loss", "top1", "top5", "val_images"]
+    assert [ln.split()[-1] for ln in lines[2:4]] == ["6", "6"]  # over the 6 validation images, none skipped
+    assert lines[4].startswith("train: 12 images, ") and lines[5].startswith("val: 6 images, ")
     assert lines[-2].startswith("6 steps done;") and lines[-1].startswith(f"run: {tmp_path / 'whole'} (config.json")
     whole = records(tmp_path / "whole")
     steps = [m for m in whole if "loss" in m]
@@ -89,6 +91,8 @@ def test_finetune_resumes_to_the_uninterrupted_run(student, demo_shards, tmp_pat
         else:
             assert isinstance(r.exception, _Killed) and records(tmp_path / "killed")[-1]["step"] == kill_at
     resumed = records(tmp_path / "killed")
+    line = _one_error_line(finetune([*data, "--out", str(tmp_path / "killed"), "--resume", "--skip-bad-labels"]))
+    assert line.endswith("field labels")  # other labels would be other samples: refused
     assert [(m["epoch"], m["step"], "top1" in m) for m in resumed] == [(m["epoch"], m["step"], "top1" in m)
                                                                        for m in whole]
     for a, b in zip(whole, resumed):
@@ -155,7 +159,7 @@ def test_unusable_students_and_options_are_refused_in_one_line(student, demo_sha
     line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--batch-size", "3"]), code=2)
     assert "--batch-size 3 is odd" in line
     line = _one_error_line(finetune(["--checkpoint", str(student), *data, *FT, "--num-classes", "1"]))
-    assert ">= --num-classes 1" in line
+    assert line.startswith(f"mrmae: error: {demo_shards[0]}: sample demo_") and "is not below --num-classes 1" in line
 
 
 def save_small_convvit(out: Path, fuse_layers: tuple[int, ...] = (4, 8, 11)):
@@ -172,7 +176,8 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
     r = finetune(["--checkpoint", str(tmp_path / "conv"), *data, *ft, "--out", str(tmp_path / "ft")])
     assert r.exit_code == 0, r.output + repr(r.exception)
     notes = [ln for ln in r.stderr.splitlines() if ln.startswith("mrmae: note: ")]
-    assert len(notes) == 1 and "stage-1/2 maps and blocks 4,8,11" in notes[0]
+    assert [n for n in notes if "stage-1/2 maps and blocks 4,8,11" in n] == notes[:1]
+    assert notes[-1].endswith("classes, --num-classes is 16")  # the demo's 12 training images hold fewer
     evals = [m for m in records(tmp_path / "ft") if "top1" in m]
     assert [(m["epoch"], m["n_val"]) for m in evals] == [(0, 6)]
 

@@ -107,10 +107,12 @@ def test_report_rows_losses_evals_and_curves(runs, tmp_path):
     knn = records(runs["focused"] / "eval.jsonl")
     assert knn[0]["top1"] == 100.0 and knn[-1]["top1"] != 100.0
     assert float(by["focused"]["knn cls top1"]) == pytest.approx(knn[-1]["top1"])  # the last line wins
-    assert by["mae"]["knn cls top1"] == ""
+    assert by["focused"]["knn cls images"] == f"6, {knn[-1]['classes_val']} classes"  # what the top-1 is over
+    assert by["mae"]["knn cls top1"] == by["mae"]["knn cls images"] == ""
     ft = [r for r in records(runs["ft"] / "metrics.jsonl") if "top1" in r][-1]
     assert (float(by["ft"]["finetune top1"]), float(by["ft"]["finetune top5"])) == \
         pytest.approx((ft["top1"], ft["top5"]))
+    assert by["ft"]["finetune images"] == f"6, {ft['classes_val']} classes"
     assert by["ft"]["task"] == "finetune" and by["ft"]["model"].startswith("mrmae_vit_tiny_patch16 from ")
     assert "last epoch" in (out / "report.md").read_text().splitlines()[2]  # the header says how losses are taken
     check_curves(out / "curves.png")

@@ -1,13 +1,13 @@
 """`mrmae eval knn | linear-probe`: frozen-encoder evaluation on labelled WebDataset shards.
 
-Images (`{key}.jpg`, label in `{key}.cls`) get MAE's evaluation transform: bicubic resize
-of the shorter side to img_size / 0.875 (256 for 224), centre crop img_size, ImageNet
-mean/std. The frozen encoder (`load_frozen`: an export file or any student checkpoint)
-sees every patch and gives one feature per image: the [CLS] token (`cls`) or the mean of
-the patch tokens (`mean`; `auto`: cls where there is one), after the final norm. The
-encoder is the exported one (the last block, then the final norm); `fused` probes a
-student's pretraining latent instead (its `--fuse-layers` sum and, for a ConvViT, the
-stage-1/2 maps added, then the norm).
+Images (`{key}.jpg`, their label in `{key}.cls` or as `labels.py` reads it) get MAE's
+evaluation transform: bicubic resize of the shorter side to img_size / 0.875 (256 for 224),
+centre crop img_size, ImageNet mean/std. The frozen encoder (`load_frozen`: an export file
+or any student checkpoint) sees every patch and gives one feature per image: the [CLS]
+token (`cls`) or the mean of the patch tokens (`mean`; `auto`: cls where there is one),
+after the final norm. The encoder is the exported one (the last block, then the final
+norm); `fused` probes a student's pretraining latent instead (its `--fuse-layers` sum and,
+for a ConvViT, the stage-1/2 maps added, then the norm).
 
 - kNN (DINO's protocol): cosine similarity of L2-normalised features, the k nearest
   training features vote for their labels with weight exp(similarity / T).
@@ -17,14 +17,15 @@ stage-1/2 maps added, then the norm).
   train-time augmentation: the frozen features are computed once, which costs one encoder
   pass instead of one per epoch.
 
-Each result is printed as a table row and appended as one JSON line to a results file.
+Each result is printed as a table row and appended as one JSON line to a results file,
+with the images it is over: those evaluated and those present in the tars, the samples
+skipped per reason (`labels.py`), the classes of both splits.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,12 +35,14 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from mrmae.shared.shards import expand_urls, first_copies, iter_samples
+from mrmae.shared.shards import expand_urls, iter_samples
 from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
 from mrmae.shared.views import ImageDecodeError, decode_image, normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.engine import InterruptibleLoader
 from mrmae.train.jsonl import append_record
+from mrmae.train.labels import (MAX_INFERRED_CLASSES, LabelError, LabelOptions, LabelSpec, Skip, Tally, class_notes,
+                                resolve_labels, sample_labels)
 from mrmae.train.restore import encode_all_tokens, load_student
 
 FEATURES = ("auto", "cls", "mean")
@@ -56,35 +59,58 @@ def eval_transform(image: torch.Tensor, img_size: int = 224) -> torch.Tensor:
 
 
 class LabelledImages(torch.utils.data.IterableDataset):
-    """(pixels [3, S, S], label) of every sample with an image and a `.cls` label, shard by
-    shard; DataLoader workers take every w-th shard. Unusable samples are counted, skipped.
-    With `shard_ends`, (pixels, label, 1 on a shard's last image else 0): a progress count
-    of the shards done, wherever the workers are."""
+    """One item per sample of `urls`, shard by shard (DataLoader workers take every w-th
+    shard): (pixels [3, S, S], label, None, order, end) for a sample used, (None, -1, Skip,
+    order, end) for one skipped (`labels.py`: a bad label, no image, an image that does not
+    decode, a repeated key). `order`: (shard number, position in the tar), the shard numbers
+    being `indices` (their place in the split's list; default 0, 1, ...); `end` is 1 on a
+    shard's last sample, else 0 (a count of the shards done, wherever the workers are).
+    Batch with `collate_labelled`."""
 
-    def __init__(self, urls: list[str], img_size: int, shard_ends: bool = False):
+    def __init__(self, urls: list[str], img_size: int, spec: LabelSpec, indices: list[int] | None = None):
         super().__init__()
-        self.urls, self.img_size, self.shard_ends = urls, img_size, shard_ends
+        self.urls, self.img_size, self.spec = urls, img_size, spec
+        self.indices = indices if indices is not None else list(range(len(urls)))
 
     def __iter__(self) -> Iterator[tuple]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for url in self.urls[worker::workers]:
-            last = None  # held back one image, to mark the shard's last
-            for item in self._images(url):
+        for index, url in list(zip(self.indices, self.urls))[worker::workers]:
+            last = None  # held back one item, to mark the shard's last
+            for item in self._items(url, index):
                 if last is not None:
-                    yield (*last, 0) if self.shard_ends else last
+                    yield (*last, 0)
                 last = item
             if last is not None:
-                yield (*last, 1) if self.shard_ends else last
+                yield (*last, 1)
 
-    def _images(self, url: str) -> Iterator[tuple[torch.Tensor, int]]:
-        for s in first_copies(iter_samples(url)):  # a repeated key: its first copy
-            if s.image is None or s.label is None:
+    def _items(self, url: str, index: int) -> Iterator[tuple]:
+        for position, s, label in sample_labels(url, index, self.spec, iter_samples(url)):
+            if isinstance(label, Skip):
+                yield None, -1, label, (index, position)
                 continue
             try:
-                yield eval_transform(decode_image(s.image), self.img_size), s.label
-            except ImageDecodeError:
-                continue
+                yield eval_transform(decode_image(s.image), self.img_size), label, None, (index, position)
+            except ImageDecodeError as e:
+                yield None, -1, Skip((index, position), "undecodable-image", url, s.key,
+                                     detail=f"image does not decode ({e})"), (index, position)
+
+
+@dataclass
+class LabelledBatch:
+    pixels: torch.Tensor  # [B, 3, S, S] of the samples used (B may be 0)
+    labels: torch.Tensor  # [B] long
+    order: torch.Tensor  # [B] long: shard number x 2^32 + position in the tar (tar order, whatever the workers)
+    skips: list[Skip]  # the batch's samples not used
+    ends: int  # shards whose last sample is in the batch
+
+
+def collate_labelled(items: list[tuple]) -> LabelledBatch:
+    used = [(x, y, (i << 32) + p) for x, y, skip, (i, p), _ in items if skip is None]
+    pixels = torch.stack([x for x, _, _ in used]) if used else torch.empty(0)
+    return LabelledBatch(pixels, torch.tensor([y for _, y, _ in used], dtype=torch.long),
+                         torch.tensor([o for *_, o in used], dtype=torch.long),
+                         [skip for _, _, skip, _, _ in items if skip is not None], sum(item[-1] for item in items))
 
 
 class FusedFeatures(torch.nn.Module):
@@ -123,6 +149,22 @@ def load_frozen(source: str | Path, fused: bool = False, fmt: str = "auto") -> F
     return Frozen(model, encoder.weights, encoder.run_dir, int(encoder.timm_kwargs.get("img_size", 224)))
 
 
+def results_path(frozen: Frozen, source: str | Path) -> tuple[Path, str]:
+    """Where `mrmae eval` appends by default, and why: the run the checkpoint belongs to; for
+    an export, the run it was exported from (its config.json names it, relative to the
+    export) when that run is still there, so `mrmae report RUN` shows the result; else beside
+    the weights read."""
+    from mrmae.train.export import export_source_run
+
+    if frozen.run_dir is not None:
+        return frozen.run_dir / "eval.jsonl", "the run"
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    run = export_source_run(folder)
+    if run is not None:
+        return run / "eval.jsonl", "the run the export came from"
+    return frozen.weights.parent / "eval.jsonl", "beside the weights"
+
+
 def resolve_feature(feature: str, model: torch.nn.Module) -> str:
     """`auto` -> `cls` for an encoder with a [CLS] token, else `mean`; EvalError for `cls` without one."""
     if feature not in FEATURES:
@@ -136,34 +178,51 @@ def resolve_feature(feature: str, model: torch.nn.Module) -> str:
     return feature
 
 
+@dataclass
+class SplitFeatures:
+    """A split's frozen features [M, D] float32, their labels [M] long, and the count of its samples."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    tally: Tally
+
+
 @torch.no_grad()
 def extract_features(frozen: Frozen, shards: str | list[str], feature: str = "auto", batch_size: int = 64,
-                     device: str = "cpu", workers: int = 0, progress: str | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features of all labelled images of `shards` -> (features [M, D] float32, labels
-    [M] long). `progress`: the title of a bar on stderr, in shards (the known total; their
-    image counts are not known before they are read), with the images so far."""
+                     device: str = "cpu", workers: int = 0, progress: str | None = None,
+                     spec: LabelSpec | None = None, option: str = "--shards") -> SplitFeatures:
+    """Frozen features of the usable labelled images of `shards` in tar order (whatever
+    `workers`: a probe trained on them does not depend on it), read with `spec` (default:
+    the detected format, bad labels stopping); `option` names the shards in errors.
+    `progress`: the title of a bar on stderr, in shards (the known total; their image counts
+    are not known before they are read), with the images so far."""
     from tqdm import tqdm
 
     model = frozen.model.to(device).eval()
     feature, k = resolve_feature(feature, model), int(getattr(model, "num_prefix_tokens", 1))
     urls = expand_urls(shards)
-    data = LabelledImages(urls, frozen.img_size, shard_ends=True)
-    loader = InterruptibleLoader(data, batch_size=batch_size, num_workers=workers,
+    spec = spec or resolve_labels(LabelOptions(), urls)
+    loader = InterruptibleLoader(LabelledImages(urls, frozen.img_size, spec), batch_size=batch_size,
+                                 num_workers=workers, collate_fn=collate_labelled,
                                  worker_init_fn=worker_ignores_interrupt)
-    feats, labels, images = [], [], 0
+    feats, labels, order, tally = [], [], [], Tally()
     with tqdm(total=len(urls), desc=progress, unit="shard", disable=progress is None, dynamic_ncols=True) as bar:
-        for pixels, y, ends in loader:
-            tokens = model.forward_features(pixels.to(device))  # [B, k+N, D], after the final norm
-            feats.append((tokens[:, 0] if feature == "cls" else tokens[:, k:].mean(1)).float().cpu())
-            labels.append(y.long())
-            images += len(y)
-            bar.set_postfix_str(f"{images} images", refresh=False)
-            bar.update(int(ends.sum()))
-        bar.update(bar.total - bar.n)  # shards without a labelled image mark no end
-    if not feats:
-        raise FileNotFoundError(f"no labelled images (image + .cls) in {shards}")
-    return torch.cat(feats), torch.cat(labels)
+        for batch in loader:
+            for skip in batch.skips:
+                tally.skip(skip, spec.skip_bad)
+            if len(batch.labels):
+                tokens = model.forward_features(batch.pixels.to(device))  # [B, k+N, D], after the final norm
+                feats.append((tokens[:, 0] if feature == "cls" else tokens[:, k:].mean(1)).float().cpu())
+                labels.append(batch.labels)
+                order.append(batch.order)
+                tally.use(batch.labels.tolist())
+            skipped = f", {tally.present - tally.used} skipped" if tally.present > tally.used else ""
+            bar.set_postfix_str(f"{tally.used} images{skipped}", refresh=False)
+            bar.update(batch.ends)
+        bar.update(bar.total - bar.n)  # shards without a sample mark no end
+    tally.check_any(f"{option} {shards if isinstance(shards, str) else '::'.join(shards)}")
+    tar_order = torch.cat(order).argsort()  # DataLoader workers interleave their shards: put them back in order
+    return SplitFeatures(torch.cat(feats)[tar_order], torch.cat(labels)[tar_order], tally)
 
 
 def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, num_classes: int,
@@ -223,17 +282,33 @@ def train_linear_probe(train: torch.Tensor, train_labels: torch.Tensor, num_clas
 @dataclass
 class EvalResult:
     record: dict  # what was appended to the results file
+    train: Tally
+    val: Tally
+    notes: list[str]  # also in the record: the classes of the splits, as `labels.class_notes` sees them
 
     def table(self) -> str:
-        """The result as a two-line table (header, row)."""
-        cols = ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5"]
+        """The result as a table: a header, a row per ensemble member, the result's row."""
         r = self.record
+        cols = ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5", "checkpoint"]
         setting = f"k={r['k']} T={r['temperature']}" if "k" in r else f"epochs={r['epochs']} lr={r['lr']}"
+        shared = [setting, str(r["n_train"]), str(r["n_val"]), str(r["num_classes"])]
+
+        def row(protocol: str, feature: str, fused: bool, m: dict, checkpoint: str) -> list[str]:
+            return [protocol, feature + (" (fused)" if fused else ""), *shared, f"{m['top1']:.2f}",
+                    f"{m['top5']:.2f}", checkpoint]
+
+        members = r.get("members", [])
+        rows = [row(r["protocol"].removesuffix("-ensemble"), m["feature"], m["fused"], m, m["checkpoint"])
+                for m in members]
         feature = r["feature"] if isinstance(r["feature"], str) else "/".join(r["feature"])
-        row = [r["protocol"], feature + (" (fused)" if r.get("fused") else ""), setting, str(r["n_train"]), str(r["n_val"]), str(r["num_classes"]),
-               f"{r['top1']:.2f}", f"{r['top5']:.2f}"]
-        widths = [max(len(c), len(v)) for c, v in zip(cols, row)]
-        return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (cols, row))
+        checkpoint = " + ".join(r["checkpoint"]) if isinstance(r["checkpoint"], list) else r["checkpoint"]
+        rows.append(row(r["protocol"], feature, r.get("fused", False), r, checkpoint))
+        widths = [max(len(x) for x in column) for column in zip(cols, *rows)]
+        return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (cols, *rows))
+
+    def summary(self) -> list[str]:
+        """A line per split: images used of those present (skips by reason), classes."""
+        return [self.train.summary("train"), self.val.summary("val")]
 
 
 def class_probabilities(protocol: str, xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, num_classes: int,
@@ -262,67 +337,89 @@ def _settings(protocol: str, k: int, temperature: float, epochs: int, lr: float,
 
 
 def _split_features(model: Frozen, train_shards: str, val_shards: str, feature: str, batch_size: int,
-                    device: str, workers: int, progress: str | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features and labels of both splits; `progress`: a bar per split, titled `progress` + the split."""
+                    device: str, workers: int, progress: str | None, spec: LabelSpec
+                    ) -> tuple[SplitFeatures, SplitFeatures]:
+    """Features, labels and counts of both splits; `progress`: a bar per split, titled `progress` + the split."""
     def title(split: str) -> str | None:
         return None if progress is None else f"{progress}{split}"
 
-    xtr, ytr = extract_features(model, train_shards, feature, batch_size, device, workers, title("train"))
-    same = expand_urls(val_shards) == expand_urls(train_shards)  # e.g. a sanity check on the training set
-    xva, yva = (xtr, ytr) if same else extract_features(model, val_shards, feature, batch_size, device, workers,
-                                                        title("val"))
-    return xtr, ytr, xva, yva
+    train = extract_features(model, train_shards, feature, batch_size, device, workers, title("train"), spec)
+    if expand_urls(val_shards) == expand_urls(train_shards):  # e.g. a sanity check on the training set
+        return train, train
+    return train, extract_features(model, val_shards, feature, batch_size, device, workers, title("val"), spec,
+                                   "--val-shards")
 
 
-def run_eval(protocol: str, model: Frozen, train_shards: str, val_shards: str,
-             results: str | Path, feature: str = "auto", batch_size: int = 64, device: str = "cpu", workers: int = 0, k: int = 20,
+def class_count(spec: LabelSpec, train: SplitFeatures, val: SplitFeatures) -> int:
+    """The classes scored: --num-classes or the class map's, else the largest label + 1 (a
+    label that would make more than MAX_INFERRED_CLASSES is refused: give --num-classes)."""
+    if spec.num_classes is not None:
+        return spec.num_classes
+    largest = int(max(train.labels.max(), val.labels.max()))
+    if largest >= MAX_INFERRED_CLASSES:
+        raise LabelError(f"label {largest}: more than {MAX_INFERRED_CLASSES:,} classes without --num-classes; give "
+                         "--num-classes N (labels at or above it are then bad labels) or a --class-map")
+    return largest + 1
+
+
+def run_eval(protocol: str, model: Frozen, train_shards: str, val_shards: str, results: str | Path,
+             feature: str = "auto", batch_size: int = 64, device: str = "cpu", workers: int = 0, k: int = 20,
              temperature: float = 0.07, epochs: int = 10, lr: float = 0.1, probe_batch_size: int = 256,
-             seed: int = 0, progress: bool = False) -> EvalResult:
+             seed: int = 0, progress: bool = False, labels: LabelOptions = LabelOptions()) -> EvalResult:
     """Extract features of both splits, run `protocol` ('knn' | 'linear-probe'), append the result."""
     return run_ensemble(protocol, [model], train_shards, val_shards, results, feature, batch_size,
-                        device, workers, k, temperature, epochs, lr, probe_batch_size, seed, progress)
+                        device, workers, k, temperature, epochs, lr, probe_batch_size, seed, progress, labels)
 
 
 def run_ensemble(protocol: str, members: list[Frozen], train_shards: str, val_shards: str,
                  results: str | Path, feature: str = "auto", batch_size: int = 64, device: str = "cpu",
                  workers: int = 0, k: int = 20, temperature: float = 0.07, epochs: int = 10, lr: float = 0.1,
-                 probe_batch_size: int = 256, seed: int = 0, progress: bool = False) -> EvalResult:
+                 probe_batch_size: int = 256, seed: int = 0, progress: bool = False,
+                 labels: LabelOptions = LabelOptions()) -> EvalResult:
     """`protocol` on each member's frozen features, then the mean of their class
     probabilities (the paper's "Sep." row: models pretrained apart, e.g. on CLIP and on
-    DINO targets, combined at prediction time). One member: a plain evaluation.
-    `progress`: bars on stderr for the encoder's passes over the shards."""
+    DINO targets, combined at prediction time). One member: a plain evaluation. Labels are
+    read as `labels` asks (`labels.py`); `progress`: bars on stderr for the encoder's passes."""
     t0 = time.time()
-    settings = _settings(protocol, k, temperature, epochs, lr, probe_batch_size, seed)
-    probs, each, labels = [], [], None
+    spec = resolve_labels(labels, expand_urls(train_shards))
     features = [resolve_feature(feature, m.model) for m in members]
+    probs, each, splits, num_classes = [], [], None, 0
     for i, (frozen, feature) in enumerate(zip(members, features)):
-        checkpoint = str(frozen.weights)
         title = None if not progress else "eval " + (f"member {i + 1}/{len(members)} " if len(members) > 1 else "")
-        xtr, ytr, xva, yva = _split_features(frozen, train_shards, val_shards, feature, batch_size, device, workers,
-                                             title)
-        if labels is not None and not torch.equal(labels[1], yva):
-            raise EvalError(f"{checkpoint}: read other validation labels than the first member")
-        labels = (ytr, yva)
-        num_classes = int(max(ytr.max(), yva.max())) + 1
-        p = class_probabilities(protocol, xtr, ytr, xva, num_classes, k, temperature, epochs, lr,
-                                probe_batch_size, seed)
+        train, val = _split_features(frozen, train_shards, val_shards, feature, batch_size, device, workers, title,
+                                     spec)
+        if splits is None:
+            splits, num_classes = (train, val), class_count(spec, train, val)
+        elif not torch.equal(splits[1].labels, val.labels):
+            raise EvalError(f"{frozen.weights}: read other validation labels than the first member")
+        p = class_probabilities(protocol, train.features, train.labels, val.features, num_classes, k, temperature,
+                                epochs, lr, probe_batch_size, seed)
         probs.append(p)
-        each.append({"checkpoint": checkpoint, "top1": topk_accuracy(p, yva)[0]})
-    ytr, yva = labels
-    if (unseen := set(yva.tolist()) - set(ytr.tolist())):
-        warnings.warn(f"{len(unseen)} validation classes have no training image")
-    width = max(p.shape[1] for p in probs)
-    mean = torch.stack([F.pad(p, (0, width - p.shape[1])) for p in probs]).mean(0)
+        top1, top5 = topk_accuracy(p, val.labels)
+        each.append({"checkpoint": str(frozen.weights), "feature": feature,
+                     "fused": isinstance(frozen.model, FusedFeatures), "top1": top1, "top5": top5})
+    train, val = splits
+    notes = class_notes(train.tally, val.tally, spec)
     record = {"protocol": protocol if len(members) == 1 else f"{protocol}-ensemble",
               "feature": features[0] if len(set(features)) == 1 else features,
-              "fused": any(isinstance(m.model, FusedFeatures) for m in members),
-              "checkpoint": str(members[0].weights) if len(members) == 1 else [str(m.weights) for m in members],
-              "train_shards": train_shards, "val_shards": val_shards, "n_train": len(ytr), "n_val": len(yva),
-              "num_classes": width, **settings}
+              "fused": any(m["fused"] for m in each),
+              "checkpoint": each[0]["checkpoint"] if len(members) == 1 else [m["checkpoint"] for m in each],
+              "train_shards": train_shards, "val_shards": val_shards, **_counts(train.tally, val.tally),
+              "num_classes": num_classes, "labels": spec.record(), "notes": notes,
+              **_settings(protocol, k, temperature, epochs, lr, probe_batch_size, seed)}
     if len(members) > 1:
         record["members"] = each
-    record["top1"], record["top5"] = topk_accuracy(mean, yva)
+    record["top1"], record["top5"] = topk_accuracy(torch.stack(probs).mean(0), val.labels)
     record["seconds"] = round(time.time() - t0, 2)
     append_record(results, record)
-    return EvalResult(record)
+    return EvalResult(record, train.tally, val.tally, notes)
+
+
+def _counts(train: Tally, val: Tally) -> dict:
+    """The record's denominators: images evaluated (n_*), present in the tars, classes seen,
+    and the samples skipped per reason with their first keys."""
+    out = {"n_train": train.used, "n_val": val.used, "n_train_present": train.present,
+           "n_val_present": val.present, "classes_train": len(train.classes), "classes_val": len(val.classes)}
+    out["skipped"] = {split: t.record()["skipped"] for split, t in (("train", train), ("val", val))}
+    out["skipped_examples"] = {split: t.record()["examples"] for split, t in (("train", train), ("val", val))}
+    return out

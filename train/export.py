@@ -225,8 +225,8 @@ def export_source_run(folder: str | Path) -> Path | None:
     run = ours.get("source_run") if isinstance(ours, dict) else None
     if not isinstance(run, str) or os.path.isabs(run):
         return None
-    path = folder / run
-    return path if (path / "config.json").is_file() else None
+    path = folder / run  # only a training run (its config.json and checkpoints/), nothing else it may name
+    return path if (path / "config.json").is_file() and (path / "checkpoints").is_dir() else None
 
 
 def _check_fits(encoder: Encoder, exact: bool = False) -> None:

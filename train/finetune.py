@@ -43,6 +43,7 @@ from mrmae.train.engine import InterruptibleLoader
 from mrmae.train.loop import MicroBatch, TrainRun, epoch_passes
 from mrmae.shared.seeding import seed_from
 from mrmae.train.finetune_data import LabelledStream, seed_everything, train_transform
+from mrmae.train.labels import LabelOptions, LabelSpec, Tally, census, class_notes, resolve_labels
 from mrmae.train.recipe import RecipeFile
 
 if TYPE_CHECKING:
@@ -93,6 +94,10 @@ class FinetuneConfig:
     samples_per_epoch: int | None = None  # default: counted from the tar headers
     progress: bool = True
     device: str = "auto"  # "auto": accelerate's choice (a GPU per process where there are GPUs); "cpu": CPU anyway
+    label_format: str = "auto"  # "auto" | "cls" | "json" (train/labels.py)
+    label_field: str | None = None  # json: the label's field (default "label")
+    class_map: str | None = None  # labels are class names, mapped by this file
+    skip_bad_labels: bool = False  # count and skip bad labels instead of stopping at the first
     config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
     checkpoint_format: str = "auto"  # `official.FORMATS`: what --checkpoint is (auto: from the file)
 
@@ -142,45 +147,103 @@ def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, shards: str, img_size: int, num_classes: int, accelerator,
-             batch_size: int = 64, workers: int = 0) -> dict:
-    """Top-1/top-5 (%) and cross-entropy on `shards` with MAE's eval transform; each rank
-    takes every world-th shard and the counts are summed over ranks."""
+def evaluate(model: torch.nn.Module, shards: str, img_size: int, spec: LabelSpec, accelerator,
+             batch_size: int = 64, workers: int = 0) -> tuple[dict, Tally]:
+    """Top-1/top-5 (%) and cross-entropy on `shards` with MAE's eval transform, and the
+    count of its samples (`labels.Tally`); each rank takes every world-th shard and the
+    counts are summed over ranks. -> (the epoch record's fields, the tally)."""
     from mrmae.shared.shards import expand_urls
-    from mrmae.train.evaluate import LabelledImages
+    from mrmae.train.evaluate import LabelledImages, collate_labelled
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    data = LabelledImages(expand_urls(shards)[rank::world], img_size)
-    loader = InterruptibleLoader(data, batch_size=batch_size, num_workers=workers,
-                                         worker_init_fn=worker_ignores_interrupt)
+    urls = expand_urls(shards)
+    data = LabelledImages(urls[rank::world], img_size, spec, list(range(len(urls)))[rank::world])
+    loader = InterruptibleLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=collate_labelled,
+                                 worker_init_fn=worker_ignores_interrupt)
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top1, top5, loss sum, n
-    for x, y in loader:
-        x, y = x.to(accelerator.device), y.long().to(accelerator.device)
-        if int(y.max()) >= num_classes:
-            raise FinetuneError(f"{shards}: label {int(y.max())} >= --num-classes {num_classes}")
+    totals, tally = torch.zeros(3, dtype=torch.float64, device=accelerator.device), Tally()  # top1, top5, loss sum
+    for batch in loader:
+        for skip in batch.skips:
+            tally.skip(skip, spec.skip_bad)
+        if not len(batch.labels):
+            continue
+        x, y = batch.pixels.to(accelerator.device), batch.labels.to(accelerator.device)
         with accelerator.autocast():
             logits = model(x).float()
-        hits = logits.topk(min(5, num_classes), dim=1).indices == y[:, None]
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         totals += torch.stack([hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                               torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-                               torch.tensor(len(y), dtype=torch.float64, device=y.device)])
-    totals = accelerator.reduce(totals, "sum")
-    n = float(totals[3])
-    if n == 0:
-        raise FinetuneError(f"no labelled images (image + .cls) in --val-shards {shards}")
+                               torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()])
+        tally.use(batch.labels.tolist())
+    totals, tally = accelerator.reduce(totals, "sum"), gather_tally(tally, accelerator)
+    tally.check_any(f"--val-shards {shards}")
+    n = tally.used
     return {"top1": 100.0 * float(totals[0]) / n, "top5": 100.0 * float(totals[1]) / n,
-            "val_loss": float(totals[2]) / n, "n_val": int(totals[3])}
+            "val_loss": float(totals[2]) / n, "n_val": n, "n_val_present": tally.present,
+            "classes_val": len(tally.classes), "val_skipped": tally.record()["skipped"]}, tally
+
+
+def gather_tally(tally: Tally, accelerator) -> Tally:
+    """The tallies of all processes merged, on every process (as JSON bytes in tensors: the
+    collective runs on gloo or NCCL alike, and nothing is unpickled)."""
+    if accelerator.num_processes == 1:
+        return tally
+    device = accelerator.device
+    blob = json.dumps(tally.to_wire()).encode()
+    sizes = accelerator.gather(torch.tensor([len(blob)], dtype=torch.int64, device=device)).tolist()
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    padded[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    rows = accelerator.gather(padded).view(len(sizes), -1).cpu()
+    merged = Tally()
+    for row, size in zip(rows, sizes):
+        merged.merge(Tally.from_wire(json.loads(bytes(row[:size].tolist()))))
+    return merged
+
+
+@dataclass
+class Census:
+    """Both splits' labels, counted before the first step (`take_census`)."""
+
+    spec: LabelSpec
+    train: Tally
+    val: Tally
+    notes: list[str]
+
+    def record(self) -> dict:
+        """config.json's account of the labels and samples."""
+        return {"labels": self.spec.record(), "samples": {"train": self.train.record(), "val": self.val.record()},
+                "notes": self.notes}
+
+
+def take_census(cfg: FinetuneConfig, accelerator) -> Census:
+    """Every label of --shards and --val-shards read (not the images) before training, each
+    rank a world-th of the shards, the counts gathered: a bad label stops the run here in one
+    line (or, with --skip-bad-labels, is counted), not an epoch in; the usable training
+    samples set the epoch's length."""
+    from mrmae.shared.shards import expand_urls
+
+    train_urls, val_urls = expand_urls(cfg.train_shards), expand_urls(cfg.val_shards)
+    spec = resolve_labels(LabelOptions(cfg.label_format, cfg.label_field, cfg.class_map, cfg.skip_bad_labels,
+                                       cfg.num_classes), train_urls)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    tallies = []
+    for urls, option in ((train_urls, f"--shards {cfg.train_shards}"), (val_urls, f"--val-shards {cfg.val_shards}")):
+        tally = gather_tally(census(urls[rank::world], spec, range(rank, len(urls), world)), accelerator)
+        tally.check_any(option)
+        tallies.append(tally)
+    return Census(spec, *tallies, class_notes(*tallies, spec))
 
 
 def results_table(metrics: Path) -> str:
-    """One row per evaluated epoch of `metrics` (a metrics.jsonl): loss, val loss, top-1, top-5."""
+    """One row per evaluated epoch of `metrics` (a metrics.jsonl): loss, val loss, top-1, top-5
+    and the images they are over ('6 of 8' when some of those present were skipped)."""
     records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
-    rows = [["epoch", "step", "train_loss", "val_loss", "top1", "top5"]]
+    rows = [["epoch", "step", "train_loss", "val_loss", "top1", "top5", "val_images"]]
     for r in records:
         if "top1" in r:
+            present = r.get("n_val_present", r["n_val"])
+            images = str(r["n_val"]) + (f" of {present}" if present != r["n_val"] else "")
             rows.append([str(r["epoch"]), str(r["step"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
-                         f"{r['top1']:.2f}", f"{r['top5']:.2f}"])
+                         f"{r['top1']:.2f}", f"{r['top5']:.2f}", images])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -192,9 +255,11 @@ def _epoch_loss(metrics: Path, epoch: int) -> float:
     return sum(losses) / max(1, len(losses))
 
 
-def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict) -> ckpt.Fingerprint:
+def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict,
+                    labels: LabelSpec | None = None) -> ckpt.Fingerprint:
     """What this fine-tuning starts from, what shapes its weights and what it trains on,
-    recorded in each checkpoint and compared by --resume (shards by file name)."""
+    recorded in each checkpoint and compared by --resume (shards by file name; `labels`: how
+    they were read, which decides the samples trained on and the epoch's length)."""
     from mrmae.shared.shards import expand_urls
     from mrmae.train.restore import resolve_weights
 
@@ -211,7 +276,16 @@ def run_fingerprint(cfg: FinetuneConfig, timm_name: str, timm_kwargs: dict) -> c
                                [timm_name, shape]),
         ckpt.fingerprint_field("data", f"{len(names)} shards {names[0] if names else ''}..{names[-1] if names else ''}"
                                f", seed {cfg.seed}", {"shards": names, "seed": cfg.seed}),
+        *([] if labels is None else [_labels_field(labels)]),
     ))
+
+
+def _labels_field(spec: LabelSpec) -> ckpt.FingerprintField:
+    """The label reader as a fingerprint field: format, field, class map (by content), skipping."""
+    shown = spec.format + (f" field {spec.field}" if spec.format == "json" else "") + \
+        (f" names by {spec.class_map.path}" if spec.class_map else "") + (", bad labels skipped" if spec.skip_bad else "")
+    return ckpt.fingerprint_field("labels", shown, {"format": spec.format, "field": spec.field, "skip": spec.skip_bad,
+                                                    "class_map": spec.class_map and spec.class_map.sha256})
 
 
 def _file_sha256(path: Path) -> str:
@@ -264,10 +338,9 @@ def check_numbers(cfg: FinetuneConfig) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune; returns {checkpoint, metrics, steps, table, main_process}. Resumes with `resume`."""
-    from mrmae.shared.shards import expand_urls
+    """Fine-tune; returns {checkpoint, metrics, steps, table, summary, main_process} (`summary`:
+    a line per split, the images used of those present). Resumes with `resume`."""
     from mrmae.train.layer_decay import param_groups_layer_decay
-    from mrmae.train.pretrain import count_samples
 
     check_numbers(cfg)
     run = TrainRun(cfg, "finetune")
@@ -276,29 +349,36 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                                       cfg.checkpoint_format)
     if encoder.note and run.is_main:
         tqdm.write(f"mrmae: note: {encoder.note}", file=sys.stderr)
+    counted = take_census(cfg, run.accelerator)  # after the model: its refusals are quick, a census may not be
     timm_name, timm_kwargs = encoder.timm_model, {**encoder.timm_kwargs, "num_classes": cfg.num_classes,
                                                   "global_pool": cfg.global_pool}
     img_size = int(timm_kwargs.get("img_size", 224))
     stream = LabelledStream(cfg.train_shards, cfg.batch_size, train_transform(img_size, cfg.augment, cfg.rand_augment,
-                            cfg.re_prob), cfg.seed, cfg.shuffle_buffer)
+                            cfg.re_prob), counted.spec, cfg.seed, cfg.shuffle_buffer)
     # Not accelerator.prepare(loader): the stream splits shards by node and worker itself.
     loader = InterruptibleLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=cuda,
                                  worker_init_fn=worker_ignores_interrupt)
-    samples = cfg.samples_per_epoch or count_samples(expand_urls(cfg.train_shards), None)
-    run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else "counted in --shards")
+    samples = cfg.samples_per_epoch or counted.train.used
+    run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else "usable labelled samples in --shards")
     groups = param_groups_layer_decay(model, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_groups)
     optimizer = torch.optim.AdamW(groups, lr=run.peak_lr, betas=(0.9, 0.999), fused=cuda or None)
-    model, _ = run.start(model, optimizer, run_fingerprint(cfg, timm_name, timm_kwargs))
-    run.write_config({"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs})
+    model, _ = run.start(model, optimizer, run_fingerprint(cfg, timm_name, timm_kwargs, counted.spec))
+    run.write_config({"task": "finetune", **asdict(cfg), "timm_model": timm_name, "timm_kwargs": timm_kwargs,
+                      **counted.record()})
+    for note in counted.notes if run.is_main else ():  # once the run is set up: not beside a refusal
+        tqdm.write(f"mrmae: note: {note}", file=sys.stderr)
+    val = [counted.val]  # the last evaluation's count (the census's until one ran)
 
     def batches_of(epoch: int):
-        empty = FinetuneError(f"no full batch of labelled images in this process's shards ({stream.urls[:3]}...): "
-                              "fewer shards than processes x workers, or --batch-size above a shard's images?")
+        usable = counted.train
+        empty = FinetuneError(f"no full batch of usable labelled images in this process's shards ({stream.urls[:3]}"
+                              f"...; --shards holds {usable.used} of {usable.present} in all): fewer shards than "
+                              "processes x workers, or --batch-size above a shard's usable images?")
         return epoch_passes(stream, loader, epoch, empty)
 
     def end_of_epoch(epoch: int) -> None:
-        result = evaluate(run.accelerator.unwrap_model(model), cfg.val_shards, img_size, cfg.num_classes,
-                          run.accelerator, cfg.eval_batch_size, cfg.workers)
+        result, val[0] = evaluate(run.accelerator.unwrap_model(model), cfg.val_shards, img_size, counted.spec,
+                                  run.accelerator, cfg.eval_batch_size, cfg.workers)
         if run.is_main:  # the epoch's mean from the file: a resumed epoch counts its first part too
             record = {"epoch": epoch, "step": run.state.step, "train_loss": _epoch_loss(run.metrics, epoch), **result}
             run.log(record)
@@ -308,6 +388,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             f"layer decay {cfg.layer_decay:g}")
     result = run.train(batches_of, ClassifierStep(model, run.accelerator, cfg), end_of_epoch, what=what)
     result["table"] = results_table(run.metrics) if run.is_main else ""
+    result["summary"] = [counted.train.summary("train"), val[0].summary("val")]
     return result
 
 
@@ -331,9 +412,7 @@ class ClassifierStep:
                           if cfg.smoothing > 0 else torch.nn.CrossEntropyLoss())
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], where: MicroBatch) -> dict[str, torch.Tensor]:
-        x, y = batch
-        if int(y.max()) >= self.cfg.num_classes:
-            raise FinetuneError(f"{self.cfg.train_shards}: label {int(y.max())} >= --num-classes {self.cfg.num_classes}")
+        x, y = batch  # labels checked by the reader (labels.py): 0 <= y < num_classes
         device = self.accelerator.device
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         seed_everything(seed_from("finetune-step", self.cfg.seed, where.micro, where.rank))

@@ -1,11 +1,13 @@
-"""Labelled training data for `mrmae finetune`: WebDataset shards ({key}.jpg + {key}.cls).
+"""Labelled training data for `mrmae finetune`: WebDataset shards ({key}.jpg + its label, `labels.py`).
 
 Pipeline (webdataset stages, like `train/data.py`):
 
     epoch_shards      shard URLs in an order drawn from (seed, epoch, pass)
     split_by_node     this rank's shards
     split_by_worker   this DataLoader worker's shards
-    samples           (key, image bytes, label) in tar order; no image or no label: skipped
+    samples           (key, image bytes, label) in tar order; a sample without a usable
+                      label or an image is left out (`labels.py`; the run counted them
+                      all before its first step, `finetune.take_census`)
     shuffle           a seeded buffer (seed, epoch, pass, rank, worker)
     augment           (pixels [3,S,S] float, label): decode, then timm's training transform
     batched           (pixels [B,3,S,S], labels [B]); only full batches (Mixup pairs rows)
@@ -19,6 +21,7 @@ whether the run was resumed.
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Callable, Iterator
 
 import numpy as np
@@ -27,9 +30,10 @@ import webdataset as wds
 from torchvision.transforms.functional import to_pil_image
 
 from mrmae.shared.seeding import seed_from
-from mrmae.shared.shards import expand_urls, first_copies, iter_samples
+from mrmae.shared.shards import expand_urls, iter_samples
 from mrmae.shared.views import ImageDecodeError, decode_image
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, epoch_shards
+from mrmae.train.labels import LabelSpec, Skip, sample_labels
 
 AUGMENTS = ("randaug", "light")
 
@@ -60,14 +64,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def labelled_samples(urls: Iterator[str]) -> Iterator[tuple[str, bytes, int]]:
-    """(key, image bytes, label) of each sample that has both (a .cls that is not an integer
-    counts as none); others are skipped, as are later copies of a repeated key."""
+def labelled_samples(urls: Iterator[str], spec: LabelSpec) -> Iterator[tuple[str, str, bytes, int]]:
+    """(url, key, image bytes, label) of each sample with an image and a label `spec` can
+    use; the others (counted by the census before training) are left out, as are later
+    copies of a repeated key."""
     for url in urls:
-        for s in first_copies(iter_samples(url)):
-            image, label = s.image, s.label
-            if image is not None and label is not None:
-                yield s.key, image, label
+        for _, s, label in sample_labels(url, 0, spec, iter_samples(url)):
+            if not isinstance(label, Skip):
+                yield url, s.key, s.image, label
 
 
 def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,22 +81,25 @@ def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, tor
 class LabelledStream(torch.utils.data.IterableDataset):
     """Batches of augmented labelled images; call `set_epoch` before iterating."""
 
-    def __init__(self, shards: str | list[str], batch_size: int, transform: Callable, seed: int = 0,
-                 shuffle_buffer: int = 1000):
+    def __init__(self, shards: str | list[str], batch_size: int, transform: Callable, spec: LabelSpec,
+                 seed: int = 0, shuffle_buffer: int = 1000):
         super().__init__()
-        self.urls = expand_urls(shards)
+        self.urls, self.spec = expand_urls(shards), spec
         self.batch_size, self.transform, self.seed, self.shuffle_buffer = batch_size, transform, seed, shuffle_buffer
-        self.epoch, self.repeat = 0, 0
+        self.epoch, self.repeat, self.first_epoch = 0, 0, None
 
     def set_epoch(self, epoch: int, repeat: int = 0) -> None:
         """Select the epoch and the pass over this rank's shards (a rank that runs short takes another)."""
         self.epoch, self.repeat = epoch, repeat
+        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
 
-    def _augment(self, samples: Iterator[tuple[str, bytes, int]]) -> Iterator[tuple[torch.Tensor, int]]:
-        for key, data, label in samples:
+    def _augment(self, samples: Iterator[tuple[str, str, bytes, int]]) -> Iterator[tuple[torch.Tensor, int]]:
+        for url, key, data, label in samples:
             try:
                 image = to_pil_image(decode_image(data))
-            except ImageDecodeError:
+            except ImageDecodeError as e:
+                if self.epoch == self.first_epoch and self.repeat == 0:  # once a run, not once an epoch
+                    warnings.warn(f"{url}: sample {key}: image does not decode ({e}); not trained on")
                 continue
             seed_everything(seed_from("finetune-aug", self.seed, self.epoch, self.repeat, key))
             yield self.transform(image), label
@@ -105,7 +112,7 @@ class LabelledStream(torch.utils.data.IterableDataset):
             lambda _: iter(epoch_shards(self.urls, self.seed, epoch * 1000 + repeat)),
             wds.split_by_node,
             wds.split_by_worker,
-            labelled_samples,
+            lambda urls: labelled_samples(urls, self.spec),
             wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=buffer_rng),
             self._augment,
             wds.batched(self.batch_size, collation_fn=_collate, partial=False),

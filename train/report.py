@@ -48,7 +48,8 @@ FINAL_LOSS_NOTE = ("final L_R / final L_M: the mean of loss_recon / loss_mimic o
                    "teacher's features reconstructed at the decoder, table 3 row 5)")
 FEATURES_COLUMN = "final L_R features"
 EVAL_NOTE = ("eval columns: top-1 (%) from RUN/eval.jsonl, the last line per protocol and feature; finetune "
-             "top1/top5: the last evaluated epoch in metrics.jsonl; blank: not measured")
+             "top1/top5: the last evaluated epoch in metrics.jsonl; `images`: the validation images each is over "
+             "('N of M' when M were present and some skipped) and their classes; blank: not measured")
 
 
 class ReportError(MrmaeError, ValueError):
@@ -97,8 +98,9 @@ class RunSummary:
     steps: int | None  # the last logged optimiser step
     final_recon: float | None  # FINAL_LOSS_NOTE
     final_mimic: float | None  # FINAL_LOSS_NOTE; None for runs that mimic nothing
-    results: dict[str, float] = field(default_factory=dict)  # eval column name -> value (EVAL_NOTE)
+    results: dict[str, float | str] = field(default_factory=dict)  # eval column name -> value (EVAL_NOTE)
     final_features: float | None = None  # FINAL_LOSS_NOTE; runs reconstructing features at the decoder
+    notes: list[str] = field(default_factory=list)  # the runs' own notes on their evaluations (classes, members)
 
 
 FIXED_COLUMNS = ("run", "task", "model", "mask", "fusion", "targets", "loss weights (recon/mimic)", "epochs",
@@ -180,6 +182,7 @@ class _Metrics:
     last_step: int | None = None
     per_epoch: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [n, sum] of recon, mimic, features
     top: tuple[float | None, float | None] = (None, None)  # the last evaluated epoch's (top1, top5)
+    images: str | None = None  # the images that epoch's top-1 is over (EVAL_NOTE)
     curve: Curve = field(default_factory=Curve)
 
     def final(self) -> tuple[float | None, float | None, float | None]:
@@ -203,7 +206,7 @@ def read_metrics(path: Path, mimics: bool) -> _Metrics:
         if step is not None:
             m.last_step = step if m.last_step is None else max(step, m.last_step)
         if (top1 := finite(r, "top1", where)) is not None:  # a fine-tuning epoch's evaluation
-            m.top = (top1, finite(r, "top5", where))
+            m.top, m.images = (top1, finite(r, "top5", where)), images_over(r, where)
         if epoch is None or step is None:
             continue
         c = m.curve
@@ -220,20 +223,43 @@ def read_metrics(path: Path, mimics: bool) -> _Metrics:
     return m
 
 
-def read_evals(path: Path) -> dict[str, float]:
-    """'PROTOCOL FEATURE top1' -> top-1 of an eval.jsonl, the last line per protocol and
-    feature winning; keys in the order they first appear."""
-    results: dict[str, float] = {}
+def images_over(record: dict, where: str) -> str | None:
+    """The validation images a record's accuracy is over: 'N' (n_val), 'N of M' when M
+    (n_val_present) were present, then ', K classes' (classes_val); None for records from
+    before they were counted."""
+    n, present = integer(record, "n_val", where), integer(record, "n_val_present", where)
+    classes = integer(record, "classes_val", where)
+    if n is None:
+        return None
+    shown = str(n) if present is None or present == n else f"{n} of {present}"
+    return shown + (f", {classes} classes" if classes is not None else "")
+
+
+def read_evals(path: Path) -> tuple[dict[str, float | str | None], list[str]]:
+    """'PROTOCOL FEATURE top1' -> top-1 and 'PROTOCOL FEATURE images' -> `images_over` of an
+    eval.jsonl, the last line per protocol and feature winning (keys in the order they first
+    appear); and those lines' notes, an ensemble's members among them."""
+    results: dict[str, float | str | None] = {}
+    notes: dict[str, list[str]] = {}
     for line, r in read_jsonl(path):
         where = f"{path} line {line}"
         protocol, feature = r.get("protocol"), r.get("feature")
+        if isinstance(feature, list) and feature and all(isinstance(f, str) for f in feature):
+            feature = "/".join(feature)  # an ensemble of members with other features
         if not isinstance(protocol, str) or not isinstance(feature, str):
             raise ReportError(f"{where}: no protocol and feature (not a line `mrmae eval` writes)")
         top1 = finite(r, "top1", where)
         if top1 is None:
             raise ReportError(f"{where}: no top1 (not a line `mrmae eval` writes)")
-        results[f"{protocol} {feature} top1"] = top1
-    return results
+        name = f"{protocol} {feature}"
+        results[f"{name} top1"], results[f"{name} images"] = top1, images_over(r, where)
+        recorded = r.get("notes") if isinstance(r.get("notes"), list) else []
+        notes[name] = [f"{name}: {n}" for n in recorded if isinstance(n, str)]
+        members = r.get("members")
+        if isinstance(members, list):
+            shown = [str(m.get("checkpoint")) for m in members if isinstance(m, dict)]
+            notes[name].insert(0, f"{name}: the mean of {len(shown)} members: {', '.join(shown)}")
+    return results, [n for kept in notes.values() for n in kept]
 
 
 # --- what a run is, from its config.json ------------------------------------------------------
@@ -259,6 +285,7 @@ class _Setup:
     weights: str | None = None
     epochs: int | None = None  # planned
     mimics: bool = False
+    notes: tuple[str, ...] = ()  # a fine-tuning run's notes on its labels (config.json `notes`)
 
 
 def describe_config(cfg: dict, where: str) -> _Setup:
@@ -267,7 +294,9 @@ def describe_config(cfg: dict, where: str) -> _Setup:
     epochs = integer(cfg, "epochs", where)
     if task == "finetune":
         timm_model, start = text(cfg, "timm_model", where), text(cfg, "checkpoint", where)
-        return _Setup(task, f"{timm_model or '?'} from {start}" if start else timm_model, epochs=epochs)
+        notes = cfg.get("notes") if isinstance(cfg.get("notes"), list) else []
+        return _Setup(task, f"{timm_model or '?'} from {start}" if start else timm_model, epochs=epochs,
+                      notes=tuple(n for n in notes if isinstance(n, str)))
     opts = cfg.get("step_options") or {}
     if not isinstance(opts, dict):
         raise ReportError(f"{where}: key step_options is {opts!r}, not an object")
@@ -382,17 +411,17 @@ def load_run(path: Path, name: str) -> tuple[RunSummary, Curve]:
     else:
         m = _Metrics()
         warnings.warn(f"{metrics}: no such file (no step logged yet); the row of {path} has no losses")
-    results = read_evals(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else {}
-    if setup.task == "finetune":
-        for key, value in zip(("finetune top1", "finetune top5"), m.top):
-            if value is not None:
-                results[key] = value
+    results, notes = read_evals(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else ({}, [])
+    if setup.task == "finetune" and m.top[0] is not None:
+        results.update({"finetune top1": m.top[0], "finetune top5": m.top[1], "finetune images": m.images})
+        notes += [f"finetune: {n}" for n in setup.notes]
     reached = None if m.last_epoch is None else m.last_epoch + 1
     epochs = (None if reached is None else
               f"{reached} of {setup.epochs}" if setup.epochs is not None and reached < setup.epochs else str(reached))
     final_recon, final_mimic, final_features = m.final()
     summary = RunSummary(name, str(path), setup.task, setup.model, setup.mask, setup.fusion, setup.targets,
-                         setup.weights, epochs, m.last_step, final_recon, final_mimic, results, final_features)
+                         setup.weights, epochs, m.last_step, final_recon, final_mimic, results, final_features,
+                         notes)
     return summary, m.curve
 
 
@@ -421,11 +450,13 @@ def _cell(column: str, value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(header: list[str], rows: list[list]) -> str:
-    """report.md: what the columns mean, the table, the picture."""
+def markdown(header: list[str], rows: list[list], notes: list[str] = ()) -> str:
+    """report.md: what the columns mean, the table, the runs' notes on their evaluations, the picture."""
     lines = [f"# mrmae report: {len(rows)} runs", "", f"{FINAL_LOSS_NOTE}. {EVAL_NOTE}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(c, v) for c, v in zip(header, row)) + " |" for row in rows]
+    if notes:
+        lines += ["", "Notes:", "", *(f"- {n}".replace("\n", " ") for n in notes)]
     return "\n".join([*lines, "", "![L_R and L_M per step](curves.png)", ""])
 
 
@@ -493,5 +524,5 @@ def run_report(cfg: ReportConfig) -> ReportPaths:
     written = ReportPaths(out / "report.md", out / "report.csv", out / "curves.png")
     draw_curves(written.curves, [s.run for s in summaries], curves)
     write_csv(written.csv, header, rows)
-    write_text(written.markdown, markdown(header, rows))
+    write_text(written.markdown, markdown(header, rows, [f"{s.run}: {n}" for s in summaries for n in s.notes]))
     return written
