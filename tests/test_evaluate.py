@@ -179,3 +179,26 @@ def test_eval_takes_an_export_a_run_or_a_checkpoint_alike_and_fused_on_request(d
     for args, message in ((["--fused"], "an exported encoder keeps no fusion"), (["--feature", "cls"], "no [CLS]")):
         r = CliRunner().invoke(cli, ["eval", "knn", "--checkpoint", str(tmp_path / "e"), *data, *args])
         assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+
+
+def test_eval_of_an_export_appends_to_the_run_it_came_from(run_dir, demo_shards, tmp_path):
+    """An export names its run (relative, in its config.json): eval on the export appends to
+    that run's eval.jsonl, so `mrmae report RUN` shows it. Moved away from its run (or with
+    the run gone), the export keeps its results beside itself."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "eval.jsonl").unlink(missing_ok=True)
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "enc")])
+    assert r.exit_code == 0, r.output
+    data = ["--shards", str(demo_shards[0]), "--val-shards", str(demo_shards[1]), "--k", "3", "--no-progress"]
+    out = _eval(["knn", "--checkpoint", str(tmp_path / "enc"), *data])
+    assert out.splitlines()[-1] == f"appended to {run / 'eval.jsonl'} (the run the export came from)"
+    assert json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["k"] == 3
+    r = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "report")])
+    assert r.exit_code == 0 and "knn cls top1" in (tmp_path / "report" / "report.md").read_text(), r.output
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(tmp_path / "enc", tmp_path / "elsewhere" / "enc")
+    out = _eval(["knn", "--checkpoint", str(tmp_path / "elsewhere" / "enc"), *data])
+    assert out.splitlines()[-1] == f"appended to {tmp_path / 'elsewhere' / 'enc' / 'eval.jsonl'} (beside the weights)"

@@ -225,7 +225,7 @@ def export_source_run(folder: str | Path) -> Path | None:
     run = ours.get("source_run") if isinstance(ours, dict) else None
     if not isinstance(run, str) or os.path.isabs(run):
         return None
-    path = folder / run  # only a training run (its config.json and checkpoints/), nothing else it may name
+    path = Path(os.path.normpath(folder / run))  # only a training run (config.json, checkpoints/), nothing else
     return path if (path / "config.json").is_file() and (path / "checkpoints").is_dir() else None
 
 
