@@ -186,7 +186,7 @@ def _publish(url: str, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardW
                                  [(k, v) for k in kept for v in range(n_views)])
     entry = cf.ShardEntry(url, writer.group_path, len(kept), writer.rows,
                           tuple(cf.Skipped(s["key"], s["reason"]) for s in skipped), "complete", digest, size,
-                          local_file_size(url), source_sha256, round(time.time() - t0, 2))
+                          local_file_size(url), source_sha256, round(time.time() - t0, 2), writer.files)
     cf.commit_shard(cfg.out, writer, entry)
     return entry
 

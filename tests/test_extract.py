@@ -92,8 +92,8 @@ def test_verify_detects_a_cache_that_does_not_replay(demo_shards, tmp_path):
     assert not report.ok and len(report.problems) == 1 and report.checked == 0  # integrity catches it
     # Even with a matching checksum (say, a cache written by a buggy extractor), the replay
     # through the teacher shows the targets are not those of the recorded views.
-    digest, size = cf.group_digest(out / entry.group)
-    cf.record_shard(out, dataclasses.replace(entry, sha256=digest, bytes=size))
+    digest, size, files = cf.group_files(out / entry.group)
+    cf.record_shard(out, dataclasses.replace(entry, sha256=digest, bytes=size, files=files))
     report = verify_cache(str(out), recompute=6)
     assert not report.problems and report.checked == 6 and not report.ok and report.worst_cosine < 0.99
 
@@ -288,7 +288,7 @@ def _age_into_layers_cache(new: Path, old: Path) -> None:
                  {3: r["features"] * 2}, image_sha256=[g.image_digest(i) for i in range(n)])
         digest, size = w.finish({"source": e.source, "num_samples": e.num_samples},
                                 [(str(k), int(v)) for k, v in zip(r["keys"], r["view"])])
-        cf.commit_shard(str(old), w, dataclasses.replace(e, group=w.group_path, sha256=digest, bytes=size))
+        cf.commit_shard(str(old), w, dataclasses.replace(e, group=w.group_path, sha256=digest, bytes=size, files=w.files))
 
 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
