@@ -34,7 +34,7 @@ from .manifest import (MANIFEST, Manifest, PcaInfo, ShardEntry, Skipped, Storage
                        new_manifest, read_manifest, record_shard, runs_command, shard_basename, shard_entry)
 from .pca import (PCA_FILE, PcaBasis, basis_from_covariance, decode_basis, encode_basis, project, read_basis_file,
                   reconstruct, store_basis, wait_for_basis)
-from .wds_store import WdsShard, WdsShardWriter, sample_name
+from .wds_store import WdsShard, WdsShardWriter, sample_name, tar_files
 from .location import Location, is_url, writing
 from .zarr_store import ShardGroup, ShardWriter, compressor_for
 
@@ -45,7 +45,7 @@ __all__ = [
     "codec_description", "commit_shard", "damaged_shards", "mark_incomplete", "compressor_for", "config_mismatch", "dequantize", "dir_bytes", "find_shard",
     "group_digest", "group_files", "group_name", "is_url", "list_targets", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
     "quantize_int8", "quantize_int8_torch", "INT8_GROUP", "int8_groups", "read_manifest", "record_shard",
-    "sample_name", "shard_basename", "shard_entry",
+    "sample_name", "shard_basename", "shard_entry", "tar_files",
     # the schema: manifest.json and shards/<name>.json as checked dataclasses
     "Manifest", "PcaInfo", "ShardEntry", "Skipped", "StorageInfo", "TeacherInfo", "check_group", "entry_path",
     "runs_command",

@@ -26,7 +26,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from ..frames import FrameError, check_blosc, check_zstd
 from .common import CacheError
 from .listing import FileList, NotRegularFile, file_digest, read_regular
-from .location import Location, local_path
+from .location import Location, link_out_of, local_path
 from .zarr_spec import ArraySpec
 
 _CRC_BYTES = 4  # the crc32c codec's suffix of a chunk (format 4 on)
@@ -85,7 +85,9 @@ class CheckedStore(Store):
             data = read_regular(f"{self.local}/{key}", limit=1 << 34) if self.local is not None \
                 else self.location.read_bytes(key)
         except NotRegularFile as e:
-            raise self.fail(key, str(e).split(": ", 1)[1]) from None
+            real = link_out_of(self.local, f"{self.local}/{key}") if self.local is not None else None
+            what = f"a symbolic link out of the cache (to {real}), never followed" if real else str(e).split(": ", 1)[1]
+            raise self.fail(key, what) from None
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             if key.endswith("zarr.json") and listed is None:
                 return None

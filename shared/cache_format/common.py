@@ -350,6 +350,7 @@ def local_files(root: str) -> list[tuple[str, int]]:
     from pathlib import PurePosixPath
 
     from .listing import NotRegularFile, kind_of
+    from .location import link_out_of
 
     out, folders = [], [""]
     while folders:
@@ -362,6 +363,8 @@ def local_files(root: str) -> list[tuple[str, int]]:
                     folders.append(rel)
                 elif stat.S_ISREG(st.st_mode):
                     out.append((rel, st.st_size))
+                elif stat.S_ISLNK(st.st_mode) and (real := link_out_of(root, e.path)) is not None:
+                    raise NotRegularFile(f"{e.path}: a symbolic link out of the cache (to {real}), never followed")
                 else:
                     raise NotRegularFile(f"{e.path}: {kind_of(st.st_mode)}, not a regular file; never read")
     return sorted(out, key=lambda f: PurePosixPath(f[0]).parts)

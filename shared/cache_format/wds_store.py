@@ -294,14 +294,24 @@ class NpySpec:
         return len(self.header) + int(np.prod(self.shape)) * self.dtype.itemsize
 
     def decode(self, data: bytes, compressed: int) -> np.ndarray:
-        """The member's bytes -> its array: a zstd frame must declare exactly `size` bytes
-        (checked before anything is decompressed), the header must be the writer's."""
-        raw = zstd_decompress(data, self.size) if compressed else bytearray(data)
+        """The member's bytes -> its array: a zstd frame may declare at most `size` bytes
+        (checked before anything is decompressed: never more memory), and the `.npy` must be
+        exactly the writer's, header and length."""
+        raw = zstd_decompress(data, self.size, at_most=True) if compressed else bytearray(data)
         if len(raw) != self.size or raw[:len(self.header)] != self.header:
-            got = raw[10:len(self.header)].split(b"}")[0][:100]
-            raise FrameError(f".npy header {got!r}, of {len(raw):,} bytes: the manifest's teacher gives "
-                             f"{self.dtype} {list(self.shape)}")
+            raise FrameError(f".npy {_npy_shown(raw)}: the manifest's teacher gives {self.dtype} {list(self.shape)}")
         return np.frombuffer(raw, self.dtype, offset=len(self.header)).reshape(self.shape)
+
+
+def _npy_shown(raw: bytes) -> str:
+    """What an `.npy` file's header says (dtype and shape), for a message."""
+    try:
+        f = io.BytesIO(bytes(raw[:4096]))
+        np.lib.format.read_magic(f)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        return f"{dtype} {list(shape)}"
+    except Exception:  # (not an .npy header at all)
+        return f"of {len(raw):,} bytes, no .npy header"
 
 
 @dataclass(frozen=True)
@@ -326,29 +336,47 @@ def member_spec(manifest) -> WdsSpec:
     return WdsSpec(members, manifest.views.per_image)
 
 
-def check_listed_members(path: str, members: list[tuple[str, int, int]], files: FileList) -> None:
-    """A tar's members (name, offset, size) are exactly those its entry lists, in the
-    listed order, of the listed sizes: else one CacheError naming the tar, the member and
-    its row (the sample it belongs to, counted in tar order)."""
+def _rows_of(names: list[str]) -> list[int]:
+    """Each member's row: its sample's position among the samples, in tar order."""
     rows, row, last = [], -1, None
-    for name, _, _ in members:
+    for name in names:
         sample = name.split(".", 1)[0]
         row += sample != last
         last = sample
         rows.append(row)
-    listed = files.items
+    return rows
+
+
+def check_listed_members(path: str, members: list[tuple[str, int, int]], files: FileList) -> None:
+    """A tar's members (name, offset, size) are exactly those its entry lists, in the
+    listed order, of the listed sizes: else one CacheError naming the tar, the member and
+    its row (the sample it belongs to, counted in tar order)."""
+    names, listed, fix = [m[0] for m in members], files.items, "run `mrmae cache verify --repair`"
+    rows, listed_rows, present = _rows_of(names), _rows_of([p for p, _, _ in listed]), set(names)
     for i, (name, _, size) in enumerate(members):
-        fix = "run `mrmae cache verify --repair`"
         if files.get(name) is None:
             raise CacheError(f"{path}: member {name} (row {rows[i]}): not in the entry's file list; {fix}")
-        if i >= len(listed) or listed[i][0] != name:
+        if listed[i][0] != name:
+            if listed[i][0] not in present:
+                raise CacheError(f"{path}: member {listed[i][0]} (row {listed_rows[i]}): listed in the entry, not in "
+                                 f"the tar; {fix}")
             raise CacheError(f"{path}: member {name} (row {rows[i]}): not where the entry lists it (member {i}); {fix}")
         if size != listed[i][1]:
             raise CacheError(f"{path}: member {name} (row {rows[i]}): {size:,} bytes, the entry lists "
                              f"{listed[i][1]:,}; {fix}")
     if len(listed) != len(members):
-        raise CacheError(f"{path}: member {listed[len(members)][0]}: listed in the entry, not in the tar "
-                         f"(truncated?); run `mrmae cache verify --repair`")
+        raise CacheError(f"{path}: member {listed[len(members)][0]} (row {listed_rows[len(members)]}): listed in the "
+                         f"entry, not in the tar (truncated?); {fix}")
+
+
+def tar_files(path: str) -> FileList:
+    """The file list of a tar as a writer would record it: every member, its size and sha256."""
+    with _open_tar(path) as f:
+        items = []
+        for name, offset, size in _tar_members(path):
+            f.seek(offset)
+            items.append((name, size, file_digest(f.read(size))))
+    return FileList(tuple(items))
 
 
 def is_file_url(path: str) -> bool:

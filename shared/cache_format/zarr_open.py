@@ -104,26 +104,32 @@ def _load(store: CheckedStore, key: str):
 
 
 def check_group_attributes(store: CheckedStore, spec: GroupSpec) -> None:
-    """The group's zarr.json: a group whose attributes are its entry's source, samples and
-    rows, `complete` (format 4 on: exactly those; older: those it has)."""
+    """The group's zarr.json: a group whose attributes are its entry's samples and rows,
+    `complete`, and a `source` (as given at extraction: not compared, a recorded source may
+    be renamed in the entry); format 4 on exactly those, older caches those they have."""
     _, meta = _load(store, "zarr.json")
     attrs = meta.get("attributes") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or meta.get("node_type") != "group" or not isinstance(attrs, dict):
         raise store.fail("zarr.json", "not a Zarr group's metadata")
-    want = spec.attributes
-    keys = set(want) if spec.checked else set(attrs) & set(want)
-    for k in sorted(keys | (set(attrs) if spec.checked else set())):
-        if attrs.get(k) != want.get(k):
-            raise store.fail("zarr.json", f"attribute {k}: {str(attrs.get(k))[:80]!r}, its entry gives "
-                                          f"{str(want.get(k))[:80]!r}")
+    want = {k: v for k, v in spec.attributes.items() if k != "source"}
+    if spec.checked and (set(attrs) != set(spec.attributes) or not isinstance(attrs.get("source"), str)):
+        odd = sorted(set(attrs) ^ set(spec.attributes)) or ["source"]
+        raise store.fail("zarr.json", f"attribute {odd[0]}: not as this cache's writer writes a group's attributes")
+    for k in sorted(set(want) & (set(want) if spec.checked else set(attrs))):
+        if attrs.get(k) != want[k]:
+            raise store.fail("zarr.json", f"attribute {k}: {str(attrs.get(k))[:80]!r}, its entry gives {want[k]!r}")
 
 
-def read_array_metas(store: CheckedStore, names: list[str], spec: GroupSpec | None) -> dict[str, dict]:
+def read_array_metas(store: CheckedStore, names: list[str], spec: GroupSpec | None,
+                     entry: ShardEntry | None = None) -> dict[str, dict]:
     """Each array's zarr.json, compared with its spec (when known) and kept as verified in
-    `store`, with the array's length and stored chunk rows; CacheError naming the field."""
+    `store`, with the array's length and stored chunk rows; CacheError naming the field
+    (`keys` of another length than the entry's rows: named as such first)."""
     metas = {}
     for name in names:
         blob, meta = _load(store, f"{name}/zarr.json")
+        if name == "keys" and isinstance(meta, dict) and isinstance(meta.get("shape"), list) and meta["shape"]:
+            check_row_count(store.path, entry, meta["shape"][0])
         if spec is not None:
             want = spec.arrays.get(name)
             if want is None:
@@ -219,7 +225,7 @@ def open_checked(path: str, entry: ShardEntry | None, spec: GroupSpec | None, ch
         if missing:
             raise CacheError(f"{path}: array {missing[0]} missing; run `mrmae cache verify --repair`")
         check_group_attributes(store, spec)
-    metas = read_array_metas(store, names, spec)
+    metas = read_array_metas(store, names, spec, entry)
     if store.files is not None:
         _check_listed_chunks(store, metas)
     elif checked:
@@ -240,7 +246,7 @@ def check_group_arrays(path: str, entry: ShardEntry, spec: GroupSpec, checked: b
             for name in names:  # (the folder and the file: either may be a link)
                 if not (_is_file_inside(store.local, name) and _is_file_inside(store.local, f"{name}/zarr.json")):
                     raise store.fail(f"{name}/zarr.json", "missing")
-        metas = read_array_metas(store, names, spec)
+        metas = read_array_metas(store, names, spec, entry)
         check_row_count(path, entry, metas["keys"]["shape"][0])
         return metas
     except CacheError:
