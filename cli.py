@@ -289,7 +289,28 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
 # The options pretrain and finetune share word for word (each its own seed and workers help).
 _SHUFFLE_BUFFER = click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True,
                                help="Samples a loader shuffles among.")
-_RESUME = click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
+# --resume stays a flag (`--resume --epochs 4` keeps parsing); where to resume from is an
+# option of its own, so no value can be mistaken for the flag's (`--resume auto`).
+_RESUME_FLAG = click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.")
+_RESUME_FROM = click.option("--resume-from", metavar="auto|PATH", default=None,
+                            help="Continue from the newest complete checkpoint (auto) or from the checkpoint "
+                                 "OUT/checkpoints/stepN given, whatever OUT/checkpoints/latest says.")
+
+
+def _RESUME(f):
+    return _RESUME_FLAG(_RESUME_FROM(f))
+
+
+def _resume_given(params: dict) -> dict:
+    """--resume-from's value in place of --resume's (the config's `resume`: True, "auto" or a path)."""
+    given = params.pop("resume_from", None)
+    if given is not None:
+        if not given.strip():
+            from mrmae.shared.errors import OptionError
+
+            raise OptionError("--resume-from: give auto or a checkpoint directory (OUT/checkpoints/stepN)")
+        params["resume"] = given
+    return params
 _SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
                            help="0: at each epoch's end only.")
 
@@ -367,7 +388,7 @@ def pretrain(no_progress, **params) -> None:
     """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
     from mrmae.train.pretrain import run_pretrain
 
-    cfg = pretrain_config(progress=not no_progress, **params)
+    cfg = pretrain_config(progress=not no_progress, **_resume_given(params))
     try:
         r = run_pretrain(cfg)
     except KeyboardInterrupt:
@@ -592,7 +613,7 @@ def finetune(no_progress, **kwargs) -> None:
     from mrmae.train.finetune import FinetuneConfig, run_finetune
 
     try:
-        r = run_finetune(FinetuneConfig(**kwargs, progress=not no_progress))
+        r = run_finetune(FinetuneConfig(**_resume_given(kwargs), progress=not no_progress))
     except KeyboardInterrupt:
         raise _Interrupted(kwargs["out"]) from None
     if r["main_process"]:

@@ -39,7 +39,7 @@ SECTION_OF = {
     **dict.fromkeys(("epochs", "batch_size", "accum_steps", "effective_batch", "blr", "lr", "min_lr", "warmup_epochs",
                      "weight_decay", "layer_decay"), "Optimisation"),
     **dict.fromkeys(("protocol", "k", "temperature", "probe_batch_size"), "Protocol"),
-    **dict.fromkeys(("out", "config_file", "resume", "save_every_steps", "results", "as_json", "recompute", "repair",
+    **dict.fromkeys(("out", "config_file", "resume", "resume_from", "save_every_steps", "results", "as_json", "recompute", "repair",
                      "older_than", "dry_run", "version"), "Output and run"),
     **dict.fromkeys(("device", "workers", "eval_batch_size", "render_on_device", "decode_on_device", "compile_backend",
                      "no_progress"), "Performance"),

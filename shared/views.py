@@ -195,7 +195,11 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
         if im.mode == "F":
-            a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
+            finite = a[np.isfinite(a)]
+            if a.size and not finite.size:  # (nanmax would warn "All-NaN slice", naming nothing, and train on black)
+                raise ImageDecodeError(f"a {im.width}x{im.height} float image without one finite pixel (all NaN or "
+                                       "infinite)")
+            a = a * 255.0 if finite.size and finite.max() <= 1.0 else a
         elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
             a = a * (255.0 / 65535.0)
         gray = np.clip(np.nan_to_num(np.rint(a)), 0, 255).astype(np.uint8)

@@ -54,7 +54,7 @@ class PretrainConfig:
     workers: int = 0
     shuffle_buffer: int = 1000
     seed: int = 0
-    resume: bool = False
+    resume: bool | str = False  # --resume: True; --resume-from: "auto" or a checkpoint's path
     save_every_steps: int = 0  # 0: at the end of each epoch only
     pixels_from_cache: bool = False  # views from the cache (--store-pixels), source tars unread
     render_on_device: bool | None = None  # workers decode, the step renders the views; None: on with CUDA
@@ -233,6 +233,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     from mrmae.train.models import create_model
 
     check_options(cfg)  # before anything is built, read or written
+    ckpt.check_out_apart(cfg.out, [cfg.feature_cache])
     run = TrainRun(cfg, "pretrain", mask_seeding=MASK_SEEDING, tensorboard=True)
     cuda, device = run.cuda, run.accelerator.device
     # Stored views need no render; otherwise the device renders where one is (the same pixels either way).
