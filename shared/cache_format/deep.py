@@ -61,9 +61,10 @@ def _check_zarr_files(group: ShardGroup) -> None:
 
 
 def _check_wds_members(shard: WdsShard) -> None:
-    """Every member of every row: its listed sha256 (format 5) or checksum, and for an
-    `.npy` member the size its zstd frame declares (nothing is decompressed)."""
-    from ..frames import FrameError, check_zstd
+    """Every member of every row: its listed sha256 (format 5) or checksum, and each `.npy`
+    member decoded as the loader decodes it (its zstd frame's declared size first, then its
+    content checksum and its exact `.npy` header)."""
+    from ..frames import FrameError
 
     shard._load()
     for member, index in shard._index.items():
@@ -75,8 +76,8 @@ def _check_wds_members(shard: WdsShard) -> None:
                     shard.stored_pixels(row)
                 elif member != "meta" and (shard.checked or offset in shard._digests):
                     shard._verify(data, compressed, row, member, offset)
-                if npy is not None and compressed:
-                    check_zstd(data, npy.size)
+                if npy is not None:
+                    npy.decode(data, compressed)
             except (ValueError, FrameError) as e:
                 if isinstance(e, CacheError):
                     raise
