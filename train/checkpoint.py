@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from mrmae.shared.errors import MrmaeError, naming
-from mrmae.shared.outfiles import write_file
+from mrmae.shared.outfiles import refuse_link, write_file
 from mrmae.train.jsonl import truncate_records
 
 KEEP = 2  # complete checkpoints kept on disk
@@ -437,5 +437,6 @@ def start_or_resume(out: Path, resume: bool | str, model: torch.nn.Module, optim
             truncate_records(metrics, state.step)
         return state, metrics
     if is_main:
+        refuse_link(metrics)  # (a link planted there: one line, never removed nor written through)
         metrics.unlink(missing_ok=True)
     return TrainState(), metrics

@@ -186,7 +186,7 @@ def _plain(value):
 def export_encoder(checkpoint: str | Path, out: str | Path) -> Exported:
     """Write the encoder of `checkpoint` (see `read_encoder`) to `out` (safetensors, timm names)."""
     encoder = read_encoder(checkpoint)
-    out = Path(out).resolve()
+    out = Path(out).parent.resolve() / Path(out).name  # (not the file itself: a link there is refused, never followed)
     if out.parent == encoder.weights.resolve().parent:  # e.g. --out .../stepN
         raise ExportError(f"--out {out.parent}: the checkpoint {encoder.weights.parent}, whose files it would "
                           "replace; write the encoder elsewhere")
