@@ -91,7 +91,8 @@ class CheckedStore(Store):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             if key.endswith("zarr.json") and listed is None:
                 return None
-            raise self.fail(key, "missing (zarr would read its rows as fill values)") from None
+            raise self.fail(key, "missing" if key.endswith("zarr.json") else
+                            "missing (zarr would read its rows as fill values)") from None
         if listed is not None:
             if len(data) != listed[0]:
                 raise self.fail(key, f"{len(data):,} bytes, the entry lists {listed[0]:,}")
