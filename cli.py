@@ -299,18 +299,6 @@ _RESUME_FROM = click.option("--resume-from", metavar="auto|PATH", default=None,
 
 def _RESUME(f):
     return _RESUME_FLAG(_RESUME_FROM(f))
-
-
-def _resume_given(params: dict) -> dict:
-    """--resume-from's value in place of --resume's (the config's `resume`: True, "auto" or a path)."""
-    given = params.pop("resume_from", None)
-    if given is not None:
-        if not given.strip():
-            from mrmae.shared.errors import OptionError
-
-            raise OptionError("--resume-from: give auto or a checkpoint directory (OUT/checkpoints/stepN)")
-        params["resume"] = given
-    return params
 _SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
                            help="0: at each epoch's end only.")
 
@@ -388,7 +376,7 @@ def pretrain(no_progress, **params) -> None:
     """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
     from mrmae.train.pretrain import run_pretrain
 
-    cfg = pretrain_config(progress=not no_progress, **_resume_given(params))
+    cfg = pretrain_config(progress=not no_progress, **params)
     try:
         r = run_pretrain(cfg)
     except KeyboardInterrupt:
@@ -613,7 +601,7 @@ def finetune(no_progress, **kwargs) -> None:
     from mrmae.train.finetune import FinetuneConfig, run_finetune
 
     try:
-        r = run_finetune(FinetuneConfig(**_resume_given(kwargs), progress=not no_progress))
+        r = run_finetune(FinetuneConfig(**kwargs, progress=not no_progress))
     except KeyboardInterrupt:
         raise _Interrupted(kwargs["out"]) from None
     if r["main_process"]:

@@ -86,7 +86,8 @@ class FinetuneConfig:
     workers: int = 0
     shuffle_buffer: int = 1000
     seed: int = 0
-    resume: bool | str = False  # --resume: True; --resume-from: "auto" or a checkpoint's path
+    resume: bool = False
+    resume_from: str | None = None  # "auto" (the newest complete checkpoint) or a checkpoint's path
     save_every_steps: int = 0  # 0: at the end of each epoch only
     samples_per_epoch: int | None = None  # default: counted from the tar headers
     progress: bool = True

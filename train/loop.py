@@ -243,9 +243,10 @@ class TrainRun:
         c = self.cfg
         self.fingerprint = ckpt.Fingerprint((*fingerprint.fields, ckpt.batch_field(
             c.batch_size, c.accum_steps, self.accelerator.num_processes)))
-        self.state, self.metrics = ckpt.start_or_resume(self.out, c.resume, model, optimizer, self.is_main,
+        resume = c.resume_from or c.resume  # --resume-from auto|PATH, else --resume's latest
+        self.state, self.metrics = ckpt.start_or_resume(self.out, resume, model, optimizer, self.is_main,
                                                         self.fingerprint)
-        resumed = ckpt.resume_point(self.out, c.resume)
+        resumed = ckpt.resume_point(self.out, resume)
         if resumed is not None:
             self._note_other_workers()
         if resumed is not None and self.mask_seeding is not None:

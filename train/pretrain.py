@@ -54,7 +54,8 @@ class PretrainConfig:
     workers: int = 0
     shuffle_buffer: int = 1000
     seed: int = 0
-    resume: bool | str = False  # --resume: True; --resume-from: "auto" or a checkpoint's path
+    resume: bool = False
+    resume_from: str | None = None  # "auto" (the newest complete checkpoint) or a checkpoint's path
     save_every_steps: int = 0  # 0: at the end of each epoch only
     pixels_from_cache: bool = False  # views from the cache (--store-pixels), source tars unread
     render_on_device: bool | None = None  # workers decode, the step renders the views; None: on with CUDA
