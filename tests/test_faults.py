@@ -1137,6 +1137,7 @@ def test_5_rows_record_their_image_sha256(demo_shards, tmp_path, backend):
     """Every row records the sha256 of the image file its view was rendered from (Zarr:
     array image_sha256 [N, 32] uint8 with a crc32c; wds: sealed meta.json field); a damaged
     digest is one line naming the shard."""
+    import dataclasses
     import hashlib
     import json
     from pathlib import Path
@@ -1164,8 +1165,10 @@ def test_5_rows_record_their_image_sha256(demo_shards, tmp_path, backend):
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0xFF
         chunk.write_bytes(bytes(data))
+        with pytest.raises(cf.CacheError, match=r"file image_sha256/c/0/0 \(all rows\): sha256 differs"):
+            cf.ShardGroup(group.path, group.entry).image_digests()  # (its entry lists the file's sha256)
         with pytest.raises(cf.CacheError, match=r"array image_sha256, all rows: unreadable chunk"):
-            cf.ShardGroup(group.path, group.entry).image_digests()
+            cf.ShardGroup(group.path, dataclasses.replace(group.entry, files=None)).image_digests()  # format 4
     else:  # the field is sealed: another digest fails meta.json's crc32c
         import tarfile
 
@@ -1176,8 +1179,10 @@ def test_5_rows_record_their_image_sha256(demo_shards, tmp_path, backend):
         at = raw.index(images[str(group.keys[0])].hex().encode())
         raw[at] = ord("0") if raw[at] != ord("0") else ord("1")
         Path(group.path).write_bytes(bytes(raw))
-        with pytest.raises(cf.CacheError, match=r"meta.json, row 0: checksum mismatch"):
+        with pytest.raises(cf.CacheError, match=r"meta.json, row 0: sha256 differs from the entry's"):
             cf.WdsShard(group.path, group.entry).image_digests()
+        with pytest.raises(cf.CacheError, match=r"meta.json, row 0: checksum mismatch"):  # format 4: its own seal
+            cf.WdsShard(group.path, dataclasses.replace(group.entry, files=None)).image_digests()
 
 
 # --- 6. --resume refuses another cache, teacher, model or data -------------------------
