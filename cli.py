@@ -335,7 +335,18 @@ def save_teacher(teacher: str, out: str) -> None:
 # The options pretrain and finetune share word for word (each its own seed and workers help).
 _SHUFFLE_BUFFER = click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True,
                                help="Samples a loader shuffles among.")
-_RESUME = click.option("--resume", is_flag=True, help="Continue the run in --out from OUT/checkpoints/latest.")
+# --resume stays a flag (`--resume --epochs 4` keeps parsing); where to resume from is an
+# option of its own, so no value can be mistaken for the flag's (`--resume auto`).
+_RESUME_FLAG = click.option("--resume", is_flag=True, help="Continue the run in --out from OUT/checkpoints/latest.")
+_RESUME_FROM = click.option("--resume-from", metavar="auto|PATH", default=None,
+                            help="Continue from the newest complete checkpoint (auto) or from the checkpoint "
+                                 "OUT/checkpoints/stepN given, whatever OUT/checkpoints/latest says.")
+
+
+def _RESUME(f):
+    return _RESUME_FLAG(_RESUME_FROM(f))
+
+
 _OVERWRITE = click.option("--overwrite", is_flag=True, help="--out holds a run: rename it to OUT.old-DATE-TIME (never "
                           "deleted) and start anew. Without --resume or this, such an --out is refused.")
 # train/official.py's FORMATS, spelled out: the command line does not import torch to parse

@@ -39,8 +39,8 @@ SECTION_OF = {
     **dict.fromkeys(("epochs", "batch_size", "accum_steps", "effective_batch", "blr", "lr", "min_lr", "warmup_epochs",
                      "weight_decay", "layer_decay", "layer_decay_groups"), "Optimisation"),
     **dict.fromkeys(("protocol", "k", "temperature", "probe_batch_size"), "Protocol"),
-    **dict.fromkeys(("out", "config_file", "resume", "overwrite", "save_every_steps", "results", "as_json", "recompute",
-                     "repair", "older_than", "dry_run", "version", "push_to_hub"), "Output and run"),
+    **dict.fromkeys(("out", "config_file", "resume", "resume_from", "overwrite", "save_every_steps", "results",
+                     "as_json", "recompute", "repair", "older_than", "dry_run", "version", "push_to_hub"), "Output and run"),
     **dict.fromkeys(("device", "workers", "eval_batch_size", "render_on_device", "decode_on_device", "compile_backend",
                      "no_progress"), "Performance"),
 }

@@ -43,6 +43,7 @@ Writes benchmarks/results/loader_throughput.json (or --name, or --out PATH).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import statistics
@@ -83,6 +84,8 @@ def unchecked_copy(cache_root: str | Path, dst: str | Path) -> Path:
     manifest = json.loads((dst / cf.MANIFEST).read_text())
     manifest["format_version"] = 3
     (dst / cf.MANIFEST).write_text(json.dumps(manifest))
+    for entry in cf.read_manifest(dst).shards:  # (format 3's entries list no files)
+        cf.record_shard(dst, dataclasses.replace(entry, files=None))
     return dst
 
 
@@ -94,6 +97,8 @@ def undigested_copy(cache_root: str | Path, dst: str | Path) -> Path:
     dst = Path(shutil.copytree(cache_root, dst))
     for entry in cf.read_manifest(dst).shards:
         shutil.rmtree(dst / entry.group / "image_sha256")
+        digest, size, files = cf.group_files(dst / entry.group)  # (its entry lists what is left)
+        cf.record_shard(dst, dataclasses.replace(entry, sha256=digest, bytes=size, files=files))
     return dst
 
 

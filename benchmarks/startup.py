@@ -118,7 +118,7 @@ def write_shard(root: Path, url: str, keys: list[str], images: list[bytes], mani
     expected = [(key, v) for key in keys for v in range(k)]
     digest, size = writer.finish({"source": url, "num_samples": len(keys)}, expected)
     entry = cf.ShardEntry(url, writer.group_path, len(keys), rows, (), "complete", digest, size,
-                          local_file_size(url), source_digest(url), round(time.time() - t0, 2))
+                          local_file_size(url), source_digest(url), round(time.time() - t0, 2), writer.files)
     cf.commit_shard(root, writer, entry)
     return entry
 
@@ -133,16 +133,21 @@ class Template:
         # (group_digest's order and framing: every file's relative path, length and bytes)
         self.files = [(rel, (self.path / rel).read_bytes()) for rel, _ in Location(self.path).files("")]
 
-    def digest(self, zarr_json: bytes) -> tuple[str, int]:
-        """`group_digest` of a copy whose group zarr.json is `zarr_json`, without reading the
-        copy back (the smoke test holds it equal to `group_digest`)."""
+    def digest(self, zarr_json: bytes):
+        """`group_files` of a copy whose group zarr.json is `zarr_json` ((sha256, bytes, its
+        entry's file list)), without reading the copy back (the smoke test holds it equal
+        to `group_digest`)."""
+        from mrmae.shared.cache_format.listing import FileList
+
         h, total = hashlib.sha256(), 0
+        listed = {p: (size, digest) for p, size, digest in self.entry.files.items}
+        listed["zarr.json"] = (len(zarr_json), hashlib.sha256(zarr_json).hexdigest())
         for rel, data in self.files:
             data = zarr_json if rel == "zarr.json" else data
             h.update(f"{rel}\x00{len(data)}\x00".encode())
             h.update(data)
             total += len(data)
-        return h.hexdigest(), total
+        return h.hexdigest(), total, FileList(tuple((p, *v) for p, v in listed.items()))
 
 
 def clone_shard(template: Template, url: str) -> None:
@@ -161,11 +166,11 @@ def clone_shard(template: Template, url: str) -> None:
     (tmp / "zarr.json").unlink()  # (a link to the template's: never written through)
     shutil.copyfile(template.path / "zarr.json", tmp / "zarr.json")
     zarr.open_group(str(tmp), mode="r+").attrs["source"] = url
-    digest, size = template.digest((tmp / "zarr.json").read_bytes())
+    digest, size, files = template.digest((tmp / "zarr.json").read_bytes())
     group = content_group(name, digest)
     os.rename(tmp, root / group)
     cf.record_shard(root, cf.ShardEntry(url, group, entry.num_samples, entry.num_views, (), "complete", digest, size,
-                                        entry.source_bytes, entry.source_sha256, entry.seconds))
+                                        entry.source_bytes, entry.source_sha256, entry.seconds, files))
 
 
 def build(workdir: Path, images: int, shards: int, views: int, dim: int) -> tuple[Path, list[str]]:

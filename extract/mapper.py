@@ -56,7 +56,7 @@ def render_sample(sample: RawSample, cfg: ViewConfig, input_size: int,
     empty = RenderedSample(sample.key, None, torch.empty(0, dtype=torch.uint8),
                            np.zeros((0, 4), np.int32), np.zeros(0, bool))
     if sample.image is None:
-        empty.error = "no image member (.jpg/.jpeg/.png/.webp)"
+        empty.error = getattr(sample, "problem", None) or "no image member (.jpg/.jpeg/.png/.webp)"
         return empty
     try:
         if work == "header":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import time
 import warnings
 from collections import deque
@@ -106,13 +107,37 @@ def replay_geometry(cache: cf.FeatureCache, url: str, samples: list[RawSample]) 
 
 
 def _report_repeats(url: str, skipped: list[dict], strict: bool) -> None:
-    """Later copies of a repeated key: one warning each (they are listed in the entry's
-    `skipped`), or, under `strict`, a SkippedSampleError at the first."""
+    """Later copies of a repeated key: under `strict`, a SkippedSampleError at the first
+    (else they are warned with the shard's other skips, `warn_skipped`, and listed in the
+    entry's `skipped`)."""
     for s in skipped:
-        if s["reason"] == REPEATED_KEY:
-            if strict:
-                raise SkippedSampleError(f"{url}: key {s['key']}: {REPEATED_KEY}")
-            warnings.warn(f"skipping {url} key {s['key']}: {REPEATED_KEY}", stacklevel=1)
+        if s["reason"] == REPEATED_KEY and strict:
+            raise SkippedSampleError(f"{url}: key {s['key']}: {REPEATED_KEY}")
+
+
+SHOWN_KEYS = 3  # keys a grouped skip warning names
+
+
+def skip_kind(reason: str) -> str:
+    """A skip's kind: its reason without details (`undecodable image`, `no image member`)."""
+    return re.sub(r" \(.*$", "", reason.split(":")[0])
+
+
+def warn_skipped(url: str, skipped: list[dict]) -> None:
+    """A shard's skipped samples as warnings, one line per kind: a shard of 100,000 members
+    that are no images warns once, counting them and naming the first keys (every one is
+    listed with its reason in the shard's entry)."""
+    kinds: dict[str, list[dict]] = {}
+    for s in skipped:
+        kinds.setdefault(skip_kind(s["reason"]), []).append(s)
+    for kind, items in kinds.items():
+        if len(items) == 1:
+            warnings.warn(f"skipping {url} key {items[0]['key']}: {items[0]['reason']}", stacklevel=1)
+            continue
+        more = f" and {len(items) - SHOWN_KEYS:,} more" if len(items) > SHOWN_KEYS else ""
+        warnings.warn(f"skipping {url}: {len(items):,} samples: {kind} (keys "
+                      f"{', '.join(s['key'] for s in items[:SHOWN_KEYS])}{more}; each listed with its reason "
+                      "in the shard's entry)", stacklevel=1)
 
 
 def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: ShardProgress | None,
@@ -145,7 +170,6 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: ShardProg
     def on_error(key: str, reason: str) -> None:
         if cfg.strict:
             raise SkippedSampleError(f"{url}: key {key}: {reason}")
-        warnings.warn(f"skipping {url} key {key}: {reason}", stacklevel=1)
         skipped.append({"key": key, "reason": reason})
         failed.add(key)
 
@@ -162,6 +186,7 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: ShardProg
             raise SkippedSampleError(str(e) if str(e).startswith(url) else f"{url}: {e}") from e
         kept = [s.key for s in unique if s.key not in failed]
         entry = _publish(url, cfg, writer, kept, skipped, geometry, source_sha256, t0)
+        warn_skipped(url, skipped)
         if bar is not None:
             bar.end_shard()
     except BaseException:
@@ -186,7 +211,7 @@ def _publish(url: str, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardW
                                  [(k, v) for k in kept for v in range(n_views)])
     entry = cf.ShardEntry(url, writer.group_path, len(kept), writer.rows,
                           tuple(cf.Skipped(s["key"], s["reason"]) for s in skipped), "complete", digest, size,
-                          local_file_size(url), source_sha256, round(time.time() - t0, 2))
+                          local_file_size(url), source_sha256, round(time.time() - t0, 2), writer.files)
     cf.commit_shard(cfg.out, writer, entry)
     return entry
 

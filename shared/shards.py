@@ -58,9 +58,26 @@ class TarSample:
     members: dict[str, bytes] = field(default_factory=dict)
 
     @property
+    def image_members(self) -> list[str]:
+        """The extensions of its members that are image files (`jpg`, and `b.jpg` of a
+        member `a.b.jpg` beside `a.jpg`: webdataset makes both one sample's)."""
+        return [e for e in self.members if e.rsplit(".", 1)[-1] in IMAGE_EXTS]
+
+    @property
     def image(self) -> bytes | None:
-        """The sample's image file (the first of IMAGE_EXTS present), or None."""
+        """The sample's image file (the first of IMAGE_EXTS present), or None: none, or
+        several (`problem` says which: no one of them is the sample's image)."""
+        if len(self.image_members) > 1:
+            return None
         return next((self.members[e] for e in IMAGE_EXTS if e in self.members), None)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the sample has no image, when it has several (else None)."""
+        images = self.image_members
+        if len(images) <= 1:
+            return None
+        return f"{len(images)} images in one sample ({', '.join(f'{self.key}.{e}' for e in images)})"
 
     @property
     def label(self) -> int | None:
@@ -79,8 +96,9 @@ class RawSample:
     """What extraction needs of a sample: its key, image bytes and label."""
 
     key: str
-    image: bytes | None  # None: the sample has no image member
+    image: bytes | None  # None: the sample has no image member (or several: `problem`)
     label: int | None
+    problem: str | None = None  # why `image` is None when it is not for lack of one
 
 
 # --- URLs and sources -------------------------------------------------------------------
@@ -392,7 +410,7 @@ def count_samples(url: str) -> int:
 def read_shard_with_digest(url: str) -> tuple[list[RawSample], str]:
     """All samples of one shard in tar order (repeats included), and the sha256 of its bytes."""
     reader = ShardReader(url)
-    samples = [RawSample(s.key, s.image, s.label) for s in reader]
+    samples = [RawSample(s.key, s.image, s.label, s.problem) for s in reader]
     return samples, reader.sha256
 
 

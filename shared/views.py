@@ -195,7 +195,11 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
         if im.mode == "F":
-            a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
+            finite = a[np.isfinite(a)]
+            if a.size and not finite.size:  # (nanmax would warn "All-NaN slice", naming nothing, and train on black)
+                raise ImageDecodeError(f"a {im.width}x{im.height} float image without one finite pixel (all NaN or "
+                                       "infinite)")
+            a = a * 255.0 if finite.size and finite.max() <= 1.0 else a
         elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
             a = a * (255.0 / 65535.0)
         gray = np.clip(np.nan_to_num(np.rint(a)), 0, 255).astype(np.uint8)
@@ -302,17 +306,27 @@ def _load_npy(buf: bytes) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
 
 
-def decode_view(data: bytes) -> torch.Tensor:
-    """File bytes of a stored view -> uint8 [3, S, S] (the inverse of encode_view)."""
+MAX_VIEW_SIDE = 4096  # of a stored view whose size the caller does not give (none is larger)
+
+
+def decode_view(data: bytes, size: int | None = None) -> torch.Tensor:
+    """File bytes of a stored view -> uint8 [3, S, S] (the inverse of encode_view). `size`:
+    S, as the cache's manifest gives it: what the file declares (a zstd frame's decompressed
+    size, an image's width and height) is compared with it before anything is decoded, so a
+    crafted view declaring gigabytes is refused with memory flat (at most MAX_VIEW_SIDE)."""
     import torch
 
-    if data[:4] == _ZSTD_MAGIC:
-        from numcodecs import Zstd
+    from .frames import zstd_decompress
 
-        arr = _load_npy(Zstd().decode(data))
+    side = size or MAX_VIEW_SIDE
+    if data[:4] == _ZSTD_MAGIC:
+        header = 128  # np.save's header of a [S, S, 3] uint8 array (version 1.0, padded to 64 bytes)
+        arr = _load_npy(zstd_decompress(data, header + side * side * 3, at_most=size is None))
     else:
         with Image.open(io.BytesIO(data)) as im:
+            if im.size != (side, side) if size else max(im.size) > side:
+                raise ValueError(f"a stored view of {im.size[0]} x {im.size[1]} px, {side} x {side} expected")
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or (size and arr.shape[:2] != (size, size)):
         raise ValueError(f"a stored view must be uint8 [S, S, 3], got {arr.dtype} {arr.shape}")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -114,3 +114,20 @@ def s3():
             yield S3(env["AWS_ENDPOINT_URL"])
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
+    """One real cache of the first demo shard per backend (ViT-Tiny, 6 images x 4 views: 24
+    rows, so two features chunks in Zarr), extracted once; tests copy it before crafting it."""
+    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.shared.views import ViewConfig
+
+    root = tmp_path_factory.mktemp("tiny-caches")
+    out = {}
+    for backend in ("zarr", "wds"):
+        out[backend] = root / backend
+        run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(out[backend]), teacher=DINO_TINY,
+                                     format=backend, views=ViewConfig(per_image=4, seed=3), batch_size=12,
+                                     progress=False))
+    return out

@@ -190,7 +190,28 @@ def walk(cache: Path) -> dict[str, dict]:
     for e in entries(cache):
         r = rows[e["source"]]
         assert len(r["keys"]) == e["num_views"] == e["num_samples"] * manifest["views"]["per_image"]
+        check_files(cache, e, storage["backend"])
     return rows
+
+
+def check_files(cache: Path, entry: dict, backend: str) -> None:
+    """"File lists": the entry lists every file of its group (a tar's members, in order)
+    with its size and sha256, and nothing else is there."""
+    import hashlib
+    import tarfile
+
+    listed = entry["files"]
+    if backend == "zarr":
+        group = cache / entry["group"]
+        found = {p.relative_to(group).as_posix(): p.read_bytes() for p in group.rglob("*") if p.is_file()}
+        assert sum(size for size, _ in listed.values()) == entry["bytes"]
+    else:
+        with tarfile.open(cache / entry["group"]) as tf:
+            found = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        assert list(found) == list(listed)
+    assert sorted(found) == sorted(listed)
+    for path, (size, digest) in listed.items():
+        assert len(found[path]) == size and hashlib.sha256(found[path]).hexdigest() == digest, path
 
 
 # --- making the caches (mrmae) and comparing with its reader -----------------------------------

@@ -92,8 +92,8 @@ def test_verify_detects_a_cache_that_does_not_replay(demo_shards, tmp_path):
     assert not report.ok and len(report.problems) == 1 and report.checked == 0  # integrity catches it
     # Even with a matching checksum (say, a cache written by a buggy extractor), the replay
     # through the teacher shows the targets are not those of the recorded views.
-    digest, size = cf.group_digest(out / entry.group)
-    cf.record_shard(out, dataclasses.replace(entry, sha256=digest, bytes=size))
+    digest, size, files = cf.group_files(out / entry.group)
+    cf.record_shard(out, dataclasses.replace(entry, sha256=digest, bytes=size, files=files))
     report = verify_cache(str(out), recompute=6)
     assert not report.problems and report.checked == 6 and not report.ok and report.worst_cosine < 0.99
 
@@ -169,7 +169,7 @@ def _bad_shard(path: Path) -> Path:
 
 def test_corrupt_images_are_counted_named_and_recorded_never_stored(tmp_path):
     shard = _bad_shard(tmp_path / "bad.tar")
-    with pytest.warns(UserWarning, match=r"bad.tar key corrupt_1"):
+    with pytest.warns(UserWarning, match=r"bad.tar: 2 samples: undecodable image \(keys corrupt_1, text_2"):
         extract(str(shard), tmp_path / "c")
     entry = cf.read_manifest(tmp_path / "c").shards[0]
     assert sorted(s.key for s in entry.skipped) == ["corrupt_1", "noimage_3", "text_2"]
@@ -236,8 +236,9 @@ def test_cache_verify_reports_bit_rot_truncation_and_missing_groups(demo_shards,
     r = runner.invoke(cli, ["cache", "verify", "--feature-cache", str(out), "--recompute", "0"])
     damaged = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: damaged")]
     assert r.exit_code == 1 and len(damaged) == 3
-    assert str(groups[0]) in damaged[0] and "same size" in damaged[0]
-    assert str(groups[1]) in damaged[1] and "bytes, recorded" in damaged[1]
+    assert str(groups[0]) in damaged[0] and "file features/c/0/0/0 (rows 0-11): sha256 differs" in damaged[0]
+    assert str(groups[1]) in damaged[1] and "file attention/c/0/0 (rows 0-11):" in damaged[1]
+    assert "bytes, the entry lists" in damaged[1]
     assert str(groups[2]) in damaged[2] and "missing" in damaged[2]
 
 
@@ -288,7 +289,7 @@ def _age_into_layers_cache(new: Path, old: Path) -> None:
                  {3: r["features"] * 2}, image_sha256=[g.image_digest(i) for i in range(n)])
         digest, size = w.finish({"source": e.source, "num_samples": e.num_samples},
                                 [(str(k), int(v)) for k, v in zip(r["keys"], r["view"])])
-        cf.commit_shard(str(old), w, dataclasses.replace(e, group=w.group_path, sha256=digest, bytes=size))
+        cf.commit_shard(str(old), w, dataclasses.replace(e, group=w.group_path, sha256=digest, bytes=size, files=w.files))
 
 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])

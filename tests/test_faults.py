@@ -346,14 +346,15 @@ def test_a_crafted_wds_meta_json_is_one_line(small_wds_cache, tmp_path, change, 
     meta = json.loads(members[0][1])
     meta.pop("crc32c")
     new = change(meta)
-    members[0] = (members[0][0], b"[" * 100000 if new is None else _seal(new) if isinstance(new, dict)
+    members[0] = (members[0][0], b"[" * 60000 if new is None else _seal(new) if isinstance(new, dict)
                   else json.dumps(new).encode())
     with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as tf:
         for m, data in members:
             m.size = len(data)
             tf.addfile(m, io.BytesIO(data))
     digest, size = cf.group_digest(tar)
-    cf.record_shard(root, cf.ShardEntry(**{**entry.__dict__, "sha256": digest, "bytes": size}))
+    cf.record_shard(root, cf.ShardEntry(**{**entry.__dict__, "sha256": digest, "bytes": size,
+                                           "files": cf.tar_files(tar)}))
     _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), f"{tar}: member {members[0][0].name}", what)
 
 
@@ -587,7 +588,7 @@ def _synthetic_writer(backend: str, root: str, source: str = "/data/s.tar"):
 
 
 def _entry(w, digest: str, size: int) -> cf.ShardEntry:
-    return cf.ShardEntry(w.source, w.group_path, 6, 12, (), "complete", digest, size)
+    return cf.ShardEntry(w.source, w.group_path, 6, 12, (), "complete", digest, size, files=w.files)
 
 
 @pytest.mark.parametrize("backend", cf.BACKENDS)
@@ -762,8 +763,8 @@ def test_s3_damaged_zarr_chunk_stops_pretraining_in_one_line(demo_shards, caches
         _flip3(chunk, chunk.stat().st_size // 2)
     lines = _pretrain3(str(demo_shards[0]), cache, tmp_path / "o")
     assert len(lines) == 1 and lines[0].startswith("mrmae: error: "), lines
-    assert str(group) in lines[0] and f"array {array}" in lines[0], lines[0]
-    assert ("1 of 1 chunks missing" if damage.startswith("missing") else "checksum") in lines[0], lines[0]
+    assert str(group) in lines[0] and f"file {array}/c/0/" in lines[0] and "(rows 0-11)" in lines[0], lines[0]
+    assert ("missing" if damage.startswith("missing") else "sha256 differs from the entry's") in lines[0], lines[0]
     assert _nothing_trained3(tmp_path / "o")
 
 
@@ -795,8 +796,8 @@ def test_s3_damaged_wds_member_stops_pretraining_in_one_line(demo_shards, caches
     lines = _pretrain3(str(demo_shards[0]), cache, tmp_path / "o")
     assert len(lines) == 1 and lines[0].startswith("mrmae: error: "), lines
     assert str(tar) in lines[0], lines[0]
-    want = "sample demo_00000000_v0 (row 0) has no features member" if member.startswith("missing") \
-        else f".{member.split('.')[0]}"
+    want = "member demo_00000000_v0.features.npy.zst (row 0): listed in the entry, not in the tar" \
+        if member.startswith("missing") else f".{member.split('.')[0]}"
     assert want in lines[0], lines[0]
     assert _nothing_trained3(tmp_path / "o")
 
@@ -819,6 +820,11 @@ def _downgrade3(cache: Path) -> None:
     manifest = json.loads((cache / cf.MANIFEST).read_text())
     manifest["format_version"] = 3
     (cache / cf.MANIFEST).write_text(json.dumps(manifest))
+    for entry_file in (cache / "shards").glob("*.json"):  # (format 3 entries list no files)
+        entry = json.loads(entry_file.read_text())
+        if "files" in entry:
+            entry.pop("files")
+            entry_file.write_text(json.dumps(entry))
 
 
 def _set_crops3(cache: Path, change) -> Path:
@@ -830,7 +836,20 @@ def _set_crops3(cache: Path, change) -> Path:
     boxes = crop[:]
     change(boxes)
     crop[:] = boxes
+    _reseal3(cache)  # (the entry lists the new bytes: only the crop checks stand in the way)
     return group
+
+
+def _reseal3(cache: Path) -> None:
+    """Record each group's bytes as they are now in its entry (files, sha256, bytes): a cache
+    crafted whole, whose entries agree with its groups."""
+    import dataclasses
+
+    from mrmae.shared import cache_format as cf
+
+    for entry in cf.read_manifest(cache).shards:
+        digest, size, files = cf.group_files(cache / entry.group)
+        cf.record_shard(cache, dataclasses.replace(entry, sha256=digest, bytes=size, files=files))
 
 
 def test_s3_format_3_cache_trains_with_one_warning_and_checked_crops(demo_shards, tmp_path):
@@ -1120,6 +1139,7 @@ def test_5_rows_record_their_image_sha256(demo_shards, tmp_path, backend):
     """Every row records the sha256 of the image file its view was rendered from (Zarr:
     array image_sha256 [N, 32] uint8 with a crc32c; wds: sealed meta.json field); a damaged
     digest is one line naming the shard."""
+    import dataclasses
     import hashlib
     import json
     from pathlib import Path
@@ -1147,8 +1167,10 @@ def test_5_rows_record_their_image_sha256(demo_shards, tmp_path, backend):
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0xFF
         chunk.write_bytes(bytes(data))
+        with pytest.raises(cf.CacheError, match=r"file image_sha256/c/0/0 \(all rows\): sha256 differs"):
+            cf.ShardGroup(group.path, group.entry).image_digests()  # (its entry lists the file's sha256)
         with pytest.raises(cf.CacheError, match=r"array image_sha256, all rows: unreadable chunk"):
-            cf.ShardGroup(group.path, group.entry).image_digests()
+            cf.ShardGroup(group.path, dataclasses.replace(group.entry, files=None)).image_digests()  # format 4
     else:  # the field is sealed: another digest fails meta.json's crc32c
         import tarfile
 
@@ -1159,8 +1181,10 @@ def test_5_rows_record_their_image_sha256(demo_shards, tmp_path, backend):
         at = raw.index(images[str(group.keys[0])].hex().encode())
         raw[at] = ord("0") if raw[at] != ord("0") else ord("1")
         Path(group.path).write_bytes(bytes(raw))
-        with pytest.raises(cf.CacheError, match=r"meta.json, row 0: checksum mismatch"):
+        with pytest.raises(cf.CacheError, match=r"meta.json, row 0: sha256 differs from the entry's"):
             cf.WdsShard(group.path, group.entry).image_digests()
+        with pytest.raises(cf.CacheError, match=r"meta.json, row 0: checksum mismatch"):  # format 4: its own seal
+            cf.WdsShard(group.path, dataclasses.replace(group.entry, files=None)).image_digests()
 
 
 # --- 6. --resume refuses another cache, teacher, model or data -------------------------

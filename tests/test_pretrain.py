@@ -200,6 +200,8 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(demo_
 
 
 def test_non_finite_or_unreadable_cached_targets_name_group_and_key(demo_shards, tmp_path):
+    import dataclasses
+
     import numpy as np
     import zarr
 
@@ -212,8 +214,11 @@ def test_non_finite_or_unreadable_cached_targets_name_group_and_key(demo_shards,
     args = ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(cache), *TINY]
     scale = zarr.open_array(str(group / "features_scale"), mode="r+")
     s = scale[:]
-    s[:, 0] = np.inf  # bit rot: a non-finite target
+    s[:, 0] = np.inf  # a non-finite target, written as the writer would (its entry lists these bytes)
     scale[:] = s
+    entry = cf.read_manifest(cache).shards[0]
+    digest, size, files = cf.group_files(group)
+    cf.record_shard(cache, dataclasses.replace(entry, sha256=digest, bytes=size, files=files))
     r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "o1")])
     lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
     assert r.exit_code == 1 and len(lines) == 1 and str(group) in lines[0], r.output

@@ -114,17 +114,18 @@ def test_checking_the_groups_reads_metadata_only_and_overlaps(store):
 
 
 def test_damage_is_found_before_training_or_at_the_groups_opening(store):
-    """A group without its keys' metadata is refused by `check_shards`, naming the group; a
-    chunk file missing (which zarr would read as fill values) when the loader opens it."""
+    """A group without its keys' metadata is refused by `check_shards`, naming the group and
+    the file; a chunk file missing (which zarr would read as fill values) when the loader
+    reads it, before any of its rows is trained on (format 5: the entry lists it)."""
     url, urls = store
     cache = cf.FeatureCache(url)
     broken, short = cache.entry(urls[3]).group, cache.entry(urls[1]).group
     Store().rm_file(f"{url}/{broken}/keys/zarr.json")
-    with pytest.raises(cf.CacheError, match=rf"{broken}: unreadable shard group \(FileNotFoundError"):
+    with pytest.raises(cf.CacheError, match=rf"{broken}: file keys/zarr.json \(metadata\): missing"):
         cache.check_shards(urls)
     Store().rm_file(next(p for p in Store().find(f"{url}/{short}/features") if "/c/" in p))
-    with pytest.raises(cf.CacheError, match=rf"{short}: array features: 1 of \d+ chunks missing"):
-        cache.shard(urls[1])
+    with pytest.raises(cf.CacheError, match=rf"{short}: file features/c/\d+/0/0 \(rows \d+-\d+\): missing \(zarr"):
+        cache.shard(urls[1]).read(slice(None))
 
 
 def test_the_benchmark_runs_at_small_scale(built, tmp_path):

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -20,6 +19,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from mrmae.shared.errors import MrmaeError, naming
+from mrmae.shared.outfiles import refuse_link, write_file
 from mrmae.train.jsonl import truncate_records
 
 KEEP = 2  # complete checkpoints kept on disk
@@ -128,46 +129,142 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path`; an OSError (full disk, read-only, forbidden) names `path`."""
-    with naming(path), open(path, "wb") as f:
-        f.write(data)
+    """Write `data` to `path`, never through a link; an OSError (full disk, read-only,
+    forbidden) names `path`."""
+    write_file(path, data)
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` whole or not at all (a temporary file renamed into place); an
     OSError (full disk, read-only, forbidden) names `path` and leaves nothing behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise type(e)(e.errno, e.strerror, str(path)) from e
+    write_file(path, data)  # (never through a link: shared/outfiles.py)
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
     """The checkpoint `OUT/checkpoints/latest` names, or None when there is no pointer.
 
-    The pointer must name a complete checkpoint directory beside it (`stepNNNNNNNN`): a
-    pointer to anything else (`../../etc`, an absolute path, a deleted checkpoint) is a
-    CheckpointError, never followed out of the run and never read as "no checkpoint"
-    (which would make `--resume` start over and discard the run)."""
+    The pointer must be a regular file (read without following a link: a link to itself,
+    a FIFO or a directory there is an error, never a hang) naming a complete checkpoint
+    directory beside it (`stepNNNNNNNN`): a pointer to anything else (`../../etc`, an
+    absolute path, a deleted checkpoint) is a CheckpointError naming it and the newest
+    complete checkpoint there, never followed out of the run and never read as "no
+    checkpoint" (which would make `--resume` start over and discard the run)."""
     pointer = Path(out) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
     try:
-        name = pointer.read_text().strip()
+        mode = os.lstat(pointer).st_mode
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link (never followed)" if stat.S_ISLNK(mode) else "not a regular file"
+        raise CheckpointError(f"{pointer}: {what}{_newest_hint(out)}")
+    try:
+        fd = os.open(pointer, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            name = f.read(256).decode().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{pointer}: unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{pointer}: unreadable ({type(e).__name__}: {e}){_newest_hint(out)}") from None
     if not _STEP_NAME.fullmatch(name):
-        raise CheckpointError(f"{pointer}: names {name[:80]!r}, not a checkpoint directory beside it (stepNNNNNNNN)")
+        raise CheckpointError(f"{pointer}: names {name[:80]!r}, not a checkpoint directory beside it "
+                              f"(stepNNNNNNNN){_newest_hint(out)}")
     path = pointer.parent / name
     if not (path / "state.json").is_file():
-        raise CheckpointError(f"{pointer}: names {name}, which is not a complete checkpoint ({path}/state.json missing)")
+        raise CheckpointError(f"{pointer}: names {name}, which is not a complete checkpoint ({path}/state.json "
+                              f"missing){_newest_hint(out)}")
     return path
+
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json")
+
+
+def complete_checkpoints(out: str | Path) -> list[Path]:
+    """Every complete checkpoint of a run, oldest first: a real directory `stepNNNNNNNN`
+    (no link) holding its three files as regular files and a state.json that reads."""
+    root = Path(out) / "checkpoints"
+    found = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for e in entries:
+        if not (_STEP_NAME.fullmatch(e.name) and e.is_dir(follow_symlinks=False)):
+            continue
+        path = Path(e.path)
+        if not all(stat.S_ISREG(_lmode(path / f)) for f in CHECKPOINT_FILES):
+            continue
+        try:
+            read_state(path)
+        except CheckpointError:
+            continue
+        found.append(path)
+    return sorted(found, key=lambda p: int(p.name[len("step"):]))
+
+
+def _lmode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
+
+
+def _newest_hint(out: str | Path) -> str:
+    """"; the newest complete checkpoint is X: continue from it with ..." (or "")."""
+    done = complete_checkpoints(out)
+    if not done:
+        return ""
+    return (f"; the newest complete checkpoint is {done[-1]}: continue from it with --resume-from auto "
+            f"(or --resume-from {done[-1]})")
+
+
+def resume_point(out: str | Path, resume: bool | str | None) -> Path | None:
+    """The checkpoint a run continues from, or None for a fresh start.
+
+    `resume` True (`--resume`): the one `latest` names; a missing `latest` while complete
+    checkpoints exist is a CheckpointError naming the newest and how to continue from it
+    (never a fresh start over the run). "auto" (`--resume-from auto`): the newest complete
+    checkpoint, whatever `latest` says (None when there is none). Another string
+    (`--resume-from PATH`): that checkpoint directory, which must be a complete one of this
+    run's (OUT/checkpoints/stepNNNNNNNN)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(out)
+        return done[-1] if done else None
+    if isinstance(resume, str):
+        return _given_checkpoint(out, resume)
+    last = latest_checkpoint(out)
+    if last is None and complete_checkpoints(out):
+        raise CheckpointError(f"{Path(out) / 'checkpoints' / 'latest'}: missing, yet the run has checkpoints"
+                              f"{_newest_hint(out)}")
+    return last
+
+
+def _given_checkpoint(out: str | Path, given: str) -> Path:
+    """`--resume-from PATH`: one of this run's complete checkpoints (its metrics are cut to it)."""
+    path = Path(given)
+    done = {p.resolve(): p for p in complete_checkpoints(out)}
+    if path.resolve() not in done or path.is_symlink():
+        raise CheckpointError(f"--resume-from {given}: not a complete checkpoint of {out} (one of "
+                              f"{Path(out) / 'checkpoints'}/stepNNNNNNNN, with {', '.join(CHECKPOINT_FILES)})"
+                              f"{_newest_hint(out)}")
+    return done[path.resolve()]
+
+
+def check_out_apart(out: str | Path, caches: list[str | None]) -> None:
+    """Refuse (OptionError, before anything is written) a run directory inside a feature
+    cache or one holding it: a run's checkpoints and metrics would be mixed with the
+    cache's files (`cache clean` removes what it does not know), or the cache with the
+    run's. Local paths only (a URL cache cannot contain a local --out)."""
+    from mrmae.shared.errors import OptionError
+
+    run = os.path.realpath(out)
+    for cache in caches:
+        if not cache or "://" in str(cache):
+            continue
+        root = os.path.realpath(cache)
+        if run == root or run.startswith(root + os.sep):
+            raise OptionError(f"--out {out}: inside the feature cache {cache}; give a run directory outside it")
+        if root.startswith(run + os.sep):
+            raise OptionError(f"--out {out}: holds the feature cache {cache}; give a run directory that does not")
 
 
 _STEP_NAME = re.compile(r"step\d{8,}")
@@ -317,9 +414,10 @@ def remove_interrupted_saves(out: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def start_or_resume(out: Path, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def start_or_resume(out: Path, resume: bool | str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     is_main: bool, fingerprint: Fingerprint | None = None) -> tuple[TrainState, Path]:
-    """(state, OUT/metrics.jsonl) for a run: with `resume` and a checkpoint, check it was
+    """(state, OUT/metrics.jsonl) for a run: with `resume` (`resume_point`: True, "auto" or
+    a checkpoint's path) and a checkpoint, check it was
     trained with `fingerprint` (before any weight or file is touched), load it and cut the
     metrics to its step (the resumed run recomputes the rest); else a fresh start, with an
     empty metrics file. Only the main process touches files, and it first takes the run's
@@ -331,7 +429,7 @@ def start_or_resume(out: Path, resume: bool, model: torch.nn.Module, optimizer: 
             out.mkdir(parents=True, exist_ok=True)
         if hold_run(out):
             remove_interrupted_saves(out)
-    if resume and (last := latest_checkpoint(out)) is not None:
+    if (last := resume_point(out, resume)) is not None:
         if fingerprint is not None:
             check_resume(last, fingerprint)
         state = load_checkpoint(last, model, optimizer)
@@ -339,5 +437,6 @@ def start_or_resume(out: Path, resume: bool, model: torch.nn.Module, optimizer: 
             truncate_records(metrics, state.step)
         return state, metrics
     if is_main:
+        refuse_link(metrics)  # (a link planted there: one line, never removed nor written through)
         metrics.unlink(missing_ok=True)
     return TrainState(), metrics

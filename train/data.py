@@ -213,7 +213,7 @@ def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
     """
     if "stored_view" in sample:  # rendered at extraction: decode only (also with render_on_device)
         view = sample["view"]
-        out = {"key": sample["key"], "pixels": decode_view(sample["stored_view"])}
+        out = {"key": sample["key"], "pixels": decode_view(sample["stored_view"], view_cfg.output_size)}
     elif cfg.render_on_device:
         # The box alone, not the image: fewer bytes to copy and hand over, and the renderer reads only it.
         crop, view = decoded_view(sample, view_cfg, crop=True)

@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mrmae.shared.errors import MrmaeError, OptionError
+from mrmae.shared.outfiles import refuse_link
 from mrmae.train.checkpoint import CheckpointError, read_json_object
 from mrmae.train.official import (FORMATS, OFFICIAL, OfficialCheckpoint, is_official_file, read_official,
                                   split_unused, summarise)
@@ -347,6 +348,8 @@ def export_encoder(checkpoint: str | Path, out: str | Path, fmt: str = "auto", o
     source = read_encoder(checkpoint, fmt)
     folder = Path(out).resolve()
     _check_out(folder, source)
+    for name in EXPORT_FILES:  # a link planted where an output goes: refused, never written through nor over
+        refuse_link(folder / name)
     check_out(out, False, overwrite, EXPORT_FILES, "an export")
     if overwrite and (aside := set_aside(out, EXPORT_FILES)) is not None:
         warnings.warn(f"--overwrite: the export that was in {out} is now {aside}")
@@ -410,6 +413,7 @@ def _save_for_hf(model: torch.nn.Module, folder: Path, model_config: dict) -> No
     target = folder / HUB_WEIGHTS
     try:
         save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
+        refuse_link(target)  # (planted while it was written)
         (folder / HUB_CONFIG).unlink(missing_ok=True)
         os.replace(tmp / HUB_WEIGHTS, target)
         target = folder / HUB_CONFIG

@@ -90,6 +90,7 @@ class FinetuneConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False  # --out holding a run: set it aside (renamed) and start anew
+    resume_from: str | None = None  # "auto" (the newest complete checkpoint) or a checkpoint's path
     save_every_steps: int = 0  # 0: at the end of each epoch only
     samples_per_epoch: int | None = None  # default: counted from the tar headers
     progress: bool = True
@@ -310,7 +311,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
         checks.fail(f"--out {cfg.out}: holds the --checkpoint {cfg.checkpoint} (its config.json, metrics and "
                     "checkpoints would be replaced); give the fine-tuning its own --out")
     else:
-        checks.run(check_out, cfg.out, cfg.resume, cfg.overwrite)
+        checks.run(check_out, cfg.out, cfg.resume or bool(cfg.resume_from), cfg.overwrite)
     for option, value, low, high, low_open in (
             ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
             ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False),

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from mrmae.shared.errors import naming
+from mrmae.shared.outfiles import open_append, refuse_link, write_file
 
 
 def append_record(path: str | Path, record: dict) -> None:
@@ -20,7 +21,7 @@ def append_record(path: str | Path, record: dict) -> None:
     path = Path(path)
     with naming(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
-    with naming(path), open(path, "a") as f:
+    with naming(path), open_append(path) as f:  # (never through a link planted there)
         f.write(json.dumps(record) + "\n")
 
 
@@ -29,6 +30,7 @@ def truncate_records(path: Path, last_step: int) -> None:
     record: the torn last line of a run killed while appending one (or other damage)."""
     if not path.exists():
         return
+    refuse_link(path)
     with naming(path):
         text = path.read_text(errors="replace")
     kept = []
@@ -40,5 +42,4 @@ def truncate_records(path: Path, last_step: int) -> None:
             continue
         if isinstance(step, int) and step <= last_step:
             kept.append(line)
-    with naming(path):
-        path.write_text("".join(ln + "\n" for ln in kept))
+    write_file(path, "".join(ln + "\n" for ln in kept))

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from mrmae.shared.errors import MrmaeError, OptionError, naming
+from mrmae.shared.outfiles import write_file
 from mrmae.train import checkpoint as ckpt
 from mrmae.train.data import STEP_KEY, steps_of
 from mrmae.train.jsonl import append_record
@@ -263,9 +264,10 @@ class TrainRun:
             c.batch_size, c.accum_steps, self.accelerator.num_processes)))
         if c.overwrite and self.is_main and (aside := set_aside(self.out)) is not None:
             tqdm.write(f"mrmae: note: --overwrite: the run that was in {self.out} is now {aside}", file=sys.stderr)
-        self.state, self.metrics = ckpt.start_or_resume(self.out, c.resume, model, optimizer, self.is_main,
+        resume = c.resume_from or c.resume  # --resume-from auto|PATH, else --resume's latest
+        self.state, self.metrics = ckpt.start_or_resume(self.out, resume, model, optimizer, self.is_main,
                                                         self.fingerprint)
-        resumed = ckpt.latest_checkpoint(self.out) if c.resume else None
+        resumed = ckpt.resume_point(self.out, resume)
         if resumed is not None:
             self._note_other_workers()
         if resumed is not None and self.mask_seeding is not None:
@@ -314,7 +316,7 @@ class TrainRun:
         if self.mask_seeding is not None:
             resolved["mask_seeding"] = self.mask_seeding
         with naming(self.out / "config.json"):
-            (self.out / "config.json").write_text(json.dumps(resolved, indent=1, default=str) + "\n")
+            write_file(self.out / "config.json", json.dumps(resolved, indent=1, default=str) + "\n")
 
     def devices(self) -> list[str]:
         """This run's devices as recorded: 'cpu', or 'cuda:N NAME' per process of this machine."""

@@ -58,6 +58,7 @@ class PretrainConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False  # --out holding a run: set it aside (renamed) and start anew
+    resume_from: str | None = None  # "auto" (the newest complete checkpoint) or a checkpoint's path
     save_every_steps: int = 0  # 0: at the end of each epoch only
     pixels_from_cache: bool = False  # views from the cache (--store-pixels), source tars unread
     render_on_device: bool | None = None  # workers decode, the step renders the views; None: on with CUDA
@@ -125,7 +126,8 @@ def check_options(cfg: PretrainConfig) -> None:
     checks.run(check_mask, cfg.step_options)
     checks.run(check_model, cfg)
     checks.run(check_shard_list, cfg.shards)
-    checks.run(check_out, cfg.out, cfg.resume, cfg.overwrite)
+    checks.run(check_out, cfg.out, cfg.resume or bool(cfg.resume_from), cfg.overwrite)
+    checks.run(ckpt.check_out_apart, cfg.out, [cfg.feature_cache])
     checks.run(check_high_level, cfg)
     if cfg.target and not cfg.feature_cache:
         checks.fail("--target picks targets inside a cache: give --feature-cache too")
@@ -291,7 +293,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     dims = target_dims(caches, teacher)
     heads = (dict(teacher_dim=0, decoder_teacher_dim=dims[0]) if cfg.step_options.high_level_at == "decoder"
              else dict(teacher_dim=dims[0], joint_teacher_dims=dims[1:]))  # row 5: the decoder's head, no mimic head
-    if cfg.resume:  # what the run recorded beyond its shapes (a ConvViT run from before 1e-5: its 1e-6)
+    if cfg.resume or cfg.resume_from:  # what the run recorded beyond its shapes (a ConvViT run from before 1e-5: its 1e-6)
         heads.update(resumed_config(cfg.out, cfg.model))
     model = create_model(cfg.model, fuse_layers=cfg.fuse_layers, decoder_embed_dim=cfg.decoder_dim,
                          decoder_depth=cfg.decoder_depth, **heads)

@@ -120,6 +120,9 @@ def _mapping(path: str, data: bytes) -> tuple[dict, dict[str, int]]:
         mark = getattr(e, "problem_mark", None)
         what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
         raise _fail(path, f"not YAML: {' '.join(what.split())}", mark.line + 1 if mark else None) from None
+    except RecursionError:  # (a value nested thousands deep: the parser's recursion, not a traceback)
+        raise _fail(path, "nested too deeply to read; a config file is a flat mapping of options "
+                          "(e.g. `epochs: 400`)") from None
     if not isinstance(loaded, dict) or not isinstance(node, yaml.MappingNode):
         kind = "empty" if loaded is None else f"a {type(loaded).__name__}"
         raise _fail(path, f"is {kind}, not a mapping of options (e.g. `epochs: 400`)")

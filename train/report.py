@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from mrmae.shared.errors import MrmaeError, OptionError, naming
+from mrmae.shared.outfiles import refuse_link
 from mrmae.train.checkpoint import read_json_object
 from mrmae.train.masking import mask_strategies
 
@@ -432,7 +433,10 @@ def load_run(path: Path, name: str) -> tuple[RunSummary, Curve]:
 def atomic_path(final: Path) -> Iterator[Path]:
     """A temporary path beside `final`, renamed to it when the block ends without error (and
     removed when it does not): a report file is whole or absent, never half-written."""
+    refuse_link(final)  # (a link where a report file goes: never written through)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # (a leftover, or a link planted at the temporary's name: removed, never followed)
     try:
         yield tmp
         with naming(final):

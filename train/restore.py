@@ -92,6 +92,8 @@ def load_student(checkpoint: str | Path, fmt: str = "auto") -> Restored:
     weights, run_dir = resolve_weights(checkpoint)
     run_config = read_run_config(run_dir) if run_dir else {}
     state = read_weights(weights)
+    if run_dir:
+        check_run_config(run_config, run_dir / "config.json")
     try:
         name, overrides = model_spec(state, run_config)
         model = create_model(name, **overrides)
@@ -168,6 +170,19 @@ def read_weights(weights: Path) -> dict[str, torch.Tensor]:
         return load_file(str(weights))
     except SafetensorError as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+
+
+def check_run_config(run_config: dict, where: Path) -> None:
+    """The config.json fields a student is rebuilt from, of their types: `model` a registered
+    student's name, `fuse_layers` a list of block numbers (or null). Anything else is one
+    CheckpointError naming the file and the key, not blamed on the weights."""
+    name = run_config.get("model")
+    if name is not None and (not isinstance(name, str) or name not in list_models()):
+        raise CheckpointError(f"{where}: key model: {str(name)[:80]!r} is not a registered student's name "
+                              "(`mrmae models` lists them)")
+    fuse = run_config.get("fuse_layers")
+    if fuse is not None and not (isinstance(fuse, list) and all(type(i) is int and 0 < i < 10_000 for i in fuse)):
+        raise CheckpointError(f"{where}: key fuse_layers: {str(fuse)[:80]!r} is not a list of block numbers (or null)")
 
 
 def read_run_config(run_dir: Path) -> dict:

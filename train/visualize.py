@@ -23,6 +23,7 @@ Drawn with PIL only (no matplotlib dependency).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ from PIL import Image, ImageDraw
 
 from mrmae.shared.shards import expand_urls, first_copies, iter_samples
 from mrmae.shared import cache_format as cf
-from mrmae.shared.errors import OptionError, naming
+from mrmae.shared.errors import OptionError
+from mrmae.shared.outfiles import write_file
 from mrmae.shared.views import View, ViewError, decode_image, normalize, render_view_uint8
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.masking import MaskStrategy, mask_strategies
@@ -201,6 +203,7 @@ def _render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: s
         draw.text((PAD + 4, y + 4), key, fill="white", stroke_width=1, stroke_fill="black")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with naming(out):  # a full disk: an OSError naming `out`
-        canvas.save(out, format="PNG")
+    png = io.BytesIO()
+    canvas.save(png, format="PNG")
+    write_file(out, png.getvalue())  # never through a link; a full disk: an OSError naming `out`
     return out

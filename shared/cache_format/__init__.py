@@ -26,26 +26,26 @@ returns it, and the features are `coefficients @ basis + mean`.
 
 from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, commit_shard, clean_cache,
                     damaged_shards, list_targets, mark_incomplete, open_shard_writer, storage_section, target_name, target_root)
-from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, UncheckedCacheWarning, ViewTargets, dequantize,
-                     dir_bytes, group_digest, quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
+from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, UncheckedCacheWarning, UnlistedCacheWarning, ViewTargets, dequantize,
+                     dir_bytes, group_digest, group_files, quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
 from .common import check_image, image_sha256
 from .manifest import (MANIFEST, Manifest, PcaInfo, ShardEntry, Skipped, StorageInfo, TeacherInfo, backend_of,
                        check_group, config_mismatch, entry_path, find_shard, group_name, forget_shard, init_cache,
                        new_manifest, read_manifest, record_shard, runs_command, shard_basename, shard_entry)
 from .pca import (PCA_FILE, PcaBasis, basis_from_covariance, decode_basis, encode_basis, project, read_basis_file,
                   reconstruct, store_basis, wait_for_basis)
-from .wds_store import WdsShard, WdsShardWriter, sample_name
+from .wds_store import WdsShard, WdsShardWriter, sample_name, tar_files
 from .location import Location, is_url, writing
 from .zarr_store import ShardGroup, ShardWriter, compressor_for
 
 __all__ = [
     "check_image", "image_sha256",
     "BACKENDS", "clean_cache", "writing", "FORMAT_VERSION", "MANIFEST", "ROWS_PER_CHUNK", "CacheError", "FeatureCache", "Location", "ShardGroup",
-    "ShardWriter", "UncheckedCacheWarning", "ViewTargets", "WdsShard", "WdsShardWriter", "backend_of", "check_integrity",
+    "ShardWriter", "UncheckedCacheWarning", "UnlistedCacheWarning", "ViewTargets", "WdsShard", "WdsShardWriter", "backend_of", "check_integrity",
     "codec_description", "commit_shard", "damaged_shards", "mark_incomplete", "compressor_for", "config_mismatch", "dequantize", "dir_bytes", "find_shard",
-    "group_digest", "group_name", "is_url", "list_targets", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
+    "group_digest", "group_files", "group_name", "is_url", "list_targets", "forget_shard", "init_cache", "new_manifest", "open_shard_writer",
     "quantize_int8", "quantize_int8_torch", "INT8_GROUP", "int8_groups", "read_manifest", "record_shard",
-    "sample_name", "shard_basename", "shard_entry",
+    "sample_name", "shard_basename", "shard_entry", "tar_files",
     # the schema: manifest.json and shards/<name>.json as checked dataclasses
     "Manifest", "PcaInfo", "ShardEntry", "Skipped", "StorageInfo", "TeacherInfo", "check_group", "entry_path",
     "runs_command",

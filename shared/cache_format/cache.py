@@ -10,14 +10,16 @@ import re
 
 import numpy as np
 
-from .common import CONTENT_DIGITS, ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked
+from .deep import shard_problem
+from .common import CONTENT_DIGITS, ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked, warn_if_unlisted
 from .location import (READ_THREADS, Location, check_inside, drop_staging, is_file, is_temp, is_url, link_out_of,
                        local_path, parallel_map, staging_dir)
 from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, ShardIndex, check_group, ensure_zarr_groups, entry_path,
                        forget_shard, read_manifest, record_shard, runs_command)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
-from .wds_store import WdsShard, WdsShardWriter, wds_codec_description
-from .zarr_store import ShardGroup, ShardWriter, check_group_arrays, group_listing, zarr_codec_description
+from .wds_store import WdsShard, WdsShardWriter, member_spec, wds_codec_description
+from .zarr_spec import group_spec
+from .zarr_store import ShardGroup, ShardWriter, check_group_arrays, zarr_codec_description
 
 
 _WRITERS = {"zarr": ShardWriter, "wds": WdsShardWriter}
@@ -171,8 +173,9 @@ def check_integrity(root: str | os.PathLike) -> list[str]:
 
 
 def damaged_shards(root: str | os.PathLike, manifest: Manifest | None = None) -> list[tuple[ShardEntry, str]]:
-    """(entry, one line) of every complete shard whose stored bytes are missing or differ
-    from the sha256 recorded when it was written."""
+    """(entry, one line) of every complete shard that a reader would refuse (`deep.shard_problem`:
+    metadata, counts, every file of its list) or whose stored bytes differ from the sha256
+    recorded when it was written."""
     loc = Location(root)
     damaged = []
     manifest = manifest or read_manifest(root)
@@ -186,12 +189,10 @@ def damaged_shards(root: str | os.PathLike, manifest: Manifest | None = None) ->
         if (real := link_out_of(loc.url, path)) is not None:  # never read: repair removes the link alone
             damaged.append((entry, f"{path}: a symbolic link out of the cache (to {real}), never followed"))
             continue
-        if manifest.backend == "zarr" and local_path(path) is not None:
-            try:  # a chunk file linked out of the group: damage, not bytes to hash
-                group_listing(path)
-            except CacheError as e:
-                damaged.append((entry, str(e)))
-                continue
+        problem = shard_problem(str(root), manifest, entry)  # (every file as a reader sees it; links out refused)
+        if problem is not None:
+            damaged.append((entry, problem))
+            continue
         digest, size = group_digest(path)
         if entry.sha256 is not None and digest != entry.sha256:
             what = f"{size} bytes, recorded {entry.bytes}" if size != entry.bytes else "same size"
@@ -245,6 +246,7 @@ class FeatureCache:
         self.backend = self.manifest.backend
         # format 4: every chunk or member is checked as it is read; older: one warning
         self.checked = warn_if_unchecked(self.root, self.manifest.format_version)
+        warn_if_unlisted(self.root, self.manifest.format_version)
         self._pca: PcaBasis | None = None
         self._index = ShardIndex(self.manifest.shards)
 
@@ -292,7 +294,7 @@ class FeatureCache:
         path = self.location.join(entry.group)
         check_inside(self.root, path)
         if self.backend == "zarr":
-            return check_group_arrays(path, entry, self.checked, self.row_shapes(), counted)
+            return check_group_arrays(path, entry, group_spec(self.manifest, entry), self.checked, counted)
         if not is_file(path):
             raise CacheError(f"{path}: shard tar is missing")
         return 0
@@ -300,8 +302,11 @@ class FeatureCache:
     def _open(self, entry: ShardEntry) -> ShardGroup | WdsShard:
         check_group(entry.group, self.backend, self.root)  # read_manifest checked it; never read outside
         check_inside(self.root, self.location.join(entry.group))  # (nor through a symbolic link)
-        return _READERS[self.backend](self.location.join(entry.group), entry, checked=self.checked,
-                                      shapes=self.row_shapes())
+        if self.backend == "zarr":
+            return ShardGroup(self.location.join(entry.group), entry, checked=self.checked,
+                              spec=group_spec(self.manifest, entry))
+        return WdsShard(self.location.join(entry.group), entry, checked=self.checked, shapes=self.row_shapes(),
+                        spec=member_spec(self.manifest))
 
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
         """One row's shape of the arrays every shard stores, as the manifest says: features

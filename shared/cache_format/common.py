@@ -10,6 +10,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,15 @@ from ..errors import MrmaeError
 if TYPE_CHECKING:  # torch is imported where a tensor is quantised: reading a cache needs none
     import torch
 
+# 5: each shard's entry lists every file of its group with its size and crc32c (listing.py);
+#    array metadata as the writer writes it, exactly; small arrays one chunk of the rows
 # 4: a checksum on every chunk (Zarr: crc32c codec) or member (wds: zstd frame checksum, or
 #    crc32c in meta.json), every chunk stored; 3: int8 scales per group of channels
 #    (storage.int8_group); 2: one scale per token
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)  # a version 2 cache reads as one with int8_group null
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (2, 3, 4, 5)  # a version 2 cache reads as one with int8_group null
 CHECKED_VERSION = 4  # the first format whose every chunk or member carries a checksum
+LISTED_VERSION = 5  # the first format whose every entry lists its group's files
 ROWS_PER_CHUNK = 16  # views per features chunk: sequential loader reads, ~2.4 MB int8 for B/16
 
 
@@ -54,6 +58,26 @@ def warn_if_unchecked(root: str, version: int) -> bool:
                       f"detected as they are read (`mrmae cache verify` compares each shard's sha256; "
                       f"re-extract into a new cache for format {CHECKED_VERSION})", UncheckedCacheWarning, stacklevel=2)
     return False
+
+
+class UnlistedCacheWarning(UserWarning):
+    """A format 4 cache: its entries list no files (chunks are checksummed, not bound to their place)."""
+
+
+_warned_unlisted = False
+
+
+def warn_if_unlisted(root: str, version: int) -> None:
+    """Warn once per process that a format 4 cache's entries list no files: each chunk's
+    crc32c is checked, but a chunk swapped for another whole one of the same array is not
+    found while reading (`cache verify` finds it: the group's sha256)."""
+    global _warned_unlisted
+    if version != CHECKED_VERSION or _warned_unlisted:
+        return
+    _warned_unlisted = True
+    warnings.warn(f"{root}: format {version} cache: its entries list no files, so a chunk replaced by another "
+                  f"whole chunk is not detected as it is read (`mrmae cache verify` compares each shard's sha256; "
+                  f"re-extract into a new cache for format {FORMAT_VERSION})", UnlistedCacheWarning, stacklevel=2)
 
 
 def read_error(e: Exception) -> str:
@@ -264,25 +288,86 @@ def group_digest(path: str | os.PathLike) -> tuple[str, int]:
 
     A tar file (wds backend): the plain sha256 of the file, what `sha256sum` prints. A
     directory (a Zarr group): sha256 over (relative path, length, bytes) of every file in
-    path order.
+    path order. Locally only regular files are read: a FIFO, device or link in the group is
+    a CacheError naming it (`listing.NotRegularFile`), never opened.
     """
-    from .location import Location
+    digest, size, _ = group_files(path)
+    return digest, size
 
-    loc = Location(path)
-    files = loc.files("")
-    h, total = hashlib.sha256(), 0
-    if files and files[0][0] == "":
-        with loc.open("") as f:
+
+def group_files(path: str | os.PathLike):
+    """(sha256, bytes, FileList of a directory's files or None for a tar) in one pass."""
+    from .listing import FileList, file_digest, read_regular
+    from .location import Location, local_path
+
+    local = local_path(path)
+    h, total, items = hashlib.sha256(), 0, []
+    # (the group itself may be reached through a link inside the cache: `check_inside` judged it)
+    if _stored_file(local) if local is not None else Location(path).fs.isfile(Location(path).path):
+        with Location(path).open("") if local is None else open_regular(os.path.realpath(local)) as f:
             while block := f.read(1 << 20):
                 h.update(block)
                 total += len(block)
-        return h.hexdigest(), total
-    for rel, _ in files:
-        data = loc.read_bytes(rel)
+        return h.hexdigest(), total, None
+    for rel, _ in (local_files(local) if local is not None else Location(path).files("")):
+        data = read_regular(os.path.join(local, rel), limit=1 << 40) if local is not None else \
+            Location(path).read_bytes(rel)
         h.update(f"{rel}\x00{len(data)}\x00".encode())
         h.update(data)
         total += len(data)
-    return h.hexdigest(), total
+        items.append((rel, len(data), file_digest(data)))
+    return h.hexdigest(), total, FileList(tuple(items))
+
+
+def _stored_file(local: str) -> bool:
+    """Whether a local stored shard is a file (a tar) rather than a directory; anything else
+    (a FIFO, a device) is a NotRegularFile naming it."""
+    from .listing import NotRegularFile, kind_of
+
+    mode = os.stat(local).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise NotRegularFile(f"{local}: {kind_of(mode)}, not a stored shard; never read")
+    return stat.S_ISREG(mode)
+
+
+def open_regular(path: str):
+    """A local regular file opened for reading (lstat first, O_NOFOLLOW | O_NONBLOCK)."""
+    from .listing import _OPEN_FLAGS, NotRegularFile, kind_of, regular_size
+
+    regular_size(path)
+    fd = os.open(path, _OPEN_FLAGS)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(f"{path}: {kind_of(mode)}, not a regular file; never read")
+    return os.fdopen(fd, "rb")
+
+
+def local_files(root: str) -> list[tuple[str, int]]:
+    """(relative path, size) of every file under the local directory `root`, in `group_digest`'s
+    order (by path components), from lstat alone: a FIFO, device or symbolic link is a
+    NotRegularFile naming it (never opened nor followed)."""
+    from pathlib import PurePosixPath
+
+    from .listing import NotRegularFile, kind_of
+    from .location import link_out_of
+
+    out, folders = [], [""]
+    while folders:
+        folder = folders.pop()
+        with os.scandir(os.path.join(root, folder)) as it:
+            for e in it:
+                rel = f"{folder}/{e.name}" if folder else e.name
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    folders.append(rel)
+                elif stat.S_ISREG(st.st_mode):
+                    out.append((rel, st.st_size))
+                elif stat.S_ISLNK(st.st_mode) and (real := link_out_of(root, e.path)) is not None:
+                    raise NotRegularFile(f"{e.path}: a symbolic link out of the cache (to {real}), never followed")
+                else:
+                    raise NotRegularFile(f"{e.path}: {kind_of(st.st_mode)}, not a regular file; never read")
+    return sorted(out, key=lambda f: PurePosixPath(f[0]).parts)
 
 
 def dir_bytes(path: str | os.PathLike) -> int:
@@ -347,6 +432,37 @@ def check_rows(source: str, where: str, stored: list[tuple[str, int]], expected:
         if got != want:
             raise CacheError(f"{where}: row {i} holds key {got[0]!r} view {got[1]}, expected {want[0]!r} "
                              f"view {want[1]}{stop}")
+
+
+def check_rows_tied(where: str, keys: np.ndarray, views: np.ndarray, per_image: int, entry) -> None:
+    """A stored shard's rows are its entry's samples x the manifest's K views: each sample's
+    views 0..K-1 in order under one key, no key in two samples, as many samples as the entry
+    says. Checked as a shard opens (and by `cache verify`): crafted counts that agree with
+    each other (K 2 -> 1 and every entry's samples doubled) would otherwise set the epoch's
+    length and the views shown. One CacheError naming `where` and the first row that differs."""
+    views = np.asarray(views).astype(np.int64)
+    n, k = len(views), per_image
+    if n % k or (entry is not None and n // k != entry.num_samples):
+        raise CacheError(f"{where}: {n} rows are not num_samples {getattr(entry, 'num_samples', '?')} x "
+                         f"{k} views (views.per_image); run `mrmae cache verify --repair`")
+    want = np.tile(np.arange(k), n // k)
+    if n and not np.array_equal(views, want):
+        i = int(np.flatnonzero(views != want)[0])
+        raise CacheError(f"{where}: row {i} holds view {views[i]}, expected {want[i]} (views 0..{k - 1} of each "
+                         f"sample, in order; views.per_image {k}); run `mrmae cache verify --repair`")
+    per_sample = np.asarray(keys).reshape(-1, k) if n else np.zeros((0, k), dtype=str)
+    same = (per_sample == per_sample[:, :1]).all(axis=1)
+    if not same.all():
+        i = int(np.flatnonzero(~same)[0]) * k
+        raise CacheError(f"{where}: rows {i}-{i + k - 1} are one sample's views but hold several keys; "
+                         "run `mrmae cache verify --repair`")
+    if len(set(per_sample[:, 0].tolist())) != len(per_sample):
+        seen: set[str] = set()
+        for i, key in enumerate(per_sample[:, 0].tolist()):
+            if key in seen:
+                raise CacheError(f"{where}: rows {i * k}-{i * k + k - 1}: key {key!r} has rows in two samples; "
+                                 "run `mrmae cache verify --repair`")
+            seen.add(key)
 
 
 def remove_path(path: Path) -> None:

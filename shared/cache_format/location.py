@@ -146,6 +146,12 @@ class Location:
         return self.fs.exists(self._fresh(self._full(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
+        """A small file of the cache (manifest, entry, zarr.json): on a local disk (file://
+        too) a regular file only, never a FIFO, device or link (`listing.read_regular`)."""
+        if self._renames:
+            from .listing import read_regular
+
+            return read_regular(self._full(rel))
         return self.fs.cat_file(self._full(rel))
 
     def read_many(self, rels: list[str], concurrent: bool = True) -> list[bytes]:
@@ -161,8 +167,8 @@ class Location:
         if (concurrent and len(paths) > 1 and self.remote and not self._renames
                 and not getattr(self.fs, "async_impl", False)):
             return parallel_map(self.fs.cat_file, paths)
-        if not concurrent:
-            return [self.fs.cat_file(p) for p in paths]
+        if not concurrent or self._renames:  # (locally: regular files only, `read_bytes`)
+            return [self.read_bytes(r) for r in rels]
         got = self.fs.cat(paths)
         return [got[p] for p in paths]
 
@@ -239,6 +245,9 @@ class Location:
 
     def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
         if not self.remote:
+            from .listing import regular_size
+
+            regular_size(str(Path(self.url) / rel))  # (a FIFO or device: refused, never opened)
             return open(Path(self.url) / rel, mode)
         return self.fs.open(self._full(rel), mode)
 

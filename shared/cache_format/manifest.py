@@ -27,7 +27,8 @@ from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 from ..views import PIXEL_CODECS, ViewConfig
-from .common import FORMAT_VERSION, READABLE_VERSIONS, CacheError
+from .common import FORMAT_VERSION, LISTED_VERSION, READABLE_VERSIONS, CacheError
+from .listing import FileList
 from .location import Location, check_inside
 from .pca import MEASURED_FIELDS
 
@@ -346,6 +347,7 @@ class ShardEntry:
     source_bytes: int | None = None  # the input tar's size when it was a local file
     source_sha256: str | None = None  # of the input bytes as extraction read them
     seconds: float | None = None
+    files: FileList | None = None  # every file of the group, size and crc32c (format 5; None before)
 
     @property
     def complete(self) -> bool:
@@ -369,11 +371,20 @@ class ShardEntry:
                     f.integer("source_bytes", default=None, nullable=True),
                     f.sha256("source_sha256", None, nullable=True),
                     f.number("seconds", 0.0, default=None, nullable=True))
+        listed = f.take("files", None)
         f.done()
-        return entry
+        if listed is None:
+            return entry
+        files = FileList.from_json(listed, where)
+        if entry.bytes is not None and backend == "zarr" and files.total != entry.bytes:
+            f.fail("files", f"its sizes add up to {files.total:,} bytes, the entry records bytes {entry.bytes:,}")
+        return dataclasses.replace(entry, files=files)
 
     def to_json(self) -> dict:
-        return _to_json(self)
+        d = {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "files"}
+        if self.files is not None:
+            d["files"] = self.files.to_json()
+        return d
 
 
 def check_row_count(path: str, entry: ShardEntry | None, rows: int) -> None:
@@ -494,10 +505,13 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
 
 def _check_entry_in(manifest: Manifest, entry: ShardEntry, where: str) -> None:
     """An entry's counts agree with its cache: K views of each kept sample (a crafted count
-    would set the length of every training epoch)."""
+    would set the length of every training epoch); a format 5 cache's entry lists its files."""
     if entry.num_views != entry.num_samples * manifest.views.per_image:
         raise CacheError(f"{where}: num_views: {entry.num_views} is not num_samples {entry.num_samples} x "
                          f"{manifest.views.per_image} views per image")
+    if manifest.format_version >= LISTED_VERSION and entry.files is None:
+        raise CacheError(f"{where}: files: missing (every entry of a format {manifest.format_version} cache lists "
+                         "its group's files); run `mrmae cache verify --repair`")
 
 
 def _check_sources_unique(loc: Location, entries: list[ShardEntry]) -> None:

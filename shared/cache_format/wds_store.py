@@ -25,16 +25,20 @@ import json
 import os
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import google_crc32c
 import numpy as np
 from numcodecs import Zstd
 
+from ..frames import FrameError, zstd_decompress
 from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
-                     check_pixels_given, check_rows, content_group, dequantize, group_digest, publish_local, read_error, stored_features,
-                     view_targets, writer_temp)
-from .location import is_file, is_url, open_file
+                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, group_digest,
+                     int8_groups, open_regular, publish_local, read_error, stored_features, view_targets, writer_temp)
+from .listing import FileList, NotRegularFile, RegularFile, file_digest, regular_size
+from .location import is_url, local_path, open_file
 from .manifest import ShardEntry, check_row_count, group_name, load_json
 
 ZSTD_LEVEL = 3
@@ -152,6 +156,8 @@ class WdsShardWriter:
         self._suffix = ".npy.zst" if codec == "zstd" else ".npy"
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
         self._names: set[str] = set()
+        self._listed: list[tuple[str, int, str]] = []  # (member, size, sha256) of every member written
+        self.files: FileList | None = None  # for the entry, once `finish` has closed the tar
         self._pixels = pixels  # file extension of stored views (`<sample>.pixels.<ext>`), or None
         self._digests = DigestColumn(source)  # every row's image sha256, or none (checked by `finish`)
         self.rows = 0
@@ -160,6 +166,7 @@ class WdsShardWriter:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o444
         self._tar.addfile(info, io.BytesIO(data))
+        self._listed.append((name, len(data), file_digest(data)))
 
     def _encode(self, arr: np.ndarray) -> bytes:
         data = _npy(arr)
@@ -235,6 +242,7 @@ class WdsShardWriter:
             raise CacheError(f"{self.tmp}: image_sha256 in meta.json is not as written; shard {self.source} "
                              "not published")
         self.digest = group_digest(self.tmp)
+        self.files = FileList(tuple(self._listed))
         self.group_path = content_group(self.name, self.digest[0], ".tar")
         self.final = self.root / self.group_path
         return self.digest
@@ -262,6 +270,125 @@ class WdsShardWriter:
 
 # --- reading ------------------------------------------------------------------------------
 
+MAX_META_BYTES = 64 << 10  # a meta.json: a key of at most 4096 UTF-8 bytes, escaped, and a few fields
+MAX_MEMBER_BYTES = 256 << 20  # a member read without a spec (a writer's own temporary)
+
+
+@dataclass(frozen=True)
+class NpySpec:
+    """One `.npy` member as the writer writes it: its header bytes, dtype and shape."""
+
+    header: bytes
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def of(shape: tuple[int, ...], dtype: str) -> NpySpec:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                   "fortran_order": False, "shape": tuple(shape)})
+        return NpySpec(buf.getvalue(), np.dtype(dtype), tuple(shape))
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def decode(self, data: bytes, compressed: int) -> np.ndarray:
+        """The member's bytes -> its array: a zstd frame may declare at most `size` bytes
+        (checked before anything is decompressed: never more memory), and the `.npy` must be
+        exactly the writer's, header and length."""
+        raw = zstd_decompress(data, self.size, at_most=True) if compressed else bytearray(data)
+        if len(raw) != self.size or raw[:len(self.header)] != self.header:
+            raise FrameError(f".npy {_npy_shown(raw)}: the manifest's teacher gives {self.dtype} {list(self.shape)}")
+        return np.frombuffer(raw, self.dtype, offset=len(self.header)).reshape(self.shape)
+
+
+def _npy_shown(raw: bytes) -> str:
+    """What an `.npy` file's header says (dtype and shape), for a message."""
+    try:
+        f = io.BytesIO(bytes(raw[:4096]))
+        np.lib.format.read_magic(f)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        return f"{dtype} {list(shape)}"
+    except Exception:  # (not an .npy header at all)
+        return f"of {len(raw):,} bytes, no .npy header"
+
+
+@dataclass(frozen=True)
+class WdsSpec:
+    """What a cache's manifest says each row of its tars holds: the `.npy` members, and K."""
+
+    members: dict[str, NpySpec]
+    per_image: int
+
+
+def member_spec(manifest) -> WdsSpec:
+    """Each `.npy` member's spec (CACHE_FORMAT.md, "The wds backend"), from the manifest."""
+    t, st = manifest.teacher, manifest.storage
+    L, C = t.grid[0] * t.grid[1], t.dim
+    dtype = "int8" if st.dtype == "int8" else "float16"
+    members = {"attention": NpySpec.of((L,), "<f2"), "cls": NpySpec.of((C,), "<f2")}
+    for layer, w in [("features", st.pca.rank if st.pca else C)] + [(f"layer{i}", C) for i in t.layers]:
+        members[layer] = NpySpec.of((L, w), dtype if dtype == "int8" else "<f2")
+        if dtype == "int8":
+            g = int8_groups(w, st.int8_group)
+            members[_scale_member(layer)] = NpySpec.of((L,) if g is None else (L, g), "<f2")
+    return WdsSpec(members, manifest.views.per_image)
+
+
+def _rows_of(names: list[str]) -> list[int]:
+    """Each member's row: its sample's position among the samples, in tar order."""
+    rows, row, last = [], -1, None
+    for name in names:
+        sample = name.split(".", 1)[0]
+        row += sample != last
+        last = sample
+        rows.append(row)
+    return rows
+
+
+def check_listed_members(path: str, members: list[tuple[str, int, int]], files: FileList) -> None:
+    """A tar's members (name, offset, size) are exactly those its entry lists, in the
+    listed order, of the listed sizes: else one CacheError naming the tar, the member and
+    its row (the sample it belongs to, counted in tar order)."""
+    names, listed, fix = [m[0] for m in members], files.items, "run `mrmae cache verify --repair`"
+    rows, listed_rows, present = _rows_of(names), _rows_of([p for p, _, _ in listed]), set(names)
+    for i, (name, _, size) in enumerate(members):
+        if files.get(name) is None:
+            raise CacheError(f"{path}: member {name} (row {rows[i]}): not in the entry's file list; {fix}")
+        if listed[i][0] != name:
+            if listed[i][0] not in present:
+                raise CacheError(f"{path}: member {listed[i][0]} (row {listed_rows[i]}): listed in the entry, not in "
+                                 f"the tar; {fix}")
+            raise CacheError(f"{path}: member {name} (row {rows[i]}): not where the entry lists it (member {i}); {fix}")
+        if size != listed[i][1]:
+            raise CacheError(f"{path}: member {name} (row {rows[i]}): {size:,} bytes, the entry lists "
+                             f"{listed[i][1]:,}; {fix}")
+    if len(listed) != len(members):
+        raise CacheError(f"{path}: member {listed[len(members)][0]} (row {listed_rows[len(members)]}): listed in the "
+                         f"entry, not in the tar (truncated?); {fix}")
+
+
+def tar_files(path: str) -> FileList:
+    """The file list of a tar as a writer would record it: every member, its size and sha256."""
+    with _open_tar(path) as f:
+        items = []
+        for name, offset, size in _tar_members(path):
+            f.seek(offset)
+            items.append((name, size, file_digest(f.read(size))))
+    return FileList(tuple(items))
+
+
+def is_file_url(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(str(path))
+    return fs.isfile(p)
+
+
+def _open_tar(path: str):
+    """The tar as a file object: locally a regular file only (lstat, O_NOFOLLOW |
+    O_NONBLOCK: a FIFO or device in its place is refused, never blocks); a URL via fsspec."""
+    return open_file(path) if is_url(path) and local_path(path) is None else open_regular(local_path(path))
+
 
 def _ustar_members(path: str) -> list[tuple[str, int, int]] | None:
     """(name, data offset, size) of every member, from plain ustar headers read one by one.
@@ -272,7 +399,7 @@ def _ustar_members(path: str) -> list[tuple[str, int, int]] | None:
     or damage): `tarfile` then reads the tar, or says what is wrong with it.
     """
     out, pos = [], 0
-    with open_file(path) as f:
+    with _open_tar(path) as f:
         while True:
             f.seek(pos)
             h = f.read(512)
@@ -297,16 +424,17 @@ def _tar_members(path: str) -> list[tuple[str, int, int]]:
     fast = _ustar_members(path)
     if fast is not None:
         return fast
-    with open_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+    with _open_tar(path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         return [(info.name if info.isfile() else f"{info.name} (not a file)", info.offset_data, info.size)
                 for info in tf]
 
 
-def _read_index(path: str) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Sample names in tar order and, per member name, [N, 3] int64 (offset, size, zstd)."""
+def _read_index(path: str, listed: list[tuple[str, int, int]]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Sample names in tar order and, per member name, [N, 3] int64 (offset, size, zstd),
+    from the tar's members (`_tar_members`)."""
     names: list[str] = []
     members: list[dict[str, tuple[int, int, int]]] = []
-    for member_name, offset, size in _tar_members(path):
+    for member_name, offset, size in listed:
         m = _MEMBER.fullmatch(member_name)
         if m is None:
             raise CacheError(f"{path}: unexpected tar member {member_name!r}")
@@ -352,18 +480,27 @@ class WdsShard:
     read per block and one decode per row.
     """
 
-    def __init__(self, path: str | os.PathLike, entry: ShardEntry, checked: bool = True,
-                 shapes: dict[str, tuple[int, ...]] | None = None):
+    def __init__(self, path: str | os.PathLike, entry: ShardEntry | None, checked: bool = True,
+                 shapes: dict[str, tuple[int, ...]] | None = None, spec: WdsSpec | None = None):
         """`checked` (a format 4 cache): every meta.json carries its own crc32c, every
         `.npy.zst` member a zstd frame checksum and every other member a crc32c in its
         meta.json; each is verified as it is read, and damage is a CacheError naming the
-        tar, the member and the row."""
+        tar, the member and the row. A format 5 entry lists every member with its size and
+        sha256, which each member read must have. `spec` (`member_spec`): each `.npy`
+        member's exact header, shape and dtype, from the manifest (bounds its decoding),
+        and K, which ties the rows to the entry's samples."""
         self.path, self.entry, self.checked = str(path), entry, checked
         self._shapes = shapes or {}  # a member's array shape, from the manifest (as the Zarr reader's `shapes`)
-        if not is_file(self.path):
+        self._spec = spec
+        self._files = entry.files if isinstance(entry, ShardEntry) else None
+        local = local_path(self.path)
+        try:
+            present = regular_size(local) is not None if local is not None else is_file_url(self.path)
+        except NotRegularFile as e:
+            raise CacheError(f"{e}; run `mrmae cache verify --repair`") from None
+        if not present:
             raise CacheError(f"{self.path}: shard tar is missing")
         self._file = None
-        self._zstd = Zstd(level=ZSTD_LEVEL)
         self._loaded = False
         self._block: tuple[int, int, bytes] | None = None  # (first row, end row, bytes from _lo[first])
         self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -373,16 +510,11 @@ class WdsShard:
         if self._loaded:
             return
         try:
-            names, index = _read_index(self.path)
-            metas = [load_json(self._pread(int(o), int(s)), f"{self.path}: member {name}.meta.json", "meta.json")
-                     for name, (o, s, _) in zip(names, index.get("meta", []))]
-            for row, (name, meta) in enumerate(zip(names, metas)):
-                _check_meta(meta, f"{self.path}: member {name}.meta.json, row {row}")
-                if not _unseal(meta) and self.checked:
-                    raise CacheError(f"{self.path}: member {name}.meta.json, row {row}: checksum mismatch (or none); "
-                                     "run `mrmae cache verify --repair`")
-                if sample_name(meta["key"], meta["view"]) != name:
-                    raise CacheError(f"{self.path}: sample {name} holds key {meta['key']!r} view {meta['view']}")
+            members = self._checked_members()
+            names, index = _read_index(self.path, members)
+            self._names, self._digests = names, {o: d for (o, d) in self._listed_digests(members)}
+            metas = [self._meta(row, name, int(o), int(s)) for row, (name, (o, s, _)) in
+                     enumerate(zip(names, index.get("meta", [])))]
             checksums = {m: np.array([meta["checksums"][m] for meta in metas], dtype=np.int64)
                          for m in (metas[0].get("checksums", {}) if metas else {})}
         except CacheError:
@@ -391,9 +523,11 @@ class WdsShard:
             raise CacheError(f"{self.path}: unreadable shard tar ({type(e).__name__}: {e})") from e
         n = len(metas)
         check_row_count(self.path, self.entry, n)
-        self._names, self._index, self._checksums = names, index, checksums
+        self._index, self._checksums = index, checksums
         self._keys = np.array([m["key"] for m in metas], dtype=str)
         self._views = np.array([m["view"] for m in metas], dtype=np.int16)
+        if self._spec is not None:
+            check_rows_tied(self.path, self._keys, self._views, self._spec.per_image, self.entry)
         self._crop = np.array([m["crop"] for m in metas], dtype=np.int64).reshape(n, 4)
         check_crops(f"{self.path}: meta.json crop", self._crop)
         self._crop = self._crop.astype(np.int32)
@@ -404,6 +538,43 @@ class WdsShard:
         self._hi = (spans[..., 0] + spans[..., 1]).max(axis=0) if n else np.zeros(0, np.int64)  # past its last
         self._row = {(k, int(v)): i for i, (k, v) in enumerate(zip(self._keys, self._views))}
         self._loaded = True
+
+    def _checked_members(self) -> list[tuple[str, int, int]]:
+        """The tar's members (name, data offset, size): each inside the file, and (format 5)
+        exactly the members its entry lists, in its order, of its sizes."""
+        members = _tar_members(self.path)
+        end = self._handle().size if local_path(self.path) is not None else None
+        for i, (name, offset, size) in enumerate(members):
+            if end is not None and offset + size > end:
+                raise CacheError(f"{self.path}: member {name} (member {i}) ends at byte {offset + size:,}, past the "
+                                 f"tar's end ({end:,}): truncated; run `mrmae cache verify --repair`")
+        if self._files is not None:
+            check_listed_members(self.path, members, self._files)
+        return members
+
+    def _listed_digests(self, members: list[tuple[str, int, int]]) -> list[tuple[int, str]]:
+        """(data offset, listed sha256) of every member (format 5), for `_verify`."""
+        if self._files is None:
+            return []
+        return [(offset, self._files.get(name)[1]) for name, offset, _ in members]
+
+    def _meta(self, row: int, name: str, offset: int, size: int) -> dict:
+        """Row `row`'s meta.json, checked: its listed sha256 (format 5), its size, its own
+        crc32c, its fields, and that it names its sample."""
+        where = f"{self.path}: member {name}.meta.json, row {row}"
+        if size > MAX_META_BYTES:
+            raise CacheError(f"{where}: {size:,} bytes, more than a meta.json holds ({MAX_META_BYTES:,}); damaged")
+        data = self._pread(offset, size)
+        if offset in self._digests and file_digest(data) != self._digests[offset]:
+            raise CacheError(f"{where}: sha256 differs from the entry's: damaged, or another file in its place; "
+                             "run `mrmae cache verify --repair`")
+        meta = load_json(data, f"{self.path}: member {name}.meta.json", "meta.json")
+        _check_meta(meta, where)
+        if not _unseal(meta) and self.checked:
+            raise CacheError(f"{where}: checksum mismatch (or none); run `mrmae cache verify --repair`")
+        if sample_name(meta["key"], meta["view"]) != name:
+            raise CacheError(f"{self.path}: sample {name} holds key {meta['key']!r} view {meta['view']}")
+        return meta
 
     @property
     def keys(self) -> np.ndarray:
@@ -421,28 +592,38 @@ class WdsShard:
         return "scale" in self._index
 
     # file access: a lazily opened handle, dropped when pickled (DataLoader workers)
-    def _pread(self, offset: int, size: int) -> bytes:
+    def _handle(self):
+        """The open tar: locally a `RegularFile` (bounds-checked reads), else an fsspec file."""
         if self._file is None:
-            self._file = open_file(self.path)
-        if is_url(self.path):  # fsspec files: a ranged read
-            self._file.seek(offset)
-            data = self._file.read(size)
-        else:
-            data = os.pread(self._file.fileno(), size, offset)
+            local = local_path(self.path)
+            self._file = RegularFile(local) if local is not None else open_file(self.path)
+        return self._file
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        f = self._handle()
+        if isinstance(f, RegularFile):
+            data = f.pread(size, offset)
+        else:  # fsspec files: a ranged read
+            f.seek(offset)
+            data = f.read(size)
         if len(data) != size:
             raise CacheError(f"{self.path}: truncated ({size} bytes wanted at {offset}, got {len(data)})")
         return data
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None, "_block": None}
+        return {**self.__dict__, "_file": None, "_block": None}  # (a RegularFile is reopened where unpickled)
 
     def __del__(self) -> None:
         if getattr(self, "_file", None) is not None:
             self._file.close()
 
-    def _verify(self, data: bytes, compressed: int, row: int, member: str) -> None:
-        """A member's bytes against its checksum: the crc32c its meta.json records, or the
-        zstd frame's own (checked by the decoder; here only that the frame has one)."""
+    def _verify(self, data: bytes, compressed: int, row: int, member: str, offset: int) -> None:
+        """A member's bytes against its listed sha256 (format 5) and its checksum: the
+        crc32c its meta.json records, or the zstd frame's own (checked by the decoder; here
+        only that the frame has one)."""
+        listed = self._digests.get(offset)
+        if listed is not None and file_digest(data) != listed:
+            raise ValueError("sha256 differs from the entry's: damaged, or another member in its place")
         expected = self._checksums.get(member)
         if expected is not None:
             if crc32c(data) != expected[row]:
@@ -450,15 +631,19 @@ class WdsShard:
         elif not (compressed and _zstd_frame_checked(data)):
             raise ValueError("no checksum (neither a zstd frame checksum nor a crc32c in meta.json)")
 
-    def _decode(self, data: bytes, compressed: int, row: int, member: str) -> np.ndarray:
-        """One `.npy[.zst]` member of `row` -> its array; damage is one CacheError naming
-        the tar, the member and the row."""
+    def _decode(self, data: bytes, compressed: int, row: int, member: str, offset: int) -> np.ndarray:
+        """One `.npy[.zst]` member of `row` -> its array, decoded within the size its spec
+        gives (the zstd frame's declared size checked first) and with exactly the spec's
+        `.npy` header; damage is one CacheError naming the tar, the member and the row."""
         try:
-            if self.checked:
-                self._verify(data, compressed, row, member)
-            if compressed:
-                data = self._zstd.decode(data)
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            if self.checked or offset in self._digests:
+                self._verify(data, compressed, row, member, offset)
+            npy = self._spec.members.get(member) if self._spec is not None else None
+            if npy is None:  # (a writer's own temporary: bounded all the same)
+                raw = zstd_decompress(data, MAX_MEMBER_BYTES, at_most=True) if compressed else data
+                arr = np.load(io.BytesIO(raw), allow_pickle=False)
+            else:
+                arr = npy.decode(data, compressed)
         except Exception as e:
             raise CacheError(f"{self.path}: member {self._names[row]}.{member}, row {row}: unreadable "
                              f"({read_error(e)}); run `mrmae cache verify --repair`") from e
@@ -484,7 +669,7 @@ class WdsShard:
         out = {}
         for n in names:
             idx = self._member(n)
-            out[n] = np.stack([self._decode(bytes(buf[o - lo:o - lo + s]), z, r, n) for r, (o, s, z)
+            out[n] = np.stack([self._decode(bytes(buf[o - lo:o - lo + s]), z, r, n, o) for r, (o, s, z)
                                in zip(rows, idx[rows])])
         return out
 
@@ -515,7 +700,7 @@ class WdsShard:
         self._load()
         if self._geometry is None:
             att = self._member("attention") if len(self) else []
-            attention = [self._decode(self._pread(int(o), int(s)), int(z), r, "attention")
+            attention = [self._decode(self._pread(int(o), int(s)), int(z), r, "attention", int(o))
                          for r, (o, s, z) in enumerate(att)]
             attention = np.stack(attention).astype(np.float32) if attention else np.zeros((0, 0), np.float32)
             self._geometry = (self._crop, self._flip, attention)
@@ -551,7 +736,7 @@ class WdsShard:
 
         def member(name: str) -> np.ndarray:
             o, s, z = (int(x) for x in self._member(name)[i])
-            return self._decode(buf[o - base:o - base + s], z, i, name)
+            return self._decode(buf[o - base:o - base + s], z, i, name, o)
 
         return member(layer), member(_scale_member(layer)) if self.quantized else None
 
@@ -562,6 +747,9 @@ class WdsShard:
             raise CacheError(f"{self.path}: this cache stores no views (extract with --store-pixels)")
         o, s, _ = (int(x) for x in self._index["pixels"][i])
         data = self._pread(o, s)
+        if o in self._digests and file_digest(data) != self._digests[o]:
+            raise CacheError(f"{self.path}: member {self._names[i]}.pixels, row {i}: sha256 differs from the "
+                             "entry's: damaged, or another member in its place; run `mrmae cache verify --repair`")
         if self.checked and ("pixels" not in self._checksums or crc32c(data) != self._checksums["pixels"][i]):
             raise CacheError(f"{self.path}: member {self._names[i]}.pixels, row {i}: crc32c mismatch (or none); "
                              "run `mrmae cache verify --repair`")

@@ -13,10 +13,7 @@
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +21,15 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
-                     check_pixels_given, check_rows, content_group, dequantize, group_digest, int8_groups, publish_local, read_error, remove_path,
+                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, group_files, int8_groups, publish_local, read_error, remove_path,
                      stored_features, view_targets, writer_temp)
-from .location import Location, check_inside, local_path
+from . import zarr_open
+from .checked_store import ListedFileError
 from .manifest import ShardEntry, check_row_count, group_name
+from .zarr_spec import MAX_KEY_BYTES, PIXEL_CHUNK, GroupSpec
 
 # --- codecs -----------------------------------------------------------------------------
 
-PIXEL_CHUNK = 1 << 20  # bytes per chunk of the stored-views array (image files are compressed already)
 
 
 # Chosen by benchmarks/codecs.py on teacher activations (BENCHMARKS.md): int8 values have
@@ -55,6 +53,8 @@ SMALL = dict(compressors=[ZstdCodec(level=3), Crc32cCodec()], config=ALL_CHUNKS)
 def zarr_codec_description(dtype: str) -> str:
     return "zstd(level=3)" if dtype == "int8" else "blosc(zstd, clevel=3, byte shuffle, 1 MiB blocks)"
 
+
+_ONE_CHUNK = {"keys": (str, ()), "view": ("int16", ()), "crop": ("int32", (4,)), "flip": ("bool", ())}
 
 # Rows a sequential reader decodes per call: 4 chunks at once, which zarr decompresses in
 # parallel; each call costs ~0.5-1 ms of zarr overhead whatever its size.
@@ -97,11 +97,11 @@ class ShardWriter:
         n, L, C, r = max(max_rows, 1), grid_len, dim, ROWS_PER_CHUNK
         small = SMALL
         mk = self.group.create_array
+        # keys, view, crop and flip: one chunk of exactly the rows, written by `finish` (a
+        # reader's spec then knows its shape from the entry alone, CACHE_FORMAT.md)
+        self._columns: dict[str, list[np.ndarray]] = {k: [] for k in _ONE_CHUNK}
+        self.files = None  # the group's FileList, for its entry: known once `finish` has the bytes
         self.arrays = {
-            "keys": mk("keys", shape=(n,), dtype=str, chunks=(n,), **small),
-            "view": mk("view", shape=(n,), dtype="int16", chunks=(n,), **small),
-            "crop": mk("crop", shape=(n, 4), dtype="int32", chunks=(n, 4), **small),
-            "flip": mk("flip", shape=(n,), dtype="bool", chunks=(n,), **small),
             "attention": mk("attention", shape=(n, L), dtype="float16", chunks=(r * 16, L), **small),
             "cls": mk("cls", shape=(n, C), dtype="float16", chunks=(r * 16, C), **small),
         }
@@ -140,9 +140,14 @@ class ShardWriter:
             self._pixel_buf += data
             self._pixel_offsets.append(self._pixel_offsets[-1] + len(data))
         self._flush_pixels(final=False)
-        cols = {"keys": np.asarray(keys, dtype=object), "view": view.astype(np.int16),
-                "crop": crop.astype(np.int32), "flip": flip.astype(bool),
-                "attention": attention.astype(np.float16), "cls": cls.astype(np.float16)}
+        for key in keys:
+            if len(str(key).encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+                raise CacheError(f"{self.source}: key {str(key)[:60]!r}...: longer than {MAX_KEY_BYTES} bytes, "
+                                 "more than a cache stores")
+        for name, value in (("keys", np.asarray(keys, dtype=object)), ("view", view.astype(np.int16)),
+                            ("crop", crop.astype(np.int32)), ("flip", flip.astype(bool))):
+            self._columns[name].append(value)
+        cols = {"attention": attention.astype(np.float16), "cls": cls.astype(np.float16)}
         for name, value in [("features", features)] + [(f"layer{i}", (layers or {})[i]) for i in self.layers]:
             cols[name], scale = stored_features(value, self.dtype, self.int8_group)
             if scale is not None:
@@ -161,7 +166,7 @@ class ShardWriter:
         n = self._buffered - (self._buffered % ROWS_PER_CHUNK if whole_chunks else 0)
         for k, v in joined.items():
             if n:
-                self.arrays[k][self.rows:self.rows + n] = v[:n] if k != "keys" else v[:n].astype(str)
+                self.arrays[k][self.rows:self.rows + n] = v[:n]
             self._buffer[k] = [v[n:]] if n < len(v) else []
         self.rows += n
         self._buffered -= n
@@ -187,13 +192,20 @@ class ShardWriter:
             self.group.create_array("pixels_offsets", data=offsets, chunks=(len(offsets),), **SMALL)
         for arr in self.arrays.values():
             arr.resize((self.rows,) + arr.shape[1:])
+        for name, (dtype, width) in _ONE_CHUNK.items():
+            arr = self.group.create_array(name, shape=(self.rows, *width), dtype=dtype,
+                                          chunks=(max(self.rows, 1), *width), **SMALL)
+            if self.rows:
+                column = np.concatenate(self._columns[name])
+                arr[:] = column.astype(str) if name == "keys" else column
         digests = self._digests.column()
         if digests is not None:
             self.group.create_array("image_sha256", data=digests, chunks=(max(len(digests), 1), IMAGE_DIGEST_BYTES),
                                     **SMALL)
         self.group.attrs.update({**attrs, "rows": self.rows, "status": "complete"})
         self._check_stored(self._written if expected is None else expected)
-        self.digest = group_digest(self.tmp)
+        *self.digest, self.files = group_files(self.tmp)
+        self.digest = tuple(self.digest)
         self.group_path = content_group(self.name, self.digest[0])
         self.final = self.root / self.group_path
         return self.digest
@@ -231,116 +243,6 @@ class ShardWriter:
 # --- reading ------------------------------------------------------------------------------
 
 
-def group_listing(path: str) -> set[str]:
-    """Every file under a group, relative to it ("/"-separated): os.scandir locally (twice as
-    fast as fsspec's find), one fsspec listing at a URL."""
-    local = local_path(path)  # (file:// URLs too: fsspec would follow a link without saying)
-    if local is None:
-        return {rel for rel, _ in Location(path).files("")}
-    path, out, folders = local, set(), [""]
-    while folders:  # (scandir knows links without a stat: a file linked out of the group is refused)
-        folder = folders.pop()
-        with os.scandir(os.path.join(path, folder)) as it:
-            for e in it:
-                rel = f"{folder}/{e.name}" if folder else e.name
-                if e.is_symlink():
-                    check_inside(path, e.path)
-                (folders.append(rel) if e.is_dir(follow_symlinks=False) else out.add(rel))
-    return out
-
-
-def _chunk_keys(meta: dict) -> list[str]:
-    """Every chunk's store key, relative to its array, from a Zarr v3 array's zarr.json:
-    `c/0/0` (encoding "default", separator "/"), or `0.0` ("v2")."""
-    shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
-    encoding = meta.get("chunk_key_encoding", {"name": "default"})
-    sep = encoding.get("configuration", {}).get("separator", "/" if encoding["name"] == "default" else ".")
-    grid = itertools.product(*[range(-(-n // c)) for n, c in zip(shape, chunks)])
-    if encoding["name"] == "default":
-        return [sep.join(["c", *map(str, coords)]) for coords in grid]
-    return [sep.join(map(str, coords)) or "0" for coords in grid]
-
-
-def group_metadata(path: str, checked: bool = True) -> dict[str, dict]:
-    """Every array's zarr.json in a group (name -> its fields, the Zarr v3 spec's), read as
-    plain files: no round trip through zarr's event loop, which a loader worker on a busy
-    machine pays a thread switch for, per shard.
-
-    `checked` (a format 4 cache): prove every array checksummed and whole. Every chunk was
-    written, empty or not, so a chunk file missing is damage (zarr would read fill values).
-    At a URL one listing of the group shows them all; on a local disk each chunk file and
-    each of its directories is looked at with one `lstat`. Either way a file or directory
-    linked out of the group is refused (`check_inside`), never read."""
-    local = local_path(path)  # (file:// URLs too: fsspec would follow a link without saying)
-    # Locally, not a listing: zarr's `c/<row>/0/0` keys make ~700 directories a group, and
-    # opening each to list it took 6x the stats (BENCHMARKS.md, "Start-up at ImageNet scale").
-    stored = group_listing(path) if local is None else None
-    names = _local_arrays(local) if local is not None else sorted(
-        rel.split("/")[0] for rel in stored if rel.count("/") == 1 and rel.endswith("/zarr.json"))
-    metas = {}
-    for name, blob in zip(names, Location(path).read_many([f"{n}/zarr.json" for n in names])):
-        meta = json.loads(blob)
-        if meta.get("node_type") != "array":
-            continue
-        metas[name] = meta
-        if not checked:
-            continue
-        if "crc32c" not in [c.get("name") for c in meta.get("codecs", [])]:
-            raise CacheError(f"{path}: array {name} has no crc32c codec, as every array of a format 4 "
-                             "cache has: damaged or rewritten; run `mrmae cache verify --repair`")
-        keys = _chunk_keys(meta)
-        missing = (sum(f"{name}/{key}" not in stored for key in keys) if local is None
-                   else _missing_local(local, name, keys))
-        if missing:
-            raise CacheError(f"{path}: array {name}: {missing} of {len(keys)} chunks missing; "
-                             "run `mrmae cache verify --repair`")
-    return metas
-
-
-def _local_arrays(group: str) -> list[str]:
-    """Names of the folders of a local group holding a zarr.json (links out refused)."""
-    names = []
-    with os.scandir(group) as it:
-        for e in it:
-            if e.is_symlink():
-                check_inside(group, e.path)
-            if e.is_dir() and _is_file_inside(group, f"{e.name}/zarr.json"):
-                names.append(e.name)
-    return sorted(names)
-
-
-def _is_file_inside(group: str, rel: str) -> bool:
-    """Whether `rel` exists in the local group (lstat: a link out of it is refused)."""
-    try:
-        st = os.lstat(os.path.join(group, rel))
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    if stat.S_ISLNK(st.st_mode):
-        check_inside(group, os.path.join(group, rel))
-    return True
-
-
-def _missing_local(group: str, name: str, keys: list[str]) -> int:
-    """Chunk files of array `name` absent from the local group, each chunk file and each of
-    their directories lstat'ed once (a link out of the group is refused)."""
-    base, lstat, is_link = f"{group}/{name}/", os.lstat, stat.S_ISLNK
-    folders = set()
-    for head in {key.rpartition("/")[0] for key in keys}:
-        while head and head not in folders:  # (its directories: one of them may be a link)
-            folders.add(head)
-            head = head.rpartition("/")[0]
-    missing = 0
-    for rel in [*folders, *keys]:
-        try:
-            mode = lstat(base + rel).st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            missing += rel not in folders  # (a missing folder: its chunks count)
-            continue
-        if is_link(mode):
-            check_inside(group, base + rel)
-    return missing
-
-
 def check_row_shapes(path: str, got: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
     """Each array's stored shape [N, ...] (`got`) has the rows the manifest gives (`shapes`):
     a group of another teacher's shapes is refused, not a shape error in a training step."""
@@ -350,39 +252,14 @@ def check_row_shapes(path: str, got: dict[str, tuple[int, ...]], shapes: dict[st
                              f"teacher gives {list(want)}: not this cache's group, or a damaged manifest")
 
 
-def check_group_arrays(path: str, entry: ShardEntry, checked: bool, shapes: dict[str, tuple[int, ...]],
-                       counted: list[str] = ()) -> int:
-    """What the manifest and its entry say of a group, proven from the zarr.json of a few
-    arrays (`keys`, those of `shapes`, and `counted`), one read each, without listing the
-    group or reading a row: each array there and checksummed (`checked`), its rows of the
-    manifest's `shapes`, `keys` of the entry's row count, no file read through a link out
-    of the group. Every chunk present (and none linked out) waits for the group's opening
-    (`group_metadata`). Returns the logical bytes of the `counted` arrays (before
-    compression, as `ShardGroup.logical_bytes` counts them)."""
-    # A constant number of files a group: a run's start-up and `cache info` look at every
-    # group, and ~1,100 chunk paths a group are 1.1M for ImageNet's 1,024 shards (seconds of
-    # stats on a local disk, far more on NFS); the loader checks them one group at a time.
-    local = local_path(path)
-    try:
-        names = list(dict.fromkeys(["keys", *shapes, *counted]))
-        if local is not None:
-            for name in names:  # (the folder and the file: either may be a link)
-                if not (_is_file_inside(local, name) and _is_file_inside(local, f"{name}/zarr.json")):
-                    raise FileNotFoundError(f"{local}/{name}/zarr.json")
-        metas = {name: json.loads(blob) for name, blob in
-                 zip(names, Location(path).read_many([f"{n}/zarr.json" for n in names], concurrent=False))}
-        got = {name: tuple(meta["shape"]) for name, meta in metas.items()}
-        for name, meta in metas.items():
-            if checked and "crc32c" not in [c.get("name") for c in meta.get("codecs", [])]:
-                raise CacheError(f"{path}: array {name} has no crc32c codec, as every array of a format 4 "
-                                 "cache has: damaged or rewritten; run `mrmae cache verify --repair`")
-        check_row_shapes(path, got, shapes)
-        check_row_count(path, entry, got["keys"][0])
-        return sum(int(np.prod(got[name])) * np.dtype(metas[name]["data_type"]).itemsize for name in counted)
-    except CacheError:
-        raise
-    except Exception as e:  # a missing group or array, a zarr.json that is no JSON or lacks a field
-        raise CacheError(f"{path}: unreadable shard group ({type(e).__name__}: {e})") from e
+def check_group_arrays(path: str, entry: ShardEntry, spec: GroupSpec, checked: bool, counted: list[str] = ()) -> int:
+    """Start-up's look at one group: the zarr.json of `keys`, `features`, `attention`, `cls`
+    and `counted`, each as the spec says (`zarr_open.check_group_arrays`); returns the
+    logical bytes of the `counted` arrays (before compression, as `ShardGroup.logical_bytes`
+    counts them)."""
+    names = list(dict.fromkeys(["keys", "features", "attention", "cls", *counted]))
+    metas = zarr_open.check_group_arrays(path, entry, spec, checked, names)
+    return sum(int(np.prod(metas[n]["shape"])) * np.dtype(metas[n]["data_type"]).itemsize for n in counted)
 
 
 def _rows_text(rows) -> str:
@@ -403,20 +280,20 @@ class ShardGroup:
     array and the rows, never fill values or flipped targets.
     """
 
-    def __init__(self, path: str | os.PathLike, entry: ShardEntry, checked: bool = True,
-                 shapes: dict[str, tuple[int, ...]] | None = None):
-        """`shapes`: what one row of some arrays must be, from the manifest (features [L,
-        C or K], attention [L], cls [C]): a group of another teacher's shapes is refused here,
-        not a shape error inside a training step."""
+    def __init__(self, path: str | os.PathLike, entry: ShardEntry | None, checked: bool = True,
+                 shapes: dict[str, tuple[int, ...]] | None = None, spec: GroupSpec | None = None):
+        """`spec`: the group as its manifest and entry say it is (`zarr_spec.group_spec`):
+        every array's metadata is compared with it, and the rows' counts tied to the entry.
+        `shapes` (without a spec): what one row of some arrays must be (features [L, C or
+        K], attention [L], cls [C]). `entry` None: a writer reading back its temporary."""
         self.path, self.entry, self.checked = str(path), entry, checked
         self._arrays: dict[str, zarr.Array] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}  # from the arrays' zarr.json, when checked
         try:
-            if checked:
-                self._shapes = {n: tuple(m.get("shape", ())) for n, m in group_metadata(self.path).items()}
-            self.group = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
-            check_row_shapes(self.path, {n: self._shapes.get(n) or tuple(self.group[n].shape) for n in shapes or {}},
-                             shapes or {})
+            self.store = zarr_open.open_checked(self.path, entry if isinstance(entry, ShardEntry) else None,
+                                                spec, checked)
+            self.group = zarr.open_group(store=self.store, mode="r", zarr_format=3, use_consolidated=False)
+            if spec is None and shapes:
+                check_row_shapes(self.path, {n: tuple(self.group[n].shape) for n in shapes}, shapes)
         except CacheError:
             raise
         except Exception as e:
@@ -424,6 +301,8 @@ class ShardGroup:
         self.keys = np.array([str(k) for k in self._get("keys", slice(None))])
         self.views = np.asarray(self._get("view", slice(None)))
         check_row_count(self.path, entry, len(self.keys))
+        if spec is not None:
+            check_rows_tied(self.path, self.keys, self.views, spec.per_image, entry)
         self.quantized = "features_scale" in self.group
         self._row: dict[tuple[str, int], int] = {(k, int(v)): i for i, (k, v) in enumerate(zip(self.keys, self.views))}
         self._block: tuple | None = None  # (first row, layer, stored values, scale or None)
@@ -439,6 +318,8 @@ class ShardGroup:
             if name not in self._arrays:
                 self._arrays[name] = self.group[name]
             return self._arrays[name][rows]
+        except ListedFileError:  # names the file and its rows already
+            raise
         except Exception as e:
             where = "all rows" if rows == slice(None) else f"rows {_rows_text(rows)}"
             raise CacheError(f"{self.path}: array {name}, {where}: unreadable chunk ({read_error(e)}); "
