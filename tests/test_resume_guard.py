@@ -122,7 +122,7 @@ def test_an_out_inside_the_cache_or_holding_it_is_refused(demo_shards, tiny_cach
     out = {"inside the cache": cache / "run", "holding the cache": tmp_path / "parent", "the cache itself": cache}[where]
     before = _files(tmp_path / "parent")
     code, errors, r = _pretrain(demo_shards, cache, out, "--epochs", "1")
-    assert code == 1 and len(errors) == 1 and errors[0].startswith(f"mrmae: error: --out {out}: "), r.output
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"mrmae: error: --out {out}: "), r.output
     assert _files(tmp_path / "parent") == before
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from mrmae.shared.errors import MrmaeError, OptionError, naming
+from mrmae.shared.outfiles import refuse_link
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints")
 EXPORT_FILES = ("model.safetensors", "config.json")  # what `mrmae export` writes into its --out
@@ -41,6 +42,9 @@ def check_out(out: str | Path, resume: bool, overwrite: bool, files: tuple[str, 
         return
     if os.path.lexists(out) and not os.path.isdir(out):
         raise OptionError(f"--out {out}: is a file, not a directory")
+    for name in files:  # a link planted where an output goes: said as such (outfiles), not as a run
+        if name != "checkpoints":
+            refuse_link(Path(out) / name)
     if holds_run(out, files) and files == RUN_FILES:
         raise OptionError(f"--out {out}: holds {what} already; give --resume to continue it or --overwrite to "
                           "set it aside (renamed, never deleted) and start anew")
