@@ -115,7 +115,7 @@ def test_which_path_by_default_and_the_refusals_in_one_line(demo_shards, tmp_pat
     for flag in ("--render-on-device", "--no-render-on-device"):
         r = CliRunner().invoke(cli, [*base, flag, "--feature-cache", str(tmp_path / flag)])
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
-        assert r.exit_code == 1 and len(lines) == 1, r.output
+        assert r.exit_code == 2 and len(lines) == 1, r.output
         assert lines[0].startswith("mrmae: error") and flag in lines[0] and "--decode-on-device" in lines[0]
         assert not (tmp_path / flag).exists()  # refused before anything is written
 
@@ -123,7 +123,7 @@ def test_which_path_by_default_and_the_refusals_in_one_line(demo_shards, tmp_pat
 def test_bad_samples_are_skipped_and_recorded_alike_and_strict_stops(tmp_path, device_renders):
     shard = str(_bad_shard(tmp_path / "bad.tar"))
     for name, on in (("cpu", False), ("device", True)):
-        with pytest.warns(UserWarning, match=r"bad.tar key corrupt_1"):
+        with pytest.warns(UserWarning, match=r"bad.tar: 2 samples: undecodable image \(keys corrupt_1, text_2"):
             extract(shard, tmp_path / name, teacher=DINO_TINY, batch_size=4, render_on_device=on)
     assert device_renders  # the second run rendered in the main process
     entry = cf.read_manifest(tmp_path / "device").shards[0]
