@@ -21,7 +21,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 -q --durations=25 tests
 
 # Starts over: the demo's data and runs are rebuilt (runs are never overwritten, so the folder goes first).
 demo: $(STAMP)
