@@ -283,7 +283,8 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
     (its crops and flips, its backend; no new views are drawn) and store the targets under
     CACHE/targets/NAME, for `mrmae pretrain --target NAME`.
     """
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared import cache_format as cf
     from mrmae.shared.views import ViewConfig
 
@@ -325,7 +326,7 @@ def save_teacher(teacher: str, out: str) -> None:
     dino:vit_base_patch16_224@dino); then give the printed spec to extract-features,
     pretrain --teacher or cache verify anywhere, offline included (README "Teacher weights").
     Without a tag it keeps random weights (the example: runnable offline, for tests)."""
-    from mrmae.shared.teachers import build_teacher, save_weights
+    from mrmae.shared.teachers.base import build_teacher, save_weights
 
     path, spec = save_weights(build_teacher(teacher), out)
     click.echo(f"wrote {path}")

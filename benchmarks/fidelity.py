@@ -9,7 +9,7 @@ Needs scikit-learn for its bundled digits set: `.venv/bin/pip install scikit-lea
    val 1/4 (probe evaluation only; no network trains on it).
 2. Teacher: timm's registered `test_vit` (64-d, 6 blocks, /16, 0.3M params) trained
    supervised on the teacher split only, saved as safetensors and used as
-   `dino:test_vit@FILE` (loaded strictly by shared/teachers.py). It stands in for CLIP/DINO
+   `dino:test_vit@FILE` (loaded strictly by shared/teachers/dino.py). It stands in for CLIP/DINO
    (no hub is reachable here) because it is what MR-MAE needs of a teacher: a frozen
    network, trained on other images than the student's, whose patch tokens and [CLS]
    attention carry class semantics that the student's pixel loss alone does not ask for.
@@ -50,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_facts, table, write_json  # noqa: E402
 
 from mrmae.shared.shards import read_shard  # noqa: E402
-from mrmae.extract.runner import ExtractConfig, run_extraction  # noqa: E402
-from mrmae.shared.teachers import build_teacher  # noqa: E402
+from mrmae.extract.config import ExtractConfig  # noqa: E402
+from mrmae.extract.runner import run_extraction  # noqa: E402
+from mrmae.shared.teachers.base import build_teacher  # noqa: E402
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view, sample_view, view_rng  # noqa: E402
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mrmae.train.engine import StepOptions  # noqa: E402

@@ -260,7 +260,8 @@ def main() -> None:
     p.add_argument("--out", help="write the JSON here instead of results/<name>.json")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     warn_if_busy()

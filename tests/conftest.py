@@ -96,7 +96,6 @@ def s3():
     """A moto S3 server for this test process (each xdist worker starts its own, on a free
     port), stopped at the end. Skipped where the `test` extra (moto[server], s3fs) is missing."""
     import logging
-    import os
 
     pytest.importorskip("s3fs")
     server_mod = pytest.importorskip("moto.server")
@@ -120,7 +119,8 @@ def s3():
 def tiny_caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
     """One real cache of the first demo shard per backend (ViT-Tiny, 6 images x 4 views: 24
     rows, so two features chunks in Zarr), extracted once; tests copy it before crafting it."""
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     root = tmp_path_factory.mktemp("tiny-caches")

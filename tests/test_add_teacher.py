@@ -9,7 +9,8 @@ from conftest import CLIP_SMALL, DINO_TINY, url_list
 from safetensors.torch import load_file
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ViewConfig
 

@@ -18,7 +18,8 @@ from conftest import DINO_TINY, entry_files, url_list
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ViewConfig
 

@@ -13,12 +13,14 @@ from click.testing import CliRunner
 from conftest import DINO_TINY
 
 from mrmae.cli import cli, pretrain_config
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared.errors import OptionError
 from mrmae.shared.views import ViewConfig
 from mrmae.train.finetune import FinetuneConfig
 from mrmae.train.finetune import check_numbers as check_finetune_numbers
-from mrmae.train.pretrain import check_options, resolve_accum_steps
+from mrmae.train.pretrain import check_options
+from mrmae.train.loop import resolve_accum_steps
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "32", "--workers", "0",

@@ -20,8 +20,10 @@ from conftest import CLIP_SMALL, DINO_TINY, entry_files, launch_two, url_list
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
-from mrmae.extract.verify import cache_info, verify_cache
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
+from mrmae.shared.cache_format.info import cache_info
+from mrmae.extract.verify import verify_cache
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ViewConfig
 

@@ -20,7 +20,8 @@ from test_extract import _bad_shard
 
 from mrmae.cli import cli
 from mrmae.extract import runner, teacher_stage
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.extract.teacher_stage import render_loader
 from mrmae.shared import cache_format as cf
 from mrmae.shared.shards import read_shard

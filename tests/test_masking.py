@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrmae.train.masking import focus_weights, focused_masking, masks_from_keep, num_visible, random_masking
+from mrmae.train.masks.focused import focus_weights, focused_masking
+from mrmae.train.masking import masks_from_keep, num_visible
+from mrmae.train.masks.random import random_masking
 
 N = 196
 

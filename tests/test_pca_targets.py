@@ -19,8 +19,10 @@ from conftest import DINO_TINY, url_list
 
 from mrmae.cli import cli
 from mrmae.extract import pca_fit, runner
-from mrmae.extract.runner import ExtractConfig, run_extraction
-from mrmae.extract.verify import cache_info, pca_tolerance, verify_cache
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
+from mrmae.shared.cache_format.info import cache_info
+from mrmae.extract.verify import pca_tolerance, verify_cache
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ViewConfig
 
@@ -56,7 +58,7 @@ def _one_teacher():
     """Build the (random-weight, fixed-seed) teacher once for the module: building it costs
     more than extracting a shard, and these tests are about what is done with its outputs."""
     from mrmae.extract import verify
-    from mrmae.shared.teachers import build_teacher
+    from mrmae.shared.teachers.base import build_teacher
 
     built = {}
 
@@ -216,8 +218,8 @@ def test_verify_judges_the_coefficients_and_reports_the_reconstruction(caches):
 
 def test_engine_reconstructs_the_gathered_visible_coefficients():
     from mrmae.train.engine import pca_reconstruct, visible_float_targets
-    from mrmae.train.masking import random_masking
-    from mrmae.train.models import gather_visible
+    from mrmae.train.masks.random import random_masking
+    from mrmae.train.student import gather_visible
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 24))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import DINO_TINY, url_list
 
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ViewConfig
 

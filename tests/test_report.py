@@ -14,7 +14,8 @@ from conftest import DINO_TINY, url_list
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared.views import ViewConfig
 from mrmae.train.report import LINE_LIMIT
 

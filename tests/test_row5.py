@@ -14,7 +14,7 @@ from conftest import DINO_TINY
 from test_config import cache  # noqa: F401  (the fixture: DINO-tiny targets of the first demo shard)
 
 from mrmae.cli import cli
-from mrmae.train.masking import random_masking
+from mrmae.train.masks.random import random_masking
 from mrmae.train.models import create_model
 from mrmae.train.student import gather_visible, masked_ids
 

@@ -24,7 +24,8 @@ from click.testing import CliRunner
 from conftest import DINO_TINY, url_list
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format.location import is_temp
 from mrmae.shared.views import ViewConfig

@@ -12,7 +12,8 @@ from conftest import DINO_TINY
 
 from mrmae.cli import cli
 from mrmae.shared.shards import iter_samples
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import View, ViewConfig, decode_image, decode_view, render_view_uint8
 

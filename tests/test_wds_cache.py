@@ -23,7 +23,8 @@ from numcodecs import Zstd
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format import wds_store
 from mrmae.shared.views import ViewConfig

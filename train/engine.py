@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
 from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
-from mrmae.train.loop import MASK_SEEDING, MicroBatch, NonFiniteLossError, epoch_passes, lr_at  # noqa: F401
+from mrmae.train.loop import MASK_SEEDING, MicroBatch
 from mrmae.train.masking import get_mask
 from mrmae.train.student import masked_ids
 
@@ -184,7 +184,7 @@ def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids
     The stored values cross to the device (int8: a quarter of float32's bytes), the
     visible quarter is kept, and only that is dequantised.
     """
-    from mrmae.train.models import gather_visible
+    from mrmae.train.student import gather_visible
 
     t = gather_visible(targets.to(device, non_blocking=True), ids_keep).float()
     if scale is None:

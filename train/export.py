@@ -6,7 +6,7 @@ as timm's own hub saving writes them (`timm.models.save_for_hf`), so that
 builds and loads it. A ViT student exports under timm's own architecture name
 (`vit_base_patch16_224` and its siblings; `model_args` in config.json give the exact sizes),
 so timm without mrmae loads it; a ConvViT under its mrmae name (`mrmae_convvit_*`, which
-`import mrmae` registers; `train/backbones.py`). The pretrained config in config.json is
+`import mrmae` registers; `train/students/registry.py`). The pretrained config in config.json is
 the students' preprocessing (ImageNet mean and std, bicubic, MAE's eval crop 224 of 256:
 crop_pct 0.875), not timm's ViT default (0.5). No file holds an absolute path: config.json's
 `mrmae` section names the run and the checkpoint the export came from relative to OUT
@@ -44,7 +44,7 @@ from mrmae.train.checkpoint import CheckpointError, read_json_object
 from mrmae.train.official import (FORMATS, OFFICIAL, OfficialCheckpoint, is_official_file, read_official,
                                   split_unused, summarise)
 from mrmae.train.restore import Restored, load_student, read_run_config, read_weights, resolve_weights
-from mrmae.train.students import families, family_of, pretrained_cfg, registered_kwargs, student_names
+from mrmae.train.students.registry import families, family_of, pretrained_cfg, registered_kwargs, student_names
 
 HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"
 HEAD_KWARGS = ("num_classes", "global_pool", "fc_norm")  # a classifier's, beside the architecture's

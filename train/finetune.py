@@ -1,7 +1,7 @@
 """`mrmae finetune`: end-to-end classification fine-tuning of a pretrained encoder.
 
 The encoder is the one `mrmae export` writes (same names, same weights), loaded into its
-timm model (`train/backbones.py`: timm's VisionTransformer for a ViT student, the ConvViT
+timm model (`train/students/`: timm's VisionTransformer for a ViT student, the ConvViT
 for a ConvViT one) with a new head. The recipe is the MR-MAE paper's (section 4.1:
 100 epochs, 5 warm-up, AdamW, weight decay 0.05, lr 3e-4, layer decay 0.6, drop path 0.2)
 on MAE's fine-tuning protocol for what the paper leaves unsaid: AdamW (0.9, 0.999), no
@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
 from mrmae.train import checkpoint as ckpt
-from mrmae.train.checkpoint import CheckpointError
 from mrmae.train.engine import InterruptibleLoader
 from mrmae.train.loop import MicroBatch, TrainRun, epoch_passes
 from mrmae.shared.seeding import seed_from
@@ -65,7 +64,7 @@ class FinetuneConfig:
     num_classes: int = 1000
     epochs: int = 100
     batch_size: int = 64  # per process, per micro-batch
-    accum_steps: int | None = None  # None: 1, or what effective_batch asks (pretrain.resolve_accum_steps)
+    accum_steps: int | None = None  # None: 1, or what effective_batch asks (loop.resolve_accum_steps)
     effective_batch: int | None = None  # images per optimiser step, whatever the process count
     blr: float = 3e-4  # the paper's section 4.1
     lr: float | None = None  # absolute; default blr x effective batch / 256
@@ -110,7 +109,7 @@ def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float 
     with a new head -> (model, encoder). A fine-tuned encoder's own head is left out (its
     fc_norm kept).
 
-    ViT: timm's VisionTransformer; ConvViT: `backbones.ConvViT` (no [CLS] token: 'avg' only).
+    ViT: timm's VisionTransformer; ConvViT: `students.convvit.ConvViT` (no [CLS] token: 'avg' only).
     With 'avg' pooling a new `fc_norm` follows the pooling and the final `norm` goes, as in
     MAE's and ConvMAE's fine-tuning. Loaded non-strictly, but only the new head and fc_norm
     may be missing and only that final norm left over: any other mismatch is an error
@@ -120,7 +119,7 @@ def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float 
 
     if global_pool not in POOLS:
         raise FinetuneError(f"global pool must be one of {POOLS}, got {global_pool!r}")
-    from mrmae.train.students import family_of
+    from mrmae.train.students.registry import family_of
 
     encoder = read_encoder(checkpoint, fmt)
     tensors = {k: v for k, v in encoder.tensors.items() if not k.startswith("head.")}

@@ -188,12 +188,3 @@ def all_mask_options() -> dict[str, MaskOption]:
     """Every registered strategy's options by name (an option name belongs to one strategy)."""
     return {o.name: o for s in mask_strategies().values() for o in s.options}
 
-
-# The pure functions of the first two strategies, importable from here as before
-_MOVED = {"random_masking": "random", "focused_masking": "focused", "focus_weights": "focused"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(f"{STRATEGIES_PACKAGE}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

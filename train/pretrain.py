@@ -28,8 +28,7 @@ from mrmae.train.masking import all_mask_options, get_mask, mask_names, num_visi
 from mrmae.train.recipe import RecipeFile
 from mrmae.train.run_dir import check_out
 from mrmae.train.engine import InterruptibleLoader, PretrainStep, StepOptions
-from mrmae.train.loop import (MASK_SEEDING, TrainRun, check_epoch_fits, epoch_passes,  # noqa: F401 (re-exported)
-                              resolve_accum_steps)
+from mrmae.train.loop import MASK_SEEDING, TrainRun, epoch_passes
 
 
 @dataclass
@@ -143,14 +142,15 @@ def check_options(cfg: PretrainConfig) -> None:
 
 def check_model(cfg: PretrainConfig) -> None:
     """--model is a registered student, --fuse-layers fits its depth, --mask-ratio masks some of its patches."""
-    from mrmae.train.models import list_models, model_config
+    from mrmae.train.models import model_config
+    from mrmae.train.students.registry import student_names
 
-    if cfg.model not in list_models():
-        raise OptionError(unknown_name("--model", cfg.model, list_models(), "see `mrmae models`"))
+    if cfg.model not in student_names():
+        raise OptionError(unknown_name("--model", cfg.model, student_names(), "see `mrmae models`"))
     try:
         config = model_config(cfg.model, fuse_layers=cfg.fuse_layers)
     except ValueError as e:  # the list was written for another depth (4,8,12 is a ViT-B's, 4,8,11 a ConvViT's)
-        from mrmae.train.students import family_of
+        from mrmae.train.students.registry import family_of
 
         depth, blocks = model_config(cfg.model).depth, family_of(cfg.model).fuse_blocks  # what the list counts
         raise OptionError(f"--fuse-layers {','.join(map(str, cfg.fuse_layers))}: {cfg.model} has {depth} {blocks}; "
@@ -275,10 +275,10 @@ def _shard_digest(cache: cf.FeatureCache, url: str) -> list:
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
     """Train; returns {checkpoint, metrics, steps, main_process}. Resumes from OUT/checkpoints with `resume`."""
-    from mrmae.shared.teachers import build_teacher
+    from mrmae.shared.teachers.base import build_teacher
     from mrmae.train.models import create_model
     from mrmae.train.restore import init_from, resumed_config
-    from mrmae.train.students import family_of
+    from mrmae.train.students.registry import family_of
 
     check_options(cfg)  # before anything is built, read or written
     run = TrainRun(cfg, "pretrain", mask_seeding=MASK_SEEDING)

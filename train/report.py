@@ -42,7 +42,7 @@ from mrmae.train.masking import mask_strategies
 
 LINE_LIMIT = 1 << 20  # bytes; a metrics record is ~200: a longer line is damage, not a record
 CONFIG_LIMIT = 16 << 20  # bytes; a resolved config is a few KiB
-CONVVIT_PREFIX = "mrmae_convvit_"  # the ConvViT family of the model registry (train/convvit.py)
+CONVVIT_PREFIX = "mrmae_convvit_"  # the ConvViT family of the model registry (train/students/convvit.py)
 
 FINAL_LOSS_NOTE = ("final L_R / final L_M: the mean of loss_recon / loss_mimic over the logged steps of the run's "
                    "last epoch in metrics.jsonl (final L_R features, where a run has it: loss_recon_features, the "
@@ -336,7 +336,7 @@ def describe_mask(opts: dict, where: str) -> str | None:
 
 def describe_fusion(cfg: dict, model: str | None, where: str) -> str | None:
     """Fused encoder blocks ('4,8,12'), 'last' when none; a ConvViT student always adds its
-    stage-1/2 outputs (train/convvit.py): 'stages+4,8,11', 'stages+last'."""
+    stage-1/2 outputs (train/students/convvit.py): 'stages+4,8,11', 'stages+last'."""
     layers = cfg.get("fuse_layers")
     if layers is None:
         return None

@@ -19,8 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mrmae.train.checkpoint import CheckpointError, latest_checkpoint, read_json_object
-from mrmae.train.models import MRMAEConfig, create_model, list_models, model_config
-from mrmae.train.students import family_of
+from mrmae.train.students.vit import MRMAEConfig
+from mrmae.train.models import create_model, model_config
+from mrmae.train.students.registry import family_of, student_names
 
 
 @dataclass
@@ -59,7 +60,7 @@ def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, d
     dim = state["cls_token"].shape[-1] if "cls_token" in state else None
     depth = _max_index(state, "blocks")
     if name is None:
-        name = next((n for n in list_models() if isinstance(c := model_config(n), MRMAEConfig)
+        name = next((n for n in student_names() if isinstance(c := model_config(n), MRMAEConfig)
                      and (c.embed_dim, c.depth) == (dim, depth)), None)
         if name is None:
             raise ValueError(f"no config.json beside the checkpoint names its model, and no registry ViT is "
@@ -177,7 +178,7 @@ def check_run_config(run_config: dict, where: Path) -> None:
     student's name, `fuse_layers` a list of block numbers (or null). Anything else is one
     CheckpointError naming the file and the key, not blamed on the weights."""
     name = run_config.get("model")
-    if name is not None and (not isinstance(name, str) or name not in list_models()):
+    if name is not None and (not isinstance(name, str) or name not in student_names()):
         raise CheckpointError(f"{where}: key model: {str(name)[:80]!r} is not a registered student's name "
                               "(`mrmae models` lists them)")
     fuse = run_config.get("fuse_layers")
