@@ -208,6 +208,7 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
     from accelerate import Accelerator
 
     from mrmae.train.finetune import evaluate
+    from mrmae.train.labels import LabelOptions, resolve_labels
 
     r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "ft-e")])
     assert r.exit_code == 0, r.output + repr(r.exception)
@@ -224,7 +225,8 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
     call = next(ln for ln in r.stdout.splitlines() if ln.startswith("or the file: ")).split("model = ", 1)[1]
     filed = eval(call, {"timm": timm})  # our own printed line
     assert all(torch.equal(v, trained[k]) for k, v in filed.state_dict().items())
-    result = evaluate(exported, str(demo_shards[2]), 64, 16, Accelerator(cpu=True))
+    spec = resolve_labels(LabelOptions(num_classes=16), [str(demo_shards[2])])
+    result, _ = evaluate(exported, str(demo_shards[2]), 64, spec, Accelerator(cpu=True))
     assert (result["top1"], result["n_val"]) == (evals[-1]["top1"], 6)
     assert result["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
 

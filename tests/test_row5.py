@@ -102,7 +102,7 @@ def test_row5_needs_one_teachers_targets_and_a_weight(demo_shards, tmp_path):
             "--model", "mrmae_vit_tiny_patch16", "--no-progress"]
     for extra, words in (([], "give --feature-cache or --teacher"),
                          (["--teacher", DINO_TINY, "--mimic-weight", "0"], "--mimic-weight 0"),
-                         (["--feature-cache", str(tmp_path), "--target", "main,dino"], "one teacher's features")):
+                         (["--feature-cache", str(tmp_path / "cache"), "--target", "main,dino"], "one teacher's features")):
         r = CliRunner().invoke(cli, [*base, *extra])
         assert r.exit_code == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "o").exists()
