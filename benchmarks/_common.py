@@ -248,4 +248,4 @@ def train_steps(setup: dict, accelerator, batches, lr: float, start_step: int = 
     images = len(setup["batches"][0]["keys"]) * accelerator.num_processes  # (`batches` may be a timed generator)
     records = optimiser_steps(setup["model"], setup["optimizer"], accelerator, ([b] for b in batches), step,
                               lambda _step: lr, 0, start_step, images)
-    return [record["images_per_s"] for record in records]
+    return [record.images_per_s for record in records]

@@ -44,6 +44,7 @@ from mrmae.shared.seeding import seed_from
 from mrmae.train.finetune_data import LabelledStream, seed_everything, train_transform
 from mrmae.train.labels import LabelOptions, LabelSpec, Tally, census, class_notes, resolve_labels
 from mrmae.train.recipe import RecipeFile
+from mrmae.train.records import ValImages, ValidationRecord, read_metrics
 
 if TYPE_CHECKING:
     from mrmae.train.export import Encoder
@@ -236,22 +237,19 @@ def take_census(cfg: FinetuneConfig, accelerator) -> Census:
 def results_table(metrics: Path) -> str:
     """One row per evaluated epoch of `metrics` (a metrics.jsonl): loss, val loss, top-1, top-5
     and the images they are over ('6 of 8' when some of those present were skipped)."""
-    records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
     rows = [["epoch", "step", "train_loss", "val_loss", "top1", "top5", "val_images"]]
-    for r in records:
-        if "top1" in r:
-            present = r.get("n_val_present", r["n_val"])
-            images = str(r["n_val"]) + (f" of {present}" if present != r["n_val"] else "")
-            rows.append([str(r["epoch"]), str(r["step"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
-                         f"{r['top1']:.2f}", f"{r['top5']:.2f}", images])
+    for r in read_metrics(metrics):
+        if r.top1 is not None:
+            images = ValImages(r.images.n, r.images.present)  # (the classes are in the summary lines)
+            rows.append([str(r.epoch), str(r.step), f"{r.train_loss:.4f}", f"{r.val_loss:.4f}", f"{r.top1:.2f}",
+                         f"{r.top5:.2f}", str(images)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _epoch_loss(metrics: Path, epoch: int) -> float:
     """Mean training loss of `epoch` from metrics.jsonl (so a resumed epoch counts its first part)."""
-    records = map(json.loads, metrics.read_text().splitlines())
-    losses = [r["loss"] for r in records if "loss" in r and r["epoch"] == epoch]
+    losses = [r.losses["loss"] for r in read_metrics(metrics) if "loss" in r.losses and r.epoch == epoch]
     return sum(losses) / max(1, len(losses))
 
 
@@ -380,7 +378,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         result, val[0] = evaluate(run.accelerator.unwrap_model(model), cfg.val_shards, img_size, counted.spec,
                                   run.accelerator, cfg.eval_batch_size, cfg.workers)
         if run.is_main:  # the epoch's mean from the file: a resumed epoch counts its first part too
-            record = {"epoch": epoch, "step": run.state.step, "train_loss": _epoch_loss(run.metrics, epoch), **result}
+            record = ValidationRecord(epoch, run.state.step, _epoch_loss(run.metrics, epoch), **result)
             run.log(record)
             run.log_scalars(record, "val")
 
