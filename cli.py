@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from mrmae.cli_help import Group, no_progress_option, renamed_argument, workers_option
-from mrmae.train.recipe import config_option
+from mrmae.train.run.recipe import config_option
 
 DEMO_SHARDS = '"demo/shards/demo-{000000..000002}.tar"'  # the examples' data: `mrmae make-demo-shards`
 
@@ -56,7 +56,7 @@ class _Interrupted(KeyboardInterrupt):
     """Ctrl-C in a training run; the message says which checkpoint `--resume` continues from."""
 
     def __init__(self, out: str) -> None:
-        from mrmae.train.checkpoint import CheckpointError, latest_checkpoint
+        from mrmae.train.run.checkpoint import CheckpointError, latest_checkpoint
 
         try:
             last = latest_checkpoint(out)
@@ -440,7 +440,7 @@ _SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), def
 @no_progress_option
 def pretrain(no_progress, **params) -> None:
     """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
-    from mrmae.train.loop import summary
+    from mrmae.train.run.loop import summary
     from mrmae.train.pretrain import run_pretrain
 
     _fit_warmup(params)
@@ -460,7 +460,7 @@ def _fit_warmup(params: dict) -> None:
     there is checked as given."""
     from click.core import ParameterSource
 
-    from mrmae.train.loop import fit_warmup
+    from mrmae.train.run.loop import fit_warmup
 
     ctx = click.get_current_context()
     source = ctx.get_parameter_source("warmup_epochs")
@@ -509,7 +509,7 @@ def models() -> None:
 @cli.command("recipes", example="mrmae recipes")
 def recipes() -> None:
     """List the recipes mrmae ships (the paper's runs and its ablation rows), for --config NAME."""
-    from mrmae.train.recipe import list_recipes, recipes_folder
+    from mrmae.train.run.recipe import list_recipes, recipes_folder
 
     rows = list_recipes()
     width = max(len(name) for name, _ in rows)
@@ -618,7 +618,7 @@ def cache_clean(cache_dir: str | None, feature_cache: str | None, older_than: fl
     click.echo(f"{len(removed)} leftovers {'found' if dry_run else 'removed'} (older than {older_than:g} h)")
 
 
-# --- export, visualize, eval: thin wrappers over train/export.py, visualize.py, evaluate.py ---
+# --- export, visualize, eval: thin wrappers over train/downstream/export.py, visualize.py, evaluate.py ---
 
 
 @cli.command("export", example="mrmae export --checkpoint demo/run --out demo/encoder")
@@ -637,8 +637,8 @@ def export(checkpoint: str, checkpoint_format: str, out: str, overwrite: bool, p
 
     A ViT goes under timm's own name (timm alone loads it), a ConvViT under its mrmae_* name
     (`import mrmae` registers it); `timm.create_model("local-dir:OUT", pretrained=True)` loads either."""
-    from mrmae.train.export import export_encoder
-    from mrmae.train.hub import check_hub_reachable, push_folder
+    from mrmae.train.downstream.export import export_encoder
+    from mrmae.train.downstream.hub import check_hub_reachable, push_folder
 
     if push_to_hub:
         check_hub_reachable(push_to_hub)  # before anything is written
@@ -658,7 +658,7 @@ def export(checkpoint: str, checkpoint_format: str, out: str, overwrite: bool, p
 
 
 def _label_options(num_classes: bool):
-    """The label options of `finetune` and every `eval` command (train/labels.py); `num_classes`:
+    """The label options of `finetune` and every `eval` command (train/downstream/labels.py); `num_classes`:
     declare eval's optional --num-classes too (finetune has its own, required by the head)."""
     options = [
         click.option("--label-format", type=click.Choice(["auto", "cls", "json"]), default="auto", show_default=True,
@@ -751,8 +751,8 @@ def _label_options(num_classes: bool):
 @no_progress_option
 def finetune(no_progress, **kwargs) -> None:
     """Fine-tune the pretrained encoder as a timm ViT classifier (MAE's recipe); top-1/top-5 per epoch."""
-    from mrmae.train.finetune import FinetuneConfig, run_finetune
-    from mrmae.train.loop import summary
+    from mrmae.train.downstream.finetune import FinetuneConfig, run_finetune
+    from mrmae.train.run.loop import summary
 
     _fit_warmup(kwargs)
     try:
@@ -788,7 +788,7 @@ def finetune(no_progress, **kwargs) -> None:
 def visualize(feature_cache, shards, out, checkpoint, checkpoint_format, num, view_index, mask_ratio, seed, device,
               no_progress) -> None:
     """PNG grid per sample: view, teacher [CLS] attention, a mask per masking strategy, [reconstruction]."""
-    from mrmae.train.visualize import render_grid
+    from mrmae.train.downstream.visualize import render_grid
 
     click.echo(str(render_grid(feature_cache, shards, Path(out) / "views.png", checkpoint, num, view_index,
                                mask_ratio, seed, device=device, progress=not no_progress,
@@ -800,7 +800,7 @@ def visualize(feature_cache, shards, out, checkpoint, checkpoint_format, num, vi
 @click.option("--out", required=True, help="Directory for report.md, report.csv and curves.png (created).")
 def report(runs: tuple[str, ...], out: str) -> None:
     """One table row per RUN (model, mask, fusion, targets, weights, final losses, eval results) and their loss curves."""
-    from mrmae.train.report import ReportConfig, run_report
+    from mrmae.train.downstream.report import ReportConfig, run_report
 
     written = run_report(ReportConfig(runs=runs, out=out))
     click.echo(written.markdown.read_text())
@@ -849,7 +849,7 @@ def _eval_options(f, ensemble: bool = False):
 
 def _label_kwargs(kwargs: dict):
     """eval's label options out of `kwargs`, as a LabelOptions."""
-    from mrmae.train.labels import LabelOptions
+    from mrmae.train.downstream.labels import LabelOptions
 
     return LabelOptions(kwargs.pop("label_format"), kwargs.pop("label_field"), kwargs.pop("class_map"),
                         kwargs.pop("skip_bad_labels"), kwargs.pop("num_classes"))
@@ -868,7 +868,7 @@ def _echo_eval(r, results: str, why: str = "") -> None:
 
 def _run_eval(protocol: str, checkpoint: str, results: str | None, fused: bool, no_progress: bool,
               checkpoint_format: str = "auto", **kwargs) -> None:
-    from mrmae.train.evaluate import load_frozen, results_path, run_eval
+    from mrmae.train.downstream.evaluate import load_frozen, results_path, run_eval
 
     labels = _label_kwargs(kwargs)
     frozen = load_frozen(checkpoint, fused, checkpoint_format)
@@ -921,7 +921,7 @@ def eval_linear_probe(checkpoint, results, **kwargs) -> None:
 @click.option("--seed", default=0, show_default=True, help="Linear probe: seed of the initialisation and batch order.")
 def eval_ensemble(checkpoint, results, protocol, fused, no_progress, checkpoint_format, **kwargs) -> None:
     """Average the class probabilities of separately pretrained models (the paper's "Sep." row)."""
-    from mrmae.train.evaluate import load_frozen, results_path, run_ensemble
+    from mrmae.train.downstream.evaluate import load_frozen, results_path, run_ensemble
 
     if len(checkpoint) < 2:
         raise click.UsageError("an ensemble needs two or more --checkpoint")

@@ -242,7 +242,7 @@ def train_steps(setup: dict, accelerator, batches, lr: float, start_step: int = 
     of the loss, so on CUDA the figure covers the GPU's work too.
     """
     from mrmae.train.engine import PretrainStep, StepOptions
-    from mrmae.train.loop import optimiser_steps
+    from mrmae.train.run.loop import optimiser_steps
 
     step = PretrainStep(setup["model"], accelerator, StepOptions(), setup["teacher"])
     images = len(setup["batches"][0]["keys"]) * accelerator.num_processes  # (`batches` may be a timed generator)

@@ -19,7 +19,7 @@ Needs scikit-learn for its bundled digits set: `.venv/bin/pip install scikit-lea
    seed (the seed sets the init, the sample order, which cached view, the masks).
 5. Frozen features of the encoder `mrmae export` writes and `mrmae eval` probes (MAE's eval
    transform, the [CLS] token and the mean patch token, after the final norm; a ConvViT has
-   no [CLS]), then the package's linear probe and kNN (train/evaluate.py), trained on the
+   no [CLS]), then the package's linear probe and kNN (train/downstream/evaluate.py), trained on the
    student split, scored on val. References: the untrained students and the teacher.
 6. With --finetune-epochs N, each pretrained student is also fine-tuned end to end for N
    epochs (`run_finetune`, the paper's recipe at this scale) on the student split and
@@ -54,10 +54,10 @@ from mrmae.extract.config import ExtractConfig  # noqa: E402
 from mrmae.extract.runner import run_extraction  # noqa: E402
 from mrmae.shared.teachers.base import build_teacher  # noqa: E402
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view, sample_view, view_rng  # noqa: E402
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mrmae.train.engine import StepOptions  # noqa: E402
-from mrmae.train.evaluate import LabelledImages, class_probabilities, topk_accuracy  # noqa: E402
-from mrmae.train.labels import LabelSpec  # noqa: E402
+from mrmae.train.downstream.evaluate import LabelledImages, class_probabilities, topk_accuracy  # noqa: E402
+from mrmae.train.downstream.labels import LabelSpec  # noqa: E402
 from mrmae.train.models import create_model  # noqa: E402
 from mrmae.train.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 from mrmae.train.restore import encode_all_tokens  # noqa: E402
@@ -173,7 +173,7 @@ def train_teacher(urls: list[str], val_urls: list[str], out: Path, epochs: int, 
 
 
 def eval_pixels(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAE's eval transform of every labelled image (train/evaluate.py's LabelledImages), once:
+    """MAE's eval transform of every labelled image (train/downstream/evaluate.py's LabelledImages), once:
     all models see the same tensors and only the encoder runs per model. The benchmark's own
     tars hold no unusable sample: one would stop it, naming the sample."""
     items = list(LabelledImages(urls, 224, LabelSpec("cls")))
@@ -215,7 +215,7 @@ def _mean_std(values: list) -> tuple[float, float] | None:
 def pretrain_and_score(variant: str, seed: int, a: argparse.Namespace, root: Path, shards: dict, cache: str,
                        train_px: tuple, val_px: tuple) -> dict:
     """Pretrain one variant with one seed, probe its exported encoder, fine-tune it (--finetune-epochs)."""
-    from mrmae.train.export import read_encoder
+    from mrmae.train.downstream.export import read_encoder
 
     cached, opts, fields = VARIANTS[variant]
     out = root / "runs" / f"{variant.replace(' ', '_').replace('+', '_')}-s{seed}"
@@ -240,7 +240,7 @@ def pretrain_and_score(variant: str, seed: int, a: argparse.Namespace, root: Pat
 def finetune_top1(checkpoint: str, run: Path, seed: int, a: argparse.Namespace, shards: dict) -> tuple[float, float]:
     """Val top-1 (%) after --finetune-epochs of the paper's fine-tuning recipe (layer decay 0.6,
     drop path 0.2 with Mixup/CutMix/RandAugment off: 445 images), and the seconds it took."""
-    from mrmae.train.finetune import FinetuneConfig, run_finetune
+    from mrmae.train.downstream.finetune import FinetuneConfig, run_finetune
 
     cfg = FinetuneConfig(checkpoint=checkpoint, train_shards="::".join(shards["student"]),
                          val_shards="::".join(shards["val"]), out=str(run.with_name(run.name + "-ft")),

@@ -58,7 +58,8 @@ import webdataset as wds
 
 from _common import ForeignCpu, machine_facts, make_shards, table, warn_if_busy, write_json
 from mrmae.shared import cache_format as cf
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, StudentStream
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.train.data import DataConfig, StudentStream
 
 LOADERS = ("cached", "cached_unchecked", "cached_undigested", "cached_pixels", "plain")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mrmae.train.checkpoint import TrainState, save_checkpoint
+from mrmae.train.run.checkpoint import TrainState, save_checkpoint
 from mrmae.train.students.vit import MRMAE
 from mrmae.train.models import create_model
 

@@ -17,10 +17,10 @@ from mrmae.extract.config import ExtractConfig
 from mrmae.extract.runner import run_extraction
 from mrmae.shared.errors import OptionError
 from mrmae.shared.views import ViewConfig
-from mrmae.train.finetune import FinetuneConfig
-from mrmae.train.finetune import check_numbers as check_finetune_numbers
+from mrmae.train.downstream.finetune import FinetuneConfig
+from mrmae.train.downstream.finetune import check_numbers as check_finetune_numbers
 from mrmae.train.pretrain import check_options
-from mrmae.train.loop import resolve_accum_steps
+from mrmae.train.run.loop import resolve_accum_steps
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "32", "--workers", "0",

@@ -1,4 +1,4 @@
-"""Labelled samples (train/labels.py): every sample of a real tar is used or counted, for
+"""Labelled samples (train/downstream/labels.py): every sample of a real tar is used or counted, for
 `finetune` and every `eval` protocol, on one process and on two."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from test_finetune import save_small_student
 from mrmae.cli import cli
 from mrmae.shared.errors import OptionError
 from mrmae.shared.shards import iter_samples
-from mrmae.train.labels import (LabelError, LabelOptions, LabelSpec, Tally, census, read_class_map, resolve_labels)
+from mrmae.train.downstream.labels import (LabelError, LabelOptions, LabelSpec, Tally, census, read_class_map, resolve_labels)
 
 NUM_CLASSES = ["--num-classes", "16"]
 FT = [*NUM_CLASSES, "--batch-size", "4", "--epochs", "1", "--lr", "1e-3", "--warmup-epochs", "0", "--workers", "0",

@@ -186,7 +186,7 @@ def test_int8_targets_are_gathered_then_dequantised_to_the_full_dequantisation()
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(demo_shards, cache, tmp_path):
-    from mrmae.train.checkpoint import latest_checkpoint
+    from mrmae.train.run.checkpoint import latest_checkpoint
 
     args = ["--shards", str(demo_shards[0]), "--feature-cache", str(cache), "--out", str(tmp_path / "o"), *TINY,
             "--batch-size", "3"]

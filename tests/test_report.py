@@ -17,7 +17,7 @@ from mrmae.cli import cli
 from mrmae.extract.config import ExtractConfig
 from mrmae.extract.runner import run_extraction
 from mrmae.shared.views import ViewConfig
-from mrmae.train.records import LINE_LIMIT
+from mrmae.train.run.records import LINE_LIMIT
 
 TINY = ["--decoder-depth", "1", "--decoder-dim", "64", "--batch-size", "6", "--workers", "0", "--no-progress",
         "--seed", "3", "--lr", "1e-3"]
@@ -251,8 +251,8 @@ def test_help_does_not_import_matplotlib():
 def test_mask_column_reads_both_config_layouts():
     """step_options.mask_options (since the masking registry) and, for older runs, focused
     masking's options in step_options itself: the same column."""
-    from mrmae.train.records import RecordError, StepOptionsRecord
-    from mrmae.train.report import describe_mask
+    from mrmae.train.run.records import RecordError, StepOptionsRecord
+    from mrmae.train.downstream.report import describe_mask
 
     def describe(opts: dict) -> str | None:
         return describe_mask(StepOptionsRecord.from_json(opts, "w"))

@@ -16,7 +16,7 @@ import pytest
 from _venv import pip_install, venv_without_mrmae
 
 from mrmae.train.masking import mask_names
-from mrmae.train.recipe import list_recipes
+from mrmae.train.run.recipe import list_recipes
 from mrmae.train.students.registry import families
 
 ROOT = Path(__file__).resolve().parents[1]

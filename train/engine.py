@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
-from mrmae.train.loop import MASK_SEEDING, MicroBatch
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.train.data import render_views
+from mrmae.train.run.loop import MASK_SEEDING, MicroBatch
 from mrmae.train.masking import get_mask
 from mrmae.train.student import masked_ids
 
@@ -145,35 +146,6 @@ def prepare_targets(batch: dict, ids_keep: torch.Tensor, device: torch.device,
                              target_pca[j] if j < len(target_pca) else None, norm)
             for j, s in enumerate(["", *(f"@{i}" for i in range(1, 1 + joint))])]
     return sets if joint else sets[0]
-
-
-class InterruptibleLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose worker start-up Ctrl-C cannot cut. While `iter()` forks the
-    workers, SIGINT is blocked (the workers inherit the mask and, with
-    `worker_ignores_interrupt`, discard it) and a SIGINT the main process had already
-    received is only noted; it is raised once the iterator is whole, where torch can stop
-    its workers. Unguarded, a SIGINT landing in the fork killed a half-started worker (a
-    traceback), broke the iterator half-built, or was swallowed by an at-fork handler (the
-    run went on)."""
-
-    def __iter__(self):
-        import signal
-        import threading
-
-        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
-            return super().__iter__()
-        noted: list[int] = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            batches = super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if noted:
-            del batches  # a whole iterator: its workers are stopped
-            raise KeyboardInterrupt
-        return batches
 
 
 def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids_keep: torch.Tensor,

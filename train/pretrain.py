@@ -22,13 +22,14 @@ from mrmae.shared import shards
 from mrmae.shared.shards import expand_urls
 from mrmae.shared import cache_format as cf
 from mrmae.shared.errors import OptionChecks, OptionError, unknown_name, worker_ignores_interrupt
-from mrmae.train import checkpoint as ckpt
+from mrmae.train.run import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
 from mrmae.train.masking import all_mask_options, get_mask, mask_names, num_visible
-from mrmae.train.recipe import RecipeFile
-from mrmae.train.run_dir import check_out
-from mrmae.train.engine import InterruptibleLoader, PretrainStep, StepOptions
-from mrmae.train.loop import MASK_SEEDING, TrainRun, epoch_passes
+from mrmae.train.run.recipe import RecipeFile
+from mrmae.train.run.run_dir import check_out
+from mrmae.train.run.loader import InterruptibleLoader
+from mrmae.train.engine import PretrainStep, StepOptions
+from mrmae.train.run.loop import MASK_SEEDING, TrainRun, epoch_passes
 
 
 @dataclass

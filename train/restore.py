@@ -1,6 +1,6 @@
 """Rebuild a trained MR-MAE student from a checkpoint, for export, evaluation and pictures.
 
-A checkpoint (`train/checkpoint.py`) holds the weights only; what built the model is the
+A checkpoint (`train/run/checkpoint.py`) holds the weights only; what built the model is the
 run's `OUT/config.json` (written by `mrmae pretrain`): the registry name and
 `fuse_layers`, which no tensor shape reveals. The sizes pretrain may override (teacher
 width, decoder width and depth) and, for a ViT, all its sizes are read from the shapes, so
@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mrmae.train.checkpoint import CheckpointError, latest_checkpoint
-from mrmae.train.records import RunConfig, read_run_config
+from mrmae.train.run.checkpoint import CheckpointError, latest_checkpoint
+from mrmae.train.run.records import RunConfig, read_run_config
 from mrmae.train.students.vit import MRMAEConfig
 from mrmae.train.models import create_model, model_config
 from mrmae.train.students.registry import family_of, student_names

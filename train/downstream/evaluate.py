@@ -38,10 +38,10 @@ from torchvision.transforms.v2 import functional as TF
 from mrmae.shared.shards import expand_urls, iter_samples
 from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
 from mrmae.shared.views import ImageDecodeError, decode_image, normalize
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
-from mrmae.train.engine import InterruptibleLoader
-from mrmae.train.records import EvalRecord, MemberResult, append_eval
-from mrmae.train.labels import (MAX_INFERRED_CLASSES, LabelError, LabelOptions, LabelSpec, Skip, Tally, class_notes,
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.train.run.loader import InterruptibleLoader
+from mrmae.train.run.records import EvalRecord, MemberResult, append_eval
+from mrmae.train.downstream.labels import (MAX_INFERRED_CLASSES, LabelError, LabelOptions, LabelSpec, Skip, Tally, class_notes,
                                 resolve_labels, sample_labels)
 from mrmae.train.restore import encode_all_tokens, load_student
 
@@ -136,7 +136,7 @@ def load_frozen(source: str | Path, fused: bool = False, fmt: str = "auto") -> F
     """The encoder to probe from an export file or a student checkpoint (see `export.read_encoder`;
     `fmt`: --checkpoint-format); `fused`: the student's fused pretraining latent (a student
     checkpoint only)."""
-    from mrmae.train.export import read_encoder, read_export_at
+    from mrmae.train.downstream.export import read_encoder, read_export_at
 
     if fused:
         if read_export_at(source) is not None:
@@ -154,7 +154,7 @@ def results_path(frozen: Frozen, source: str | Path) -> tuple[Path, str]:
     an export, the run it was exported from (its config.json names it, relative to the
     export) when that run is still there, so `mrmae report RUN` shows the result; else beside
     the weights read."""
-    from mrmae.train.export import export_source_run
+    from mrmae.train.downstream.export import export_source_run
 
     if frozen.run_dir is not None:
         return frozen.run_dir / "eval.jsonl", "the run"

@@ -35,7 +35,7 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.errors import OptionError
 from mrmae.shared.outfiles import write_file
 from mrmae.shared.views import View, ViewError, decode_image, normalize, render_view_uint8
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.masking import MaskStrategy, mask_strategies
 
 PAD, HEADER = 8, 24

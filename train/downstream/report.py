@@ -37,7 +37,7 @@ from typing import Iterator
 from mrmae.shared.errors import MrmaeError, OptionError, naming
 from mrmae.shared.outfiles import refuse_link
 from mrmae.train.masking import mask_strategies
-from mrmae.train.records import (EVALS, METRICS, RunConfig, StepOptionsRecord, read_evals, read_metrics,
+from mrmae.train.run.records import (EVALS, METRICS, RunConfig, StepOptionsRecord, read_evals, read_metrics,
                                  read_run_config)
 
 FINAL_LOSS_NOTE = ("final L_R / final L_M: the mean of loss_recon / loss_mimic over the logged steps of the run's "

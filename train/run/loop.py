@@ -31,11 +31,11 @@ import torch
 from tqdm import tqdm
 
 from mrmae.shared.errors import MrmaeError, OptionError
-from mrmae.train import checkpoint as ckpt
+from mrmae.train.run import checkpoint as ckpt
 from mrmae.train.data import STEP_KEY, steps_of
-from mrmae.train.records import (Resolved, StepRecord, ValidationRecord, append_metrics, read_run_config,
+from mrmae.train.run.records import (Resolved, StepRecord, ValidationRecord, append_metrics, read_run_config,
                                  write_run_config)
-from mrmae.train.run_dir import set_aside
+from mrmae.train.run.run_dir import set_aside
 
 # How pretraining's masks are seeded, recorded in config.json and each checkpoint:
 # 1 (runs before issue 17, no record): noise of (seed, micro-step), this rank's rows of W x B;

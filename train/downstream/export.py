@@ -40,8 +40,8 @@ from safetensors import SafetensorError, safe_open
 
 from mrmae.shared.errors import MrmaeError, OptionError
 from mrmae.shared.outfiles import refuse_link
-from mrmae.train.checkpoint import CheckpointError
-from mrmae.train.records import RunConfig, read_json_object, read_run_config
+from mrmae.train.run.checkpoint import CheckpointError
+from mrmae.train.run.records import RunConfig, read_json_object, read_run_config
 from mrmae.train.official import (FORMATS, OFFICIAL, OfficialCheckpoint, is_official_file, read_official,
                                   split_unused, summarise)
 from mrmae.train.restore import Restored, load_student, read_weights, resolve_weights
@@ -344,7 +344,7 @@ def export_encoder(checkpoint: str | Path, out: str | Path, fmt: str = "auto", o
     """Write the encoder of `checkpoint` (see `read_encoder`) to the folder `out`: config.json
     and model.safetensors, by timm's `save_for_hf`. An export already in `out` is refused, or
     with `overwrite` set aside (renamed, `run_dir.set_aside`) once the checkpoint has been read."""
-    from mrmae.train.run_dir import EXPORT_FILES, check_out, set_aside
+    from mrmae.train.run.run_dir import EXPORT_FILES, check_out, set_aside
 
     source = read_encoder(checkpoint, fmt)
     folder = Path(out).resolve()

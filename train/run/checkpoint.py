@@ -31,7 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from mrmae.shared.errors import MrmaeError, naming
 from mrmae.shared.outfiles import refuse_link, write_file
-from mrmae.train.records import read_json_object, truncate_records
+from mrmae.train.run.records import read_json_object, truncate_records
 
 KEEP = 2  # complete checkpoints kept on disk
 

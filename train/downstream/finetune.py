@@ -37,17 +37,17 @@ import torch
 from tqdm import tqdm
 
 from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
-from mrmae.train import checkpoint as ckpt
-from mrmae.train.engine import InterruptibleLoader
-from mrmae.train.loop import MicroBatch, TrainRun, epoch_passes
+from mrmae.train.run import checkpoint as ckpt
+from mrmae.train.run.loader import InterruptibleLoader
+from mrmae.train.run.loop import MicroBatch, TrainRun, epoch_passes
 from mrmae.shared.seeding import seed_from
-from mrmae.train.finetune_data import LabelledStream, seed_everything, train_transform
-from mrmae.train.labels import LabelOptions, LabelSpec, Tally, census, class_notes, resolve_labels
-from mrmae.train.recipe import RecipeFile
-from mrmae.train.records import ValImages, ValidationRecord, read_metrics
+from mrmae.train.downstream.finetune_data import LabelledStream, seed_everything, train_transform
+from mrmae.train.downstream.labels import LabelOptions, LabelSpec, Tally, census, class_notes, resolve_labels
+from mrmae.train.run.recipe import RecipeFile
+from mrmae.train.run.records import ValImages, ValidationRecord, read_metrics
 
 if TYPE_CHECKING:
-    from mrmae.train.export import Encoder
+    from mrmae.train.downstream.export import Encoder
 
 POOLS = ("avg", "token")
 
@@ -95,7 +95,7 @@ class FinetuneConfig:
     samples_per_epoch: int | None = None  # default: counted from the tar headers
     progress: bool = True
     device: str = "auto"  # "auto": accelerate's choice (a GPU per process where there are GPUs); "cpu": CPU anyway
-    label_format: str = "auto"  # "auto" | "cls" | "json" (train/labels.py)
+    label_format: str = "auto"  # "auto" | "cls" | "json" (train/downstream/labels.py)
     label_field: str | None = None  # json: the label's field (default "label")
     class_map: str | None = None  # labels are class names, mapped by this file
     skip_bad_labels: bool = False  # count and skip bad labels instead of stopping at the first
@@ -116,7 +116,7 @@ def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float 
     may be missing and only that final norm left over: any other mismatch is an error
     naming the keys (a half-loaded encoder would fine-tune silently).
     """
-    from mrmae.train.export import read_encoder
+    from mrmae.train.downstream.export import read_encoder
 
     if global_pool not in POOLS:
         raise FinetuneError(f"global pool must be one of {POOLS}, got {global_pool!r}")
@@ -154,7 +154,7 @@ def evaluate(model: torch.nn.Module, shards: str, img_size: int, spec: LabelSpec
     count of its samples (`labels.Tally`); each rank takes every world-th shard and the
     counts are summed over ranks. -> (the epoch record's fields, the tally)."""
     from mrmae.shared.shards import expand_urls
-    from mrmae.train.evaluate import LabelledImages, collate_labelled
+    from mrmae.train.downstream.evaluate import LabelledImages, collate_labelled
 
     rank, world = accelerator.process_index, accelerator.num_processes
     urls = expand_urls(shards)
@@ -298,9 +298,9 @@ def check_numbers(cfg: FinetuneConfig) -> None:
     """The options of a fine-tuning run, before anything is built or written: every bad one
     at once (OptionErrors, a line each; NaN passes click's ranges)."""
     from mrmae.shared.errors import OptionChecks
-    from mrmae.train.finetune_data import train_transform
+    from mrmae.train.downstream.finetune_data import train_transform
     from mrmae.train.pretrain import check_shard_list, check_warmup, number_option
-    from mrmae.train.run_dir import check_out
+    from mrmae.train.run.run_dir import check_out
 
     checks = OptionChecks()
     source = Path(cfg.checkpoint).resolve()
@@ -338,7 +338,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune; returns {checkpoint, metrics, steps, table, summary, main_process} (`summary`:
     a line per split, the images used of those present). Resumes with `resume`."""
-    from mrmae.train.layer_decay import param_groups_layer_decay
+    from mrmae.train.downstream.layer_decay import param_groups_layer_decay
 
     check_numbers(cfg)
     run = TrainRun(cfg, "finetune")
