@@ -55,11 +55,12 @@ from mrmae.extract.runner import run_extraction  # noqa: E402
 from mrmae.shared.teachers.base import build_teacher  # noqa: E402
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view, sample_view, view_rng  # noqa: E402
 from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from mrmae.train.engine import StepOptions  # noqa: E402
+from mrmae.train.config import StepOptions  # noqa: E402
 from mrmae.train.downstream.evaluate import LabelledImages, class_probabilities, topk_accuracy  # noqa: E402
 from mrmae.train.downstream.labels import LabelSpec  # noqa: E402
 from mrmae.train.models import create_model  # noqa: E402
-from mrmae.train.pretrain import PretrainConfig, run_pretrain  # noqa: E402
+from mrmae.train.config import PretrainConfig  # noqa: E402
+from mrmae.train.pretrain import run_pretrain  # noqa: E402
 from mrmae.train.restore import encode_all_tokens  # noqa: E402
 
 STUDENT = "mrmae_vit_tiny_patch16"
@@ -240,7 +241,8 @@ def pretrain_and_score(variant: str, seed: int, a: argparse.Namespace, root: Pat
 def finetune_top1(checkpoint: str, run: Path, seed: int, a: argparse.Namespace, shards: dict) -> tuple[float, float]:
     """Val top-1 (%) after --finetune-epochs of the paper's fine-tuning recipe (layer decay 0.6,
     drop path 0.2 with Mixup/CutMix/RandAugment off: 445 images), and the seconds it took."""
-    from mrmae.train.downstream.finetune import FinetuneConfig, run_finetune
+    from mrmae.train.downstream.config import FinetuneConfig
+    from mrmae.train.downstream.finetune import run_finetune
 
     cfg = FinetuneConfig(checkpoint=checkpoint, train_shards="::".join(shards["student"]),
                          val_shards="::".join(shards["val"]), out=str(run.with_name(run.name + "-ft")),

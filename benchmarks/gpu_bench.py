@@ -239,8 +239,9 @@ def bench_pretrain_e2e(mode: str, s: Settings, urls: list[str], cache_root: Path
     Compare with the step-only row of the same mode (goal >= 0.9x)."""
     import json
 
-    from mrmae.train.engine import StepOptions
-    from mrmae.train.pretrain import PretrainConfig, run_pretrain
+    from mrmae.train.config import StepOptions
+    from mrmae.train.config import PretrainConfig
+    from mrmae.train.pretrain import run_pretrain
 
     tag = f"{mode}{'_compiled' if compile_backend else ''}"
     cfg = PretrainConfig(shards="::".join(urls), out=str(tmp / f"e2e-run-{tag}"), model=s.student,

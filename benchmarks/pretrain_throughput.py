@@ -92,7 +92,8 @@ def child_e2e(args: argparse.Namespace, data: Path) -> dict:
     import accelerate  # noqa: F401  everything run_pretrain imports, before the baseline RSS
     import mrmae.shared.teachers  # noqa: F401
     import mrmae.train.models  # noqa: F401
-    from mrmae.train.pretrain import PretrainConfig, run_pretrain
+    from mrmae.train.config import PretrainConfig
+    from mrmae.train.pretrain import run_pretrain
 
     import_rss = peak_rss_mib()
     out = data / f"run-{args.mode}"

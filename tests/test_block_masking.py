@@ -118,4 +118,4 @@ def test_pretrain_with_block_masking_end_to_end(demo_shards, tmp_path):
     assert opts["mask_options"]["block_max_aspect"] == pytest.approx(1 / 0.3)
     bad = CliRunner().invoke(cli, ["pretrain", "--shards", url_list(demo_shards), "--out", str(tmp_path / "bad"),
                                    *TINY, "--mask", "block", "--mask-option", "block_min_patches=0"])
-    assert bad.exit_code == 1 and "--mask-option block_min_patches 0.0: must be a finite number from 1" in bad.output
+    assert bad.exit_code == 2 and "--mask-option block_min_patches 0.0: must be a finite number from 1" in bad.output

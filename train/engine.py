@@ -10,7 +10,7 @@ trains on the same samples, views and masks however its effective batch is split
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -18,27 +18,11 @@ import torch.nn.functional as F
 
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
-from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.data import render_views
 from mrmae.train.run.loop import MASK_SEEDING, MicroBatch
+from mrmae.train.config import StepOptions
 from mrmae.train.masking import get_mask
 from mrmae.train.student import masked_ids
-
-
-@dataclass
-class StepOptions:
-    mask: str = "random"  # a registered masking strategy (train/masks/: "random", "focused", ...)
-    mask_ratio: float = 0.75
-    mask_options: dict[str, float] = field(default_factory=dict)  # its options; absent ones take their defaults
-    recon_weight: float = 0.5
-    mimic_weight: float = 0.5
-    target_norm: str = "none"  # "none" | "layernorm" | "l2"
-    # where the teacher's features are the target: "encoder" (L_M on the visible tokens) or "decoder"
-    # (table 3 row 5: a decoder head reconstructs the masked tokens' features, weighted by mimic_weight)
-    high_level_at: str = "encoder"
-    seed: int = 0
-    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # the student's input normalisation (0-1 units)
-    pixel_std: tuple[float, float, float] = IMAGENET_STD
 
 
 def normalize_targets(targets: torch.Tensor, how: str) -> torch.Tensor:

@@ -171,6 +171,12 @@ def mask_strategies() -> dict[str, MaskStrategy]:
     return dict(_REGISTRY)
 
 
+def flagged_mask_options() -> list[MaskOption]:
+    """The strategies' options that their registration gives a command-line flag of their own
+    (`MaskOption.flag`: focused masking's --focus-temperature, ...), each once, by flag."""
+    return list({o.flag: o for s in mask_strategies().values() for o in s.options if o.flag}.values())
+
+
 def mask_names() -> list[str]:
     """The registered strategies' names, sorted (what `--mask` accepts)."""
     return sorted(mask_strategies())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from mrmae.train.run.loop import MicroBatch, TrainRun, epoch_passes
 from mrmae.shared.seeding import seed_from
 from mrmae.train.downstream.finetune_data import LabelledStream, seed_everything, train_transform
 from mrmae.train.downstream.labels import LabelOptions, LabelSpec, Tally, census, class_notes, resolve_labels
-from mrmae.train.run.recipe import RecipeFile
+from mrmae.train.downstream.config import FinetuneConfig
 from mrmae.train.run.records import ValImages, ValidationRecord, read_metrics
 
 if TYPE_CHECKING:
@@ -54,53 +53,6 @@ POOLS = ("avg", "token")
 
 class FinetuneError(MrmaeError, ValueError):
     """A fine-tuning run that cannot start or go on as asked (bad encoder file, labels, batch)."""
-
-
-@dataclass
-class FinetuneConfig:
-    checkpoint: str  # a pretrain run/checkpoint (see restore.resolve_weights) or an `mrmae export` file
-    train_shards: str
-    val_shards: str
-    out: str
-    num_classes: int = 1000
-    epochs: int = 100
-    batch_size: int = 64  # per process, per micro-batch
-    accum_steps: int | None = None  # None: 1, or what effective_batch asks (loop.resolve_accum_steps)
-    effective_batch: int | None = None  # images per optimiser step, whatever the process count
-    blr: float = 3e-4  # the paper's section 4.1
-    lr: float | None = None  # absolute; default blr x effective batch / 256
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    layer_decay: float = 0.6
-    layer_decay_groups: str = "official"  # `layer_decay.RULES`: MAE's and ConvMAE's assignment, or "stages"
-    drop_path: float = 0.2
-    global_pool: str = "avg"
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    smoothing: float = 0.1
-    augment: str = "randaug"  # "randaug" | "light"
-    rand_augment: str = "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.25
-    eval_batch_size: int = 64
-    workers: int = 0
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False  # --out holding a run: set it aside (renamed) and start anew
-    resume_from: str | None = None  # "auto" (the newest complete checkpoint) or a checkpoint's path
-    save_every_steps: int = 0  # 0: at the end of each epoch only
-    samples_per_epoch: int | None = None  # default: counted from the tar headers
-    progress: bool = True
-    device: str = "auto"  # "auto": accelerate's choice (a GPU per process where there are GPUs); "cpu": CPU anyway
-    label_format: str = "auto"  # "auto" | "cls" | "json" (train/downstream/labels.py)
-    label_field: str | None = None  # json: the label's field (default "label")
-    class_map: str | None = None  # labels are class names, mapped by this file
-    skip_bad_labels: bool = False  # count and skip bad labels instead of stopping at the first
-    config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
-    checkpoint_format: str = "auto"  # `official.FORMATS`: what --checkpoint is (auto: from the file)
 
 
 def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float = 0.1, global_pool: str = "avg",
@@ -299,7 +251,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
     at once (OptionErrors, a line each; NaN passes click's ranges)."""
     from mrmae.shared.errors import OptionChecks
     from mrmae.train.downstream.finetune_data import train_transform
-    from mrmae.train.pretrain import check_shard_list, check_warmup, number_option
+    from mrmae.train.run.options import check_run_options, check_shard_list
     from mrmae.train.run.run_dir import check_out
 
     checks = OptionChecks()
@@ -309,16 +261,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
                     "checkpoints would be replaced); give the fine-tuning its own --out")
     else:
         checks.run(check_out, cfg.out, cfg.resume or bool(cfg.resume_from), cfg.overwrite)
-    for option, value, low, high, low_open in (
-            ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
-            ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False),
-            ("weight-decay", cfg.weight_decay, 0.0, math.inf, False), ("layer-decay", cfg.layer_decay, 0.0, 1.0, True),
-            ("drop-path", cfg.drop_path, 0.0, 1.0, False), ("mixup", cfg.mixup, 0.0, math.inf, False),
-            ("cutmix", cfg.cutmix, 0.0, math.inf, False), ("mixup-prob", cfg.mixup_prob, 0.0, 1.0, False),
-            ("mixup-switch-prob", cfg.mixup_switch_prob, 0.0, 1.0, False), ("smoothing", cfg.smoothing, 0.0, 1.0, False),
-            ("re-prob", cfg.re_prob, 0.0, 1.0, False)):
-        checks.run(number_option, option, value, low, high, low_open=low_open)
-    checks.run(check_warmup, cfg.warmup_epochs, cfg.epochs)
+    check_run_options(cfg, checks)  # the declared types and ranges (NaN too), the warm-up
     for option, value in (("drop-path", cfg.drop_path), ("smoothing", cfg.smoothing)):
         if value == 1.0:  # (above 1, or NaN: the range check said so)
             checks.fail(f"--{option} must be below 1")
