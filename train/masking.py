@@ -14,8 +14,10 @@ depends on its place in the global batch, not on the process count); attention [
 else None; `options` the strategy's declared options (`MaskOption`; `--mask-option
 NAME=VALUE` on the command line). A row's mask must be a function of its noise row (and
 attention row) alone. Every module of the package is imported when the registry is first
-asked (`mask_strategies`), so a new strategy is one new file there: `mrmae pretrain
---mask NAME`, `mrmae visualize` and the run's config.json pick it up.
+asked (`mask_strategies`), and so is every installed plug-in's (entry-point group
+`mrmae.masks`), so a new strategy is one new file: `mrmae pretrain --mask NAME` (with a flag
+for each option whose `MaskOption.flag` names one), `mrmae visualize`, `mrmae report` and the
+run's config.json pick it up.
 
 Every strategy returns the same triple, on the device of its inputs:
 
@@ -44,6 +46,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
+
+from mrmae.shared.plugins import load_plugins
 
 Masks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 STRATEGIES_PACKAGE = "mrmae.train.masks"
@@ -167,6 +171,7 @@ def mask_strategies() -> dict[str, MaskStrategy]:
         for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
             if not module.startswith("_"):
                 importlib.import_module(f"{STRATEGIES_PACKAGE}.{module}")
+        load_plugins("mrmae.masks")  # strategies installed outside mrmae (shared/plugins.py)
         _LOADED = True
     return dict(_REGISTRY)
 

@@ -204,8 +204,11 @@ def teacher_kinds() -> tuple[str, ...]:
 
     if (teachers := sys.modules.get("mrmae.shared.teachers.base")) is not None:
         return teachers.teacher_kinds()
+    from mrmae.shared.plugins import plugin_names
+
     where = importlib.util.find_spec("mrmae.shared.teachers").submodule_search_locations
-    return tuple(m.name for m in pkgutil.iter_modules(where) if m.name != "base" and not m.name.startswith("_"))
+    return tuple(m.name for m in pkgutil.iter_modules(where) if m.name != "base" and not m.name.startswith("_")) \
+        + tuple(plugin_names("mrmae.teachers"))  # (an installed plug-in's kind is its entry point's name)
 
 
 def views_from_fields(f: _Fields) -> ViewConfig:
