@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import CLIP_SMALL, DINO_TINY, url_list
+from conftest import CLIP_SMALL, DINO_TINY, rows, url_list
 from safetensors.torch import load_file
 
 from mrmae.cli import cli
@@ -17,8 +17,6 @@ from mrmae.shared.views import ViewConfig
 GEOMETRY = ("keys", "view", "crop", "flip")
 
 
-def rows(cache: cf.FeatureCache) -> dict[str, dict[str, np.ndarray]]:
-    return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from conftest import CLIP_SMALL, DINO_TINY, entry_files, launch_two, url_list
+from conftest import CLIP_SMALL, DINO_TINY, entry_files, extract, launch_two, url_list
 from PIL import Image
 
 from mrmae.cli import cli
@@ -28,10 +28,6 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ViewConfig
 
 
-def extract(shards, out, teacher=DINO_TINY, **kw) -> dict:
-    views = ViewConfig(per_image=kw.pop("views", 2), seed=kw.pop("seed", 0))
-    return run_extraction(ExtractConfig(shards=shards, out=str(out), teacher=teacher, views=views,
-                                        progress=False, **kw))
 
 
 def all_rows(root) -> dict[str, dict[str, np.ndarray]]:

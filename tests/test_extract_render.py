@@ -4,6 +4,8 @@ the one the workers' own render writes (same files, same bytes, same manifest)."
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+import conftest
 from conftest import DINO_TINY, entry_files, url_list
 from test_extract import _bad_shard
 
@@ -27,11 +30,9 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.shards import read_shard
 from mrmae.shared.views import ViewConfig, decode_image
 
+extract = partial(conftest.extract, seed=3)
 
-def extract(shards, out, *, views: int = 2, image_size: int = 224, **kw) -> dict:
-    return run_extraction(ExtractConfig(shards=shards, out=str(out), views=ViewConfig(per_image=views, seed=3,
-                                                                                      output_size=image_size),
-                                        progress=False, **kw))
+
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
