@@ -14,37 +14,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_teachers import TOY_KIND
 
 PACKAGE = "mrmae_toyplug"
 FILES = {
     "__init__.py": "",
-    "teacher.py": '''
-        import torch
-        import timm
-
-        from mrmae.shared.teachers.base import Teacher, TeacherOutput, random_init_warning, register_teacher
-
-
-        @register_teacher("toyt", "toyt:TIMM_VIT")
-        class ToyTeacher(Teacher):
-            """A timm ViT's un-normed last tokens; attention: their softmaxed norms."""
-
-            def __init__(self, spec):
-                super().__init__()
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    self.model = timm.create_model(spec.arch, pretrained=False, num_classes=0)
-                random_init_warning(spec)
-                self.spec, self.patch_size, self.num_prefix_tokens = spec, 16, 1
-                self.dim, self.depth = self.model.embed_dim, len(self.model.blocks)
-                self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-                self._finish_init(self.model)
-
-            @torch.no_grad()
-            def forward(self, images):
-                x = self.model.forward_features(images)
-                return TeacherOutput(x[:, 1:], x[:, 1:].norm(dim=-1).softmax(-1), x[:, 0])
-        ''',
+    "teacher.py": TOY_KIND,  # the kind test_teachers.py adds by hand: "toy"
     "mask.py": '''
         import torch
 
@@ -85,7 +60,7 @@ FILES = {
         ''',
 }
 ENTRY_POINTS = """[mrmae.teachers]
-toyt = mrmae_toyplug.teacher
+toy = mrmae_toyplug.teacher
 
 [mrmae.masks]
 stripes = mrmae_toyplug.mask
@@ -124,10 +99,10 @@ def test_an_installed_plugin_reaches_every_command(plugin_path, demo_shards, tmp
     assert "--stripe-width FLOAT Stripes masking: width of a stripe. [default: 1.0]" in help_text
     cache = tmp_path / "cache"
     mrmae(plugin_path, "extract-features", "--shards", str(demo_shards[0]), "--feature-cache", str(cache),
-          "--teacher", "toyt:vit_tiny_patch16_224", "--views", "1", "--batch-size", "6", "--workers", "0",
+          "--teacher", "toy:vit_tiny_patch16_224", "--views", "1", "--batch-size", "6", "--workers", "0",
           "--no-progress")
     info = json.loads(mrmae(plugin_path, "cache", "info", "--feature-cache", str(cache), "--json").stdout)
-    assert info["teacher"].startswith("toyt:vit_tiny_patch16_224"), info
+    assert info["teacher"].startswith("toy:vit_tiny_patch16_224"), info
     out = tmp_path / "run"
     mrmae(plugin_path, "pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(cache), "--out", str(out),
           "--model", "mrmae_toyvit_tiny", "--decoder-depth", "1", "--decoder-dim", "32", "--mask", "stripes",
