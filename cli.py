@@ -11,8 +11,11 @@ from pathlib import Path
 
 import click
 
-from mrmae.cli_help import Group, no_progress_option, renamed_argument, workers_option
-from mrmae.train.recipe import config_option
+from mrmae.cli_help import Command, Group, no_progress_option, renamed_argument, workers_option
+from mrmae.shared.options import click_field, click_options, config_from, device
+from mrmae.train.config import PretrainConfig, checkpoint_format, mask_options_callback, pretrain_config
+from mrmae.train.downstream.config import EvalLabels, FinetuneConfig
+from mrmae.train.run.recipe import config_option
 
 DEMO_SHARDS = '"demo/shards/demo-{000000..000002}.tar"'  # the examples' data: `mrmae make-demo-shards`
 
@@ -56,7 +59,7 @@ class _Interrupted(KeyboardInterrupt):
     """Ctrl-C in a training run; the message says which checkpoint `--resume` continues from."""
 
     def __init__(self, out: str) -> None:
-        from mrmae.train.checkpoint import CheckpointError, latest_checkpoint
+        from mrmae.train.run.checkpoint import CheckpointError, latest_checkpoint
 
         try:
             last = latest_checkpoint(out)
@@ -110,98 +113,9 @@ def make_demo_shards(out_dir: str | None, out: str | None, num_images: int, shar
     click.echo(f"wrote {len(paths)} shards, {num_images} images: {paths[0]} .. {paths[-1]}")
 
 
-def _blocks(param: click.Parameter, text: str) -> tuple[int, ...]:
-    """A comma-separated list of 1-based block numbers ("4,8,12"); BadParameter names the option."""
-    try:
-        blocks = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: give block numbers, e.g. 4,8,12", param=param) from None
-    if any(b < 1 for b in blocks):
-        raise click.BadParameter(f"{text!r}: blocks are numbered from 1", param=param)
-    return blocks
-
-
-class _MaskChoice(click.Choice):
-    """--mask: the registered masking strategies (train/masks/), listed at first use rather
-    than at import, so that `mrmae --help` does not import torch and every strategy."""
-
-    def __init__(self) -> None:
-        self._names: tuple[str, ...] | None = None
-        super().__init__(())
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        if self._names is None:
-            from mrmae.train.masking import mask_names
-
-            self._names = tuple(mask_names())
-        return self._names
-
-    @choices.setter
-    def choices(self, _value) -> None:  # click.Choice.__init__ assigns (); the registry decides
-        pass
-
-    def convert(self, value, param, ctx):
-        if value not in self.choices:  # click's message, with the closest names first
-            from mrmae.shared.errors import unknown_name
-
-            self.fail(unknown_name("", value, self.choices), param, ctx)
-        return value
-
-
-def _mask_options(param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
-    """--mask-option NAME=VALUE (repeated) -> {name: value}; checked against the strategies
-    when the run is set up (train/pretrain.check_mask)."""
-    options = {}
-    for text in values:
-        name, eq, value = text.partition("=")
-        try:
-            options[name.strip().replace("-", "_")] = float(value)
-        except ValueError:
-            eq = ""
-        if not eq or not name.strip():
-            raise click.BadParameter(f"{text!r}: give NAME=NUMBER, e.g. block_min_patches=16", param=param)
-    return options
-
-
-def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """A torch device this machine has (cpu, cuda, cuda:N, mps; auto: cuda where there is
-    one, else cpu), or BadParameter naming the option."""
-    import torch
-
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise click.BadParameter(f"{value!r} is not a torch device (auto, cpu, cuda, cuda:0, ...)", param=param) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter(f"{value!r}: this machine has no CUDA device", param=param)
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise click.BadParameter(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA devices", param=param)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise click.BadParameter(f"{value!r}: MPS is not available here", param=param)
-    return value
-
-
 def device_option(what: str):
-    """`--device` of a command that runs one model on one device."""
-    return click.option("--device", default="auto", show_default=True, callback=_device,
-                        help=f"Where {what} runs: auto (cuda where there is one, else cpu), cpu, cuda, cuda:N, mps.")
-
-
-def _accelerate_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value == "cuda":
-        _device(ctx, param, value)
-    return value
-
-
-def accelerate_device_option(f):
-    """`--device` of a training command: accelerate places each process (cuda:LOCAL_RANK)."""
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                        callback=_accelerate_device,
-                        help="auto: accelerate's choice (a GPU per process where there are GPUs, bf16); cpu: CPU "
-                             "even where there are GPUs (fp32).")(f)
+    """`--device` of a command that runs one model on one device (`shared.options.device`)."""
+    return click_field("device", device(what))
 
 
 def _out_dir(filename: str):
@@ -283,7 +197,8 @@ def extract_features(shards, out, teacher, add_teacher, target, num_views, dtype
     (its crops and flips, its backend; no new views are drawn) and store the targets under
     CACHE/targets/NAME, for `mrmae pretrain --target NAME`.
     """
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared import cache_format as cf
     from mrmae.shared.views import ViewConfig
 
@@ -325,125 +240,50 @@ def save_teacher(teacher: str, out: str) -> None:
     dino:vit_base_patch16_224@dino); then give the printed spec to extract-features,
     pretrain --teacher or cache verify anywhere, offline included (README "Teacher weights").
     Without a tag it keeps random weights (the example: runnable offline, for tests)."""
-    from mrmae.shared.teachers import build_teacher, save_weights
+    from mrmae.shared.teachers.base import build_teacher, save_weights
 
     path, spec = save_weights(build_teacher(teacher), out)
     click.echo(f"wrote {path}")
     click.echo(f"use: --teacher {spec}")
 
 
-# The options pretrain and finetune share word for word (each its own seed and workers help).
-_SHUFFLE_BUFFER = click.option("--shuffle-buffer", type=click.IntRange(min=0), default=1000, show_default=True,
-                               help="Samples a loader shuffles among.")
-# --resume stays a flag (`--resume --epochs 4` keeps parsing); where to resume from is an
-# option of its own, so no value can be mistaken for the flag's (`--resume auto`).
-_RESUME_FLAG = click.option("--resume", is_flag=True, help="Continue the run in --out from OUT/checkpoints/latest.")
-_RESUME_FROM = click.option("--resume-from", metavar="auto|PATH", default=None,
-                            help="Continue from the newest complete checkpoint (auto) or from the checkpoint "
-                                 "OUT/checkpoints/stepN given, whatever OUT/checkpoints/latest says.")
+_CHECKPOINT_FORMAT = click_field("checkpoint_format", checkpoint_format())
 
 
-def _RESUME(f):
-    return _RESUME_FLAG(_RESUME_FROM(f))
+class _PretrainCommand(Command):
+    """`mrmae pretrain`: its options are PretrainConfig's (train/config.py), and each masking
+    strategy's options that its registration gives a flag of their own (`MaskOption.flag`),
+    added when the command is first parsed or shown, so that `mrmae --help` imports no
+    strategy (nor torch)."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not getattr(self, "_mask_flags", None):
+            from mrmae.train.masking import flagged_mask_options
+
+            self._mask_flags = [click.Option([o.flag, o.name], type=float, default=o.default, show_default=True,
+                                             help=o.help) for o in flagged_mask_options()]
+            at = next(i for i, p in enumerate(self.params) if p.name == "mask_option")
+            self.params[at:at] = self._mask_flags
+        return super().get_params(ctx)
 
 
-_OVERWRITE = click.option("--overwrite", is_flag=True, help="--out holds a run: rename it to OUT.old-DATE-TIME (never "
-                          "deleted) and start anew. Without --resume or this, such an --out is refused.")
-# train/official.py's FORMATS, spelled out: the command line does not import torch to parse
-_CHECKPOINT_FORMAT = click.option(
-    "--checkpoint-format", type=click.Choice(["auto", "mrmae", "mae", "convmae"]), default="auto", show_default=True,
-    help="What the checkpoint is: auto (from the file: MAE's and ConvMAE's .pth by their tensor names), mrmae, or "
-         "mae / convmae (a facebookresearch/mae or Alpha-VL/ConvMAE .pth, pretrained or fine-tuned).")
-_SAVE_EVERY = click.option("--save-every-steps", type=click.IntRange(min=0), default=0, show_default=True,
-                           help="0: at each epoch's end only.")
-
-
-@cli.command("pretrain", sections={"target": "Teacher"},
+@cli.command("pretrain", cls=_PretrainCommand, sections={"target": "Teacher"},
              example=(f"mrmae pretrain --shards {DEMO_SHARDS} --feature-cache demo/cache \\\n"
                       "      --model mrmae_vit_tiny_patch16 --mask focused --epochs 2 --batch-size 16 --out demo/run-focused",
                       f"mrmae pretrain --config table3-row3-focused --shards {DEMO_SHARDS} --feature-cache demo/cache "
                       "\\\n      --model mrmae_vit_tiny_patch16 --epochs 1 --effective-batch 16 --batch-size 8 "
                       "--out demo/row3"))
 @config_option
-@click.option("--shards", required=True, help="Source tars (the ones the cache was extracted from).")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Run directory: config.json, metrics.jsonl, checkpoints/ (created).")
-@click.option("--feature-cache", help="Train from this cache (a directory or an fsspec URL).")
-@click.option("--target", help="Which teacher of the cache to mimic: main (default, the one that drew the views) or "
-              "a name from extract-features --add-teacher; several, comma-separated, train jointly (a head each).")
-@click.option("--teacher", help="Live teacher spec instead of a cache (clip:... / dino:...).")
-@click.option("--model", default="mrmae_vit_base_patch16", show_default=True, help="See `mrmae models`.")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Passes over the data.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Per process and micro-batch.")
-@click.option("--accum-steps", type=click.IntRange(min=1), default=None,
-              help="Gradient accumulation (default 1, or what --effective-batch asks).")
-@click.option("--effective-batch", type=click.IntRange(min=1), default=None,
-              help="Images per optimiser step (the paper's 1024): --accum-steps = N / (--batch-size x processes).")
-@click.option("--blr", default=1.5e-4, show_default=True, help="lr = blr x effective batch / 256.")
-@click.option("--lr", type=float, default=None, help="Absolute lr (overrides --blr).")
-@click.option("--min-lr", default=0.0, show_default=True, help="Where the cosine schedule ends.")
-@click.option("--warmup-epochs", default=0.0, show_default=True,
-              help="Linear lr warm-up, in epochs (a fraction is fine; 0: none).")
-@click.option("--weight-decay", default=0.05, show_default=True,
-              help="AdamW's, except on norms, biases and position/cls/mask tokens.")
-@click.option("--mask", type=_MaskChoice(), default="random", show_default=True,
-              help="Masking strategy (train/masks/): random (MAE's), focused (by the teacher's attention), ...")
-@click.option("--mask-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.75, show_default=True,
-              help="Share of the patches masked.")
-@click.option("--focus-temperature", default=1.0, show_default=True, help="Focused masking: attention ** (1/T).")
-@click.option("--focus-uniform-mix", default=0.0, show_default=True, help="Focused masking: share of uniform weight.")
-@click.option("--mask-option", "mask_option", multiple=True, metavar="NAME=VALUE",
-              callback=lambda ctx, p, v: _mask_options(p, v),
+@click_options(PretrainConfig)
+@click.option("--mask-option", "mask_option", multiple=True, metavar="NAME=VALUE", callback=mask_options_callback,
               help="An option of the --mask strategy (see its file in train/masks/); repeatable.")
-@click.option("--recon-weight", default=0.5, show_default=True,
-              help="Weight of L_R, the reconstruction of the masked patches' normalised pixels.")
-@click.option("--mimic-weight", default=0.5, show_default=True,
-              help="Weight of L_M, the visible tokens' mimicking of the teacher's (without a teacher: L_R alone).")
-@click.option("--high-level-at", type=click.Choice(["encoder", "decoder"]), default="encoder", show_default=True,
-              help="Where the teacher's features are the target: encoder (MR-MAE's L_M, on the visible tokens) or "
-                   "decoder (table 3 row 5: a second decoder head reconstructs them for the masked tokens, beside "
-                   "the pixels); weighted by --mimic-weight.")
-@click.option("--target-norm", type=click.Choice(["none", "layernorm", "l2"]), default="none", show_default=True,
-              help="Normalise the teacher's tokens before L_M (at training time: the cache stays raw).")
-@click.option("--fuse-layers", default="", callback=lambda ctx, p, v: _blocks(p, v),
-              help="Encoder blocks whose visible tokens are summed, e.g. 4,8,12.")
-@click.option("--init", type=click.Path(exists=True),
-              help="Start from these weights: MAE's or ConvMAE's published .pth (pretrained: encoder and decoder; "
-                   "fine-tuned: the encoder) or an mrmae pretraining run/checkpoint; the mimic head starts fresh.")
-@_CHECKPOINT_FORMAT
-@click.option("--decoder-dim", type=click.IntRange(min=1), default=512, show_default=True, help="Decoder width.")
-@click.option("--decoder-depth", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Decoder transformer blocks.")
-@click.option("--views", "views_per_image", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Live/plain modes: views per image.")
-@accelerate_device_option
-@workers_option("Loader processes per training process (read tars and cache, decode, render).")
-@_SHUFFLE_BUFFER
-@click.option("--seed", default=0, show_default=True, help="Seed of the initialisation, the views and masks drawn "
-              "and the shuffles.")
-@click.option("--data-split", type=click.Choice(["shards", "samples"]), default="shards", show_default=True,
-              help="shards: each process reads its own shards; samples: every process reads all shards and "
-                   "keeps its slots, so global batches are the same at any process count.")
-@_RESUME
-@_OVERWRITE
-@_SAVE_EVERY
-@click.option("--pixels-from-cache", is_flag=True,
-              help="Read each view's pixels from the cache (extracted with --store-pixels), not from the tars.")
-@click.option("--render-on-device/--no-render-on-device", default=None,
-              help="Loader workers read, decode and fetch targets; the training device renders the views, pixel "
-                   "for pixel as the workers would (the same batches and losses). Default: on with CUDA, off on "
-                   "CPU. Nothing to render with --pixels-from-cache.")
-@click.option("--compile", "compile_backend", type=click.Choice(["inductor", "eager", "aot_eager"]), default=None,
-              help="torch.compile the student (inductor: the fast one; a GPU gains most).")
-@no_progress_option
-def pretrain(no_progress, **params) -> None:
+def pretrain(**params) -> None:
     """Train MR-MAE from a feature cache, with a live teacher, or as plain MAE (neither)."""
-    from mrmae.train.loop import summary
     from mrmae.train.pretrain import run_pretrain
+    from mrmae.train.run.loop import summary
 
     _fit_warmup(params)
-    cfg = pretrain_config(progress=not no_progress, **params)
+    cfg = pretrain_config(params)
     try:
         r = run_pretrain(cfg)
     except KeyboardInterrupt:
@@ -459,7 +299,7 @@ def _fit_warmup(params: dict) -> None:
     there is checked as given."""
     from click.core import ParameterSource
 
-    from mrmae.train.loop import fit_warmup
+    from mrmae.train.run.loop import fit_warmup
 
     ctx = click.get_current_context()
     source = ctx.get_parameter_source("warmup_epochs")
@@ -471,29 +311,6 @@ def _fit_warmup(params: dict) -> None:
     params["warmup_epochs"], note = fit_warmup(params["warmup_epochs"], params["epochs"], int(written_for))
     if note and os.environ.get("RANK", "0") == "0":
         click.echo(f"mrmae: note: {note}", err=True)
-
-
-def pretrain_config(progress: bool = True, **params):
-    """The PretrainConfig of `mrmae pretrain`'s parsed options (click's parameter names, as
-    in `ctx.params`, less --no-progress)."""
-    from mrmae.train.engine import StepOptions
-    from mrmae.train.pretrain import PretrainConfig
-
-    from mrmae.shared.errors import OptionError
-    from mrmae.train.masking import get_mask
-
-    step = {k: params.pop(k) for k in ("mask", "mask_ratio", "recon_weight", "mimic_weight", "target_norm",
-                                        "high_level_at")}
-    given = {k: params.pop(k) for k in ("focus_temperature", "focus_uniform_mix")}  # focused's, by their own flags
-    for name, value in (params.pop("mask_option", None) or {}).items():
-        if name in given:  # focused's options have flags of their own
-            raise OptionError(f"--mask-option {name}: give it as --{name.replace('_', '-')}")
-        given[name] = value
-    # recorded whole in config.json: the strategy's defaults too, as this version has them
-    step["mask_options"] = {**get_mask(step["mask"]).resolve(given), **given}
-    compile_backend = params.pop("compile_backend")
-    return PretrainConfig(**params, compile=compile_backend, progress=progress,
-                          step_options=StepOptions(**step, seed=params["seed"]))
 
 
 @cli.command("models", example="mrmae models")
@@ -508,7 +325,7 @@ def models() -> None:
 @cli.command("recipes", example="mrmae recipes")
 def recipes() -> None:
     """List the recipes mrmae ships (the paper's runs and its ablation rows), for --config NAME."""
-    from mrmae.train.recipe import list_recipes, recipes_folder
+    from mrmae.train.run.recipe import list_recipes, recipes_folder
 
     rows = list_recipes()
     width = max(len(name) for name, _ in rows)
@@ -617,7 +434,7 @@ def cache_clean(cache_dir: str | None, feature_cache: str | None, older_than: fl
     click.echo(f"{len(removed)} leftovers {'found' if dry_run else 'removed'} (older than {older_than:g} h)")
 
 
-# --- export, visualize, eval: thin wrappers over train/export.py, visualize.py, evaluate.py ---
+# --- export, visualize, eval: thin wrappers over train/downstream/export.py, visualize.py, evaluate.py ---
 
 
 @cli.command("export", example="mrmae export --checkpoint demo/run --out demo/encoder")
@@ -636,8 +453,8 @@ def export(checkpoint: str, checkpoint_format: str, out: str, overwrite: bool, p
 
     A ViT goes under timm's own name (timm alone loads it), a ConvViT under its mrmae_* name
     (`import mrmae` registers it); `timm.create_model("local-dir:OUT", pretrained=True)` loads either."""
-    from mrmae.train.export import export_encoder
-    from mrmae.train.hub import check_hub_reachable, push_folder
+    from mrmae.train.downstream.export import export_encoder
+    from mrmae.train.downstream.hub import check_hub_reachable, push_folder
 
     if push_to_hub:
         check_hub_reachable(push_to_hub)  # before anything is written
@@ -656,34 +473,6 @@ def export(checkpoint: str, checkpoint_format: str, out: str, overwrite: bool, p
         click.echo(f"pushed to {push_folder(e.folder, push_to_hub)}")
 
 
-def _label_options(num_classes: bool):
-    """The label options of `finetune` and every `eval` command (train/labels.py); `num_classes`:
-    declare eval's optional --num-classes too (finetune has its own, required by the head)."""
-    options = [
-        click.option("--label-format", type=click.Choice(["auto", "cls", "json"]), default="auto", show_default=True,
-                     help="Where a sample's class is: cls: {key}.cls, a decimal integer (ImageNet's shards); json: "
-                          "--label-field of {key}.json; auto: .cls, else .json, as the first training tar has it "
-                          "(recorded)."),
-        click.option("--label-field", default=None, help="json: the field holding the label.  [default: label]"),
-        click.option("--class-map", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="Labels are class names, mapped by FILE: FILE.json an object {name: index} or a list of "
-                          "names; any other FILE one name per line, index = line number from 0 (timm's .txt)."),
-        click.option("--skip-bad-labels", is_flag=True,
-                     help="Count and skip samples whose label is missing, unparseable, not in --class-map, negative "
-                          "or not below --num-classes (recorded, printed) instead of stopping at the first."),
-    ]
-    if num_classes:
-        options.append(click.option("--num-classes", type=click.IntRange(min=1), default=None,
-                                    help="Classes scored; labels must be below it.  [default: the --class-map's, "
-                                         "else the largest label + 1]"))
-
-    def decorate(f):
-        for option in reversed(options):
-            f = option(f)
-        return f
-    return decorate
-
-
 @cli.command("finetune", renamed={"--train-shards": "--shards"},
              sections={"checkpoint": "Model", "eval_batch_size": "Performance"},
              example=("mrmae finetune --checkpoint demo/run --shards \"demo/shards/demo-{000000..000001}.tar\" "
@@ -693,71 +482,18 @@ def _label_options(num_classes: bool):
                       "\"demo/shards/demo-{000000..000001}.tar\" \\\n      --val-shards demo/shards/demo-000002.tar "
                       "--num-classes 14 --epochs 1 --effective-batch 16 --batch-size 8 --out demo/finetune-paper"))
 @config_option
-@click.option("--checkpoint", required=True, type=click.Path(exists=True),
-              help="A pretrain run dir, a checkpoint dir, its model.safetensors, an `mrmae export` directory or "
-                   "file, or MAE's / ConvMAE's .pth.")
-@_CHECKPOINT_FORMAT
-@click.option("--shards", "--train-shards", "train_shards", required=True,
-              help="Labelled training tars ({key}.jpg + {key}.cls, or --label-format json).")
-@click.option("--val-shards", required=True, help="Labelled validation tars (top-1/top-5 after each epoch).")
-@_label_options(num_classes=False)
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Run directory: config.json, metrics.jsonl, checkpoints/ (created).")
-@click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Outputs of the new head (labels must be below it).")
-@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Passes over the data.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Per process and micro-batch.")
-@click.option("--accum-steps", type=click.IntRange(min=1), default=None,
-              help="Gradient accumulation (default 1, or what --effective-batch asks).")
-@click.option("--effective-batch", type=click.IntRange(min=1), default=None,
-              help="Images per optimiser step (the paper's 1024): --accum-steps = N / (--batch-size x processes).")
-@click.option("--blr", default=3e-4, show_default=True, help="lr = blr x effective batch / 256.")
-@click.option("--lr", type=float, default=None, help="Absolute peak lr (overrides --blr).")
-@click.option("--min-lr", default=1e-6, show_default=True, help="Where the cosine schedule ends.")
-@click.option("--warmup-epochs", default=5.0, show_default=True,
-              help="Linear lr warm-up, in epochs (a fraction is fine; 0: none).")
-@click.option("--weight-decay", default=0.05, show_default=True,
-              help="AdamW's, except on norms, biases and position/cls tokens.")
-@click.option("--layer-decay", default=0.6, show_default=True, help="Layer-wise lr decay.")
-@click.option("--layer-decay-groups", type=click.Choice(["official", "stages"]), default="official",
-              show_default=True, help="official: MAE's and ConvMAE's layers (all before the first transformer block "
-              "in layer 0, block i in i+1, the rest on top); stages: each ConvViT conv stage a layer (timm's "
-              "group_matcher).")
-@click.option("--drop-path", default=0.2, show_default=True, help="Stochastic depth rate of the encoder's blocks.")
-@click.option("--global-pool", type=click.Choice(["avg", "token"]), default="avg", show_default=True,
-              help="avg: mean patch token + new fc_norm (MAE); token: the normed [CLS] token.")
-@click.option("--mixup", default=0.8, show_default=True, help="Mixup alpha (0: off).")
-@click.option("--cutmix", default=1.0, show_default=True, help="CutMix alpha (0: off).")
-@click.option("--mixup-prob", default=1.0, show_default=True, help="Chance that a batch is mixed.")
-@click.option("--mixup-switch-prob", default=0.5, show_default=True, help="Chance of CutMix when both are on.")
-@click.option("--smoothing", default=0.1, show_default=True, help="Label smoothing.")
-@click.option("--augment", type=click.Choice(["randaug", "light"]), default="randaug", show_default=True,
-              help="randaug: RandAugment + random erasing (MAE); light: crop and flip only.")
-@click.option("--rand-augment", default="rand-m9-mstd0.5-inc1", show_default=True,
-              help="timm's RandAugment policy string.")
-@click.option("--re-prob", default=0.25, show_default=True, help="Random erasing probability.")
-@click.option("--eval-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images per validation batch.")
-@accelerate_device_option
-@workers_option("Loader processes per training process (read, decode, augment).")
-@_SHUFFLE_BUFFER
-@click.option("--seed", default=0, show_default=True, help="Seed of the head, the augmentation, Mixup, drop path and "
-              "the shuffles.")
-@_RESUME
-@_OVERWRITE
-@_SAVE_EVERY
-@no_progress_option
-def finetune(no_progress, **kwargs) -> None:
+@click_options(FinetuneConfig)
+def finetune(**params) -> None:
     """Fine-tune the pretrained encoder as a timm ViT classifier (MAE's recipe); top-1/top-5 per epoch."""
-    from mrmae.train.finetune import FinetuneConfig, run_finetune
-    from mrmae.train.loop import summary
+    from mrmae.train.downstream.finetune import run_finetune
+    from mrmae.train.run.loop import summary
 
-    _fit_warmup(kwargs)
+    _fit_warmup(params)
+    cfg = config_from(FinetuneConfig, params)
     try:
-        r = run_finetune(FinetuneConfig(**kwargs, progress=not no_progress))
+        r = run_finetune(cfg)
     except KeyboardInterrupt:
-        raise _Interrupted(kwargs["out"]) from None
+        raise _Interrupted(cfg.out) from None
     if r["main_process"]:
         click.echo(r["table"])
         for line in r["summary"]:
@@ -787,7 +523,7 @@ def finetune(no_progress, **kwargs) -> None:
 def visualize(feature_cache, shards, out, checkpoint, checkpoint_format, num, view_index, mask_ratio, seed, device,
               no_progress) -> None:
     """PNG grid per sample: view, teacher [CLS] attention, a mask per masking strategy, [reconstruction]."""
-    from mrmae.train.visualize import render_grid
+    from mrmae.train.downstream.visualize import render_grid
 
     click.echo(str(render_grid(feature_cache, shards, Path(out) / "views.png", checkpoint, num, view_index,
                                mask_ratio, seed, device=device, progress=not no_progress,
@@ -799,7 +535,7 @@ def visualize(feature_cache, shards, out, checkpoint, checkpoint_format, num, vi
 @click.option("--out", required=True, help="Directory for report.md, report.csv and curves.png (created).")
 def report(runs: tuple[str, ...], out: str) -> None:
     """One table row per RUN (model, mask, fusion, targets, weights, final losses, eval results) and their loss curves."""
-    from mrmae.train.report import ReportConfig, run_report
+    from mrmae.train.downstream.report import ReportConfig, run_report
 
     written = run_report(ReportConfig(runs=runs, out=out))
     click.echo(written.markdown.read_text())
@@ -827,7 +563,7 @@ def _eval_options(f, ensemble: bool = False):
         click.option("--shards", "--train-shards", "train_shards", required=True,
                      help="Labelled training tars (webdataset URL list)."),
         click.option("--val-shards", required=True, help="Labelled validation tars."),
-        _label_options(num_classes=True),
+        click_options(EvalLabels),
         click.option("--feature", type=click.Choice(["auto", "cls", "mean"]), default="auto", show_default=True,
                      help="[CLS] token or mean of the patch tokens (auto: cls where there is one, else mean)."),
         click.option("--fused", is_flag=True,
@@ -848,7 +584,7 @@ def _eval_options(f, ensemble: bool = False):
 
 def _label_kwargs(kwargs: dict):
     """eval's label options out of `kwargs`, as a LabelOptions."""
-    from mrmae.train.labels import LabelOptions
+    from mrmae.train.downstream.labels import LabelOptions
 
     return LabelOptions(kwargs.pop("label_format"), kwargs.pop("label_field"), kwargs.pop("class_map"),
                         kwargs.pop("skip_bad_labels"), kwargs.pop("num_classes"))
@@ -867,7 +603,7 @@ def _echo_eval(r, results: str, why: str = "") -> None:
 
 def _run_eval(protocol: str, checkpoint: str, results: str | None, fused: bool, no_progress: bool,
               checkpoint_format: str = "auto", **kwargs) -> None:
-    from mrmae.train.evaluate import load_frozen, results_path, run_eval
+    from mrmae.train.downstream.evaluate import load_frozen, results_path, run_eval
 
     labels = _label_kwargs(kwargs)
     frozen = load_frozen(checkpoint, fused, checkpoint_format)
@@ -920,7 +656,7 @@ def eval_linear_probe(checkpoint, results, **kwargs) -> None:
 @click.option("--seed", default=0, show_default=True, help="Linear probe: seed of the initialisation and batch order.")
 def eval_ensemble(checkpoint, results, protocol, fused, no_progress, checkpoint_format, **kwargs) -> None:
     """Average the class probabilities of separately pretrained models (the paper's "Sep." row)."""
-    from mrmae.train.evaluate import load_frozen, results_path, run_ensemble
+    from mrmae.train.downstream.evaluate import load_frozen, results_path, run_ensemble
 
     if len(checkpoint) < 2:
         raise click.UsageError("an ensemble needs two or more --checkpoint")

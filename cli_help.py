@@ -1,10 +1,11 @@
 """The command line's shared conventions: `--help` in sections with an example, the old
-spellings of renamed options, and defaults taken from the machine.
+spellings of renamed options.
 
 Every `mrmae` command is a `Command` (groups a `Group`): its options are listed under
 the headings of `SECTIONS`, found by parameter name in `SECTION_OF` (one table, since the
 commands share one vocabulary) or in the command's own `sections`, and its help ends with
-the command's `example`. An option's old spelling stays accepted as a second name of the
+the command's `example`. Options are declared once, where their value lands (a config
+dataclass's field: `shared/options.py`); this module only lays them out. An option's old spelling stays accepted as a second name of the
 option (`click.option("--feature-cache", "--out", ...)`) listed in the command's
 `renamed`: it is left out of `--help` and using it prints one warning line. A positional
 argument kept for old scripts is listed there by its parameter name (and left out of the
@@ -13,9 +14,9 @@ usage line); `renamed_argument` warns about it.
 
 from __future__ import annotations
 
-import os
-
 import click
+
+from mrmae.shared.options import click_field, progress, warn_renamed, workers
 
 # Help headings, in the order they are shown.
 SECTIONS = ("Data", "Teacher", "Cache storage", "Model", "Masking", "Losses", "Augmentation", "Optimisation",
@@ -41,42 +42,18 @@ SECTION_OF = {
     **dict.fromkeys(("protocol", "k", "temperature", "probe_batch_size"), "Protocol"),
     **dict.fromkeys(("out", "config_file", "resume", "resume_from", "overwrite", "save_every_steps", "results",
                      "as_json", "recompute", "repair", "older_than", "dry_run", "version", "push_to_hub"), "Output and run"),
-    **dict.fromkeys(("device", "workers", "eval_batch_size", "render_on_device", "decode_on_device", "compile_backend",
+    **dict.fromkeys(("device", "workers", "eval_batch_size", "render_on_device", "decode_on_device", "compile",
                      "no_progress"), "Performance"),
 }
 
 
-def default_workers() -> int:
-    """DataLoader workers per process: the CPU cores this process may run on (its affinity,
-    which a container or `taskset` narrows) shared by the processes of this machine
-    (LOCAL_WORLD_SIZE, which torchrun and accelerate set), at least 1 and at most 8.
-    PyTorch warns when a loader has more workers than the cores it may use."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # (not on Linux)
-        cores = os.cpu_count() or 1
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return max(1, min(8, cores // local))
-
-
 def workers_option(help_text: str):
-    """The `--workers` option: default `default_workers()`, shown as the rule and its value here."""
-    return click.option("--workers", type=click.IntRange(min=0), default=default_workers,
-                        show_default=f"cores per process, here {default_workers()}",
-                        help=f"{help_text} 0: none (the main process does it).")
+    """The `--workers` option of a command without a config class (`shared.options.workers`)."""
+    return click_field("workers", workers(help_text))
 
 
 def no_progress_option(f):
-    return click.option("--no-progress", is_flag=True, help="No progress bars (they go to stderr).")(f)
-
-
-def warn_renamed(old: str, new: str) -> None:
-    """One line on stderr, once per process group (rank 0 under torchrun / accelerate)."""
-    if os.environ.get("RANK", "0") == "0":
-        click.echo(f"mrmae: warning: {old} is now {new}", err=True)
+    return click_field("progress", progress())(f)
 
 
 def example_epilog(*commands: str) -> str:

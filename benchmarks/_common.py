@@ -192,7 +192,7 @@ class PeakMemory:
 
 def base_lr(batch_size: int) -> float:
     """run_pretrain's default lr for one process: blr x batch / 256."""
-    from mrmae.train.pretrain import PretrainConfig
+    from mrmae.train.config import PretrainConfig
 
     return PretrainConfig.blr * batch_size / 256
 
@@ -241,11 +241,12 @@ def train_steps(setup: dict, accelerator, batches, lr: float, start_step: int = 
     live mode, host-to-device copies, forward, backward, AdamW); each step ends in a `.item()`
     of the loss, so on CUDA the figure covers the GPU's work too.
     """
-    from mrmae.train.engine import PretrainStep, StepOptions
-    from mrmae.train.loop import optimiser_steps
+    from mrmae.train.engine import PretrainStep
+    from mrmae.train.config import StepOptions
+    from mrmae.train.run.loop import optimiser_steps
 
     step = PretrainStep(setup["model"], accelerator, StepOptions(), setup["teacher"])
     images = len(setup["batches"][0]["keys"]) * accelerator.num_processes  # (`batches` may be a timed generator)
     records = optimiser_steps(setup["model"], setup["optimizer"], accelerator, ([b] for b in batches), step,
                               lambda _step: lr, 0, start_step, images)
-    return [record["images_per_s"] for record in records]
+    return [record.images_per_s for record in records]

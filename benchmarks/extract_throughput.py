@@ -45,9 +45,10 @@ import torch
 
 from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, machine_facts, make_shards, render_views, table, warn_if_busy,
                      write_json)
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared.cache_format import FeatureCache
-from mrmae.shared.teachers import Teacher, build_teacher
+from mrmae.shared.teachers.base import Teacher, build_teacher
 from mrmae.shared.views import ViewConfig, normalize
 
 

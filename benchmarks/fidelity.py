@@ -9,7 +9,7 @@ Needs scikit-learn for its bundled digits set: `.venv/bin/pip install scikit-lea
    val 1/4 (probe evaluation only; no network trains on it).
 2. Teacher: timm's registered `test_vit` (64-d, 6 blocks, /16, 0.3M params) trained
    supervised on the teacher split only, saved as safetensors and used as
-   `dino:test_vit@FILE` (loaded strictly by shared/teachers.py). It stands in for CLIP/DINO
+   `dino:test_vit@FILE` (loaded strictly by shared/teachers/dino.py). It stands in for CLIP/DINO
    (no hub is reachable here) because it is what MR-MAE needs of a teacher: a frozen
    network, trained on other images than the student's, whose patch tokens and [CLS]
    attention carry class semantics that the student's pixel loss alone does not ask for.
@@ -19,7 +19,7 @@ Needs scikit-learn for its bundled digits set: `.venv/bin/pip install scikit-lea
    seed (the seed sets the init, the sample order, which cached view, the masks).
 5. Frozen features of the encoder `mrmae export` writes and `mrmae eval` probes (MAE's eval
    transform, the [CLS] token and the mean patch token, after the final norm; a ConvViT has
-   no [CLS]), then the package's linear probe and kNN (train/evaluate.py), trained on the
+   no [CLS]), then the package's linear probe and kNN (train/downstream/evaluate.py), trained on the
    student split, scored on val. References: the untrained students and the teacher.
 6. With --finetune-epochs N, each pretrained student is also fine-tuned end to end for N
    epochs (`run_finetune`, the paper's recipe at this scale) on the student split and
@@ -50,15 +50,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_facts, table, write_json  # noqa: E402
 
 from mrmae.shared.shards import read_shard  # noqa: E402
-from mrmae.extract.runner import ExtractConfig, run_extraction  # noqa: E402
-from mrmae.shared.teachers import build_teacher  # noqa: E402
+from mrmae.extract.config import ExtractConfig  # noqa: E402
+from mrmae.extract.runner import run_extraction  # noqa: E402
+from mrmae.shared.teachers.base import build_teacher  # noqa: E402
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view, sample_view, view_rng  # noqa: E402
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from mrmae.train.engine import StepOptions  # noqa: E402
-from mrmae.train.evaluate import LabelledImages, class_probabilities, topk_accuracy  # noqa: E402
-from mrmae.train.labels import LabelSpec  # noqa: E402
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from mrmae.train.config import StepOptions  # noqa: E402
+from mrmae.train.downstream.evaluate import LabelledImages, class_probabilities, topk_accuracy  # noqa: E402
+from mrmae.train.downstream.labels import LabelSpec  # noqa: E402
 from mrmae.train.models import create_model  # noqa: E402
-from mrmae.train.pretrain import PretrainConfig, run_pretrain  # noqa: E402
+from mrmae.train.config import PretrainConfig  # noqa: E402
+from mrmae.train.pretrain import run_pretrain  # noqa: E402
 from mrmae.train.restore import encode_all_tokens  # noqa: E402
 
 STUDENT = "mrmae_vit_tiny_patch16"
@@ -172,7 +174,7 @@ def train_teacher(urls: list[str], val_urls: list[str], out: Path, epochs: int, 
 
 
 def eval_pixels(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAE's eval transform of every labelled image (train/evaluate.py's LabelledImages), once:
+    """MAE's eval transform of every labelled image (train/downstream/evaluate.py's LabelledImages), once:
     all models see the same tensors and only the encoder runs per model. The benchmark's own
     tars hold no unusable sample: one would stop it, naming the sample."""
     items = list(LabelledImages(urls, 224, LabelSpec("cls")))
@@ -214,7 +216,7 @@ def _mean_std(values: list) -> tuple[float, float] | None:
 def pretrain_and_score(variant: str, seed: int, a: argparse.Namespace, root: Path, shards: dict, cache: str,
                        train_px: tuple, val_px: tuple) -> dict:
     """Pretrain one variant with one seed, probe its exported encoder, fine-tune it (--finetune-epochs)."""
-    from mrmae.train.export import read_encoder
+    from mrmae.train.downstream.export import read_encoder
 
     cached, opts, fields = VARIANTS[variant]
     out = root / "runs" / f"{variant.replace(' ', '_').replace('+', '_')}-s{seed}"
@@ -239,7 +241,8 @@ def pretrain_and_score(variant: str, seed: int, a: argparse.Namespace, root: Pat
 def finetune_top1(checkpoint: str, run: Path, seed: int, a: argparse.Namespace, shards: dict) -> tuple[float, float]:
     """Val top-1 (%) after --finetune-epochs of the paper's fine-tuning recipe (layer decay 0.6,
     drop path 0.2 with Mixup/CutMix/RandAugment off: 445 images), and the seconds it took."""
-    from mrmae.train.finetune import FinetuneConfig, run_finetune
+    from mrmae.train.downstream.config import FinetuneConfig
+    from mrmae.train.downstream.finetune import run_finetune
 
     cfg = FinetuneConfig(checkpoint=checkpoint, train_shards="::".join(shards["student"]),
                          val_shards="::".join(shards["val"]), out=str(run.with_name(run.name + "-ft")),

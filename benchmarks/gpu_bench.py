@@ -148,7 +148,8 @@ def bench_extraction(warm: list[Path], shards: list[Path], tmp: Path, s: Setting
                      on_device: bool = False, profile: Path | None = None) -> dict:
     """run_extraction end to end; `on_device`: --decode-on-device (nvjpeg) with --store-pixels zstd.
     `profile`: also write the main thread's cProfile of the timed run there (top functions)."""
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     def cfg(urls: list[Path], out: str) -> ExtractConfig:
@@ -212,7 +213,8 @@ def bench_extraction_e2e(role: str, views: int, shards: list[Path], tmp: Path, s
     workers decoding with PIL, views rendered on the device (--render-on-device, CUDA's
     default), the teacher `role` (b16 | l14), K = `views`, int8 Zarr; views/s of the runner's
     loop after a warm-up run. Compare with teacher_<role>'s forward-only img/s (goal >= 0.8x)."""
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     def cfg(urls: list[Path], out: str) -> ExtractConfig:
@@ -237,8 +239,9 @@ def bench_pretrain_e2e(mode: str, s: Settings, urls: list[str], cache_root: Path
     Compare with the step-only row of the same mode (goal >= 0.9x)."""
     import json
 
-    from mrmae.train.engine import StepOptions
-    from mrmae.train.pretrain import PretrainConfig, run_pretrain
+    from mrmae.train.config import StepOptions
+    from mrmae.train.config import PretrainConfig
+    from mrmae.train.pretrain import run_pretrain
 
     tag = f"{mode}{'_compiled' if compile_backend else ''}"
     cfg = PretrainConfig(shards="::".join(urls), out=str(tmp / f"e2e-run-{tag}"), model=s.student,
@@ -404,7 +407,7 @@ def main() -> None:
         torch.set_num_threads(s.threads)
     from accelerate import Accelerator
 
-    from mrmae.shared.teachers import build_teacher
+    from mrmae.shared.teachers.base import build_teacher
 
     warn_if_busy()
     t_start = time.perf_counter()

@@ -138,7 +138,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     warn_if_busy()

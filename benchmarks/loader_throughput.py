@@ -58,7 +58,8 @@ import webdataset as wds
 
 from _common import ForeignCpu, machine_facts, make_shards, table, warn_if_busy, write_json
 from mrmae.shared import cache_format as cf
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, StudentStream
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.train.data import DataConfig, StudentStream
 
 LOADERS = ("cached", "cached_unchecked", "cached_undigested", "cached_pixels", "plain")
 
@@ -260,7 +261,8 @@ def main() -> None:
     p.add_argument("--out", help="write the JSON here instead of results/<name>.json")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message=".*HAS RANDOM WEIGHTS.*")
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     warn_if_busy()

@@ -92,7 +92,8 @@ def child_e2e(args: argparse.Namespace, data: Path) -> dict:
     import accelerate  # noqa: F401  everything run_pretrain imports, before the baseline RSS
     import mrmae.shared.teachers  # noqa: F401
     import mrmae.train.models  # noqa: F401
-    from mrmae.train.pretrain import PretrainConfig, run_pretrain
+    from mrmae.train.config import PretrainConfig
+    from mrmae.train.pretrain import run_pretrain
 
     import_rss = peak_rss_mib()
     out = data / f"run-{args.mode}"
@@ -118,7 +119,7 @@ def setup_mode(mode: str, args: argparse.Namespace, data: Path, accelerator) -> 
     """Student, optimiser, teacher and pre-loaded batches, built as run_pretrain builds them."""
     from _common import build_student
     from mrmae.shared import cache_format as cf
-    from mrmae.shared.teachers import build_teacher
+    from mrmae.shared.teachers.base import build_teacher
 
     return build_student(args.model, shard_urls(data), args.batch_size, args.step_only_warmup + args.step_only_steps,
                          accelerator, cache=cf.FeatureCache(data / "cache") if mode == "cached" else None,
@@ -162,7 +163,8 @@ def run_child(args: argparse.Namespace, data: Path, child: str, mode: str | None
 
 def make_data(args: argparse.Namespace, data: Path) -> dict:
     from mrmae.demo import write_demo_shards
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     images = args.batch_size * (args.warmup + args.steps)

@@ -32,7 +32,7 @@ def main() -> None:
     from mrmae.shared.shards import read_shard
     from mrmae.extract.config import ExtractConfig
     from mrmae.extract.teacher_stage import render_loader, teacher_batches
-    from mrmae.shared.teachers import build_teacher
+    from mrmae.shared.teachers.base import build_teacher
     from mrmae.shared.views import ViewConfig
 
     held = build_teacher("clip:ViT-B-16")  # the workers fork from a process holding a teacher, as in extraction

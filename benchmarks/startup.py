@@ -229,8 +229,10 @@ def first_batch(root: str, urls: list[str], batch_size: int, workers: int, out: 
     from mrmae.shared import cache_format as cf
     from mrmae.shared.errors import worker_ignores_interrupt
     from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
-    from mrmae.train.engine import InterruptibleLoader, epoch_passes
-    from mrmae.train.pretrain import PretrainConfig, check_epoch_fits, count_samples, open_targets, run_fingerprint
+    from mrmae.train.run.loader import InterruptibleLoader
+    from mrmae.train.run.loop import check_epoch_fits, epoch_passes
+    from mrmae.train.config import PretrainConfig
+    from mrmae.train.pretrain import count_samples, open_targets, run_fingerprint
 
     cfg = PretrainConfig(shards=",".join(urls), out=out, feature_cache=root, batch_size=batch_size, workers=workers,
                          accum_steps=1)

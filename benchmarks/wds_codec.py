@@ -48,7 +48,7 @@ from numcodecs import Zstd
 from _common import (RANDOM_WEIGHTS_NOTE, ForeignCpu, codec_parser, median_seconds, machine_facts, make_shards, render_views, table, warn_if_busy,
                      write_json)
 from mrmae.shared import cache_format as cf
-from mrmae.shared.teachers import build_teacher
+from mrmae.shared.teachers.base import build_teacher
 from mrmae.shared.views import ViewConfig, normalize
 
 SOURCE = "/bench/wds-000000.tar"

@@ -20,7 +20,7 @@ from mrmae.extract.config import ExtractConfig
 from mrmae.extract.teacher_stage import render_loader, teacher_batches, teacher_outputs, unique_samples
 from mrmae.shared.shards import read_shard
 from mrmae.shared import cache_format as cf
-from mrmae.shared.teachers import Teacher
+from mrmae.shared.teachers.base import Teacher
 from mrmae.shared.views import View
 
 PCA_WAIT_S = 2 * 3600  # object stores: how long ranks > 0 wait for rank 0's basis

@@ -49,11 +49,10 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format.pca import measured_fields
 from mrmae.shared.errors import OptionError
 from mrmae.shared.launch import process_rank
-from mrmae.shared.teachers import Teacher, TeacherSpec, build_teacher
+from mrmae.shared.teachers.base import Teacher, TeacherSpec, build_teacher
 from mrmae.shared.views import PIXEL_CODECS, View, encode_view
 
-__all__ = ["ExtractConfig", "SkippedSampleError", "run_extraction", "extract_shard"]  # (the first two: from
-# config.py and teacher_stage.py, importable from here as before)
+__all__ = ["run_extraction", "extract_shard"]
 
 log = logging.getLogger("mrmae.extract")
 

@@ -27,7 +27,7 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.batch_render import render_batch
 from mrmae.shared.errors import MrmaeError
 from mrmae.shared.shards import REPEATED_KEY, RawSample
-from mrmae.shared.teachers import Teacher, TeacherOutput
+from mrmae.shared.teachers.base import Teacher, TeacherOutput
 from mrmae.shared.views import ImageDecodeError, View, decode_image, normalize
 
 

@@ -21,8 +21,7 @@ from tqdm import tqdm
 from mrmae.extract.teacher_stage import ViewItem, check_replayable, replay_image, teacher_outputs
 from mrmae.shared.shards import RawSample, expand_urls, read_shard, source_digest
 from mrmae.shared import cache_format as cf
-from mrmae.shared.cache_format.info import cache_info  # noqa: F401  (its old home; the CLI imports it light)
-from mrmae.shared.teachers import Teacher, build_teacher
+from mrmae.shared.teachers.base import Teacher, build_teacher
 
 # Token-cosine floors the replay must meet (see BENCHMARKS.md for the measured values).
 TOLERANCE = {"int8": 0.999, "float16": 0.99999}

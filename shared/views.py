@@ -234,6 +234,12 @@ def render_view_uint8(image: torch.Tensor, view: View, output_size: int) -> torc
     return TF.horizontal_flip(out) if view.flip else out
 
 
+# What the students see (pretraining, fine-tuning, evaluation, exports' pretrained configs):
+# ImageNet's mean and std, in 0-1 units. Teachers normalise with their own (teachers/).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 [..., 3, S, S] -> float32 normalised with the consumer's mean/std (in 0-1 units)."""
     import torch

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from mrmae.train.checkpoint import TrainState, save_checkpoint
-from mrmae.train.models import MRMAE, create_model
+from mrmae.train.run.checkpoint import TrainState, save_checkpoint
+from mrmae.train.students.vit import MRMAE
+from mrmae.train.models import create_model
 
 NAME = "mrmae_vit_tiny_patch16"
 

@@ -31,6 +31,31 @@ def url_list(paths: list[Path]) -> str:
     return "::".join(str(p) for p in paths)
 
 
+def extract(shards, out, format: str = "zarr", *, teacher: str = DINO_TINY, views: int = 2, seed: int = 0,
+            image_size: int = 224, **kw) -> dict:
+    """`run_extraction` of `shards` (a path or a URL list) into the cache `out` with a small
+    real teacher, `views` views per image from `seed`, no progress bars; `kw`: any other
+    ExtractConfig field (batch_size, store_pixels, pca, ...). Returns the run's summary."""
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
+    from mrmae.shared.views import ViewConfig
+
+    return run_extraction(ExtractConfig(shards=str(shards), out=str(out), teacher=teacher, format=format,
+                                        views=ViewConfig(per_image=views, seed=seed, output_size=image_size),
+                                        progress=False, **kw))
+
+
+def rows(cache, layer: str | None = None, by_name: bool = False) -> dict:
+    """Every complete shard's rows of a cache (a FeatureCache, or its root: a path or URL),
+    by source URL (`by_name`: by the tar's file name); `layer`: one column family (features)."""
+    from mrmae.shared import cache_format as cf
+
+    cache = cache if isinstance(cache, cf.FeatureCache) else cf.FeatureCache(str(cache))
+    read = (lambda s: cache.shard(s.source).read(slice(None))) if layer is None else \
+        (lambda s: cache.shard(s.source).read(slice(None), layer))
+    return {(Path(s.source).name if by_name else s.source): read(s) for s in cache.complete_shards}
+
+
 def launch_two(launcher: str) -> list[str]:
     """The command prefix that starts `python -m mrmae` in 2 processes on this machine.
 
@@ -96,7 +121,6 @@ def s3():
     """A moto S3 server for this test process (each xdist worker starts its own, on a free
     port), stopped at the end. Skipped where the `test` extra (moto[server], s3fs) is missing."""
     import logging
-    import os
 
     pytest.importorskip("s3fs")
     server_mod = pytest.importorskip("moto.server")
@@ -120,7 +144,8 @@ def s3():
 def tiny_caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
     """One real cache of the first demo shard per backend (ViT-Tiny, 6 images x 4 views: 24
     rows, so two features chunks in Zarr), extracted once; tests copy it before crafting it."""
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     root = tmp_path_factory.mktemp("tiny-caches")

@@ -5,19 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import CLIP_SMALL, DINO_TINY, url_list
+from conftest import CLIP_SMALL, DINO_TINY, rows, url_list
 from safetensors.torch import load_file
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ViewConfig
 
 GEOMETRY = ("keys", "view", "crop", "flip")
 
 
-def rows(cache: cf.FeatureCache) -> dict[str, dict[str, np.ndarray]]:
-    return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,15 @@ import numpy as np
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from conftest import DINO_TINY, entry_files, url_list
+from conftest import DINO_TINY, entry_files, extract, rows, url_list
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
 from mrmae.shared import cache_format as cf
-from mrmae.shared.views import ViewConfig
 
 
-def extract(shards: str, out, **kw) -> dict:
-    return run_extraction(ExtractConfig(shards=shards, out=str(out), teacher=DINO_TINY,
-                                        views=ViewConfig(per_image=2, seed=0), progress=False, **kw))
 
 
-def rows(root) -> dict:
-    cache = cf.FeatureCache(root)
-    return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 @pytest.fixture(scope="module")

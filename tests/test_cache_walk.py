@@ -223,7 +223,8 @@ def cache(request, tmp_path_factory):
     """A cache of 2 shards x 2 images x 2 views, a float16 teacher added as TARGET, and the
     temporary a killed writer left: -> (cache dir, source URLs, the temporary's name)."""
     from mrmae.demo import write_demo_shards
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared import cache_format as cf
     from mrmae.shared.views import ViewConfig
 

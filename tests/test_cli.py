@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from mrmae import __version__
 from mrmae.cli import cli
-from mrmae.cli_help import SECTIONS, default_workers
+from mrmae.cli_help import SECTIONS
+from mrmae.shared.options import default_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 

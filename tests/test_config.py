@@ -12,13 +12,17 @@ from click.core import ParameterSource
 from click.testing import CliRunner
 from conftest import DINO_TINY
 
-from mrmae.cli import cli, pretrain_config
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.cli import cli
+from mrmae.train.config import pretrain_config
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared.errors import OptionError
+from mrmae.shared.options import config_from
 from mrmae.shared.views import ViewConfig
-from mrmae.train.finetune import FinetuneConfig
-from mrmae.train.finetune import check_numbers as check_finetune_numbers
-from mrmae.train.pretrain import check_options, resolve_accum_steps
+from mrmae.train.downstream.config import FinetuneConfig
+from mrmae.train.downstream.finetune import check_numbers as check_finetune_numbers
+from mrmae.train.pretrain import check_options
+from mrmae.train.run.loop import resolve_accum_steps
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "32", "--workers", "0",
@@ -142,12 +146,12 @@ def test_recipe_parses_and_passes_the_start_checks(recipe, tmp_path):
     if command == "pretrain":
         cached = ["--feature-cache", "CACHE"] if "--feature-cache CACHE" in head else []  # as its comment says
         ctx = parse(command, ["--config", str(path), "--shards", "s.tar", *cached, "--out", str(tmp_path / "o")])
-        cfg = pretrain_config(**{k: v for k, v in ctx.params.items() if k != "no_progress"})
+        cfg = pretrain_config(ctx.params)
         check_options(cfg)  # the model exists, --fuse-layers fit its depth, the numbers are in range
     else:
         ctx = parse(command, ["--config", str(path), "--checkpoint", str(tmp_path), "--shards", "t.tar",
                               "--val-shards", "v.tar", "--out", str(tmp_path / "o")])
-        cfg = FinetuneConfig(**{k: v for k, v in ctx.params.items() if k != "no_progress"})
+        cfg = config_from(FinetuneConfig, ctx.params)
         check_finetune_numbers(cfg)
     assert cfg.effective_batch == 1024 and cfg.accum_steps is None
     assert [resolve_accum_steps(cfg.batch_size, None, 1024, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]

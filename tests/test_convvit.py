@@ -13,10 +13,13 @@ from conftest import DINO_TINY, url_list
 from safetensors.torch import load_file
 
 from mrmae.cli import cli, main
-from mrmae.train.convvit import CONVVIT_ARCHS, ConvViTConfig, MaskedConvBlock, MRConvViT
-from mrmae.train.masking import blockwise_visible_maps, focused_masking, random_masking
-from mrmae.train.models import (PAPER_BASE_PARAMS, MRMAE, create_model, encoder_num_params, gather_visible,
-                                model_config)
+from mrmae.train.students.convvit import CONVVIT_ARCHS, ConvViTConfig, MaskedConvBlock, MRConvViT
+from mrmae.train.masking import blockwise_visible_maps
+from mrmae.train.masks.focused import focused_masking
+from mrmae.train.masks.random import random_masking
+from mrmae.train.models import PAPER_BASE_PARAMS, create_model, model_config
+from mrmae.train.students.vit import MRMAE
+from mrmae.train.student import gather_visible
 
 SMALL_DECODER = dict(decoder_depth=1, decoder_embed_dim=64, decoder_num_heads=2)
 
@@ -99,7 +102,7 @@ def test_registry_geometry_and_counts(name):
     assert (m.patch_embed.grid_size[0], m.patch_embed.img_size[0], m.patch_embed.num_patches) == (14, 224, 196)
     assert (c.decoder_embed_dim, c.decoder_depth, c.embed_dim, c.depth) == (512, 8, c.embed_dims[2], c.depths[2])
     backbone, fusion = hand_count(c.embed_dims, c.depths, c.mlp_ratios)
-    assert m.backbone_num_params() == backbone and encoder_num_params(m) == backbone + fusion
+    assert m.backbone_num_params() == backbone and m.encoder_num_params() == backbone + fusion
 
 
 def test_base_sizes_match_the_papers():
@@ -108,9 +111,9 @@ def test_base_sizes_match_the_papers():
     4.3M stage-1/2 fusion convs, which only pre-training has)."""
     with torch.device("meta"):
         vit, conv = create_model("mrmae_vit_base_patch16"), create_model("mrmae_convvit_base")
-    assert encoder_num_params(vit) == 85_647_360
-    assert encoder_num_params(conv) == 88_782_208 and conv.backbone_num_params() == 84_455_296
-    for n in (encoder_num_params(vit), encoder_num_params(conv)):
+    assert vit.encoder_num_params() == 85_647_360
+    assert conv.encoder_num_params() == 88_782_208 and conv.backbone_num_params() == 84_455_296
+    for n in (vit.encoder_num_params(), conv.encoder_num_params()):
         assert abs(n / PAPER_BASE_PARAMS - 1) < 0.04
 
 
@@ -232,7 +235,7 @@ def test_the_visible_map_is_what_stops_the_depthwise_conv_leaking():
 # --- focused masking from a real teacher's 14x14 attention -----------------------------------
 
 def test_focused_masking_with_teacher_attention_trains_the_convvit():
-    from mrmae.shared.teachers import build_teacher
+    from mrmae.shared.teachers.base import build_teacher
 
     teacher = build_teacher(DINO_TINY).eval()
     torch.manual_seed(0)
@@ -279,7 +282,8 @@ def test_pretrain_plain_mae_through_main(demo_shards, tmp_path):
 
 
 def test_paper_model_end_to_end_cache_focused_fused_pretrain_export_knn_finetune(demo_shards, tmp_path):
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     cache = tmp_path / "cache"

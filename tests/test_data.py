@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import DINO_TINY, url_list
 
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.batch_render import render_exact
 from mrmae.shared.views import View, ViewConfig

@@ -16,7 +16,8 @@ from mrmae.cli import cli
 from mrmae.shared.batch_render import render_batch
 from mrmae.extract.device_decode import decode_batch, image_size
 from mrmae.shared.shards import read_shard
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ImageDecodeError, View, ViewConfig, decode_image, render_view_uint8
 
@@ -84,7 +85,7 @@ def test_verify_replays_with_the_recorded_decoder_or_refuses_in_one_line(demo_sh
 
     from mrmae.extract import teacher_stage
     from mrmae.extract.verify import verify_cache
-    from mrmae.shared.teachers import build_teacher
+    from mrmae.shared.teachers.base import build_teacher
 
     teacher = build_teacher(DINO_TINY)
     decoded_on = []  # the devices teacher_stage decodes bytes on (the real decoder runs)

@@ -12,7 +12,7 @@ from conftest import url_list
 
 from mrmae.cli import cli
 from mrmae.shared.shards import iter_samples
-from mrmae.train.evaluate import eval_transform, knn_scores, topk_accuracy, train_linear_probe
+from mrmae.train.downstream.evaluate import eval_transform, knn_scores, topk_accuracy, train_linear_probe
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_ensemble_averages_the_members_probabilities(demo_shards, tmp_path):
     assert rec["protocol"] == "knn-ensemble" and [m["top1"] for m in rec["members"]] == [100.0, 100.0]
     assert rec["top1"] == 100.0 and len(rec["checkpoint"]) == 2
 
-    from mrmae.train.evaluate import class_probabilities
+    from mrmae.train.downstream.evaluate import class_probabilities
 
     xtr = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
     ytr = torch.arange(20) % 4
@@ -169,7 +169,7 @@ def test_eval_takes_an_export_a_run_or_a_checkpoint_alike_and_fused_on_request(d
     assert [(r["feature"], r["fused"]) for r in recs] == [("mean", False)] * 4 + [("mean", True)]
     assert len({(r["top1"], r["top5"]) for r in recs[:4]}) == 1  # the same encoder, whatever the source
 
-    from mrmae.train.evaluate import extract_features, load_frozen
+    from mrmae.train.downstream.evaluate import extract_features, load_frozen
 
     shard = str(demo_shards[2])
     plain = extract_features(load_frozen(tmp_path / "e" / "model.safetensors"), shard).features

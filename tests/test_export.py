@@ -53,7 +53,7 @@ def _mean_std(model) -> tuple:
 
 
 def test_vit_export_is_timms_own_vit_in_the_hub_layout(tmp_path, monkeypatch):
-    from mrmae.train.export import export_source_run
+    from mrmae.train.downstream.export import export_source_run
 
     model = save_tiny_student(tmp_path / "run")
     monkeypatch.chdir(tmp_path)  # a relative --out: the printed path must still be absolute
@@ -163,7 +163,7 @@ def test_import_mrmae_registers_the_models_for_plain_timm(tmp_path):
 def test_an_export_before_the_hub_layout_still_reads_and_keeps_its_eps(tmp_path):
     """A lone model.safetensors whose metadata names the timm model (mrmae's exports before
     config.json): a ConvViT's conv stages had LayerNorm eps 1e-6 then, and keep it."""
-    from mrmae.train.export import read_encoder
+    from mrmae.train.downstream.export import read_encoder
 
     student = save_tiny_convvit(tmp_path / "run")
     tensors = {k: v.contiguous() for k, v in student.state_dict().items()

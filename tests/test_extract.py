@@ -16,20 +16,18 @@ import numpy as np
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from conftest import CLIP_SMALL, DINO_TINY, entry_files, launch_two, url_list
+from conftest import CLIP_SMALL, DINO_TINY, entry_files, extract, launch_two, url_list
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
-from mrmae.extract.verify import cache_info, verify_cache
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
+from mrmae.shared.cache_format.info import cache_info
+from mrmae.extract.verify import verify_cache
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ViewConfig
 
 
-def extract(shards, out, teacher=DINO_TINY, **kw) -> dict:
-    views = ViewConfig(per_image=kw.pop("views", 2), seed=kw.pop("seed", 0))
-    return run_extraction(ExtractConfig(shards=shards, out=str(out), teacher=teacher, views=views,
-                                        progress=False, **kw))
 
 
 def all_rows(root) -> dict[str, dict[str, np.ndarray]]:

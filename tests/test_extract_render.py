@@ -4,6 +4,8 @@ the one the workers' own render writes (same files, same bytes, same manifest)."
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import os
 import signal
@@ -15,22 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+import conftest
 from conftest import DINO_TINY, entry_files, url_list
 from test_extract import _bad_shard
 
 from mrmae.cli import cli
 from mrmae.extract import runner, teacher_stage
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.extract.teacher_stage import render_loader
 from mrmae.shared import cache_format as cf
 from mrmae.shared.shards import read_shard
 from mrmae.shared.views import ViewConfig, decode_image
 
+extract = partial(conftest.extract, seed=3)
 
-def extract(shards, out, *, views: int = 2, image_size: int = 224, **kw) -> dict:
-    return run_extraction(ExtractConfig(shards=shards, out=str(out), views=ViewConfig(per_image=views, seed=3,
-                                                                                      output_size=image_size),
-                                        progress=False, **kw))
+
 
 
 def assert_same_cache(a: Path, b: Path) -> None:

@@ -376,7 +376,8 @@ from conftest import DINO_TINY  # noqa: E402
 
 from mrmae.cli import cli  # noqa: E402
 from mrmae.demo import write_demo_shards  # noqa: E402
-from mrmae.extract.runner import ExtractConfig, run_extraction  # noqa: E402
+from mrmae.extract.config import ExtractConfig  # noqa: E402
+from mrmae.extract.runner import run_extraction  # noqa: E402
 from mrmae.shared import cache_format as cf  # noqa: E402
 from mrmae.shared.views import ViewConfig  # noqa: E402
 
@@ -690,7 +691,8 @@ import pytest  # noqa: E402
 def _extract3(shards, out, fmt="zarr", **kw):
     from conftest import DINO_TINY
 
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     return run_extraction(ExtractConfig(shards=shards, out=str(out), teacher=DINO_TINY, format=fmt,
@@ -1051,7 +1053,8 @@ def _other_images(tmp_path, n: int = 12):
     from conftest import DINO_TINY
 
     from mrmae.demo import write_demo_shards
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared.views import ViewConfig
 
     a = write_demo_shards(tmp_path / "a", num_images=n, shard_size=n, seed=0)[0]
@@ -1147,7 +1150,8 @@ def test_5_rows_record_their_image_sha256(demo_shards, tmp_path, backend):
     import numpy as np
     from conftest import DINO_TINY
 
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared import cache_format as cf
     from mrmae.shared.shards import read_shard
     from mrmae.shared.views import ViewConfig
@@ -1200,7 +1204,8 @@ from click.testing import CliRunner  # noqa: E402
 from conftest import DINO_TINY, url_list  # noqa: E402
 
 from mrmae.cli import cli  # noqa: E402
-from mrmae.extract.runner import ExtractConfig, run_extraction  # noqa: E402
+from mrmae.extract.config import ExtractConfig  # noqa: E402
+from mrmae.extract.runner import run_extraction  # noqa: E402
 from mrmae.shared.views import ViewConfig  # noqa: E402
 
 TINY_RUN = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "32", "--batch-size", "6",
@@ -1557,7 +1562,8 @@ def test_7_repeated_key_later_copy_skipped_warned_listed_strict_stops(tmp_path, 
     from conftest import DINO_TINY
 
     from mrmae.cli import cli
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared import cache_format as cf
     from mrmae.shared.shards import REPEATED_KEY
     from mrmae.shared.views import ViewConfig, sample_views
@@ -1584,7 +1590,8 @@ def test_7_repeated_key_later_copy_skipped_warned_listed_strict_stops(tmp_path, 
 def test_7_pretraining_keeps_the_first_copy_of_a_repeated_key(tmp_path, layout):
     from conftest import DINO_TINY
 
-    from mrmae.extract.runner import ExtractConfig, run_extraction
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
     from mrmae.shared import cache_format as cf
     from mrmae.shared.views import ViewConfig
     from mrmae.train.data import DataConfig, StudentStream, ViewJoiner

@@ -13,9 +13,9 @@ from conftest import url_list
 from safetensors.torch import load_file, save_file
 
 from mrmae.cli import cli
-from mrmae.train import checkpoint as ckpt
-from mrmae.train.checkpoint import TrainState, save_checkpoint
-from mrmae.train.finetune import FinetuneError, build_classifier
+from mrmae.train.run import checkpoint as ckpt
+from mrmae.train.run.checkpoint import TrainState, save_checkpoint
+from mrmae.train.downstream.finetune import FinetuneError, build_classifier
 from mrmae.train.models import create_model
 from mrmae.train.restore import encode_all_tokens
 
@@ -193,7 +193,7 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
 
     # layer-wise lr decay, ConvMAE's: the conv stages with the embeddings in layer 0, then each block,
     # the head not at all; per stage (--layer-decay-groups stages): stage 1 decays most
-    from mrmae.train.layer_decay import param_groups_layer_decay
+    from mrmae.train.downstream.layer_decay import param_groups_layer_decay
 
     names = {id(p): n for n, p in model.named_parameters()}
     for rule, stage1, stage2 in (("official", 0.5 ** 12, 0.5 ** 12), ("stages", 0.5 ** 14, 0.5 ** 13)):
@@ -207,8 +207,8 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
     import timm
     from accelerate import Accelerator
 
-    from mrmae.train.finetune import evaluate
-    from mrmae.train.labels import LabelSpec
+    from mrmae.train.downstream.finetune import evaluate
+    from mrmae.train.downstream.labels import LabelOptions, resolve_labels
 
     r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "ft-e")])
     assert r.exit_code == 0, r.output + repr(r.exception)
@@ -225,7 +225,8 @@ def test_a_fused_convvit_student_fine_tunes_and_says_what_it_keeps(demo_shards, 
     call = next(ln for ln in r.stdout.splitlines() if ln.startswith("or the file: ")).split("model = ", 1)[1]
     filed = eval(call, {"timm": timm})  # our own printed line
     assert all(torch.equal(v, trained[k]) for k, v in filed.state_dict().items())
-    result, _ = evaluate(exported, str(demo_shards[2]), 64, LabelSpec("cls", num_classes=16), Accelerator(cpu=True))
+    spec = resolve_labels(LabelOptions(num_classes=16), [str(demo_shards[2])])
+    result, _ = evaluate(exported, str(demo_shards[2]), 64, spec, Accelerator(cpu=True))
     assert (result["top1"], result["n_val"]) == (evals[-1]["top1"], 6)
     assert result["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
 

@@ -1,4 +1,4 @@
-"""Labelled samples (train/labels.py): every sample of a real tar is used or counted, for
+"""Labelled samples (train/downstream/labels.py): every sample of a real tar is used or counted, for
 `finetune` and every `eval` protocol, on one process and on two."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from test_finetune import save_small_student
 from mrmae.cli import cli
 from mrmae.shared.errors import OptionError
 from mrmae.shared.shards import iter_samples
-from mrmae.train.labels import (LabelError, LabelOptions, LabelSpec, Tally, census, read_class_map, resolve_labels)
+from mrmae.train.downstream.labels import (LabelError, LabelOptions, LabelSpec, Tally, census, read_class_map, resolve_labels)
 
 NUM_CLASSES = ["--num-classes", "16"]
 FT = [*NUM_CLASSES, "--batch-size", "4", "--epochs", "1", "--lr", "1e-3", "--warmup-epochs", "0", "--workers", "0",
@@ -266,8 +266,7 @@ def test_finetune_with_skip_bad_labels_counts_every_sample_on_one_process_and_on
         r = invoke(["finetune", *data, *FT, "--out", str(tmp_path / "one")])
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert len([x for x in w if "does not decode" in str(x.message)]) == 1  # once a run, not once a pass over the tars
-    assert r.stdout.splitlines()[0].startswith("finetune: ")  # the start line, then the table
-    lines = r.stdout.splitlines()[1:]
+    lines = [ln for ln in r.stdout.splitlines() if not ln.startswith("finetune: ")]  # (the run's start line)
     assert lines[0].split()[-1] == "val_images" and lines[1].endswith("  6 of 9")
     assert lines[2] == (f"train: 12 of 18 images (6 skipped: missing 1, e.g. {tars['mtrain-1']} m1; negative 1, e.g. "
                         f"{tars['mtrain-0']} k3 '-3'; no-image 1, e.g. {tars['mtrain-1']} m3; out-of-range 1, e.g. "
@@ -286,7 +285,7 @@ def test_finetune_with_skip_bad_labels_counts_every_sample_on_one_process_and_on
     two = [*launch_two("torchrun"), "finetune", *data, *FT, "--batch-size", "2", "--out", str(tmp_path / "two")]
     p = subprocess.run(two, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.splitlines()[3:5] == lines[2:4]  # the printed counts (after the start line and the table)
+    assert [ln for ln in p.stdout.splitlines() if not ln.startswith("finetune: ")][2:4] == lines[2:4]  # the counts
     configs = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("one", "two")]
     assert configs[1]["num_processes"] == 2
     assert configs[0]["samples"] == configs[1]["samples"] and configs[0]["notes"] == configs[1]["notes"]

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import mrmae  # noqa: F401  (registers mrmae_convvit_*)
-from mrmae.train.layer_decay import layer_ids, param_groups_layer_decay
+from mrmae.train.downstream.layer_decay import layer_ids, param_groups_layer_decay
 
 
 def convmae_layer(name: str, blocks: int) -> int:

@@ -1,4 +1,4 @@
-"""The training loop both commands share (train/loop.py): the lr schedule, the data helpers it
+"""The training loop both commands share (train/run/loop.py): the lr schedule, the data helpers it
 steps over, and an effective batch that trains the same however it is split."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from conftest import launch_two
 from mrmae.cli import cli
 from mrmae.demo import write_demo_shards
 from mrmae.train.data import STEP_KEY, rank_slots
-from mrmae.train.loop import epoch_passes, grouped_steps, lr_at
+from mrmae.train.run.loop import epoch_passes, grouped_steps, lr_at
 
 
 def test_lr_warms_up_linearly_then_follows_a_half_cosine_to_the_floor():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrmae.train.masking import focus_weights, focused_masking, masks_from_keep, num_visible, random_masking
+from mrmae.train.masks.focused import focus_weights, focused_masking
+from mrmae.train.masking import masks_from_keep, num_visible
+from mrmae.train.masks.random import random_masking
 
 N = 196
 
@@ -151,7 +153,8 @@ def test_the_engine_draws_what_it_drew_before_the_registry(mask):
     rows of it, then the strategy's pure function: the masks of runs before the registry."""
     import hashlib
 
-    from mrmae.train.engine import StepOptions, draw_masks
+    from mrmae.train.config import StepOptions
+    from mrmae.train.engine import draw_masks
 
     opts = StepOptions(mask=mask, mask_ratio=0.75, seed=5, mask_options={"focus_temperature": 0.5,
                                                                           "focus_uniform_mix": 0.1})
@@ -172,7 +175,7 @@ def test_mask_and_its_options_are_checked_by_name_and_range():
 
     from mrmae.cli import cli
     from mrmae.shared.errors import OptionError
-    from mrmae.train.engine import StepOptions
+    from mrmae.train.config import StepOptions
     from mrmae.train.pretrain import check_mask
 
     check_mask(StepOptions(mask="random", mask_options={"focus_temperature": 0.5, "focus_uniform_mix": 1.0}))

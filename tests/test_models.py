@@ -8,10 +8,11 @@ import pytest
 import timm
 import torch
 
-from mrmae.train.masking import random_masking
-from mrmae.train.models import (MRMAE, MRMAEConfig, create_model, describe_models, encoder_num_params,
-                                gather_visible, list_models, sincos_pos_embed)
-from mrmae.train.students import families, family_of
+from mrmae.train.masks.random import random_masking
+from mrmae.train.students.vit import MRMAE, MRMAEConfig
+from mrmae.train.models import create_model, describe_models
+from mrmae.train.student import gather_visible, sincos_pos_embed
+from mrmae.train.students.registry import families, family_of, student_names
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, decoder_embed_dim=32,
              decoder_depth=1, decoder_num_heads=2, teacher_dim=24)  # N = 16 tokens
@@ -33,10 +34,10 @@ def batch(model: MRMAE, b: int = 2, seed: int = 0):
 
 def test_registry_names():
     sizes = ("tiny", "small", "base", "large", "huge")
-    assert list_models() == [f"mrmae_vit_{s}_patch16" for s in sizes] + [f"mrmae_convvit_{s}" for s in sizes]
+    assert student_names() == [f"mrmae_vit_{s}_patch16" for s in sizes] + [f"mrmae_convvit_{s}" for s in sizes]
     rows = describe_models()
     assert len(rows) == 11 and rows[0].startswith("params: ")  # how counting works, then one row per model
-    assert all(row.startswith(f"{name}: ") for row, name in zip(rows[1:], list_models()))
+    assert all(row.startswith(f"{name}: ") for row, name in zip(rows[1:], student_names()))
     with pytest.raises(KeyError):
         create_model("mrmae_vit_giant_patch16")
     with pytest.raises(TypeError):
@@ -56,7 +57,7 @@ def printed_sizes() -> dict[str, tuple[float, float]]:
     return {name: (float(enc), float(total)) for name, enc, total in found}
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", student_names())
 def test_every_registered_student_trains_and_becomes_its_timm_encoder_at_a_tiny_size(name, printed_sizes):
     """timm-style: each name of each family, at its family's `tiny` sizes: one loss and its
     gradients, then the encoder's tensors load strictly into `timm.create_model(name)`; at
@@ -88,8 +89,8 @@ def test_every_registered_student_trains_and_becomes_its_timm_encoder_at_a_tiny_
 
 def test_families_register_their_names_once():
     assert list(families()) == ["vit", "convvit"]
-    assert sum(len(f.archs) for f in families().values()) == len(list_models()) == len(set(list_models()))
-    assert set(timm.list_models("mrmae_*")) == set(list_models())
+    assert sum(len(f.archs) for f in families().values()) == len(student_names()) == len(set(student_names()))
+    assert set(timm.list_models("mrmae_*")) == set(student_names())
 
 
 @pytest.mark.parametrize("name", ["mrmae_vit_tiny_patch16", "mrmae_vit_small_patch16"])
@@ -118,7 +119,7 @@ def test_registry_encoder_sizes_match_timm(name, timm_name, dim, depth, heads):
         ref = timm.create_model(timm_name, patch_size=16, num_classes=0)
     assert (m.cfg.embed_dim, m.cfg.depth, m.cfg.num_heads, m.num_patches) == (dim, depth, heads, 196)
     n_ref = sum(p.numel() for p in ref.parameters()) - ref.pos_embed.numel()  # timm's pos-embed is learned
-    assert encoder_num_params(m) == n_ref == 12 * dim * dim * depth + 13 * dim * depth + 768 * dim + 4 * dim
+    assert m.encoder_num_params() == n_ref == 12 * dim * dim * depth + 13 * dim * depth + 768 * dim + 4 * dim
     if name == "mrmae_vit_base_patch16":
         assert n_ref + ref.pos_embed.numel() == 85_798_656  # ViT-B/16: "86M"
 

@@ -316,7 +316,7 @@ def test_convmae_pretraining_checkpoint_gives_convmaes_latent_predictions_and_lo
     assert (old_pred[2] - pred[2]).abs().max() > 1e-3 > 100 * (ours_pred[2] - pred[2]).abs().max()
 
     # its encoder in timm (export / finetune / eval): ConvMAE's fine-tuning trunk, unmasked
-    from mrmae.train.export import read_encoder
+    from mrmae.train.downstream.export import read_encoder
 
     encoder = read_encoder(path)
     assert "decoder_blocks.* (" in encoder.note and "fuse1.* (2)" in encoder.note and "mask_token" in encoder.note
@@ -328,7 +328,7 @@ def test_convmae_pretraining_checkpoint_gives_convmaes_latent_predictions_and_lo
 
 
 def test_convmae_finetuned_checkpoint_gives_convmaes_logits(tmp_path):
-    from mrmae.train.export import read_encoder
+    from mrmae.train.downstream.export import read_encoder
 
     sd = convmae_state("finetune", seed=3)
     path = save_pth(sd, tmp_path / "convmae_finetuned.pth")
@@ -341,7 +341,7 @@ def test_convmae_finetuned_checkpoint_gives_convmaes_logits(tmp_path):
 
 
 def test_mae_pretraining_checkpoint_gives_maes_latent_predictions_and_loss(tmp_path):
-    from mrmae.train.export import read_encoder
+    from mrmae.train.downstream.export import read_encoder
     from mrmae.train.restore import load_student
 
     sd = mae_state("pretrain", seed=5)
@@ -369,7 +369,7 @@ def test_mae_pretraining_checkpoint_gives_maes_latent_predictions_and_loss(tmp_p
 
 
 def test_mae_finetuned_checkpoint_gives_maes_logits(tmp_path):
-    from mrmae.train.export import read_encoder
+    from mrmae.train.downstream.export import read_encoder
 
     sd = mae_state("finetune", seed=7)
     encoder = read_encoder(save_pth(sd, tmp_path / "mae_finetuned_vit.pth"), "mae")
@@ -399,7 +399,7 @@ def test_official_checkpoints_export_evaluate_and_fine_tune(demo_shards, tmp_pat
     with torch.no_grad():
         _close(model(imgs), classify(convmae_encoder(sd, imgs), sd))
 
-    from mrmae.train.finetune import build_classifier
+    from mrmae.train.downstream.finetune import build_classifier
 
     clf, _ = build_classifier(ft, 16)
     state = clf.state_dict()

@@ -7,6 +7,8 @@ compared with. One view per image keeps the teacher's work (the test's cost) sma
 
 from __future__ import annotations
 
+from functools import partial
+
 import hashlib
 import json
 from pathlib import Path
@@ -15,28 +17,24 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import DINO_TINY, url_list
+import conftest
+from conftest import DINO_TINY, rows, url_list
 
 from mrmae.cli import cli
 from mrmae.extract import pca_fit, runner
-from mrmae.extract.runner import ExtractConfig, run_extraction
-from mrmae.extract.verify import cache_info, pca_tolerance, verify_cache
+from mrmae.shared.cache_format.info import cache_info
+from mrmae.extract.verify import pca_tolerance, verify_cache
 from mrmae.shared import cache_format as cf
-from mrmae.shared.views import ViewConfig
+
+extract = partial(conftest.extract, views=1, batch_size=6)
 
 K, FIT = 16, 4  # rank and fit views of the low-rank cache (FIT < the 6 views of the first shard)
 C = 192  # DINO_TINY's width
 F16_EPS = 2.0 ** -11  # float16's relative rounding: the reference features' own error
 
 
-def extract(shards: str, out: Path, **kw) -> dict:
-    return run_extraction(ExtractConfig(shards=shards, out=str(out), teacher=DINO_TINY, batch_size=6,
-                                        views=ViewConfig(per_image=1, seed=0), progress=False, **kw))
 
 
-def rows(root: Path, layer: str = "features") -> dict[str, dict[str, np.ndarray]]:
-    cache = cf.FeatureCache(root)
-    return {s.source: cache.shard(s.source).read(slice(None), layer) for s in cache.complete_shards}
 
 
 def stored_scales(root: Path) -> dict[str, np.ndarray]:
@@ -56,7 +54,7 @@ def _one_teacher():
     """Build the (random-weight, fixed-seed) teacher once for the module: building it costs
     more than extracting a shard, and these tests are about what is done with its outputs."""
     from mrmae.extract import verify
-    from mrmae.shared.teachers import build_teacher
+    from mrmae.shared.teachers.base import build_teacher
 
     built = {}
 
@@ -216,8 +214,8 @@ def test_verify_judges_the_coefficients_and_reports_the_reconstruction(caches):
 
 def test_engine_reconstructs_the_gathered_visible_coefficients():
     from mrmae.train.engine import pca_reconstruct, visible_float_targets
-    from mrmae.train.masking import random_masking
-    from mrmae.train.models import gather_visible
+    from mrmae.train.masks.random import random_masking
+    from mrmae.train.student import gather_visible
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 24))

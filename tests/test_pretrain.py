@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from conftest import DINO_TINY, launch_two, url_list
 
 from mrmae.cli import cli, main
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared.views import ViewConfig
 
 TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "64",
@@ -170,8 +171,8 @@ def test_int8_targets_are_gathered_then_dequantised_to_the_full_dequantisation()
 
     from mrmae.shared.cache_format import dequantize, quantize_int8
     from mrmae.train.engine import visible_float_targets
-    from mrmae.train.masking import random_masking
-    from mrmae.train.models import gather_visible
+    from mrmae.train.masks.random import random_masking
+    from mrmae.train.student import gather_visible
 
     x = torch.randn(3, 196, 24).numpy() * 4
     q, scale = quantize_int8(x)
@@ -185,7 +186,7 @@ def test_int8_targets_are_gathered_then_dequantised_to_the_full_dequantisation()
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(demo_shards, cache, tmp_path):
-    from mrmae.train.checkpoint import latest_checkpoint
+    from mrmae.train.run.checkpoint import latest_checkpoint
 
     args = ["--shards", str(demo_shards[0]), "--feature-cache", str(cache), "--out", str(tmp_path / "o"), *TINY,
             "--batch-size", "3"]

@@ -17,7 +17,7 @@ import click
 import pytest
 
 from mrmae.cli import cli
-from mrmae.train.recipe import list_recipes, recipes_folder
+from mrmae.train.run.recipe import list_recipes, recipes_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.prefix) / "bin")

@@ -7,26 +7,23 @@ rename and no lock: write, read back, damage, resume.
 
 from __future__ import annotations
 
+from functools import partial
+
 import uuid
 
 import fsspec
 import numpy as np
 import pytest
-from conftest import DINO_TINY, url_list
+import conftest
+from conftest import rows, url_list
 
-from mrmae.extract.runner import ExtractConfig, run_extraction
 from mrmae.shared import cache_format as cf
-from mrmae.shared.views import ViewConfig
+
+extract = partial(conftest.extract, batch_size=4)
 
 
-def extract(urls: str, out: str, backend: str) -> dict:
-    return run_extraction(ExtractConfig(shards=urls, out=out, teacher=DINO_TINY, views=ViewConfig(per_image=2),
-                                        format=backend, batch_size=4, progress=False))
 
 
-def rows(root: str) -> dict:
-    cache = cf.FeatureCache(root)
-    return {s.source: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 @pytest.mark.parametrize("backend", cf.BACKENDS)

@@ -14,9 +14,10 @@ from conftest import DINO_TINY, url_list
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared.views import ViewConfig
-from mrmae.train.report import LINE_LIMIT
+from mrmae.train.run.records import LINE_LIMIT
 
 TINY = ["--decoder-depth", "1", "--decoder-dim", "64", "--batch-size", "6", "--workers", "0", "--no-progress",
         "--seed", "3", "--lr", "1e-3"]
@@ -250,15 +251,18 @@ def test_help_does_not_import_matplotlib():
 def test_mask_column_reads_both_config_layouts():
     """step_options.mask_options (since the masking registry) and, for older runs, focused
     masking's options in step_options itself: the same column."""
-    from mrmae.train.report import ReportError, describe_mask
+    from mrmae.train.run.records import RecordError, StepOptionsRecord
+    from mrmae.train.downstream.report import describe_mask
+
+    def describe(opts: dict) -> str | None:
+        return describe_mask(StepOptionsRecord.from_json(opts, "w"))
 
     old = {"mask": "focused", "mask_ratio": 0.75, "focus_temperature": 0.5, "focus_uniform_mix": 0.0}
     new = {"mask": "focused", "mask_ratio": 0.75, "mask_options": {"focus_temperature": 0.5, "focus_uniform_mix": 0.0}}
-    assert describe_mask(old, "w") == describe_mask(new, "w") == "focused 0.75 T=0.5"
-    assert describe_mask({"mask": "random", "mask_ratio": 0.6, "mask_options": {"focus_temperature": 2}}, "w") == \
-        "random 0.6"
-    assert describe_mask({"mask": "since-removed", "mask_ratio": 0.5}, "w") == "since-removed 0.5"
-    with pytest.raises(ReportError, match="w: key mask_options is 3, not an object"):
-        describe_mask({"mask": "focused", "mask_options": 3}, "w")
-    with pytest.raises(ReportError, match="w: key focus_temperature is 'hot', not a finite number"):
-        describe_mask({"mask": "focused", "mask_options": {"focus_temperature": "hot"}}, "w")
+    assert describe(old) == describe(new) == "focused 0.75 T=0.5"
+    assert describe({"mask": "random", "mask_ratio": 0.6, "mask_options": {"focus_temperature": 2}}) == "random 0.6"
+    assert describe({"mask": "since-removed", "mask_ratio": 0.5}) == "since-removed 0.5"
+    with pytest.raises(RecordError, match="w step_options: key mask_options is 3, not an object"):
+        describe({"mask": "focused", "mask_options": 3})
+    with pytest.raises(RecordError, match="w step_options: key focus_temperature is 'hot', not a finite number"):
+        describe({"mask": "focused", "mask_options": {"focus_temperature": "hot"}})

@@ -162,5 +162,5 @@ def test_a_config_json_field_of_another_type_is_one_line_naming_file_and_key(tra
     r = CliRunner().invoke(cli, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "e")])
     lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error")]
     assert r.exit_code == 1 and lines == [lines[0]] and lines[0].startswith(
-        f"mrmae: error: {run}/config.json: key {field}: "), r.output
+        f"mrmae: error: {run}/config.json: key {field} is "), r.output
     assert not (tmp_path / "e" / "model.safetensors").exists()

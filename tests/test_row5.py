@@ -14,7 +14,7 @@ from conftest import DINO_TINY
 from test_config import cache  # noqa: F401  (the fixture: DINO-tiny targets of the first demo shard)
 
 from mrmae.cli import cli
-from mrmae.train.masking import random_masking
+from mrmae.train.masks.random import random_masking
 from mrmae.train.models import create_model
 from mrmae.train.student import gather_visible, masked_ids
 
@@ -102,7 +102,7 @@ def test_row5_needs_one_teachers_targets_and_a_weight(demo_shards, tmp_path):
             "--model", "mrmae_vit_tiny_patch16", "--no-progress"]
     for extra, words in (([], "give --feature-cache or --teacher"),
                          (["--teacher", DINO_TINY, "--mimic-weight", "0"], "--mimic-weight 0"),
-                         (["--feature-cache", str(tmp_path / "c"), "--target", "main,dino"], "one teacher's features")):
+                         (["--feature-cache", str(tmp_path / "cache"), "--target", "main,dino"], "one teacher's features")):
         r = CliRunner().invoke(cli, [*base, *extra])
         assert r.exit_code == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "o").exists()

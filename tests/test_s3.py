@@ -9,6 +9,8 @@ temporary object is ever left; processes exit without third-party noise.
 
 from __future__ import annotations
 
+from functools import partial
+
 import contextlib
 import json
 import os
@@ -21,13 +23,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+import conftest
 from conftest import DINO_TINY, url_list
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format.location import is_temp
 from mrmae.shared.views import ViewConfig
+
+rows = partial(conftest.rows, by_name=True)  # (the same tars under other URLs: compared by name)
 
 EXTRACT = ["--teacher", DINO_TINY, "--views", "2", "--batch-size", "4", "--workers", "0", "--no-progress"]
 TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "32", "--batch-size", "4",
@@ -52,9 +58,6 @@ def assert_clean_exit(r: subprocess.CompletedProcess) -> None:
     assert not [w for w in NOISE if w in r.stderr], r.stderr[-3000:]
 
 
-def rows(root: str) -> dict[str, dict[str, np.ndarray]]:
-    cache = cf.FeatureCache(root)
-    return {Path(s.source).name: cache.shard(s.source).read(slice(None)) for s in cache.complete_shards}
 
 
 def same_rows(a: str, b: str) -> None:

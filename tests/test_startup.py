@@ -23,7 +23,8 @@ import startup  # noqa: E402
 
 from mrmae.shared import cache_format as cf  # noqa: E402
 from mrmae.train.data import check_cache_fits  # noqa: E402
-from mrmae.train.pretrain import PretrainConfig, count_samples, run_fingerprint  # noqa: E402
+from mrmae.train.config import PretrainConfig  # noqa: E402
+from mrmae.train.pretrain import count_samples, run_fingerprint  # noqa: E402
 
 SHARDS = 5
 URL = "latmem://startup-test/cache"

@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+import conftest
 from conftest import DINO_TINY
 
 from mrmae.cli import cli
 from mrmae.shared.shards import iter_samples
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import View, ViewConfig, decode_image, decode_view, render_view_uint8
+
+extract = partial(conftest.extract, seed=3, batch_size=6)
 
 TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "64", "--batch-size", "6", "--workers", "0",
         "--no-progress", "--seed", "3", "--lr", "1e-3", "--mask", "focused"]
 
 
-def extract(shards: str, out, backend: str, codec: str) -> None:
-    run_extraction(ExtractConfig(shards=shards, out=str(out), teacher=DINO_TINY, views=ViewConfig(per_image=2, seed=3),
-                                 format=backend, batch_size=6, store_pixels=codec, progress=False))
 
 
 @pytest.mark.parametrize("backend,codec", [("zarr", "png"), ("wds", "webp"), ("zarr", "jpeg"), ("wds", "zstd")])
 def test_stored_views_are_the_rendered_views(demo_shards, tmp_path, backend, codec):
-    extract(str(demo_shards[0]), tmp_path / "c", backend, codec)
+    extract(str(demo_shards[0]), tmp_path / "c", backend, store_pixels=codec)
     cache = cf.FeatureCache(tmp_path / "c")
     assert cache.manifest.storage.pixels == codec
     group = cache.shard(str(demo_shards[0]))
@@ -48,7 +51,7 @@ def test_stored_views_are_the_rendered_views(demo_shards, tmp_path, backend, cod
 def test_training_from_the_cache_alone_equals_training_from_the_tars(demo_shards, tmp_path):
     copies = [str(shutil.copy(p, tmp_path / p.name)) for p in demo_shards]
     urls = "::".join(copies)
-    extract(urls, tmp_path / "c", "zarr", "zstd")
+    extract(urls, tmp_path / "c", "zarr", store_pixels="zstd")
     # --render-on-device (here the CPU): the tars' run renders in the step; stored views need no render
     base = ["pretrain", "--shards", urls, "--feature-cache", str(tmp_path / "c"), *TINY, "--render-on-device"]
     r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "tars")])

@@ -14,12 +14,13 @@ import torch
 from conftest import DINO_TINY
 from safetensors.torch import save_file
 
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.extract.verify import verify_cache
 from mrmae.shared import cache_format as cf
-from mrmae.shared.teachers import (Teacher, TeacherError, TeacherSpec, build_teacher, load_weights_file, register_teacher,
-                                   teacher_kinds)
 from mrmae.shared.teachers import base as teacher_base
+from mrmae.shared.teachers.base import (Teacher, TeacherError, TeacherSpec, build_teacher, load_weights_file,
+                                        register_teacher, teacher_kinds)
 from mrmae.shared.views import ViewConfig
 
 SPECS = ["clip:ViT-S-16", "dino:vit_tiny_patch16_224", "dino:vit_small_patch14_dinov2"]
@@ -227,7 +228,7 @@ TOY_KIND = '''
 import torch
 import timm
 
-from mrmae.shared.teachers import Teacher, TeacherOutput, load_weights_file, random_init_warning, register_teacher
+from mrmae.shared.teachers.base import Teacher, TeacherOutput, load_weights_file, random_init_warning, register_teacher
 
 
 @register_teacher("toy", "toy:TIMM_VIT[@WEIGHTS]")
@@ -294,7 +295,7 @@ def test_a_manifest_knows_the_teacher_kinds_without_importing_them():
     import sys
 
     code = ("import sys\nfrom mrmae.shared.cache_format.manifest import teacher_kinds\nnames = teacher_kinds()\n"
-            "print('torch' in sys.modules)\nimport mrmae.shared.teachers as t\n"
+            "print('torch' in sys.modules)\nimport mrmae.shared.teachers.base as t\n"
             "print(sorted(names) == sorted(t.teacher_kinds()) == sorted(teacher_kinds()), sorted(names))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "False" and out[1].startswith("True ['clip', 'dino'"), out

@@ -27,7 +27,8 @@ from conftest import DINO_TINY, url_list
 
 from mrmae.cli import cli
 from mrmae.demo import write_demo_shards
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import ViewConfig
 

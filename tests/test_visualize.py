@@ -12,12 +12,13 @@ from PIL import Image
 
 from mrmae.cli import cli
 from mrmae.shared.shards import read_shard
-from mrmae.extract.runner import ExtractConfig, run_extraction
+from mrmae.extract.config import ExtractConfig
+from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import View, ViewConfig, decode_image, render_view_uint8
-from mrmae.train.visualize import mask_columns
+from mrmae.train.downstream.visualize import mask_columns
 
-CELL, PAD, HEADER = 224, 8, 24  # the layout documented in train/visualize.py
+CELL, PAD, HEADER = 224, 8, 24  # the layout documented in train/downstream/visualize.py
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import copy
 import hashlib
 import io
@@ -18,23 +20,21 @@ import torch
 import webdataset as wds
 import zarr
 from click.testing import CliRunner
-from conftest import DINO_TINY, url_list
+import conftest
+from conftest import url_list
 from numcodecs import Zstd
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.runner import ExtractConfig, run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format import wds_store
-from mrmae.shared.views import ViewConfig
 from mrmae.train.data import DataConfig, StudentStream
+
+extract = partial(conftest.extract, batch_size=4)
 
 SAFE_MEMBER = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_]+\.(npy|npy\.zst|json)")
 
 
-def extract(shards, out, fmt, **kw) -> dict:
-    return run_extraction(ExtractConfig(shards=shards, out=str(out), teacher=DINO_TINY, format=fmt,
-                                        views=ViewConfig(per_image=2, seed=0), batch_size=4, progress=False, **kw))
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 from _venv import pip_install, venv_without_mrmae
 
 from mrmae.train.masking import mask_names
-from mrmae.train.recipe import list_recipes
-from mrmae.train.students import families
+from mrmae.train.run.recipe import list_recipes
+from mrmae.train.students.registry import families
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ DRIVER = textwrap.dedent('''
     import json, sys
     from mrmae.cli import main
     from mrmae.train.masking import mask_names
-    from mrmae.train.students import families
+    from mrmae.train.students.registry import families
 
     def mrmae(*args):
         try:

@@ -1,1 +1,1 @@
-"""Stage 2: the MR-MAE student (masking.py, models.py), trained from the feature cache or a live teacher."""
+"""Stage 2: the MR-MAE student (masking.py, models.py, students/), trained from the feature cache or a live teacher."""

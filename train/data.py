@@ -45,9 +45,6 @@ from mrmae.shared.seeding import seed_from
 from mrmae.shared.views import (View, ViewConfig, ViewError, check_view, decode_crop, decode_image, decode_view,
                                 render_view_uint8, sample_view, view_rng)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass
 class DataConfig:

@@ -10,7 +10,7 @@ trains on the same samples, views and masks however its effective batch is split
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -18,26 +18,11 @@ import torch.nn.functional as F
 
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, render_views
-from mrmae.train.loop import MASK_SEEDING, MicroBatch, NonFiniteLossError, epoch_passes, lr_at  # noqa: F401
+from mrmae.train.data import render_views
+from mrmae.train.run.loop import MASK_SEEDING, MicroBatch
+from mrmae.train.config import StepOptions
 from mrmae.train.masking import get_mask
 from mrmae.train.student import masked_ids
-
-
-@dataclass
-class StepOptions:
-    mask: str = "random"  # a registered masking strategy (train/masks/: "random", "focused", ...)
-    mask_ratio: float = 0.75
-    mask_options: dict[str, float] = field(default_factory=dict)  # its options; absent ones take their defaults
-    recon_weight: float = 0.5
-    mimic_weight: float = 0.5
-    target_norm: str = "none"  # "none" | "layernorm" | "l2"
-    # where the teacher's features are the target: "encoder" (L_M on the visible tokens) or "decoder"
-    # (table 3 row 5: a decoder head reconstructs the masked tokens' features, weighted by mimic_weight)
-    high_level_at: str = "encoder"
-    seed: int = 0
-    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # the student's input normalisation (0-1 units)
-    pixel_std: tuple[float, float, float] = IMAGENET_STD
 
 
 def normalize_targets(targets: torch.Tensor, how: str) -> torch.Tensor:
@@ -147,35 +132,6 @@ def prepare_targets(batch: dict, ids_keep: torch.Tensor, device: torch.device,
     return sets if joint else sets[0]
 
 
-class InterruptibleLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose worker start-up Ctrl-C cannot cut. While `iter()` forks the
-    workers, SIGINT is blocked (the workers inherit the mask and, with
-    `worker_ignores_interrupt`, discard it) and a SIGINT the main process had already
-    received is only noted; it is raised once the iterator is whole, where torch can stop
-    its workers. Unguarded, a SIGINT landing in the fork killed a half-started worker (a
-    traceback), broke the iterator half-built, or was swallowed by an at-fork handler (the
-    run went on)."""
-
-    def __iter__(self):
-        import signal
-        import threading
-
-        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
-            return super().__iter__()
-        noted: list[int] = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            batches = super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if noted:
-            del batches  # a whole iterator: its workers are stopped
-            raise KeyboardInterrupt
-        return batches
-
-
 def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids_keep: torch.Tensor,
                           device: torch.device) -> torch.Tensor:
     """targets [B, N, C] (int8 with scale [B, N], or [B, N, G] for G groups of channels;
@@ -184,7 +140,7 @@ def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids
     The stored values cross to the device (int8: a quarter of float32's bytes), the
     visible quarter is kept, and only that is dequantised.
     """
-    from mrmae.train.models import gather_visible
+    from mrmae.train.student import gather_visible
 
     t = gather_visible(targets.to(device, non_blocking=True), ids_keep).float()
     if scale is None:

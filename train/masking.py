@@ -14,8 +14,10 @@ depends on its place in the global batch, not on the process count); attention [
 else None; `options` the strategy's declared options (`MaskOption`; `--mask-option
 NAME=VALUE` on the command line). A row's mask must be a function of its noise row (and
 attention row) alone. Every module of the package is imported when the registry is first
-asked (`mask_strategies`), so a new strategy is one new file there: `mrmae pretrain
---mask NAME`, `mrmae visualize` and the run's config.json pick it up.
+asked (`mask_strategies`), and so is every installed plug-in's (entry-point group
+`mrmae.masks`), so a new strategy is one new file: `mrmae pretrain --mask NAME` (with a flag
+for each option whose `MaskOption.flag` names one), `mrmae visualize`, `mrmae report` and the
+run's config.json pick it up.
 
 Every strategy returns the same triple, on the device of its inputs:
 
@@ -44,6 +46,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
+
+from mrmae.shared.plugins import load_plugins
 
 Masks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 STRATEGIES_PACKAGE = "mrmae.train.masks"
@@ -167,8 +171,15 @@ def mask_strategies() -> dict[str, MaskStrategy]:
         for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
             if not module.startswith("_"):
                 importlib.import_module(f"{STRATEGIES_PACKAGE}.{module}")
+        load_plugins("mrmae.masks")  # strategies installed outside mrmae (shared/plugins.py)
         _LOADED = True
     return dict(_REGISTRY)
+
+
+def flagged_mask_options() -> list[MaskOption]:
+    """The strategies' options that their registration gives a command-line flag of their own
+    (`MaskOption.flag`: focused masking's --focus-temperature, ...), each once, by flag."""
+    return list({o.flag: o for s in mask_strategies().values() for o in s.options if o.flag}.values())
 
 
 def mask_names() -> list[str]:
@@ -188,12 +199,3 @@ def all_mask_options() -> dict[str, MaskOption]:
     """Every registered strategy's options by name (an option name belongs to one strategy)."""
     return {o.name: o for s in mask_strategies().values() for o in s.options}
 
-
-# The pure functions of the first two strategies, importable from here as before
-_MOVED = {"random_masking": "random", "focused_masking": "focused", "focus_weights": "focused"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(f"{STRATEGIES_PACKAGE}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -221,7 +221,9 @@ def _head(state: dict) -> dict:
 
 def _vit_sizes(state: dict, stage: str) -> tuple[str, dict, dict]:
     """(registry name, student overrides, timm kwargs) of a MAE checkpoint."""
-    from mrmae.train.models import MRMAEConfig, list_models, model_config
+    from mrmae.train.students.vit import MRMAEConfig
+    from mrmae.train.models import model_config
+    from mrmae.train.students.registry import student_names
 
     proj = state["patch_embed.proj.weight"]
     dim, patch, depth = proj.shape[0], proj.shape[-1], _count(state, "blocks")
@@ -230,7 +232,7 @@ def _vit_sizes(state: dict, stage: str) -> tuple[str, dict, dict]:
     if grid * grid != tokens or "cls_token" not in state:
         raise ValueError(f"pos_embed of {tokens + 1} tokens is not a [CLS] token and a square grid")
     ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0
-    name = next((n for n in list_models() if isinstance(c := model_config(n), MRMAEConfig)
+    name = next((n for n in student_names() if isinstance(c := model_config(n), MRMAEConfig)
                  and (c.embed_dim, c.depth, c.mlp_ratio) == (dim, depth, ratio)), None)
     if name is None:
         raise ValueError(f"no mrmae ViT is {dim}-d with {depth} blocks and MLP ratio {ratio:g}")
@@ -241,7 +243,9 @@ def _vit_sizes(state: dict, stage: str) -> tuple[str, dict, dict]:
 
 def _convvit_sizes(state: dict, stage: str) -> tuple[str, dict, dict]:
     """(registry name, student overrides, timm kwargs) of a ConvMAE checkpoint."""
-    from mrmae.train.models import ConvViTConfig, list_models, model_config
+    from mrmae.train.students.convvit import ConvViTConfig
+    from mrmae.train.models import model_config
+    from mrmae.train.students.registry import student_names
 
     dims = tuple(state[f"embed{i}.proj.weight"].shape[0] for i in (1, 2, 3))
     kernels = tuple(state[f"embed{i}.proj.weight"].shape[-1] for i in (1, 2, 3))
@@ -254,7 +258,7 @@ def _convvit_sizes(state: dict, stage: str) -> tuple[str, dict, dict]:
     grid = math.isqrt(state["pos_embed"].shape[1])
     if grid * grid != state["pos_embed"].shape[1]:
         raise ValueError(f"pos_embed of {state['pos_embed'].shape[1]} tokens is not a square grid")
-    name = next((n for n in list_models() if isinstance(c := model_config(n), ConvViTConfig)
+    name = next((n for n in student_names() if isinstance(c := model_config(n), ConvViTConfig)
                  and (c.embed_dims, c.depths, c.mlp_ratios) == (dims, depths, ratios)), None)
     if name is None:
         raise ValueError(f"no mrmae ConvViT is {'/'.join(map(str, dims))}-d with {'+'.join(map(str, depths))} blocks "

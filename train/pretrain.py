@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Iterator
 
 import torch
@@ -22,55 +21,16 @@ from mrmae.shared import shards
 from mrmae.shared.shards import expand_urls
 from mrmae.shared import cache_format as cf
 from mrmae.shared.errors import OptionChecks, OptionError, unknown_name, worker_ignores_interrupt
-from mrmae.train import checkpoint as ckpt
+from mrmae.train.run import checkpoint as ckpt
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
 from mrmae.train.masking import all_mask_options, get_mask, mask_names, num_visible
-from mrmae.train.recipe import RecipeFile
-from mrmae.train.run_dir import check_out
-from mrmae.train.engine import InterruptibleLoader, PretrainStep, StepOptions
-from mrmae.train.loop import (MASK_SEEDING, TrainRun, check_epoch_fits, epoch_passes,  # noqa: F401 (re-exported)
-                              resolve_accum_steps)
-
-
-@dataclass
-class PretrainConfig:
-    shards: str
-    out: str
-    model: str = "mrmae_vit_base_patch16"
-    feature_cache: str | None = None
-    target: str | None = None  # `open_targets`: "main" (default), an added teacher, or several joint: "main,clip-B16"
-    teacher: str | None = None
-    epochs: int = 1
-    batch_size: int = 64  # per process, per micro-batch
-    accum_steps: int | None = None  # None: 1, or what effective_batch asks (`resolve_accum_steps`)
-    effective_batch: int | None = None  # images per optimiser step, whatever the process count
-    blr: float = 1.5e-4
-    lr: float | None = None  # absolute; default blr x effective batch / 256
-    min_lr: float = 0.0
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.05
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    fuse_layers: tuple[int, ...] = ()
-    views_per_image: int = 2  # live / plain modes (cached mode reads the cache's)
-    workers: int = 0
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False  # --out holding a run: set it aside (renamed) and start anew
-    resume_from: str | None = None  # "auto" (the newest complete checkpoint) or a checkpoint's path
-    save_every_steps: int = 0  # 0: at the end of each epoch only
-    pixels_from_cache: bool = False  # views from the cache (--store-pixels), source tars unread
-    render_on_device: bool | None = None  # workers decode, the step renders the views; None: on with CUDA
-    compile: str | None = None  # torch.compile backend ("inductor"; "eager" to test the plumbing), None: eager mode
-    samples_per_epoch: int | None = None  # default: counted from the cache or the tars
-    data_split: str = "shards"  # "shards" (each rank reads its shards) | "samples" (exact at any world size)
-    progress: bool = True
-    device: str = "auto"  # "auto": accelerate's choice (a GPU per process where there are GPUs); "cpu": CPU anyway
-    step_options: StepOptions = field(default_factory=StepOptions)
-    config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
-    init: str | None = None  # start from these weights (MAE's or ConvMAE's .pth, an mrmae checkpoint): restore.init_from
-    checkpoint_format: str = "auto"  # what --init is (`official.FORMATS`; auto: from the file)
+from mrmae.shared.options import number_option
+from mrmae.train.config import PretrainConfig, StepOptions
+from mrmae.train.engine import PretrainStep
+from mrmae.train.run.loader import InterruptibleLoader
+from mrmae.train.run.loop import MASK_SEEDING, TrainRun, epoch_passes
+from mrmae.train.run.options import check_run_options, check_shard_list
+from mrmae.train.run.run_dir import check_out
 
 
 def count_samples(urls: list[str], cache: cf.FeatureCache | None) -> int:
@@ -115,14 +75,7 @@ def check_options(cfg: PretrainConfig) -> None:
     """Refuse what cannot work before anything is written: every bad option at once (an
     OptionErrors, a line each naming its option)."""
     checks = OptionChecks()
-    for option, value, least in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
-                                 ("--workers", cfg.workers, 0),
-                                 ("--views", cfg.views_per_image, 1), ("--decoder-dim", cfg.decoder_dim, 1),
-                                 ("--decoder-depth", cfg.decoder_depth, 0), ("--save-every-steps", cfg.save_every_steps, 0),
-                                 ("--shuffle-buffer", cfg.shuffle_buffer, 0)):
-        if value < least:
-            checks.fail(f"{option} {value}: must be at least {least}")
-    check_numbers(cfg, checks)
+    check_run_options(cfg, checks)  # the declared types and ranges (NaN too), the warm-up
     checks.run(check_mask, cfg.step_options)
     checks.run(check_model, cfg)
     checks.run(check_shard_list, cfg.shards)
@@ -143,14 +96,15 @@ def check_options(cfg: PretrainConfig) -> None:
 
 def check_model(cfg: PretrainConfig) -> None:
     """--model is a registered student, --fuse-layers fits its depth, --mask-ratio masks some of its patches."""
-    from mrmae.train.models import list_models, model_config
+    from mrmae.train.models import model_config
+    from mrmae.train.students.registry import student_names
 
-    if cfg.model not in list_models():
-        raise OptionError(unknown_name("--model", cfg.model, list_models(), "see `mrmae models`"))
+    if cfg.model not in student_names():
+        raise OptionError(unknown_name("--model", cfg.model, student_names(), "see `mrmae models`"))
     try:
         config = model_config(cfg.model, fuse_layers=cfg.fuse_layers)
     except ValueError as e:  # the list was written for another depth (4,8,12 is a ViT-B's, 4,8,11 a ConvViT's)
-        from mrmae.train.students import family_of
+        from mrmae.train.students.registry import family_of
 
         depth, blocks = model_config(cfg.model).depth, family_of(cfg.model).fuse_blocks  # what the list counts
         raise OptionError(f"--fuse-layers {','.join(map(str, cfg.fuse_layers))}: {cfg.model} has {depth} {blocks}; "
@@ -158,16 +112,6 @@ def check_model(cfg: PretrainConfig) -> None:
     tokens, ratio = (config.img_size // config.patch_size) ** 2, cfg.step_options.mask_ratio
     if 0 <= ratio < 1 and num_visible(tokens, ratio) >= tokens:  # masks nothing: L_R would be a mean over nothing (NaN or out of range: check_numbers says so)
         raise OptionError(f"--mask-ratio {cfg.step_options.mask_ratio}: masks none of {cfg.model}'s {tokens} patches")
-
-
-def check_shard_list(text: str, option: str = "--shards") -> None:
-    """`option` (a shard list) names at least one shard, each once."""
-    urls = expand_urls(text)
-    if not urls:
-        raise OptionError(f"{option} {text!r}: names no shard")
-    if len(set(urls)) != len(urls):  # e.g. overlapping brace ranges: those samples would count twice an epoch
-        twice = next(u for u in urls if urls.count(u) > 1)
-        raise OptionError(f"{option}: {twice} is listed twice")
 
 
 def check_high_level(cfg: PretrainConfig) -> None:
@@ -204,43 +148,6 @@ def check_mask(o: StepOptions) -> None:
     checks.done()
 
 
-def number_option(option: str, value: float | None, low: float, high: float = math.inf, *,
-                  low_open: bool = False) -> None:
-    """OptionError naming `option` unless `value` (when given) is a finite number in
-    [low, high] (or (low, high] with `low_open`): NaN passes click's ranges and every
-    comparison, and trains on NaN or records a meaningless result."""
-    if value is None:
-        return
-    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-        where = (f"above {low:g}" if low_open else f"from {low:g}") if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        raise OptionError(f"--{option} {value}: must be a finite number {where}")
-
-
-def check_warmup(warmup_epochs: float, epochs: int) -> None:
-    """A warm-up as long as the run never reaches the peak lr, and a longer one trains the
-    whole run at a fraction of it: refused (0, no warm-up, is fine). A warm-up the user did
-    not give is shortened to fit before this check (`loop.fit_warmup`)."""
-    if warmup_epochs > 0 and warmup_epochs >= epochs:
-        raise OptionError(f"--warmup-epochs {warmup_epochs:g}: must be below --epochs {epochs} (a warm-up of the "
-                          "whole run or longer never reaches the peak lr)")
-
-
-def check_numbers(cfg: PretrainConfig, checks: OptionChecks) -> None:
-    """The float options of a pretraining run, each failure added to `checks`."""
-    o = cfg.step_options
-    for option, value, low, high, low_open in (
-            ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
-            ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("weight-decay", cfg.weight_decay, 0.0, math.inf, False),
-            ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False), ("mask-ratio", o.mask_ratio, 0.0, 1.0, False),
-            ("recon-weight", o.recon_weight, 0.0, math.inf, False), ("mimic-weight", o.mimic_weight, 0.0, math.inf, False)):
-        checks.run(number_option, option, value, low, high, low_open=low_open)
-    checks.run(check_warmup, cfg.warmup_epochs, cfg.epochs)
-    if o.mask_ratio >= 1.0:
-        checks.fail(f"--mask-ratio {o.mask_ratio}: must be below 1")
-    if o.recon_weight == 0 and o.mimic_weight == 0:
-        checks.fail("--recon-weight 0 --mimic-weight 0: the loss would be zero; give one of them a weight")
-
-
 def run_fingerprint(cfg: PretrainConfig, urls: list[str], caches: list[cf.FeatureCache], teacher,
                     teacher_dims: tuple[int, ...]) -> ckpt.Fingerprint:
     """What this run trains on and what shapes its weights, recorded in each checkpoint and
@@ -275,10 +182,10 @@ def _shard_digest(cache: cf.FeatureCache, url: str) -> list:
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
     """Train; returns {checkpoint, metrics, steps, main_process}. Resumes from OUT/checkpoints with `resume`."""
-    from mrmae.shared.teachers import build_teacher
+    from mrmae.shared.teachers.base import build_teacher
     from mrmae.train.models import create_model
     from mrmae.train.restore import init_from, resumed_config
-    from mrmae.train.students import family_of
+    from mrmae.train.students.registry import family_of
 
     check_options(cfg)  # before anything is built, read or written
     run = TrainRun(cfg, "pretrain", mask_seeding=MASK_SEEDING)

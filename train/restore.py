@@ -1,6 +1,6 @@
 """Rebuild a trained MR-MAE student from a checkpoint, for export, evaluation and pictures.
 
-A checkpoint (`train/checkpoint.py`) holds the weights only; what built the model is the
+A checkpoint (`train/run/checkpoint.py`) holds the weights only; what built the model is the
 run's `OUT/config.json` (written by `mrmae pretrain`): the registry name and
 `fuse_layers`, which no tensor shape reveals. The sizes pretrain may override (teacher
 width, decoder width and depth) and, for a ViT, all its sizes are read from the shapes, so
@@ -18,9 +18,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mrmae.train.checkpoint import CheckpointError, latest_checkpoint, read_json_object
-from mrmae.train.models import MRMAEConfig, create_model, list_models, model_config
-from mrmae.train.students import family_of
+from mrmae.train.run.checkpoint import CheckpointError, latest_checkpoint
+from mrmae.train.run.records import RunConfig, read_run_config
+from mrmae.train.students.vit import MRMAEConfig
+from mrmae.train.models import create_model, model_config
+from mrmae.train.students.registry import family_of, student_names
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Restored:
     name: str  # its registry name
     weights: Path  # the model.safetensors read
     run_dir: Path | None  # the pretrain OUT directory, when the checkpoint lies in one
-    run_config: dict  # its config.json ({} without one)
+    run_config: RunConfig | None  # its config.json (None without one)
 
 
 def resolve_weights(checkpoint: str | Path) -> tuple[Path, Path | None]:
@@ -53,13 +55,13 @@ def _max_index(state: dict, prefix: str) -> int:
     return 1 + max((int(k.split(".")[1]) for k in state if k.startswith(prefix + ".")), default=-1)
 
 
-def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, dict]:
+def model_spec(state: dict[str, torch.Tensor], run_config: RunConfig | None) -> tuple[str, dict]:
     """(registry name, create_model overrides) of the student whose weights are `state`."""
-    name = run_config.get("model")
+    name = run_config.model if run_config else None
     dim = state["cls_token"].shape[-1] if "cls_token" in state else None
     depth = _max_index(state, "blocks")
     if name is None:
-        name = next((n for n in list_models() if isinstance(c := model_config(n), MRMAEConfig)
+        name = next((n for n in student_names() if isinstance(c := model_config(n), MRMAEConfig)
                      and (c.embed_dim, c.depth) == (dim, depth)), None)
         if name is None:
             raise ValueError(f"no config.json beside the checkpoint names its model, and no registry ViT is "
@@ -68,7 +70,7 @@ def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, d
     overrides = dict(teacher_dim=state["mimic_head.weight"].shape[0] if "mimic_head.weight" in state else 0,
                      joint_teacher_dims=tuple(state[f"joint_heads.{j}.weight"].shape[0]
                                               for j in range(_max_index(state, "joint_heads"))),
-                     fuse_layers=tuple(run_config.get("fuse_layers") or ()),
+                     fuse_layers=(run_config.fuse_layers if run_config else None) or (),
                      decoder_embed_dim=state["decoder_embed.weight"].shape[0],
                      decoder_depth=_max_index(state, "decoder_blocks"),
                      decoder_teacher_dim=(state["decoder_feature_pred.weight"].shape[0]
@@ -76,7 +78,7 @@ def model_spec(state: dict[str, torch.Tensor], run_config: dict) -> tuple[str, d
     family = family_of(name)
     overrides.update(family.restore_overrides(state))  # e.g. a ViT's sizes, all in its shapes
     # what no shape reveals (a ConvViT's conv-stage LayerNorm eps): as the run recorded it, or as runs had it before
-    overrides.update(family.restored_config(run_config.get("model_config"), "config.json"))
+    overrides.update(family.restored_config(run_config.model_config if run_config else None, "config.json"))
     return name, overrides
 
 
@@ -90,10 +92,10 @@ def load_student(checkpoint: str | Path, fmt: str = "auto") -> Restored:
     if fmt in OFFICIAL or (fmt == "auto" and is_official_file(checkpoint)):
         return official_student(read_official(checkpoint, fmt))
     weights, run_dir = resolve_weights(checkpoint)
-    run_config = read_run_config(run_dir) if run_dir else {}
+    run_config = read_run_config(run_dir) if run_dir else None
     state = read_weights(weights)
-    if run_dir:
-        check_run_config(run_config, run_dir / "config.json")
+    if run_config:
+        check_model_name(run_config)
     try:
         name, overrides = model_spec(state, run_config)
         model = create_model(name, **overrides)
@@ -108,12 +110,11 @@ def resumed_config(out: str | Path, name: str) -> dict:
     """The config overrides no shape reveals (a ConvViT's conv-stage eps) that the run in `out`
     recorded, so that `--resume` goes on with them: a run from before they were recorded keeps
     the values of then. {} when `out` holds no config.json (nothing to resume)."""
-    config = Path(out) / "config.json"
-    if not config.is_file():
+    if not (Path(out) / "config.json").is_file():
         return {}
-    recorded = read_json_object(config, "a run config")
+    recorded = read_run_config(Path(out))
     try:
-        return family_of(name).restored_config(recorded.get("model_config"), str(config))
+        return family_of(name).restored_config(recorded.model_config, str(recorded.path))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
@@ -129,7 +130,7 @@ def official_student(ck) -> Restored:
     except RuntimeError as e:
         first = (str(e).strip().splitlines() or ["mismatch"])[0]
         raise CheckpointError(f"{ck.path}: does not fit {ck.name}: {first}") from None
-    return Restored(model.eval(), ck.name, ck.path, None, {})
+    return Restored(model.eval(), ck.name, ck.path, None, None)
 
 
 def init_from(model: torch.nn.Module, name: str, source: str | Path, fmt: str = "auto") -> str:
@@ -172,22 +173,14 @@ def read_weights(weights: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
 
 
-def check_run_config(run_config: dict, where: Path) -> None:
-    """The config.json fields a student is rebuilt from, of their types: `model` a registered
-    student's name, `fuse_layers` a list of block numbers (or null). Anything else is one
-    CheckpointError naming the file and the key, not blamed on the weights."""
-    name = run_config.get("model")
-    if name is not None and (not isinstance(name, str) or name not in list_models()):
-        raise CheckpointError(f"{where}: key model: {str(name)[:80]!r} is not a registered student's name "
+def check_model_name(run_config: RunConfig) -> None:
+    """The recorded `model` must be a registered student's name (the record's own reading
+    checked its type and `fuse_layers`'): one CheckpointError naming the file and the key,
+    not blamed on the weights."""
+    name = run_config.model
+    if name is not None and name not in student_names():
+        raise CheckpointError(f"{run_config.path}: key model is {name[:80]!r}, not a registered student's name "
                               "(`mrmae models` lists them)")
-    fuse = run_config.get("fuse_layers")
-    if fuse is not None and not (isinstance(fuse, list) and all(type(i) is int and 0 < i < 10_000 for i in fuse)):
-        raise CheckpointError(f"{where}: key fuse_layers: {str(fuse)[:80]!r} is not a list of block numbers (or null)")
-
-
-def read_run_config(run_dir: Path) -> dict:
-    """A pretrain run's config.json; CheckpointError naming it if unreadable."""
-    return read_json_object(run_dir / "config.json", "a run config")
 
 
 def num_prefix_tokens(model: torch.nn.Module) -> int:

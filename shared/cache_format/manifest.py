@@ -167,7 +167,7 @@ class TeacherInfo:
     """manifest.json `teacher`: what computed the targets (CACHE_FORMAT.md)."""
 
     spec: str
-    family: str  # a registered teacher kind (mrmae.shared.teachers.teacher_kinds(): clip, dino, ...)
+    family: str  # a registered teacher kind (mrmae.shared.teachers.base.teacher_kinds(): clip, dino, ...)
     arch: str
     weights: str | None  # path or tag; None: random init with seed 0
     weights_sha256: str
@@ -202,10 +202,13 @@ def teacher_kinds() -> tuple[str, ...]:
     import pkgutil
     import sys
 
-    if (teachers := sys.modules.get("mrmae.shared.teachers")) is not None:
+    if (teachers := sys.modules.get("mrmae.shared.teachers.base")) is not None:
         return teachers.teacher_kinds()
+    from mrmae.shared.plugins import plugin_names
+
     where = importlib.util.find_spec("mrmae.shared.teachers").submodule_search_locations
-    return tuple(m.name for m in pkgutil.iter_modules(where) if m.name != "base" and not m.name.startswith("_"))
+    return tuple(m.name for m in pkgutil.iter_modules(where) if m.name != "base" and not m.name.startswith("_")) \
+        + tuple(plugin_names("mrmae.teachers"))  # (an installed plug-in's kind is its entry point's name)
 
 
 def views_from_fields(f: _Fields) -> ViewConfig:

@@ -456,6 +456,7 @@ class ConvViTFamily(StudentFamily):
                     "pos_embed")
     cls_token = False
     fuse_blocks = "transformer blocks (stage 3)"
+    fusion_label = "stages+"  # the stage-1/2 outputs are always fused: 'stages+4,8,11', 'stages+last'
     fused_maps = "the stage-1/2 maps"
     tiny = dict(img_size=32, embed_dims=(16, 24, 32), depths=(1, 1, 2), num_heads=2)
     recorded = ("conv_norm_eps",)

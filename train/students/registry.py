@@ -8,7 +8,7 @@ A family (one file in this package: `vit.py`, `convvit.py`) says
 - `build_encoder` and `encoder_defaults`: the timm encoder export, finetune and eval use,
   `encoder_kwargs` and `encoder_keys`: how a student's config and weights become it,
 - `restore_overrides`: the sizes a checkpoint's tensor shapes reveal,
-- its fusion rule (`fused_maps`, `fuse_blocks`) and its classifier rule (`cls_token`),
+- its fusion rule (`fused_maps`, `fuse_blocks`, `fusion_label`) and its classifier rule (`cls_token`),
 - `tiny`: the sizes of a test-sized student (tests/test_models.py builds every name so).
 """
 
@@ -37,6 +37,7 @@ class StudentFamily:
     cls_token: ClassVar[bool]  # the encoder has a [CLS] token ('token' pooling possible)
     fuse_blocks: ClassVar[str] = "blocks"  # what --fuse-layers counts, for messages
     fused_maps: ClassVar[str | None] = None  # what else the latent fuses that the encoder drops, for notes
+    fusion_label: ClassVar[str] = ""  # how `mrmae report` prefixes the fused blocks for what else it fuses
     old_encoder_names: ClassVar[tuple[str, ...]] = ()  # timm names earlier exports recorded for this family
     rank: ClassVar[int] = 100  # families list in rank order (then by name): `mrmae models`, messages
     tiny: ClassVar[dict]  # config overrides for a test-sized student of any of its names (a few blocks, 32 px)

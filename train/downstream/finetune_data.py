@@ -32,8 +32,9 @@ from torchvision.transforms.functional import to_pil_image
 from mrmae.shared.seeding import seed_from
 from mrmae.shared.shards import expand_urls, iter_samples
 from mrmae.shared.views import ImageDecodeError, decode_image
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD, epoch_shards
-from mrmae.train.labels import LabelSpec, Skip, sample_labels
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.train.data import epoch_shards
+from mrmae.train.downstream.labels import LabelSpec, Skip, sample_labels
 
 AUGMENTS = ("randaug", "light")
 

@@ -177,7 +177,7 @@ def options_from(path: str, data: bytes, ctx: click.Context, exclude: click.Para
 def _current_spelling(ctx: click.Context, name: str) -> str:
     """An option's name as the command spells it now ('shards' for the old 'train-shards',
     with a warning), so the old and new spellings of one option count as the same key."""
-    from mrmae.cli_help import warn_renamed
+    from mrmae.shared.options import warn_renamed
 
     new = getattr(ctx.command, "renamed", {}).get(f"--{name}")
     if new is None:

@@ -1,7 +1,7 @@
 """`mrmae finetune`: end-to-end classification fine-tuning of a pretrained encoder.
 
 The encoder is the one `mrmae export` writes (same names, same weights), loaded into its
-timm model (`train/backbones.py`: timm's VisionTransformer for a ViT student, the ConvViT
+timm model (`train/students/`: timm's VisionTransformer for a ViT student, the ConvViT
 for a ConvViT one) with a new head. The recipe is the MR-MAE paper's (section 4.1:
 100 epochs, 5 warm-up, AdamW, weight decay 0.05, lr 3e-4, layer decay 0.6, drop path 0.2)
 on MAE's fine-tuning protocol for what the paper leaves unsaid: AdamW (0.9, 0.999), no
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,70 +36,23 @@ import torch
 from tqdm import tqdm
 
 from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
-from mrmae.train import checkpoint as ckpt
-from mrmae.train.checkpoint import CheckpointError
-from mrmae.train.engine import InterruptibleLoader
-from mrmae.train.loop import MicroBatch, TrainRun, epoch_passes
+from mrmae.train.run import checkpoint as ckpt
+from mrmae.train.run.loader import InterruptibleLoader
+from mrmae.train.run.loop import MicroBatch, TrainRun, epoch_passes
 from mrmae.shared.seeding import seed_from
-from mrmae.train.finetune_data import LabelledStream, seed_everything, train_transform
-from mrmae.train.labels import LabelOptions, LabelSpec, Tally, census, class_notes, resolve_labels
-from mrmae.train.recipe import RecipeFile
+from mrmae.train.downstream.finetune_data import LabelledStream, seed_everything, train_transform
+from mrmae.train.downstream.labels import LabelOptions, LabelSpec, Tally, census, class_notes, resolve_labels
+from mrmae.train.downstream.config import FinetuneConfig
+from mrmae.train.run.records import ValImages, ValidationRecord, read_metrics
 
 if TYPE_CHECKING:
-    from mrmae.train.export import Encoder
+    from mrmae.train.downstream.export import Encoder
 
 POOLS = ("avg", "token")
 
 
 class FinetuneError(MrmaeError, ValueError):
     """A fine-tuning run that cannot start or go on as asked (bad encoder file, labels, batch)."""
-
-
-@dataclass
-class FinetuneConfig:
-    checkpoint: str  # a pretrain run/checkpoint (see restore.resolve_weights) or an `mrmae export` file
-    train_shards: str
-    val_shards: str
-    out: str
-    num_classes: int = 1000
-    epochs: int = 100
-    batch_size: int = 64  # per process, per micro-batch
-    accum_steps: int | None = None  # None: 1, or what effective_batch asks (pretrain.resolve_accum_steps)
-    effective_batch: int | None = None  # images per optimiser step, whatever the process count
-    blr: float = 3e-4  # the paper's section 4.1
-    lr: float | None = None  # absolute; default blr x effective batch / 256
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    layer_decay: float = 0.6
-    layer_decay_groups: str = "official"  # `layer_decay.RULES`: MAE's and ConvMAE's assignment, or "stages"
-    drop_path: float = 0.2
-    global_pool: str = "avg"
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    smoothing: float = 0.1
-    augment: str = "randaug"  # "randaug" | "light"
-    rand_augment: str = "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.25
-    eval_batch_size: int = 64
-    workers: int = 0
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False  # --out holding a run: set it aside (renamed) and start anew
-    resume_from: str | None = None  # "auto" (the newest complete checkpoint) or a checkpoint's path
-    save_every_steps: int = 0  # 0: at the end of each epoch only
-    samples_per_epoch: int | None = None  # default: counted from the tar headers
-    progress: bool = True
-    device: str = "auto"  # "auto": accelerate's choice (a GPU per process where there are GPUs); "cpu": CPU anyway
-    label_format: str = "auto"  # "auto" | "cls" | "json" (train/labels.py)
-    label_field: str | None = None  # json: the label's field (default "label")
-    class_map: str | None = None  # labels are class names, mapped by this file
-    skip_bad_labels: bool = False  # count and skip bad labels instead of stopping at the first
-    config_file: RecipeFile | None = None  # the --config file the options came from (recorded in config.json)
-    checkpoint_format: str = "auto"  # `official.FORMATS`: what --checkpoint is (auto: from the file)
 
 
 def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float = 0.1, global_pool: str = "avg",
@@ -110,17 +62,17 @@ def build_classifier(checkpoint: str | Path, num_classes: int, drop_path: float 
     with a new head -> (model, encoder). A fine-tuned encoder's own head is left out (its
     fc_norm kept).
 
-    ViT: timm's VisionTransformer; ConvViT: `backbones.ConvViT` (no [CLS] token: 'avg' only).
+    ViT: timm's VisionTransformer; ConvViT: `students.convvit.ConvViT` (no [CLS] token: 'avg' only).
     With 'avg' pooling a new `fc_norm` follows the pooling and the final `norm` goes, as in
     MAE's and ConvMAE's fine-tuning. Loaded non-strictly, but only the new head and fc_norm
     may be missing and only that final norm left over: any other mismatch is an error
     naming the keys (a half-loaded encoder would fine-tune silently).
     """
-    from mrmae.train.export import read_encoder
+    from mrmae.train.downstream.export import read_encoder
 
     if global_pool not in POOLS:
         raise FinetuneError(f"global pool must be one of {POOLS}, got {global_pool!r}")
-    from mrmae.train.students import family_of
+    from mrmae.train.students.registry import family_of
 
     encoder = read_encoder(checkpoint, fmt)
     tensors = {k: v for k, v in encoder.tensors.items() if not k.startswith("head.")}
@@ -154,7 +106,7 @@ def evaluate(model: torch.nn.Module, shards: str, img_size: int, spec: LabelSpec
     count of its samples (`labels.Tally`); each rank takes every world-th shard and the
     counts are summed over ranks. -> (the epoch record's fields, the tally)."""
     from mrmae.shared.shards import expand_urls
-    from mrmae.train.evaluate import LabelledImages, collate_labelled
+    from mrmae.train.downstream.evaluate import LabelledImages, collate_labelled
 
     rank, world = accelerator.process_index, accelerator.num_processes
     urls = expand_urls(shards)
@@ -237,22 +189,19 @@ def take_census(cfg: FinetuneConfig, accelerator) -> Census:
 def results_table(metrics: Path) -> str:
     """One row per evaluated epoch of `metrics` (a metrics.jsonl): loss, val loss, top-1, top-5
     and the images they are over ('6 of 8' when some of those present were skipped)."""
-    records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
     rows = [["epoch", "step", "train_loss", "val_loss", "top1", "top5", "val_images"]]
-    for r in records:
-        if "top1" in r:
-            present = r.get("n_val_present", r["n_val"])
-            images = str(r["n_val"]) + (f" of {present}" if present != r["n_val"] else "")
-            rows.append([str(r["epoch"]), str(r["step"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}",
-                         f"{r['top1']:.2f}", f"{r['top5']:.2f}", images])
+    for r in read_metrics(metrics):
+        if r.top1 is not None:
+            images = ValImages(r.images.n, r.images.present)  # (the classes are in the summary lines)
+            rows.append([str(r.epoch), str(r.step), f"{r.train_loss:.4f}", f"{r.val_loss:.4f}", f"{r.top1:.2f}",
+                         f"{r.top5:.2f}", str(images)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _epoch_loss(metrics: Path, epoch: int) -> float:
     """Mean training loss of `epoch` from metrics.jsonl (so a resumed epoch counts its first part)."""
-    records = map(json.loads, metrics.read_text().splitlines())
-    losses = [r["loss"] for r in records if "loss" in r and r["epoch"] == epoch]
+    losses = [r.losses["loss"] for r in read_metrics(metrics) if "loss" in r.losses and r.epoch == epoch]
     return sum(losses) / max(1, len(losses))
 
 
@@ -301,9 +250,9 @@ def check_numbers(cfg: FinetuneConfig) -> None:
     """The options of a fine-tuning run, before anything is built or written: every bad one
     at once (OptionErrors, a line each; NaN passes click's ranges)."""
     from mrmae.shared.errors import OptionChecks
-    from mrmae.train.finetune_data import train_transform
-    from mrmae.train.pretrain import check_shard_list, check_warmup, number_option
-    from mrmae.train.run_dir import check_out
+    from mrmae.train.downstream.finetune_data import train_transform
+    from mrmae.train.run.options import check_run_options, check_shard_list
+    from mrmae.train.run.run_dir import check_out
 
     checks = OptionChecks()
     source = Path(cfg.checkpoint).resolve()
@@ -312,16 +261,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
                     "checkpoints would be replaced); give the fine-tuning its own --out")
     else:
         checks.run(check_out, cfg.out, cfg.resume or bool(cfg.resume_from), cfg.overwrite)
-    for option, value, low, high, low_open in (
-            ("lr", cfg.lr, 0.0, math.inf, True), ("blr", cfg.blr, 0.0, math.inf, True),
-            ("min-lr", cfg.min_lr, 0.0, math.inf, False), ("warmup-epochs", cfg.warmup_epochs, 0.0, math.inf, False),
-            ("weight-decay", cfg.weight_decay, 0.0, math.inf, False), ("layer-decay", cfg.layer_decay, 0.0, 1.0, True),
-            ("drop-path", cfg.drop_path, 0.0, 1.0, False), ("mixup", cfg.mixup, 0.0, math.inf, False),
-            ("cutmix", cfg.cutmix, 0.0, math.inf, False), ("mixup-prob", cfg.mixup_prob, 0.0, 1.0, False),
-            ("mixup-switch-prob", cfg.mixup_switch_prob, 0.0, 1.0, False), ("smoothing", cfg.smoothing, 0.0, 1.0, False),
-            ("re-prob", cfg.re_prob, 0.0, 1.0, False)):
-        checks.run(number_option, option, value, low, high, low_open=low_open)
-    checks.run(check_warmup, cfg.warmup_epochs, cfg.epochs)
+    check_run_options(cfg, checks)  # the declared types and ranges (NaN too), the warm-up
     for option, value in (("drop-path", cfg.drop_path), ("smoothing", cfg.smoothing)):
         if value == 1.0:  # (above 1, or NaN: the range check said so)
             checks.fail(f"--{option} must be below 1")
@@ -341,7 +281,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune; returns {checkpoint, metrics, steps, table, summary, main_process} (`summary`:
     a line per split, the images used of those present). Resumes with `resume`."""
-    from mrmae.train.layer_decay import param_groups_layer_decay
+    from mrmae.train.downstream.layer_decay import param_groups_layer_decay
 
     check_numbers(cfg)
     run = TrainRun(cfg, "finetune")
@@ -381,7 +321,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         result, val[0] = evaluate(run.accelerator.unwrap_model(model), cfg.val_shards, img_size, counted.spec,
                                   run.accelerator, cfg.eval_batch_size, cfg.workers)
         if run.is_main:  # the epoch's mean from the file: a resumed epoch counts its first part too
-            record = {"epoch": epoch, "step": run.state.step, "train_loss": _epoch_loss(run.metrics, epoch), **result}
+            record = ValidationRecord(epoch, run.state.step, _epoch_loss(run.metrics, epoch), **result)
             run.log(record)
             run.log_scalars(record, "val")
 

@@ -38,10 +38,10 @@ from torchvision.transforms.v2 import functional as TF
 from mrmae.shared.shards import expand_urls, iter_samples
 from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
 from mrmae.shared.views import ImageDecodeError, decode_image, normalize
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
-from mrmae.train.engine import InterruptibleLoader
-from mrmae.train.jsonl import append_record
-from mrmae.train.labels import (MAX_INFERRED_CLASSES, LabelError, LabelOptions, LabelSpec, Skip, Tally, class_notes,
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.train.run.loader import InterruptibleLoader
+from mrmae.train.run.records import EvalRecord, MemberResult, append_eval
+from mrmae.train.downstream.labels import (MAX_INFERRED_CLASSES, LabelError, LabelOptions, LabelSpec, Skip, Tally, class_notes,
                                 resolve_labels, sample_labels)
 from mrmae.train.restore import encode_all_tokens, load_student
 
@@ -136,7 +136,7 @@ def load_frozen(source: str | Path, fused: bool = False, fmt: str = "auto") -> F
     """The encoder to probe from an export file or a student checkpoint (see `export.read_encoder`;
     `fmt`: --checkpoint-format); `fused`: the student's fused pretraining latent (a student
     checkpoint only)."""
-    from mrmae.train.export import read_encoder, read_export_at
+    from mrmae.train.downstream.export import read_encoder, read_export_at
 
     if fused:
         if read_export_at(source) is not None:
@@ -154,7 +154,7 @@ def results_path(frozen: Frozen, source: str | Path) -> tuple[Path, str]:
     an export, the run it was exported from (its config.json names it, relative to the
     export) when that run is still there, so `mrmae report RUN` shows the result; else beside
     the weights read."""
-    from mrmae.train.export import export_source_run
+    from mrmae.train.downstream.export import export_source_run
 
     if frozen.run_dir is not None:
         return frozen.run_dir / "eval.jsonl", "the run"
@@ -281,28 +281,26 @@ def train_linear_probe(train: torch.Tensor, train_labels: torch.Tensor, num_clas
 
 @dataclass
 class EvalResult:
-    record: dict  # what was appended to the results file
+    record: EvalRecord  # what was appended to the results file
     train: Tally
     val: Tally
     notes: list[str]  # also in the record: the classes of the splits, as `labels.class_notes` sees them
 
     def table(self) -> str:
         """The result as a table: a header, a row per ensemble member, the result's row."""
-        r = self.record
+        r, s = self.record, self.record.settings
         cols = ["protocol", "feature", "setting", "train", "val", "classes", "top1", "top5", "checkpoint"]
-        setting = f"k={r['k']} T={r['temperature']}" if "k" in r else f"epochs={r['epochs']} lr={r['lr']}"
-        shared = [setting, str(r["n_train"]), str(r["n_val"]), str(r["num_classes"])]
+        setting = f"k={s['k']} T={s['temperature']}" if "k" in s else f"epochs={s['epochs']} lr={s['lr']}"
+        shared = [setting, str(r.counts["n_train"]), str(r.counts["n_val"]), str(r.num_classes)]
 
-        def row(protocol: str, feature: str, fused: bool, m: dict, checkpoint: str) -> list[str]:
-            return [protocol, feature + (" (fused)" if fused else ""), *shared, f"{m['top1']:.2f}",
-                    f"{m['top5']:.2f}", checkpoint]
+        def row(protocol: str, feature: str, fused: bool, top1: float, top5: float, checkpoint: str) -> list[str]:
+            return [protocol, feature + (" (fused)" if fused else ""), *shared, f"{top1:.2f}", f"{top5:.2f}",
+                    checkpoint]
 
-        members = r.get("members", [])
-        rows = [row(r["protocol"].removesuffix("-ensemble"), m["feature"], m["fused"], m, m["checkpoint"])
-                for m in members]
-        feature = r["feature"] if isinstance(r["feature"], str) else "/".join(r["feature"])
-        checkpoint = " + ".join(r["checkpoint"]) if isinstance(r["checkpoint"], list) else r["checkpoint"]
-        rows.append(row(r["protocol"], feature, r.get("fused", False), r, checkpoint))
+        rows = [row(r.protocol.removesuffix("-ensemble"), m.feature, m.fused, m.top1, m.top5, m.checkpoint)
+                for m in r.members]
+        checkpoint = " + ".join(r.checkpoint) if isinstance(r.checkpoint, list) else r.checkpoint
+        rows.append(row(r.protocol, r.feature_name, r.fused, r.top1, r.top5, checkpoint))
         widths = [max(len(x) for x in column) for column in zip(cols, *rows)]
         return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (cols, *rows))
 
@@ -396,22 +394,19 @@ def run_ensemble(protocol: str, members: list[Frozen], train_shards: str, val_sh
                                 epochs, lr, probe_batch_size, seed)
         probs.append(p)
         top1, top5 = topk_accuracy(p, val.labels)
-        each.append({"checkpoint": str(frozen.weights), "feature": feature,
-                     "fused": isinstance(frozen.model, FusedFeatures), "top1": top1, "top5": top5})
+        each.append(MemberResult(str(frozen.weights), feature, isinstance(frozen.model, FusedFeatures), top1, top5))
     train, val = splits
     notes = class_notes(train.tally, val.tally, spec)
-    record = {"protocol": protocol if len(members) == 1 else f"{protocol}-ensemble",
-              "feature": features[0] if len(set(features)) == 1 else features,
-              "fused": any(m["fused"] for m in each),
-              "checkpoint": each[0]["checkpoint"] if len(members) == 1 else [m["checkpoint"] for m in each],
-              "train_shards": train_shards, "val_shards": val_shards, **_counts(train.tally, val.tally),
-              "num_classes": num_classes, "labels": spec.record(), "notes": notes,
-              **_settings(protocol, k, temperature, epochs, lr, probe_batch_size, seed)}
-    if len(members) > 1:
-        record["members"] = each
-    record["top1"], record["top5"] = topk_accuracy(torch.stack(probs).mean(0), val.labels)
-    record["seconds"] = round(time.time() - t0, 2)
-    append_record(results, record)
+    top1, top5 = topk_accuracy(torch.stack(probs).mean(0), val.labels)
+    record = EvalRecord(protocol if len(members) == 1 else f"{protocol}-ensemble",
+                        features[0] if len(set(features)) == 1 else features, top1, top5,
+                        fused=any(m.fused for m in each),
+                        checkpoint=each[0].checkpoint if len(members) == 1 else [m.checkpoint for m in each],
+                        train_shards=train_shards, val_shards=val_shards, counts=_counts(train.tally, val.tally),
+                        num_classes=num_classes, labels=spec.record(), notes=tuple(notes),
+                        settings=_settings(protocol, k, temperature, epochs, lr, probe_batch_size, seed),
+                        members=tuple(each) if len(members) > 1 else (), seconds=round(time.time() - t0, 2))
+    append_eval(results, record)
     return EvalResult(record, train.tally, val.tally, notes)
 
 

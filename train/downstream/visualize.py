@@ -35,7 +35,7 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.errors import OptionError
 from mrmae.shared.outfiles import write_file
 from mrmae.shared.views import View, ViewError, decode_image, normalize, render_view_uint8
-from mrmae.train.data import IMAGENET_MEAN, IMAGENET_STD
+from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.masking import MaskStrategy, mask_strategies
 
 PAD, HEADER = 8, 24
@@ -162,10 +162,11 @@ def _render_grid(feature_cache: str, shards: str, out: str | Path, checkpoint: s
 
         restored = load_student(checkpoint, checkpoint_format)
         model = restored.model.to(device)
-        opts = restored.run_config.get("step_options", {})
-        train_mask = opts.get("mask", "random")
-        mask_options = opts.get("mask_options", opts)  # (older runs: focused's options in step_options itself)
-        mask_ratio = opts.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
+        if restored.run_config is not None:
+            opts = restored.run_config.step
+            train_mask = opts.mask or "random"
+            mask_options = opts.mask_options  # (older runs: focused's options in step_options itself)
+            mask_ratio = opts.mask_ratio if mask_ratio is None else mask_ratio
     mask_ratio = 0.75 if mask_ratio is None else mask_ratio
     strategies = mask_columns()
     bar = new_bar(num * (2 if model is not None else 1))

@@ -17,32 +17,28 @@ the final name):
 - DIR/curves.png: L_R and the high-level loss (L_M, or row 5's feature reconstruction) per
   step, one line per run, two panels (matplotlib, Agg).
 
-Files are read line by line; a metrics or eval line is at most `LINE_LIMIT` bytes. A
-truncated last line (a run killed while appending it) is skipped with one warning; any
-other line that is not a JSON object is refused, naming the file and the line.
+The files are read as `records.py` reads them: line by line, a line at most
+`records.LINE_LIMIT` bytes; a truncated last line (a run killed while appending it) is
+skipped with one warning; any other line that is not a JSON object, or a key of a wrong
+type, is refused (`records.RecordError`), naming the file, the line and the key.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
-import math
 import os
 import warnings
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 from mrmae.shared.errors import MrmaeError, OptionError, naming
 from mrmae.shared.outfiles import refuse_link
-from mrmae.train.checkpoint import read_json_object
 from mrmae.train.masking import mask_strategies
-
-LINE_LIMIT = 1 << 20  # bytes; a metrics record is ~200: a longer line is damage, not a record
-CONFIG_LIMIT = 16 << 20  # bytes; a resolved config is a few KiB
-CONVVIT_PREFIX = "mrmae_convvit_"  # the ConvViT family of the model registry (train/convvit.py)
+from mrmae.train.run.records import (EVALS, METRICS, RunConfig, StepOptionsRecord, read_evals, read_metrics,
+                                 read_run_config)
 
 FINAL_LOSS_NOTE = ("final L_R / final L_M: the mean of loss_recon / loss_mimic over the logged steps of the run's "
                    "last epoch in metrics.jsonl (final L_R features, where a run has it: loss_recon_features, the "
@@ -54,7 +50,7 @@ EVAL_NOTE = ("eval columns: top-1 (%) from RUN/eval.jsonl, the last line per pro
 
 
 class ReportError(MrmaeError, ValueError):
-    """A run file the report cannot read, or a RUN that is none; names the path (exit 1)."""
+    """A RUN that is none; names the path (exit 1). (A run file that is wrong: RecordError.)"""
 
 
 @dataclass(frozen=True)
@@ -119,62 +115,6 @@ def row_cells(s: RunSummary, eval_columns: list[str], features: bool = False) ->
 # --- reading ---------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each JSON-object line of `path`, read line by line. Blank lines
-    are skipped; a last line without its newline that does not parse (a kill mid-append) is
-    skipped with a warning; any other bad line raises ReportError naming file and line."""
-    with naming(path), open(path, "rb") as f:
-        for number, line in enumerate(_lines(f, path), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = _json_object(line)
-            except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to be a record
-                if not line.endswith(b"\n"):  # only the last line can lack its newline
-                    warnings.warn(f"{path} line {number}: truncated last line skipped (a run killed while "
-                                  "writing it?)")
-                    return
-                raise ReportError(f"{path} line {number}: not a JSON object ({e})") from None
-            yield number, obj
-
-
-def _lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
-    number = 0
-    while line := f.readline(LINE_LIMIT + 1):
-        number += 1
-        if len(line) > LINE_LIMIT:
-            raise ReportError(f"{path} line {number}: longer than {LINE_LIMIT} bytes, not a record")
-        yield line
-
-
-def _json_object(line: bytes) -> dict:
-    obj = json.loads(line)  # ValueError (UnicodeDecodeError, JSONDecodeError) for garbage
-    if not isinstance(obj, dict):
-        raise ValueError(f"a JSON {type(obj).__name__}")
-    return obj
-
-
-def finite(record: dict, key: str, where: str) -> float | None:
-    """record[key] as a float (None when absent); ReportError naming `where` and the key
-    unless it is a finite number (bools are not numbers here)."""
-    value = record.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ReportError(f"{where}: key {key} is {value!r}, not a finite number")
-    return float(value)
-
-
-def integer(record: dict, key: str, where: str) -> int | None:
-    """record[key] as an int from 0 (None when absent), else ReportError naming `where` and the key."""
-    value = record.get(key)
-    if value is None:
-        return None
-    if type(value) is not int or value < 0:
-        raise ReportError(f"{where}: key {key} is {value!r}, not a count (an integer from 0)")
-    return value
-
-
 @dataclass
 class _Metrics:
     """What the report takes from one metrics.jsonl."""
@@ -195,83 +135,50 @@ class _Metrics:
         return tuple(sums[i + 1] / sums[i] if sums[i] else None for i in (0, 2, 4))
 
 
-def read_metrics(path: Path, mimics: bool) -> _Metrics:
+def summarise_metrics(path: Path, mimics: bool) -> _Metrics:
     """Epochs, last step, per-epoch loss sums, final top-1/top-5 and the loss curves of a
     metrics.jsonl; `mimics` False: loss_mimic is ignored (a plain run logs a placeholder 0)."""
     m = _Metrics()
-    for line, r in read_jsonl(path):
-        where = f"{path} line {line}"
-        epoch, step = integer(r, "epoch", where), integer(r, "step", where)
-        if epoch is not None:
-            m.last_epoch = epoch if m.last_epoch is None else max(epoch, m.last_epoch)
-        if step is not None:
-            m.last_step = step if m.last_step is None else max(step, m.last_step)
-        if (top1 := finite(r, "top1", where)) is not None:  # a fine-tuning epoch's evaluation
-            m.top, m.images = (top1, finite(r, "top5", where)), images_over(r, where)
-        if epoch is None or step is None:
+    for r in read_metrics(path):
+        if r.epoch is not None:
+            m.last_epoch = r.epoch if m.last_epoch is None else max(r.epoch, m.last_epoch)
+        if r.step is not None:
+            m.last_step = r.step if m.last_step is None else max(r.step, m.last_step)
+        if r.top1 is not None:  # a fine-tuning epoch's evaluation
+            m.top, m.images = (r.top1, r.top5), None if r.images is None else str(r.images)
+        if r.epoch is None or r.step is None:
             continue
         c = m.curve
         for slot, key, steps, values in ((0, "loss_recon", c.recon_steps, c.recon),
                                          (2, "loss_mimic", c.mimic_steps, c.mimic),
                                          (4, "loss_recon_features", c.features_steps, c.features)):
-            value = finite(r, key, where)
+            value = r.losses.get(key)
             if value is None or (key == "loss_mimic" and not mimics):
                 continue
-            sums = m.per_epoch.setdefault(epoch, [0, 0.0] * 3)
+            sums = m.per_epoch.setdefault(r.epoch, [0, 0.0] * 3)
             sums[slot], sums[slot + 1] = sums[slot] + 1, sums[slot + 1] + value
-            steps.append(step)
+            steps.append(r.step)
             values.append(value)
     return m
 
 
-def images_over(record: dict, where: str) -> str | None:
-    """The validation images a record's accuracy is over: 'N' (n_val), 'N of M' when M
-    (n_val_present) were present, then ', K classes' (classes_val); None for records from
-    before they were counted."""
-    n, present = integer(record, "n_val", where), integer(record, "n_val_present", where)
-    classes = integer(record, "classes_val", where)
-    if n is None:
-        return None
-    shown = str(n) if present is None or present == n else f"{n} of {present}"
-    return shown + (f", {classes} classes" if classes is not None else "")
-
-
-def read_evals(path: Path) -> tuple[dict[str, float | str | None], list[str]]:
-    """'PROTOCOL FEATURE top1' -> top-1 and 'PROTOCOL FEATURE images' -> `images_over` of an
-    eval.jsonl, the last line per protocol and feature winning (keys in the order they first
-    appear); and those lines' notes, an ensemble's members among them."""
+def eval_columns(path: Path) -> tuple[dict[str, float | str | None], list[str]]:
+    """'PROTOCOL FEATURE top1' -> top-1 and 'PROTOCOL FEATURE images' -> the images it is over
+    of an eval.jsonl, the last line per protocol and feature winning (keys in the order they
+    first appear); and those lines' notes, an ensemble's members among them."""
     results: dict[str, float | str | None] = {}
     notes: dict[str, list[str]] = {}
-    for line, r in read_jsonl(path):
-        where = f"{path} line {line}"
-        protocol, feature = r.get("protocol"), r.get("feature")
-        if isinstance(feature, list) and feature and all(isinstance(f, str) for f in feature):
-            feature = "/".join(feature)  # an ensemble of members with other features
-        if not isinstance(protocol, str) or not isinstance(feature, str):
-            raise ReportError(f"{where}: no protocol and feature (not a line `mrmae eval` writes)")
-        top1 = finite(r, "top1", where)
-        if top1 is None:
-            raise ReportError(f"{where}: no top1 (not a line `mrmae eval` writes)")
-        name = f"{protocol} {feature}"
-        results[f"{name} top1"], results[f"{name} images"] = top1, images_over(r, where)
-        recorded = r.get("notes") if isinstance(r.get("notes"), list) else []
-        notes[name] = [f"{name}: {n}" for n in recorded if isinstance(n, str)]
-        members = r.get("members")
-        if isinstance(members, list):
-            shown = [str(m.get("checkpoint")) for m in members if isinstance(m, dict)]
+    for r in read_evals(path):
+        name = f"{r.protocol} {r.feature_name}"
+        results[f"{name} top1"], results[f"{name} images"] = r.top1, None if r.images is None else str(r.images)
+        notes[name] = [f"{name}: {n}" for n in r.notes]
+        if r.members:
+            shown = [m.checkpoint for m in r.members]
             notes[name].insert(0, f"{name}: the mean of {len(shown)} members: {', '.join(shown)}")
     return results, [n for kept in notes.values() for n in kept]
 
 
 # --- what a run is, from its config.json ------------------------------------------------------
-
-
-def text(record: dict, key: str, where: str) -> str | None:
-    """record[key] as a string (None when absent or null), else ReportError naming the key."""
-    value = record.get(key)
-    if value is not None and not isinstance(value, str):
-        raise ReportError(f"{where}: key {key} is {value!r}, not a string")
-    return value
 
 
 @dataclass(frozen=True)
@@ -289,74 +196,65 @@ class _Setup:
     notes: tuple[str, ...] = ()  # a fine-tuning run's notes on its labels (config.json `notes`)
 
 
-def describe_config(cfg: dict, where: str) -> _Setup:
-    """A run's setup from its resolved config.json (`where` names the file in errors)."""
-    task = text(cfg, "task", where) or "pretrain"  # pretrain runs record no task
-    epochs = integer(cfg, "epochs", where)
-    if task == "finetune":
-        timm_model, start = text(cfg, "timm_model", where), text(cfg, "checkpoint", where)
-        notes = cfg.get("notes") if isinstance(cfg.get("notes"), list) else []
-        return _Setup(task, f"{timm_model or '?'} from {start}" if start else timm_model, epochs=epochs,
-                      notes=tuple(n for n in notes if isinstance(n, str)))
-    opts = cfg.get("step_options") or {}
-    if not isinstance(opts, dict):
-        raise ReportError(f"{where}: key step_options is {opts!r}, not an object")
-    where_opts = f"{where} step_options"
-    model = text(cfg, "model", where)
-    cache, teacher = text(cfg, "feature_cache", where), text(cfg, "teacher", where)
-    recon_w, mimic_w = finite(opts, "recon_weight", where_opts), finite(opts, "mimic_weight", where_opts)
-    at_decoder = text(opts, "high_level_at", where_opts) == "decoder"  # row 5: no L_M, features at the decoder
-    high_level = bool(cache or teacher) and mimic_w != 0  # else the loss is L_R alone (student.py)
+def describe_config(cfg: RunConfig) -> _Setup:
+    """A run's setup from its resolved config.json."""
+    if cfg.task == "finetune":
+        start = cfg.checkpoint
+        return _Setup(cfg.task, f"{cfg.timm_model or '?'} from {start}" if start else cfg.timm_model,
+                      epochs=cfg.epochs, notes=cfg.notes)
+    opts = cfg.step
+    recon_w, mimic_w = opts.recon_weight, opts.mimic_weight
+    at_decoder = opts.high_level_at == "decoder"  # row 5: no L_M, features at the decoder
+    high_level = bool(cfg.feature_cache or cfg.teacher) and mimic_w != 0  # else the loss is L_R alone (student.py)
     weights = "1/0" if not high_level else None if recon_w is None or mimic_w is None else f"{recon_w:g}/{mimic_w:g}"
     mimics = high_level and not at_decoder
-    targets = describe_targets(cfg, opts, where) + (", at the decoder (masked tokens)" if at_decoder else "")
-    return _Setup(task, model, describe_mask(opts, where_opts), describe_fusion(cfg, model, where), targets,
-                  weights, epochs, mimics)
+    targets = describe_targets(cfg) + (", at the decoder (masked tokens)" if at_decoder else "")
+    return _Setup(cfg.task, cfg.model, describe_mask(opts), describe_fusion(cfg), targets, weights, cfg.epochs,
+                  mimics)
 
 
-def describe_mask(opts: dict, where: str) -> str | None:
+def describe_mask(opts: StepOptionsRecord) -> str | None:
     """'random 0.75', 'focused 0.75', with the strategy's options that are not at their
     defaults under their labels ('focused 0.75 T=0.5 mix=0.1')."""
-    mask, ratio = text(opts, "mask", where), finite(opts, "mask_ratio", where)
-    if mask is None:
+    if opts.mask is None:
         return None
-    shown = mask if ratio is None else f"{mask} {ratio:g}"
-    strategy = mask_strategies().get(mask)
-    # runs from before the registry recorded focused masking's options in step_options itself
-    recorded = opts.get("mask_options", opts)
-    if not isinstance(recorded, dict):
-        raise ReportError(f"{where}: key mask_options is {recorded!r}, not an object")
+    shown = opts.mask if opts.mask_ratio is None else f"{opts.mask} {opts.mask_ratio:g}"
+    strategy = mask_strategies().get(opts.mask)
     if strategy is None:  # a strategy this version lacks: its name says it
         return shown
     for option in strategy.options:
-        value = finite(recorded, option.name, where)
+        value = opts.mask_option(option.name)
         shown += f" {option.label or option.name}={value:g}" if value not in (None, option.default) else ""
     return shown
 
 
-def describe_fusion(cfg: dict, model: str | None, where: str) -> str | None:
-    """Fused encoder blocks ('4,8,12'), 'last' when none; a ConvViT student always adds its
-    stage-1/2 outputs (train/convvit.py): 'stages+4,8,11', 'stages+last'."""
-    layers = cfg.get("fuse_layers")
-    if layers is None:
+def describe_fusion(cfg: RunConfig) -> str | None:
+    """Fused encoder blocks ('4,8,12'), 'last' when none, after what the student's family
+    always fuses (a ConvViT its stage-1/2 outputs: 'stages+4,8,11', 'stages+last')."""
+    if cfg.fuse_layers is None:
         return None
-    if not isinstance(layers, list) or any(type(b) is not int for b in layers):
-        raise ReportError(f"{where}: key fuse_layers is {layers!r}, not a list of block numbers")
-    blocks = ",".join(map(str, layers)) or "last"
-    return f"stages+{blocks}" if model and model.startswith(CONVVIT_PREFIX) else blocks
+    blocks = ",".join(map(str, cfg.fuse_layers)) or "last"
+    return fusion_prefix(cfg.model) + blocks
 
 
-def describe_targets(cfg: dict, opts: dict, where: str) -> str:
+def fusion_prefix(model: str | None) -> str:
+    """What the student family of `model` fuses besides the listed blocks, as the report shows
+    it (`StudentFamily.fusion_label`); '' for an unknown name (a family this version lacks)."""
+    from mrmae.train.students.registry import families
+
+    family = next((f for f in families().values() if model in f.archs), None)
+    return family.fusion_label if family is not None else ""
+
+
+def describe_targets(cfg: RunConfig) -> str:
     """'TARGET @ CACHE' (cached; TARGET 'main' = the teacher that drew the views), 'live SPEC',
     'none (MAE)'; then the target norm when not none and the PCA rank of low-rank caches."""
-    cache, teacher = text(cfg, "feature_cache", where), text(cfg, "teacher", where)
-    if not cache and not teacher:
+    if not cfg.feature_cache and not cfg.teacher:
         return "none (MAE)"
-    shown = f"{text(cfg, 'target', where) or 'main'} @ {cache}" if cache else f"live {teacher}"
-    norm = text(opts, "target_norm", f"{where} step_options")
+    shown = f"{cfg.target or 'main'} @ {cfg.feature_cache}" if cfg.feature_cache else f"live {cfg.teacher}"
+    norm = cfg.step.target_norm
     shown += f", {norm} norm" if norm not in (None, "none") else ""
-    pca = cfg.get("target_pca") if isinstance(cfg.get("target_pca"), list) else []
-    ranks = [str(p["rank"]) for p in pca if isinstance(p, dict) and type(p.get("rank")) is int]
+    ranks = [str(r) for r in cfg.pca_ranks]
     return shown + (f", PCA rank {'/'.join(ranks)}" if ranks else "")
 
 
@@ -398,21 +296,14 @@ def short_names(paths: list[Path]) -> list[str]:
 
 def load_run(path: Path, name: str) -> tuple[RunSummary, Curve]:
     """The row and the loss curves of the run directory `path`."""
-    config = path / "config.json"
-    with naming(config):
-        if config.stat().st_size > CONFIG_LIMIT:
-            raise ReportError(f"{config}: larger than {CONFIG_LIMIT} bytes, not a run config")
-    try:
-        setup = describe_config(read_json_object(config, "a run config"), str(config))
-    except RecursionError:  # json's parser on "[[[[..."
-        raise ReportError(f"{config}: not a run config (nested too deeply)") from None
-    metrics = path / "metrics.jsonl"
+    setup = describe_config(read_run_config(path))
+    metrics = path / METRICS
     if metrics.is_file():
-        m = read_metrics(metrics, setup.mimics)
+        m = summarise_metrics(metrics, setup.mimics)
     else:
         m = _Metrics()
         warnings.warn(f"{metrics}: no such file (no step logged yet); the row of {path} has no losses")
-    results, notes = read_evals(path / "eval.jsonl") if (path / "eval.jsonl").is_file() else ({}, [])
+    results, notes = eval_columns(path / EVALS) if (path / EVALS).is_file() else ({}, [])
     if setup.task == "finetune" and m.top[0] is not None:
         results.update({"finetune top1": m.top[0], "finetune top5": m.top[1], "finetune images": m.images})
         notes += [f"finetune: {n}" for n in setup.notes]

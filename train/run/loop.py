@@ -30,12 +30,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from mrmae.shared.errors import MrmaeError, OptionError, naming
-from mrmae.shared.outfiles import write_file
-from mrmae.train import checkpoint as ckpt
+from mrmae.shared.errors import MrmaeError, OptionError
+from mrmae.train.run import checkpoint as ckpt
 from mrmae.train.data import STEP_KEY, steps_of
-from mrmae.train.jsonl import append_record
-from mrmae.train.run_dir import set_aside
+from mrmae.train.run.records import (Resolved, StepRecord, ValidationRecord, append_metrics, read_run_config,
+                                 write_run_config)
+from mrmae.train.run.run_dir import set_aside
 
 # How pretraining's masks are seeded, recorded in config.json and each checkpoint:
 # 1 (runs before issue 17, no record): noise of (seed, micro-step), this rank's rows of W x B;
@@ -165,7 +165,7 @@ def make_accelerator(device: str = "auto"):
 
 def optimiser_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator,
                     steps: Iterable[Sequence[Any]], step_fn: StepFn, set_lr: Callable[[int], float],
-                    epoch: int, start_step: int, images_per_step: int) -> Iterator[dict]:
+                    epoch: int, start_step: int, images_per_step: int) -> Iterator[StepRecord]:
     """One optimiser step per item of `steps` (this process's `accum` micro-batches of it);
     yields each step's record: epoch, step (done, 1-based), lr, each loss of `step_fn` as the
     mean over the step's micro-batches and the processes, images_per_s.
@@ -193,8 +193,7 @@ def optimiser_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ac
         step += 1
         means = accelerator.reduce(torch.stack(list(sums.values())) / len(micro_batches), "mean").tolist()
         now = time.perf_counter()
-        yield {"epoch": epoch, "step": step, "lr": lr, **dict(zip(sums, means)),
-               "images_per_s": images_per_step / max(now - tick, 1e-9)}
+        yield StepRecord(epoch, step, lr, dict(zip(sums, means)), images_per_step / max(now - tick, 1e-9))
         tick = now
 
 
@@ -285,13 +284,11 @@ class TrainRun:
         cores): each loader worker reads its own shards in its own shuffle, so the batches
         of the epoch's rest differ from an uninterrupted run's, and as --resume skips the
         steps already done by count, samples may repeat or be left out until the epoch ends."""
-        import json
-
         try:
-            was = json.loads((self.out / "config.json").read_text()).get("workers")
-        except (OSError, ValueError, AttributeError):
+            was = read_run_config(self.out).workers
+        except (OSError, ValueError):
             return
-        if isinstance(was, int) and was != self.cfg.workers and self.is_main:
+        if was is not None and was != self.cfg.workers and self.is_main:
             tqdm.write(f"mrmae: warning: --workers {self.cfg.workers}, but {self.out} ran with {was}: the rest of "
                        "this epoch is read in another order than an uninterrupted run's (samples may repeat or be "
                        f"left out until the epoch ends); give --workers {was} to replay it exactly", file=sys.stderr)
@@ -303,20 +300,13 @@ class TrainRun:
         revision, command line, host, devices)."""
         if not self.is_main:
             return
-        import json
-
         from mrmae.shared.provenance import provenance
 
         c = self.cfg
         rule = "--lr" if c.lr is not None else f"--blr {c.blr:g} x {self.effective_batch} / 256"
-        resolved = {**fields, "lr": self.peak_lr, "lr_rule": rule, "effective_batch": self.effective_batch,
-                    "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                    "warmup_steps": self.warmup_steps, "num_processes": self.accelerator.num_processes,
-                    "provenance": provenance(self.devices())}
-        if self.mask_seeding is not None:
-            resolved["mask_seeding"] = self.mask_seeding
-        with naming(self.out / "config.json"):
-            write_file(self.out / "config.json", json.dumps(resolved, indent=1, default=str) + "\n")
+        write_run_config(self.out, fields, Resolved(
+            self.peak_lr, rule, self.effective_batch, self.steps_per_epoch, self.total_steps, self.warmup_steps,
+            self.accelerator.num_processes, provenance(self.devices()), self.mask_seeding))
 
     def devices(self) -> list[str]:
         """This run's devices as recorded: 'cpu', or 'cuda:N NAME' per process of this machine."""
@@ -337,10 +327,10 @@ class TrainRun:
                 f"{self.effective_batch} images ({c.batch_size} x {plural(self.accelerator.num_processes, 'process')} x "
                 f"{c.accum_steps} accumulated); {lr}{warm}{resumed}; -> {self.out}")
 
-    def log(self, record: dict) -> None:
+    def log(self, record: StepRecord | ValidationRecord) -> None:
         """Append `record` to OUT/metrics.jsonl (main process only)."""
         if self.is_main:
-            append_record(self.metrics, record)
+            append_metrics(self.metrics, record)
 
     def train(self, batches_of: Callable[[int], Iterable], step_fn: StepFn,
               end_of_epoch: Callable[[int], None] | None = None, what: str = "") -> dict:
@@ -356,7 +346,7 @@ class TrainRun:
         self._bar = tqdm(total=self.total_steps, initial=state.step, desc=self.task, unit="step",
                          disable=not (c.progress and self.is_main), dynamic_ncols=True)
         self._writer = _LazyWriter(self.out) if self.is_main else None
-        self._last: dict = {}
+        self._last: StepRecord | None = None
         first_step, tick = state.step, time.perf_counter()
         last_path = ckpt.latest_checkpoint(self.out)
         for epoch in range(state.epoch, c.epochs):
@@ -384,10 +374,10 @@ class TrainRun:
                 "images_per_s": (state.step - first_step) * self.effective_batch / max(seconds, 1e-9),
                 "last": self._last, "tensorboard": self._writer is not None and self._writer.writer is not None}
 
-    def log_scalars(self, record: dict, prefix: str) -> None:
+    def log_scalars(self, record: StepRecord | ValidationRecord, prefix: str) -> None:
         """`record`'s numbers to TensorBoard under `prefix/` at the run's step (main process)."""
         if self._writer is not None:
-            for k, v in record.items():
+            for k, v in record.to_json().items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
                     self._writer.add_scalar(f"{prefix}/{k}", v, self.state.step)
 
@@ -397,13 +387,13 @@ class TrainRun:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # fine-tuning's layer-wise decay
         return lr
 
-    def _after_step(self, record: dict) -> None:
+    def _after_step(self, record: StepRecord) -> None:
         state = self.state
-        state.step, state.step_in_epoch = record["step"], state.step_in_epoch + 1
+        state.step, state.step_in_epoch = record.step, state.step_in_epoch + 1
         self.log(record)
         self.log_scalars(record, "train")
         self._last = record
-        self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        self._bar.set_postfix(loss=f"{record.losses['loss']:.4f}", img_s=f"{record.images_per_s:.0f}")
         self._bar.update(1)
         mid_epoch = state.step_in_epoch < self.steps_per_epoch  # the epoch's end saves anyway
         if self.cfg.save_every_steps and state.step % self.cfg.save_every_steps == 0 and mid_epoch:
@@ -454,7 +444,7 @@ def summary(result: dict) -> list[str]:
     """The end of a run, a line each: steps, time and images/s; the last step's losses; where
     everything went."""
     last = result["last"]
-    losses = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("loss"))
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in (last.losses if last is not None else {}).items())
     out = Path(result["out"])
     logs = ", tensorboard/" if result["tensorboard"] else ""
     return [f"{result['steps']} steps done; this process trained {result['seconds']:.1f} s at "

@@ -6,7 +6,7 @@ as timm's own hub saving writes them (`timm.models.save_for_hf`), so that
 builds and loads it. A ViT student exports under timm's own architecture name
 (`vit_base_patch16_224` and its siblings; `model_args` in config.json give the exact sizes),
 so timm without mrmae loads it; a ConvViT under its mrmae name (`mrmae_convvit_*`, which
-`import mrmae` registers; `train/backbones.py`). The pretrained config in config.json is
+`import mrmae` registers; `train/students/registry.py`). The pretrained config in config.json is
 the students' preprocessing (ImageNet mean and std, bicubic, MAE's eval crop 224 of 256:
 crop_pct 0.875), not timm's ViT default (0.5). No file holds an absolute path: config.json's
 `mrmae` section names the run and the checkpoint the export came from relative to OUT
@@ -40,11 +40,12 @@ from safetensors import SafetensorError, safe_open
 
 from mrmae.shared.errors import MrmaeError, OptionError
 from mrmae.shared.outfiles import refuse_link
-from mrmae.train.checkpoint import CheckpointError, read_json_object
+from mrmae.train.run.checkpoint import CheckpointError
+from mrmae.train.run.records import RunConfig, read_json_object, read_run_config
 from mrmae.train.official import (FORMATS, OFFICIAL, OfficialCheckpoint, is_official_file, read_official,
                                   split_unused, summarise)
-from mrmae.train.restore import Restored, load_student, read_run_config, read_weights, resolve_weights
-from mrmae.train.students import families, family_of, pretrained_cfg, registered_kwargs, student_names
+from mrmae.train.restore import Restored, load_student, read_weights, resolve_weights
+from mrmae.train.students.registry import families, family_of, pretrained_cfg, registered_kwargs, student_names
 
 HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"
 HEAD_KWARGS = ("num_classes", "global_pool", "fc_norm")  # a classifier's, beside the architecture's
@@ -119,12 +120,12 @@ def student_encoder(restored: Restored) -> Encoder:
                    fusion_note(model))
 
 
-def classifier_encoder(weights: Path, run_dir: Path, run_config: dict) -> Encoder:
+def classifier_encoder(weights: Path, run_dir: Path, run_config: RunConfig) -> Encoder:
     """The classifier a fine-tuning run trained (config.json: timm_model, timm_kwargs with
     num_classes and global_pool), head and fc_norm included."""
-    where = run_dir / "config.json"
-    name, kwargs = run_config.get("timm_model"), run_config.get("timm_kwargs")
-    if not isinstance(name, str) or not isinstance(kwargs, dict):
+    where = run_config.path
+    name, kwargs = run_config.timm_model, run_config.timm_kwargs
+    if name is None or kwargs is None:
         raise ExportError(f"{where}: a fine-tuning run's config without timm_model and timm_kwargs")
     family = _family(name, where)
     try:
@@ -196,7 +197,7 @@ def read_export(path: Path) -> Encoder | None:
 
 def read_hub_export(folder: Path) -> Encoder:
     """The encoder of a hub-layout export folder (config.json + model.safetensors)."""
-    config = read_json_object(folder / HUB_CONFIG, "a timm model config")
+    config = read_json_object(folder / HUB_CONFIG, "a timm model config", CheckpointError)
     where = folder / HUB_CONFIG
     name, args = config.get("architecture"), config.get("model_args", {})
     if not isinstance(name, str):
@@ -277,8 +278,8 @@ def read_encoder(source: str | Path, fmt: str = "auto") -> Encoder:
     if (encoder := read_export_at(source)) is not None:
         return encoder
     weights, run_dir = resolve_weights(source)
-    run_config = read_run_config(run_dir) if run_dir else {}
-    if run_config.get("task") == "finetune":
+    run_config = read_run_config(run_dir) if run_dir else None
+    if run_config is not None and run_config.task == "finetune":
         return classifier_encoder(weights, run_dir, run_config)
     return student_encoder(load_student(source))
 
@@ -343,7 +344,7 @@ def export_encoder(checkpoint: str | Path, out: str | Path, fmt: str = "auto", o
     """Write the encoder of `checkpoint` (see `read_encoder`) to the folder `out`: config.json
     and model.safetensors, by timm's `save_for_hf`. An export already in `out` is refused, or
     with `overwrite` set aside (renamed, `run_dir.set_aside`) once the checkpoint has been read."""
-    from mrmae.train.run_dir import EXPORT_FILES, check_out, set_aside
+    from mrmae.train.run.run_dir import EXPORT_FILES, check_out, set_aside
 
     source = read_encoder(checkpoint, fmt)
     folder = Path(out).resolve()

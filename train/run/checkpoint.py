@@ -31,7 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from mrmae.shared.errors import MrmaeError, naming
 from mrmae.shared.outfiles import refuse_link, write_file
-from mrmae.train.jsonl import truncate_records
+from mrmae.train.run.records import read_json_object, truncate_records
 
 KEEP = 2  # complete checkpoints kept on disk
 
@@ -271,23 +271,11 @@ _STEP_NAME = re.compile(r"step\d{8,}")
 _STATE_LIMIT = 10**12  # no run takes this many steps: a larger value is a damaged or crafted state.json
 
 
-def read_json_object(f: Path, what: str) -> dict:
-    """A JSON object from file `f` (state.json, a run's config.json); CheckpointError naming
-    the file, as `what` it is not, when unreadable or not an object."""
-    try:
-        obj = json.loads(f.read_text())
-    except (OSError, ValueError) as e:  # (UnicodeDecodeError is a ValueError)
-        raise CheckpointError(f"{f}: not {what} ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{f}: not {what} (a JSON object)")
-    return obj
-
-
 def read_state(path: Path) -> dict:
     """The state.json of the checkpoint directory `path` (CheckpointError naming it and the
     key if unreadable): epoch, step and step_in_epoch must be integers in [0, 1e12]."""
     f = path / "state.json"
-    s = read_json_object(f, "a checkpoint's state")
+    s = read_json_object(f, "a checkpoint's state", CheckpointError)
     for key in ("epoch", "step", "step_in_epoch"):
         v = s.get(key)
         if type(v) is not int or not 0 <= v <= _STATE_LIMIT:  # not bool, str or float: a crafted file
