@@ -1824,6 +1824,7 @@ def test_a_checkpoint_that_is_not_one_is_one_line_naming_it(demo_shards, two_sha
     (["--mask-ratio", "0"], "--mask-ratio 0.0: masks none of"), (["--mask-ratio", "nan"], "--mask-ratio nan"),
     (["--focus-temperature", "0"], "--focus-temperature 0.0"), (["--focus-uniform-mix", "2"], "--focus-uniform-mix 2.0"),
     (["--recon-weight", "-1"], "--recon-weight -1.0"), (["--recon-weight", "0", "--mimic-weight", "0"], "loss would be zero"),
+    (["--recon-weight", "0"], "--recon-weight 0 without a teacher: the loss would be zero"),
     (["--shards", "::"], "--shards '::': names no shard"), (["--shards", "TWICE"], "is listed twice")])
 def test_8_pretrain_numbers_and_shard_lists_are_refused_before_anything_is_written(demo_shards, tmp_path, bad, option):
     out = tmp_path / "run"

@@ -82,6 +82,10 @@ def check_options(cfg: PretrainConfig) -> None:
     checks.run(check_out, cfg.out, cfg.resume or bool(cfg.resume_from), cfg.overwrite)
     checks.run(ckpt.check_out_apart, cfg.out, [cfg.feature_cache])
     checks.run(check_high_level, cfg)
+    o = cfg.step_options
+    if o.recon_weight == 0 and (o.mimic_weight == 0 or not (cfg.feature_cache or cfg.teacher)):
+        shown = "--recon-weight 0 --mimic-weight 0" if o.mimic_weight == 0 else "--recon-weight 0 without a teacher"
+        checks.fail(f"{shown}: the loss would be zero; give one of them a weight")
     if cfg.target and not cfg.feature_cache:
         checks.fail("--target picks targets inside a cache: give --feature-cache too")
     if cfg.feature_cache and cfg.teacher:
