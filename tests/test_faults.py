@@ -482,6 +482,7 @@ def test_two_extractions_racing_on_one_shard_both_succeed_and_publish_one_whole_
     stored = sorted(p.name for p in (out / "shards").iterdir())
     assert stored == sorted([Path(e.group).name for e in entries] + [Path(cf.manifest.entry_path(e.group)).name
                                                                        for e in entries]
+                            + [Path(cf.files_path(e.group)).name for e in entries]
                             + (["zarr.json"] if backend == "zarr" else []))  # no temps, no strays
     rows = _cache_rows(out)
     for e in entries:  # exactly its rows, each with its key, views 0, 1 in order
@@ -515,8 +516,10 @@ def test_a_writer_leaves_foreign_temps_and_cache_clean_removes_only_leftovers(de
     dead.write_bytes(b"half a tar")
     stray = shards / f"{name}.0123456789abcdef"  # published by a writer killed before its entry
     shutil.copytree(out / entry.group, stray)
+    stray_list = shards / f"{name}.0123456789abcdef.files"  # ... with its file list (format 6)
+    stray_list.write_text('{"files":{}}')
     old = time.time() - 48 * 3600
-    for p in [dead, stray, *stray.rglob("*")]:
+    for p in [dead, stray, stray_list, *stray.rglob("*")]:
         os.utime(p, (old, old))
     (out / entry.group).rename(out / "gone")  # recorded complete but missing: redone by the next run
     shutil.rmtree(out / "gone")
@@ -526,11 +529,12 @@ def test_a_writer_leaves_foreign_temps_and_cache_clean_removes_only_leftovers(de
     r = runner.invoke(cli, ["cache", "clean", "--feature-cache", str(out), "--dry-run"])
     assert r.exit_code == 0 and dead.exists() and str(dead) in r.output and str(live) not in r.output, r.output
     r = runner.invoke(cli, ["cache", "clean", "--feature-cache", str(out)])  # default: leftovers untouched for 24 h
-    assert r.exit_code == 0 and "2 leftovers removed" in r.output, r.output
-    assert live.exists() and not dead.exists() and not stray.exists()
+    assert r.exit_code == 0 and "3 leftovers removed" in r.output, r.output
+    assert live.exists() and not dead.exists() and not stray.exists() and not stray_list.exists()
     r = runner.invoke(cli, ["cache", "clean", "--feature-cache", str(out), "--older-than", "0"])  # no writer running now
     assert r.exit_code == 0 and not live.exists(), r.output
-    assert sorted(p.name for p in shards.iterdir()) == sorted([Path(entry.group).name, f"{name}.json", "zarr.json"])
+    assert sorted(p.name for p in shards.iterdir()) == sorted([Path(entry.group).name, Path(cf.files_path(entry.group)).name,
+                                                               f"{name}.json", "zarr.json"])
     assert cf.check_integrity(out) == [] and cf.read_manifest(out).shards[0].sha256 == entry.sha256
 
 
@@ -614,7 +618,8 @@ def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is
     loc = cf.Location(root)
     assert [e.group for e in cf.read_manifest(root).shards] == [first.group_path]
     group_meta = ["zarr.json"] if backend == "zarr" else []  # the `shards` group's own metadata
-    assert loc.children("shards") == sorted([first.group_path.split("/")[1], f"{first.name}.json", *group_meta])
+    published = [first.group_path.split("/")[1], cf.files_path(first.group_path).split("/")[1], f"{first.name}.json"]
+    assert loc.children("shards") == sorted([*published, *group_meta])
     assert cf.check_integrity(root) == []
     # Damage under the group's name (a flipped byte; for Zarr a stray file too): a writer of
     # those bytes puts them back instead of yielding to it.
@@ -628,8 +633,7 @@ def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is
     assert len(cf.check_integrity(root)) == 1
     third = _synthetic_writer(backend, root)
     assert cf.commit_shard(root, third, _entry(third, *third.finish({"source": third.source, "num_samples": 6})))
-    assert cf.check_integrity(root) == [] and loc.children("shards") == sorted(
-        [first.group_path.split("/")[1], f"{first.name}.json", *group_meta])
+    assert cf.check_integrity(root) == [] and loc.children("shards") == sorted([*published, *group_meta])
 
 
 @contextlib.contextmanager
@@ -822,8 +826,8 @@ def _downgrade3(cache: Path) -> None:
     (cache / cf.MANIFEST).write_text(json.dumps(manifest))
     for entry_file in (cache / "shards").glob("*.json"):  # (format 3 entries list no files)
         entry = json.loads(entry_file.read_text())
-        if "files" in entry:
-            entry.pop("files")
+        if "file_list" in entry:
+            entry.pop("file_list")
             entry_file.write_text(json.dumps(entry))
 
 
