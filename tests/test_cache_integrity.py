@@ -356,7 +356,11 @@ def test_a_fifo_where_a_cache_file_belongs_is_one_line_never_a_hang(tiny_caches,
             "zarr.json of keys": group / "keys" / "zarr.json", "the tar": group}[which]
     path.unlink()
     os.mkfifo(path)
-    code, lines = _run(["cache", "info", "--feature-cache", str(root)], timeout=120)
+    # (`cache info` reads the manifest and the entries; a group's files are read by `verify`)
+    command = "info" if which in ("manifest.json", "entry") else "verify"
+    code, lines = _run(["cache", command, "--feature-cache", str(root), "--recompute", "0"][:4 if command == "info"
+                                                                                           else 6], timeout=120)
+    lines = [ln for ln in lines if not ln.startswith("integrity:")]
     assert code == 1 and len(lines) == 1 and "a FIFO" in lines[0], lines
     assert str(path.relative_to(root)).split("/")[-1] in lines[0] or str(group) in lines[0], lines
 

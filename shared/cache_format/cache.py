@@ -289,16 +289,15 @@ class FeatureCache:
             names += [layer, f"{layer}_scale"] if self.manifest.storage.dtype == "int8" else [layer]
         return names
 
-    def _check_arrays(self, entry: ShardEntry, counted: list[str] = ()) -> int:
-        """One shard's `check_shards`; returns the logical bytes of its `counted` arrays."""
+    def _check_arrays(self, entry: ShardEntry) -> None:
+        """One shard's `check_shards`."""
         check_group(entry.group, self.backend, self.root)
         path = self.location.join(entry.group)
         check_inside(self.root, path)
         if self.backend == "zarr":
-            return check_group_arrays(path, entry, group_spec(self.manifest, entry), self.checked, counted)
-        if not is_file(path):
+            check_group_arrays(path, entry, group_spec(self.manifest, entry), self.checked)
+        elif not is_file(path):
             raise CacheError(f"{path}: shard tar is missing")
-        return 0
 
     def _open(self, entry: ShardEntry) -> ShardGroup | WdsShard:
         check_group(entry.group, self.backend, self.root)  # read_manifest checked it; never read outside
@@ -385,10 +384,13 @@ class FeatureCache:
         return sum(s.bytes or dir_bytes(self.location.join(s.group)) for s in self.complete_shards)
 
     def logical_bytes(self) -> int:
-        """Bytes of all complete shards' arrays before compression. Zarr: from each group's
-        arrays' zarr.json (shapes and dtypes; checked as `check_shards` checks them, no
-        listing, no row read); wds: from each tar's first row. Shards overlapped on a store."""
+        """Bytes of all complete shards' arrays before compression, from the manifest and the
+        entries alone: the writer's array shapes and dtypes for each entry's rows (`zarr_spec`,
+        `member_spec`; every group's metadata must be exactly those as it opens), so `cache
+        info` reads no group (10,240 shards: no request beyond the entries). Zarr: keys, image
+        digests and stored views not counted; wds: its `.npy` members and the geometry."""
         if self.backend == "zarr":
             counted = self._counted_arrays()
-            return sum(self._map(lambda s: self._check_arrays(s, counted), self.complete_shards))
-        return sum(self._map(lambda s: self._open(s).logical_bytes(), self.complete_shards))
+            return sum(group_spec(self.manifest, s).logical_bytes(counted) for s in self.complete_shards)
+        per_row = member_spec(self.manifest).row_bytes()
+        return sum(s.num_views * per_row for s in self.complete_shards)

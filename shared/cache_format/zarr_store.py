@@ -24,6 +24,7 @@ from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColum
                      check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, group_files, int8_groups, publish_local, read_error, remove_path,
                      stored_features, view_targets, writer_temp)
 from . import zarr_open
+from ..prefetch import background
 from .checked_store import ListedFileError
 from .manifest import ShardEntry, check_row_count, group_name
 from .zarr_spec import MAX_KEY_BYTES, PIXEL_CHUNK, GroupSpec
@@ -252,14 +253,10 @@ def check_row_shapes(path: str, got: dict[str, tuple[int, ...]], shapes: dict[st
                              f"teacher gives {list(want)}: not this cache's group, or a damaged manifest")
 
 
-def check_group_arrays(path: str, entry: ShardEntry, spec: GroupSpec, checked: bool, counted: list[str] = ()) -> int:
-    """Start-up's look at one group: the zarr.json of `keys`, `features`, `attention`, `cls`
-    and `counted`, each as the spec says (`zarr_open.check_group_arrays`); returns the
-    logical bytes of the `counted` arrays (before compression, as `ShardGroup.logical_bytes`
-    counts them)."""
-    names = list(dict.fromkeys(["keys", "features", "attention", "cls", *counted]))
-    metas = zarr_open.check_group_arrays(path, entry, spec, checked, names)
-    return sum(int(np.prod(metas[n]["shape"])) * np.dtype(metas[n]["data_type"]).itemsize for n in counted)
+def check_group_arrays(path: str, entry: ShardEntry, spec: GroupSpec, checked: bool) -> None:
+    """Start-up's look at one group: the zarr.json of `keys`, `features`, `attention` and
+    `cls`, each as the spec says (`zarr_open.check_group_arrays`)."""
+    zarr_open.check_group_arrays(path, entry, spec, checked, ["keys", "features", "attention", "cls"])
 
 
 def _rows_text(rows) -> str:
@@ -306,6 +303,10 @@ class ShardGroup:
         self.quantized = "features_scale" in self.group
         self._row: dict[tuple[str, int], int] = {(k, int(v)): i for i, (k, v) in enumerate(zip(self.keys, self.views))}
         self._block: tuple | None = None  # (first row, layer, stored values, scale or None)
+        # A sequential reader's next block, read in a thread while it uses this one (`read_ahead`):
+        # ((first row, layer), Future of `_read_block`). The same rows either way.
+        self._ahead: tuple | None = None
+        self.read_ahead = False
         self._pixel_offsets: np.ndarray | None = None
         self._pixel_block: tuple[int, int, bytes] | None = None  # (first row, end row, their bytes)
         self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -384,12 +385,21 @@ class ShardGroup:
         """
         start = i - i % READ_ROWS
         if self._block is None or self._block[:2] != (start, layer):
-            rows = slice(start, start + READ_ROWS)
-            scale = self._get(f"{layer}_scale", rows) if self.quantized else None
-            self._block = (start, layer, self._get(layer, rows), scale)
+            ahead, self._ahead = self._ahead, None
+            self._block = ahead[1].result() if ahead is not None and ahead[0] == (start, layer) \
+                else self._read_block(start, layer)
+            if self.read_ahead and start + READ_ROWS < len(self):  # the next block, while this one is used
+                self._ahead = ((start + READ_ROWS, layer),
+                               background("rows").submit(self._read_block, start + READ_ROWS, layer))
         values, scale = self._block[2], self._block[3]
         # copies: a view would keep the whole READ_ROWS block alive in a shuffle buffer
         return values[i - start].copy(), None if scale is None else scale[i - start].copy()
+
+    def _read_block(self, start: int, layer: str) -> tuple:
+        """(start, layer, stored values, scale or None) of rows start..start + READ_ROWS - 1."""
+        rows = slice(start, start + READ_ROWS)
+        scale = self._get(f"{layer}_scale", rows) if self.quantized else None
+        return start, layer, self._get(layer, rows), scale
 
     def features_row(self, i: int, layer: str = "features") -> np.ndarray:
         """Features of one row [L, C] float32."""
