@@ -133,15 +133,18 @@ def test_damage_is_found_before_training_or_at_the_groups_opening(store):
 def test_the_benchmark_runs_at_small_scale(built, tmp_path):
     """benchmarks/startup.py's three stages, on disk and on latmem://, at 5 shards."""
     root, urls = built
-    args = type("Args", (), {"batch_size": 4, "workers": 0})
+    args = type("Args", (), {"batch_size": 4, "workers": 0, "count_sample": 2})
     rows = startup.measure("local", str(root), urls, args, str(tmp_path / "run"))
     Store.clear()
     Store.upload_tree(root, URL)
+    remote = startup.upload_tars(urls, "latmem://startup-test/tars")
     Store.latency = 0.001
-    rows += startup.measure("latmem", URL, urls, args, str(tmp_path / "run"))
+    rows += startup.measure("latmem", URL, remote, args, str(tmp_path / "run"))
     Store.clear()
-    assert [(r["where"], r["stage"]) for r in rows] == [(w, s) for w in ("local", "latmem")
-                                                        for s in ("open", "cache info", "first batch")]
-    assert all(r["seconds"] > 0 for r in rows) and all(r["requests"] > 0 for r in rows[3:])
+    stages = ("open", "cache info", "first batch", "plain first batch", "plain: every tar read")
+    assert [(r["where"], r["stage"]) for r in rows] == [(w, s) for w in ("local", "latmem") for s in stages]
+    assert all(r["seconds"] > 0 for r in rows) and all(r["requests"] > 0 for r in rows[5:])
+    plain = rows[5 + 3]  # latmem's plain start: the epoch from sizes.json, one request
+    assert plain["stages"]["samples"] == 48 and plain["stages"]["count_from_sizes"] < rows[5 + 4]["seconds"]
     assert rows[2]["stages"]["samples"] == 48
     assert startup.storage_rows()[0]["view_bytes"] == 196 * 768 + 196 * 12 * 2 + 196 * 2 + 768 * 2 + 51
