@@ -21,8 +21,12 @@ extraction draws for those images and random int8 targets (a --dim wide teacher 
 teacher's. A timed window opens at the first batch (a run's first shard opening is left
 out) and lasts --budget seconds, less than one pass over the shards, so every shard
 opened in it is one the worker meets mid-epoch, as at ImageNet scale. Each place's figure
-is images/s of wall time (the stalls are wall time); its ratio to local disk is taken per
-rep, within the same rotation. The same run records each loader's CPU seconds per image.
+is images per second of the time one core to itself would take (`rate`: the process's CPU
+time, its prefetch threads' included, plus the time the worker's thread was blocked,
+waiting on the store or its threads; the time it sat runnable while other processes had
+the cores is left out, which on a busy machine moves a wall-clock rate 2-4x between runs)
+and, beside it, images/s of wall time; each ratio to local disk is taken per rep, within
+the same rotation.
 
     .venv/bin/python benchmarks/loader_latency.py                   # ~8 min on 2 busy cores
     .venv/bin/python benchmarks/loader_latency.py --images 512 --shard-size 128 --reps 1 --budget 2
@@ -88,20 +92,37 @@ def stream(mode: str, urls: list[str], cache_root: str | None, batch_size: int, 
     return out
 
 
+def thread_times() -> tuple[float, float]:
+    """(on-CPU, waiting-for-a-core) seconds of this process's main thread so far (Linux
+    schedstat: the time it ran, and the time it was runnable but another process had the core)."""
+    with open(f"/proc/self/task/{os.getpid()}/schedstat") as f:
+        ran, queued, _ = (int(x) for x in f.read().split())
+    return ran / 1e9, queued / 1e9
+
+
 def rate(dataset, budget: float) -> dict:
-    """images/s (wall) and CPU seconds per image of one pass, timed from its first batch."""
-    images, t0, cpu0 = 0, None, None
+    """One pass, timed from its first batch: images/s of wall time, and images per second of
+    the time one core to itself would take: the process's CPU (every thread's: the worker's
+    own work and what its prefetch threads do) plus the time the worker's thread was blocked
+    (waiting on the store, on its threads, on the disk), leaving out only the time it was
+    runnable while other processes held the cores; on a machine others keep busy, the wall
+    rate moves 2-4x from run to run, this one far less."""
+    images, t0 = 0, None
     for batch in dataset:
         if t0 is None:
-            t0, cpu0 = time.perf_counter(), time.process_time()
+            t0, cpu0, (ran0, queued0) = time.perf_counter(), time.process_time(), thread_times()
             continue
         images += len(batch["keys"])
         if time.perf_counter() - t0 >= budget:
             break
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    ran, queued = (b - a for a, b in zip((ran0, queued0), thread_times()))
+    blocked = max(0.0, seconds - ran - queued)
     if not images:
         raise RuntimeError("no batch after the first: too few shards for the budget?")
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "cpu_ms_per_image": 1e3 * cpu / images}
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "cpu_ms_per_image": 1e3 * cpu / images, "blocked_s": blocked, "queued_s": queued,
+            "images_per_core_s": images / (cpu + blocked)}
 
 
 def configs(latencies: list[float]) -> list[tuple[str, str, float, int]]:
@@ -127,17 +148,19 @@ def measure(urls: list[str], cache_root: Path, args) -> dict:
             where = (remote, "latmem://loader/cache") if latency else (urls, str(cache_root))
             r = rate(stream(mode, where[0], where[1], args.batch_size, args.views, prefetch), args.budget)
             got[name].append(r)
-            print(f"  rep {rep}: {name:<28} {r['images_per_s']:7.1f} images/s  "
-                  f"{r['cpu_ms_per_image']:.2f} CPU ms/image", flush=True)
+            print(f"  rep {rep}: {name:<28} {r['images_per_core_s']:7.1f} images/core-s  {r['images_per_s']:7.1f} "
+                  f"images/s  {r['cpu_ms_per_image']:.2f} CPU ms/image  blocked {r['blocked_s']:.2f} s  "
+                  f"queued {r['queued_s']:.2f} s", flush=True)
     Store.clear()
-    out = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in rs),
-                  "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in rs), "reps": rs}
-           for name, rs in got.items()}
+    out = {name: {key: statistics.median(r[key] for r in rs)
+                  for key in ("images_per_core_s", "images_per_s", "cpu_ms_per_image", "blocked_s", "queued_s")}
+           | {"reps": rs} for name, rs in got.items()}
     for name, mode, latency, _ in runs:
         if latency:
-            per_rep = [a["images_per_s"] / b["images_per_s"] for a, b in zip(got[name], got[f"{mode} local"])]
-            out[name]["ratio_to_local_per_rep"] = per_rep
-            out[name]["ratio_to_local"] = statistics.median(per_rep)
+            for key in ("images_per_core_s", "images_per_s"):
+                per_rep = [a[key] / b[key] for a, b in zip(got[name], got[f"{mode} local"])]
+                out[name][f"ratio_{key}_per_rep"] = per_rep
+                out[name][f"ratio_{key}"] = statistics.median(per_rep)
     return out
 
 
@@ -148,8 +171,8 @@ def main() -> None:
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--dim", type=int, default=384, help="the targets' width (ViT-S/16's)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--budget", type=float, default=5.0, help="seconds timed per loader run (less than a pass)")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--budget", type=float, default=4.0, help="seconds timed per loader run (less than a pass)")
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--latencies", type=lambda s: [float(x) for x in s.split(",")], default=[0.020, 0.050],
                    help="seconds per request on latmem://, comma-separated")
     p.add_argument("--out")
@@ -171,10 +194,15 @@ def main() -> None:
                                          "total_seconds": total}, args.out)
     print(f"\n{args.images} demo images in shards of {args.shard_size}, batch {args.batch_size}, cache {args.dim}-d int8 "
           f"x {args.views} views; one worker's loader in process; median of {args.reps} reps of {args.budget:g} s")
-    print(table(["loader", "images/s per worker", "CPU ms / image", "ratio to local disk (median of per-rep)"],
-                [[name, r["images_per_s"], r["cpu_ms_per_image"],
-                  f"{r['ratio_to_local']:.3f} ({', '.join(f'{x:.2f}' for x in r['ratio_to_local_per_rep'])})"
-                  if "ratio_to_local" in r else "-"] for name, r in result.items()]))
+    def ratio(r: dict, key: str) -> str:
+        if f"ratio_{key}" not in r:
+            return "-"
+        return f"{r[f'ratio_{key}']:.3f} ({', '.join(f'{x:.2f}' for x in r[f'ratio_{key}_per_rep'])})"
+
+    print(table(["loader", "images/core-s", "ratio to local (per rep)", "images/s (wall)", "ratio to local (per rep)",
+                 "CPU ms / image", "blocked s"],
+                [[name, r["images_per_core_s"], ratio(r, "images_per_core_s"), r["images_per_s"],
+                  ratio(r, "images_per_s"), r["cpu_ms_per_image"], r["blocked_s"]] for name, r in result.items()]))
     print(f"other processes used {foreign:.1f} CPU-s meanwhile; total {total:.0f} s -> {path}")
 
 

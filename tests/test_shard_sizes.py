@@ -5,14 +5,13 @@ and checked against each tar as it is read; hostile sizes files are one line."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import url_list
+from conftest import put_hostile, url_list
 
 from mrmae.cli import cli
 from mrmae.demo import write_demo_shards
@@ -102,15 +101,8 @@ def test_a_plain_run_trains_the_steps_of_its_recorded_counts(shards, tmp_path):
 def test_a_hostile_sizes_file_is_one_line(shards, how):
     sizes = shards[0].parent / SIZES_FILE
     text = json.dumps({p.name: 6 for p in shards})
-    if how == "truncated":
-        sizes.write_text(text[:len(text) // 2])
-    elif how == "huge":
-        with open(sizes, "wb") as f:
-            f.truncate(3 << 30)
-    elif how == "a FIFO":
-        os.mkfifo(sizes)
-    elif how == "a directory":
-        sizes.mkdir()
+    if put_hostile(sizes, how, text.encode()):
+        pass
     elif how == "not counts":
         sizes.write_text(json.dumps({shards[0].name: "6"}))
     else:
