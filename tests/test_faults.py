@@ -56,6 +56,15 @@ def _one_line_error(r, *words):
     return lines[0]
 
 
+def _verify_damaged(root, *words) -> str:
+    """`cache verify` (integrity only) names the shard damaged in one line with `words`
+    (`cache info` reads the manifest and entries alone: it opens no shard)."""
+    r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(root), "--recompute", "0", "--no-progress"])
+    damaged = [x for x in r.output.splitlines() if x.startswith("mrmae: damaged: ")]
+    assert r.exit_code == 1 and len(damaged) == 1 and all(w in damaged[0] for w in words), r.output
+    return damaged[0]
+
+
 def test_a_recorded_pipe_source_is_never_run(small_cache, demo_shards, tmp_path):
     """verify (default --recompute, and --sources) and --add-teacher without --shards refuse a
     recorded `pipe:` source in one line asking for --shards; the command never runs. With
@@ -249,7 +258,7 @@ def test_a_manifest_width_other_than_the_stored_rows_is_one_line(small_cache, sm
     manifest["teacher"]["dim"] = 384
     (root / cf.MANIFEST).write_text(json.dumps(manifest))
     group = root / cf.read_manifest(root).shards[0].group
-    _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), str(group), "192]", "384]")
+    _verify_damaged(root, str(group), "192]", "384]")
     r = CliRunner().invoke(cli, ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
                                  str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress",
                                  "--batch-size", "4"])  # (an epoch of 6 samples: the loader must be reached)
@@ -355,7 +364,7 @@ def test_a_crafted_wds_meta_json_is_one_line(small_wds_cache, tmp_path, change, 
     digest, size = cf.group_digest(tar)
     cf.record_shard(root, cf.ShardEntry(**{**entry.__dict__, "sha256": digest, "bytes": size,
                                            "files": cf.tar_files(tar)}))
-    _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), f"{tar}: member {members[0][0].name}", what)
+    _verify_damaged(root, f"{tar}: member {members[0][0].name}", what)
 
 
 # --- 2. concurrent writers on one --out lose nothing -----------------------------------
