@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/pretrain_throughput.py --warmup 1 --steps 3 --step-only-warmup 1 --step-only-steps 3
 	$(PY) benchmarks/loader_throughput.py
 	$(PY) benchmarks/loader_render_split.py --images 128 --shard-size 128 --reps 2 --budget 5
+	$(PY) benchmarks/loader_latency.py --images 512 --shard-size 128 --reps 1 --budget 2
+	$(PY) benchmarks/extract_upload.py --reps 1 --images 16 --shard-size 8
 	$(PY) benchmarks/goals.py
 
 # MAE vs MR-MAE frozen-feature accuracy on scikit-learn's digits (BENCHMARKS.md, "Fidelity (toy scale)"):

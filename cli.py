@@ -109,8 +109,28 @@ def make_demo_shards(out_dir: str | None, out: str | None, num_images: int, shar
     if "://" in out:  # the tars are written locally; an object store gets them by an upload
         raise click.UsageError(f"--out {out}: a local directory (write there, then upload, e.g. "
                                "`aws s3 cp --recursive DIR s3://bucket/shards/`)")
-    paths = write_demo_shards(out, num_images, shard_size, seed)
-    click.echo(f"wrote {len(paths)} shards, {num_images} images: {paths[0]} .. {paths[-1]}")
+    paths = write_demo_shards(out, num_images, shard_size, seed, sizes=True)
+    click.echo(f"wrote {len(paths)} shards, {num_images} images: {paths[0]} .. {paths[-1]} (their sizes in "
+               f"{paths[0].parent / 'sizes.json'})")
+
+
+@cli.group("shards", example='mrmae shards index --shards "demo/shards/demo-{000000..000002}.tar"')
+def shards_group() -> None:
+    """Input tars: record their sizes."""
+
+
+@shards_group.command("index", example='mrmae shards index --shards "demo/shards/demo-{000000..000002}.tar"')
+@click.option("--shards", required=True,
+              help="Tars to count: a webdataset URL list or brace range (local paths or fsspec URLs).")
+def shards_index(shards: str) -> None:
+    """Count each tar's samples once and write them beside the tars, in the sizes.json of
+    their directory (webdataset's convention; counts of other shards there are kept), so that
+    plain and live pretraining know an epoch's length without reading every tar."""
+    from mrmae.shared.shard_sizes import index_shards
+    from mrmae.shared.shards import expand_urls
+
+    for path, counts in index_shards(expand_urls(shards)).items():
+        click.echo(f"{path}: {len(counts)} shards, {sum(counts.values())} samples")
 
 
 def device_option(what: str):

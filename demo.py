@@ -54,8 +54,9 @@ def make_image(photo: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 
 def write_demo_shards(out_dir: str | Path, num_images: int = 64, shard_size: int = 16, seed: int = 0,
-                      prefix: str = "demo") -> list[Path]:
-    """Write `num_images` samples into tars of `shard_size`; returns the tar paths."""
+                      prefix: str = "demo", sizes: bool = False) -> list[Path]:
+    """Write `num_images` samples into tars of `shard_size`; returns the tar paths. `sizes`:
+    also each tar's samples in the directory's sizes.json (`shared.shard_sizes`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     photos = _photos()
@@ -71,4 +72,8 @@ def write_demo_shards(out_dir: str | Path, num_images: int = 64, shard_size: int
                 make_image(photos[label], rng).save(buf, format="JPEG", quality=90)
                 sink.write({"__key__": f"{prefix}_{i:08d}", "jpg": buf.getvalue(), "cls": str(label).encode()})
         paths.append(path)
+    if sizes:
+        from mrmae.shared.shard_sizes import write_sizes
+
+        write_sizes(str(out_dir), {p.name: min(shard_size, num_images - i * shard_size) for i, p in enumerate(paths)})
     return paths

@@ -352,8 +352,10 @@ class ShardReader:
     ShardReadErrors whose message starts with the URL.
     """
 
-    def __init__(self, url: str, hashed: bool = True):
-        self.url, self.hashed = url, hashed
+    def __init__(self, url: str, hashed: bool = True, source: BinaryIO | None = None):
+        """`source`: the shard's stream, opened already (a loader opens the next shard's
+        while it reads one: `shared.prefetch`); by default `open_source(url)` when iterated."""
+        self.url, self.hashed, self.source = url, hashed, source
         self.sha256: str | None = None
         self.size: int | None = None
 
@@ -361,7 +363,7 @@ class ShardReader:
         return self._iter(keep=True)
 
     def _iter(self, keep: Keep) -> Iterator[TarSample]:
-        stream = HashingReader(open_source(self.url), self.hashed)
+        stream = HashingReader(self.source if self.source is not None else open_source(self.url), self.hashed)
         try:
             yield from _samples(_members(stream, self.url, keep))
             self.sha256, self.size = stream.drain(self.url), stream.size

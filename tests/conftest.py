@@ -79,6 +79,29 @@ def entry_files(shards: Path) -> list[Path]:
     return sorted(p for p in Path(shards).glob("*.json") if p.name != "zarr.json")
 
 
+def put_hostile(path: Path, how: str, text: bytes, elsewhere: Path | None = None) -> bool:
+    """Put at `path` (absent) a hostile version of a file whose good bytes are `text`:
+    "truncated" (its first half), "huge" (3 GiB, sparse), "a FIFO", "a directory", "a link
+    out" (to `elsewhere`, holding `text`). False when `how` is none of them (the caller's own)."""
+    import os
+
+    if how == "truncated":
+        path.write_bytes(text[:len(text) // 2])
+    elif how == "huge":
+        with open(path, "wb") as f:
+            f.truncate(3 << 30)
+    elif how == "a FIFO":
+        os.mkfifo(path)
+    elif how == "a directory":
+        path.mkdir()
+    elif how == "a link out":
+        elsewhere.write_bytes(text)
+        path.symlink_to(elsewhere)
+    else:
+        return False
+    return True
+
+
 class S3:
     """moto's S3 server on 127.0.0.1 (a real HTTP S3 API) and s3fs pointed at it through the
     environment, as a user's shell would: AWS_ENDPOINT_URL and fake credentials, nothing in

@@ -18,12 +18,13 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import google_crc32c
 import pytest
 from click.testing import CliRunner
-from conftest import entry_files
+from conftest import entry_files, put_hostile
 
 from mrmae.cli import cli
 from mrmae.shared import cache_format as cf
@@ -171,11 +172,10 @@ def test_a_chunk_swapped_for_another_of_the_same_array_is_found_as_read(demo_sha
     a.write_bytes(data_b)
     b.write_bytes(data_a)
     lines = _pretrain(demo_shards, root, tmp_path / "run")
-    # whichever of the two the loader's workers read first is named, with its own sizes
-    named = [(f"file {name} (rows {rows})", f"{len(got):,} bytes, the entry lists {len(listed):,}")
-             for name, rows, got, listed in (("features/c/0/0/0", "0-15", data_b, data_a),
-                                             ("features/c/1/0/0", "16-23", data_a, data_b))]
-    assert len(lines) == 1 and any(f in lines[0] and s in lines[0] for f, s in named), lines
+    # (zarr reads a block's chunks at once: the first refused, in time, is named)
+    named = [(f"file features/c/0/0/0 (rows 0-15): {len(data_b):,} bytes, the entry lists {len(data_a):,}"),
+             (f"file features/c/1/0/0 (rows 16-23): {len(data_a):,} bytes, the entry lists {len(data_b):,}")]
+    assert len(lines) == 1 and any(n in lines[0] for n in named), lines
     _verify_finds(root, "features/c/0/0/0")
 
 
@@ -358,7 +358,11 @@ def test_a_fifo_where_a_cache_file_belongs_is_one_line_never_a_hang(tiny_caches,
             "zarr.json of keys": group / "keys" / "zarr.json", "the tar": group}[which]
     path.unlink()
     os.mkfifo(path)
-    code, lines = _run(["cache", "info", "--feature-cache", str(root)], timeout=120)
+    # (`cache info` reads the manifest and the entries; a group's files are read by `verify`)
+    command = "info" if which in ("manifest.json", "entry") else "verify"
+    code, lines = _run(["cache", command, "--feature-cache", str(root), "--recompute", "0"][:4 if command == "info"
+                                                                                           else 6], timeout=120)
+    lines = [ln for ln in lines if not ln.startswith("integrity:")]
     assert code == 1 and len(lines) == 1 and "a FIFO" in lines[0], lines
     assert str(path.relative_to(root)).split("/")[-1] in lines[0] or str(group) in lines[0], lines
 
@@ -372,7 +376,7 @@ def test_a_format_4_cache_reads_with_one_warning(demo_shards, tiny_caches, tmp_p
     (root / cf.MANIFEST).write_text(json.dumps(manifest))
     for f in entry_files(root / "shards"):
         entry = json.loads(f.read_text())
-        del entry["files"]
+        del entry["file_list"]
         f.write_text(json.dumps(entry))
     import mrmae.shared.cache_format.common as common
 
@@ -383,3 +387,90 @@ def test_a_format_4_cache_reads_with_one_warning(demo_shards, tiny_caches, tmp_p
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert len([w for w in caught if issubclass(w.category, cf.UnlistedCacheWarning)]) == 1
     assert cf.check_integrity(str(root)) == []
+
+
+# --- format 6: each shard's file list beside its group, bound by the entry -------------------
+
+
+def _file_list(root: Path) -> Path:
+    """The one shard's file list, `<group>.files` beside its group."""
+    return root / cf.files_path(cf.read_manifest(root).shards[0].group)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+@pytest.mark.parametrize("how", ["missing", "another shard's", "truncated", "huge", "a FIFO", "a link out"])
+def test_a_file_list_other_than_the_entry_binds_is_one_line_and_repair_removes_it(demo_shards, tiny_caches, tmp_path,
+                                                                                  backend, how):
+    """The entry holds the list's sha256 and size: a list missing, swapped for another
+    shard's (an entry resealed over other bytes), cut, grown to 3 GiB, a FIFO or a link out
+    of the cache stops pretraining in one line naming the list, before any row is read
+    (under a 1.5 GiB data limit: never read whole); `cache verify --repair` removes entry,
+    group and list, nothing outside the cache."""
+    root, group = _copy(tiny_caches, backend, tmp_path)
+    listed = _file_list(root)
+    text = listed.read_bytes()
+    outside = tmp_path / "elsewhere.files"
+    listed.unlink()
+    if how == "another shard's":  # a valid list of the same size, another file's digest in it
+        at = text.index(b'"]') - 1
+        listed.write_bytes(text[:at] + (b"0" if text[at:at + 1] != b"0" else b"1") + text[at + 1:])
+    else:
+        put_hostile(listed, how, text, outside)
+    code, lines = _run(["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root),
+                        "--out", str(tmp_path / "run"), *TINY], data_limit=3 << 29, timeout=240)
+    want = {"missing": "missing: the file list of", "another shard's": "sha256 differs from its entry's",
+            "truncated": "bytes, fewer than its entry records", "huge": "more than", "a FIFO": "a FIFO",
+            "a link out": "a symbolic link out of the cache"}[how]
+    assert code == 1 and len(lines) == 1 and listed.name in lines[0] and want in lines[0], lines
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    code, lines = _run(["cache", "verify", "--feature-cache", str(root), "--recompute", "0", "--repair",
+                        "--no-progress"], timeout=120)
+    assert code == 1 and any(ln.startswith("mrmae: damaged:") and listed.name in ln for ln in lines), lines
+    assert not group.exists() and not listed.is_symlink() and not listed.exists() and cf.read_manifest(root).shards == ()
+    assert how != "a link out" or outside.read_bytes() == text  # (a link's target is never touched)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_start_up_reads_no_file_list_and_the_shard_reads_its_own(demo_shards, tiny_caches, tmp_path, backend):
+    """What a run does before step 1 (the cache's entries, every group's metadata proven, the
+    epoch counted) reads entries only: with the shard's list a FIFO, it passes; opening the
+    shard is what reads the list (and here refuses the FIFO, naming it)."""
+    from mrmae.train.pretrain import count_samples
+
+    root, _ = _copy(tiny_caches, backend, tmp_path)
+    listed = _file_list(root)
+    listed.unlink()
+    os.mkfifo(listed)
+    cache = cf.FeatureCache(root)
+    url = str(demo_shards[0])
+    assert [e.files for e in cache.check_shards([url])] == [None]  # (the list is not read at start-up)
+    assert count_samples([url], cache) == 6
+    with pytest.raises(cf.CacheError, match=f"{listed.name}: a FIFO"):
+        cache.shard(url)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_a_format_5_cache_with_its_lists_in_the_entries_still_reads(demo_shards, tiny_caches, tmp_path, backend):
+    """Format 5 (never released) kept each list inside the entry: read as it is, checked the
+    same way (a chunk or member swapped is refused), no warning; its list file is not needed."""
+    root, group = _copy(tiny_caches, backend, tmp_path)
+    manifest = json.loads((root / cf.MANIFEST).read_text())
+    manifest["format_version"] = 5
+    (root / cf.MANIFEST).write_text(json.dumps(manifest))
+    listed = _file_list(root)
+    for f in entry_files(root / "shards"):
+        entry = json.loads(f.read_text())
+        del entry["file_list"]
+        entry["files"] = json.loads(listed.read_text())["files"]
+        f.write_text(json.dumps(entry, indent=1))
+    listed.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shard = cf.FeatureCache(root).shard(str(demo_shards[0]))
+        assert len(shard.read(slice(None))["keys"]) == 24
+    assert cf.check_integrity(str(root)) == []
+    if backend == "zarr":
+        chunk = bytearray((group / "features/c/1/0/0").read_bytes())
+        chunk[100] ^= 1
+        (group / "features/c/1/0/0").write_bytes(bytes(chunk))
+        _verify_finds(root, "file features/c/1/0/0 (rows 16-23)", "sha256 differs from the entry's")

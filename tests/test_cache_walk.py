@@ -195,12 +195,17 @@ def walk(cache: Path) -> dict[str, dict]:
 
 
 def check_files(cache: Path, entry: dict, backend: str) -> None:
-    """"File lists": the entry lists every file of its group (a tar's members, in order)
-    with its size and sha256, and nothing else is there."""
+    """"File lists": the entry binds, by its sha256 and size, the list beside its group
+    (`<group>.files`), which lists every file of the group (a tar's members, in order) with
+    its size and sha256; nothing else is there."""
     import hashlib
     import tarfile
 
-    listed = entry["files"]
+    ref = entry["file_list"]
+    check_documented(ref, "### entry `file_list`", "file_list")
+    blob = (cache / (entry["group"] + ".files")).read_bytes()
+    assert len(blob) == ref["bytes"] and hashlib.sha256(blob).hexdigest() == ref["sha256"]
+    listed = read_json(cache / (entry["group"] + ".files"), "### `<group>.files`")["files"]
     if backend == "zarr":
         group = cache / entry["group"]
         found = {p.relative_to(group).as_posix(): p.read_bytes() for p in group.rglob("*") if p.is_file()}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from mrmae.shared import cache_format as cf
 from mrmae.shared.batch_render import render_exact
 from mrmae.shared.views import View, ViewConfig
 from mrmae.train.data import DataConfig, StudentStream, check_cache_fits, pick_view, render_views
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # (_latency_fs: a store with latency)
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +141,106 @@ def test_render_on_cuda_gives_the_worker_pixels(demo_shards):
         assert rendered["pixels"].device.type == "cuda"
         assert torch.equal(rendered["pixels"].cpu(), a["pixels"])
         assert torch.equal(rendered["teacher_pixels"].cpu(), a["teacher_pixels"])
+
+
+# --- prefetch: the next shards opened while one is read ------------------------------------
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> None:
+    assert [x["keys"] for x in a] == [y["keys"] for y in b] and len(a) > 1
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x.keys() - {"keys"}:
+            assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("mode", ["cached", "live", "plain"])
+def test_prefetch_gives_the_same_samples_in_the_same_order(demo_shards, tiny_cache, mode, tmp_path):
+    """Shards opened ahead (groups, first rows, the tar's stream), Zarr blocks read ahead:
+    the same batches, sample for sample and byte for byte, as a loader that opens each shard
+    when it reaches it; in a DataLoader worker and on a store with latency too."""
+    from _latency_fs import LatencyMemoryFileSystem as Store
+
+    cache, kw = (tiny_cache, {}) if mode == "cached" else (None, {"views_per_image": 3})
+    kw["teacher_size"] = 112 if mode == "live" else 0
+    urls = url_list(demo_shards)
+    plain = _epoch(urls, cache, 1, prefetch=0, **kw)
+    _same_batches(plain, _epoch(urls, cache, 1, prefetch=2, **kw))
+    _same_batches(plain, _epoch(urls, cache, 1, workers=1, prefetch=1, **kw))
+    Store.clear()
+    try:
+        Store.latency = 0.005
+        Store.upload_tree(demo_shards[0].parent, "latmem://prefetch/shards")
+        remote = url_list([f"latmem://prefetch/shards/{p.name}" for p in demo_shards])
+        if cache is not None:
+            Store.upload_tree(cache.root, "latmem://prefetch/cache")
+            cache = cf.FeatureCache("latmem://prefetch/cache")
+        _same_batches(plain, _epoch(remote, cache, 1, prefetch=2, **kw))
+    finally:
+        Store.clear()
+
+
+def test_shards_opened_ahead_are_bounded_in_order_and_fail_where_reached():
+    """`opened_ahead`: at most `depth` openings beyond the one handed over, results in the
+    items' order whatever order they finish in, an opening's error raised when its item is
+    reached (the items before it are all handed over), and what was opened ahead of a
+    reader that stopped early is closed."""
+    import threading
+    import time
+
+    from mrmae.shared.prefetch import opened_ahead
+
+    lock, state, closed = threading.Lock(), {"now": 0, "peak": 0}, []
+
+    def open_fn(i: int) -> int:
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.02 * (5 - i % 5))  # later items finish first
+        with lock:
+            state["now"] -= 1
+        if i == 6:
+            raise ValueError("shard 6 is damaged")
+        return i * 10
+
+    got = []
+    for item, future in opened_ahead(range(9), open_fn, depth=2):
+        try:
+            got.append(future.result())
+        except ValueError as e:
+            got.append(str(e))
+    assert got == [0, 10, 20, 30, 40, 50, "shard 6 is damaged", 70, 80]
+    assert state["peak"] <= 3  # the one handed over (still finishing) and 2 ahead
+    stream = opened_ahead(range(9), lambda i: i, depth=3, close=closed.append)
+    assert next(stream)[1].result() == 0
+    stream.close()
+    time.sleep(0.2)
+    assert closed and set(closed) <= {1, 2, 3}
+
+
+def test_a_zarr_groups_next_block_read_ahead_gives_the_same_rows(tmp_path):
+    """A sequential reader of a group with read_ahead on gets each next block of rows from a
+    thread (read while it used the block before): the same values, row for row, in order and
+    when it skips about; a damaged block fails where it is reached, naming its file."""
+    rng = np.random.default_rng(0)
+    rows, dim = 200, 8
+    w = cf.open_shard_writer("zarr", tmp_path, "src.tar", rows, dim, 196, "int8")
+    w.append([f"k{i // 2}" for i in range(rows)], np.arange(rows) % 2, np.ones((rows, 4)), np.zeros(rows),
+             rng.standard_normal((rows, 196, dim)).astype(np.float32), np.ones((rows, 196)), np.ones((rows, dim)))
+    w.close({"source": "src.tar", "num_samples": rows // 2})
+    plain, ahead = cf.ShardGroup(w.final, None), cf.ShardGroup(w.final, None)
+    ahead.read_ahead = True
+    ahead.stored_row(0)
+    assert sorted(ahead._ahead) == [(64, "features"), (128, "features"), (192, "features")]  # in threads
+    order = list(range(rows)) + [5, 150, 70, 199]
+    for i in order:
+        a, b = plain.stored_row(i), ahead.stored_row(i)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    chunk = w.final / "features" / "c" / "5" / "0" / "0"  # rows 80-95, in the block of rows 64-127
+    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 1]))
+    damaged = cf.ShardGroup(w.final, None)
+    damaged.read_ahead = True
+    damaged.stored_row(0)  # (the block of rows 64-127 is read ahead now, and fails there)
+    with pytest.raises(cf.CacheError, match=r"array features, rows 64-127: unreadable chunk \(crc32c"):
+        damaged.stored_row(64)

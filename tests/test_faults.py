@@ -56,6 +56,15 @@ def _one_line_error(r, *words):
     return lines[0]
 
 
+def _verify_damaged(root, *words) -> str:
+    """`cache verify` (integrity only) names the shard damaged in one line with `words`
+    (`cache info` reads the manifest and entries alone: it opens no shard)."""
+    r = CliRunner().invoke(cli, ["cache", "verify", "--feature-cache", str(root), "--recompute", "0", "--no-progress"])
+    damaged = [x for x in r.output.splitlines() if x.startswith("mrmae: damaged: ")]
+    assert r.exit_code == 1 and len(damaged) == 1 and all(w in damaged[0] for w in words), r.output
+    return damaged[0]
+
+
 def test_a_recorded_pipe_source_is_never_run(small_cache, demo_shards, tmp_path):
     """verify (default --recompute, and --sources) and --add-teacher without --shards refuse a
     recorded `pipe:` source in one line asking for --shards; the command never runs. With
@@ -249,7 +258,7 @@ def test_a_manifest_width_other_than_the_stored_rows_is_one_line(small_cache, sm
     manifest["teacher"]["dim"] = 384
     (root / cf.MANIFEST).write_text(json.dumps(manifest))
     group = root / cf.read_manifest(root).shards[0].group
-    _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), str(group), "192]", "384]")
+    _verify_damaged(root, str(group), "192]", "384]")
     r = CliRunner().invoke(cli, ["pretrain", "--shards", str(demo_shards[0]), "--feature-cache", str(root), "--out",
                                  str(tmp_path / "run"), "--model", "mrmae_vit_tiny_patch16", "--no-progress",
                                  "--batch-size", "4"])  # (an epoch of 6 samples: the loader must be reached)
@@ -355,7 +364,7 @@ def test_a_crafted_wds_meta_json_is_one_line(small_wds_cache, tmp_path, change, 
     digest, size = cf.group_digest(tar)
     cf.record_shard(root, cf.ShardEntry(**{**entry.__dict__, "sha256": digest, "bytes": size,
                                            "files": cf.tar_files(tar)}))
-    _one_line_error(CliRunner().invoke(cli, ["cache", "info", "--feature-cache", str(root)]), f"{tar}: member {members[0][0].name}", what)
+    _verify_damaged(root, f"{tar}: member {members[0][0].name}", what)
 
 
 # --- 2. concurrent writers on one --out lose nothing -----------------------------------
@@ -483,6 +492,7 @@ def test_two_extractions_racing_on_one_shard_both_succeed_and_publish_one_whole_
     stored = sorted(p.name for p in (out / "shards").iterdir())
     assert stored == sorted([Path(e.group).name for e in entries] + [Path(cf.manifest.entry_path(e.group)).name
                                                                        for e in entries]
+                            + [Path(cf.files_path(e.group)).name for e in entries]
                             + (["zarr.json"] if backend == "zarr" else []))  # no temps, no strays
     rows = _cache_rows(out)
     for e in entries:  # exactly its rows, each with its key, views 0, 1 in order
@@ -516,8 +526,10 @@ def test_a_writer_leaves_foreign_temps_and_cache_clean_removes_only_leftovers(de
     dead.write_bytes(b"half a tar")
     stray = shards / f"{name}.0123456789abcdef"  # published by a writer killed before its entry
     shutil.copytree(out / entry.group, stray)
+    stray_list = shards / f"{name}.0123456789abcdef.files"  # ... with its file list (format 6)
+    stray_list.write_text('{"files":{}}')
     old = time.time() - 48 * 3600
-    for p in [dead, stray, *stray.rglob("*")]:
+    for p in [dead, stray, stray_list, *stray.rglob("*")]:
         os.utime(p, (old, old))
     (out / entry.group).rename(out / "gone")  # recorded complete but missing: redone by the next run
     shutil.rmtree(out / "gone")
@@ -527,11 +539,12 @@ def test_a_writer_leaves_foreign_temps_and_cache_clean_removes_only_leftovers(de
     r = runner.invoke(cli, ["cache", "clean", "--feature-cache", str(out), "--dry-run"])
     assert r.exit_code == 0 and dead.exists() and str(dead) in r.output and str(live) not in r.output, r.output
     r = runner.invoke(cli, ["cache", "clean", "--feature-cache", str(out)])  # default: leftovers untouched for 24 h
-    assert r.exit_code == 0 and "2 leftovers removed" in r.output, r.output
-    assert live.exists() and not dead.exists() and not stray.exists()
+    assert r.exit_code == 0 and "3 leftovers removed" in r.output, r.output
+    assert live.exists() and not dead.exists() and not stray.exists() and not stray_list.exists()
     r = runner.invoke(cli, ["cache", "clean", "--feature-cache", str(out), "--older-than", "0"])  # no writer running now
     assert r.exit_code == 0 and not live.exists(), r.output
-    assert sorted(p.name for p in shards.iterdir()) == sorted([Path(entry.group).name, f"{name}.json", "zarr.json"])
+    assert sorted(p.name for p in shards.iterdir()) == sorted([Path(entry.group).name, Path(cf.files_path(entry.group)).name,
+                                                               f"{name}.json", "zarr.json"])
     assert cf.check_integrity(out) == [] and cf.read_manifest(out).shards[0].sha256 == entry.sha256
 
 
@@ -615,7 +628,8 @@ def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is
     loc = cf.Location(root)
     assert [e.group for e in cf.read_manifest(root).shards] == [first.group_path]
     group_meta = ["zarr.json"] if backend == "zarr" else []  # the `shards` group's own metadata
-    assert loc.children("shards") == sorted([first.group_path.split("/")[1], f"{first.name}.json", *group_meta])
+    published = [first.group_path.split("/")[1], cf.files_path(first.group_path).split("/")[1], f"{first.name}.json"]
+    assert loc.children("shards") == sorted([*published, *group_meta])
     assert cf.check_integrity(root) == []
     # Damage under the group's name (a flipped byte; for Zarr a stray file too): a writer of
     # those bytes puts them back instead of yielding to it.
@@ -629,8 +643,7 @@ def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is
     assert len(cf.check_integrity(root)) == 1
     third = _synthetic_writer(backend, root)
     assert cf.commit_shard(root, third, _entry(third, *third.finish({"source": third.source, "num_samples": 6})))
-    assert cf.check_integrity(root) == [] and loc.children("shards") == sorted(
-        [first.group_path.split("/")[1], f"{first.name}.json", *group_meta])
+    assert cf.check_integrity(root) == [] and loc.children("shards") == sorted([*published, *group_meta])
 
 
 @contextlib.contextmanager
@@ -824,8 +837,8 @@ def _downgrade3(cache: Path) -> None:
     (cache / cf.MANIFEST).write_text(json.dumps(manifest))
     for entry_file in (cache / "shards").glob("*.json"):  # (format 3 entries list no files)
         entry = json.loads(entry_file.read_text())
-        if "files" in entry:
-            entry.pop("files")
+        if "file_list" in entry:
+            entry.pop("file_list")
             entry_file.write_text(json.dumps(entry))
 
 

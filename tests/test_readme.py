@@ -129,7 +129,7 @@ def examples() -> list[tuple[str, str]]:
 
 # The order the examples run in (each may use what an earlier one wrote); every command with
 # an example is in it, so a new command's example runs too.
-ORDER = ["", "make-demo-shards", "extract-features", "cache", "cache info", "cache verify", "cache clean", "models",
+ORDER = ["", "make-demo-shards", "shards", "shards index", "extract-features", "cache", "cache info", "cache verify", "cache clean", "models",
          "recipes", "save-teacher", "pretrain", "export", "finetune", "eval", "eval knn", "eval linear-probe",
          "eval ensemble", "visualize", "report"]
 

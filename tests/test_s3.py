@@ -219,8 +219,9 @@ def _halfway_through_a_publish(s3, cache: str, proc: subprocess.Popen) -> list[s
         keys = s3.keys(prefix) if s3.fs.exists(f"{prefix}/manifest.json") else []
         shards = {k.split("/shards/")[1].split("/")[0] for k in keys if "/shards/" in k} - {"zarr.json"}
         committed = {n[:-len(".json")] for n in shards if n.endswith(".json")}  # <name>.json: entries
-        # groups are <name>.<sha256[:16]>: one whose entry is missing is being uploaded
-        partial = sorted(g for g in shards if not g.endswith(".json") and g.rsplit(".", 1)[0] not in committed)
+        # groups are <name>.<sha256[:16]>: one whose entry is missing is being uploaded (its
+        # file list, <group>.files, is no group)
+        partial = sorted(g for g in shards if not g.endswith((".json", ".files")) and g.rsplit(".", 1)[0] not in committed)
         if partial:
             return [k for k in keys if f"/shards/{partial[0]}/" in k]
         time.sleep(0.01)

@@ -38,7 +38,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from mrmae.shared.shards import ShardReader, TarSample, expand_urls, first_copies, local_file_size
+from mrmae.shared.prefetch import ReadAhead, opened_ahead
+from mrmae.shared.shard_sizes import ShardSizes
+from mrmae.shared.shards import ShardReader, TarSample, expand_urls, first_copies, local_file_size, open_source
 from mrmae.shared import cache_format as cf
 from mrmae.shared.batch_render import render_batch
 from mrmae.shared.seeding import seed_from
@@ -60,6 +62,8 @@ class DataConfig:
     pixels_from_cache: bool = False  # read each view's pixels from the cache (--store-pixels), not the tars
     render_on_device: bool = False  # workers hand over the view's crop; the step renders it (`render_views`)
     accum_steps: int = 1  # A: split "samples" hands out slots of effective batches of world x A x B
+    prefetch: int = 2  # shards a worker opens ahead while it reads one (`shared.prefetch`); 0: none
+    sizes: ShardSizes | None = None  # plain and live: the shards' recorded counts, checked as each tar is read
 
 
 def pick_view(seed: int, epoch: int, key: str, k: int) -> int:
@@ -72,6 +76,21 @@ def epoch_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
     order = list(urls)
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return order
+
+
+@dataclass
+class OpenedShard:
+    """A shard as `ViewJoiner._open` leaves it: its cached groups (main and joint teachers')
+    and, with prefetch, the tar's stream reading ahead."""
+
+    group: object | None
+    joint: list
+    source: ReadAhead | None
+
+    def close(self) -> None:
+        """Stop reading ahead (a shard opened ahead and never read: the epoch ended first)."""
+        if self.source is not None:
+            self.source.close()
 
 
 class ViewJoiner:
@@ -118,21 +137,61 @@ class ViewJoiner:
         return out
 
     def __call__(self, urls: Iterator[str], epoch: int) -> Iterator[dict]:
-        for url in urls:
-            group = self.cache.shard(url) if self.cache is not None else None
-            joint = [c.shard(url) for c in self.joint]
+        for url, opening in opened_ahead(urls, self._open, self.cfg.prefetch, close=OpenedShard.close):
+            shard = opening.result()  # (an opening's error: raised here, as without prefetch)
+            group, joint = shard.group, shard.joint
             if self.cfg.pixels_from_cache:
                 yield from self._cached_views(url, group, joint, epoch)
                 continue
             skipped = {s.key for s in group.entry.skipped} if group else set()
-            reader = ShardReader(url, hashed=group is not None)  # cached: proves the bytes are those extracted
-            for s in first_copies(reader):  # a repeated key: extraction kept (and rendered) the first copy
-                out = self._join(url, s, group, joint, skipped, epoch)
-                if out is not None:
-                    yield out
+            # cached: hashed, which proves the bytes are those extracted
+            reader = ShardReader(url, hashed=group is not None, source=shard.source)
+            yield from self._joined(url, reader, group, joint, skipped, epoch)
             if group is not None:
                 for cache, g in zip((self.cache, *self.joint), (group, *joint)):
                     self._check_identity(url, cache, g, reader.sha256)
+
+    def _open(self, url: str) -> OpenedShard:
+        """What reading `url` starts with: its cached groups opened (file list, metadata,
+        keys) and, with prefetch, their first rows and geometry read and the tar's stream
+        reading ahead; run in a thread while the shard before is read (`opened_ahead`)."""
+        group = self.cache.shard(url) if self.cache is not None else None
+        joint = [c.shard(url) for c in self.joint]
+        source = None
+        if self.cfg.prefetch:
+            for g in [group, *joint] if group is not None else joint:
+                self._warm(g)
+            if not self.cfg.pixels_from_cache:
+                source = ReadAhead(open_source(url))
+        return OpenedShard(group, joint, source)
+
+    def _warm(self, group) -> None:
+        """Read ahead what a group's first samples need: geometry, image digests, the first
+        block of rows (Zarr: each next block then read while one is used). Best effort: a
+        damaged group fails again where its rows are read, with the usual message."""
+        group.read_ahead = True
+        try:
+            group.geometry()
+            group.image_digests()
+            if len(group):
+                group.stored_pixels(0) if self.cfg.pixels_from_cache else group.stored_row(0)
+        except Exception:  # noqa: BLE001 (met again, and reported, by the reader)
+            pass
+
+    def _joined(self, url: str, reader: ShardReader, group, joint: list, skipped: set[str],
+                epoch: int) -> Iterator[dict]:
+        """The shard's samples joined with their views (and targets), in tar order; plain and
+        live: its count checked against the one its sizes file records (`cfg.sizes`)."""
+        sizes, seen = self.cfg.sizes if group is None else None, 0
+        for s in first_copies(reader):  # a repeated key: extraction kept (and rendered) the first copy
+            seen += 1
+            if sizes is not None:
+                sizes.check_not_past(url, seen)
+            out = self._join(url, s, group, joint, skipped, epoch)
+            if out is not None:
+                yield out
+        if sizes is not None:
+            sizes.check_count(url, seen)
 
     def _join(self, url: str, s: TarSample, group, joint: list, skipped: set[str], epoch: int) -> dict | None:
         """One source sample with its view for `epoch` (and its cached targets); None: no

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from mrmae.shared import shards
+from mrmae.shared.shard_sizes import ShardSizes, read_sizes
 from mrmae.shared.shards import expand_urls
 from mrmae.shared import cache_format as cf
 from mrmae.shared.errors import OptionChecks, OptionError, unknown_name, worker_ignores_interrupt
@@ -33,12 +34,26 @@ from mrmae.train.run.options import check_run_options, check_shard_list
 from mrmae.train.run.run_dir import check_out
 
 
-def count_samples(urls: list[str], cache: cf.FeatureCache | None) -> int:
-    """Samples of an epoch: the cache's entries, or a pass over each tar's headers (local,
-    `pipe:` and URL shards alike; data is read, since a stream cannot seek, and dropped)."""
+def count_samples(urls: list[str], cache: cf.FeatureCache | None, sizes: ShardSizes | None = None) -> int:
+    """Samples of an epoch: the cache's entries; else the counts `sizes` (the sizes.json
+    beside the shards, `shard_sizes`) records, and a pass over the headers of each tar it
+    does not (local, `pipe:` and URL shards alike; data is read, since a stream cannot seek,
+    and dropped). The loader checks each recorded count as it reads the tar."""
     if cache is not None:  # (the entries alone: no group is opened)
         return sum(cache.entry(u).num_samples for u in urls)
-    return sum(shards.count_samples(url) for url in urls)
+    sizes = sizes if sizes is not None else read_sizes(urls)
+    return sum(sizes.counts.get(url) if url in sizes.counts else shards.count_samples(url) for url in urls)
+
+
+def counted_in(cfg: PretrainConfig, caches: list, sizes: ShardSizes | None) -> str:
+    """Where an epoch's samples were counted, for the run's start (and a refusal)."""
+    if cfg.samples_per_epoch:
+        return "samples_per_epoch"
+    if caches:
+        return "counted in --feature-cache"
+    if sizes is not None and sizes.counts and not sizes.unrecorded:
+        return f"recorded in {', '.join(sorted(set(sizes.recorded_in.values())))}"
+    return "counted in --shards"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -213,11 +228,10 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         init_note = init_from(model, cfg.model, cfg.init, cfg.checkpoint_format)
         if run.is_main:
             print(f"mrmae: note: {init_note}", file=sys.stderr)
-    stream, loader = student_data(cfg, urls, caches, model, teacher, cuda)
-    samples = cfg.samples_per_epoch or count_samples(urls, caches[0] if caches else None)
-    run.plan(samples, "samples_per_epoch" if cfg.samples_per_epoch else
-             "counted in --feature-cache" if caches else "counted in --shards",
-             full_steps_only=cfg.data_split == "samples")
+    sizes = None if caches else read_sizes(urls)  # (plain and live: the counts recorded beside the shards)
+    stream, loader = student_data(cfg, urls, caches, model, teacher, cuda, sizes)
+    samples = cfg.samples_per_epoch or count_samples(urls, caches[0] if caches else None, sizes)
+    run.plan(samples, counted_in(cfg, caches, sizes), full_steps_only=cfg.data_split == "samples")
     # PCA caches: the loader carries their K coefficients; the step rebuilds the visible
     # tokens with each cache's own stored basis, on the device.
     # Read (and checked) before the run directory is written: a bad basis leaves nothing.
@@ -260,7 +274,7 @@ def target_dims(caches: list[cf.FeatureCache], teacher) -> tuple[int, ...]:
 
 
 def student_data(cfg: PretrainConfig, urls: list[str], caches: list[cf.FeatureCache], model, teacher,
-                 pin: bool) -> tuple[StudentStream, InterruptibleLoader]:
+                 pin: bool, sizes: ShardSizes | None = None) -> tuple[StudentStream, InterruptibleLoader]:
     """The checked caches' stream of this run's batches and its loader (module docstring of data.py)."""
     for i, c in enumerate(caches):
         check_cache_fits(c, urls, model.grid_size, c.manifest.teacher.dim,
@@ -270,7 +284,7 @@ def student_data(cfg: PretrainConfig, urls: list[str], caches: list[cf.FeatureCa
                           views_per_image=cfg.views_per_image, shuffle_buffer=cfg.shuffle_buffer,
                           teacher_size=teacher.input_size if teacher else 0, split=cfg.data_split,
                           pixels_from_cache=cfg.pixels_from_cache, render_on_device=cfg.render_on_device,
-                          accum_steps=cfg.accum_steps)
+                          accum_steps=cfg.accum_steps, sizes=sizes)
     stream = StudentStream(data_cfg, caches[0] if caches else None, tuple(caches[1:]))
     # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
     # or repeat samples; the stream splits shards (or slots) by node and worker itself.

@@ -1,4 +1,4 @@
-"""Cache format v4: the one package that reads and writes a teacher-feature cache.
+"""Cache format 6: the one package that reads and writes a teacher-feature cache.
 
 A cache is a directory, local or at an fsspec URL, with `manifest.json` (what made the
 cache), one stored shard per input shard and, beside each complete one, its entry
@@ -29,9 +29,10 @@ from .cache import (BACKENDS, FeatureCache, check_integrity, codec_description, 
 from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, UncheckedCacheWarning, UnlistedCacheWarning, ViewTargets, dequantize,
                      dir_bytes, group_digest, group_files, quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
 from .common import check_image, image_sha256
-from .manifest import (MANIFEST, Manifest, PcaInfo, ShardEntry, Skipped, StorageInfo, TeacherInfo, backend_of,
-                       check_group, config_mismatch, entry_path, find_shard, group_name, forget_shard, init_cache,
-                       new_manifest, read_manifest, record_shard, runs_command, shard_basename, shard_entry)
+from .manifest import (MANIFEST, FileListRef, Manifest, PcaInfo, ShardEntry, Skipped, StorageInfo, TeacherInfo, backend_of,
+                       check_group, config_mismatch, entry_path, files_path, find_shard, group_name, forget_shard,
+                       init_cache, new_manifest, read_manifest, record_shard, runs_command, shard_basename, shard_entry,
+                       with_files)
 from .pca import (PCA_FILE, PcaBasis, basis_from_covariance, decode_basis, encode_basis, project, read_basis_file,
                   reconstruct, store_basis, wait_for_basis)
 from .wds_store import WdsShard, WdsShardWriter, sample_name, tar_files
@@ -48,7 +49,7 @@ __all__ = [
     "sample_name", "shard_basename", "shard_entry", "tar_files",
     # the schema: manifest.json and shards/<name>.json as checked dataclasses
     "Manifest", "PcaInfo", "ShardEntry", "Skipped", "StorageInfo", "TeacherInfo", "check_group", "entry_path",
-    "runs_command",
+    "runs_command", "FileListRef", "files_path", "with_files",
     "storage_section", "target_name", "target_root",
     # low-rank (PCA) targets
     "PCA_FILE", "PcaBasis", "basis_from_covariance", "decode_basis", "encode_basis", "project", "read_basis_file",

@@ -14,8 +14,8 @@ from .deep import shard_problem
 from .common import CONTENT_DIGITS, ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked, warn_if_unlisted
 from .location import (READ_THREADS, Location, check_inside, drop_staging, is_file, is_temp, is_url, link_out_of,
                        local_path, parallel_map, staging_dir)
-from .manifest import (BACKENDS, Manifest, PcaInfo, ShardEntry, ShardIndex, check_group, ensure_zarr_groups, entry_path,
-                       forget_shard, read_manifest, record_shard, runs_command)
+from .manifest import (BACKENDS, FILES_SUFFIX, Manifest, PcaInfo, ShardEntry, ShardIndex, check_group, ensure_zarr_groups,
+                       entry_path, files_path, forget_shard, read_manifest, record_shard, runs_command, with_files)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
 from .wds_store import WdsShard, WdsShardWriter, member_spec, wds_codec_description
 from .zarr_spec import group_spec
@@ -130,11 +130,11 @@ def clean_cache(root: str | os.PathLike, older_than_hours: float = 24.0, dry_run
         manifest = read_manifest(r)  # (also: refuse what is not a cache)
         if not dry_run:
             ensure_zarr_groups(r, manifest)
-        referenced = {s.group for s in manifest.shards}
-        # only what a writer names: temporaries and groups named after their bytes; anything
-        # else in shards/ (the input tars, when --out was their parent directory) is the user's
+        referenced = {s.group for s in manifest.shards} | {files_path(s.group) for s in manifest.shards}
+        # only what a writer names: temporaries, groups named after their bytes and their file
+        # lists; anything else in shards/ (the input tars, when --out was their parent) is the user's
         suffix = r"\.tar" if manifest.backend == "wds" else ""
-        published = re.compile(rf"[A-Za-z0-9._-]+\.[0-9a-f]{{{CONTENT_DIGITS}}}{suffix}")
+        published = re.compile(rf"[A-Za-z0-9._-]+\.[0-9a-f]{{{CONTENT_DIGITS}}}{suffix}({re.escape(FILES_SUFFIX)})?")
         candidates = [rel for rel in (f"shards/{n}" for n in loc.children("shards"))
                       if rel not in referenced and (is_temp(rel) or published.fullmatch(rel[len("shards/"):]))]
         candidates += [rel for d in ("", "pca") for rel in (f"{d}/{n}".lstrip("/") for n in loc.children(d))
@@ -208,6 +208,7 @@ def mark_incomplete(root: str | os.PathLike, entry: ShardEntry) -> None:
     forget_shard(root, entry.group)
     check_group(entry.group, "wds" if entry.group.endswith(".tar") else "zarr", str(root))
     Location(root).remove(entry.group)
+    Location(root).remove(files_path(entry.group))
 
 
 def target_root(root: str | os.PathLike, name: str) -> str:
@@ -288,20 +289,20 @@ class FeatureCache:
             names += [layer, f"{layer}_scale"] if self.manifest.storage.dtype == "int8" else [layer]
         return names
 
-    def _check_arrays(self, entry: ShardEntry, counted: list[str] = ()) -> int:
-        """One shard's `check_shards`; returns the logical bytes of its `counted` arrays."""
+    def _check_arrays(self, entry: ShardEntry) -> None:
+        """One shard's `check_shards`."""
         check_group(entry.group, self.backend, self.root)
         path = self.location.join(entry.group)
         check_inside(self.root, path)
         if self.backend == "zarr":
-            return check_group_arrays(path, entry, group_spec(self.manifest, entry), self.checked, counted)
-        if not is_file(path):
+            check_group_arrays(path, entry, group_spec(self.manifest, entry), self.checked)
+        elif not is_file(path):
             raise CacheError(f"{path}: shard tar is missing")
-        return 0
 
     def _open(self, entry: ShardEntry) -> ShardGroup | WdsShard:
         check_group(entry.group, self.backend, self.root)  # read_manifest checked it; never read outside
         check_inside(self.root, self.location.join(entry.group))  # (nor through a symbolic link)
+        entry = with_files(self.root, entry, self.backend)  # (format 6: its list, read as it opens)
         if self.backend == "zarr":
             return ShardGroup(self.location.join(entry.group), entry, checked=self.checked,
                               spec=group_spec(self.manifest, entry))
@@ -383,10 +384,13 @@ class FeatureCache:
         return sum(s.bytes or dir_bytes(self.location.join(s.group)) for s in self.complete_shards)
 
     def logical_bytes(self) -> int:
-        """Bytes of all complete shards' arrays before compression. Zarr: from each group's
-        arrays' zarr.json (shapes and dtypes; checked as `check_shards` checks them, no
-        listing, no row read); wds: from each tar's first row. Shards overlapped on a store."""
+        """Bytes of all complete shards' arrays before compression, from the manifest and the
+        entries alone: the writer's array shapes and dtypes for each entry's rows (`zarr_spec`,
+        `member_spec`; every group's metadata must be exactly those as it opens), so `cache
+        info` reads no group (10,240 shards: no request beyond the entries). Zarr: keys, image
+        digests and stored views not counted; wds: its `.npy` members and the geometry."""
         if self.backend == "zarr":
             counted = self._counted_arrays()
-            return sum(self._map(lambda s: self._check_arrays(s, counted), self.complete_shards))
-        return sum(self._map(lambda s: self._open(s).logical_bytes(), self.complete_shards))
+            return sum(group_spec(self.manifest, s).logical_bytes(counted) for s in self.complete_shards)
+        per_row = member_spec(self.manifest).row_bytes()
+        return sum(s.num_views * per_row for s in self.complete_shards)

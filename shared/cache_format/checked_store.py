@@ -53,6 +53,7 @@ class CheckedStore(Store):
         self.lengths: dict[str, int] = {}  # array -> its length (rows; bytes of pixels)
         self.verified: dict[str, bytes] = {}  # zarr.json files compared with their spec by the opener
         self.bounded = True  # chunks only of arrays with a spec (False: a writer's own temporary)
+        self.primed: dict[str, bytes] = {}  # files read ahead, checked (`prime`), each handed over once
         self._is_open = True
 
     def __eq__(self, other: object) -> bool:
@@ -71,11 +72,32 @@ class CheckedStore(Store):
             rows = "metadata"
         return ListedFileError(f"{self.path}: file {key} ({rows}): {what}; run `mrmae cache verify --repair`")
 
+    def prime(self, keys: list[str]) -> None:
+        """Read `keys` at once (on a store: their round trips overlapped; locally nothing to
+        gain, so nothing is done), each through every check of `read`, for `read` to hand
+        over: a shard's opening asks for its metadata and first chunks one after the other.
+        A key that fails is left for `read` to fail on, with its own message, when asked."""
+        if self.location is None or self.files is None:
+            return
+        from .location import parallel_map
+
+        def checked(key: str) -> bytes | None:
+            try:
+                return self.read(key)
+            except CacheError:
+                return None
+
+        for key, data in zip(keys, parallel_map(checked, keys)):
+            if data is not None:
+                self.primed[key] = data
+
     def read(self, key: str) -> bytes | None:
         """The checked bytes of `key`; None only for a zarr.json that is not there (zarr
         probes for arrays that way)."""
         if key in self.verified:
             return self.verified[key]
+        if key in self.primed:  # (checked when read ahead; metadata may be asked twice, chunks once)
+            return self.primed[key] if key.endswith("zarr.json") else self.primed.pop(key)
         listed = self.files.get(key) if self.files is not None else None
         if self.files is not None and listed is None:
             if key.endswith("zarr.json"):

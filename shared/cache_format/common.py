@@ -23,15 +23,18 @@ from ..errors import MrmaeError
 if TYPE_CHECKING:  # torch is imported where a tensor is quantised: reading a cache needs none
     import torch
 
-# 5: each shard's entry lists every file of its group with its size and crc32c (listing.py);
+# 6: the list of a shard's files is a file of its own beside its group (`<group>.files`),
+#    bound by its sha256 and size in the entry: start-up reads small entries only
+# 5: each shard's entry lists every file of its group with its size and sha256 (listing.py);
 #    array metadata as the writer writes it, exactly; small arrays one chunk of the rows
 # 4: a checksum on every chunk (Zarr: crc32c codec) or member (wds: zstd frame checksum, or
 #    crc32c in meta.json), every chunk stored; 3: int8 scales per group of channels
 #    (storage.int8_group); 2: one scale per token
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (2, 3, 4, 5)  # a version 2 cache reads as one with int8_group null
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (2, 3, 4, 5, 6)  # a version 2 cache reads as one with int8_group null
 CHECKED_VERSION = 4  # the first format whose every chunk or member carries a checksum
 LISTED_VERSION = 5  # the first format whose every entry lists its group's files
+SIDECAR_VERSION = 6  # the first format whose entries keep that list in a file beside the group
 ROWS_PER_CHUNK = 16  # views per features chunk: sequential loader reads, ~2.4 MB int8 for B/16
 
 

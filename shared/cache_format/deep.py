@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .common import CHECKED_VERSION, CacheError, local_files
 from .location import Location, local_path
-from .manifest import Manifest, ShardEntry
+from .manifest import Manifest, ShardEntry, with_files
 from .wds_store import WdsShard, member_spec
 from .zarr_open import chunk_keys
 from .zarr_spec import group_spec
@@ -21,6 +21,7 @@ from .zarr_store import ShardGroup
 
 def open_reader(root: str, manifest: Manifest, entry: ShardEntry) -> ShardGroup | WdsShard:
     """The shard's reader as `FeatureCache` opens it, from a manifest already read."""
+    entry = with_files(root, entry, manifest.backend)
     path, checked = Location(root).join(entry.group), manifest.format_version >= CHECKED_VERSION
     if manifest.backend == "zarr":
         return ShardGroup(path, entry, checked=checked, spec=group_spec(manifest, entry))

@@ -145,13 +145,17 @@ class Location:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self._fresh(self._full(rel)))
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
         """A small file of the cache (manifest, entry, zarr.json): on a local disk (file://
-        too) a regular file only, never a FIFO, device or link (`listing.read_regular`)."""
+        too) a regular file only, never a FIFO, device or link (`listing.read_regular`).
+        `limit`: the most bytes it may hold (locally refused unread beyond; on a store at
+        most `limit` + 1 are fetched, so the caller sees that it is longer)."""
         if self._renames:
-            from .listing import read_regular
+            from .listing import MAX_JSON_BYTES, read_regular
 
-            return read_regular(self._full(rel))
+            return read_regular(self._full(rel), limit=MAX_JSON_BYTES if limit is None else limit)
+        if limit is not None:
+            return self.fs.cat_file(self._full(rel), start=0, end=limit + 1)
         return self.fs.cat_file(self._full(rel))
 
     def read_many(self, rels: list[str], concurrent: bool = True) -> list[bytes]:
@@ -276,19 +280,28 @@ class Location:
         local = Path(local)
         pairs = [(local, self._full(rel))] if local.is_file() else [
             (f, self._full(f"{rel}/{f.relative_to(local).as_posix()}")) for f in sorted(local.rglob("*")) if f.is_file()]
-        for src, dst in pairs:
-            self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)  # local-style filesystems need it
-            if self._renames:
-                tmp = temp_beside(dst)
-                self.fs.put_file(str(src), tmp)
-                self.fs.mv(tmp, dst)
-            else:
-                self.fs.put_file(str(src), dst)
+        for folder in sorted({dst.rsplit("/", 1)[0] for _, dst in pairs}):
+            self.fs.makedirs(folder, exist_ok=True)  # local-style filesystems need it
+        # Each file is its own PUT, waiting on the store's round trip rather than a core:
+        # several in flight at once. The first failure (in order) raises once all have
+        # ended, so the entry, written after this returns, is never written for a group
+        # with a file missing.
+        parallel_map(lambda pair: self._upload(*pair), pairs, UPLOAD_THREADS)
         if local.is_dir():
             ours = {dst for _, dst in pairs}  # (another writer's temporaries are not damage)
             for extra in [p for p in self.fs.find(self._full(rel)) if p not in ours and not is_temp(p)]:
                 self.fs.rm(extra)
         return True
+
+    def _upload(self, src: Path, dst: str) -> None:
+        """One local file to `dst`, replacing it whole (a temporary renamed into place through
+        a local-style filesystem; one PUT on a store)."""
+        if self._renames:
+            tmp = temp_beside(dst)
+            self.fs.put_file(str(src), tmp)
+            self.fs.mv(tmp, dst)
+        else:
+            self.fs.put_file(str(src), dst)
 
     def children(self, rel: str) -> list[str]:
         """Names of the entries directly under directory `rel` (hidden ones included); [] if absent."""
@@ -313,6 +326,9 @@ class Location:
 # Requests in flight at once where the store is synchronous (each waits on its round trip,
 # not on a core): what an async fsspec client does by default, at a smaller scale.
 READ_THREADS = 64
+# Files of one group uploaded at once (`publish`): a Zarr group of ImageNet's shards holds
+# ~400 files, a few MB each; each PUT mostly waits on its round trip.
+UPLOAD_THREADS = 16
 
 
 def parallel_map(fn, items: list, threads: int = READ_THREADS) -> list:

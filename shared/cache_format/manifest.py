@@ -27,8 +27,8 @@ from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 from ..views import PIXEL_CODECS, ViewConfig
-from .common import FORMAT_VERSION, LISTED_VERSION, READABLE_VERSIONS, CacheError
-from .listing import FileList
+from .common import FORMAT_VERSION, LISTED_VERSION, READABLE_VERSIONS, SIDECAR_VERSION, CacheError
+from .listing import FileList, file_digest
 from .location import Location, check_inside
 from .pca import MEASURED_FIELDS
 
@@ -336,6 +336,34 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class FileListRef:
+    """entry `file_list` (format 6): the size and sha256 of the shard's file list, the file
+    `<group>.files` beside its group, so that the list is read as the shard opens, and the
+    entries a run reads at start-up stay small."""
+
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> FileListRef:
+        ref = cls(f.sha256("sha256"), f.integer("bytes", 1, maximum=MAX_FILE_LIST_BYTES))
+        f.done()
+        return ref
+
+
+FILES_SUFFIX = ".files"  # a shard's file list: `<group>.files`, beside its group
+# A file list takes ~110 bytes a listed file: 4 GiB would list ~40M files, far beyond any
+# shard (a wds shard of 1,251 images x 2 views x 5 members lists 12,510); a larger
+# `file_list.bytes` is damage or crafted, and nothing that large is ever read.
+MAX_FILE_LIST_BYTES = 1 << 32
+
+
+def files_path(group: str) -> str:
+    """Where the file list of `group` lives (format 6): `<group>.files`, beside it."""
+    return group + FILES_SUFFIX
+
+
+@dataclass(frozen=True)
 class ShardEntry:
     """shards/<name>.json: one complete shard (CACHE_FORMAT.md)."""
 
@@ -350,7 +378,8 @@ class ShardEntry:
     source_bytes: int | None = None  # the input tar's size when it was a local file
     source_sha256: str | None = None  # of the input bytes as extraction read them
     seconds: float | None = None
-    files: FileList | None = None  # every file of the group, size and crc32c (format 5; None before)
+    files: FileList | None = None  # every file of the group, size and sha256 (format 5 inline; 6: once read)
+    file_list: FileListRef | None = None  # format 6: where `files` is kept, `<group>.files`, bound by its digest
 
     @property
     def complete(self) -> bool:
@@ -374,19 +403,29 @@ class ShardEntry:
                     f.integer("source_bytes", default=None, nullable=True),
                     f.sha256("source_sha256", None, nullable=True),
                     f.number("seconds", 0.0, default=None, nullable=True))
-        listed = f.take("files", None)
+        listed, ref = f.take("files", None), f.section("file_list", nullable=True, default=None)
         f.done()
+        if ref is not None:
+            entry = dataclasses.replace(entry, file_list=FileListRef.from_fields(ref))
         if listed is None:
             return entry
-        files = FileList.from_json(listed, where)
-        if entry.bytes is not None and backend == "zarr" and files.total != entry.bytes:
-            f.fail("files", f"its sizes add up to {files.total:,} bytes, the entry records bytes {entry.bytes:,}")
-        return dataclasses.replace(entry, files=files)
+        return dataclasses.replace(entry, files=entry.checked_files(FileList.from_json(listed, where), where, backend))
+
+    def checked_files(self, files: FileList, where: str, backend: str) -> FileList:
+        """`files` (this entry's list, read from `where`), its sizes adding up to the group's
+        `bytes` for a Zarr group (a tar's sizes leave its headers out)."""
+        if self.bytes is not None and backend == "zarr" and files.total != self.bytes:
+            raise CacheError(f"{where}: files: its sizes add up to {files.total:,} bytes, the entry records bytes "
+                             f"{self.bytes:,}")
+        return files
 
     def to_json(self) -> dict:
-        d = {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "files"}
-        if self.files is not None:
-            d["files"] = self.files.to_json()
+        """The entry as written: its file list by reference (`file_list`) once `record_shard`
+        has put the list beside the group; never the list itself."""
+        d = {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)
+             if f.name not in ("files", "file_list")}
+        if self.file_list is not None:
+            d["file_list"] = _to_json(self.file_list)
         return d
 
 
@@ -512,8 +551,9 @@ def _check_entry_in(manifest: Manifest, entry: ShardEntry, where: str) -> None:
     if entry.num_views != entry.num_samples * manifest.views.per_image:
         raise CacheError(f"{where}: num_views: {entry.num_views} is not num_samples {entry.num_samples} x "
                          f"{manifest.views.per_image} views per image")
-    if manifest.format_version >= LISTED_VERSION and entry.files is None:
-        raise CacheError(f"{where}: files: missing (every entry of a format {manifest.format_version} cache lists "
+    if manifest.format_version >= LISTED_VERSION and entry.files is None and entry.file_list is None:
+        field = "file_list" if manifest.format_version >= SIDECAR_VERSION else "files"
+        raise CacheError(f"{where}: {field}: missing (every entry of a format {manifest.format_version} cache lists "
                          "its group's files); run `mrmae cache verify --repair`")
 
 
@@ -636,11 +676,49 @@ class ShardIndex:
         return same[0] if same else None
 
 
-def record_shard(root: str | os.PathLike, entry: ShardEntry) -> None:
-    """Mark a shard complete: write its entry (after its bytes are in place)."""
+def file_list_bytes(files: FileList) -> bytes:
+    """A file list as written beside its group: one JSON object, `{"files": {path: [size,
+    sha256], ...}}`, compact, the files in the order written (the same bytes for the same group)."""
+    return (json.dumps({"files": files.to_json()}, separators=(",", ":")) + "\n").encode()
+
+
+def record_shard(root: str | os.PathLike, entry: ShardEntry) -> ShardEntry:
+    """Mark a shard complete (after its bytes are in place): its file list first, beside the
+    group (`<group>.files`, replaced whole), then its entry, bound to that list by its
+    sha256 and size, the commit point. Returns the entry as written."""
     loc = Location(root)
     check_group(entry.group, "wds" if entry.group.endswith(".tar") else "zarr", loc.join(entry_path(entry.group)))
+    if entry.files is not None:
+        blob = file_list_bytes(entry.files)
+        loc.write_bytes(files_path(entry.group), blob)
+        entry = dataclasses.replace(entry, file_list=FileListRef(file_digest(blob), len(blob)))
     loc.write_bytes(entry_path(entry.group), (json.dumps(entry.to_json(), indent=1) + "\n").encode())
+    return entry
+
+
+def with_files(root: str | os.PathLike, entry: ShardEntry, backend: str) -> ShardEntry:
+    """`entry` with its file list (format 6: `<group>.files` read, its size and sha256
+    compared with the entry's `file_list` before it is parsed); as it is when it lists its
+    files inline (format 5) or none (4). What opening a shard reads first."""
+    if entry.files is not None or entry.file_list is None:
+        return entry
+    loc, rel, ref = Location(root), files_path(entry.group), entry.file_list
+    where = loc.join(rel)
+    check_inside(loc.url, where)
+    fix = "run `mrmae cache verify --repair`"
+    try:
+        blob = loc.read_bytes(rel, limit=ref.bytes)
+    except FileNotFoundError:
+        raise CacheError(f"{where}: missing: the file list of {entry.group}; {fix}") from None
+    if len(blob) != ref.bytes:
+        size = f"{len(blob):,} bytes, fewer" if len(blob) < ref.bytes else "more bytes"
+        raise CacheError(f"{where}: {size} than its entry records ({ref.bytes:,}); {fix}")
+    if file_digest(blob) != ref.sha256:
+        raise CacheError(f"{where}: sha256 differs from its entry's: damaged, or another shard's list; {fix}")
+    f = _Fields(load_json(blob, where, "file list"), where)
+    files = FileList.from_json(f.take("files"), where)
+    f.done()
+    return dataclasses.replace(entry, files=entry.checked_files(files, where, backend))
 
 
 def forget_shard(root: str | os.PathLike, group: str) -> None:

@@ -321,6 +321,11 @@ class WdsSpec:
     members: dict[str, NpySpec]
     per_image: int
 
+    def row_bytes(self) -> int:
+        """Bytes of one row's arrays before compression, as the Zarr backend counts them:
+        its `.npy` members' values and the geometry (view, crop, flip)."""
+        return sum(int(np.prod(m.shape)) * m.dtype.itemsize for m in self.members.values()) + _GEOMETRY_BYTES
+
 
 def member_spec(manifest) -> WdsSpec:
     """Each `.npy` member's spec (CACHE_FORMAT.md, "The wds backend"), from the manifest."""

@@ -220,6 +220,7 @@ def open_checked(path: str, entry: ShardEntry | None, spec: GroupSpec | None, ch
     store = CheckedStore(path, entry.files if entry is not None else None, checked)
     store.bounded = spec is not None
     names = _array_names(store)
+    store.prime(["zarr.json", *[f"{name}/zarr.json" for name in names]])  # (a store: in one round trip)
     if spec is not None:
         missing = sorted(set(spec.arrays) - set(names) - spec.optional)
         if missing:
@@ -232,7 +233,13 @@ def open_checked(path: str, entry: ShardEntry | None, spec: GroupSpec | None, ch
         _check_present_chunks(store, metas)
     if entry is not None and "keys" in metas:
         check_row_count(path, entry, metas["keys"]["shape"][0])
+    # what opening reads next (keys, views) and a reader's first use (geometry, image digests)
+    store.prime([p for p in (store.files.paths if store.files is not None and spec is not None else [])
+                 if p.split("/")[0] in FIRST_READ and not p.endswith("zarr.json")])
     return store
+
+
+FIRST_READ = ("keys", "view", "crop", "flip", "attention", "image_sha256")  # whole arrays an opened group reads
 
 
 def check_group_arrays(path: str, entry: ShardEntry, spec: GroupSpec, checked: bool, names: list[str]) -> dict:

@@ -85,6 +85,10 @@ class GroupSpec:
     def checked(self) -> bool:
         return self.version >= CHECKED_VERSION
 
+    def logical_bytes(self, names: list[str]) -> int:
+        """Bytes of arrays `names` before compression: their shapes x item sizes."""
+        return sum(math.prod(self.arrays[n].shape) * _ITEMSIZE[self.arrays[n].data_type] for n in names)
+
 
 def group_spec(manifest, entry) -> GroupSpec:
     """The spec of `entry`'s group in a cache with `manifest` (CACHE_FORMAT.md's array table)."""

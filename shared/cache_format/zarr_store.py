@@ -24,6 +24,7 @@ from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColum
                      check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, group_files, int8_groups, publish_local, read_error, remove_path,
                      stored_features, view_targets, writer_temp)
 from . import zarr_open
+from ..prefetch import background
 from .checked_store import ListedFileError
 from .manifest import ShardEntry, check_row_count, group_name
 from .zarr_spec import MAX_KEY_BYTES, PIXEL_CHUNK, GroupSpec
@@ -59,6 +60,10 @@ _ONE_CHUNK = {"keys": (str, ()), "view": ("int16", ()), "crop": ("int32", (4,)),
 # Rows a sequential reader decodes per call: 4 chunks at once, which zarr decompresses in
 # parallel; each call costs ~0.5-1 ms of zarr overhead whatever its size.
 READ_ROWS = 4 * ROWS_PER_CHUNK
+# Blocks of READ_ROWS a sequential reader has read ahead (`ShardGroup.read_ahead`): on a store
+# a block costs a few round trips (its chunks, then its scales), ~0.2 s at 50 ms a request,
+# while a worker uses a block of 64 rows in ~0.1-0.2 s.
+READ_AHEAD = 3
 
 
 # --- writing one shard group ------------------------------------------------------------
@@ -252,14 +257,10 @@ def check_row_shapes(path: str, got: dict[str, tuple[int, ...]], shapes: dict[st
                              f"teacher gives {list(want)}: not this cache's group, or a damaged manifest")
 
 
-def check_group_arrays(path: str, entry: ShardEntry, spec: GroupSpec, checked: bool, counted: list[str] = ()) -> int:
-    """Start-up's look at one group: the zarr.json of `keys`, `features`, `attention`, `cls`
-    and `counted`, each as the spec says (`zarr_open.check_group_arrays`); returns the
-    logical bytes of the `counted` arrays (before compression, as `ShardGroup.logical_bytes`
-    counts them)."""
-    names = list(dict.fromkeys(["keys", "features", "attention", "cls", *counted]))
-    metas = zarr_open.check_group_arrays(path, entry, spec, checked, names)
-    return sum(int(np.prod(metas[n]["shape"])) * np.dtype(metas[n]["data_type"]).itemsize for n in counted)
+def check_group_arrays(path: str, entry: ShardEntry, spec: GroupSpec, checked: bool) -> None:
+    """Start-up's look at one group: the zarr.json of `keys`, `features`, `attention` and
+    `cls`, each as the spec says (`zarr_open.check_group_arrays`)."""
+    zarr_open.check_group_arrays(path, entry, spec, checked, ["keys", "features", "attention", "cls"])
 
 
 def _rows_text(rows) -> str:
@@ -306,6 +307,10 @@ class ShardGroup:
         self.quantized = "features_scale" in self.group
         self._row: dict[tuple[str, int], int] = {(k, int(v)): i for i, (k, v) in enumerate(zip(self.keys, self.views))}
         self._block: tuple | None = None  # (first row, layer, stored values, scale or None)
+        # A sequential reader's next blocks, read in threads while it uses this one (`read_ahead`):
+        # (first row, layer) -> Future of `_read_block`. The same rows either way.
+        self._ahead: dict[tuple[int, str], object] = {}
+        self.read_ahead = False
         self._pixel_offsets: np.ndarray | None = None
         self._pixel_block: tuple[int, int, bytes] | None = None  # (first row, end row, their bytes)
         self._geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -384,12 +389,29 @@ class ShardGroup:
         """
         start = i - i % READ_ROWS
         if self._block is None or self._block[:2] != (start, layer):
-            rows = slice(start, start + READ_ROWS)
-            scale = self._get(f"{layer}_scale", rows) if self.quantized else None
-            self._block = (start, layer, self._get(layer, rows), scale)
+            ahead = self._ahead.pop((start, layer), None)
+            self._block = ahead.result() if ahead is not None else self._read_block(start, layer)
+            if self.read_ahead:
+                self._read_next(start, layer)
         values, scale = self._block[2], self._block[3]
         # copies: a view would keep the whole READ_ROWS block alive in a shuffle buffer
         return values[i - start].copy(), None if scale is None else scale[i - start].copy()
+
+    def _read_next(self, start: int, layer: str) -> None:
+        """Have the READ_AHEAD blocks after `start` read in threads (each a few round trips on
+        a store, while the reader uses the blocks before); forget those behind it."""
+        for first in [k for k in self._ahead if k[0] <= start or k[1] != layer]:
+            self._ahead.pop(first)
+        for n in range(1, READ_AHEAD + 1):
+            first = start + n * READ_ROWS
+            if first < len(self) and (first, layer) not in self._ahead:
+                self._ahead[(first, layer)] = background("rows", READ_AHEAD).submit(self._read_block, first, layer)
+
+    def _read_block(self, start: int, layer: str) -> tuple:
+        """(start, layer, stored values, scale or None) of rows start..start + READ_ROWS - 1."""
+        rows = slice(start, start + READ_ROWS)
+        scale = self._get(f"{layer}_scale", rows) if self.quantized else None
+        return start, layer, self._get(layer, rows), scale
 
     def features_row(self, i: int, layer: str = "features") -> np.ndarray:
         """Features of one row [L, C] float32."""
