@@ -6,7 +6,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from mrmae.cli import cli
 from mrmae.demo import write_demo_shards
 
 # Small real architectures: timm's ViT-Tiny for speed, open_clip's ViT-S-16 where CLIP matters.
@@ -178,4 +180,72 @@ def tiny_caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
         run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(out[backend]), teacher=DINO_TINY,
                                      format=backend, views=ViewConfig(per_image=4, seed=3), batch_size=12,
                                      progress=False))
+    return out
+
+
+
+# --- shared by the hostile-input tests (cache files, resume, options) -------------------
+
+@pytest.fixture(scope="session")
+def small_cache(demo_shards, tmp_path_factory):
+    """A real one-shard cache (6 images, 2 views, ViT-Tiny), copied by each test that crafts it."""
+    out = tmp_path_factory.mktemp("cache1") / "c"
+    r = CliRunner().invoke(cli, ["extract-features", "--shards", str(demo_shards[0]), "--feature-cache", str(out),
+                                 "--teacher", DINO_TINY, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def one_line_error(r, *words):
+    """One error line (after a training run's own start line, where it started)."""
+    lines = [x for x in r.output.splitlines() if x.strip() and not x.startswith(("pretrain: ", "finetune: "))]
+    assert r.exit_code not in (0, None) and len(lines) == 1 and lines[0].startswith("mrmae: error: "), r.output
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def error_line(r) -> str:
+    """The one `mrmae: error:` line of a failed CliRunner run (exit 1, no traceback)."""
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("mrmae: error:")]
+    assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.output, r.output + repr(r.exception)
+    return lines[0]
+
+
+TINY_RUN = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "32", "--batch-size", "6",
+            "--workers", "0", "--no-progress", "--seed", "3", "--lr", "1e-3"]
+
+
+def run_cli(args: list[str]):
+    """The real CLI in this process -> (exit code, stderr lines that are not warnings, result)."""
+    r = CliRunner().invoke(cli, args)
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("mrmae: warning", "mrmae: note"))]
+    return r.exit_code, errors, r
+
+
+def file_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def two_shard_caches(demo_shards, tmp_path_factory):
+    """(shards, cache a, cache b: a's teacher and width with other views, wide: a 384-wide teacher)."""
+    from mrmae.extract.config import ExtractConfig
+    from mrmae.extract.runner import run_extraction
+    from mrmae.shared.views import ViewConfig
+
+    root = tmp_path_factory.mktemp("resume")
+    shards = url_list(demo_shards[:2])
+    for name, teacher, seed in (("a", DINO_TINY, 3), ("b", DINO_TINY, 4), ("wide", "dino:vit_small_patch16_224", 3)):
+        run_extraction(ExtractConfig(shards=shards, out=str(root / name), teacher=teacher,
+                                     views=ViewConfig(per_image=2, seed=seed), batch_size=12, progress=False))
+    return shards, root / "a", root / "b", root / "wide"
+
+
+@pytest.fixture(scope="session")
+def trained_on_a(two_shard_caches, tmp_path_factory) -> Path:
+    """One epoch (2 steps) of the tiny student on cache a."""
+    shards, a, _, _ = two_shard_caches
+    out = tmp_path_factory.mktemp("run") / "run"
+    code, _, r = run_cli(["pretrain", "--shards", shards, "--feature-cache", str(a), "--out", str(out), *TINY_RUN])
+    assert code == 0, r.output + repr(r.exception)
     return out

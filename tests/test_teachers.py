@@ -20,10 +20,12 @@ from mrmae.extract.verify import verify_cache
 from mrmae.shared import cache_format as cf
 from mrmae.shared.teachers import base as teacher_base
 from mrmae.shared.teachers.base import (Teacher, TeacherError, TeacherSpec, build_teacher, load_weights_file,
-                                        register_teacher, teacher_kinds)
+                                        register_teacher, teacher_class, teacher_kinds)
 from mrmae.shared.views import ViewConfig
 
-SPECS = ["clip:ViT-S-16", "dino:vit_tiny_patch16_224", "dino:vit_small_patch14_dinov2"]
+# a small teacher of each registered kind, and DINOv2's /14 patches
+KIND_SPECS = [f"{kind}:{teacher_class(kind).small_arch}" for kind in teacher_kinds()]
+SPECS = [*KIND_SPECS, "dino:vit_small_patch14_dinov2"]
 
 
 def test_spec_parsing():
@@ -156,7 +158,7 @@ def test_a_pretrained_tag_offline_fails_at_once_in_one_line(spec, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("spec", ["clip:ViT-S-16", "dino:vit_tiny_patch16_224"])
+@pytest.mark.parametrize("spec", KIND_SPECS)
 def test_save_teacher_writes_a_file_the_printed_spec_loads(spec, tmp_path):
     """`mrmae save-teacher` keeps a teacher's weights as a local file (a tag where a hub is
     reachable; here, random weights): the spec it prints builds the same teacher (fingerprint
@@ -185,6 +187,7 @@ def test_the_kinds_are_a_registry():
     with pytest.raises(ValueError, match="registered twice"):
         register_teacher("clip")(type("OtherClip", (Teacher,), {}))
     assert teacher_kinds()[:2] == ("clip", "dino")
+    assert all(teacher_class(kind).small_arch for kind in teacher_kinds()), "the tests build each kind's small arch"
 
 
 def test_random_clip_teacher_warns_once_and_open_clip_says_nothing(caplog):
@@ -231,7 +234,7 @@ import timm
 from mrmae.shared.teachers.base import Teacher, TeacherOutput, load_weights_file, random_init_warning, register_teacher
 
 
-@register_teacher("toy", "toy:TIMM_VIT[@WEIGHTS]")
+@register_teacher("toy", "toy:TIMM_VIT[@WEIGHTS]", small="vit_tiny_patch16_224")
 class ToyTeacher(Teacher):
     """A timm ViT's un-normed last tokens; attention: their softmaxed norms (a kind decides)."""
 

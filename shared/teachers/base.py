@@ -93,6 +93,7 @@ class Teacher(nn.Module):
 
     kind: str  # set by register_teacher
     usage: str  # the spec's form, for messages: "clip:ARCH[@WEIGHTS]"
+    small_arch: str | None  # a small architecture of the kind (tests build one per registered kind)
     spec: TeacherSpec
     patch_size: int
     num_prefix_tokens: int
@@ -156,10 +157,12 @@ _KINDS: dict[str, type[Teacher]] = {}
 _KIND_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
-def register_teacher(kind: str, usage: str | None = None) -> Callable[[type[Teacher]], type[Teacher]]:
-    """Class decorator: `@register_teacher("clip", "clip:ARCH[@WEIGHTS]")` makes specs
-    `clip:...` build that Teacher subclass, and caches recording `teacher.family = "clip"`
-    readable. `usage` is the spec's form shown when a spec names no kind."""
+def register_teacher(kind: str, usage: str | None = None, *,
+                     small: str | None = None) -> Callable[[type[Teacher]], type[Teacher]]:
+    """Class decorator: `@register_teacher("clip", "clip:ARCH[@WEIGHTS]", small="ViT-S-16")`
+    makes specs `clip:...` build that Teacher subclass, and caches recording
+    `teacher.family = "clip"` readable. `usage` is the spec's form shown when a spec names no
+    kind; `small` a small architecture of the kind, what tests iterating the registry build."""
 
     def register(cls: type[Teacher]) -> type[Teacher]:
         if not (isinstance(cls, type) and issubclass(cls, Teacher)):
@@ -170,7 +173,7 @@ def register_teacher(kind: str, usage: str | None = None) -> Callable[[type[Teac
         if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"teacher kind {kind!r} is registered twice: {known.__module__}.{known.__qualname__} "
                              f"and {cls.__module__}.{cls.__qualname__}")
-        cls.kind, cls.usage = kind, usage or f"{kind}:ARCH[@WEIGHTS]"
+        cls.kind, cls.usage, cls.small_arch = kind, usage or f"{kind}:ARCH[@WEIGHTS]", small
         _KINDS[kind] = cls
         return cls
 

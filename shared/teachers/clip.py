@@ -43,7 +43,7 @@ def _without_open_clip_no_weights_line():
         root.removeFilter(line)
 
 
-@register_teacher("clip", "clip:ARCH[@WEIGHTS]")
+@register_teacher("clip", "clip:ARCH[@WEIGHTS]", small="ViT-S-16")
 class ClipTeacher(Teacher):
     """open_clip vision tower. Only `model.visual` is kept; the text tower is dropped."""
 

@@ -17,7 +17,7 @@ from .base import (STUDENT_GRID, Teacher, TeacherError, TeacherOutput, TeacherSp
 from ._hub import from_hub
 
 
-@register_teacher("dino", "dino:TIMM_NAME[@WEIGHTS]")
+@register_teacher("dino", "dino:TIMM_NAME[@WEIGHTS]", small="vit_tiny_patch16_224")
 class TimmTeacher(Teacher):
     """A timm VisionTransformer (DINO and relatives) at the student's grid."""
 
