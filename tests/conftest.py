@@ -173,7 +173,7 @@ def tiny_caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-caches")
     out = {}
-    for backend in ("zarr", "wds"):
+    for backend in cf.backend_names():
         out[backend] = root / backend
         run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(out[backend]), teacher=DINO_TINY,
                                      format=backend, views=ViewConfig(per_image=4, seed=3), batch_size=12,

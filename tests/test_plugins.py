@@ -48,9 +48,9 @@ FILES = {
 
         from mrmae.shared.cache_format import Backend, CacheError, group_files, register_backend
         from mrmae.shared.cache_format.common import (DigestColumn, check_rows, content_group, dequantize, int8_groups,
-                                                      publish_local, remove_path, stored_features, view_targets,
-                                                      writer_temp)
+                                                      remove_path, stored_features, view_targets, writer_temp)
         from mrmae.shared.cache_format.listing import file_digest, read_regular
+        from mrmae.shared.cache_format.location import publish_local
         from mrmae.shared.cache_format.manifest import check_row_count, group_name
 
         SUFFIX = ".npyd"

@@ -31,7 +31,7 @@ from .backend import (DEFAULT_BACKEND, Backend, GroupWriter, ShardReader, backen
 from .cache import (FeatureCache, check_integrity, codec_description, commit_shard, clean_cache,
                     damaged_shards, list_targets, mark_incomplete, open_shard_writer, storage_section, target_name, target_root)
 from .common import (FORMAT_VERSION, ROWS_PER_CHUNK, CacheError, UncheckedCacheWarning, UnlistedCacheWarning, ViewTargets, dequantize,
-                     dir_bytes, group_digest, group_files, quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
+                     quantize_int8, quantize_int8_torch, INT8_GROUP, int8_groups)
 from .common import check_image, image_sha256
 from .manifest import (MANIFEST, FileListRef, Manifest, PcaInfo, ShardEntry, Skipped, StorageInfo, TeacherInfo, backend_of,
                        check_group, config_mismatch, entry_path, files_path, find_shard, group_name, forget_shard,
@@ -40,7 +40,7 @@ from .manifest import (MANIFEST, FileListRef, Manifest, PcaInfo, ShardEntry, Ski
 from .pca import (PCA_FILE, PcaBasis, basis_from_covariance, decode_basis, encode_basis, project, read_basis_file,
                   reconstruct, store_basis, wait_for_basis)
 from .wds_store import WdsShard, WdsShardWriter, sample_name, tar_files
-from .location import Location, is_url, writing
+from .location import Location, dir_bytes, group_digest, group_files, is_url, writing
 from .zarr_store import ShardGroup, ShardWriter, compressor_for
 
 __all__ = [

@@ -12,9 +12,9 @@ import numpy as np
 
 from .backend import DEFAULT_BACKEND, Backend, GroupWriter, ShardReader, backend_of_group, get_backend
 from .deep import shard_problem
-from .common import CONTENT_DIGITS, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked, warn_if_unlisted
-from .location import (READ_THREADS, Location, check_inside, drop_staging, is_temp, is_url, link_out_of,
-                       local_path, parallel_map, staging_dir)
+from .common import CONTENT_DIGITS, CacheError, ViewTargets, warn_if_unchecked, warn_if_unlisted
+from .location import (READ_THREADS, Location, check_inside, dir_bytes, drop_staging, group_digest, is_temp, is_url,
+                       link_out_of, local_path, parallel_map, staging_dir)
 from .manifest import (FILES_SUFFIX, Manifest, PcaInfo, ShardEntry, ShardIndex, check_group, entry_path, files_path,
                        forget_shard, read_manifest, record_shard, runs_command, with_files)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct

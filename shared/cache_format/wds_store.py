@@ -35,11 +35,11 @@ from numcodecs import Zstd
 
 from ..frames import FrameError, zstd_decompress
 from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
-                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, group_digest,
-                     int8_groups, open_regular, publish_local, read_error, stored_features, view_targets, writer_temp)
+                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, int8_groups,
+                     read_error, stored_features, view_targets, writer_temp)
 from .listing import FileList, NotRegularFile, RegularFile, file_digest, regular_size
 from .backend import Backend, register_backend
-from .location import is_file, is_url, local_path, open_file
+from .location import group_digest, is_file, is_url, local_path, open_file, open_regular, publish_local
 from .manifest import ShardEntry, check_row_count, group_name, load_json
 
 ZSTD_LEVEL = 3

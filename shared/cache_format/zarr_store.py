@@ -21,13 +21,13 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
-                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, group_files, int8_groups,
-                     local_files, publish_local, read_error, remove_path, stored_features, view_targets, writer_temp)
+                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, int8_groups, read_error,
+                     remove_path, stored_features, view_targets, writer_temp)
 from . import zarr_open
 from ..prefetch import background
 from .backend import Backend, register_backend
 from .checked_store import ListedFileError
-from .location import local_path
+from .location import group_files, local_files, local_path, publish_local
 from .manifest import Manifest, ShardEntry, check_row_count, ensure_zarr_groups, group_name
 from .zarr_spec import MAX_KEY_BYTES, PIXEL_CHUNK, GroupSpec, group_spec
 
