@@ -169,6 +169,7 @@ def tiny_caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
     rows, so two features chunks in Zarr), extracted once; tests copy it before crafting it."""
     from mrmae.extract.config import ExtractConfig
     from mrmae.extract.runner import run_extraction
+    from mrmae.shared import cache_format as cf
     from mrmae.shared.views import ViewConfig
 
     root = tmp_path_factory.mktemp("tiny-caches")
