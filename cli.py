@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from mrmae.cli_help import Command, Group, no_progress_option, renamed_argument, workers_option
-from mrmae.shared.options import click_field, click_options, config_from, device
+from mrmae.shared.options import RegistryChoice, click_field, click_options, config_from, device
 from mrmae.train.config import PretrainConfig, checkpoint_format, mask_options_callback, pretrain_config
 from mrmae.train.downstream.config import EvalLabels, FinetuneConfig
 from mrmae.train.run.recipe import config_option
@@ -164,6 +164,13 @@ def _number(low: float, high: float = float("inf"), low_open: bool = False):
     return check
 
 
+def _cache_backends() -> list[str]:
+    """--format's choices: the registered cache backends (built in, and plug-ins)."""
+    from mrmae.shared.cache_format import backend_names
+
+    return backend_names()
+
+
 @cli.command("extract-features", renamed={"--out": "--feature-cache"},
              sections={"seed": "Data", "batch_size": "Performance", "target": "Teacher"},
              example=(f"mrmae extract-features --shards {DEMO_SHARDS} --feature-cache demo/cache \\\n"
@@ -184,8 +191,9 @@ def _number(low: float, high: float = float("inf"), low_open: bool = False):
 @click.option("--int8-group", type=click.IntRange(min=0), default=64, show_default=True,
               help="int8: one scale per this many channels of a token (0: one per token). Smaller groups keep a "
                    "few large channels from coarsening the whole token, at 2 bytes per group.")
-@click.option("--format", "cache_format", type=click.Choice(["zarr", "wds"]), default="zarr", show_default=True,
-              help="zarr: a Zarr v3 store; wds: one WebDataset tar per input shard.")
+@click.option("--format", "cache_format", type=RegistryChoice(_cache_backends), default="zarr",
+              show_default=True, help="The cache backend: zarr, a Zarr v3 store; wds, one WebDataset tar per input "
+                                      "shard; or one a plug-in registers (`mrmae.backends`).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Views per teacher batch.")
 @click.option("--seed", default=0, show_default=True, help="Global view seed.")
 @device_option("the teacher")

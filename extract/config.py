@@ -19,7 +19,7 @@ class ExtractConfig:
     views: ViewConfig = field(default_factory=ViewConfig)
     dtype: str = "int8"
     int8_group: int | None = cf.INT8_GROUP  # int8: channels per scale; None: one scale per token
-    format: str = "zarr"  # cache backend: "zarr" (Zarr v3 groups) or "wds" (one tar per shard)
+    format: str = cf.DEFAULT_BACKEND  # the cache backend: a registered one's name (cf.backend_names())
     batch_size: int = 64
     device: str = "cpu"
     workers: int = 0

@@ -78,7 +78,7 @@ def check_compatible(out: str, wanted: cf.Manifest) -> None:
         raise cf.CacheError(f"{out}: refusing to add to a cache made with another configuration ({diff})")
 
 
-def replayed_views(group: cf.ShardGroup | cf.WdsShard) -> dict[str, list[View]]:
+def replayed_views(group: cf.ShardReader) -> dict[str, list[View]]:
     """A cached shard's views, key -> [view 0, ..., view K-1], to render for another teacher."""
     crop, flip, _ = group.geometry()
     views: dict[str, list[View]] = {}
@@ -196,7 +196,7 @@ def extract_shard(url: str, teacher: Teacher, cfg: ExtractConfig, bar: ShardProg
     return entry
 
 
-def _publish(url: str, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter, kept: list[str],
+def _publish(url: str, cfg: ExtractConfig, writer: cf.GroupWriter, kept: list[str],
              skipped: list[dict], geometry: dict[str, list[View]] | None, source_sha256: str,
              t0: float) -> cf.ShardEntry:
     """Finish the shard's group and record it complete in the manifest: only if the rows
@@ -308,7 +308,7 @@ def _encoder_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mrmae-encode")
 
 
-def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.ShardWriter | cf.WdsShardWriter,
+def _write_batch(b: _HostBatch, cfg: ExtractConfig, writer: cf.GroupWriter,
                  bar: ShardProgress | None, digests: dict[str, bytes]) -> None:
     """Append one batch to the shard (on the write thread); `digests`: key -> sha256 of its image."""
     if b.ready is not None:
@@ -387,7 +387,7 @@ def run_extraction(cfg: ExtractConfig, teacher: Teacher | None = None) -> dict:
         torch.cuda.set_device(torch.device(device))
     base = cf.FeatureCache(cfg.views_from) if cfg.views_from else None
     if base is not None:  # another teacher for the same views: the cache's geometry, backend and shards
-        cfg = replace(cfg, views=base.manifest.views, format=base.backend)
+        cfg = replace(cfg, views=base.manifest.views, format=base.manifest.backend)
     urls = (expand_urls(cfg.shards) if cfg.shards or base is None  # a recorded command is never run (--shards)
             else [base.recorded_source(s) for s in base.complete_shards])
     check_options(cfg)  # before the teacher is built and anything is written

@@ -182,7 +182,7 @@ def verify_cache(root: str, recompute: int, seed: int = 0, device: str = "cpu", 
     return compare.report(problems, m.storage.dtype)
 
 
-def pick_rows(cache: cf.FeatureCache, n: int, seed: int) -> list[tuple[cf.ShardGroup | cf.WdsShard, list[int]]]:
+def pick_rows(cache: cf.FeatureCache, n: int, seed: int) -> list[tuple[cf.ShardReader, list[int]]]:
     """n (shard, row) pairs drawn uniformly over all stored views without replacement, by
     `seed`: [(group, its rows in increasing order)], groups in the manifest's order."""
     shards = [cache.shard(s.source) for s in cache.complete_shards]
@@ -200,7 +200,7 @@ def pick_rows(cache: cf.FeatureCache, n: int, seed: int) -> list[tuple[cf.ShardG
 REPLAY_BATCH = 16  # views per teacher batch when replaying (the teacher's result barely depends on it)
 
 
-def _replayed(group: cf.ShardGroup | cf.WdsShard, source: str, rows: list[int], decoder: str, device: str,
+def _replayed(group: cf.ShardReader, source: str, rows: list[int], decoder: str, device: str,
               root: str):
     """(ViewItems, their stored rows) of `rows` of `group`, REPLAY_BATCH at a time, each item's
     image read from `source`, proven against the row's recorded sha256 and prepared for

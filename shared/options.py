@@ -112,6 +112,34 @@ def click_option(name: str, f: Field, spec: Option) -> Callable:
     return click.option(*flags_of(name, spec), param, help=spec.help, **kwargs)
 
 
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names (`names()`: masks, cache backends, plug-ins
+    included), listed at first use rather than at import, so that `mrmae --help` imports
+    neither torch nor every registered module; an unknown name is one line with the
+    closest names first."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self._lister, self._names = names, None
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._names is None:
+            self._names = tuple(self._lister())
+        return self._names
+
+    @choices.setter
+    def choices(self, _value) -> None:  # click.Choice.__init__ assigns (); the registry decides
+        pass
+
+    def convert(self, value, param, ctx):
+        if value not in self.choices:
+            from mrmae.shared.errors import unknown_name
+
+            self.fail(unknown_name("", value, self.choices), param, ctx)
+        return value
+
+
 def click_field(name: str, f: Field) -> Callable:
     """The click.option of a declared field made outside a config class (`option(...)`'s
     value), for a command without one: one declaration, several commands."""

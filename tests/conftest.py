@@ -171,11 +171,12 @@ def tiny_caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
     rows, so two features chunks in Zarr), extracted once; tests copy it before crafting it."""
     from mrmae.extract.config import ExtractConfig
     from mrmae.extract.runner import run_extraction
+    from mrmae.shared import cache_format as cf
     from mrmae.shared.views import ViewConfig
 
     root = tmp_path_factory.mktemp("tiny-caches")
     out = {}
-    for backend in ("zarr", "wds"):
+    for backend in cf.backend_names():
         out[backend] = root / backend
         run_extraction(ExtractConfig(shards=str(demo_shards[0]), out=str(out[backend]), teacher=DINO_TINY,
                                      format=backend, views=ViewConfig(per_image=4, seed=3), batch_size=12,

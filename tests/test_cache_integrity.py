@@ -397,7 +397,7 @@ def _file_list(root: Path) -> Path:
     return root / cf.files_path(cf.read_manifest(root).shards[0].group)
 
 
-@pytest.mark.parametrize("backend", ["zarr", "wds"])
+@pytest.mark.parametrize("backend", cf.backend_names())
 @pytest.mark.parametrize("how", ["missing", "another shard's", "truncated", "huge", "a FIFO", "a link out"])
 def test_a_file_list_other_than_the_entry_binds_is_one_line_and_repair_removes_it(demo_shards, tiny_caches, tmp_path,
                                                                                   backend, how):
@@ -430,7 +430,7 @@ def test_a_file_list_other_than_the_entry_binds_is_one_line_and_repair_removes_i
     assert how != "a link out" or outside.read_bytes() == text  # (a link's target is never touched)
 
 
-@pytest.mark.parametrize("backend", ["zarr", "wds"])
+@pytest.mark.parametrize("backend", cf.backend_names())
 def test_start_up_reads_no_file_list_and_the_shard_reads_its_own(demo_shards, tiny_caches, tmp_path, backend):
     """What a run does before step 1 (the cache's entries, every group's metadata proven, the
     epoch counted) reads entries only: with the shard's list a FIFO, it passes; opening the
@@ -449,7 +449,7 @@ def test_start_up_reads_no_file_list_and_the_shard_reads_its_own(demo_shards, ti
         cache.shard(url)
 
 
-@pytest.mark.parametrize("backend", ["zarr", "wds"])
+@pytest.mark.parametrize("backend", cf.backend_names())
 def test_a_format_5_cache_with_its_lists_in_the_entries_still_reads(demo_shards, tiny_caches, tmp_path, backend):
     """Format 5 (never released) kept each list inside the entry: read as it is, checked the
     same way (a chunk or member swapped is refused), no warning; its list file is not needed."""

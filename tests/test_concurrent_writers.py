@@ -95,7 +95,7 @@ def _gate_waiting(tar: Path) -> bool:
     return False
 
 
-@pytest.mark.parametrize("backend", cf.BACKENDS)
+@pytest.mark.parametrize("backend", cf.backend_names())
 def test_two_extractions_racing_on_one_shard_both_succeed_and_publish_one_whole_group(tmp_path, backend):
     """Writer A is stopped (SIGSTOP) with rows in its temporary; writer B, started with it,
     then extracts the same shards to the end; A resumes and finishes. Before the fix, B
@@ -202,7 +202,7 @@ def test_cache_clean_never_removes_the_input_tars_beside_the_groups(demo_shards,
     assert all(t.exists() for t in tars) and cf.check_integrity(data) == []
 
 
-@pytest.mark.parametrize("backend", cf.BACKENDS)
+@pytest.mark.parametrize("backend", cf.backend_names())
 def test_a_group_whose_rows_were_lost_under_its_writer_is_never_published(tmp_path, backend):
     rng = np.random.default_rng(0)
     writer = cf.open_shard_writer(backend, tmp_path, "/data/s.tar", 40, 8, 196, "int8")
@@ -242,7 +242,7 @@ def _entry(w, digest: str, size: int) -> cf.ShardEntry:
     return cf.ShardEntry(w.source, w.group_path, 6, 12, (), "complete", digest, size, files=w.files)
 
 
-@pytest.mark.parametrize("backend", cf.BACKENDS)
+@pytest.mark.parametrize("backend", cf.backend_names())
 @pytest.mark.parametrize("where", ["local", "file-url", "memory-url"])
 def test_the_second_writer_of_the_same_bytes_yields_and_damage_under_the_name_is_replaced(tmp_path, backend, where):
     import uuid

@@ -290,7 +290,7 @@ def _age_into_layers_cache(new: Path, old: Path) -> None:
         cf.commit_shard(str(old), w, dataclasses.replace(e, group=w.group_path, sha256=digest, bytes=size, files=w.files))
 
 
-@pytest.mark.parametrize("backend", ["zarr", "wds"])
+@pytest.mark.parametrize("backend", cf.backend_names())
 def test_a_cache_written_with_layers_is_still_read_and_its_layers_ignored(demo_shards, tmp_path, backend):
     new, old = tmp_path / "new", tmp_path / "old"
     extract(str(demo_shards[0]), new, format=backend, dtype="float16", batch_size=4)

@@ -26,7 +26,7 @@ extract = partial(conftest.extract, batch_size=4)
 
 
 
-@pytest.mark.parametrize("backend", cf.BACKENDS)
+@pytest.mark.parametrize("backend", cf.backend_names())
 def test_a_cache_on_an_object_store_equals_a_local_one_and_resumes(demo_shards, tmp_path, backend):
     urls = url_list(demo_shards[:2])
     url = f"memory://mrmae-test-{uuid.uuid4().hex}/cache"

@@ -96,10 +96,10 @@ def s3_data(s3, demo_shards) -> dict:
 def local_caches(s3_data, tmp_path_factory) -> dict[str, Path]:
     """The same s3:// shards extracted into local directories, per backend."""
     out = tmp_path_factory.mktemp("local")
-    for backend in cf.BACKENDS:
+    for backend in cf.backend_names():
         run_extraction(ExtractConfig(shards=s3_data["shards"], out=str(out / backend), teacher=DINO_TINY,
                                      views=ViewConfig(per_image=2), format=backend, batch_size=4, progress=False))
-    return {b: out / b for b in cf.BACKENDS}
+    return {b: out / b for b in cf.backend_names()}
 
 
 def test_extraction_from_s3_into_s3_equals_the_local_cache_and_exits_clean(s3, s3_data, local_caches):

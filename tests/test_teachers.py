@@ -269,7 +269,7 @@ def toy_kind(tmp_path, monkeypatch):
     sys.modules.pop("mrmae_toy_teacher", None)
 
 
-@pytest.mark.parametrize("backend", ["zarr", "wds"])
+@pytest.mark.parametrize("backend", cf.backend_names())
 def test_a_kind_in_one_file_extracts_a_cache_through_the_public_api(toy_kind, demo_shards, tmp_path, backend):
     assert "toy" in teacher_kinds()
     weights = tmp_path / "toy.safetensors"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from mrmae.shared.options import option, workers
+from mrmae.shared.options import RegistryChoice, option, workers
 from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
 from mrmae.train.run.options import RunOptions
 from mrmae.train.run.recipe import RecipeFile
@@ -27,32 +27,11 @@ def checkpoint_format() -> object:
                   "fine-tuned).", "auto", type=click.Choice(list(CHECKPOINT_FORMATS)))
 
 
-class MaskChoice(click.Choice):
-    """--mask: the registered masking strategies (train/masks/, and plug-ins), listed at first
-    use rather than at import, so that `mrmae --help` does not import torch and every strategy."""
+def _mask_names() -> list[str]:
+    """--mask's choices: the registered masking strategies (train/masks/, and plug-ins)."""
+    from mrmae.train.masking import mask_names
 
-    def __init__(self) -> None:
-        self._names: tuple[str, ...] | None = None
-        super().__init__(())
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        if self._names is None:
-            from mrmae.train.masking import mask_names
-
-            self._names = tuple(mask_names())
-        return self._names
-
-    @choices.setter
-    def choices(self, _value) -> None:  # click.Choice.__init__ assigns (); the registry decides
-        pass
-
-    def convert(self, value, param, ctx):
-        if value not in self.choices:  # click's message, with the closest names first
-            from mrmae.shared.errors import unknown_name
-
-            self.fail(unknown_name("", value, self.choices), param, ctx)
-        return value
+    return mask_names()
 
 
 def mask_options_callback(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
@@ -88,7 +67,7 @@ class StepOptions:
     """How a pretraining step masks and weighs its losses (config.json `step_options`)."""
 
     mask: str = option("Masking strategy (train/masks/): random (MAE's), focused (by the teacher's attention), ...",
-                       "random", type=MaskChoice())
+                       "random", type=RegistryChoice(_mask_names))
     mask_ratio: float = option("Share of the patches masked.", 0.75, type=click.FloatRange(0, 1, max_open=True),
                                low=0.0, high=1.0)
     # the strategy's options (a flag each where its registration names one, else --mask-option);

@@ -10,30 +10,18 @@ import re
 
 import numpy as np
 
+from .backend import DEFAULT_BACKEND, Backend, GroupWriter, ShardReader, backend_of_group, get_backend
 from .deep import shard_problem
-from .common import CONTENT_DIGITS, ROWS_PER_CHUNK, CacheError, ViewTargets, dir_bytes, group_digest, warn_if_unchecked, warn_if_unlisted
-from .location import (READ_THREADS, Location, check_inside, drop_staging, is_file, is_temp, is_url, link_out_of,
-                       local_path, parallel_map, staging_dir)
-from .manifest import (BACKENDS, FILES_SUFFIX, Manifest, PcaInfo, ShardEntry, ShardIndex, check_group, ensure_zarr_groups,
-                       entry_path, files_path, forget_shard, read_manifest, record_shard, runs_command, with_files)
+from .common import CONTENT_DIGITS, CacheError, ViewTargets, warn_if_unchecked, warn_if_unlisted
+from .location import (READ_THREADS, Location, check_inside, dir_bytes, drop_staging, group_digest, is_temp, is_url,
+                       link_out_of, local_path, parallel_map, staging_dir)
+from .manifest import (FILES_SUFFIX, Manifest, PcaInfo, ShardEntry, ShardIndex, check_group, entry_path, files_path,
+                       forget_shard, read_manifest, record_shard, runs_command, with_files)
 from .pca import PCA_FILE, PcaBasis, decode_basis, pca_storage, reconstruct
-from .wds_store import WdsShard, WdsShardWriter, member_spec, wds_codec_description
-from .zarr_spec import group_spec
-from .zarr_store import ShardGroup, ShardWriter, check_group_arrays, zarr_codec_description
 
 
-_WRITERS = {"zarr": ShardWriter, "wds": WdsShardWriter}
-_READERS = {"zarr": ShardGroup, "wds": WdsShard}
-
-
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise CacheError(f"unknown cache format {backend!r}: expected one of {', '.join(BACKENDS)}")
-    return backend
-
-
-def codec_description(dtype: str, backend: str = "zarr") -> str:
-    return zarr_codec_description(dtype) if _check_backend(backend) == "zarr" else wds_codec_description()
+def codec_description(dtype: str, backend: str = DEFAULT_BACKEND) -> str:
+    return get_backend(backend).codec(dtype)
 
 
 def storage_section(backend: str, dtype: str, pixels: str | None = None, pca: tuple[int, int] | None = None,
@@ -46,18 +34,15 @@ def storage_section(backend: str, dtype: str, pixels: str | None = None, pca: tu
     quantisation = None if dtype != "int8" else (
         f"absmax int8 per {group} channels of a token (one per token where {group} does not divide the width), "
         "value = int8 x scale" if group else "per-token absmax int8, value = int8 x scale")
-    storage = {"backend": _check_backend(backend), "dtype": dtype, "pixels": pixels,
-               "quantisation": quantisation, "int8_group": group,
-               "codec": codec_description(dtype, backend), "pca": pca_storage(*pca) if pca else None}
-    if backend == "zarr":
-        storage["rows_per_chunk"] = ROWS_PER_CHUNK
-    return storage
+    b = get_backend(backend)
+    return {"backend": b.name, "dtype": dtype, "pixels": pixels, "quantisation": quantisation, "int8_group": group,
+            "codec": b.codec(dtype), "pca": pca_storage(*pca) if pca else None, **b.storage(dtype)}
 
 
 def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_rows: int, dim: int, grid_len: int,
                       dtype: str, layers: tuple[int, ...] = (), pixels: str | None = None,
-                      feature_dim: int | None = None, int8_group: int | None = None) -> ShardWriter | WdsShardWriter:
-    """The writer of one input shard for `backend`; both have append / finish / publish /
+                      feature_dim: int | None = None, int8_group: int | None = None) -> GroupWriter:
+    """The writer of one input shard for `backend` (`backend.GroupWriter`): append / finish / publish /
     close / abort, `name`, `rows`, and once finished `digest`, `group_path` (the manifest
     entry's `group`, named after the bytes) and `final` (where the group is published).
 
@@ -68,8 +53,8 @@ def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_ro
     int8 scale (the manifest's `storage.int8_group`), None for one per token.
     """
     local_root = staging_dir() if is_url(root) else root
-    writer = _WRITERS[_check_backend(backend)](local_root, source, max_rows, dim, grid_len, dtype, layers, pixels,
-                                               feature_dim=feature_dim, int8_group=int8_group)
+    writer = get_backend(backend).writer(local_root, source, max_rows, dim, grid_len, dtype, layers, pixels,
+                                         feature_dim=feature_dim, int8_group=int8_group)
     if is_url(root):
         abort = writer.abort
 
@@ -81,7 +66,7 @@ def open_shard_writer(backend: str, root: str | os.PathLike, source: str, max_ro
     return writer
 
 
-def commit_shard(root: str | os.PathLike, writer: ShardWriter | WdsShardWriter, entry: ShardEntry) -> bool:
+def commit_shard(root: str | os.PathLike, writer: GroupWriter, entry: ShardEntry) -> bool:
     """Make a finished writer's shard part of the cache: its group first, then its entry.
 
     The group goes to its content-addressed name (a local rename, or an upload for a cache
@@ -121,19 +106,20 @@ def clean_cache(root: str | os.PathLike, older_than_hours: float = 24.0, dry_run
     may belong to a live writer on another machine; this explicit command is how the rest
     goes. A live writer writes into its temporary at every batch, so an age of hours is
     safe; age 0 removes everything unreferenced (only when no writer runs). Returns the
-    paths removed (with `dry_run`, that would be). Also writes the group metadata a Zarr
-    cache from before `shards/zarr.json` lacks (`ensure_zarr_groups`; not with `dry_run`).
+    paths removed (with `dry_run`, that would be). Also writes what its backend keeps beside
+    the shards where absent (`Backend.prepare`: the group metadata a Zarr cache from before
+    `shards/zarr.json` lacks; not with `dry_run`).
     """
     removed = []
     for r in [str(root)] + [target_root(root, t) for t in list_targets(root)]:
         loc = Location(r)
         manifest = read_manifest(r)  # (also: refuse what is not a cache)
         if not dry_run:
-            ensure_zarr_groups(r, manifest)
+            get_backend(manifest.backend).prepare(r, manifest)
         referenced = {s.group for s in manifest.shards} | {files_path(s.group) for s in manifest.shards}
         # only what a writer names: temporaries, groups named after their bytes and their file
         # lists; anything else in shards/ (the input tars, when --out was their parent) is the user's
-        suffix = r"\.tar" if manifest.backend == "wds" else ""
+        suffix = re.escape(get_backend(manifest.backend).suffix)
         published = re.compile(rf"[A-Za-z0-9._-]+\.[0-9a-f]{{{CONTENT_DIGITS}}}{suffix}({re.escape(FILES_SUFFIX)})?")
         candidates = [rel for rel in (f"shards/{n}" for n in loc.children("shards"))
                       if rel not in referenced and (is_temp(rel) or published.fullmatch(rel[len("shards/"):]))]
@@ -204,9 +190,9 @@ def damaged_shards(root: str | os.PathLike, manifest: Manifest | None = None) ->
 def mark_incomplete(root: str | os.PathLike, entry: ShardEntry) -> None:
     """Make a damaged shard incomplete, so the next `extract-features` redoes just it: its
     entry first (the shard then no longer counts), then its bytes (read_manifest proved the
-    entry's group is the shard's own place, `shards/<name>` or `shards/<name>.tar`)."""
+    entry's group is the shard's own place, `shards/<name>` plus its backend's suffix)."""
     forget_shard(root, entry.group)
-    check_group(entry.group, "wds" if entry.group.endswith(".tar") else "zarr", str(root))
+    check_group(entry.group, backend_of_group(entry.group).name, str(root))
     Location(root).remove(entry.group)
     Location(root).remove(files_path(entry.group))
 
@@ -244,7 +230,7 @@ class FeatureCache:
         self.location = Location(root)
         self.root = str(self.location)
         self.manifest: Manifest = read_manifest(self.root)
-        self.backend = self.manifest.backend
+        self.backend: Backend = get_backend(self.manifest.backend)
         # format 4: every chunk or member is checked as it is read; older: one warning
         self.checked = warn_if_unchecked(self.root, self.manifest.format_version)
         warn_if_unlisted(self.root, self.manifest.format_version)
@@ -267,12 +253,11 @@ class FeatureCache:
     def check_shards(self, sources: list[str]) -> list[ShardEntry]:
         """The entries of `sources`, each group proven there and of the manifest's rows from
         a few files of metadata, concurrently on a store, so that a run refuses a cache of
-        other shapes or counts before it writes anything. Zarr: `keys`, `features`,
-        `attention` and `cls` there, checksummed, of the manifest's row shapes and the
-        entry's row count (`zarr_store.check_group_arrays`); every chunk present and none
-        linked out of the cache is proven as the loader opens each group, before any row of
-        it is read. wds: the tar exists (its index is read at its first use). The first
-        damaged shard, in `sources` order, raises."""
+        other shapes or counts before it writes anything (`Backend.check`; zarr: `keys`,
+        `features`, `attention` and `cls` there, checksummed, of the manifest's row shapes and
+        the entry's row count, every chunk present and none linked out of the cache proven as
+        the loader opens each group; wds: the tar exists, its index read at its first use).
+        The first damaged shard, in `sources` order, raises."""
         entries = [self.entry(s) for s in sources]
         self._map(self._check_arrays, entries)
         return entries
@@ -281,42 +266,24 @@ class FeatureCache:
         """fn over `entries`, overlapped where each call waits on a store's round trips."""
         return parallel_map(fn, entries, READ_THREADS if self.location.remote else 1)
 
-    def _counted_arrays(self) -> list[str]:
-        """The arrays of every Zarr group whose bytes `logical_bytes` counts, as the writer
-        creates them (keys, image digests and stored views are not counted)."""
-        names = ["view", "crop", "flip", "attention", "cls"]
-        for layer in ["features"] + [f"layer{i}" for i in self.manifest.teacher.layers]:
-            names += [layer, f"{layer}_scale"] if self.manifest.storage.dtype == "int8" else [layer]
-        return names
-
     def _check_arrays(self, entry: ShardEntry) -> None:
         """One shard's `check_shards`."""
-        check_group(entry.group, self.backend, self.root)
+        check_group(entry.group, self.manifest.backend, self.root)
         path = self.location.join(entry.group)
         check_inside(self.root, path)
-        if self.backend == "zarr":
-            check_group_arrays(path, entry, group_spec(self.manifest, entry), self.checked)
-        elif not is_file(path):
-            raise CacheError(f"{path}: shard tar is missing")
+        self.backend.check(path, entry, self.manifest, self.checked)
 
-    def _open(self, entry: ShardEntry) -> ShardGroup | WdsShard:
-        check_group(entry.group, self.backend, self.root)  # read_manifest checked it; never read outside
+    def _open(self, entry: ShardEntry) -> ShardReader:
+        check_group(entry.group, self.manifest.backend, self.root)  # read_manifest checked it; never read outside
         check_inside(self.root, self.location.join(entry.group))  # (nor through a symbolic link)
-        entry = with_files(self.root, entry, self.backend)  # (format 6: its list, read as it opens)
-        if self.backend == "zarr":
-            return ShardGroup(self.location.join(entry.group), entry, checked=self.checked,
-                              spec=group_spec(self.manifest, entry))
-        return WdsShard(self.location.join(entry.group), entry, checked=self.checked, shapes=self.row_shapes(),
-                        spec=member_spec(self.manifest))
+        entry = with_files(self.root, entry, self.manifest.backend)  # (format 6: its list, read as it opens)
+        return self.backend.open(self.location.join(entry.group), entry, self.manifest, self.checked)
 
     def row_shapes(self) -> dict[str, tuple[int, ...]]:
-        """One row's shape of the arrays every shard stores, as the manifest says: features
-        [L, C] ([L, K] coefficients in a PCA cache), attention [L], cls [C]."""
-        t = self.manifest.teacher
-        tokens, pca = t.grid[0] * t.grid[1], self.manifest.storage.pca
-        return {"features": (tokens, pca.rank if pca else t.dim), "attention": (tokens,), "cls": (t.dim,)}
+        """One row's shape of the arrays every shard stores (`Manifest.row_shapes`)."""
+        return self.manifest.row_shapes()
 
-    def shard(self, source: str) -> ShardGroup | WdsShard:
+    def shard(self, source: str) -> ShardReader:
         """The reader of `source`'s group, opened (Zarr: its metadata read and checked, its
         keys read)."""
         return self._open(self.entry(source))
@@ -385,12 +352,7 @@ class FeatureCache:
 
     def logical_bytes(self) -> int:
         """Bytes of all complete shards' arrays before compression, from the manifest and the
-        entries alone: the writer's array shapes and dtypes for each entry's rows (`zarr_spec`,
-        `member_spec`; every group's metadata must be exactly those as it opens), so `cache
-        info` reads no group (10,240 shards: no request beyond the entries). Zarr: keys, image
-        digests and stored views not counted; wds: its `.npy` members and the geometry."""
-        if self.backend == "zarr":
-            counted = self._counted_arrays()
-            return sum(group_spec(self.manifest, s).logical_bytes(counted) for s in self.complete_shards)
-        per_row = member_spec(self.manifest).row_bytes()
-        return sum(s.num_views * per_row for s in self.complete_shards)
+        entries alone (`Backend.logical_bytes`: the writer's shapes and dtypes for each entry's
+        rows, which every group's metadata must be as it opens), so `cache info` reads no group
+        (10,240 shards: no request beyond the entries)."""
+        return self.backend.logical_bytes(self.manifest, self.complete_shards)

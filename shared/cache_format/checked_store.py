@@ -26,7 +26,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from ..frames import FrameError, check_blosc, check_zstd
 from .common import CacheError
 from .listing import FileList, NotRegularFile, file_digest, read_regular
-from .location import Location, link_out_of, local_path
+from .location import Location, link_out_of, local_files, local_path
 from .zarr_spec import ArraySpec
 
 _CRC_BYTES = 4  # the crc32c codec's suffix of a chunk (format 4 on)
@@ -175,8 +175,6 @@ class CheckedStore(Store):
     def _keys(self) -> list[str]:
         if self.files is not None:
             return self.files.paths
-        from .common import local_files
-
         return [rel for rel, _ in (local_files(self.local) if self.local is not None else self.location.files(""))]
 
     async def list(self) -> AsyncIterator[str]:

@@ -3,14 +3,12 @@ targets, and the digest of a stored shard (a Zarr group directory or a tar file)
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
 import secrets
 import shutil
 import socket
-import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,100 +284,6 @@ def view_targets(reader, key: str, view: int) -> ViewTargets:
                        block["features"][0], block["attention"][0], block["cls"][0])
 
 
-def group_digest(path: str | os.PathLike) -> tuple[str, int]:
-    """(sha256, bytes) of a stored shard, local or at an fsspec URL, as its manifest entry records.
-
-    A tar file (wds backend): the plain sha256 of the file, what `sha256sum` prints. A
-    directory (a Zarr group): sha256 over (relative path, length, bytes) of every file in
-    path order. Locally only regular files are read: a FIFO, device or link in the group is
-    a CacheError naming it (`listing.NotRegularFile`), never opened.
-    """
-    digest, size, _ = group_files(path)
-    return digest, size
-
-
-def group_files(path: str | os.PathLike):
-    """(sha256, bytes, FileList of a directory's files or None for a tar) in one pass."""
-    from .listing import FileList, file_digest, read_regular
-    from .location import Location, local_path
-
-    local = local_path(path)
-    h, total, items = hashlib.sha256(), 0, []
-    # (the group itself may be reached through a link inside the cache: `check_inside` judged it)
-    if _stored_file(local) if local is not None else Location(path).fs.isfile(Location(path).path):
-        with Location(path).open("") if local is None else open_regular(os.path.realpath(local)) as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-                total += len(block)
-        return h.hexdigest(), total, None
-    for rel, _ in (local_files(local) if local is not None else Location(path).files("")):
-        data = read_regular(os.path.join(local, rel), limit=1 << 40) if local is not None else \
-            Location(path).read_bytes(rel)
-        h.update(f"{rel}\x00{len(data)}\x00".encode())
-        h.update(data)
-        total += len(data)
-        items.append((rel, len(data), file_digest(data)))
-    return h.hexdigest(), total, FileList(tuple(items))
-
-
-def _stored_file(local: str) -> bool:
-    """Whether a local stored shard is a file (a tar) rather than a directory; anything else
-    (a FIFO, a device) is a NotRegularFile naming it."""
-    from .listing import NotRegularFile, kind_of
-
-    mode = os.stat(local).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise NotRegularFile(f"{local}: {kind_of(mode)}, not a stored shard; never read")
-    return stat.S_ISREG(mode)
-
-
-def open_regular(path: str):
-    """A local regular file opened for reading (lstat first, O_NOFOLLOW | O_NONBLOCK)."""
-    from .listing import _OPEN_FLAGS, NotRegularFile, kind_of, regular_size
-
-    regular_size(path)
-    fd = os.open(path, _OPEN_FLAGS)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise NotRegularFile(f"{path}: {kind_of(mode)}, not a regular file; never read")
-    return os.fdopen(fd, "rb")
-
-
-def local_files(root: str) -> list[tuple[str, int]]:
-    """(relative path, size) of every file under the local directory `root`, in `group_digest`'s
-    order (by path components), from lstat alone: a FIFO, device or symbolic link is a
-    NotRegularFile naming it (never opened nor followed)."""
-    from pathlib import PurePosixPath
-
-    from .listing import NotRegularFile, kind_of
-    from .location import link_out_of
-
-    out, folders = [], [""]
-    while folders:
-        folder = folders.pop()
-        with os.scandir(os.path.join(root, folder)) as it:
-            for e in it:
-                rel = f"{folder}/{e.name}" if folder else e.name
-                st = e.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    folders.append(rel)
-                elif stat.S_ISREG(st.st_mode):
-                    out.append((rel, st.st_size))
-                elif stat.S_ISLNK(st.st_mode) and (real := link_out_of(root, e.path)) is not None:
-                    raise NotRegularFile(f"{e.path}: a symbolic link out of the cache (to {real}), never followed")
-                else:
-                    raise NotRegularFile(f"{e.path}: {kind_of(st.st_mode)}, not a regular file; never read")
-    return sorted(out, key=lambda f: PurePosixPath(f[0]).parts)
-
-
-def dir_bytes(path: str | os.PathLike) -> int:
-    """Bytes of a stored shard: a file's size, or the sum over a directory's files."""
-    from .location import Location
-
-    return sum(size for _, size in Location(path).files(""))
-
-
 # --- the writer's side: temporaries, row checks, publishing --------------------------------
 #
 # Many writers may work on one cache at once (processes of one run, reruns, other machines
@@ -474,45 +378,3 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _same_bytes(path: Path, digest: str) -> bool:
-    try:
-        return group_digest(path)[0] == digest
-    except FileNotFoundError:
-        return False
-
-
-def publish_local(tmp: Path, final: Path, digest: str) -> bool:
-    """Move a finished temporary group (a directory) or tar to its content-addressed `final`;
-    False when the same bytes are there already (this writer yields; its temp is removed).
-
-    A tar replaces whatever holds its name in one atomic rename: the same bytes (another
-    writer's; readers see no change) or damage. A directory cannot be swapped atomically,
-    and POSIX (and NFS) refuse to rename one onto a non-empty directory, so the first
-    writer wins; a group already there with other bytes than its name says is damage: it
-    is renamed aside to a name of this writer's, then removed, and these bytes take its place.
-    """
-    if not tmp.is_dir():
-        if _same_bytes(final, digest):
-            tmp.unlink()
-            return False
-        os.replace(tmp, final)
-        return True
-    for _ in range(4):
-        try:
-            os.rename(tmp, final)
-            return True
-        except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-        if _same_bytes(final, digest):
-            remove_path(tmp)
-            return False
-        aside = tmp.with_name(tmp.name + "-damaged")
-        try:
-            os.rename(final, aside)
-        except FileNotFoundError:  # another writer moved it first: try again
-            continue
-        remove_path(aside)
-    raise CacheError(f"{final}: cannot publish the shard: the name keeps changing under this writer")

@@ -23,8 +23,7 @@ def cache_info(root: str) -> dict:
         "views_per_image": m.views.per_image, "seed": m.views.seed,
         "dtype": m.storage.dtype, "codec": m.storage.codec, "format_version": m.format_version,
         "checksums": ("none: chunks are not checked as they are read (format 2 and 3)" if not cache.checked
-                      else "crc32c per chunk, every chunk present" if cache.backend == "zarr"
-                      else "zstd frame checksum per member, crc32c of meta.json and unframed members"),
+                      else cache.backend.checksums),
         "pca": (f"rank {pca.rank} of {m.teacher.dim}, explained variance {pca.explained_variance} "
                 f"(fitted on {pca.fitted_views} views)") if pca else "none",
         "shards_complete": len(done), "shards_total": len(m.shards),

@@ -27,13 +27,13 @@ from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 from ..views import PIXEL_CODECS, ViewConfig
+from .backend import DEFAULT_BACKEND, backend_names, backend_of_group, get_backend, group_suffixes
 from .common import FORMAT_VERSION, LISTED_VERSION, READABLE_VERSIONS, SIDECAR_VERSION, CacheError
 from .listing import FileList, file_digest
 from .location import Location, check_inside
 from .pca import MEASURED_FIELDS
 
 MANIFEST = "manifest.json"
-BACKENDS = ("zarr", "wds")
 DTYPES = ("int8", "float16")
 DECODERS = ("pil", "torchvision", "nvjpeg")  # the JPEG decoders extraction records (views.decoder)
 INTERPOLATIONS = ("bicubic",)  # what render_view replays
@@ -255,19 +255,19 @@ class PcaInfo:
 class StorageInfo:
     """manifest.json `storage`: how the targets are stored."""
 
-    backend: str  # zarr | wds (zarr when absent: caches from before the field was read)
+    backend: str  # a registered backend's name (backend.py; zarr when absent: caches from before the field)
     dtype: str  # int8 | float16
     pixels: str | None  # codec of stored views (--store-pixels), or None
     quantisation: str | None
     int8_group: int | None  # channels per int8 scale; None: one per token
     codec: str
     pca: PcaInfo | None
-    rows_per_chunk: int | None  # zarr only
+    rows_per_chunk: int | None  # a backend's own field (zarr's `Backend.storage`)
 
     @classmethod
     def from_fields(cls, f: _Fields) -> StorageInfo:
         pca = f.section("pca", nullable=True, default=None)
-        info = cls(f.text("backend", BACKENDS, default="zarr"), f.text("dtype", DTYPES),
+        info = cls(f.text("backend", tuple(backend_names()), default=DEFAULT_BACKEND), f.text("dtype", DTYPES),
                    f.text("pixels", tuple(PIXEL_CODECS), default=None, nullable=True),
                    f.text("quantisation", default=None, nullable=True),
                    f.integer("int8_group", 1, default=None, nullable=True), f.text("codec"),
@@ -278,7 +278,7 @@ class StorageInfo:
 
     def to_json(self) -> dict:
         d = _to_json(self)
-        if self.rows_per_chunk is None:  # written for zarr caches only
+        if self.rows_per_chunk is None:  # written by the backends that chunk rows only
             del d["rows_per_chunk"]
         return d
 
@@ -298,6 +298,13 @@ class Manifest:
     @property
     def backend(self) -> str:
         return self.storage.backend
+
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One row's shape of the arrays every shard stores: features [L, C] ([L, K]
+        coefficients in a PCA cache), attention [L], cls [C]."""
+        tokens, pca = self.teacher.grid[0] * self.teacher.grid[1], self.storage.pca
+        return {"features": (tokens, pca.rank if pca else self.teacher.dim), "attention": (tokens,),
+                "cls": (self.teacher.dim,)}
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> Manifest:
@@ -413,8 +420,9 @@ class ShardEntry:
 
     def checked_files(self, files: FileList, where: str, backend: str) -> FileList:
         """`files` (this entry's list, read from `where`), its sizes adding up to the group's
-        `bytes` for a Zarr group (a tar's sizes leave its headers out)."""
-        if self.bytes is not None and backend == "zarr" and files.total != self.bytes:
+        `bytes` where its backend lists every byte (`Backend.sizes_add_up`: a tar's sizes leave its
+        headers out)."""
+        if self.bytes is not None and get_backend(backend).sizes_add_up and files.total != self.bytes:
             raise CacheError(f"{where}: files: its sizes add up to {files.total:,} bytes, the entry records bytes "
                              f"{self.bytes:,}")
         return files
@@ -439,20 +447,16 @@ def check_row_count(path: str, entry: ShardEntry | None, rows: int) -> None:
 
 def check_group(group: str, backend: str, where: str, name: str | None = None) -> None:
     """Refuse a group path that is not a stored shard inside the cache: `shards/<safe name>`
-    (wds: `shards/<safe name>.tar`) and, when the entry's own file `name` is known, the
-    shard beside it. So `../elsewhere`, `/abs/path` and URLs are never read."""
+    plus its backend's suffix (wds: `shards/<safe name>.tar`) and, when the entry's own file
+    `name` is known, the shard beside it. So `../elsewhere`, `/abs/path` and URLs are never read."""
+    suffix = get_backend(backend).suffix
     stem = group[len("shards/"):] if isinstance(group, str) and group.startswith("shards/") else ""
-    if backend == "wds":
-        stem = stem[:-len(".tar")] if stem.endswith(".tar") else ""
+    stem = stem.removesuffix(suffix) if stem.endswith(suffix) else ""
     safe = bool(_SAFE_NAME.fullmatch(stem)) and stem.strip(".") != ""
     if not safe or (name is not None and entry_path(group) != name):
-        beside = f", beside its entry: {_group_of(name, backend)!r}" if name else ""
+        beside = f", beside its entry: {get_backend(backend).group_of(name)!r}" if name else ""
         raise CacheError(f"{where}: group: {_show(group)} is not a stored shard inside the cache "
-                         f"(expected shards/<name>{'.tar' if backend == 'wds' else ''}{beside})")
-
-
-def _group_of(name: str, backend: str) -> str:
-    return re.sub(r"\.json$", ".tar" if backend == "wds" else "", name)
+                         f"(expected shards/<name>{suffix}{beside})")
 
 
 def runs_command(source: str) -> bool:
@@ -496,9 +500,10 @@ def backend_of(manifest: Manifest) -> str:
 
 def entry_path(group: str) -> str:
     """Where a shard's entry lives, beside its group: shards/<name>.json for the group
-    shards/<name>.<sha256[:16]> (wds: .tar), named after its bytes (or shards/<name>, as
-    caches written before that were)."""
-    return re.sub(r"(\.[0-9a-f]{16})?(\.tar)?$", "", group, count=1) + ".json"
+    shards/<name>.<sha256[:16]> plus its backend's suffix (wds: .tar), named after its bytes
+    (or shards/<name>, as caches written before that were)."""
+    suffixes = "|".join(re.escape(s) for s in group_suffixes())
+    return re.sub(rf"(\.[0-9a-f]{{16}})?({suffixes})?$", "", group, count=1) + ".json"
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -583,9 +588,8 @@ def ensure_zarr_groups(root: str | os.PathLike, manifest: Manifest) -> None:
 
     Create-if-absent with identical bytes: racing writers, on any machines, agree, and a
     cache written before `shards/zarr.json` existed gets it from its next writer. Never a
-    shard's entry (no group is named `zarr`: group names end in 8 hex digits)."""
-    if manifest.backend != "zarr":
-        return
+    shard's entry (no group is named `zarr`: group names end in 8 hex digits). The Zarr
+    backend's `prepare`."""
     loc = Location(root)
     for rel in GROUP_FILES:
         loc.create_exclusive(rel, GROUP_JSON)
@@ -598,12 +602,12 @@ def ensure_zarr_groups(root: str | os.PathLike, manifest: Manifest) -> None:
 def init_cache(root: str | os.PathLike, manifest: Manifest) -> None:
     """Create the cache's manifest if absent; the first of racing writers wins, whole.
 
-    A Zarr cache's root and its `shards` folder are also Zarr v3 groups (their zarr.json,
-    `ensure_zarr_groups`); a wds cache is plain files. `shards` entries are never part of
-    manifest.json: each is its own file.
+    Its backend first writes what it keeps beside the shards (`Backend.prepare`: a Zarr cache's
+    root and `shards` folder are also Zarr v3 groups; a wds cache is plain files). `shards`
+    entries are never part of manifest.json: each is its own file.
     """
     loc = Location(root)
-    ensure_zarr_groups(root, manifest)
+    get_backend(manifest.backend).prepare(root, manifest)
     loc.create_exclusive(MANIFEST, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
 
 
@@ -687,7 +691,7 @@ def record_shard(root: str | os.PathLike, entry: ShardEntry) -> ShardEntry:
     group (`<group>.files`, replaced whole), then its entry, bound to that list by its
     sha256 and size, the commit point. Returns the entry as written."""
     loc = Location(root)
-    check_group(entry.group, "wds" if entry.group.endswith(".tar") else "zarr", loc.join(entry_path(entry.group)))
+    check_group(entry.group, backend_of_group(entry.group).name, loc.join(entry_path(entry.group)))
     if entry.files is not None:
         blob = file_list_bytes(entry.files)
         loc.write_bytes(files_path(entry.group), blob)

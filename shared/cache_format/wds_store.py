@@ -35,10 +35,11 @@ from numcodecs import Zstd
 
 from ..frames import FrameError, zstd_decompress
 from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
-                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, group_digest,
-                     int8_groups, open_regular, publish_local, read_error, stored_features, view_targets, writer_temp)
+                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, int8_groups,
+                     read_error, stored_features, view_targets, writer_temp)
 from .listing import FileList, NotRegularFile, RegularFile, file_digest, regular_size
-from .location import is_url, local_path, open_file
+from .backend import Backend, register_backend
+from .location import group_digest, is_file, is_url, local_path, open_file, open_regular, publish_local
 from .manifest import ShardEntry, check_row_count, group_name, load_json
 
 ZSTD_LEVEL = 3
@@ -769,3 +770,59 @@ class WdsShard:
             return 0
         first = self._arrays([0], [n for n in self._index if n not in ("meta", "pixels")])  # images: not arrays
         return len(self) * (sum(a.nbytes for a in first.values()) + _GEOMETRY_BYTES)
+
+
+# --- the backend ----------------------------------------------------------------------------
+
+
+@register_backend
+class WdsBackend(Backend):
+    """WebDataset: one tar per shard, one tar sample per view (module docstring)."""
+
+    name, suffix = "wds", ".tar"
+    help = "one WebDataset tar per input shard"
+    checksums = "zstd frame checksum per member, crc32c of meta.json and unframed members"
+    sizes_add_up = False  # a tar's headers are not in its list of members
+
+    def codec(self, dtype: str) -> str:
+        return wds_codec_description()
+
+    def writer(self, root, source, max_rows, dim, grid_len, dtype, layers=(), pixels=None, feature_dim=None,
+               int8_group=None) -> WdsShardWriter:
+        return WdsShardWriter(root, source, max_rows, dim, grid_len, dtype, layers, pixels, feature_dim=feature_dim,
+                              int8_group=int8_group)
+
+    def open(self, path: str, entry: ShardEntry, manifest, checked: bool) -> WdsShard:
+        return WdsShard(path, entry, checked=checked, shapes=manifest.row_shapes(), spec=member_spec(manifest))
+
+    def check(self, path: str, entry: ShardEntry, manifest, checked: bool) -> None:
+        """The tar is there (its index is read, and checked, at its first use)."""
+        if not is_file(path):
+            raise CacheError(f"{path}: shard tar is missing")
+
+    def verify(self, reader: WdsShard) -> None:
+        """Every member of every row: its listed sha256 (format 5) or checksum, and each `.npy`
+        member decoded as the loader decodes it (its zstd frame's declared size first, then its
+        content checksum and its exact `.npy` header)."""
+        reader._load()
+        for member, index in reader._index.items():
+            npy = reader._spec.members.get(member) if reader._spec is not None else None
+            for row, (offset, size, compressed) in enumerate(index.tolist()):
+                data = reader._pread(offset, size)
+                try:
+                    if member == "pixels":
+                        reader.stored_pixels(row)
+                    elif member != "meta" and (reader.checked or offset in reader._digests):
+                        reader._verify(data, compressed, row, member, offset)
+                    if npy is not None:
+                        npy.decode(data, compressed)
+                except (ValueError, FrameError) as e:
+                    if isinstance(e, CacheError):
+                        raise
+                    raise CacheError(f"{reader.path}: member {reader._names[row]}.{member}, row {row}: {e}; "
+                                     "run `mrmae cache verify --repair`") from None
+
+    def logical_bytes(self, manifest, entries) -> int:
+        """Each row's `.npy` members and its geometry, as the Zarr backend counts them."""
+        per_row = member_spec(manifest).row_bytes()
+        return sum(e.num_views * per_row for e in entries)

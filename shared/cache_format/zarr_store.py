@@ -21,13 +21,15 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .common import (IMAGE_DIGEST_BYTES, ROWS_PER_CHUNK, CacheError, DigestColumn, ViewTargets, check_crops,
-                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, group_files, int8_groups, publish_local, read_error, remove_path,
-                     stored_features, view_targets, writer_temp)
+                     check_pixels_given, check_rows, check_rows_tied, content_group, dequantize, int8_groups, read_error,
+                     remove_path, stored_features, view_targets, writer_temp)
 from . import zarr_open
 from ..prefetch import background
+from .backend import Backend, register_backend
 from .checked_store import ListedFileError
-from .manifest import ShardEntry, check_row_count, group_name
-from .zarr_spec import MAX_KEY_BYTES, PIXEL_CHUNK, GroupSpec
+from .location import group_files, local_files, local_path, publish_local
+from .manifest import Manifest, ShardEntry, check_row_count, ensure_zarr_groups, group_name
+from .zarr_spec import MAX_KEY_BYTES, PIXEL_CHUNK, GroupSpec, group_spec
 
 # --- codecs -----------------------------------------------------------------------------
 
@@ -439,3 +441,63 @@ class ShardGroup:
         not counted, as the wds backend counts them)."""
         return sum(a.nbytes for name, a in self.group.arrays() if a.dtype.kind != "T"
                    and str(a.dtype) != "StringDType()" and not name.startswith(("pixels", "image_sha256")))
+
+
+# --- the backend ----------------------------------------------------------------------------
+
+
+@register_backend
+class ZarrBackend(Backend):
+    """Zarr v3: one group per shard, one array per column, a crc32c per chunk (module docstring)."""
+
+    name, suffix = "zarr", ""
+    help = "a Zarr v3 store"
+    checksums = "crc32c per chunk, every chunk present"
+
+    def codec(self, dtype: str) -> str:
+        return zarr_codec_description(dtype)
+
+    def storage(self, dtype: str) -> dict:
+        return {"rows_per_chunk": ROWS_PER_CHUNK}
+
+    def prepare(self, root: str | os.PathLike, manifest: Manifest) -> None:
+        ensure_zarr_groups(root, manifest)
+
+    def writer(self, root, source, max_rows, dim, grid_len, dtype, layers=(), pixels=None, feature_dim=None,
+               int8_group=None) -> ShardWriter:
+        return ShardWriter(root, source, max_rows, dim, grid_len, dtype, layers, pixels, feature_dim=feature_dim,
+                           int8_group=int8_group)
+
+    def open(self, path: str, entry: ShardEntry, manifest: Manifest, checked: bool) -> ShardGroup:
+        return ShardGroup(path, entry, checked=checked, spec=group_spec(manifest, entry))
+
+    def check(self, path: str, entry: ShardEntry, manifest: Manifest, checked: bool) -> None:
+        """`keys`, `features`, `attention` and `cls` there, checksummed, of the manifest's row
+        shapes and the entry's rows (every chunk present is proven as the loader opens it)."""
+        check_group_arrays(path, entry, group_spec(manifest, entry), checked)
+
+    def verify(self, reader: ShardGroup) -> None:
+        """Every file of the group through its store's checks: the listed ones (format 5; and
+        nothing unlisted there), or each array's chunks as its metadata gives them."""
+        store = reader.store
+        local = local_path(reader.path)
+        if store.files is not None:
+            if local is not None:
+                extra = sorted({rel for rel, _ in local_files(local)} - set(store.files.paths))
+                if extra:
+                    raise CacheError(f"{reader.path}: file {extra[0]}: in the group, not in its entry's file list "
+                                     f"({len(extra)} such); run `mrmae cache verify --repair`")
+            keys = store.files.paths
+        else:
+            keys = ["zarr.json"] + [f"{name}/{k}" for name, spec in store.specs.items()
+                                    for k in zarr_open.chunk_keys([store.lengths[name], *spec.chunks[1:]],
+                                                                  list(spec.chunks))]
+        for key in keys:
+            store.read(key)
+
+    def logical_bytes(self, manifest: Manifest, entries) -> int:
+        """The writer's arrays for each entry's rows (keys, image digests and stored views not counted)."""
+        counted = ["view", "crop", "flip", "attention", "cls"]
+        for layer in ["features"] + [f"layer{i}" for i in manifest.teacher.layers]:
+            counted += [layer, f"{layer}_scale"] if manifest.storage.dtype == "int8" else [layer]
+        return sum(group_spec(manifest, e).logical_bytes(counted) for e in entries)
