@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import shutil
 import sys
 import tarfile
@@ -20,8 +21,8 @@ from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.batch_render import render_exact
 from mrmae.shared.views import View, ViewConfig
-from mrmae.train.batch import Batch
-from mrmae.train.stream import DataConfig, StudentStream, check_cache_fits, pick_view
+from mrmae.train.batch import Batch, Step
+from mrmae.train.stream import DataConfig, StudentLoader, StudentStream, check_cache_fits, pick_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # (_latency_fs: a store with latency)
 
@@ -157,6 +158,40 @@ def test_render_on_cuda_gives_the_worker_pixels(demo_shards):
         assert rendered.pixels.device.type == "cuda"
         assert torch.equal(rendered.pixels.cpu(), a.pixels)
         assert torch.equal(rendered.teacher_pixels.cpu(), a.teacher_pixels)
+
+
+@pytest.mark.parametrize("split", ["shards", "samples"])
+def test_the_loader_hands_the_loop_steps_of_accum_batches_in_loader_order(demo_shards, split):
+    """Steps of A = 2 Batches: grouped after the DataLoader (split shards: the workers' batches
+    in the order the loader hands them over) or made whole in a worker (split samples: a
+    step never mixes two workers' slots); either way each sample once."""
+    cfg = DataConfig(shards=url_list(demo_shards), batch_size=2, seed=7, shuffle_buffer=8, views_per_image=3,
+                     split=split, accum_steps=2)
+    data = StudentLoader(StudentStream(cfg, None), workers=2, pin=False)
+    steps = list(itertools.islice(data.steps(0), 3))  # (split shards: passes repeat; the loop takes its share)
+    assert len(steps) == 3 and all(isinstance(s, Step) and len(s) == 2 for s in steps)
+    assert all(isinstance(b, Batch) and len(b) == 2 and b.pixels.shape == (2, 3, 224, 224) for s in steps for b in s)
+    keys = [b.keys for s in steps for b in s]
+    assert len({k for ks in keys for k in ks}) == 12
+    if split == "shards":
+        data.stream.set_epoch(0)
+        assert keys == [b.keys for b in itertools.islice(data.loader, 6)]
+    else:  # the workers hand over whole steps, kept as they are
+        data.stream.set_epoch(0)
+        items = list(data.loader)
+        assert all(isinstance(item, Step) for item in items) and [b.keys for s in items for b in s][:6] == keys
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is lent)")
+def test_pinned_batches_reach_the_step_as_batches(demo_shards, tiny_cache):
+    """On CUDA the DataLoader pins what it hands over: a Batch (and its target sets) pins
+    itself, and stays a Batch."""
+    cfg = DataConfig(shards=url_list(demo_shards), batch_size=4, seed=7, shuffle_buffer=8, render_on_device=True)
+    (batch,) = next(StudentLoader(StudentStream(cfg, tiny_cache), workers=1, pin=True).steps(0))
+    assert isinstance(batch, Batch)
+    assert batch.crop_pixels.is_pinned() and batch.crop.is_pinned() and batch.attention.is_pinned()
+    assert all(t.values.is_pinned() and t.scale.is_pinned() for t in batch.targets)
+    assert batch.rendered("cuda", 224).pixels.device.type == "cuda"
 
 
 # --- prefetch: the next shards opened while one is read ------------------------------------
