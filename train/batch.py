@@ -141,5 +141,8 @@ class Step:
     def __len__(self) -> int:
         return len(self.micro_batches)
 
+    def __getitem__(self, index: int) -> Batch:
+        return self.micro_batches[index]
+
     def pin_memory(self) -> Step:
         return Step(tuple(b.pin_memory() for b in self.micro_batches))
