@@ -209,7 +209,7 @@ def build_student(model_name: str, shards: list[str], batch_size: int, n_batches
     """
     import itertools
 
-    from mrmae.train.data import DataConfig, StudentStream
+    from mrmae.train.stream import DataConfig, StudentStream
     from mrmae.train.models import create_model
     from mrmae.train.pretrain import param_groups
 
@@ -225,7 +225,7 @@ def build_student(model_name: str, shards: list[str], batch_size: int, n_batches
     if len(batches) < n_batches:
         raise RuntimeError(f"the shards gave {len(batches)} batches of {batch_size}, {n_batches} needed")
     if pin:
-        batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        batches = [b.pin_memory() for b in batches]
     # fused AdamW on CUDA, as run_pretrain does (`fused=cuda or None`)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=base_lr(batch_size), betas=(0.9, 0.95),
                                   fused=accelerator.device.type == "cuda" or None)
@@ -246,7 +246,7 @@ def train_steps(setup: dict, accelerator, batches, lr: float, start_step: int = 
     from mrmae.train.run.loop import optimiser_steps
 
     step = PretrainStep(setup["model"], accelerator, StepOptions(), setup["teacher"])
-    images = len(setup["batches"][0]["keys"]) * accelerator.num_processes  # (`batches` may be a timed generator)
+    images = len(setup["batches"][0]) * accelerator.num_processes  # (`batches` may be a timed generator)
     records = optimiser_steps(setup["model"], setup["optimizer"], accelerator, ([b] for b in batches), step,
                               lambda _step: lr, 0, start_step, images)
     return [record.images_per_s for record in records]

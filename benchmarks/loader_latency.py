@@ -82,7 +82,7 @@ def stream(mode: str, urls: list[str], cache_root: str | None, batch_size: int, 
     """The loader of one mode over `urls` (the cache at `cache_root` in cached mode), epoch 0."""
     from mrmae.shared import cache_format as cf
     from mrmae.shared.shard_sizes import read_sizes
-    from mrmae.train.data import DataConfig, StudentStream
+    from mrmae.train.stream import DataConfig, StudentStream
 
     cached = mode == "cached"
     cfg = DataConfig(shards=urls, batch_size=batch_size, views_per_image=views, prefetch=prefetch,
@@ -112,7 +112,7 @@ def rate(dataset, budget: float) -> dict:
         if t0 is None:
             t0, cpu0, (ran0, queued0) = time.perf_counter(), time.process_time(), thread_times()
             continue
-        images += len(batch["keys"])
+        images += len(batch)
         if time.perf_counter() - t0 >= budget:
             break
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0

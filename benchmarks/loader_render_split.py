@@ -2,7 +2,7 @@
 of `mrmae pretrain --render-on-device` (workers read, decode and fetch targets; the
 training device renders), side by side in one run, for cached, live and plain modes.
 
-Both loaders are `mrmae.train.data.StudentStream` as run_pretrain builds it, over the same
+Both loaders are `mrmae.train.stream.StudentStream` as run_pretrain builds it, over the same
 demo shards (~200-600 px a side JPEGs, `mrmae.demo.write_demo_shards`), each in a
 `torch.utils.data.DataLoader` with ONE worker:
 
@@ -11,7 +11,7 @@ demo shards (~200-600 px a side JPEGs, `mrmae.demo.write_demo_shards`), each in 
   resize + flip, 224 px) [live: again at the teacher's size], collate, hand-over;
 - split: `render_on_device=True`, the same less the render: the view's box is cut from
   the decoded image (a row copy) and the batch's crops handed over packed, for the
-  device to render (`data.render_views`, not timed here: it runs on the GPU).
+  device to render (`Batch.rendered`, not timed here: it runs on the GPU).
 
 The cost is the worker's CPU time per image (`time.process_time()` in the worker, stamped
 on each batch, so a busy machine lengthens the wall time but hardly the figure), between
@@ -42,15 +42,15 @@ import torch
 from _common import ForeignCpu, machine_facts, make_shards, table, warn_if_busy, write_json
 from loader_throughput import Passes
 from mrmae.shared import cache_format as cf
-from mrmae.train.data import DataConfig, StudentStream
+from mrmae.train.stream import DataConfig, StudentStream
 
 MODES = ("cached", "live", "plain")
 LOADERS = ("workers", "split")
 
 
 class CpuStamped(torch.utils.data.IterableDataset):
-    """`dataset`'s batches, each stamped with the CPU seconds its producing process has used
-    so far (`worker_cpu_s`): in a DataLoader worker, that worker's own time."""
+    """`dataset`'s batches, each with the CPU seconds its producing process has used so far:
+    (batch, worker_cpu_s); in a DataLoader worker, that worker's own time."""
 
     def __init__(self, dataset) -> None:
         super().__init__()
@@ -58,8 +58,7 @@ class CpuStamped(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         for batch in self.dataset:
-            batch["worker_cpu_s"] = time.process_time()
-            yield batch
+            yield batch, time.process_time()
 
 
 def stream(urls: list[str], cache_root: Path, mode: str, split: bool, args) -> StudentStream:
@@ -78,14 +77,14 @@ def worker_cost(dataset, warmup_batches: int, budget_s: float) -> dict:
     and images/s, from the arrival of batch `warmup_batches` to the end of the window."""
     loader = torch.utils.data.DataLoader(CpuStamped(Passes(dataset)), batch_size=None, num_workers=1)
     images, batches, start, wall, cpu = 0, 0, None, 0.0, 0.0
-    for batch in loader:
+    for batch, worker_cpu_s in loader:
         batches += 1
         if batches == warmup_batches:
-            start = (time.perf_counter(), batch["worker_cpu_s"])
+            start = (time.perf_counter(), worker_cpu_s)
             continue
         if start is not None:
-            images += len(batch["keys"])
-            wall, cpu = time.perf_counter() - start[0], batch["worker_cpu_s"] - start[1]
+            images += len(batch)
+            wall, cpu = time.perf_counter() - start[0], worker_cpu_s - start[1]
             if wall >= budget_s:
                 break
     if start is None or images == 0:

@@ -4,7 +4,7 @@ Both loaders read the same demo shards (`mrmae.demo.write_demo_shards`, temp dir
 a `torch.utils.data.DataLoader` with ONE worker (torch gives a worker one intra-op thread),
 so images/s is what one CPU core delivers per loader:
 
-- cached: `mrmae.train.data.StudentStream` in cached mode, as `mrmae pretrain
+- cached: `mrmae.train.stream.StudentStream` in cached mode, as `mrmae pretrain
   --feature-cache` runs it: tar read, the epoch's cached view geometry and targets
   (int8 -> float32, [196, C]) and [CLS] attention per sample, JPEG decode (PIL), the
   replayed crop + bicubic resize + flip on the tensor, normalisation, batching;
@@ -59,7 +59,8 @@ import webdataset as wds
 from _common import ForeignCpu, machine_facts, make_shards, table, warn_if_busy, write_json
 from mrmae.shared import cache_format as cf
 from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
-from mrmae.train.data import DataConfig, StudentStream
+from mrmae.train.batch import Batch
+from mrmae.train.stream import DataConfig, StudentStream
 
 LOADERS = ("cached", "cached_unchecked", "cached_undigested", "cached_pixels", "plain")
 
@@ -146,7 +147,7 @@ class Passes(torch.utils.data.IterableDataset):
 
 
 def _batch_len(batch) -> int:
-    return len(batch["pixels"]) if isinstance(batch, dict) else len(batch[0])
+    return len(batch) if isinstance(batch, Batch) else len(batch[0])
 
 
 def loader_rate(dataset: torch.utils.data.IterableDataset, workers: int = 1, warmup_batches: int = 1,

@@ -243,9 +243,9 @@ def first_batch(root: str, urls: list[str], batch_size: int, workers: int, out: 
     """run_pretrain's work with a cache before step 1, stage by stage (seconds each)."""
     from mrmae.shared import cache_format as cf
     from mrmae.shared.errors import worker_ignores_interrupt
-    from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
-    from mrmae.train.run.loader import InterruptibleLoader
-    from mrmae.train.run.loop import check_epoch_fits, epoch_passes
+    from mrmae.train.stream import DataConfig, StudentStream, check_cache_fits
+    from mrmae.train.run.loader import InterruptibleLoader, epoch_passes
+    from mrmae.train.run.loop import check_epoch_fits
     from mrmae.train.config import PretrainConfig
     from mrmae.train.pretrain import count_samples, open_targets, run_fingerprint
 
@@ -274,7 +274,7 @@ def first_batch(root: str, urls: list[str], batch_size: int, workers: int, out: 
     stream = StudentStream(data_cfg, cache)
     loader = InterruptibleLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_ignores_interrupt)
     batch = next(epoch_passes(stream, loader, 0, cf.CacheError("no samples")))
-    assert batch["pixels"].shape[0] == batch_size and "targets" in batch
+    assert batch.pixels.shape[0] == batch_size and batch.targets
     lap("first_batch_from_loader")
     times["total"] = sum(times.values())
     times["samples"] = samples
@@ -285,9 +285,8 @@ def plain_first_batch(urls: list[str], batch_size: int, workers: int) -> dict[st
     """A plain run's start: the epoch counted from the sizes.json beside the shards (no tar
     read), then the loader's first batch (seconds each)."""
     from mrmae.shared.shard_sizes import read_sizes
-    from mrmae.train.data import DataConfig, StudentStream
-    from mrmae.train.run.loader import InterruptibleLoader
-    from mrmae.train.run.loop import epoch_passes
+    from mrmae.train.stream import DataConfig, StudentStream
+    from mrmae.train.run.loader import InterruptibleLoader, epoch_passes
     from mrmae.train.pretrain import count_samples
 
     t0 = time.perf_counter()
@@ -297,7 +296,7 @@ def plain_first_batch(urls: list[str], batch_size: int, workers: int) -> dict[st
     stream = StudentStream(DataConfig(shards=urls, batch_size=batch_size, img_size=224, sizes=sizes), None)
     loader = InterruptibleLoader(stream, batch_size=None, num_workers=workers)
     batch = next(epoch_passes(stream, loader, 0, RuntimeError("no samples")))
-    assert batch["pixels"].shape[0] == batch_size and not sizes.unrecorded
+    assert batch.pixels.shape[0] == batch_size and not sizes.unrecorded
     return {"count_from_sizes": t1 - t0, "first_batch_from_loader": time.perf_counter() - t1, "samples": samples}
 
 

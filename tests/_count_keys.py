@@ -15,10 +15,10 @@ from mrmae.train.engine import PretrainStep
 _step = PretrainStep.__call__
 
 
-def _counting(self, batch: dict, where):
+def _counting(self, batch, where):
     path = os.path.join(os.environ["MRMAE_TEST_KEYS"], f"rank{os.environ.get('RANK', '0')}.jsonl")
     with open(path, "a") as f:
-        f.write(json.dumps({"epoch": where.epoch, "keys": list(batch["keys"])}) + "\n")
+        f.write(json.dumps({"epoch": where.epoch, "keys": list(batch.keys)}) + "\n")
     return _step(self, batch, where)
 
 

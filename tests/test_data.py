@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
 import shutil
 import sys
 import tarfile
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from mrmae.extract.runner import run_extraction
 from mrmae.shared import cache_format as cf
 from mrmae.shared.batch_render import render_exact
 from mrmae.shared.views import View, ViewConfig
-from mrmae.train.data import DataConfig, StudentStream, check_cache_fits, pick_view, render_views
+from mrmae.train.batch import Batch, Step
+from mrmae.train.stream import DataConfig, StudentLoader, StudentStream, check_cache_fits, pick_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # (_latency_fs: a store with latency)
 
@@ -48,31 +51,35 @@ def test_cached_and_live_modes_render_the_same_views(demo_shards, tiny_cache):
     urls = url_list(demo_shards)
     cached = _epoch(urls, tiny_cache, epoch=2)
     live = _epoch(urls, None, epoch=2, views_per_image=3, teacher_size=224)
-    assert [b["keys"] for b in cached] == [b["keys"] for b in live]
+    assert all(isinstance(b, Batch) for b in cached + live)  # the dataclass through the DataLoader
+    assert [b.keys for b in cached] == [b.keys for b in live]
     for c, lv in zip(cached, live):
-        assert torch.equal(c["crop"], lv["crop"]) and torch.equal(c["flip"], lv["flip"])
-        assert torch.equal(c["pixels"], lv["pixels"])
-        assert c["targets"].shape[1:] == (196, 192) and "targets" not in lv and "teacher_pixels" in lv
-    keys = [k for b in cached for k in b["keys"]]
+        assert torch.equal(c.crop, lv.crop) and torch.equal(c.flip, lv.flip)
+        assert c.crop.shape == (len(c), 4) and c.crop.dtype == torch.int64 and c.flip.dtype == torch.bool
+        assert torch.equal(c.pixels, lv.pixels)
+        assert [t.values.shape[1:] for t in c.targets] == [(196, 192)] and c.attention.shape == (len(c), 196)
+        assert lv.targets == [] and lv.attention is None and lv.teacher_pixels is not None and c.teacher_pixels is None
+    keys = [k for b in cached for k in b.keys]
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 18  # each sample once per epoch
     # the stored targets are those of the shown view
     group = tiny_cache.shard(str(demo_shards[0]))
     b = cached[0]
-    i = next(j for j, k in enumerate(b["keys"]) if k in set(group.keys))
-    row = group.row(b["keys"][i], pick_view(7, 2, b["keys"][i], 3))
-    assert b["targets"].dtype == torch.int8 and b["targets_scale"].dtype == torch.float16  # as stored
-    dequantized = cf.dequantize(b["targets"][i].numpy(), b["targets_scale"][i].numpy())  # per group of channels
+    i = next(j for j, k in enumerate(b.keys) if k in set(group.keys))
+    row = group.row(b.keys[i], pick_view(7, 2, b.keys[i], 3))
+    (t,) = b.targets
+    assert t.values.dtype == torch.int8 and t.scale.dtype == torch.float16  # as stored
+    dequantized = cf.dequantize(t.values[i].numpy(), t.scale[i].numpy())  # per group of channels
     np.testing.assert_array_equal(dequantized, group.read(slice(row, row + 1))["features"][0])
 
 
 def test_epochs_differ_and_worker_count_keeps_the_samples(demo_shards, tiny_cache):
     urls = url_list(demo_shards)
     e0, e1 = _epoch(urls, tiny_cache, 0), _epoch(urls, tiny_cache, 1)
-    assert [b["keys"] for b in e0] != [b["keys"] for b in e1]
+    assert [b.keys for b in e0] != [b.keys for b in e1]
     two = _epoch(urls, tiny_cache, 0, workers=2)
-    assert sorted(k for b in two for k in b["keys"]) == sorted(k for b in e0 for k in b["keys"])
+    assert sorted(k for b in two for k in b.keys) == sorted(k for b in e0 for k in b.keys)
     again = _epoch(urls, tiny_cache, 0, workers=2)
-    assert [b["keys"] for b in two] == [b["keys"] for b in again]  # deterministic for a worker count
+    assert [b.keys for b in two] == [b.keys for b in again]  # deterministic for a worker count
 
 
 def test_mismatched_cache_is_refused_naming_shard_and_key(demo_shards, tiny_cache, tmp_path):
@@ -98,14 +105,22 @@ def test_mismatched_cache_is_refused_naming_shard_and_key(demo_shards, tiny_cach
         _epoch(str(changed), tiny_cache, 0)
 
 
-def _unpacked(batch: dict) -> tuple[list[torch.Tensor], list[View]]:
+def _tensors(batch: Batch) -> dict[str, torch.Tensor]:
+    """Every tensor of a batch by name (each target set's values and scale numbered)."""
+    out = {f.name: getattr(batch, f.name) for f in fields(batch) if torch.is_tensor(getattr(batch, f.name))}
+    for j, t in enumerate(batch.targets):
+        out.update({f"targets{j}": t.values, **({f"scale{j}": t.scale} if t.scale is not None else {})})
+    return out
+
+
+def _unpacked(batch: Batch) -> tuple[list[torch.Tensor], list[View]]:
     """A render_on_device batch's crops [3, h, w] and their views (the whole crop), by hand."""
     crops, offset = [], 0
-    for h, w in batch["crop"][:, 2:].tolist():
-        crops.append(batch["crop_pixels"][offset:offset + 3 * h * w].view(h, w, 3).permute(2, 0, 1))
+    for h, w in batch.crop[:, 2:].tolist():
+        crops.append(batch.crop_pixels[offset:offset + 3 * h * w].view(h, w, 3).permute(2, 0, 1))
         offset += 3 * h * w
-    assert offset == len(batch["crop_pixels"])  # nothing else packed in
-    return crops, [View(0, 0, c.shape[1], c.shape[2], flip=bool(f)) for c, f in zip(crops, batch["flip"])]
+    assert offset == len(batch.crop_pixels)  # nothing else packed in
+    return crops, [View(0, 0, c.shape[1], c.shape[2], flip=bool(f)) for c, f in zip(crops, batch.flip)]
 
 
 @pytest.mark.parametrize("mode", ["cached", "live", "plain"])
@@ -117,16 +132,18 @@ def test_render_on_device_gives_the_worker_batches_pixel_for_pixel(demo_shards, 
     split = _epoch(urls, cache, 1, workers=1 if mode == "plain" else 0, render_on_device=True, **kw)
     assert len(today) == len(split) == 5  # 18 samples, batch 4
     for a, b in zip(today, split):
-        assert "pixels" not in b and "teacher_pixels" not in b and b["crop_pixels"].dtype == torch.uint8
-        rendered = render_views(b, "cpu", 224, kw["teacher_size"])
-        assert rendered.keys() == a.keys() and rendered["keys"] == a["keys"]
-        for k in a.keys() - {"keys"}:  # pixels, teacher pixels, crop, flip, targets, scales, attention
-            assert torch.equal(rendered[k], a[k]), k
+        assert b.pixels is None and b.teacher_pixels is None and b.crop_pixels.dtype == torch.uint8
+        rendered = b.rendered("cpu", 224, kw["teacher_size"])
+        assert rendered.crop_pixels is None and rendered.keys == a.keys
+        got, want = _tensors(rendered), _tensors(a)
+        assert got.keys() == want.keys()
+        for k in want:  # pixels, teacher pixels, crop, flip, targets, scales, attention
+            assert torch.equal(got[k], want[k]), k
         crops, views = _unpacked(b)
-        assert torch.equal(render_exact(crops, views, 224), a["pixels"])  # CUDA's renderer, run on the CPU
+        assert torch.equal(render_exact(crops, views, 224), a.pixels)  # CUDA's renderer, run on the CPU
         if kw["teacher_size"]:
-            assert torch.equal(render_exact(crops, views, 112), a["teacher_pixels"])
-    assert render_views(today[0], "cpu", 224) is today[0]  # rendered in the workers: left as it is
+            assert torch.equal(render_exact(crops, views, 112), a.teacher_pixels)
+    assert today[0].rendered("cpu", 224) is today[0]  # rendered in the workers: left as it is
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is lent)")
@@ -137,21 +154,56 @@ def test_render_on_cuda_gives_the_worker_pixels(demo_shards):
     today = _epoch(urls, None, 0, views_per_image=3, teacher_size=112)
     split = _epoch(urls, None, 0, workers=1, views_per_image=3, render_on_device=True)
     for a, b in zip(today, split):
-        rendered = render_views(b, "cuda", 224, 112)
-        assert rendered["pixels"].device.type == "cuda"
-        assert torch.equal(rendered["pixels"].cpu(), a["pixels"])
-        assert torch.equal(rendered["teacher_pixels"].cpu(), a["teacher_pixels"])
+        rendered = b.pin_memory().rendered("cuda", 224, 112)  # pinned, as the DataLoader hands it over on CUDA
+        assert rendered.pixels.device.type == "cuda"
+        assert torch.equal(rendered.pixels.cpu(), a.pixels)
+        assert torch.equal(rendered.teacher_pixels.cpu(), a.teacher_pixels)
+
+
+@pytest.mark.parametrize("split", ["shards", "samples"])
+def test_the_loader_hands_the_loop_steps_of_accum_batches_in_loader_order(demo_shards, split):
+    """Steps of A = 2 Batches: grouped after the DataLoader (split shards: the workers' batches
+    in the order the loader hands them over) or made whole in a worker (split samples: a
+    step never mixes two workers' slots); either way each sample once."""
+    cfg = DataConfig(shards=url_list(demo_shards), batch_size=2, seed=7, shuffle_buffer=8, views_per_image=3,
+                     split=split, accum_steps=2)
+    data = StudentLoader(StudentStream(cfg, None), workers=2, pin=False)
+    steps = list(itertools.islice(data.steps(0), 3))  # (split shards: passes repeat; the loop takes its share)
+    assert len(steps) == 3 and all(isinstance(s, Step) and len(s) == 2 for s in steps)
+    assert all(isinstance(b, Batch) and len(b) == 2 and b.pixels.shape == (2, 3, 224, 224) for s in steps for b in s)
+    keys = [b.keys for s in steps for b in s]
+    assert len({k for ks in keys for k in ks}) == 12
+    if split == "shards":
+        data.stream.set_epoch(0)
+        assert keys == [b.keys for b in itertools.islice(data.loader, 6)]
+    else:  # the workers hand over whole steps, kept as they are
+        data.stream.set_epoch(0)
+        items = list(data.loader)
+        assert all(isinstance(item, Step) for item in items) and [b.keys for s in items for b in s][:6] == keys
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is lent)")
+def test_pinned_batches_reach_the_step_as_batches(demo_shards, tiny_cache):
+    """On CUDA the DataLoader pins what it hands over: a Batch (and its target sets) pins
+    itself, and stays a Batch."""
+    cfg = DataConfig(shards=url_list(demo_shards), batch_size=4, seed=7, shuffle_buffer=8, render_on_device=True)
+    (batch,) = next(StudentLoader(StudentStream(cfg, tiny_cache), workers=1, pin=True).steps(0))
+    assert isinstance(batch, Batch)
+    assert batch.crop_pixels.is_pinned() and batch.crop.is_pinned() and batch.attention.is_pinned()
+    assert all(t.values.is_pinned() and t.scale.is_pinned() for t in batch.targets)
+    assert batch.rendered("cuda", 224).pixels.device.type == "cuda"
 
 
 # --- prefetch: the next shards opened while one is read ------------------------------------
 
 
-def _same_batches(a: list[dict], b: list[dict]) -> None:
-    assert [x["keys"] for x in a] == [y["keys"] for y in b] and len(a) > 1
+def _same_batches(a: list[Batch], b: list[Batch]) -> None:
+    assert [x.keys for x in a] == [y.keys for y in b] and len(a) > 1
     for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x.keys() - {"keys"}:
-            assert torch.equal(x[k], y[k]), k
+        tx, ty = _tensors(x), _tensors(y)
+        assert tx.keys() == ty.keys()
+        for k in tx:
+            assert torch.equal(tx[k], ty[k]), k
 
 
 @pytest.mark.parametrize("mode", ["cached", "live", "plain"])

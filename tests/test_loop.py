@@ -15,8 +15,9 @@ from conftest import launch_two
 
 from mrmae.cli import cli
 from mrmae.demo import write_demo_shards
-from mrmae.train.data import STEP_KEY, rank_slots
-from mrmae.train.run.loop import epoch_passes, grouped_steps, lr_at
+from mrmae.train.run.loader import epoch_passes, grouped
+from mrmae.train.run.loop import lr_at
+from mrmae.train.stream import rank_slots
 
 
 def test_lr_warms_up_linearly_then_follows_a_half_cosine_to_the_floor():
@@ -59,14 +60,12 @@ def test_epoch_passes_repeat_a_ranks_shards_and_refuse_an_empty_one():
             return iter(self.items)
 
     stream = Stream(["a", "b"])
-    got = list(itertools.islice(grouped_steps(epoch_passes(stream, stream, 3, RuntimeError("none")), 2), 3))
+    got = list(itertools.islice(grouped(epoch_passes(stream, stream, 3, RuntimeError("none")), 2), 3))
     assert got == [["a", "b"]] * 3 and stream.calls == [(3, 0), (3, 1), (3, 2)]
     with pytest.raises(RuntimeError, match="none"):
         next(epoch_passes(Stream([]), Stream([]), 0, RuntimeError("none")))
-    # a loader that hands over whole steps keeps them; a batch may be a list ([x, y]); a short tail is no step
-    whole = [{STEP_KEY: [{"a": 1}, {"a": 2}]}, {"a": 3}, {"a": 4}, {"a": 5}]
-    assert list(grouped_steps(whole, 2)) == [[{"a": 1}, {"a": 2}], [{"a": 3}, {"a": 4}]]
-    assert list(grouped_steps([["x1", "y1"], ["x2", "y2"]], 2)) == [[["x1", "y1"], ["x2", "y2"]]]
+    # a batch may be a list ([x, y]: fine-tuning's); a short tail is no step
+    assert list(grouped([["x1", "y1"], ["x2", "y2"], ["x3", "y3"]], 2)) == [[["x1", "y1"], ["x2", "y2"]]]
 
 
 TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-dim", "64", "--workers", "0",

@@ -69,7 +69,7 @@ def test_7_repeated_key_later_copy_skipped_warned_listed_strict_stops(tmp_path, 
 
 @pytest.mark.parametrize("layout", ["adjacent", "apart"])
 def test_7_pretraining_keeps_the_first_copy_of_a_repeated_key(tmp_path, layout):
-    from mrmae.train.data import DataConfig, StudentStream, ViewJoiner
+    from mrmae.train.stream import DataConfig, StudentStream, ViewJoiner
 
     shard = tmp_path / "rep-000.tar"
     first = _repeats_tar(shard, layout)
@@ -81,10 +81,10 @@ def test_7_pretraining_keeps_the_first_copy_of_a_repeated_key(tmp_path, layout):
         for c in (cache, None):  # cached and live/plain
             cfg = DataConfig(shards=[url], batch_size=3, img_size=32)
             joined = list(ViewJoiner(cfg, c)(iter([url]), 0))
-            assert [(s["key"], s["image"]) for s in joined] == [(k, first[k]) for k in ("a", "b", "c")]
+            assert [(s.key, s.image) for s in joined] == [(k, first[k]) for k in ("a", "b", "c")]
         batches = list(StudentStream(DataConfig(shards=[url], batch_size=3, img_size=32), cache))
-        assert sorted(k for b in batches for k in b["keys"]) == ["a", "b", "c"]
-        assert all(b["targets"].shape[0] == 3 for b in batches)
+        assert sorted(k for b in batches for k in b.keys) == ["a", "b", "c"]
+        assert all(b.targets[0].values.shape[0] == 3 for b in batches)
 
 
 def test_7_sixteen_bit_and_other_modes_are_scaled_to_8_bits():

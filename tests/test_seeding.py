@@ -12,7 +12,7 @@ import torch
 
 from mrmae.shared.seeding import generator_from, numpy_rng_from, seed_from
 from mrmae.shared.views import view_rng
-from mrmae.train.data import pick_view
+from mrmae.train.stream import pick_view
 from mrmae.train.engine import mask_generator
 
 CASES = [(0, "k", 0), (7, "n01440764_10026", 3), (2**40 + 1, "dir/ké y", 11), (-3, "", 1)]

@@ -22,7 +22,7 @@ from _latency_fs import LatencyMemoryFileSystem as Store  # noqa: E402
 import startup  # noqa: E402
 
 from mrmae.shared import cache_format as cf  # noqa: E402
-from mrmae.train.data import check_cache_fits  # noqa: E402
+from mrmae.train.stream import check_cache_fits  # noqa: E402
 from mrmae.train.config import PretrainConfig  # noqa: E402
 from mrmae.train.pretrain import count_samples, run_fingerprint  # noqa: E402
 

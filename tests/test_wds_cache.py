@@ -28,7 +28,7 @@ from PIL import Image
 from mrmae.cli import cli
 from mrmae.shared import cache_format as cf
 from mrmae.shared.cache_format import wds_store
-from mrmae.train.data import DataConfig, StudentStream
+from mrmae.train.stream import DataConfig, StudentStream
 
 extract = partial(conftest.extract, batch_size=4)
 
@@ -197,9 +197,11 @@ def test_a_training_epoch_reads_the_same_targets_from_either_backend(caches, dem
         batches[fmt] = list(stream)
     assert len(batches["wds"]) == len(batches["zarr"]) > 1
     for z, w in zip(batches["zarr"], batches["wds"]):
-        assert z["keys"] == w["keys"]
-        for k in ("crop", "flip", "targets", "attention", "pixels"):
-            assert torch.equal(z[k], w[k]), k
+        assert z.keys == w.keys
+        for k in ("crop", "flip", "attention", "pixels"):
+            assert torch.equal(getattr(z, k), getattr(w, k)), k
+        (zt,), (wt,) = z.targets, w.targets
+        assert torch.equal(zt.values, wt.values) and torch.equal(zt.scale, wt.scale)
 
 
 def test_rerun_skips_complete_tars_and_leaves_a_killed_writers_temp_to_cache_clean(caches, demo_shards, tmp_path):

@@ -2,7 +2,7 @@
 set-up (`pretrain.py`) and from the loop that both commands share (`loop.py`).
 
 Every random choice of a step is a function of the seed and of where the sample sits:
-the view (seed, epoch, key; data.py), the mask (seed, optimiser step, position in the
+the view (seed, epoch, key; stream.py), the mask (seed, optimiser step, position in the
 effective batch; here). A resumed run therefore replays the same batches and masks as an
 uninterrupted one, with no hidden RNG state to carry, and with --data-split samples a step
 trains on the same samples, views and masks however its effective batch is split.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
-from mrmae.train.data import render_views
+from mrmae.train.batch import Batch
 from mrmae.train.run.loop import MASK_SEEDING, MicroBatch
 from mrmae.train.config import StepOptions
 from mrmae.train.masking import get_mask
@@ -64,13 +64,15 @@ class PretrainStep:
     `render_on_device` loader), normalise, run a live teacher, draw the masks, prepare the
     targets, forward -> {"loss", "loss_recon", "loss_mimic"} (scalars, not yet backpropagated).
 
-    A batch is a dict from `mrmae.train.data` ([B,3,S,S] uint8 pixels, optional [B,N,C]
-    targets as stored and [B,N] attention, or [B,3,T,T] uint8 teacher pixels in live mode;
-    or the views' crops, rendered here: S the student's img_size, T the teacher's input_size).
+    A `batch.Batch` from `train/stream.py`: [B,3,S,S] uint8 pixels, targets as stored (one
+    TargetSet [B,N,C] per teacher) and [B,N] attention, or [B,3,T,T] uint8 teacher pixels
+    in live mode; or the views' crops, rendered here (S the student's img_size, T the
+    teacher's input_size).
     With `opts.high_level_at` "decoder" (table 3 row 5) the targets are the masked tokens',
     for the decoder's feature head, and the losses {"loss", "loss_recon", "loss_recon_features"}.
-    `target_pca[j]`: (mean [C], basis [K, C]) on the device when target set j (0: `targets`,
-    j >= 1: `targets@j`) comes from a PCA cache; None (or a short list) for whole features.
+    `target_pca[j]`: (mean [C], basis [K, C]) on the device when `batch.targets[j]` (0: the
+    main cache's, j >= 1: the joint ones') comes from a PCA cache; None (or a short list)
+    for whole features.
     `mask_seeding`: `loop.MASK_SEEDING`, or 1 for a run resumed from before it.
     """
 
@@ -81,19 +83,19 @@ class PretrainStep:
     target_pca: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = ()
     mask_seeding: int = MASK_SEEDING
 
-    def __call__(self, batch: dict, where: MicroBatch) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Batch, where: MicroBatch) -> dict[str, torch.Tensor]:
         opts, device, teacher = self.opts, self.accelerator.device, self.teacher
         inner = getattr(self.model, "module", self.model)
-        batch = render_views(batch, device, inner.img_size, teacher.input_size if teacher is not None else 0)
+        batch = batch.rendered(device, inner.img_size, teacher.input_size if teacher is not None else 0)
         # uint8 from the loader, normalised here on the device
-        imgs = normalize(batch["pixels"].to(device, non_blocking=True), opts.pixel_mean, opts.pixel_std)
+        imgs = normalize(batch.pixels.to(device, non_blocking=True), opts.pixel_mean, opts.pixel_std)
         live = attention = None
         if teacher is not None:
             with torch.no_grad(), self.accelerator.autocast():
-                out = teacher(normalize(batch["teacher_pixels"].to(device, non_blocking=True), teacher.mean, teacher.std))
+                out = teacher(normalize(batch.teacher_pixels.to(device, non_blocking=True), teacher.mean, teacher.std))
             live, attention = out.features.float(), out.attention.float()
         else:
-            attention = batch.get("attention")
+            attention = batch.attention
         key, slot, slots = ((where.step, where.slot, where.slots) if self.mask_seeding == MASK_SEEDING
                             else (where.micro, where.rank, where.world))
         ids_keep, mask, ids_restore = (t.to(device) for t in draw_masks(imgs.shape[0], inner.num_patches, attention,
@@ -108,28 +110,26 @@ class PretrainStep:
         return {k: v for k, v in losses.items() if k.startswith("loss")}
 
 
-def prepare_targets(batch: dict, ids_keep: torch.Tensor, device: torch.device,
+def prepare_targets(batch: Batch, ids_keep: torch.Tensor, device: torch.device,
                     target_pca: Sequence[tuple[torch.Tensor, torch.Tensor] | None], norm: str,
                     live: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor] | None:
     """The targets of the tokens `ids_keep` [B, n] (the visible ones; table 3 row 5: the masked
     ones) as the loss takes them: [B, n, C] float32 on `device`, or a
-    list of them for a joint run (one per mimic head: `targets`, then `targets@1`, ...);
-    None when the batch has none (plain MAE).
+    list of them for a joint run (one per mimic head, in `batch.targets`' order: the main
+    teacher's, then the joint ones'); None when the batch has none (plain MAE).
 
     `live` [B, N, C]: a live teacher's float features (never quantised nor coefficients).
-    Otherwise the batch's stored sets ([B, N, C] int8 with `targets_scale` [B, N] or
+    Otherwise the batch's stored sets (TargetSet: [B, N, C] int8 with a scale [B, N] or
     [B, N, G], or float16; a PCA cache's [B, N, K] coefficients with `target_pca[j]`):
     each gathered, dequantised, rebuilt from its PCA basis, normalised (`norm`).
     """
     if live is not None:
         return _visible_targets(live, None, ids_keep, device, None, norm)
-    if "targets" not in batch:
+    if not batch.targets:
         return None
-    joint = sum(1 for k in batch if k.startswith("targets@"))
-    sets = [_visible_targets(batch[f"targets{s}"], batch.get(f"targets_scale{s}"), ids_keep, device,
-                             target_pca[j] if j < len(target_pca) else None, norm)
-            for j, s in enumerate(["", *(f"@{i}" for i in range(1, 1 + joint))])]
-    return sets if joint else sets[0]
+    sets = [_visible_targets(t.values, t.scale, ids_keep, device, target_pca[j] if j < len(target_pca) else None, norm)
+            for j, t in enumerate(batch.targets)]
+    return sets if len(sets) > 1 else sets[0]
 
 
 def visible_float_targets(targets: torch.Tensor, scale: torch.Tensor | None, ids_keep: torch.Tensor,

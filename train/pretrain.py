@@ -13,7 +13,6 @@ import hashlib
 import json
 import sys
 from dataclasses import asdict, replace
-from typing import Iterator
 
 import torch
 
@@ -21,15 +20,14 @@ from mrmae.shared import shards
 from mrmae.shared.shard_sizes import ShardSizes, read_sizes
 from mrmae.shared.shards import expand_urls
 from mrmae.shared import cache_format as cf
-from mrmae.shared.errors import OptionChecks, OptionError, unknown_name, worker_ignores_interrupt
+from mrmae.shared.errors import OptionChecks, OptionError, unknown_name
 from mrmae.train.run import checkpoint as ckpt
-from mrmae.train.data import DataConfig, StudentStream, check_cache_fits
+from mrmae.train.stream import DataConfig, StudentLoader, StudentStream, check_cache_fits
 from mrmae.train.masking import all_mask_options, get_mask, mask_names, num_visible
 from mrmae.shared.options import number_option
 from mrmae.train.config import PretrainConfig, StepOptions
 from mrmae.train.engine import PretrainStep
-from mrmae.train.run.loader import InterruptibleLoader
-from mrmae.train.run.loop import MASK_SEEDING, TrainRun, epoch_passes
+from mrmae.train.run.loop import MASK_SEEDING, TrainRun
 from mrmae.train.run.options import check_run_options, check_shard_list
 from mrmae.train.run.run_dir import check_out
 
@@ -229,7 +227,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         if run.is_main:
             print(f"mrmae: note: {init_note}", file=sys.stderr)
     sizes = None if caches else read_sizes(urls)  # (plain and live: the counts recorded beside the shards)
-    stream, loader = student_data(cfg, urls, caches, model, teacher, cuda, sizes)
+    data = student_data(cfg, urls, caches, model, teacher, cuda, sizes)
     samples = cfg.samples_per_epoch or count_samples(urls, caches[0] if caches else None, sizes)
     run.plan(samples, counted_in(cfg, caches, sizes), full_steps_only=cfg.data_split == "samples")
     # PCA caches: the loader carries their K coefficients; the step rebuilds the visible
@@ -247,7 +245,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
                       "teacher_weights_sha256": (caches[0].manifest.teacher.weights_sha256 if caches
                                                  else teacher.fingerprint if teacher else None)})
     step = PretrainStep(model, run.accelerator, cfg.step_options, teacher, pca, run.mask_seeding)
-    return run.train(lambda epoch: epoch_batches(stream, loader, epoch, cfg.data_split), step,
+    return run.train(data.steps, step,
                      what=describe_run(cfg, run.accelerator.unwrap_model(model), caches))
 
 
@@ -274,8 +272,8 @@ def target_dims(caches: list[cf.FeatureCache], teacher) -> tuple[int, ...]:
 
 
 def student_data(cfg: PretrainConfig, urls: list[str], caches: list[cf.FeatureCache], model, teacher,
-                 pin: bool, sizes: ShardSizes | None = None) -> tuple[StudentStream, InterruptibleLoader]:
-    """The checked caches' stream of this run's batches and its loader (module docstring of data.py)."""
+                 pin: bool, sizes: ShardSizes | None = None) -> StudentLoader:
+    """The checked caches' stream of this run's steps (module docstring of stream.py)."""
     for i, c in enumerate(caches):
         check_cache_fits(c, urls, model.grid_size, c.manifest.teacher.dim,
                          model.img_size if cfg.pixels_from_cache and not i else 0)
@@ -286,18 +284,4 @@ def student_data(cfg: PretrainConfig, urls: list[str], caches: list[cf.FeatureCa
                           pixels_from_cache=cfg.pixels_from_cache, render_on_device=cfg.render_on_device,
                           accum_steps=cfg.accum_steps, sizes=sizes)
     stream = StudentStream(data_cfg, caches[0] if caches else None, tuple(caches[1:]))
-    # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
-    # or repeat samples; the stream splits shards (or slots) by node and worker itself.
-    loader = InterruptibleLoader(stream, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
-                                 worker_init_fn=worker_ignores_interrupt)
-    return stream, loader
-
-
-def epoch_batches(stream: StudentStream, loader: InterruptibleLoader, epoch: int, split: str) -> Iterator:
-    """This rank's batches of `epoch` (the loop takes the epoch's steps from them)."""
-    if split == "shards":  # every rank runs the same number of steps (DDP needs it): short ranks repeat
-        empty = cf.CacheError(f"this process got no samples (shards {stream.urls[:3]}...): "
-                              "fewer shards than processes x workers?")
-        return epoch_passes(stream, loader, epoch, empty)
-    stream.set_epoch(epoch)  # every rank reads the same stream: the same number of batches by construction
-    return iter(loader)
+    return StudentLoader(stream, cfg.workers, pin)

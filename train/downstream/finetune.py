@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
 from mrmae.train.run import checkpoint as ckpt
-from mrmae.train.run.loader import InterruptibleLoader
-from mrmae.train.run.loop import MicroBatch, TrainRun, epoch_passes
+from mrmae.train.run.loader import InterruptibleLoader, epoch_passes, grouped
+from mrmae.train.run.loop import MicroBatch, TrainRun
 from mrmae.shared.seeding import seed_from
 from mrmae.train.downstream.finetune_data import LabelledStream, seed_everything, train_transform
 from mrmae.train.downstream.labels import LabelOptions, LabelSpec, Tally, census, class_notes, resolve_labels
@@ -310,12 +310,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         tqdm.write(f"mrmae: note: {note}", file=sys.stderr)
     val = [counted.val]  # the last evaluation's count (the census's until one ran)
 
-    def batches_of(epoch: int):
+    def steps_of(epoch: int):
         usable = counted.train
         empty = FinetuneError(f"no full batch of usable labelled images in this process's shards ({stream.urls[:3]}"
                               f"...; --shards holds {usable.used} of {usable.present} in all): fewer shards than "
                               "processes x workers, or --batch-size above a shard's usable images?")
-        return epoch_passes(stream, loader, epoch, empty)
+        return grouped(epoch_passes(stream, loader, epoch, empty), run.cfg.accum_steps)
 
     def end_of_epoch(epoch: int) -> None:
         result, val[0] = evaluate(run.accelerator.unwrap_model(model), cfg.val_shards, img_size, counted.spec,
@@ -327,7 +327,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     what = (f"{timm_name} with a {cfg.num_classes}-class head ({cfg.global_pool} pool) from {cfg.checkpoint}, "
             f"layer decay {cfg.layer_decay:g}")
-    result = run.train(batches_of, ClassifierStep(model, run.accelerator, cfg), end_of_epoch, what=what)
+    result = run.train(steps_of, ClassifierStep(model, run.accelerator, cfg), end_of_epoch, what=what)
     result["table"] = results_table(run.metrics) if run.is_main else ""
     result["summary"] = [counted.train.summary("train"), val[0].summary("val")]
     return result

@@ -1,6 +1,6 @@
 """Labelled training data for `mrmae finetune`: WebDataset shards ({key}.jpg + its label, `labels.py`).
 
-Pipeline (webdataset stages, like `train/data.py`):
+Pipeline (webdataset stages, like `train/stream.py`):
 
     epoch_shards      shard URLs in an order drawn from (seed, epoch, pass)
     split_by_node     this rank's shards
@@ -33,7 +33,7 @@ from mrmae.shared.seeding import seed_from
 from mrmae.shared.shards import expand_urls, iter_samples
 from mrmae.shared.views import ImageDecodeError, decode_image
 from mrmae.shared.views import IMAGENET_MEAN, IMAGENET_STD
-from mrmae.train.data import epoch_shards
+from mrmae.train.stream import epoch_shards
 from mrmae.train.downstream.labels import LabelSpec, Skip, sample_labels
 
 AUGMENTS = ("randaug", "light")

@@ -1,8 +1,14 @@
-"""The DataLoader every training and evaluation command reads through."""
+"""The DataLoader every training and evaluation command reads through, and the passes of an
+epoch over it, grouped into optimiser steps for the loop."""
 
 from __future__ import annotations
 
+import itertools
+from typing import Iterable, Iterator, TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 
 class InterruptibleLoader(torch.utils.data.DataLoader):
@@ -32,3 +38,25 @@ class InterruptibleLoader(torch.utils.data.DataLoader):
             del batches  # a whole iterator: its workers are stopped
             raise KeyboardInterrupt
         return batches
+
+
+def epoch_passes(stream, loader: Iterable[T], epoch: int, empty: Exception) -> Iterator[T]:
+    """This rank's items for `epoch`: `stream.set_epoch(epoch, repeat)`, then the loader,
+    again with the next `repeat` when its shards run out (ranks with fewer samples keep up
+    with the others' step count); `empty` is raised when a pass yields nothing at all."""
+    for repeat in itertools.count():
+        stream.set_epoch(epoch, repeat)
+        got = False
+        for item in loader:
+            got = True
+            yield item
+        if not got:
+            raise empty
+
+
+def grouped(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Items -> consecutive lists of `size` (micro-batches -> one optimiser step's); a
+    trailing incomplete list is dropped (it would not step the optimiser)."""
+    items = iter(items)
+    while len(group := list(itertools.islice(items, size))) == size:
+        yield group

@@ -1,7 +1,8 @@
 """One training loop for `mrmae pretrain` and `mrmae finetune`.
 
-A command builds its data, model, optimiser and fingerprint, then gives a `TrainRun` only
-its step function (one micro-batch -> its losses); the run does the rest, the same way
+A command builds its data, model, optimiser and fingerprint, then gives a `TrainRun` its
+steps (each epoch's optimiser steps, each a sequence of micro-batches) and its step
+function (one micro-batch -> its losses); the run does the rest, the same way
 for both: the accelerator, the lr (blr x effective batch / 256, linear warm-up, then
 half-cosine per optimiser step), steps per epoch, checkpoints and `--resume` (the batches
 a resumed epoch already trained on are skipped), config.json, metrics.jsonl (one line per
@@ -11,7 +12,7 @@ accumulate / backward / optimiser-step block.
 Effective batch: E = B x W x A images per optimiser step (--batch-size B, W processes,
 --accum-steps A). Micro-batch a (0..A-1) of a step on rank r holds the rows
 [(a W + r) B, (a W + r + 1) B) of the step's E (`MicroBatch.slot`), which is how
-`data.rank_slots` hands out the samples with `--data-split samples`. A step's random
+`stream.rank_slots` hands out the samples with `--data-split samples`. A step's random
 draws are keyed by the optimiser step and the row's position in E (not by micro-step,
 process or row of a micro-batch), so that, with `--data-split samples`, a step trains on
 the same samples, views and masks whatever split of E gives it.
@@ -32,7 +33,6 @@ from tqdm import tqdm
 
 from mrmae.shared.errors import MrmaeError, OptionError
 from mrmae.train.run import checkpoint as ckpt
-from mrmae.train.data import STEP_KEY, steps_of
 from mrmae.train.run.records import (Resolved, StepRecord, ValidationRecord, append_metrics, read_run_config,
                                  write_run_config)
 from mrmae.train.run.run_dir import set_aside
@@ -85,20 +85,6 @@ def lr_at(step: float, peak_lr: float, min_lr: float, warmup_steps: int, total_s
         return peak_lr * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def epoch_passes(stream, loader: Iterable, epoch: int, empty: Exception) -> Iterator:
-    """This rank's batches for `epoch`: `stream.set_epoch(epoch, repeat)`, then the loader,
-    again with the next `repeat` when its shards run out (ranks with fewer samples keep up
-    with the others' step count); `empty` is raised when a pass yields nothing at all."""
-    for repeat in itertools.count():
-        stream.set_epoch(epoch, repeat)
-        got = False
-        for batch in loader:
-            got = True
-            yield batch
-        if not got:
-            raise empty
 
 
 def resolve_accum_steps(batch_size: int, accum_steps: int | None, effective_batch: int | None,
@@ -205,24 +191,12 @@ def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> Non
         raise NonFiniteLossError(f"epoch {epoch} step {step}: loss is {loss.item()}" + (f" ({parts})" if parts else ""))
 
 
-def grouped_steps(batches: Iterable, accum: int) -> Iterator[list]:
-    """Micro-batches -> lists of `accum` (one optimiser step each). A loader may hand over a
-    step's micro-batches as one item already ({data.STEP_KEY: [...]}: `data.StudentStream`
-    with --data-split samples, so that DataLoader workers never interleave within a step):
-    they are kept together. A trailing incomplete step is dropped (it would not step the
-    optimiser)."""
-    def micro_batches(b) -> list:
-        return b[STEP_KEY] if isinstance(b, dict) and STEP_KEY in b else [b]
-
-    yield from steps_of(itertools.chain.from_iterable(map(micro_batches, batches)), accum)
-
-
 class TrainRun:
     """One training run's machinery around a command's step (module docstring).
 
     Use: `run = TrainRun(cfg, "pretrain")`; `run.plan(samples, ...)`; `model, optimizer =
     run.start(model, optimizer, fingerprint)`; `run.write_config({...})`;
-    `result = run.train(batches_of, step_fn)`. `cfg`: a PretrainConfig or FinetuneConfig
+    `result = run.train(steps_of, step_fn)`. `cfg`: a PretrainConfig or FinetuneConfig
     (out, epochs, batch_size, accum_steps, effective_batch, blr, lr, min_lr, warmup_epochs,
     resume, save_every_steps, progress, device); `run.cfg` has accum_steps resolved.
     """
@@ -332,11 +306,11 @@ class TrainRun:
         if self.is_main:
             append_metrics(self.metrics, record)
 
-    def train(self, batches_of: Callable[[int], Iterable], step_fn: StepFn,
+    def train(self, steps_of: Callable[[int], Iterable[Sequence]], step_fn: StepFn,
               end_of_epoch: Callable[[int], None] | None = None, what: str = "") -> dict:
-        """Every epoch from the resumed one: `batches_of(epoch)` (this process's micro-batches,
-        or lists of a step's), grouped into steps, the ones done skipped, trained with
-        `step_fn`; then `end_of_epoch(epoch)` (fine-tuning evaluates) and a checkpoint. The
+        """Every epoch from the resumed one: `steps_of(epoch)` (this process's optimiser
+        steps, each a sequence of its `accum_steps` micro-batches; `loader.grouped` makes
+        them), the epoch's share of them, the ones done skipped, trained with `step_fn`; then `end_of_epoch(epoch)` (fine-tuning evaluates) and a checkpoint. The
         start line (`what`: the command's model and data) is printed first. Returns {out,
         checkpoint, metrics, steps, main_process, seconds, images_per_s, last (the last
         step's record)}; `summary(result)` is the end's lines."""
@@ -350,7 +324,7 @@ class TrainRun:
         first_step, tick = state.step, time.perf_counter()
         last_path = ckpt.latest_checkpoint(self.out)
         for epoch in range(state.epoch, c.epochs):
-            steps = itertools.islice(grouped_steps(batches_of(epoch), c.accum_steps), self.steps_per_epoch)
+            steps = itertools.islice(steps_of(epoch), self.steps_per_epoch)
             for _ in range(state.step_in_epoch):  # the data position of a resumed epoch
                 next(steps, None)
             try:

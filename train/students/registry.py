@@ -20,7 +20,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 
-# What the students saw: ImageNet mean/std (train/data.py), bicubic resizing, and MAE's eval
+# What the students saw: ImageNet mean/std (shared/views.py), bicubic resizing, and MAE's eval
 # transform (resize the shorter side to 256, centre crop 224: crop_pct 224 / 256).
 EVAL_CROP_PCT = 0.875
 

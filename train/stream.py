@@ -1,23 +1,28 @@
-"""Student data: source shards, one view per sample per epoch, joined with cached targets.
+"""The student stream: source shards, one view per sample per epoch, joined with cached
+targets, rendered, batched, grouped into optimiser steps. Its stages, in order, and what
+the stream holds after each (the types: `train/batch.py`):
 
-Pipeline (webdataset stages; stream shape after each):
-
+    in each DataLoader worker (`StudentStream.stages`):
     epoch_shards        shard URLs in an order drawn from (seed, epoch)
     split_by_node       this rank's shards                 (split="shards" only)
     split_by_worker     this DataLoader worker's shards
-    join_views          {key, image bytes, view, [targets, attention]}   tar order
-                        (pixels_from_cache: {key, stored view bytes, ...} from the cache, row order)
-    shuffle             same, sample order mixed in a seeded buffer
+    join_views          Joined: key, image bytes, view index, [cached view, targets, attention]; tar order
+                        (pixels_from_cache: the stored view's bytes from the cache, row order)
+    shuffle             Joined, sample order mixed in a seeded buffer
     rank_slots          this rank's slots of each effective batch (split="samples" only)
-    render              {key, pixels [3,S,S] uint8, [teacher_pixels], crop (4 ints), flip, [targets [L,C] int8 +
-                         targets_scale [L(,G)] (float16 caches: targets [L,C] float16)], [attention [L]]}
-                        (render_on_device: crop_pixels [h,w,3] uint8, the view's box cut from the decoded
+    render              Sample: pixels uint8 [3,S,S], [teacher_pixels [3,T,T]], crop, flip, targets as stored
+                        (render_on_device: crop_pixels [h,w,3] uint8, the view's box of the decoded
                          image, in place of pixels and teacher_pixels)
-    batched             dict of stacked tensors, B samples (crop_pixels: the B crops packed flat, [sum 3 h w])
-    steps_of            {"micro_batches": A such batches}, one optimiser step's (split="samples", A > 1 only)
+    batched             Batch of B samples (crop_pixels: the B crops packed flat, [sum 3 h w])
+    steps               Step of A Batches, one optimiser step's (split="samples", A > 1 only: a
+                        step never mixes two workers' slots)
+    in the training process (`StudentLoader.steps`):
+    DataLoader          the workers' items in turn, pinned on CUDA
+    steps               Step of A Batches (unless the workers made them)
 
-With `render_on_device` the workers stop before resizing: the training step renders the
-batch's views on its device (`render_views`, `shared.batch_render`), pixel for pixel what
+The loop trains each Step; the step (`engine.PretrainStep`) takes a Batch. With
+`render_on_device` the workers stop before resizing: the step renders the batch's views on
+its device (`Batch.rendered`, `shared.batch_render`), pixel for pixel what
 `render_view_uint8` gives in a worker, so batches, masks and losses are the same either way.
 
 Which of the K views a sample shows in an epoch depends on (seed, epoch, key) alone. In
@@ -28,11 +33,10 @@ with or without a cache.
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,10 +46,12 @@ from mrmae.shared.prefetch import ReadAhead, opened_ahead
 from mrmae.shared.shard_sizes import ShardSizes
 from mrmae.shared.shards import ShardReader, TarSample, expand_urls, first_copies, local_file_size, open_source
 from mrmae.shared import cache_format as cf
-from mrmae.shared.batch_render import render_batch
+from mrmae.shared.errors import worker_ignores_interrupt
 from mrmae.shared.seeding import seed_from
 from mrmae.shared.views import (View, ViewConfig, ViewError, check_view, decode_crop, decode_image, decode_view,
                                 render_view_uint8, sample_view, view_rng)
+from mrmae.train.batch import Batch, Joined, Sample, Step, TargetSet
+from mrmae.train.run.loader import InterruptibleLoader, epoch_passes, grouped
 
 
 @dataclass
@@ -60,7 +66,7 @@ class DataConfig:
     teacher_size: int = 0  # > 0: also render the view for a live teacher at this size
     split: str = "shards"  # "shards" (scalable) | "samples" (global batches identical at any process count)
     pixels_from_cache: bool = False  # read each view's pixels from the cache (--store-pixels), not the tars
-    render_on_device: bool = False  # workers hand over the view's crop; the step renders it (`render_views`)
+    render_on_device: bool = False  # workers hand over the view's crop; the step renders it (`Batch.rendered`)
     accum_steps: int = 1  # A: split "samples" hands out slots of effective batches of world x A x B
     prefetch: int = 2  # shards a worker opens ahead while it reads one (`shared.prefetch`); 0: none
     sizes: ShardSizes | None = None  # plain and live: the shards' recorded counts, checked as each tar is read
@@ -103,10 +109,10 @@ class ViewJoiner:
         if cache is not None:
             self.view_cfg = cache.manifest.views
 
-    def _targets(self, group, row: int, key: str) -> dict:
-        """The cached view and targets of one row, as stored (int8 + scale, or float16): they
-        stay that small through the loader and are dequantised on the device. Damage is
-        one line naming group and key."""
+    def _targets(self, group, row: int, key: str) -> tuple[View, TargetSet, torch.Tensor]:
+        """The cached view, targets and attention of one row, as stored (int8 + scale, or
+        float16): they stay that small through the loader and are dequantised on the
+        device. Damage is one line naming group and key."""
         try:
             crop, flip, attention = group.geometry()
             values, scale = group.stored_row(row)
@@ -117,26 +123,21 @@ class ViewJoiner:
         finite = np.isfinite(scale).all() if scale is not None else np.isfinite(values).all()
         if not (finite and np.isfinite(attention[row]).all()):
             raise cf.CacheError(f"{group.path}: key {key} row {row}: non-finite values in the cached targets")
-        out = {"view": View(*(int(c) for c in crop[row]), flip=bool(flip[row])),
-               "attention": attention[row], "targets": values, "cache_shard": group.path}
-        if scale is not None:
-            out["targets_scale"] = scale
-        return out
+        targets = TargetSet(_tensor(values), None if scale is None else _tensor(scale))
+        return View(*(int(c) for c in crop[row]), flip=bool(flip[row])), targets, _tensor(attention[row])
 
-    def _joint_targets(self, groups: list, key: str, view: int, url: str) -> dict:
-        """Targets of the joint teachers for the same view: `targets@j` (+ `targets_scale@j`)."""
-        out = {}
-        for j, group in enumerate(groups, start=1):
+    def _joint_targets(self, groups: list, key: str, view: int, url: str) -> list[TargetSet]:
+        """Targets of the joint teachers for the same view, in their order."""
+        out = []
+        for group in groups:
             try:
                 row = group.row(key, view)
             except cf.CacheError:
                 raise cf.CacheError(f"{url}: key {key} view {view} has no row in {group.path}") from None
-            for name, value in self._targets(group, row, key).items():
-                if name.startswith("targets"):
-                    out[f"{name}@{j}"] = value
+            out.append(self._targets(group, row, key)[1])
         return out
 
-    def __call__(self, urls: Iterator[str], epoch: int) -> Iterator[dict]:
+    def __call__(self, urls: Iterator[str], epoch: int) -> Iterator[Joined]:
         for url, opening in opened_ahead(urls, self._open, self.cfg.prefetch, close=OpenedShard.close):
             shard = opening.result()  # (an opening's error: raised here, as without prefetch)
             group, joint = shard.group, shard.joint
@@ -179,7 +180,7 @@ class ViewJoiner:
             pass
 
     def _joined(self, url: str, reader: ShardReader, group, joint: list, skipped: set[str],
-                epoch: int) -> Iterator[dict]:
+                epoch: int) -> Iterator[Joined]:
         """The shard's samples joined with their views (and targets), in tar order; plain and
         live: its count checked against the one its sizes file records (`cfg.sizes`)."""
         sizes, seen = self.cfg.sizes if group is None else None, 0
@@ -193,13 +194,12 @@ class ViewJoiner:
         if sizes is not None:
             sizes.check_count(url, seen)
 
-    def _join(self, url: str, s: TarSample, group, joint: list, skipped: set[str], epoch: int) -> dict | None:
+    def _join(self, url: str, s: TarSample, group, joint: list, skipped: set[str], epoch: int) -> Joined | None:
         """One source sample with its view for `epoch` (and its cached targets); None: no
         targets exist (recorded as skipped at extraction) or, uncached, no image."""
         v = pick_view(self.cfg.seed, epoch, s.key, self.view_cfg.per_image)
-        out = {"key": s.key, "image": s.image, "view_index": v, "url": url}
         if group is None:
-            return out if s.image is not None else None
+            return Joined(s.key, url, v, image=s.image) if s.image is not None else None
         try:
             row = group.row(s.key, v)
         except cf.CacheError:
@@ -207,10 +207,11 @@ class ViewJoiner:
                 return None  # undecodable or without an image at extraction: no rows
             raise cf.CacheError(f"{url}: key {s.key} has no rows in the cache {self.cache.root} "
                                 "(shard changed since extraction?)") from None
-        out.update(self._targets(group, row, s.key))
-        out.update(self._joint_targets(joint, s.key, v, url))  # (a joint cache's missing row: named there)
+        view, targets, attention = self._targets(group, row, s.key)
+        joint_targets = self._joint_targets(joint, s.key, v, url)  # (a joint cache's missing row: named there)
         self._check_image(url, s, v, [(self.cache, group, row), *zip(self.joint, joint, [None] * len(joint))])
-        return out  # (rendered, shuffled and batched only from here)
+        return Joined(s.key, url, v, image=s.image, view=view, targets=[targets, *joint_targets],
+                      attention=attention, cache_shard=group.path)  # (rendered, shuffled and batched only from here)
 
     @staticmethod
     def _check_image(url: str, s: TarSample, view: int, rows: list[tuple[cf.FeatureCache, object, int | None]]) -> None:
@@ -235,7 +236,7 @@ class ViewJoiner:
             raise cf.CacheError(f"{url}: not the shard extracted into {cache.root} (sha256 {sha256[:16]}..., "
                                 f"{recorded[:16]}... when extracted): same name, other bytes")
 
-    def _cached_views(self, url: str, group, joint: list, epoch: int) -> Iterator[dict]:
+    def _cached_views(self, url: str, group, joint: list, epoch: int) -> Iterator[Joined]:
         """`pixels_from_cache`: the shard's samples from the cache alone, in row (= tar) order;
         the shown view's image file comes from the cache, the source tar is never read."""
         keys = group.keys
@@ -252,86 +253,84 @@ class ViewJoiner:
                     raise
                 raise cf.CacheError(f"{group.path}: key {key} row {row}: unreadable stored view "
                                     f"({type(e).__name__}: {str(e)[:200]})") from e
-            yield {"key": key, "stored_view": encoded, "view_index": v, "url": url,
-                   **self._targets(group, row, key), **self._joint_targets(joint, key, v, url)}
+            view, targets, attention = self._targets(group, row, key)
+            yield Joined(key, url, v, stored_view=encoded, view=view,
+                         targets=[targets, *self._joint_targets(joint, key, v, url)], attention=attention,
+                         cache_shard=group.path)
 
 
-def render_sample(sample: dict, cfg: DataConfig, view_cfg: ViewConfig) -> dict:
-    """Decode and render one joined sample for the student (and a live teacher), uint8:
-    pixels [3, S, S] (+ teacher_pixels [3, T, T]), crop (top, left, height, width in source
-    pixels) and flip (Python values: `collate` makes one tensor of a batch's), and the
-    targets as stored. With `cfg.render_on_device`,
-    crop_pixels [h, w, 3] (numpy: the view's box, h x w, of the decoded image) instead of
-    pixels and teacher_pixels: `render_views` renders them in the main process.
+def render_sample(sample: Joined, cfg: DataConfig, view_cfg: ViewConfig) -> Sample:
+    """Decode and render one joined sample for the student (and a live teacher), uint8, its
+    targets as stored (`batch.Sample`). With `cfg.render_on_device`, the view's box of the
+    decoded image instead of pixels and teacher_pixels: `Batch.rendered` renders it on the
+    device.
 
     Normalisation waits for the device (engine.PretrainStep): a uint8 batch is a quarter
     of a float32 one through the worker queue, pinned memory and the bus.
     """
-    if "stored_view" in sample:  # rendered at extraction: decode only (also with render_on_device)
-        view = sample["view"]
-        out = {"key": sample["key"], "pixels": decode_view(sample["stored_view"], view_cfg.output_size)}
+    pixels = teacher_pixels = crop_pixels = None
+    if sample.stored_view is not None:  # rendered at extraction: decode only (also with render_on_device)
+        view = sample.view
+        pixels = decode_view(sample.stored_view, view_cfg.output_size)
     elif cfg.render_on_device:
         # The box alone, not the image: fewer bytes to copy and hand over, and the renderer reads only it.
-        crop, view = decoded_view(sample, view_cfg, crop=True)
-        out = {"key": sample["key"], "crop_pixels": crop}
+        crop_pixels, view = decoded_view(sample, view_cfg, crop=True)
     else:
         image, view = decoded_view(sample, view_cfg)
-        out = {"key": sample["key"], "pixels": render_view_uint8(image, view, cfg.img_size)}
+        pixels = render_view_uint8(image, view, cfg.img_size)
         if cfg.teacher_size:
-            out["teacher_pixels"] = render_view_uint8(image, view, cfg.teacher_size)
-    out["crop"], out["flip"] = view.box, view.flip  # tensors once per batch (collate): ~0.1 ms each per sample
-    out.update(stored_targets(sample))
-    return out
+            teacher_pixels = render_view_uint8(image, view, cfg.teacher_size)
+    # crop and flip as Python values: tensors once per batch (collate), ~0.1 ms each per sample
+    return Sample(sample.key, view.box, view.flip, pixels, teacher_pixels, crop_pixels, sample.targets, sample.attention)
 
 
-def decoded_view(sample: dict, view_cfg: ViewConfig, crop: bool = False) -> tuple[torch.Tensor | np.ndarray, View]:
+def decoded_view(sample: Joined, view_cfg: ViewConfig, crop: bool = False) -> tuple[torch.Tensor | np.ndarray, View]:
     """A joined sample's image, decoded (uint8 [3, H, W]; `crop`: only the view's box, uint8
     [h, w, 3], `decode_crop`), and the view it shows this epoch: the cached one, or drawn
     as extraction draws them. A cached box outside the image is damage (or another
     image): one line naming shard and key."""
     def choose(height: int, width: int) -> View:  # only the shown view is drawn: view_rng costs ~0.1 ms each
-        return sample.get("view") or sample_view(height, width, view_rng(view_cfg.seed, sample["key"],
-                                                                         sample["view_index"]), view_cfg)
+        return sample.view or sample_view(height, width, view_rng(view_cfg.seed, sample.key, sample.view_index),
+                                          view_cfg)
 
     try:
         if crop:
-            return decode_crop(sample["image"], choose)
-        image = decode_image(sample["image"])
+            return decode_crop(sample.image, choose)
+        image = decode_image(sample.image)
         view = choose(image.shape[1], image.shape[2])
         check_view(view, image.shape[1], image.shape[2])
         return image, view
     except ViewError as e:  # a cached box (drawn ones always fit): damage, or another image
-        raise cf.CacheError(f"{sample.get('cache_shard', sample['url'])}: key {sample['key']}: cached {e}; "
+        raise cf.CacheError(f"{sample.cache_shard or sample.url}: key {sample.key}: cached {e}; "
                             "run `mrmae cache verify`") from None
 
 
-def stored_targets(sample: dict) -> dict:
-    """The cached targets of a joined sample as tensors, as stored: targets int8 [L, C] +
-    targets_scale float16 [L] or [L, G] (or float16 [L, C]), attention [L], and the joint
-    teachers' targets@j / targets_scale@j; {} without a cache."""
-    if "targets" not in sample:
-        return {}
-    names = [n for n in sample if n in ("targets", "attention") or n.startswith(("targets_scale", "targets@"))]
-    return {n: torch.from_numpy(np.ascontiguousarray(sample[n])) for n in names}
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A cached array as a tensor, sharing its memory where it is contiguous already."""
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def collate(samples: list[dict]) -> dict:
-    """B samples -> one batch: keys a list; each tensor stacked ([B, ...]); numbers and tuples
-    as one tensor (crop [B, 4] int64, flip [B] bool); crop_pixels (crops of different sizes)
-    packed flat, uint8 [sum of 3 h w], in sample order."""
-    out = {"keys": [s["key"] for s in samples]}
-    for k in samples[0]:
-        if k == "key" or k.startswith("__"):  # webdataset's map adds __key__
-            continue
-        values = [s[k] for s in samples]
-        if k == "crop_pixels":  # one copy of each crop (a worker's may be read-only)
-            out[k] = _batch_tensor((sum(v.size for v in values),), torch.uint8)
-            np.concatenate(values, axis=None, out=out[k].numpy())
-        elif torch.is_tensor(values[0]):
-            out[k] = torch.stack(values, out=_batch_tensor((len(values), *values[0].shape), values[0].dtype))
-        else:
-            out[k] = torch.tensor(values)
+def collate(samples: list[Sample]) -> Batch:
+    """B samples -> one Batch: keys a list; tensors stacked ([B, ...]); crop [B, 4] int64 and
+    flip [B] bool from their Python values; crop_pixels (crops of different sizes) packed
+    flat, uint8 [sum of 3 h w], in sample order."""
+    first = samples[0]
+    out = Batch([s.key for s in samples], torch.tensor([s.crop for s in samples]), torch.tensor([s.flip for s in samples]))
+    for name in ("pixels", "teacher_pixels", "attention"):
+        if getattr(first, name) is not None:
+            setattr(out, name, _stacked([getattr(s, name) for s in samples]))
+    if first.crop_pixels is not None:  # one copy of each crop (a worker's may be read-only)
+        values = [s.crop_pixels for s in samples]
+        out.crop_pixels = _batch_tensor((sum(v.size for v in values),), torch.uint8)
+        np.concatenate(values, axis=None, out=out.crop_pixels.numpy())
+    out.targets = [TargetSet(_stacked([s.targets[j].values for s in samples]),
+                             None if t.scale is None else _stacked([s.targets[j].scale for s in samples]))
+                   for j, t in enumerate(first.targets)]
     return out
+
+
+def _stacked(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(values, out=_batch_tensor((len(values), *values[0].shape), values[0].dtype))
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -343,30 +342,9 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
-def render_views(batch: dict, device: torch.device | str, img_size: int, teacher_size: int = 0) -> dict:
-    """A `render_on_device` batch -> the batch the worker-side render gives, its views
-    rendered on `device` by `shared.batch_render` (bit for bit `render_view_uint8`).
-
-    In: crop_pixels uint8 [sum of 3 h_i w_i] (the B crops [h_i, w_i, 3], packed), crop
-    [B, 4] (top, left, h, w), flip [B]. Out: the same batch less crop_pixels, plus pixels
-    uint8 [B, 3, S, S] (S = img_size) and, with teacher_size T > 0, teacher_pixels uint8
-    [B, 3, T, T], both on `device`. A batch without crop_pixels is returned as it is.
-    """
-    if "crop_pixels" not in batch:
-        return batch
-    sizes = batch["crop"][:, 2:].tolist()
-    flat = batch["crop_pixels"].to(device, non_blocking=True)
-    crops = [c.view(h, w, 3).permute(2, 0, 1) for c, (h, w) in zip(flat.split([3 * h * w for h, w in sizes]), sizes)]
-    views = [View(0, 0, h, w, flip=f) for (h, w), f in zip(sizes, batch["flip"].tolist())]  # boxes: the whole crop
-    out = {k: v for k, v in batch.items() if k != "crop_pixels"}
-    out["pixels"] = render_batch(crops, views, img_size)
-    if teacher_size:
-        out["teacher_pixels"] = render_batch(crops, views, teacher_size)
-    return out
-
-
 class StudentStream(torch.utils.data.IterableDataset):
-    """An epoch of batches; call `set_epoch` before iterating (views and order depend on it)."""
+    """An epoch of Batches (or, split "samples" with A > 1, Steps) from the stages of the
+    module docstring; call `set_epoch` before iterating (views and order depend on it)."""
 
     def __init__(self, cfg: DataConfig, cache: cf.FeatureCache | None, joint: tuple[cf.FeatureCache, ...] = ()):
         """`joint`: caches of more teachers for the same views (targets added to `cache`)."""
@@ -376,13 +354,21 @@ class StudentStream(torch.utils.data.IterableDataset):
         self.joiner = ViewJoiner(cfg, cache, joint)
         self.epoch, self.repeat = 0, 0
 
+    @property
+    def steps_in_workers(self) -> bool:
+        """Whether the workers hand over whole Steps: split "samples" with A > 1, where
+        DataLoader workers take turns per item, so a step never mixes two workers' slots
+        (and their order never depends on A)."""
+        return self.cfg.split != "shards" and self.cfg.accum_steps > 1
+
     def set_epoch(self, epoch: int, repeat: int = 0) -> None:
         """Select the epoch (and, in `shards` mode, which pass over a rank's shards)."""
         self.epoch, self.repeat = epoch, repeat
 
-    def __iter__(self) -> Iterator[dict]:
+    def stages(self, rank: int, world: int, worker: int) -> list[Callable[[Iterator], Iterator]]:
+        """This worker's stages for the epoch set, in order: each takes the stream the one
+        before left (the first ignores its input) and returns the next."""
         cfg, epoch, repeat = self.cfg, self.epoch, self.repeat
-        rank, world, worker, workers = wds.utils.pytorch_worker_info()
         if cfg.split == "shards":
             # Scalable: each rank reads its own shards; the order inside a global batch
             # then depends on the process count.
@@ -394,27 +380,55 @@ class StudentStream(torch.utils.data.IterableDataset):
             # in the same order at any process count. Costs world-size times the reads.
             split, shuffle_seed = [wds.split_by_worker], f"{cfg.seed}:{epoch}:{worker}"
             take, partial = [lambda src: rank_slots(src, rank, world, cfg.batch_size, cfg.accum_steps)], False
-        stages = [
+        steps = [lambda batches: (Step(tuple(g)) for g in grouped(batches, cfg.accum_steps))]
+        return [
             lambda _: iter(epoch_shards(self.urls, cfg.seed, epoch * 1000 + repeat)),  # URL
             *split,                                                                    # URL (mine)
-            lambda urls: self.joiner(urls, epoch),                                     # joined sample, tar order
+            lambda urls: self.joiner(urls, epoch),                                     # Joined, tar order
             wds.shuffle(cfg.shuffle_buffer, min(cfg.shuffle_buffer, 100), rng=random.Random(shuffle_seed)),
             *take,                                                                     # this rank's slots
-            wds.map(lambda s: render_sample(s, cfg, self.joiner.view_cfg)),           # tensors (or crops)
-            wds.batched(cfg.batch_size, collation_fn=collate, partial=partial),       # batch of B
+            wds.map(lambda s: render_sample(s, cfg, self.joiner.view_cfg)),           # Sample
+            wds.batched(cfg.batch_size, collation_fn=collate, partial=partial),       # Batch of B
+            *(steps if self.steps_in_workers else []),                                 # Step of A
         ]
-        if cfg.split != "shards" and cfg.accum_steps > 1:
-            # A step's A micro-batches as one item: DataLoader workers take turns per item, so
-            # a step never mixes two workers' slots (and their order never depends on A).
-            stages.append(lambda batches: ({STEP_KEY: g} for g in steps_of(batches, cfg.accum_steps)))
+
+    def __iter__(self) -> Iterator[Batch | Step]:
+        rank, world, worker, _ = wds.utils.pytorch_worker_info()
         stream: Iterator = iter([None])
-        for stage in stages:
+        for stage in self.stages(rank, world, worker):
             stream = stage(stream)
         yield from stream
 
 
-def rank_slots(samples: Iterator[dict], rank: int, world: int, batch_size: int,
-               accum_steps: int = 1) -> Iterator[dict]:
+class StudentLoader:
+    """The stream's last stages, in the training process: torch's DataLoader over it (its
+    workers run `StudentStream.stages`; batches pinned on CUDA), then this rank's Steps."""
+
+    def __init__(self, stream: StudentStream, workers: int, pin: bool):
+        self.stream = stream
+        # Not accelerator.prepare(loader): accelerate re-shards iterable datasets and would drop
+        # or repeat samples; the stream splits shards (or slots) by node and worker itself.
+        self.loader = InterruptibleLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
+                                          worker_init_fn=worker_ignores_interrupt)
+
+    def steps(self, epoch: int) -> Iterator[Step]:
+        """This rank's Steps of `epoch`, in order (the loop takes the epoch's share of them);
+        a trailing incomplete step is dropped (it would not step the optimiser)."""
+        stream, cfg = self.stream, self.stream.cfg
+        if cfg.split == "shards":  # every rank runs the same number of steps (DDP needs it): short ranks repeat
+            empty = cf.CacheError(f"this process got no samples (shards {stream.urls[:3]}...): "
+                                  "fewer shards than processes x workers?")
+            items = epoch_passes(stream, self.loader, epoch, empty)
+        else:
+            stream.set_epoch(epoch)  # every rank reads the same stream: the same number of batches by construction
+            items = iter(self.loader)
+        if stream.steps_in_workers:
+            return items
+        return (Step(tuple(g)) for g in grouped(items, cfg.accum_steps))
+
+
+def rank_slots(samples: Iterator[Joined], rank: int, world: int, batch_size: int,
+               accum_steps: int = 1) -> Iterator[Joined]:
     """This rank's samples of every complete effective batch of E = world x accum_steps x B:
     micro-batch a (0..A-1) takes slots [(a world + rank) B, (a world + rank + 1) B).
 
@@ -424,7 +438,7 @@ def rank_slots(samples: Iterator[dict], rank: int, world: int, batch_size: int,
     ranks would have one batch more than others (DDP would wait for them forever), or a
     step would end short of its accumulation.
     """
-    pending: list[dict] = []
+    pending: list[Joined] = []
     per_step = world * accum_steps * batch_size
     for sample in samples:
         pending.append(sample)
@@ -433,16 +447,6 @@ def rank_slots(samples: Iterator[dict], rank: int, world: int, batch_size: int,
                 first = (a * world + rank) * batch_size
                 yield from pending[first:first + batch_size]
             pending = []
-
-
-STEP_KEY = "micro_batches"  # a loader item holding one optimiser step's micro-batches: {STEP_KEY: [batch, ...]}
-
-
-def steps_of(batches: Iterator, accum_steps: int) -> Iterator[list]:
-    """Micro-batches -> lists of `accum_steps` (one optimiser step's, on this rank); a
-    trailing incomplete list is dropped."""
-    while len(group := list(itertools.islice(batches, accum_steps))) == accum_steps:
-        yield group
 
 
 def check_cache_fits(cache: cf.FeatureCache, urls: list[str], grid: int, teacher_dim: int,
