@@ -43,7 +43,7 @@ def test_rank_slots_give_every_split_of_a_step_the_same_samples_at_the_same_posi
             for rank, taken in enumerate(per_rank):
                 mine = taken[step * batch * accum:(step + 1) * batch * accum]
                 for a in range(accum):
-                    slot = a * world + rank  # loop.MicroBatch.slot
+                    slot = a * world + rank  # micro_batch.MicroBatch.slot
                     rows.update({slot * batch + i: s for i, s in enumerate(mine[a * batch:(a + 1) * batch])})
             assert [rows[p] for p in range(8)] == list(range(step * 8, step * 8 + 8)), (world, batch, accum)
 

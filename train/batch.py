@@ -131,7 +131,7 @@ class Batch:
 @dataclass(frozen=True)
 class Step:
     """One optimiser step's micro-batches on this rank: A Batches of B samples each (the
-    step's rows of the effective batch E = B x processes x A, `loop.MicroBatch.slot`)."""
+    step's rows of the effective batch E = B x processes x A, `micro_batch.MicroBatch.slot`)."""
 
     micro_batches: tuple[Batch, ...]
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mrmae.shared.seeding import generator_from
 from mrmae.shared.views import normalize
 from mrmae.train.batch import Batch
-from mrmae.train.run.loop import MASK_SEEDING, MicroBatch
+from mrmae.train.run.micro_batch import MASK_SEEDING, MicroBatch
 from mrmae.train.config import StepOptions
 from mrmae.train.masking import get_mask
 from mrmae.train.student import masked_ids
@@ -73,7 +73,7 @@ class PretrainStep:
     `target_pca[j]`: (mean [C], basis [K, C]) on the device when `batch.targets[j]` (0: the
     main cache's, j >= 1: the joint ones') comes from a PCA cache; None (or a short list)
     for whole features.
-    `mask_seeding`: `loop.MASK_SEEDING`, or 1 for a run resumed from before it.
+    `mask_seeding`: `micro_batch.MASK_SEEDING`, or 1 for a run resumed from before it.
     """
 
     model: torch.nn.Module

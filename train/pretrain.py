@@ -27,7 +27,8 @@ from mrmae.train.masking import all_mask_options, get_mask, mask_names, num_visi
 from mrmae.shared.options import number_option
 from mrmae.train.config import PretrainConfig, StepOptions
 from mrmae.train.engine import PretrainStep
-from mrmae.train.run.loop import MASK_SEEDING, TrainRun
+from mrmae.train.run.loop import TrainRun
+from mrmae.train.run.micro_batch import MASK_SEEDING
 from mrmae.train.run.options import check_run_options, check_shard_list
 from mrmae.train.run.run_dir import check_out
 

@@ -433,7 +433,7 @@ def rank_slots(samples: Iterator[Joined], rank: int, world: int, batch_size: int
     micro-batch a (0..A-1) takes slots [(a world + rank) B, (a world + rank + 1) B).
 
     So a step's E samples are the same E consecutive ones of the stream at any split of
-    E, each at the same position in it (`loop.MicroBatch.slot`: what keys its mask). A
+    E, each at the same position in it (`micro_batch.MicroBatch.slot`: what keys its mask). A
     trailing incomplete effective batch is dropped on every rank alike: otherwise some
     ranks would have one batch more than others (DDP would wait for them forever), or a
     step would end short of its accumulation.

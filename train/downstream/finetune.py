@@ -38,7 +38,8 @@ from tqdm import tqdm
 from mrmae.shared.errors import MrmaeError, worker_ignores_interrupt
 from mrmae.train.run import checkpoint as ckpt
 from mrmae.train.run.loader import InterruptibleLoader, epoch_passes, grouped
-from mrmae.train.run.loop import MicroBatch, TrainRun
+from mrmae.train.run.loop import TrainRun
+from mrmae.train.run.micro_batch import MicroBatch
 from mrmae.shared.seeding import seed_from
 from mrmae.train.downstream.finetune_data import LabelledStream, seed_everything, train_transform
 from mrmae.train.downstream.labels import LabelOptions, LabelSpec, Tally, census, class_notes, resolve_labels

@@ -257,7 +257,7 @@ class Resolved:
     warmup_steps: int
     num_processes: int
     provenance: dict  # versions, revision, command line, host, devices (shared/provenance.py)
-    mask_seeding: int | None = None  # pretraining only (loop.MASK_SEEDING)
+    mask_seeding: int | None = None  # pretraining only (micro_batch.MASK_SEEDING)
 
 
 def write_run_config(out: Path, options: dict, resolved: Resolved) -> None:
