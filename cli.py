@@ -41,18 +41,26 @@ class _OneLineErrors(Group):
             raise
         except KeyboardInterrupt as e:  # Ctrl-C: one line (where to resume from), not click's "Aborted!"
             click.echo(f"mrmae: interrupted{f': {e}' if str(e) else ''}", err=True)
-            sys.exit(130)
+            _exit(130)
         except click.UsageError as e:  # bad option values or combinations: a line each, not usage + hint
             for line in getattr(e, "lines", None) or [e.format_message()]:
                 click.echo(f"mrmae: error: {line}", err=True)
-            sys.exit(e.exit_code)
+            _exit(e.exit_code)
         except MrmaeError as e:  # exit 2 for options (OptionError), 1 for data and runtime errors
             for line in e.lines:
                 click.echo(f"mrmae: error: {line}", err=True)
-            sys.exit(e.exit_code)
+            _exit(e.exit_code)
         except OSError as e:  # its path and reason (ENOSPC, EROFS, EACCES); a worker's error: its own message
             click.echo(f"mrmae: error: {one_line(e)}", err=True)
-            sys.exit(1)
+            _exit(1)
+
+
+def _exit(code: int) -> None:
+    """Exit after the error's own line. Reads still in flight (a Zarr shard's blocks read
+    ahead on zarr's event loop) are abandoned with the process; asyncio would log each as
+    "Task was destroyed but it is pending!" at shutdown, lines that say nothing of the error."""
+    logging.getLogger("asyncio").disabled = True
+    sys.exit(code)
 
 
 class _Interrupted(KeyboardInterrupt):
