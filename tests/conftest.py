@@ -166,6 +166,15 @@ def s3():
 
 
 @pytest.fixture(scope="session")
+def demo_cache(demo_shards, tmp_path_factory) -> Path:
+    """The three demo shards' cache (ViT-Tiny teacher, 2 views a image from seed 3), extracted
+    once per test process for every test that only reads it."""
+    root = tmp_path_factory.mktemp("demo-cache") / "c"
+    extract(url_list(demo_shards), root, views=2, seed=3, batch_size=12)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_caches(demo_shards, tmp_path_factory) -> dict[str, Path]:
     """One real cache of the first demo shard per backend (ViT-Tiny, 6 images x 4 views: 24
     rows, so two features chunks in Zarr), extracted once; tests copy it before crafting it."""

@@ -24,12 +24,10 @@ TINY = ["--model", "mrmae_vit_tiny_patch16", "--decoder-depth", "1", "--decoder-
         "--batch-size", "6", "--workers", "0", "--no-progress", "--seed", "3", "--lr", "1e-3"]
 
 
-@pytest.fixture(scope="module")
-def cache(demo_shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cache") / "c"
-    run_extraction(ExtractConfig(shards=url_list(demo_shards), out=str(out), teacher=DINO_TINY,
-                                 views=ViewConfig(per_image=2, seed=3), batch_size=12, progress=False))
-    return out
+@pytest.fixture
+def cache(demo_cache) -> Path:
+    """The demo cache (conftest), which these tests only read."""
+    return demo_cache
 
 
 def metrics(out: Path) -> list[dict]:

@@ -10,13 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import DINO_TINY, url_list
+from conftest import url_list
 from PIL import Image
 
 from mrmae.cli import cli
-from mrmae.extract.config import ExtractConfig
-from mrmae.extract.runner import run_extraction
-from mrmae.shared.views import ViewConfig
 from mrmae.train.run.records import LINE_LIMIT
 
 TINY = ["--decoder-depth", "1", "--decoder-dim", "64", "--batch-size", "6", "--workers", "0", "--no-progress",
@@ -35,13 +32,10 @@ def ok(args: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_shards, tmp_path_factory) -> dict[str, Path]:
-    """An ablation from one cache: plain MAE, focused + fused mimicking (2 epochs each, kNN
-    evaluated twice), a ConvViT (1 epoch) and a fine-tuning run from the MAE."""
-    root, shards = tmp_path_factory.mktemp("ablation"), url_list(demo_shards)
-    cache = root / "cache"
-    run_extraction(ExtractConfig(shards=shards, out=str(cache), teacher=DINO_TINY,
-                                 views=ViewConfig(per_image=2, seed=3), batch_size=12, progress=False))
+def runs(demo_shards, demo_cache, tmp_path_factory) -> dict[str, Path]:
+    """An ablation from one cache (the demo cache): plain MAE, focused + fused mimicking (2
+    epochs each, kNN evaluated twice), a ConvViT (1 epoch) and a fine-tuning run from the MAE."""
+    root, shards, cache = tmp_path_factory.mktemp("ablation"), url_list(demo_shards), demo_cache
     r = {name: root / "r" / name for name in ("mae", "focused", "conv", "ft")}
     ok(["pretrain", "--shards", shards, "--out", str(r["mae"]), *VIT, *TINY, "--epochs", "2"])
     ok(["pretrain", "--shards", shards, "--out", str(r["focused"]), "--feature-cache", str(cache), *VIT, *TINY,
@@ -81,7 +75,7 @@ def md_rows(path: Path) -> list[dict]:
     return [dict(zip(cells[0], row)) for row in cells[2:]]
 
 
-def test_report_rows_losses_evals_and_curves(runs, tmp_path):
+def test_report_rows_losses_evals_and_curves(runs, demo_cache, tmp_path):
     out = tmp_path / "report"
     ok(["report", *(str(runs[n]) for n in ("mae", "focused", "conv", "ft")), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.csv", "report.md"]  # no temporaries
@@ -91,7 +85,7 @@ def test_report_rows_losses_evals_and_curves(runs, tmp_path):
     by = {r["run"]: r for r in rows}
     assert [by["mae"][k] for k in ("task", "model", "mask", "fusion", "targets", "loss weights (recon/mimic)")] == \
         ["pretrain", "mrmae_vit_tiny_patch16", "random 0.75", "last", "none (MAE)", "1/0"]
-    cache = str(runs["mae"].parent.parent / "cache")
+    cache = str(demo_cache)
     assert [by["focused"][k] for k in ("mask", "fusion", "targets", "loss weights (recon/mimic)")] == \
         ["focused 0.75", "4,8,12", f"main @ {cache}", "0.5/0.5"]
     assert [by["conv"][k] for k in ("model", "fusion", "loss weights (recon/mimic)")] == \

@@ -84,7 +84,12 @@ class GroupWriter(Protocol):
 
     def append(self, keys: list[str], view: np.ndarray, crop: np.ndarray, flip: np.ndarray, features,
                attention: np.ndarray, cls: np.ndarray, layers: dict | None = None, pixels: list[bytes] | None = None,
-               image_sha256=None) -> None: ...
+               image_sha256=None) -> None:
+        """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
+        [n, L, K] in a PCA cache, or that already quantised: an (int8, float16 scale) pair from
+        `quantize_int8_torch`, as layers too; pixels: each row's encoded view, when stored;
+        image_sha256: [n] 32-byte sha256 of each row's source image file, for every row or none)."""
+
     def finish(self, attrs: dict, expected: list[tuple[str, int]] | None = None) -> tuple[str, int]: ...
     def publish(self) -> bool: ...
     def abort(self) -> None: ...

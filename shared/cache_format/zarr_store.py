@@ -137,10 +137,7 @@ class ShardWriter:
                features: np.ndarray | tuple, attention: np.ndarray, cls: np.ndarray,
                layers: dict[int, np.ndarray | tuple] | None = None, pixels: list[bytes] | None = None,
                image_sha256: list[bytes] | np.ndarray | None = None) -> None:
-        """Add rows (all arrays share the first dimension; features float32 [n, L, C], or
-        [n, L, K] in a PCA cache, or that already quantised: an (int8, float16 scale) pair from
-        `quantize_int8_torch`, as layers too; pixels: each row's encoded view, when stored;
-        image_sha256: [n] 32-byte sha256 of each row's source image file, for every row or none)."""
+        """`GroupWriter.append` (backend.py)."""
         check_pixels_given(self.source, self._pixels is not None, pixels, len(keys))
         self._digests.add(image_sha256, len(keys))
         for data in pixels or []:
