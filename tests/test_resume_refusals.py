@@ -295,7 +295,7 @@ def test_6_ctrl_c_during_pretraining_is_one_line_and_resumes(two_shard_caches, t
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    if swallowed:  # seen in 2 CI runs of 3 since issue 26 (loaded 2-core machine), never on an idle one
+    if swallowed:  # the suite timed out here in both fresh-clone runs after issue 26 (loaded 2 cores); never seen alone
         pytest.xfail("known issue: a SIGINT to a run with 2 loader workers was lost and the run trained on")
     errors = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("mrmae: warning")]
     assert p.returncode == 130 and len(errors) == 1 and "Traceback" not in stderr, stderr
